@@ -1,0 +1,303 @@
+"""Label-smoothing cross-entropy: one functional core, two fastai-ready modules.
+
+Every variant (uniform or other-classes smoothing, integer or probability targets, with or without class
+weights) is the same cross-entropy against a smoothed target distribution q:
+
+    loss_row = -sum_c w_c q_c log p_c = mass * log(sum_c exp z_c) - sum_c w_c q_c z_c
+
+with z = x - max(x) the shifted logits and mass = sum_c w_c q_c. Only `mass` and the weighted dot product
+differ between integer and probability targets (`_hard_target_terms`, `_soft_target_terms`).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["label_smoothing_cross_entropy", "LabelSmoothingCrossEntropy", "LabelSmoothingCrossEntropyFlat"]
+
+REDUCTIONS = ("mean", "sum", "none")
+SMOOTHINGS = ("uniform", "others")
+
+
+# --- argument checks: all run before any arithmetic on the device -------------------------------------------------
+
+
+def check_options(eps: float, reduction: str, smoothing: str, ignore_index: int) -> None:
+    """Raise if a scalar option of the loss is invalid."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    if not 0 <= eps < 1:
+        raise ValueError(f"eps must be in [0, 1), got {eps}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if smoothing not in SMOOTHINGS:
+        raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def check_weight(weight: Tensor | None, n_classes: int | None = None) -> None:
+    """Raise unless `weight` is None or a finite, non-negative float vector (of length `n_classes` if given)."""
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.dim() != 1:
+        raise ValueError(f"weight must be 1-D with one entry per class, got shape {tuple(weight.shape)}")
+    if n_classes is not None and weight.numel() != n_classes:
+        raise ValueError(f"weight has {weight.numel()} entries but the input has {n_classes} classes")
+    if not bool(((weight >= 0) & weight.isfinite()).all()):
+        raise ValueError("weight must be finite and non-negative")
+
+
+def _check_input(input: Tensor) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must hold floating-point logits, got {input.dtype}")
+    if input.dim() < 2:
+        raise ValueError(f"input must be (N, C) or (N, C, d1, ...), got shape {tuple(input.shape)}")
+    if input.shape[1] < 1:
+        raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
+
+
+def _check_target(input: Tensor, target: Tensor, ignore_index: int) -> None:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise ValueError(
+                f"a probability target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
+            )
+        if ignore_index >= 0:
+            raise ValueError("ignore_index is not supported for probability (floating-point) targets")
+        return
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must hold integer class ids or float probabilities, got {target.dtype}")
+    expected = input.shape[:1] + input.shape[2:]
+    if target.shape != expected:
+        raise ValueError(f"integer target must have shape {tuple(expected)} for input {tuple(input.shape)}, "
+                         f"got {tuple(target.shape)}")
+    if target.numel() == 0:
+        return
+    n_classes = input.shape[1]
+    lo, hi = torch.aminmax(target)
+    if bool((lo >= 0) & (hi < n_classes)):  # the common case costs one reduction
+        return
+    bad = target[(target != ignore_index) & ((target < 0) | (target >= n_classes))]
+    if bad.numel():
+        raise ValueError(f"target ids must be in [0, {n_classes}) or equal ignore_index={ignore_index}; "
+                         f"found {bad.unique()[:5].tolist()}")
+
+
+# --- the formula -------------------------------------------------------------------------------------------------
+
+
+def uniform_eps(eps: float, smoothing: str, n_classes: int) -> float:
+    """The uniform-smoothing eps that gives the same target as `smoothing` (other-classes eps is eps*C/(C-1))."""
+    if smoothing == "uniform":
+        return float(eps)
+    if n_classes < 2:
+        raise ValueError("smoothing='others' needs at least 2 classes")
+    return float(eps) * n_classes / (n_classes - 1)
+
+
+def upcast(x: Tensor) -> Tensor:
+    """Half-precision logits in float32: the smoothing term sums C logits and overflows float16."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _hard_target_terms(z: Tensor, y: Tensor, eps: float, weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`mass` and `sum_c w_c q_c z_c` for q = (1-eps) onehot(y) + eps/C; `y` must be valid ids."""
+    n_classes = z.shape[1]
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    if weight is None:
+        return z.new_tensor(1.0), (1 - eps) * z_y + (eps / n_classes) * z.sum(1)
+    w_y = weight[y]
+    mass = (1 - eps) * w_y + (eps / n_classes) * weight.sum()
+    return mass, (1 - eps) * w_y * z_y + (eps / n_classes) * (z @ weight)
+
+
+def _soft_target_terms(z: Tensor, q: Tensor, eps: float, weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`mass` and `sum_c w_c q'_c z_c` for the smoothed probabilities q' = (1-eps) q + eps/C."""
+    wq = (1 - eps) * q + eps / z.shape[1]
+    if weight is not None:
+        wq = wq * weight
+    return wq.sum(1), (wq * z).sum(1)
+
+
+def _cross_entropy(log_sum_exp_z: Tensor, mass: Tensor, dot: Tensor) -> Tensor:
+    """-sum_c w_c q_c log_softmax(z)_c, written so that no N x C log-probability tensor is made."""
+    return mass * log_sum_exp_z - dot
+
+
+def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """(M, C) logits and (M,) ids or (M, C) probabilities, with the class axis (1) moved last."""
+    n_classes = input.shape[1]
+    x = upcast(input.movedim(1, -1).reshape(-1, n_classes))
+    if target.is_floating_point():
+        return x, target.movedim(1, -1).reshape(-1, n_classes).to(x.dtype)
+    return x, target.reshape(-1).long()
+
+
+def _reduce(loss: Tensor, divisor: Tensor | float, reduction: str, shape: torch.Size) -> Tensor:
+    if reduction == "none":
+        return loss.reshape(shape)
+    total = loss.sum()
+    return total if reduction == "sum" else total / divisor
+
+
+def label_smoothing_cross_entropy(
+    input: Tensor,  # logits, (N, C) or (N, C, d1, ..., dk): class axis 1, as in PyTorch
+    target: Tensor,  # class ids (N,) / (N, d1, ...), or probabilities with the input's shape
+    eps: float = 0.1,  # smoothing: the share of target mass spread over the classes
+    weight: Tensor | None = None,  # per-class weights, PyTorch's convention (see README)
+    reduction: str = "mean",  # 'mean', 'sum' or 'none'
+    ignore_index: int = -100,  # integer targets equal to this contribute nothing
+    smoothing: str = "uniform",  # 'uniform': eps/C on every class; 'others': eps/(C-1) on the wrong ones
+) -> Tensor:
+    """Cross-entropy against label-smoothed targets; equals `F.cross_entropy(..., label_smoothing=eps)` for
+    `smoothing='uniform'`. Half-precision logits are computed in float32 and the loss is float32.
+
+    >>> x, y = torch.tensor([[1., 8., 1.], [1., 1., 8.]]), torch.tensor([1, 2])
+    >>> round(label_smoothing_cross_entropy(x, y, eps=0.05).item(), 4)
+    0.2352
+    >>> round(label_smoothing_cross_entropy(x, y, eps=0.05, smoothing='others').item(), 4)
+    0.3518
+    """
+    check_options(eps, reduction, smoothing, ignore_index)
+    _check_input(input)
+    n_classes = input.shape[1]
+    check_weight(weight, n_classes)
+    _check_target(input, target, ignore_index)
+    eps = uniform_eps(eps, smoothing, n_classes)
+    out_shape = input.shape[:1] + input.shape[2:]
+    x, t = _rows(input, target)
+    w = None if weight is None else weight.to(device=x.device, dtype=x.dtype)
+
+    z = x - x.detach().amax(1, keepdim=True)  # the loss does not depend on the shift, so no gradient flows into it
+    log_sum_exp_z = z.exp().sum(1).log()
+    if t.is_floating_point():
+        loss = _nan_for_infinite_logits(_cross_entropy(log_sum_exp_z, *_soft_target_terms(z, t, eps, w)))
+        return _reduce(loss, t.shape[0], reduction, out_shape)
+
+    ignored = t == ignore_index
+    y = t.masked_fill(ignored, 0)
+    loss = _cross_entropy(log_sum_exp_z, *_hard_target_terms(z, y, eps, w)).masked_fill(ignored, 0.0)
+    loss = _nan_for_infinite_logits(loss)
+    kept = (~ignored).to(x.dtype)
+    divisor = kept.sum() if w is None else (w[y] * kept).sum()
+    return _reduce(loss, divisor, reduction, out_shape)
+
+
+def _nan_for_infinite_logits(loss: Tensor) -> Tensor:
+    # A -inf logit on a class that the smoothed target covers makes the row's loss +inf; report it like any
+    # other non-finite logit, as NaN, rather than as a number that an average could hide.
+    return loss + torch.where(loss.isinf(), float("nan"), 0.0).detach()
+
+
+# --- fastai modules ----------------------------------------------------------------------------------------------
+
+
+class LabelSmoothingCrossEntropy(nn.Module):
+    """Label-smoothing cross-entropy for fastai with PyTorch's semantics (class axis 1).
+
+    >>> loss_func = LabelSmoothingCrossEntropy(eps=0.1)
+    >>> loss_func(torch.randn(4, 3), torch.tensor([0, 2, 1, 0])).shape
+    torch.Size([])
+    """
+
+    y_int = True  # MixUp/CutMix mix the losses of integer targets instead of mixing the targets
+    class_axis = 1
+
+    def __init__(
+        self,
+        eps: float = 0.1,  # smoothing: the share of target mass spread over the classes
+        weight: Tensor | None = None,  # per-class weights (a buffer: moves with `.to()`)
+        reduction: str = "mean",  # read at call time: fastai's `NoneReduce` sets it to 'none'
+        ignore_index: int = -100,  # integer targets equal to this contribute nothing
+        smoothing: str = "uniform",  # 'uniform' (PyTorch, fastai, timm) or 'others' (fairseq)
+    ):
+        super().__init__()
+        check_options(eps, reduction, smoothing, ignore_index)
+        check_weight(weight)
+        self.eps, self.reduction, self.ignore_index, self.smoothing = eps, reduction, ignore_index, smoothing
+        # A copy, so that moving or loading the module never writes into the caller's tensor.
+        self.register_buffer("weight", None if weight is None else weight.detach().clone())
+
+    def forward(self, input: Tensor, target: Tensor, reduction: str | None = None) -> Tensor:
+        """The loss of logits `input` against `target`."""
+        return label_smoothing_cross_entropy(input, target, self.eps, self.weight, reduction or self.reduction,
+                                             self.ignore_index, self.smoothing)
+
+    def activation(self, out: Tensor) -> Tensor:
+        """The probabilities the loss scores: softmax over the class axis (fastai's `get_preds` calls this)."""
+        return upcast(out).softmax(self.class_axis)
+
+    def decodes(self, out: Tensor) -> Tensor:
+        """Class ids from (activated) predictions: argmax over the class axis."""
+        return out.argmax(self.class_axis)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, smoothing={self.smoothing!r}, reduction={self.reduction!r}, " \
+               f"ignore_index={self.ignore_index}"
+
+
+class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
+    """`LabelSmoothingCrossEntropy` with fastai's `BaseLoss` conventions: class axis `axis` (default last), inputs
+    and targets flattened to rows, so 'none' gives one loss per flattened position.
+
+    >>> loss_func = LabelSmoothingCrossEntropyFlat()
+    >>> loss_func(torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5)), reduction='none').shape
+    torch.Size([10])
+    """
+
+    def __init__(
+        self,
+        *args,
+        axis: int = -1,  # class axis of the model's output, e.g. -1 for (N, T, C) text, 1 for (N, C, H, W) masks
+        flatten: bool = True,  # flatten to (rows, C) before the loss, as fastai's `BaseLoss` does
+        floatify: bool = False,  # cast the target to float (a probability target laid out like the input)
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.axis, self.flatten, self.floatify = axis, flatten, floatify
+
+    @property
+    def class_axis(self) -> int:
+        return self.axis
+
+    def forward(self, input: Tensor, target: Tensor, reduction: str | None = None) -> Tensor:
+        """The loss of logits `input` (classes on `axis`) against `target`."""
+        if self.floatify and target.dtype != torch.float16:
+            target = target.float()
+        x, t = self._class_axis_last(input, target)
+        soft, n_classes = t.is_floating_point(), x.shape[-1]
+        if self.flatten:
+            x, t = x.reshape(-1, n_classes), (t.reshape(-1, n_classes) if soft else t.reshape(-1))
+        else:
+            x, t = x.movedim(-1, 1), (t.movedim(-1, 1) if soft else t)
+        return super().forward(x, t, reduction)
+
+    def _class_axis_last(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """`input` and `target` with the class axis last, after checking that their layouts agree."""
+        if not isinstance(input, Tensor) or input.dim() < 2:
+            raise ValueError(f"input must have a batch and a class axis, got {getattr(input, 'shape', input)!r}")
+        x = input.movedim(self.axis, -1)
+        if target.is_floating_point():
+            if target.shape != input.shape:
+                raise ValueError(f"a probability target must have the input's shape {tuple(input.shape)}, "
+                                 f"got {tuple(target.shape)}")
+            return x, target.movedim(self.axis, -1)
+        flat_ok = self.flatten and target.dim() == 1 and target.numel() == x.shape[:-1].numel()
+        if target.shape != x.shape[:-1] and not flat_ok:
+            raise ValueError(f"integer target must have shape {tuple(x.shape[:-1])} for input {tuple(input.shape)} "
+                             f"with axis={self.axis}, got {tuple(target.shape)}")
+        return x, target
