@@ -1,0 +1,16 @@
+"""The code base stays ruff-clean (rules in ruff.toml)."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
+def test_ruff_reports_nothing():
+    result = subprocess.run(["ruff", "check", "fastai_ls", "tests", "benchmarks"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
