@@ -114,15 +114,20 @@ def upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _hard_target_terms(z: Tensor, y: Tensor, eps: float, weight: Tensor | None) -> tuple[Tensor, Tensor]:
+def _hard_target_terms(z: Tensor, y: Tensor, eps: float, weight: Tensor | None) -> tuple[Tensor | float, Tensor]:
     """`mass` and `sum_c w_c q_c z_c` for q = (1-eps) onehot(y) + eps/C; `y` must be valid ids."""
-    n_classes = z.shape[1]
     z_y = z.gather(1, y[:, None]).squeeze(1)
+    return _hard_target_mix(z_y, z.sum(1) if weight is None else z @ weight, y, eps, weight, z.shape[1])
+
+
+def _hard_target_mix(z_y: Tensor, wz: Tensor, y: Tensor, eps: float, weight: Tensor | None,
+                     n_classes: int) -> tuple[Tensor | float, Tensor]:
+    """`_hard_target_terms` from per-row sums: `z_y` the true class's z and `wz` = sum_c w_c z_c."""
     if weight is None:
-        return z.new_tensor(1.0), (1 - eps) * z_y + (eps / n_classes) * z.sum(1)
+        return 1.0, (1 - eps) * z_y + (eps / n_classes) * wz
     w_y = weight[y]
     mass = (1 - eps) * w_y + (eps / n_classes) * weight.sum()
-    return mass, (1 - eps) * w_y * z_y + (eps / n_classes) * (z @ weight)
+    return mass, (1 - eps) * w_y * z_y + (eps / n_classes) * wz
 
 
 def _soft_target_terms(z: Tensor, q: Tensor, eps: float, weight: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -133,7 +138,15 @@ def _soft_target_terms(z: Tensor, q: Tensor, eps: float, weight: Tensor | None) 
     return wq.sum(1), (wq * z).sum(1)
 
 
-def _cross_entropy(log_sum_exp_z: Tensor, mass: Tensor, dot: Tensor) -> Tensor:
+def _kept_targets(t: Tensor, ignore_index: int, weight: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """Ids with ignored rows read as class 0, the ignored-row mask, and the 'mean' divisor (sum_kept w_y)."""
+    ignored = t == ignore_index
+    y = t.masked_fill(ignored, 0)
+    kept = (~ignored).to(dtype)
+    return y, ignored, kept.sum() if weight is None else (weight[y] * kept).sum()
+
+
+def _cross_entropy(log_sum_exp_z: Tensor | float, mass: Tensor | float, dot: Tensor) -> Tensor:
     """-sum_c w_c q_c log_softmax(z)_c, written so that no N x C log-probability tensor is made."""
     return mass * log_sum_exp_z - dot
 
@@ -162,6 +175,8 @@ def label_smoothing_cross_entropy(
     reduction: str = "mean",  # 'mean', 'sum' or 'none'
     ignore_index: int = -100,  # integer targets equal to this contribute nothing
     smoothing: str = "uniform",  # 'uniform': eps/C on every class; 'others': eps/(C-1) on the wrong ones
+    *,
+    fused: bool | None = None,  # integer targets: gradient computed in forward (`fused.py`); None: when grad is taken
 ) -> Tensor:
     """Cross-entropy against label-smoothed targets; equals `F.cross_entropy(..., label_smoothing=eps)` for
     `smoothing='uniform'`. Half-precision logits are computed in float32 and the loss is float32.
@@ -178,6 +193,14 @@ def label_smoothing_cross_entropy(
     check_weight(weight, n_classes)
     _check_target(input, target, ignore_index)
     eps = uniform_eps(eps, smoothing, n_classes)
+    if fused is None:  # the fused path only pays off when a gradient will be taken
+        fused = input.requires_grad and torch.is_grad_enabled() and not target.is_floating_point()
+    if fused:
+        if target.is_floating_point():
+            raise ValueError("fused=True needs integer class-id targets; probability targets use fused=False")
+        from fastai_ls.fused import fused_cross_entropy  # imported here: fused.py builds on this module's formula
+
+        return fused_cross_entropy(input, target, eps, weight, reduction, ignore_index)
     out_shape = input.shape[:1] + input.shape[2:]
     x, t = _rows(input, target)
     w = None if weight is None else weight.to(device=x.device, dtype=x.dtype)
@@ -188,12 +211,9 @@ def label_smoothing_cross_entropy(
         loss = _nan_for_infinite_logits(_cross_entropy(log_sum_exp_z, *_soft_target_terms(z, t, eps, w)))
         return _reduce(loss, t.shape[0], reduction, out_shape)
 
-    ignored = t == ignore_index
-    y = t.masked_fill(ignored, 0)
+    y, ignored, divisor = _kept_targets(t, ignore_index, w, x.dtype)
     loss = _cross_entropy(log_sum_exp_z, *_hard_target_terms(z, y, eps, w)).masked_fill(ignored, 0.0)
     loss = _nan_for_infinite_logits(loss)
-    kept = (~ignored).to(x.dtype)
-    divisor = kept.sum() if w is None else (w[y] * kept).sum()
     return _reduce(loss, divisor, reduction, out_shape)
 
 
@@ -224,18 +244,21 @@ class LabelSmoothingCrossEntropy(nn.Module):
         reduction: str = "mean",  # read at call time: fastai's `NoneReduce` sets it to 'none'
         ignore_index: int = -100,  # integer targets equal to this contribute nothing
         smoothing: str = "uniform",  # 'uniform' (PyTorch, fastai, timm) or 'others' (fairseq)
+        *,
+        fused: bool | None = None,  # see `label_smoothing_cross_entropy`; False forces the reference path
     ):
         super().__init__()
         check_options(eps, reduction, smoothing, ignore_index)
         check_weight(weight)
         self.eps, self.reduction, self.ignore_index, self.smoothing = eps, reduction, ignore_index, smoothing
+        self.fused = fused
         # A copy, so that moving or loading the module never writes into the caller's tensor.
         self.register_buffer("weight", None if weight is None else weight.detach().clone())
 
     def forward(self, input: Tensor, target: Tensor, reduction: str | None = None) -> Tensor:
         """The loss of logits `input` against `target`."""
         return label_smoothing_cross_entropy(input, target, self.eps, self.weight, reduction or self.reduction,
-                                             self.ignore_index, self.smoothing)
+                                             self.ignore_index, self.smoothing, fused=self.fused)
 
     def activation(self, out: Tensor) -> Tensor:
         """The probabilities the loss scores: softmax over the class axis (fastai's `get_preds` calls this)."""

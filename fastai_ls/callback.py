@@ -1,0 +1,302 @@
+"""`CalibrationCallback`: track confidence against accuracy on the validation set during `fit`, and plot it.
+
+The callback is a thin shell around `CalibrationState` (fastai_ls/calibration.py): one `update` per validation
+batch on the model's device, one `all_reduce` and one read-back per validation pass.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from fastai.callback.core import Callback
+from fastai.distributed import DistributedDL
+from fastai.learner import ValueMetric
+from fastai.torch_core import TensorMultiCategory
+from torch import Tensor, nn
+
+from fastai_ls.calibration import METRIC_NAMES, CalibrationState, check_n_bins
+
+__all__ = ["CalibrationCallback", "CalibrationMetric", "plot_reliability", "plot_history", "HISTORY_COLUMNS",
+           "BIN_COLUMNS"]
+
+HISTORY_COLUMNS = ("epoch",) + METRIC_NAMES
+BIN_COLUMNS = ("lo", "hi", "count", "confidence", "accuracy", "gap")
+# Losses whose targets are not single class ids: the callback refuses them at `before_fit`.
+_NOT_CLASS_ID_LOSSES = (nn.BCEWithLogitsLoss, nn.BCELoss, nn.MultiLabelSoftMarginLoss, nn.MultiLabelMarginLoss,
+                        nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.KLDivLoss, nn.GaussianNLLLoss,
+                        nn.PoissonNLLLoss)
+
+
+class CalibrationMetric(ValueMetric):
+    """One calibration metric of a `CalibrationCallback` as a fastai metric (a progress-table column)."""
+
+    def __init__(self, cb: CalibrationCallback, metric_name: str):
+        super().__init__(func=None, metric_name=metric_name)
+        self.cb = cb
+
+    @property
+    def value(self) -> float:
+        # With `Recorder(train_metrics=True)` fastai also asks after training, when there is no training value.
+        learn = getattr(self.cb, "learn", None)
+        if learn is not None and getattr(learn, "training", False):
+            return math.nan
+        return self.cb.last_metrics.get(self.metric_name, math.nan)
+
+
+class CalibrationCallback(Callback):
+    """Record calibration metrics of every validation pass; `metrics` become progress-table columns.
+
+    >>> cb = CalibrationCallback(n_bins=15, metrics=('ece', 'nll'))  # learn.fit_one_cycle(4, cbs=cb); cb.history
+    >>> cb.name
+    'calibration'
+
+    In `fit`, each epoch's validation pass adds one row to `history` and one state to `states`; both restart with
+    every `fit`, like `learn.recorder.values`. A validation pass outside `fit` (`learn.validate()`,
+    `learn.get_preds()`, also on another `dl`) only replaces `state` and `last_metrics`, so it never adds to or
+    double counts in the history. Only validation batches are seen, with hard labels, so MixUp/CutMix in training
+    do not matter.
+    """
+
+    order = 45  # after MixedPrecision (10, fp32 preds) and DistributedTrainer (11, DistributedDL); before Recorder (50)
+    run_train = False
+
+    def __init__(
+        self,
+        n_bins: int = 15,  # equal-width bins for ECE, MCE, RMSCE, classwise ECE and the reliability diagram
+        metrics: Sequence[str] = ("ece",),  # columns to add to the progress table, any of `METRIC_NAMES`
+        n_fine: int = 1000,  # fine bins behind adaptive ECE and AURC (their resolution in confidence)
+    ):
+        self.n_bins, self.n_fine = check_n_bins(n_bins), check_n_bins(n_fine, "n_fine")
+        metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+        unknown = [m for m in metrics if m not in METRIC_NAMES]
+        if unknown:
+            raise ValueError(f"unknown calibration metrics {unknown}; choose from {METRIC_NAMES}")
+        self.metric_names = tuple(dict.fromkeys(metrics))
+        self._metrics = [CalibrationMetric(self, m) for m in self.metric_names]
+        self.state: CalibrationState | None = None  # the last completed validation pass, on the CPU
+        self.states: list[CalibrationState] = []  # one per epoch of the last fit, on the CPU
+        self.last_metrics: dict[str, float] = {}
+        self._rows: list[dict] = []
+        self._pass: CalibrationState | None = None
+        self._new_fit, self._in_fit, self._warned_invalid, self._recorded_epoch = False, False, False, None
+        self._sharded = False
+
+    # --- events --------------------------------------------------------------------------------------------------
+
+    def before_fit(self):
+        check_class_id_targets(self.learn)
+        # Replace this callback's columns (and those of callbacks since removed) so repeated fits add none twice.
+        kept = [m for m in self.learn.metrics
+                if not (isinstance(m, CalibrationMetric) and (m.cb is self or m.cb not in self.learn.cbs))]
+        self.learn.metrics = kept + self._metrics
+        # fastai fires before_fit/after_fit around `validate()` and `get_preds()` too: only `before_train` tells a
+        # real fit, so the history restarts there. `get_preds` (marked by `gather_preds`) may also run inside a fit.
+        if not self._predicting():
+            self._new_fit, self._in_fit = True, False
+
+    def before_train(self):
+        if self._new_fit and not hasattr(self.learn, "lr_finder"):
+            self.states, self._rows, self._recorded_epoch = [], [], None
+            self._new_fit, self._in_fit = False, True
+
+    def before_validate(self):
+        self._pass = None  # allocated at the first batch, when the number of classes is known
+        self.last_metrics = {}
+        # Only a pass over shards is summed over processes: after `distrib_ctx`, `get_preds` on any rank sees the
+        # whole data set, with the process group still up.
+        self._sharded = isinstance(self.learn.dl, DistributedDL)
+
+    def after_batch(self):
+        if len(self.yb) == 0:
+            return
+        probs, target, rows_per_item = self._rows_of_batch(self.pred, self.yb[0])
+        if self._pass is None:
+            self._pass = CalibrationState(probs.shape[1], self.n_bins, self.n_fine, device=probs.device)
+        weight = _padding_weight(self.learn.dl, target.shape[0] // rows_per_item, rows_per_item, probs.device)
+        self._pass.update(probs, target, weight=weight, ignore_index=getattr(self.learn.loss_func, "ignore_index",
+                                                                             None))
+
+    def after_validate(self):
+        if self._pass is None:
+            return
+        state = self._pass.all_reduce() if self._sharded else self._pass
+        state, self._pass = state.to("cpu"), None  # the one host synchronisation of the pass
+        self.state, self.last_metrics = state, state.metrics()
+        n_bad = float(state.scalar("n_bad_target"))
+        if n_bad:
+            raise ValueError(f"{n_bad:.0f} validation targets are not class ids in [0, {state.n_classes})")
+        if self.last_metrics["n_invalid"] and not self._warned_invalid:
+            self._warned_invalid = True
+            warnings.warn(f"{self.last_metrics['n_invalid']:.0f} validation predictions were not finite (NaN/inf); "
+                          "they are left out of the calibration metrics and counted in `n_invalid`", stacklevel=2)
+        if self._in_fit and not self._predicting() and self._recorded_epoch != self.epoch:
+            self._recorded_epoch = self.epoch
+            self.states.append(state)
+            self._rows.append({"epoch": self.epoch, **self.last_metrics})
+
+    def after_fit(self):
+        if not self._predicting():
+            self._in_fit = False
+
+    def _predicting(self) -> bool:
+        return hasattr(self.learn, "gather_preds")
+
+    # --- results -------------------------------------------------------------------------------------------------
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """One row per epoch of the last fit: `epoch` and every metric of `METRIC_NAMES`."""
+        return pd.DataFrame(self._rows, columns=list(HISTORY_COLUMNS))
+
+    def bins(self, epoch: int = -1) -> pd.DataFrame:
+        """The equal-width bins of an epoch (default the last): lo, hi, count, confidence, accuracy, gap."""
+        return bin_frame(self._state_of(epoch))
+
+    def plot_reliability(self, epoch: int = -1, ax=None, title: str | None = None):
+        """Reliability diagram of an epoch (default the last); returns the matplotlib figure."""
+        return plot_reliability(self._state_of(epoch), ax=ax, title=title)
+
+    def plot_history(self):
+        """ECE, NLL and accuracy over the epochs of the last fit; returns the matplotlib figure."""
+        return plot_history(self.history)
+
+    def _state_of(self, epoch: int) -> CalibrationState:
+        if not self.states:
+            if self.state is None:
+                raise ValueError("no validation pass recorded yet")
+            return self.state
+        return self.states[epoch]
+
+    # --- per batch: shapes and dtypes only, never tensor values (no host synchronisation) --------------------------
+
+    def _rows_of_batch(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, int]:
+        """(rows, C) probabilities and (rows,) targets; `rows_per_item` > 1 for dense (N, C, d1, ...) predictions."""
+        if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
+            raise TypeError("CalibrationCallback needs one prediction tensor and one target tensor per batch")
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise ValueError(f"CalibrationCallback needs integer class-id targets, got {target.dtype} "
+                             "(multi-label, soft or regression targets have no top-label calibration)")
+        # fastai's tensor subclasses (TensorCategory, TensorImage...) cost a Python dispatch on every op.
+        pred, target = pred.as_subclass(Tensor), target.as_subclass(Tensor)
+        loss_func = self.learn.loss_func
+        axis = getattr(loss_func, "class_axis", getattr(loss_func, "axis", 1)) if pred.dim() > 2 else 1
+        activation = getattr(loss_func, "activation", None)
+        probs = activation(pred) if callable(activation) else pred.float().softmax(axis)
+        n_classes = probs.shape[axis]
+        probs = probs.movedim(axis, -1).reshape(-1, n_classes)
+        if target.numel() != probs.shape[0]:
+            raise ValueError(f"CalibrationCallback needs one class id per prediction row: predictions "
+                             f"{tuple(pred.shape)} (classes on axis {axis}), targets {tuple(target.shape)}")
+        return probs, target.reshape(-1), probs.shape[0] // max(pred.shape[0], 1)
+
+
+def _padding_weight(dl, n_items: int, rows_per_item: int, device: torch.device) -> Tensor | None:
+    """0/1 row weights that drop the items `DistributedDL` repeats to pad the last shard; None if not distributed.
+
+    Rank r reads [r * n_padded / ws, (r + 1) * n_padded / ws) of the padded index list, and `dl.i` has already
+    grown by this batch, so the batch's first item sits at r * n_padded // ws + dl.i - n_items; only positions
+    below `dl.n` are real. All Python integers: no device work to wait for."""
+    if not isinstance(dl, DistributedDL) or not all(hasattr(dl, a) for a in ("i", "n", "n_padded")):
+        return None
+    start = dl.rank * dl.n_padded // dl.world_size + dl.i - n_items
+    n_real = min(max(dl.n - start, 0), n_items)
+    if n_real == n_items:
+        return None
+    keep = (torch.arange(n_items, device=device) < n_real).to(torch.float64)
+    return keep.repeat_interleave(rows_per_item) if rows_per_item > 1 else keep
+
+
+def check_class_id_targets(learn) -> None:
+    """Raise a ValueError if the learner's targets are clearly not single class ids (multi-label, regression)."""
+    loss_func = learn.loss_func
+    inner = getattr(loss_func, "func", loss_func)  # fastai's `BaseLoss` wraps the torch loss in `.func`
+    if isinstance(inner, _NOT_CLASS_ID_LOSSES):
+        raise ValueError(f"CalibrationCallback needs single-label classification; the loss {type(inner).__name__} "
+                         "is for multi-label or regression targets")
+    try:  # one item of the validation set, without its batch transforms; skipped for datasets that cannot do it
+        target = learn.dls.valid_ds[0][-1]
+    except Exception:
+        return
+    if isinstance(target, TensorMultiCategory):
+        raise ValueError("CalibrationCallback needs single-label classification; the targets are multi-label "
+                         "(TensorMultiCategory)")
+    is_float = target.is_floating_point() if isinstance(target, Tensor) else isinstance(target, float)
+    if is_float or (not isinstance(target, Tensor) and not isinstance(target, numbers.Integral)):
+        raise ValueError(f"CalibrationCallback needs integer class-id targets; the validation set yields "
+                         f"{type(target).__name__} targets (regression or soft labels?)")
+
+
+# --- tables and plots: work on a bare `CalibrationState` too -----------------------------------------------------
+
+
+def bin_frame(state: CalibrationState) -> pd.DataFrame:
+    """The equal-width bins of a state as a DataFrame: lo, hi, count, confidence, accuracy, gap = conf - acc."""
+    table = state.bin_table()
+    return pd.DataFrame({name: table[name].numpy() for name in BIN_COLUMNS})
+
+
+def _as_state(source, epoch: int = -1) -> CalibrationState:
+    return source._state_of(epoch) if isinstance(source, CalibrationCallback) else source
+
+
+def plot_reliability(
+    source: CalibrationState | CalibrationCallback,  # a state, or a callback (then `epoch` picks the state)
+    ax=None,  # a matplotlib Axes to draw on; None makes a figure with the histogram on its own axes below
+    title: str | None = None,  # default: "ECE x.xx%"
+    epoch: int = -1,  # the callback's epoch
+):
+    """Reliability diagram: accuracy per bin against the diagonal, the gap shaded, over a confidence histogram.
+
+    >>> fig = plot_reliability(cb, title='LS 0.1')  # or plot_reliability(cb.state, ax=axes[0]) # doctest: +SKIP
+    """
+    import matplotlib.pyplot as plt
+
+    state = _as_state(source, epoch)
+    table = bin_frame(state)
+    if ax is None:
+        fig, (ax, hist_ax) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    else:
+        fig, hist_ax = ax.figure, None
+    width = table.hi - table.lo
+    centre = (table.lo + table.hi) / 2
+    filled = table["count"] > 0
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    ax.bar(centre[filled], table.accuracy[filled], width=width[filled], color="tab:blue", edgecolor="black",
+           alpha=0.8, label="accuracy")
+    # The gap between each bin's accuracy and its mean confidence, shaded red.
+    ax.bar(centre[filled], table.gap[filled], bottom=table.accuracy[filled], width=width[filled], color="tab:red",
+           alpha=0.3, hatch="//", edgecolor="tab:red", label="gap to confidence")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
+    ax.set_title(title if title is not None else f"ECE {100 * state.ece('l1'):.2f}%")
+    ax.legend(loc="upper left", fontsize="small")
+    if hist_ax is None:  # the caller's axes: the histogram as faint bars over the bottom quarter
+        hist_ax, alpha = ax.twinx(), 0.3
+        hist_ax.set_yticks([])
+        hist_ax.set_ylim(0, 4 * max(float(table["count"].max()), 1.0))
+        ax.set_xlabel("confidence")
+    else:
+        alpha = 1.0
+        hist_ax.set(ylabel="count", xlabel="confidence")
+    hist_ax.bar(centre, table["count"], width=width, color="grey", edgecolor="black", alpha=alpha)
+    return fig
+
+
+def plot_history(source) -> object:
+    """ECE, NLL and accuracy over epochs, from a `CalibrationCallback` or its `history` DataFrame.
+
+    >>> fig = plot_history(cb)  # doctest: +SKIP
+    """
+    import matplotlib.pyplot as plt
+
+    history = source.history if isinstance(source, CalibrationCallback) else source
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+    for ax, column, label in zip(axes, ("ece", "nll", "accuracy"), ("ECE", "NLL (nats)", "accuracy")):
+        ax.plot(history["epoch"], history[column], marker="o")
+        ax.set(xlabel="epoch", title=label)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,63 @@
+"""One process of the 2-process CPU (gloo) run in test_distributed.py, also the builder of the shared learner.
+
+Run as `python distributed_worker.py OUT_DIR` with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT); each rank saves its final calibration state and the trained weights to OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from torch import nn
+
+from fastai_ls import CalibrationCallback, LabelSmoothingCrossEntropy
+from fastai_ls.distributed import distrib_ctx
+
+N_CLASSES, N_VALID = 5, 53  # an odd validation set: DistributedDL pads the last shard with a repeated item
+VALID_BS = 8
+
+
+def synthetic_items(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) pairs, float64 inputs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    y = (x[:, :N_CLASSES] + torch.randn(n, N_CLASSES, generator=g, dtype=torch.float64)).argmax(1)
+    return list(zip(x, y))
+
+
+class Float32(nn.Module):
+    """Computed in float64, returned in float32 (what fastai's smoothed loss expects): the float32 rounding of a row
+    does not depend on how the rows were batched."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+
+def make_learner() -> tuple[Learner, CalibrationCallback]:
+    torch.manual_seed(0)
+    dls = DataLoaders.from_dsets(synthetic_items(96, 1), synthetic_items(N_VALID, 2), bs=VALID_BS, num_workers=0,
+                                 device="cpu")
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, N_CLASSES), Float32()).double()
+    cb = CalibrationCallback(metrics=("ece", "nll"))
+    return Learner(dls, model, loss_func=LabelSmoothingCrossEntropy(0.1), cbs=cb), cb
+
+
+def main(out: Path) -> None:
+    learn, cb = make_learner()
+    with distrib_ctx(learn), learn.no_logging(), learn.no_bar():
+        learn.fit(2, lr=1e-2)
+    with learn.no_bar():
+        learn.get_preds()  # after the context: the whole validation set on each rank, process group still up
+    rank = torch.distributed.get_rank()
+    torch.save({"states": [s.data for s in cb.states], "history": cb.history.to_dict("list"),
+                "n_after": float(cb.state.scalar("n")),
+                "weights": learn.model.state_dict(), "world_size": torch.distributed.get_world_size()},
+               out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

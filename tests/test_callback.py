@@ -1,0 +1,488 @@
+"""CalibrationCallback in fastai: columns, history, get_preds outside fit, bad input, no host sync, temperature."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.callback.mixup import MixUp
+from fastai.callback.progress import CSVLogger
+from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner.fit_one_cycle)
+from fastai.data.core import DataLoaders, Datasets
+from fastai.data.transforms import ItemGetter
+from fastai.learner import Learner, load_learner
+from fastai.losses import BCEWithLogitsLossFlat, MSELossFlat
+from fastai.metrics import accuracy, error_rate
+from torch import nn
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+from fastai_ls import (
+    CalibrationCallback,
+    LabelSmoothingCrossEntropy,
+    apply_temperature,
+    fit_temperature,
+    plot_history,
+    plot_reliability,
+    remove_temperature,
+)
+from fastai_ls.callback import BIN_COLUMNS, HISTORY_COLUMNS
+from fastai_ls.temperature import TemperatureScaledActivation
+
+matplotlib.use("Agg")
+N_CLASSES, N_VALID = 4, 70
+
+
+def items(n: int, seed: int, noise: float = 1.0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, :N_CLASSES] + noise * torch.randn(n, N_CLASSES, generator=g)).argmax(1)
+    return list(zip(x, y))
+
+
+def make_dls(valid=None, bs: int = 16) -> DataLoaders:
+    return DataLoaders.from_dsets(items(128, 1), valid if valid is not None else items(N_VALID, 2), bs=bs,
+                                  num_workers=0, device="cpu")
+
+
+def mlp(out: int = N_CLASSES) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, out))
+
+
+def make_learner(cb=None, model=None, loss_func=None, dls=None, **kwargs) -> Learner:
+    learn = Learner(dls or make_dls(), model or mlp(), loss_func=loss_func or LabelSmoothingCrossEntropy(0.1),
+                    cbs=cb, **kwargs)
+    learn.logger = lambda *a, **k: None  # noqa: E731
+    return learn
+
+
+def quiet(learn):
+    return learn.no_bar()
+
+
+# --- progress table, Recorder, CSVLogger ---------------------------------------------------------------------------
+
+
+def test_chosen_metrics_become_progress_table_columns_and_csv_columns(tmp_path):
+    cb = CalibrationCallback(metrics=("ece", "nll"))
+    learn = make_learner(cb, metrics=error_rate, path=tmp_path)
+    with quiet(learn):
+        learn.fit_one_cycle(2, 1e-2, cbs=CSVLogger(fname="log.csv"))
+    assert list(learn.recorder.metric_names) == ["epoch", "train_loss", "valid_loss", "error_rate", "ece", "nll",
+                                                 "time"]
+    recorded = np.array([row[3:5] for row in learn.recorder.values])
+    np.testing.assert_allclose(recorded, cb.history[["ece", "nll"]].to_numpy())
+    csv = pd.read_csv(tmp_path / "log.csv")
+    np.testing.assert_allclose(csv["ece"], cb.history["ece"], rtol=1e-5)
+
+
+def test_fitting_again_adds_no_duplicate_columns():
+    cb = CalibrationCallback(metrics="ece")
+    learn = make_learner(cb, metrics=accuracy)
+    with quiet(learn):
+        learn.fit(1, 1e-2)
+        learn.fit(1, 1e-2)
+    assert list(learn.recorder.metric_names).count("ece") == 1
+    assert [m.name for m in learn.metrics] == ["accuracy", "ece"]
+    learn.remove_cb(cb)
+    with quiet(learn):
+        learn.fit(1, 1e-2, cbs=CalibrationCallback(metrics=("nll",)))  # the removed callback's column goes too
+    assert [m.name for m in learn.metrics] == ["accuracy", "nll"]
+
+
+def test_history_has_the_documented_columns_one_row_per_epoch_and_restarts_with_fit():
+    cb = CalibrationCallback()
+    learn = make_learner(cb)
+    with quiet(learn):
+        learn.fit(3, 1e-2)
+    assert tuple(cb.history.columns) == HISTORY_COLUMNS == (
+        "epoch", "n", "n_invalid", "accuracy", "confidence", "ece", "mce", "rmsce", "adaptive_ece", "classwise_ece",
+        "overconfidence", "underconfidence", "nll", "brier", "aurc")
+    assert cb.history["epoch"].tolist() == [0, 1, 2] and (cb.history["n"] == N_VALID).all()
+    with quiet(learn):
+        learn.fit(1, 1e-2)
+    assert len(cb.history) == 1
+
+
+def test_last_epoch_matches_torchmetrics_and_definitions_on_get_preds_probabilities():
+    cb = CalibrationCallback(n_bins=10)
+    learn = make_learner(cb)
+    with quiet(learn):
+        learn.fit(2, 1e-2)
+    probs, target = learn.get_preds()
+    row = cb.history.iloc[-1]
+    assert row["ece"] == pytest.approx(float(multiclass_calibration_error(probs, target, N_CLASSES, 10)), abs=1e-6)
+    assert row["nll"] == pytest.approx(float(F.nll_loss(probs.log(), target)), rel=1e-5)
+    assert row["accuracy"] == pytest.approx(float((probs.argmax(1) == target).float().mean()))
+    onehot = F.one_hot(target, N_CLASSES)
+    assert row["brier"] == pytest.approx(float(((probs - onehot) ** 2).sum(1).mean()), rel=1e-5)
+
+
+def test_get_preds_outside_fit_replaces_state_without_touching_history():
+    cb = CalibrationCallback()
+    learn = make_learner(cb)
+    with quiet(learn):
+        learn.fit(2, 1e-2)
+        history = cb.history.copy()
+        learn.get_preds()
+        learn.get_preds()  # twice: still one pass's worth of rows, not two
+        test_dl = learn.dls.test_dl(items(30, 5), with_labels=True)
+        learn.get_preds(dl=test_dl)
+    pd.testing.assert_frame_equal(cb.history, history)
+    assert float(cb.state.scalar("n")) == 30  # the last pass: the test set
+    with quiet(learn):
+        learn.validate()
+    assert float(cb.state.scalar("n")) == N_VALID
+    assert cb.last_metrics["ece"] == pytest.approx(history["ece"].iloc[-1])
+
+
+class PredictEveryEpoch(Callback):
+    """Calls `get_preds` from inside the fit, as prediction-logging callbacks do."""
+
+    def after_epoch(self):
+        if not hasattr(self.learn, "gather_preds"):  # get_preds fires after_epoch too
+            self.learn.get_preds(dl=self.dls.valid.new(shuffle=False, bs=5))
+
+
+def test_get_preds_inside_fit_adds_no_rows():
+    cb = CalibrationCallback()
+    learn = make_learner([cb, PredictEveryEpoch()])
+    with quiet(learn):
+        learn.fit(3, 1e-2)
+    assert cb.history["epoch"].tolist() == [0, 1, 2] and (cb.history["n"] == N_VALID).all()
+
+
+def test_bins_table_counts_every_validation_row():
+    cb = CalibrationCallback(n_bins=8)
+    learn = make_learner(cb)
+    with quiet(learn):
+        learn.fit(1, 1e-2)
+    table = cb.bins()
+    assert tuple(table.columns) == BIN_COLUMNS and len(table) == 8
+    assert table["count"].sum() == N_VALID
+    filled = table[table["count"] > 0]
+    np.testing.assert_allclose(filled["gap"], filled["confidence"] - filled["accuracy"])
+    assert table["hi"].iloc[-1] == 1.0
+
+
+def test_plots_return_figures_headless_also_for_a_bare_state_on_given_axes():
+    import matplotlib.pyplot as plt
+
+    cb = CalibrationCallback()
+    learn = make_learner(cb)
+    with quiet(learn):
+        learn.fit(2, 1e-2)
+    figures = [cb.plot_reliability(), cb.plot_reliability(epoch=0), cb.plot_history(), plot_history(cb.history)]
+    fig, axes = plt.subplots(1, 2)
+    assert plot_reliability(cb, ax=axes[0], title="with LS") is fig
+    assert plot_reliability(cb.state, ax=axes[1]) is fig
+    assert axes[0].get_title() == "with LS" and axes[1].get_title().startswith("ECE ")
+    assert all(isinstance(f, matplotlib.figure.Figure) for f in figures)
+    plt.close("all")
+
+
+# --- training tricks ---------------------------------------------------------------------------------------------
+
+
+class HalfOutput(nn.Module):
+    """A model whose predictions arrive in half precision, as with `.half()` and no MixedPrecision."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.body, self.dtype = mlp(), dtype
+
+    def forward(self, x):
+        return self.body(x).to(self.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_predictions_are_accepted(dtype):
+    cb = CalibrationCallback()
+    learn = make_learner(cb, model=HalfOutput(dtype))
+    with quiet(learn):
+        learn.validate()
+    probs, target = learn.get_preds()
+    want = float(multiclass_calibration_error(probs.float(), target, N_CLASSES, 15))
+    assert cb.last_metrics["ece"] == pytest.approx(want, abs=1e-6)
+
+
+def test_mixup_in_training_and_to_fp16_leave_validation_hard_labelled():
+    cb = CalibrationCallback()
+    learn = make_learner([cb, MixUp()])
+    with warnings.catch_warnings(), quiet(learn):
+        warnings.simplefilter("ignore")  # to_fp16 on a CPU: autocast and GradScaler disable themselves, with a warning
+        learn.to_fp16()
+        learn.fit(2, 1e-2)
+    assert (cb.history["n"] == N_VALID).all() and cb.history["ece"].notna().all()
+
+
+class DenseHead(nn.Module):
+    """Per-position logits (N, C, L), as a segmentation or token model gives."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, N_CLASSES * 3)
+
+    def forward(self, x):
+        return self.body(x).view(-1, N_CLASSES, 3)
+
+
+def test_dense_predictions_count_every_position():
+    g = torch.Generator().manual_seed(3)
+    dense = [(x, torch.randint(0, N_CLASSES, (3,), generator=g)) for x, _ in items(N_VALID, 2)]
+    cb = CalibrationCallback()
+    learn = make_learner(cb, model=DenseHead(), dls=make_dls(dense))
+    with quiet(learn):
+        learn.validate()
+        probs, target = learn.get_preds()
+    rows, ids = probs.movedim(1, -1).reshape(-1, N_CLASSES), target.reshape(-1)
+    assert cb.last_metrics["n"] == 3 * N_VALID
+    assert cb.last_metrics["ece"] == pytest.approx(float(multiclass_calibration_error(rows, ids, N_CLASSES)),
+                                                   abs=1e-6)
+
+
+def test_order_sits_between_distributed_trainer_and_recorder():
+    from fastai.distributed import DistributedTrainer
+    from fastai.learner import Recorder
+
+    assert DistributedTrainer.order < CalibrationCallback.order < Recorder.order
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_bins", [0, -1, 1.5, None])
+def test_invalid_n_bins_is_rejected_at_construction(n_bins):
+    with pytest.raises(ValueError, match="n_bins"):
+        CalibrationCallback(n_bins=n_bins)
+
+
+def test_unknown_metric_names_are_rejected_at_construction():
+    with pytest.raises(ValueError, match="unknown"):
+        CalibrationCallback(metrics=("ece", "accuracy_top5"))
+
+
+class NaNForLargeFirstFeature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = mlp()
+
+    def forward(self, x):
+        out = self.body(x)
+        return torch.where(x[:, :1] > 1.0, float("nan"), out)
+
+
+def test_nan_predictions_are_counted_left_out_and_warned_about_once():
+    valid = items(N_VALID, 2)
+    n_nan = sum(float(x[0]) > 1.0 for x, _ in valid)
+    assert 0 < n_nan < N_VALID
+    cb = CalibrationCallback()
+    learn = make_learner(cb, model=NaNForLargeFirstFeature(), dls=make_dls(valid))
+    with warnings.catch_warnings(record=True) as caught, quiet(learn):
+        warnings.simplefilter("always")
+        learn.validate()
+        learn.validate()
+    assert sum("not finite" in str(w.message) for w in caught) == 1
+    assert cb.last_metrics["n_invalid"] == n_nan and cb.last_metrics["n"] == N_VALID - n_nan
+    assert not math.isnan(cb.last_metrics["ece"])
+
+
+def mean_logit_loss(pred, target):
+    """A loss that never looks at the targets (and has no `activation`: the callback falls back to softmax)."""
+    return pred.float().mean()
+
+
+def test_out_of_range_targets_raise_at_the_end_of_the_validation_pass():
+    valid = [(x, torch.tensor(N_CLASSES + 1) if i == 7 else y) for i, (x, y) in enumerate(items(N_VALID, 2))]
+    learn = make_learner(CalibrationCallback(), loss_func=mean_logit_loss, dls=make_dls(valid))
+    with pytest.raises(ValueError, match="after_validate") as info, quiet(learn):
+        learn.validate()
+    assert "1 validation targets are not class ids" in str(info.value)
+
+
+def test_a_learner_without_activation_is_scored_with_softmax():
+    cb = CalibrationCallback()
+    learn = make_learner(cb, loss_func=mean_logit_loss)
+    with quiet(learn):
+        learn.validate()
+        logits, target = learn.get_preds(act=lambda z: z)
+    want = multiclass_calibration_error(logits.softmax(1), target, N_CLASSES, 15)
+    assert cb.last_metrics["ece"] == pytest.approx(float(want), abs=1e-6)
+
+
+def multilabel_dls() -> DataLoaders:
+    def multi(n, seed):
+        return [(x, (x[:N_CLASSES] > 0).float()) for x, _ in items(n, seed)]
+    return DataLoaders.from_dsets(multi(64, 1), multi(32, 2), bs=16, num_workers=0, device="cpu")
+
+
+@pytest.mark.parametrize("loss_func,target", [(BCEWithLogitsLossFlat(), "multi-label"), (MSELossFlat(), "regression"),
+                                              (mean_logit_loss, "float targets")])
+def test_a_learner_without_single_class_id_targets_fails_at_before_fit(loss_func, target):
+    learn = make_learner(CalibrationCallback(), loss_func=loss_func, dls=multilabel_dls())
+    with pytest.raises(ValueError, match="before_fit") as info, quiet(learn):
+        learn.fit(1)
+    assert "single-label" in str(info.value) or "integer class-id" in str(info.value)
+
+
+# --- no host synchronisation in the per-batch path -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def host_reads_forbidden():
+    """Make every way of reading a tensor's value on the host raise (the per-batch path must not need any)."""
+    def forbidden(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"host synchronisation: Tensor.{name} in the per-batch update")
+        return fail
+
+    names = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    original_getitem, original_nonzero = torch.Tensor.__getitem__, torch.nonzero
+
+    def getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+            raise AssertionError("host synchronisation: boolean-mask indexing in the per-batch update")
+        return original_getitem(self, index)
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, forbidden(name))
+        torch.Tensor.__getitem__, torch.nonzero = getitem, forbidden("nonzero")
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+        torch.Tensor.__getitem__, torch.nonzero = original_getitem, original_nonzero
+
+
+class GuardedCalibrationCallback(CalibrationCallback):
+    """Runs the per-batch work under a guard; counts the guarded calls so the test knows the guard was used."""
+
+    guard = staticmethod(host_reads_forbidden)
+
+    def after_batch(self):
+        self.guarded = getattr(self, "guarded", 0) + 1
+        with self.guard():
+            super().after_batch()
+
+
+def test_the_per_batch_update_never_reads_tensor_values_on_the_host():
+    cb = GuardedCalibrationCallback()
+    learn = make_learner(cb)
+    with quiet(learn):
+        learn.fit(1, 1e-2)
+    assert cb.guarded == math.ceil(N_VALID / 16) and cb.history["n"].iloc[0] == N_VALID
+
+
+def test_the_guard_catches_a_host_read():
+    with host_reads_forbidden(), pytest.raises(AssertionError, match="host synchronisation"):
+        torch.ones(2).sum().item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_per_batch_update_never_synchronises_with_the_gpu():
+    @contextlib.contextmanager
+    def cuda_sync_is_an_error():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    cb = GuardedCalibrationCallback()
+    cb.guard = cuda_sync_is_an_error
+    dls = DataLoaders.from_dsets(items(128, 1), items(N_VALID, 2), bs=16, num_workers=0, device="cuda")
+    learn = make_learner(cb, model=mlp().cuda(), dls=dls)
+    with quiet(learn):
+        learn.fit(1, 1e-2)
+    assert cb.history["n"].iloc[0] == N_VALID
+
+
+# --- temperature scaling -------------------------------------------------------------------------------------------
+
+
+class PassLogits(nn.Module):
+    """Returns its input as the logits (fastai needs a parameter to find the model's device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x
+
+
+def logit_learner(temperature: float, n: int = 600, seed: int = 0) -> Learner:
+    """A "model" that returns its input: logits `temperature` times sharper than the labels' true distribution."""
+    g = torch.Generator().manual_seed(seed)
+    true_logits = 2 * torch.randn(n, N_CLASSES, generator=g)
+    y = torch.multinomial(true_logits.softmax(1), 1, generator=g).squeeze(1)
+    # fastai `Datasets` (not plain lists) so that `learn.export()` can empty them.
+    dsets = Datasets(list(zip(temperature * true_logits, y)), [[ItemGetter(0)], [ItemGetter(1)]],
+                     splits=(list(range(10)), list(range(n))))
+    dls = dsets.dataloaders(bs=64, num_workers=0, device="cpu")
+    return make_learner(CalibrationCallback(), model=PassLogits(), dls=dls, loss_func=LabelSmoothingCrossEntropy(0.1))
+
+
+def grid_temperature(logits, target) -> float:
+    """Brute force: the NLL at 4001 log-spaced temperatures in [0.1, 10], all at once."""
+    logits, target = logits.as_subclass(torch.Tensor).double(), target.as_subclass(torch.Tensor)
+    grid = torch.exp(torch.linspace(math.log(0.1), math.log(10), 4001, dtype=torch.float64))
+    log_probs = (logits / grid[:, None, None]).log_softmax(-1)
+    nll = -log_probs.gather(2, target.expand(len(grid), -1)[..., None]).mean((1, 2))
+    return float(grid[nll.argmin()])
+
+
+def test_fit_temperature_finds_the_nll_minimum_and_recovers_a_known_temperature():
+    learn = logit_learner(3.0)
+    with quiet(learn):
+        fit = fit_temperature(learn)
+        logits, target = learn.get_preds(act=lambda z: z)
+    assert fit.temperature == pytest.approx(grid_temperature(logits, target), rel=2e-3)
+    assert 2.4 < fit.temperature < 3.6
+    assert fit.nll_after < fit.nll_before and fit.ece_after < fit.ece_before
+    assert fit.nll_before == pytest.approx(float(F.cross_entropy(logits, target)), rel=1e-5)
+    assert fit.nll_after == pytest.approx(float(F.cross_entropy(logits / fit.temperature, target)), rel=1e-5)
+
+
+def test_fit_temperature_is_below_one_for_under_confident_logits():
+    learn = logit_learner(0.5)
+    with quiet(learn):
+        assert fit_temperature(learn).temperature < 0.75
+
+
+def test_applied_temperature_scales_get_preds_and_survives_export(tmp_path):
+    learn = logit_learner(3.0)
+    with quiet(learn):
+        logits, _ = learn.get_preds(act=lambda z: z)
+        apply_temperature(learn, 2.5)
+        apply_temperature(learn, 2.0)  # replaces, does not compound
+        scaled, _ = learn.get_preds()
+    torch.testing.assert_close(scaled, (logits / 2.0).softmax(1))
+    learn.export(tmp_path / "scaled.pkl")
+    loaded = load_learner(tmp_path / "scaled.pkl")
+    assert isinstance(loaded.loss_func.activation, TemperatureScaledActivation)
+    assert isinstance(loaded.calibration, CalibrationCallback)  # the callback is exported with the learner
+    with quiet(loaded):
+        again, _ = loaded.get_preds(dl=learn.dls.valid)
+    torch.testing.assert_close(again, scaled)
+    with quiet(learn):
+        remove_temperature(learn)
+        plain, _ = learn.get_preds()
+    torch.testing.assert_close(plain, logits.softmax(1))
+
+
+def test_apply_temperature_rejects_non_positive_values():
+    with pytest.raises(ValueError, match="temperature"):
+        apply_temperature(logit_learner(1.0), 0.0)

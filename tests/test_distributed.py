@@ -1,0 +1,94 @@
+"""Two CPU processes (gloo) under fastai's DistributedTrainer give the calibration state of one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastai_ls.calibration import CalibrationState
+
+HERE = Path(__file__).resolve().parent
+pytest.importorskip("accelerate")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py"), str(out)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=120)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("the distributed run did not finish in 120 s")
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(logs)[-5000:]
+    return out
+
+
+def single_process_state(weights) -> CalibrationState:
+    """The reference: the same validation set and weights, one process, no DistributedDL."""
+    sys.path.insert(0, str(HERE))
+    from distributed_worker import make_learner
+
+    learn, cb = make_learner()
+    learn.model.load_state_dict(weights)
+    with learn.no_logging(), learn.no_bar():
+        learn.validate()
+    return cb.state
+
+
+def test_every_rank_sees_the_same_reduced_state(two_process_run):
+    rank0, rank1 = (torch.load(two_process_run / f"rank{r}.pt") for r in range(2))
+    assert rank0["world_size"] == 2
+    assert len(rank0["states"]) == 2  # one state per epoch
+    for a, b in zip(rank0["states"], rank1["states"]):
+        assert torch.equal(a, b)
+    assert rank0["history"] == rank1["history"]
+
+
+def test_two_processes_count_each_validation_item_once(two_process_run):
+    from distributed_worker import N_VALID
+
+    run = torch.load(two_process_run / "rank0.pt")
+    assert run["history"]["n"] == [N_VALID, N_VALID]  # the padding duplicate is not counted
+
+
+def test_get_preds_after_the_distributed_fit_is_not_summed_over_ranks(two_process_run):
+    from distributed_worker import N_VALID
+
+    assert [torch.load(two_process_run / f"rank{r}.pt")["n_after"] for r in range(2)] == [N_VALID, N_VALID]
+
+
+def test_two_processes_equal_a_single_process_run(two_process_run):
+    run = torch.load(two_process_run / "rank0.pt")
+    reference = single_process_state(run["weights"])
+    distributed = CalibrationState(reference.n_classes, reference.n_bins, reference.n_fine, data=run["states"][-1])
+    counts = [s.scalar("n") for s in (distributed, reference)] + [s.scalar("n_invalid") for s in (distributed,
+                                                                                                   reference)]
+    assert counts[0] == counts[1] and counts[2] == counts[3]
+    for view in ("bins", "fine", "class_bins"):
+        got, want = getattr(distributed, view), getattr(reference, view)
+        assert torch.equal(got[..., 0], want[..., 0]), f"{view} counts"  # counts exactly
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-9)  # sums of confidence and of correct
+    torch.testing.assert_close(distributed.scalars, reference.scalars, rtol=0, atol=1e-9)

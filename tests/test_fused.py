@@ -1,0 +1,329 @@
+"""The fused path (`fastai_ls/fused.py`): same values and gradients as PyTorch, selected only where it applies."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastai_ls.fused as fused_module
+from fastai_ls import (
+    LabelSmoothingCrossEntropy,
+    LabelSmoothingCrossEntropyFlat,
+    label_smoothing_cross_entropy,
+    triton_kernel,
+)
+
+FUSED_NODE = "_FusedCrossEntropyBackward"
+
+
+def torch_eps(eps: float, smoothing: str, n_classes: int) -> float:
+    """PyTorch's `label_smoothing` for our `smoothing` option (other-classes eps is eps*C/(C-1) uniform)."""
+    return eps if smoothing == "uniform" else eps * n_classes / (n_classes - 1)
+
+
+def make_case(shape: tuple[int, ...], weighted: bool, ignored: bool, dtype=torch.float64, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(shape, generator=gen, dtype=dtype)).requires_grad_()
+    n_classes = shape[1]
+    y = torch.randint(0, n_classes, shape[:1] + shape[2:], generator=gen)
+    if ignored:
+        y.view(-1)[::3] = -100
+    w = torch.rand(n_classes, generator=gen, dtype=dtype) + 0.1 if weighted else None
+    return x, y, w
+
+
+def grads(loss: torch.Tensor, x: torch.Tensor, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of <loss, g> for a fixed random g (so 'none' checks every row's scale), and g."""
+    g = torch.randn(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=loss.dtype)
+    return torch.autograd.grad(loss, x, g)[0], g
+
+
+@pytest.mark.parametrize("shape", [(12, 7), (4, 5, 3, 2)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("ignored", [False, True])
+@pytest.mark.parametrize("smoothing", ["uniform", "others"])
+def test_fused_loss_and_gradient_equal_torch_cross_entropy(shape, reduction, weighted, ignored, smoothing):
+    x, y, w = make_case(shape, weighted, ignored)
+    loss = label_smoothing_cross_entropy(x, y, 0.2, w, reduction, smoothing=smoothing)
+    assert FUSED_NODE in graph_nodes(loss)
+    grad, g = grads(loss, x)
+    expected = F.cross_entropy(x, y, w, reduction=reduction, label_smoothing=torch_eps(0.2, smoothing, shape[1]))
+    expected_grad = torch.autograd.grad(expected, x, g)[0]
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_float32_gradient_within_1e_6_of_torch(reduction, weighted):
+    x, y, w = make_case((64, 1000), weighted, ignored=True, dtype=torch.float32)
+    loss = label_smoothing_cross_entropy(x, y, 0.1, w, reduction)
+    grad, g = grads(loss, x)
+    expected = F.cross_entropy(x.double(), y, None if w is None else w.double(), reduction=reduction,
+                               label_smoothing=0.1)
+    expected_grad = torch.autograd.grad(expected, x, g.double())[0]
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    assert (grad.double() - expected_grad).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_equals_reference_path(reduction):
+    x, y, w = make_case((6, 5, 4), weighted=True, ignored=True)
+    fused = label_smoothing_cross_entropy(x, y, 0.1, w, reduction, smoothing="others")
+    reference = label_smoothing_cross_entropy(x, y, 0.1, w, reduction, smoothing="others", fused=False)
+    assert FUSED_NODE not in graph_nodes(reference)
+    torch.testing.assert_close(fused, reference)
+    torch.testing.assert_close(grads(fused, x)[0], grads(reference, x)[0])
+
+
+@pytest.mark.parametrize("n_rows", [1, 7, 10])
+def test_many_blocks_and_a_ragged_last_block_give_the_same_gradient(monkeypatch, n_rows):
+    x, y, w = make_case((n_rows, 9), weighted=True, ignored=True)
+    expected = label_smoothing_cross_entropy(x, y, 0.1, w, "none")
+    expected_grad = grads(expected, x)[0]
+    monkeypatch.setattr(fused_module, "BLOCK_BYTES", 3 * 9 * 8)  # three float64 rows per block
+    loss = label_smoothing_cross_entropy(x, y, 0.1, w, "none")
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grads(loss, x)[0], expected_grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gradcheck_float64(reduction, weighted):
+    x, y, w = make_case((5, 4, 2), weighted, ignored=True)
+    assert torch.autograd.gradcheck(lambda x: label_smoothing_cross_entropy(x, y, 0.3, w, reduction), (x,))
+
+
+@given(n_rows=st.integers(1, 6), n_classes=st.integers(1, 6), eps=st.floats(0, 0.9), weighted=st.booleans(),
+       n_ignored=st.integers(0, 3), reduction=st.sampled_from(["mean", "sum", "none"]), seed=st.integers(0, 99))
+@settings(max_examples=40, deadline=None)
+def test_property_fused_matches_torch(n_rows, n_classes, eps, weighted, n_ignored, reduction, seed):
+    x, y, w = make_case((n_rows, n_classes), weighted, ignored=False, seed=seed)
+    y[:n_ignored] = -100
+    loss = label_smoothing_cross_entropy(x, y, eps, w, reduction)
+    expected = F.cross_entropy(x, y, w, reduction=reduction, label_smoothing=eps)
+    torch.testing.assert_close(loss, expected, equal_nan=True)  # every row ignored: 'mean' is 0/0 in both
+    if not loss.isnan().any():
+        grad, g = grads(loss, x)
+        torch.testing.assert_close(grad, torch.autograd.grad(expected, x, g)[0])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_twice_with_retain_graph_gives_the_same_gradient(reduction):
+    x, y, w = make_case((8, 6), weighted=True, ignored=True)
+    loss = label_smoothing_cross_entropy(x, y, 0.1, w, reduction)
+    g = torch.rand(loss.shape, dtype=loss.dtype)
+    first = torch.autograd.grad(loss, x, g, retain_graph=True)[0].clone()
+    second = torch.autograd.grad(loss, x, g, retain_graph=True)[0]
+    third = torch.autograd.grad(loss, x, 2 * g)[0]
+    expected = torch.autograd.grad(F.cross_entropy(x, y, w, reduction=reduction, label_smoothing=0.1), x, g)[0]
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+    torch.testing.assert_close(third, 2 * expected)
+
+
+def test_backward_accumulates_into_grad_like_torch():
+    x, y, _ = make_case((8, 6), weighted=False, ignored=False)
+    loss = label_smoothing_cross_entropy(x, y)
+    loss.backward(retain_graph=True)
+    (3 * loss).backward()
+    x_ref = x.detach().requires_grad_()
+    F.cross_entropy(x_ref, y, label_smoothing=0.1).mul(4).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_create_graph_raises_naming_the_workaround():
+    x, y, _ = make_case((4, 3), weighted=False, ignored=False)
+    loss = label_smoothing_cross_entropy(x, y)
+    with pytest.raises(RuntimeError, match="fused=False"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    loss = label_smoothing_cross_entropy(x, y, fused=False)  # the workaround gives second derivatives
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    assert grad.requires_grad
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_logits_are_never_written(reduction):
+    x, y, w = make_case((10, 7), weighted=True, ignored=True, dtype=torch.float32)
+    before, version = x.detach().clone(), x._version
+    loss = label_smoothing_cross_entropy(x, y, 0.1, w, reduction)
+    loss.sum().backward()
+    assert x._version == version
+    assert torch.equal(x.detach(), before)
+    metric = x.detach().softmax(1)  # fastai's metrics read the same logits after the loss
+    torch.testing.assert_close(metric, before.softmax(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_half_precision_logits_give_float32_loss_and_gradient_of_their_dtype(dtype, weighted):
+    x32, y, w = make_case((16, 11), weighted, ignored=True, dtype=torch.float32)
+    x = x32.detach().to(dtype).requires_grad_()
+    loss = label_smoothing_cross_entropy(x, y, 0.1, w)
+    loss.backward()
+    assert FUSED_NODE in graph_nodes(loss)
+    assert loss.dtype == torch.float32 and x.grad.dtype == dtype
+    x_ref = x.detach().float().requires_grad_()
+    expected = F.cross_entropy(x_ref, y, w, label_smoothing=0.1)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(x.grad.float(), x_ref.grad, rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-3)
+
+
+def test_half_precision_over_many_blocks(monkeypatch):
+    x32, y, w = make_case((9, 5), weighted=True, ignored=True, dtype=torch.float32)
+    x = x32.detach().half().requires_grad_()
+    expected = label_smoothing_cross_entropy(x, y, 0.1, w, fused=False)
+    expected_grad = torch.autograd.grad(expected, x)[0]
+    monkeypatch.setattr(fused_module, "BLOCK_BYTES", 2 * 5 * 4)  # two float32 rows per block
+    loss = label_smoothing_cross_entropy(x, y, 0.1, w)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(torch.autograd.grad(loss, x)[0], expected_grad)
+
+
+def test_non_finite_logits_give_nan_rows_except_ignored_ones_like_the_reference_path():
+    x = torch.randn(5, 4)
+    x[1, 2] = float("-inf")  # a class the smoothed target covers: infinite loss, reported as NaN
+    x[2, 0] = float("nan")
+    x[3, 1] = float("inf")
+    x[4, :] = float("nan")  # an ignored row: loss and gradient 0
+    x.requires_grad_()
+    y = torch.tensor([0, 1, 2, 3, -100])
+    loss = label_smoothing_cross_entropy(x, y, reduction="none")
+    expected = label_smoothing_cross_entropy(x, y, reduction="none", fused=False)
+    torch.testing.assert_close(loss, expected, equal_nan=True)
+    assert loss[1:4].isnan().all() and loss[4] == 0
+    grad = torch.autograd.grad(loss, x, torch.ones(5))[0]
+    assert grad[[0, 1]].isfinite().all() and (grad[4] == 0).all()
+    assert label_smoothing_cross_entropy(x, y).isnan()
+
+
+def graph_nodes(loss: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes between `loss` and the leaves."""
+    names, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_path_is_selected_for_integer_targets_with_grad(reduction):
+    x, y, _ = make_case((6, 4), weighted=False, ignored=False)
+    assert type(label_smoothing_cross_entropy(x, y, reduction=reduction).grad_fn).__name__ == FUSED_NODE
+    assert type(LabelSmoothingCrossEntropy(reduction=reduction)(x, y).grad_fn).__name__ == FUSED_NODE
+    flat = LabelSmoothingCrossEntropyFlat(axis=1, reduction=reduction)
+    assert FUSED_NODE in graph_nodes(flat(x.view(2, 3, 4).transpose(1, 2), y.view(2, 3)))
+
+
+def test_reference_path_without_grad_for_soft_targets_and_when_asked(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the fused path ran")
+
+    x, y, _ = make_case((6, 4), weighted=False, ignored=False)
+    monkeypatch.setattr(fused_module, "fused_cross_entropy", fail)
+    with torch.no_grad():
+        label_smoothing_cross_entropy(x, y)
+    label_smoothing_cross_entropy(x.detach(), y)
+    soft = torch.softmax(torch.randn(6, 4, dtype=torch.float64), 1)
+    assert FUSED_NODE not in graph_nodes(label_smoothing_cross_entropy(x, soft))
+    assert FUSED_NODE not in graph_nodes(LabelSmoothingCrossEntropy(fused=False)(x, y))
+
+
+def test_fused_true_forces_the_fused_loss_and_refuses_soft_targets():
+    x, y, _ = make_case((6, 4), weighted=False, ignored=False)
+    with torch.no_grad():
+        forced = label_smoothing_cross_entropy(x, y, fused=True)
+    torch.testing.assert_close(forced, F.cross_entropy(x.detach(), y, label_smoothing=0.1))
+    with pytest.raises(ValueError, match="integer class-id targets"):
+        label_smoothing_cross_entropy(x, torch.softmax(x.detach(), 1), fused=True)
+
+
+# Triton's interpreter runs the kernels on CPU tensors; it must be switched on before triton is imported, hence a
+# fresh interpreter. The kernels' loss and gradient are compared with the blockwise torch path's.
+TRITON_INTERPRETER_CHECK = """
+import torch
+from fastai_ls import fused, triton_kernel
+from fastai_ls.losses import _kept_targets
+
+def loss_and_grad(run, x, y, w, eps, scale):
+    y, ignored, _ = _kept_targets(y, -100, w, torch.float32)
+    n_classes, grad = x.shape[1], torch.empty_like(x)
+    smooth = (eps / n_classes) * scale if w is None else w * ((eps / n_classes) * scale)
+    true_class = (1 - eps) * scale if w is None else w[y] * ((1 - eps) * scale)
+    loss = run(x, y, ignored, w, scale, eps, smooth, true_class, grad)
+    return loss.masked_fill(ignored, 0.0), grad
+
+triton_kernel.MAX_BLOCK = 8  # several column blocks per row, the last one ragged
+gen = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for n_classes in (5, 37):
+        for weighted in (False, True):
+            x = torch.randn(6, n_classes, generator=gen).to(dtype)
+            x[4, :7] = float("-inf")  # a row whose first block is all -inf (and, with 5 classes, the whole row)
+            x[5, 1] = float("nan")
+            y = torch.randint(0, n_classes, (6,), generator=gen)
+            y[2] = -100
+            w = torch.rand(n_classes, generator=gen) if weighted else None
+            got = loss_and_grad(triton_kernel.loss_and_grad, x, y, w, 0.1, 0.25)
+            expected = loss_and_grad(fused._blockwise_loss_and_grad, x, y, w, 0.1, 0.25)
+            torch.testing.assert_close(got, expected, equal_nan=True)
+            assert got[1].dtype == dtype
+print("triton kernels match")
+"""
+
+
+@pytest.mark.skipif(not triton_kernel.AVAILABLE, reason="triton is not installed")
+def test_triton_kernels_equal_the_blockwise_path_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", TRITON_INTERPRETER_CHECK], cwd=Path(__file__).resolve().parents[1],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "triton kernels match" in result.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cuda_fused_loss_equals_torch(dtype, weighted):
+    x, y, w = make_case((64, 5000), weighted, ignored=True, dtype=torch.float32)
+    x, y = x.detach().cuda().to(dtype).requires_grad_(), y.cuda()
+    w = None if w is None else w.cuda()
+    loss = label_smoothing_cross_entropy(x, y, 0.1, w)
+    assert FUSED_NODE in graph_nodes(loss) and loss.dtype == torch.float32
+    loss.backward()
+    x_ref = x.detach().float().requires_grad_()
+    expected = F.cross_entropy(x_ref, y, w, label_smoothing=0.1)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(x.grad.float(), x_ref.grad, rtol=1e-2, atol=1e-6 if dtype == torch.float32 else 1e-4)
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_small_losses_are_as_precise_as_torch_float32(scale, weighted):
+    # Confident, correct rows have losses far below the logits' size: the formula must not cancel large numbers
+    # (computed from unshifted logits, the loss of the first rows would be off by ~5e-4 relative at scale 1, and by
+    # ~6e-5 absolute instead of 0 at scale 100).
+    x = (scale * torch.tensor([[1.0, 8, 1], [1, 1, 8], [0.1, 8, 0.1], [0.1, 0.1, 8]])).requires_grad_()
+    y = torch.tensor([1, 2, 1, 2])
+    w = torch.tensor([0.5, 1.0, 2.0]) if weighted else None
+    for eps in [0.0, 0.01]:
+        loss = label_smoothing_cross_entropy(x, y, eps, w, reduction="none")
+        assert FUSED_NODE in graph_nodes(loss)
+        exact = F.cross_entropy(x.double(), y, None if w is None else w.double(), reduction="none",
+                                label_smoothing=eps)
+        torch32 = F.cross_entropy(x, y, w, reduction="none", label_smoothing=eps).double()
+        error, torch_error = (loss.double() - exact).abs(), (torch32 - exact).abs()
+        assert (error <= 2 * torch_error + 1e-7 * exact.abs() + 1e-12).all(), (error, torch_error)

@@ -1,0 +1,107 @@
+"""`pets_learner` on a generated Pets-shaped tree, through the real `untar_data` and torchvision weight cache."""
+
+from __future__ import annotations
+
+import inspect
+from urllib.error import URLError
+
+import fastdownload
+import pytest
+import torch
+import torch.hub
+import torchvision
+from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (registers Learner.fit_one_cycle)
+from fastai.data.external import fastai_cfg, fastai_path
+
+from fastai_ls import CalibrationCallback, LabelSmoothingCrossEntropy, pets_learner
+from fastai_ls.pets import make_pets_like_tree
+
+SMALL = dict(pretrained=False, presize=40, size=32, bs=8, num_workers=0)
+
+
+def offline(*args, **kwargs):
+    raise URLError("network is unreachable (test)")
+
+
+@pytest.fixture
+def homes(tmp_path, monkeypatch):
+    """Empty FASTAI_HOME and TORCH_HOME, and no network for fastai's or torch's downloads."""
+    monkeypatch.setenv("FASTAI_HOME", str(tmp_path / "fastai"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(fastdownload.FastDownload, "download", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    fastai_cfg.cache_clear()  # fastai reads FASTAI_HOME once per process and caches the config
+    yield tmp_path
+    fastai_cfg.cache_clear()
+
+
+@pytest.fixture
+def pets_home(homes):
+    """A Pets-shaped tree where `untar_data(URLs.PETS)` finds an extracted copy."""
+    make_pets_like_tree(fastai_path("data") / "oxford-iiit-pet")
+    return homes
+
+
+def test_defaults_reproduce_the_classic_example():
+    defaults = {k: p.default for k, p in inspect.signature(pets_learner).parameters.items() if p.default is not p.empty}
+    assert defaults == dict(path=None, arch="resnet34", eps=0.1, smoothing="uniform", bs=64, presize=460, size=224,
+                            min_scale=0.75, valid_pct=0.2, seed=42, pretrained=True, lr=3e-3, calibration=True,
+                            num_workers=None)
+
+
+def test_untar_data_finds_the_extracted_tree_and_one_epoch_trains(pets_home):
+    learn = pets_learner(arch="resnet18", **SMALL)
+    # breed names keep their case and their underscores; the .mat decoy is skipped
+    assert list(learn.dls.vocab) == ["Abyssinian", "Egyptian_Mau", "american_pit_bull_terrier", "beagle"]
+    assert len(learn.dls.train_ds) + len(learn.dls.valid_ds) == 32
+    assert isinstance(learn.loss_func, LabelSmoothingCrossEntropy) and learn.loss_func.eps == 0.1
+    assert learn.lr == 3e-3 and any(isinstance(cb, CalibrationCallback) for cb in learn.cbs)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(1)
+    assert torch.isfinite(torch.tensor(learn.recorder.values[-1])).all()
+
+
+def test_grey_and_palette_files_load_as_rgb(pets_home):
+    learn = pets_learner(arch="resnet18", **SMALL)
+    xb, _ = learn.dls.one_batch()
+    assert xb.shape[1:] == (3, 32, 32)
+    names = {p.name for p in learn.dls.train_ds.items + learn.dls.valid_ds.items}
+    assert {"Abyssinian_1.jpg", "Egyptian_Mau_1.jpg"} <= names
+
+
+@pytest.mark.parametrize("sub", ["", "images"])
+def test_path_may_name_the_extracted_folder_or_its_images(homes, sub):
+    root = make_pets_like_tree(homes / "my_pets")
+    learn = pets_learner(path=root / sub, arch="resnet18", eps=0.0, calibration=False, **SMALL)
+    assert learn.dls.c == 4 and learn.loss_func.eps == 0.0
+    assert not any(isinstance(cb, CalibrationCallback) for cb in learn.cbs)
+
+
+def test_missing_data_offline_is_one_clear_error(homes):
+    with pytest.raises(FileNotFoundError) as err:
+        pets_learner(**SMALL)
+    message = str(err.value)
+    assert "oxford-iiit-pet" in message and "fast-ai-imageclas/oxford-iiit-pet.tgz" in message
+    assert "path=" in message
+
+
+def test_a_folder_without_images_is_a_clear_error(homes):
+    (homes / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no Pets images"):
+        pets_learner(path=homes / "empty", **SMALL)
+
+
+def test_missing_weights_offline_name_the_cache_file_and_pretrained_false(pets_home):
+    with pytest.raises(FileNotFoundError) as err:
+        pets_learner(**{**SMALL, "pretrained": True})
+    message = str(err.value)
+    assert "resnet34-b627a593.pth" in message and "pretrained=False" in message
+
+
+def test_cached_weights_load_with_no_network(pets_home):
+    weights = torchvision.models.resnet18().state_dict()
+    cache = pets_home / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(weights, cache / "resnet18-f37072fd.pth")
+    learn = pets_learner(arch="resnet18", **{**SMALL, "pretrained": True})
+    torch.testing.assert_close(learn.model[0][0].weight, weights["conv1.weight"])
