@@ -199,7 +199,21 @@ def main(argv: list[str] | None = None) -> None:
             label = ""
         print()
         del x, y
+    if device.type == "cpu":
+        fastai_targets(funcs, reps_for(64 * 37, args.quick))
     sys.stdout.flush()
+
+
+def fastai_targets(funcs: dict[str, Callable], reps: int) -> None:
+    """64 x 37 again, with the target typed as fastai's Learner passes it (`TensorCategory`)."""
+    from fastai.torch_core import TensorCategory
+
+    x, y = make_inputs(64, 37, torch.float32, torch.device("cpu"))
+    chosen = {name: funcs[name] for name in ("fastai_ls", NATIVE, "fastai CrossEntropyLossFlat", FLOOR)}
+    times = time_shape(chosen, x, TensorCategory(y), reps)
+    print("64x37 float32, target as fastai's TensorCategory (what a fastai Learner passes to its loss):")
+    for name, seconds in times.items():
+        print(f"  {name:<30}{1e3 * seconds:>10.3f} ms{seconds / times[NATIVE]:>7.2f} xT")
 
 
 def steady_allocator() -> None:

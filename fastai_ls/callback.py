@@ -247,7 +247,7 @@ def _as_state(source, epoch: int = -1) -> CalibrationState:
 def plot_reliability(
     source: CalibrationState | CalibrationCallback,  # a state, or a callback (then `epoch` picks the state)
     ax=None,  # a matplotlib Axes to draw on; None makes a figure with the histogram on its own axes below
-    title: str | None = None,  # default: "ECE x.xx%"
+    title: str | None = None,  # shown before the ECE: "<title>: ECE x.xx%"
     epoch: int = -1,  # the callback's epoch
 ):
     """Reliability diagram: accuracy per bin against the diagonal, the gap shaded, over a confidence histogram.
@@ -272,7 +272,8 @@ def plot_reliability(
     ax.bar(centre[filled], table.gap[filled], bottom=table.accuracy[filled], width=width[filled], color="tab:red",
            alpha=0.3, hatch="//", edgecolor="tab:red", label="gap to confidence")
     ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
-    ax.set_title(title if title is not None else f"ECE {100 * state.ece('l1'):.2f}%")
+    ece = f"ECE {100 * state.ece('l1'):.2f}%"
+    ax.set_title(ece if title is None else f"{title}: {ece}")
     ax.legend(loc="upper left", fontsize="small")
     if hist_ax is None:  # the caller's axes: the histogram as faint bars over the bottom quarter
         hist_ax, alpha = ax.twinx(), 0.3

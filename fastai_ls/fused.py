@@ -14,6 +14,8 @@ loss twice on them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -24,27 +26,33 @@ from fastai_ls.losses import (
     _kept_targets,
     _nan_for_infinite_logits,
     _reduce,
+    compute_dtype,
     upcast,
 )
 
 __all__ = ["fused_cross_entropy"]
 
-# Bytes of float32 (or float64) logits per block: a block and its gradient stay in a 32 MiB L3. Measured on a 2-core
-# EPYC (1 MiB L2 per core): 4-16 MiB all beat 0.5-2 MiB (Python and thread start-up cost per block) and whole
-# tensors (main-memory traffic per operation) at C = 1000..128000; fewer blocks also suffer less when cores are busy.
-BLOCK_BYTES = 8 * 2**20
+# Bytes of float32 (or float64) logits per block: a block and its gradient mostly stay in a 32 MiB L3. Measured on a
+# 2-core EPYC (1 MiB L2 per core) between other losses' runs, in times the floor: 4096 x 1000 1.6x with 16 MiB blocks
+# (one block) vs 2.1x with 8 MiB and 2.7x with 1 MiB; 16384 x 1000 and 2048 x 32000 equal from 8 to 16 MiB, worse
+# below (each block pays Python and thread start-up costs per operation).
+BLOCK_BYTES = 16 * 2**20
 
 
 def fused_cross_entropy(input: Tensor, target: Tensor, eps: float, weight: Tensor | None, reduction: str,
-                        ignore_index: int) -> Tensor:
+                        ignore_index: int, may_ignore: bool = True) -> Tensor:
     """`label_smoothing_cross_entropy` for checked integer targets and uniform `eps`, with a precomputed gradient."""
     n_classes = input.shape[1]
     out_shape = input.shape[:1] + input.shape[2:]
     # No upcast here: blocks are upcast one at a time, so half-precision logits never get a float32 copy.
     x = input if input.dim() == 2 else input.movedim(1, -1).reshape(-1, n_classes)
-    compute_dtype = upcast(x[:0]).dtype
-    w = None if weight is None else weight.to(device=x.device, dtype=compute_dtype)
-    y, ignored, divisor = _kept_targets(target.reshape(-1).long(), ignore_index, w, compute_dtype)
+    dtype = compute_dtype(x.dtype)
+    w = None if weight is None else weight.to(device=x.device, dtype=dtype)
+    t = target.reshape(-1).long()
+    if not may_ignore:  # the common case: no masks, and without weights a divisor known in Python
+        y, ignored, divisor = t, None, (t.shape[0] if w is None else w[t].sum())
+    else:
+        y, ignored, divisor = _kept_targets(t, ignore_index, w, dtype)
     return _FusedCrossEntropy.apply(x, y, ignored, w, divisor, eps, reduction, out_shape)
 
 
@@ -52,12 +60,12 @@ class _FusedCrossEntropy(torch.autograd.Function):
     """Loss and gradient in forward; backward scales the stored gradient in place and hands the buffer out."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, ignored: Tensor, w: Tensor | None, divisor: Tensor, eps: float,
+    def forward(ctx, x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None, divisor: Tensor | int, eps: float,
                 reduction: str, out_shape: torch.Size) -> Tensor:
         # 'mean' divides every row by the divisor. On the host, fold it into the gradient now, as a Python number
         # (cheapest in the per-block arithmetic); on a GPU reading it would stall the device, so backward applies it.
         on_host = x.device.type == "cpu"
-        ctx.scale = divisor.reciprocal().item() if reduction == "mean" and on_host else 1.0
+        ctx.scale = _reciprocal(float(divisor)) if reduction == "mean" and on_host else 1.0
         ctx.divisor = divisor if reduction == "mean" and not on_host else None
         grad = torch.empty_like(x, memory_format=torch.contiguous_format)
         loss = _loss_and_grad(x, y, ignored, w, ctx.scale, eps, grad)
@@ -84,7 +92,12 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
-def _loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor, w: Tensor | None, scale: float, eps: float,
+def _reciprocal(value: float) -> float:
+    """1 / value, inf for 0 (an empty batch, or every row ignored: the 'mean' is NaN, as in PyTorch)."""
+    return 1 / value if value else math.inf
+
+
+def _loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None, scale: float, eps: float,
                    grad: Tensor) -> Tensor:
     """Per-row losses of `x` (M, C); writes the gradient of `scale` * their sum into `grad`, ignored rows zero."""
     n_classes = x.shape[1]
@@ -94,10 +107,9 @@ def _loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor, w: Tensor | None, scal
     if x.is_cuda and triton_kernel.AVAILABLE:
         # No host reads on a GPU: fixing up the N row losses unconditionally is cheaper than stalling the device.
         loss = triton_kernel.loss_and_grad(x, y, ignored, w, scale, eps, smooth, true_class, grad)
-        return _nan_for_infinite_logits(loss.masked_fill_(ignored, 0.0))
-    any_ignored = bool(ignored.any())
-    loss = _blockwise_loss_and_grad(x, y, ignored if any_ignored else None, w, scale, eps, smooth, true_class, grad)
-    if any_ignored:
+        return _nan_for_infinite_logits(loss if ignored is None else loss.masked_fill_(ignored, 0.0))
+    loss = _blockwise_loss_and_grad(x, y, ignored, w, scale, eps, smooth, true_class, grad)
+    if ignored is not None:
         loss.masked_fill_(ignored, 0.0)
     return _nan_for_infinite_logits(loss) if bool(loss.isinf().any()) else loss
 
@@ -106,11 +118,10 @@ def _blockwise_loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Te
                              eps: float, smooth: Tensor | float, true_class: Tensor | float, grad: Tensor) -> Tensor:
     """`_loss_and_grad` with torch operations on blocks of rows that stay in cache; `ignored` None: no such rows."""
     n_rows, n_classes = x.shape
-    compute_dtype = upcast(x[:0]).dtype
-    block_rows = max(1, BLOCK_BYTES // (n_classes * compute_dtype.itemsize))
+    dtype = compute_dtype(x.dtype)
+    block_rows = max(1, BLOCK_BYTES // (n_classes * dtype.itemsize))
     # Half-precision gradients are computed in a float32 block and rounded once, on the way into the buffer.
-    scratch = None if grad.dtype == compute_dtype else grad.new_empty(min(block_rows, n_rows), n_classes,
-                                                                      dtype=compute_dtype)
+    scratch = None if grad.dtype == dtype else grad.new_empty(min(block_rows, n_rows), n_classes, dtype=dtype)
     y = y[:, None]
     losses = []
     for start in range(0, n_rows, block_rows):
@@ -139,4 +150,6 @@ def _blockwise_loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Te
             p.masked_fill_(ignored[rows, None], 0.0)
         if scratch is not None:
             grad[rows].copy_(p)
+    if not losses:  # an empty batch
+        return x.new_zeros(0, dtype=dtype)
     return losses[0] if len(losses) == 1 else torch.cat(losses)

@@ -66,7 +66,8 @@ def _check_input(input: Tensor) -> None:
         raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
 
 
-def _check_target(input: Tensor, target: Tensor, ignore_index: int) -> None:
+def _check_target(input: Tensor, target: Tensor, ignore_index: int) -> tuple[int, int] | None:
+    """Raise unless `target` fits `input`; returns the smallest and largest id of a non-empty integer target."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.device != input.device:
@@ -78,7 +79,7 @@ def _check_target(input: Tensor, target: Tensor, ignore_index: int) -> None:
             )
         if ignore_index >= 0:
             raise ValueError("ignore_index is not supported for probability (floating-point) targets")
-        return
+        return None
     if target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must hold integer class ids or float probabilities, got {target.dtype}")
     expected = input.shape[:1] + input.shape[2:]
@@ -86,15 +87,16 @@ def _check_target(input: Tensor, target: Tensor, ignore_index: int) -> None:
         raise ValueError(f"integer target must have shape {tuple(expected)} for input {tuple(input.shape)}, "
                          f"got {tuple(target.shape)}")
     if target.numel() == 0:
-        return
+        return None
     n_classes = input.shape[1]
-    lo, hi = torch.aminmax(target)
-    if bool((lo >= 0) & (hi < n_classes)):  # the common case costs one reduction
-        return
+    lo, hi = (bound.item() for bound in torch.aminmax(target))
+    if lo >= 0 and hi < n_classes:  # the common case costs one reduction
+        return lo, hi
     bad = target[(target != ignore_index) & ((target < 0) | (target >= n_classes))]
     if bad.numel():
         raise ValueError(f"target ids must be in [0, {n_classes}) or equal ignore_index={ignore_index}; "
                          f"found {bad.unique()[:5].tolist()}")
+    return lo, hi
 
 
 # --- the formula -------------------------------------------------------------------------------------------------
@@ -109,8 +111,19 @@ def uniform_eps(eps: float, smoothing: str, n_classes: int) -> float:
     return float(eps) * n_classes / (n_classes - 1)
 
 
+def plain(t: Tensor) -> Tensor:
+    """`t` as a plain `torch.Tensor`: fastai's subclasses (`TensorCategory`...) send every operation through Python
+    dispatch, which costs more than the whole loss at small sizes. The autograd history is kept."""
+    return t if type(t) is Tensor else t.as_subclass(Tensor)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision logits (the smoothing term sums C logits and overflows float16), else `dtype`."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def upcast(x: Tensor) -> Tensor:
-    """Half-precision logits in float32: the smoothing term sums C logits and overflows float16."""
+    """`x` in its `compute_dtype`."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
@@ -189,9 +202,11 @@ def label_smoothing_cross_entropy(
     """
     check_options(eps, reduction, smoothing, ignore_index)
     _check_input(input)
+    input = plain(input)
+    target = plain(target) if isinstance(target, Tensor) else target
     n_classes = input.shape[1]
     check_weight(weight, n_classes)
-    _check_target(input, target, ignore_index)
+    id_range = _check_target(input, target, ignore_index)
     eps = uniform_eps(eps, smoothing, n_classes)
     if fused is None:  # the fused path only pays off when a gradient will be taken
         fused = input.requires_grad and torch.is_grad_enabled() and not target.is_floating_point()
@@ -200,7 +215,9 @@ def label_smoothing_cross_entropy(
             raise ValueError("fused=True needs integer class-id targets; probability targets use fused=False")
         from fastai_ls.fused import fused_cross_entropy  # imported here: fused.py builds on this module's formula
 
-        return fused_cross_entropy(input, target, eps, weight, reduction, ignore_index)
+        # An ignore_index outside the ids' range matches no row: the fused path then needs no masks.
+        may_ignore = id_range is None or id_range[0] <= ignore_index <= id_range[1]
+        return fused_cross_entropy(input, target, eps, weight, reduction, ignore_index, may_ignore)
     out_shape = input.shape[:1] + input.shape[2:]
     x, t = _rows(input, target)
     w = None if weight is None else weight.to(device=x.device, dtype=x.dtype)
@@ -299,6 +316,8 @@ class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
 
     def forward(self, input: Tensor, target: Tensor, reduction: str | None = None) -> Tensor:
         """The loss of logits `input` (classes on `axis`) against `target`."""
+        if isinstance(input, Tensor) and isinstance(target, Tensor):
+            input, target = plain(input), plain(target)
         if self.floatify and target.dtype != torch.float16:
             target = target.float()
         x, t = self._class_axis_last(input, target)

@@ -25,12 +25,14 @@ MAX_BLOCK = 4096  # columns per step: large enough to stream, small enough for r
 __all__ = ["AVAILABLE", "loss_and_grad"]
 
 
-def loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor, w: Tensor | None, scale: float, eps: float,
+def loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None, scale: float, eps: float,
                   smooth: Tensor | float, true_class: Tensor | float, grad: Tensor) -> Tensor:
     """Per-row losses of `x` (M, C) and the gradient of `scale` * their sum written into `grad` (contiguous)."""
     n_rows, n_classes = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()  # the kernels walk each row with unit stride
     block = min(MAX_BLOCK, triton.next_power_of_2(n_classes))
+    if ignored is None:  # no row is ignored
+        ignored = torch.zeros(n_rows, dtype=torch.bool, device=x.device)
     row_max = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     log_sum, wx = torch.empty_like(row_max), torch.empty_like(row_max)
     weight = w if w is not None else row_max  # any float32 pointer: unread without a weight

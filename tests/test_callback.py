@@ -184,7 +184,8 @@ def test_plots_return_figures_headless_also_for_a_bare_state_on_given_axes():
     fig, axes = plt.subplots(1, 2)
     assert plot_reliability(cb, ax=axes[0], title="with LS") is fig
     assert plot_reliability(cb.state, ax=axes[1]) is fig
-    assert axes[0].get_title() == "with LS" and axes[1].get_title().startswith("ECE ")
+    ece = f"ECE {100 * cb.state.ece('l1'):.2f}%"  # the title always shows the ECE, after the caller's title
+    assert axes[0].get_title() == f"with LS: {ece}" and axes[1].get_title() == ece
     assert all(isinstance(f, matplotlib.figure.Figure) for f in figures)
     plt.close("all")
 

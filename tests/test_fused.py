@@ -257,27 +257,29 @@ import torch
 from fastai_ls import fused, triton_kernel
 from fastai_ls.losses import _kept_targets
 
-def loss_and_grad(run, x, y, w, eps, scale):
-    y, ignored, _ = _kept_targets(y, -100, w, torch.float32)
+def loss_and_grad(run, x, y, w, eps, scale, masked):
+    # masked=False is the fused path's common case: no row ignored, no mask passed
+    y, ignored, _ = _kept_targets(y, -100, w, torch.float32) if masked else (y, None, None)
     n_classes, grad = x.shape[1], torch.empty_like(x)
     smooth = (eps / n_classes) * scale if w is None else w * ((eps / n_classes) * scale)
     true_class = (1 - eps) * scale if w is None else w[y] * ((1 - eps) * scale)
     loss = run(x, y, ignored, w, scale, eps, smooth, true_class, grad)
-    return loss.masked_fill(ignored, 0.0), grad
+    return (loss.masked_fill(ignored, 0.0) if masked else loss), grad
 
 triton_kernel.MAX_BLOCK = 8  # several column blocks per row, the last one ragged
 gen = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     for n_classes in (5, 37):
-        for weighted in (False, True):
+        for weighted, masked in ((False, True), (True, True), (False, False), (True, False)):
             x = torch.randn(6, n_classes, generator=gen).to(dtype)
             x[4, :7] = float("-inf")  # a row whose first block is all -inf (and, with 5 classes, the whole row)
             x[5, 1] = float("nan")
             y = torch.randint(0, n_classes, (6,), generator=gen)
-            y[2] = -100
+            if masked:
+                y[2] = -100
             w = torch.rand(n_classes, generator=gen) if weighted else None
-            got = loss_and_grad(triton_kernel.loss_and_grad, x, y, w, 0.1, 0.25)
-            expected = loss_and_grad(fused._blockwise_loss_and_grad, x, y, w, 0.1, 0.25)
+            got = loss_and_grad(triton_kernel.loss_and_grad, x, y, w, 0.1, 0.25, masked)
+            expected = loss_and_grad(fused._blockwise_loss_and_grad, x, y, w, 0.1, 0.25, masked)
             torch.testing.assert_close(got, expected, equal_nan=True)
             assert got[1].dtype == dtype
 print("triton kernels match")
@@ -327,3 +329,18 @@ def test_fused_small_losses_are_as_precise_as_torch_float32(scale, weighted):
         torch32 = F.cross_entropy(x, y, w, reduction="none", label_smoothing=eps).double()
         error, torch_error = (loss.double() - exact).abs(), (torch32 - exact).abs()
         assert (error <= 2 * torch_error + 1e-7 * exact.abs() + 1e-12).all(), (error, torch_error)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", ["empty batch", "all ignored", "all ignored, weighted"])
+def test_fused_empty_and_fully_ignored_batches_behave_like_torch(reduction, case):
+    n = 0 if case == "empty batch" else 3
+    x = torch.randn(n, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.full((n,), -100)
+    w = torch.rand(4, dtype=torch.float64) if "weighted" in case else None
+    loss = label_smoothing_cross_entropy(x, y, 0.1, w, reduction)
+    assert FUSED_NODE in graph_nodes(loss)
+    expected = F.cross_entropy(x, y, w, reduction=reduction, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected, equal_nan=True)
+    if n:
+        assert torch.equal(torch.autograd.grad(loss.sum(), x)[0], torch.zeros_like(x))
