@@ -18,13 +18,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["CalibrationState", "calibration_error", "calibration_metrics", "METRIC_NAMES", "NORMS"]
+from fastai_ls.losses import plain, upcast
+
+__all__ = ["CalibrationState", "calibration_error", "calibration_metrics", "class_axis_of", "class_rows",
+           "METRIC_NAMES", "NORMS", "CLASSWISE_MAX_CLASSES"]
 
 NORMS = ("l1", "l2", "max")
 # The metrics a state reports, in the order of `CalibrationCallback.history`'s columns (after `epoch`).
 METRIC_NAMES = ("n", "n_invalid", "accuracy", "confidence", "ece", "mce", "rmsce", "adaptive_ece", "classwise_ece",
                 "overconfidence", "underconfidence", "nll", "brier", "aurc")
 _SCALARS = ("n", "confidence", "correct", "nll", "brier", "n_invalid", "n_bad_target")
+# Above this many classes `CalibrationCallback` leaves classwise ECE out by default: its counters and per-batch work
+# grow with C, and at large C it mostly measures how well p ~ 0 is calibrated (REFERENCE.md §3.1).
+CLASSWISE_MAX_CLASSES = 1000
 
 
 def check_n_bins(n_bins: int, name: str = "n_bins") -> int:
@@ -34,13 +40,44 @@ def check_n_bins(n_bins: int, name: str = "n_bins") -> int:
     return int(n_bins)
 
 
-def _as_probabilities(x: Tensor) -> Tensor:
-    """Half-precision probabilities in float32 (float64 stays float64), so sums and bin edges are exact enough."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+def class_axis_of(loss_func: object, ndim: int) -> int:
+    """The class axis of `ndim`-dimensional predictions for `loss_func`: its `class_axis` (or fastai's `axis`), and
+    always 1 for (N, C) predictions."""
+    if ndim <= 2:
+        return 1
+    return getattr(loss_func, "class_axis", getattr(loss_func, "axis", 1))
+
+
+def class_rows(pred: Tensor, target: Tensor, loss_func: object = None) -> tuple[Tensor, Tensor]:
+    """(rows, C) predictions and (rows,) class ids from (N, C, ...) or, per `loss_func`'s class axis, (N, ..., C)
+    predictions and their (N, ...) targets: one row per position. Shapes only, so no host synchronisation.
+
+    >>> [tuple(t.shape) for t in class_rows(torch.zeros(2, 5, 7), torch.zeros(2, 7, dtype=torch.long))]
+    [(14, 5), (14,)]
+    """
+    pred, target = plain(pred), plain(target)
+    axis = class_axis_of(loss_func, pred.dim())
+    n_classes = pred.shape[axis]
+    rows = pred.movedim(axis, -1).reshape(-1, n_classes)
+    if target.numel() != rows.shape[0]:
+        raise ValueError(f"need one class id per prediction row: predictions {tuple(pred.shape)} (classes on axis "
+                         f"{axis}), targets {tuple(target.shape)}")
+    return rows, target.reshape(-1)
+
+
+def _bin_of(x: Tensor, n_bins: int) -> Tensor:
+    """Index of the bin ((m-1)/M, m/M] holding each float64 value of `x` (0 for x = 0, M - 1 for x >= 1).
+
+    Computed rather than `bucketize`d: that CPU kernel goes multi-threaded on a few hundred values and then waits for
+    busy cores. A float32 value times M is exact in float64, so the edges are exactly m/M."""
+    return (x * n_bins).ceil_().long().sub_(1).clamp_(0, n_bins - 1)
 
 
 class CalibrationState:
     """Additive counters of top-label confidence against accuracy, per class and over the whole data set.
+
+    The classwise bins cost 3 * C * M counters and, per batch, a few float64 temporaries the size of the
+    predictions; with `classwise=False` they are left out (`classwise_ece` is then NaN).
 
     >>> state = CalibrationState(n_classes=3, n_bins=3)
     >>> state.update(torch.tensor([[.25, .20, .55], [.55, .05, .40], [.10, .30, .60], [.90, .05, .05]]),
@@ -56,11 +93,13 @@ class CalibrationState:
         n_fine: int = 1000,  # fine equal-width bins from which equal-mass bins and the risk-coverage curve are made
         device: torch.device | str | None = None,
         data: Tensor | None = None,  # an existing flat float64 vector with this layout (e.g. a saved state)
+        classwise: bool = True,  # keep per-class bins for classwise ECE
     ):
         self.n_classes = check_n_bins(n_classes, "n_classes")
         self.n_bins, self.n_fine = check_n_bins(n_bins), check_n_bins(n_fine, "n_fine")
+        self.classwise = bool(classwise)
         sizes = {"scalars": len(_SCALARS), "bins": 3 * self.n_bins, "fine": 3 * self.n_fine,
-                 "class_bins": 3 * self.n_classes * self.n_bins}
+                 "class_bins": 3 * self.n_classes * self.n_bins if self.classwise else 0}
         self._slices, start = {}, 0
         for name, size in sizes.items():
             self._slices[name] = slice(start, start + size)
@@ -71,19 +110,14 @@ class CalibrationState:
             raise ValueError(f"data must be a float64 vector of length {start} for this layout, "
                              f"got {data.dtype} {tuple(data.shape)}")
         self.data = data
-        self._class_ids = torch.arange(self.n_classes, device=data.device)
-        # Per column of [p_0 .. p_{C-1}, confidence, confidence] in `update`: bins per unit, last bin, first cell
-        # (counting the cells, of 3 counters each, after the scalars: bins, then fine, then class_bins).
-        n_cells = [self.n_bins] * self.n_classes + [self.n_bins, self.n_fine]
-        first = [self.n_bins + self.n_fine + k * self.n_bins for k in range(self.n_classes)] + [0, self.n_bins]
-        self._cell_scale = torch.tensor(n_cells, dtype=torch.float64, device=data.device)
-        self._cell_last = torch.tensor(n_cells, device=data.device) - 1
-        self._cell_offset = torch.tensor(first, device=data.device)
+        # Made on the device (a factory, not a copy of Python data): a state may be created in the per-batch path.
+        self._class_offset = torch.arange(self.n_classes, device=data.device) * self.n_bins if self.classwise else None
 
     # --- named views of `data` (writes through them update the state) ---------------------------------------------
 
     @property
     def scalars(self) -> Tensor:
+        """The running sums in the order n, confidence, correct, nll, brier, n_invalid, n_bad_target."""
         return self.data[self._slices["scalars"]]
 
     def scalar(self, name: str) -> Tensor:
@@ -102,38 +136,35 @@ class CalibrationState:
 
     @property
     def class_bins(self) -> Tensor:
-        """(C, M, 3): per class k, count, sum of p_k and number with target k per bin of p_k."""
-        return self.data[self._slices["class_bins"]].view(self.n_classes, self.n_bins, 3)
+        """(C, M, 3): per class k, count, sum of p_k and number with target k per bin of p_k ((0, M, 3) without
+        `classwise`)."""
+        return self.data[self._slices["class_bins"]].view(-1, self.n_bins, 3)
 
     @property
     def device(self) -> torch.device:
+        """Where the counters live."""
         return self.data.device
 
     # --- building and combining states ------------------------------------------------------------------------------
 
-    def empty_like(self, device: torch.device | str | None = None) -> CalibrationState:
-        """A zero state with the same layout."""
-        return CalibrationState(self.n_classes, self.n_bins, self.n_fine, device or self.device)
-
     def same_layout(self, other: CalibrationState) -> bool:
-        return (self.n_classes, self.n_bins, self.n_fine) == (other.n_classes, other.n_bins, other.n_fine)
+        """Whether `other` has the same counters, so that the two can be added."""
+        return self._layout() == other._layout()
+
+    def _layout(self) -> tuple[int, int, int, bool]:
+        return self.n_classes, self.n_bins, self.n_fine, self.classwise
+
+    def _with_data(self, data: Tensor) -> CalibrationState:
+        return CalibrationState(self.n_classes, self.n_bins, self.n_fine, data=data, classwise=self.classwise)
 
     def __add__(self, other: CalibrationState) -> CalibrationState:
         if not isinstance(other, CalibrationState) or not self.same_layout(other):
             return NotImplemented
-        return CalibrationState(self.n_classes, self.n_bins, self.n_fine, data=self.data + other.data.to(self.device))
-
-    def __iadd__(self, other: CalibrationState) -> CalibrationState:
-        if not isinstance(other, CalibrationState) or not self.same_layout(other):
-            return NotImplemented
-        self.data += other.data.to(self.device)
-        return self
+        return self._with_data(self.data + other.data.to(self.device))
 
     def to(self, device: torch.device | str) -> CalibrationState:
-        return CalibrationState(self.n_classes, self.n_bins, self.n_fine, data=self.data.to(device))
-
-    def clone(self) -> CalibrationState:
-        return CalibrationState(self.n_classes, self.n_bins, self.n_fine, data=self.data.clone())
+        """The same counters on `device` (a copy unless they are there already)."""
+        return self._with_data(self.data.to(device))
 
     def all_reduce(self) -> CalibrationState:
         """Sum the state over all processes in place (one collective); a no-op unless torch.distributed runs."""
@@ -144,7 +175,7 @@ class CalibrationState:
 
     def __repr__(self) -> str:
         return f"CalibrationState(n_classes={self.n_classes}, n_bins={self.n_bins}, n_fine={self.n_fine}, " \
-               f"device={self.device})"
+               f"classwise={self.classwise}, device={self.device})"
 
     # --- the per-batch update: no host synchronisation --------------------------------------------------------------
 
@@ -163,7 +194,7 @@ class CalibrationState:
         if target.shape != preds.shape[:1] or target.is_floating_point() or target.dtype == torch.bool:
             raise ValueError(f"target must hold {preds.shape[0]} integer class ids, got {target.dtype} "
                              f"{tuple(target.shape)}")
-        probs = _as_probabilities(activation(preds) if activation is not None else preds)
+        probs = upcast(activation(preds) if activation is not None else preds)
         dev, f64 = self.device, torch.float64
         probs = probs if probs.device == dev else probs.to(dev)
         target = target if target.device == dev else target.to(dev)
@@ -192,17 +223,26 @@ class CalibrationState:
             flags = flags * weight.to(dev, f64)[:, None]
         # Weighted sums in the order of _SCALARS: n, confidence, correct, nll, brier, n_invalid, n_bad_target.
         self.scalars.add_(torch.cat([per_row * keep[:, None], flags], 1).sum(0))
-        # All three histograms in one index_add_: the class bins bin p_ik against 1[y_i = k] (Kull et al. 2019), and
-        # two extra columns bin the top-label confidence against correctness on the coarse and on the fine grid.
-        # Bin ((m-1)/M, m/M] is ceil(x M) - 1 (0 for x = 0), computed rather than `bucketize`d: that CPU kernel goes
-        # multi-threaded on a few hundred values and then waits for busy cores. A float32 value times M is exact in
-        # float64, so the edges are exactly m/M.
-        values = torch.cat([p, conf[:, None], conf[:, None]], 1).to(f64)
-        hits = torch.cat([self._class_ids == y, hit[:, None], hit[:, None]], 1).to(f64)
-        cells = (values * self._cell_scale).ceil_().long().sub_(1).clamp_(min=0)
-        cells = torch.minimum(cells, self._cell_last).add_(self._cell_offset)
-        counters = torch.stack([torch.ones_like(values), values, hits], 2) * keep[:, None, None]
-        self.data[self._slices["scalars"].stop:].view(-1, 3).index_add_(0, cells.reshape(-1), counters.reshape(-1, 3))
+        # Top-label confidence against correctness on the coarse and the fine grid: the two histograms sit side by
+        # side in `data`, so one index_add_ fills both (each kernel launch counts on a CPU).
+        conf64 = conf.to(f64)
+        cells = torch.stack([_bin_of(conf64, self.n_bins), _bin_of(conf64, self.n_fine) + self.n_bins], 1)
+        counters = per_row[:, :3] * keep[:, None]  # count, confidence, correct
+        top = self.data[self._slices["bins"].start:self._slices["fine"].stop].view(-1, 3)
+        top.index_add_(0, cells.reshape(-1), counters.repeat_interleave(2, 0))
+        if self.classwise:
+            self._add_class_bins(p, y, keep)
+
+    def _add_class_bins(self, p: Tensor, y: Tensor, keep: Tensor) -> None:
+        """Bin every p_ik against 1[y_i = k] (Kull et al. 2019), one counter at a time: a stacked (rows, C, 3)
+        float64 source would take 24 bytes per probability, 6.6 GB for a batch of 4608 tokens over 60k classes."""
+        p64 = p.to(torch.float64)
+        cells = _bin_of(p64, self.n_bins).add_(self._class_offset)  # (rows, C) into the flattened (C * M) bins
+        bins = self.class_bins.view(-1, 3)
+        bins[:, 0].index_add_(0, cells.view(-1), keep[:, None].expand_as(p64).reshape(-1))
+        bins[:, 1].index_add_(0, cells.view(-1), p64.mul_(keep[:, None]).view(-1))
+        # 1[y_i = k] is non-zero only in the target's own column.
+        bins[:, 2].index_add_(0, cells.gather(1, y).squeeze(1), keep)
 
     # --- metrics (read the counters: call once per epoch, not per batch) -------------------------------------------
 
@@ -246,6 +286,8 @@ class CalibrationState:
                 "max": lambda: _max_error(bins)}[norm]()
 
     def _classwise_ece(self, n: float) -> float:
+        if not self.classwise:
+            return math.nan
         per_class = self.class_bins.detach().cpu()  # (C, M, 3)
         return float((per_class[..., 2] - per_class[..., 1]).abs().sum((1,)).mean() / n)
 
@@ -329,8 +371,6 @@ def calibration_error(
     >>> round(calibration_error(probs, torch.tensor([0, 1, 2, 0]), n_bins=3, norm='max'), 4)
     0.2333
     """
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    state = CalibrationState(probs.shape[1], n_bins, n_fine=1, device=probs.device)
+    state = CalibrationState(probs.shape[1], n_bins, n_fine=1, device=probs.device, classwise=False)
     state.update(probs, target)
     return state.ece(norm)

@@ -10,6 +10,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -19,7 +20,19 @@ from fastai.learner import ValueMetric
 from fastai.torch_core import TensorMultiCategory
 from torch import Tensor, nn
 
-from fastai_ls.calibration import METRIC_NAMES, CalibrationState, check_n_bins
+from fastai_ls.calibration import (
+    CLASSWISE_MAX_CLASSES,
+    METRIC_NAMES,
+    CalibrationState,
+    check_n_bins,
+    class_axis_of,
+    class_rows,
+)
+from fastai_ls.losses import plain
+
+if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["CalibrationCallback", "CalibrationMetric", "plot_reliability", "plot_history", "HISTORY_COLUMNS",
            "BIN_COLUMNS"]
@@ -56,10 +69,14 @@ class CalibrationCallback(Callback):
     'calibration'
 
     In `fit`, each epoch's validation pass adds one row to `history` and one state to `states`; both restart with
-    every `fit`, like `learn.recorder.values`. A validation pass outside `fit` (`learn.validate()`,
-    `learn.get_preds()`, also on another `dl`) only replaces `state` and `last_metrics`, so it never adds to or
-    double counts in the history. Only validation batches are seen, with hard labels, so MixUp/CutMix in training
-    do not matter.
+    every `fit`, like `learn.recorder.values`. Any other validation pass (`learn.validate()`, `learn.get_preds()`,
+    also on another `dl`, and also when another callback runs one inside a fit) only replaces `state` and
+    `last_metrics`, so it never adds to, resets or double counts in the history. Only validation batches are seen,
+    with hard labels, so MixUp/CutMix in training do not matter.
+
+    Classwise ECE needs 3 * C * n_bins counters and per-batch work in proportion to the predictions' size; by default
+    (`classwise=None`) it is kept for up to `CLASSWISE_MAX_CLASSES` classes and is NaN above (a language model's
+    vocabulary), where it mostly measures the calibration of p ~ 0 anyway.
     """
 
     order = 45  # after MixedPrecision (10, fp32 preds) and DistributedTrainer (11, DistributedDL); before Recorder (50)
@@ -70,8 +87,10 @@ class CalibrationCallback(Callback):
         n_bins: int = 15,  # equal-width bins for ECE, MCE, RMSCE, classwise ECE and the reliability diagram
         metrics: Sequence[str] = ("ece",),  # columns to add to the progress table, any of `METRIC_NAMES`
         n_fine: int = 1000,  # fine bins behind adaptive ECE and AURC (their resolution in confidence)
+        classwise: bool | None = None,  # classwise ECE; None: only with at most `CLASSWISE_MAX_CLASSES` classes
     ):
         self.n_bins, self.n_fine = check_n_bins(n_bins), check_n_bins(n_fine, "n_fine")
+        self.classwise = classwise
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
         unknown = [m for m in metrics if m not in METRIC_NAMES]
         if unknown:
@@ -83,8 +102,8 @@ class CalibrationCallback(Callback):
         self.last_metrics: dict[str, float] = {}
         self._rows: list[dict] = []
         self._pass: CalibrationState | None = None
-        self._new_fit, self._in_fit, self._warned_invalid, self._recorded_epoch = False, False, False, None
-        self._sharded = False
+        self._new_fit, self._in_fit, self._warned_invalid, self._sharded = False, False, False, False
+        self._depth = 0  # how many fits (fastai's own or those around validate/get_preds) are running
 
     # --- events --------------------------------------------------------------------------------------------------
 
@@ -94,14 +113,19 @@ class CalibrationCallback(Callback):
         kept = [m for m in self.learn.metrics
                 if not (isinstance(m, CalibrationMetric) and (m.cb is self or m.cb not in self.learn.cbs))]
         self.learn.metrics = kept + self._metrics
-        # fastai fires before_fit/after_fit around `validate()` and `get_preds()` too: only `before_train` tells a
-        # real fit, so the history restarts there. `get_preds` (marked by `gather_preds`) may also run inside a fit.
-        if not self._predicting():
+        # fastai fires before_fit/after_fit around `validate()` and `get_preds()` too, and another callback may run
+        # those inside a fit: only the outermost fit may start or end the recording. A fit that raised never fired
+        # its after_fit; validate/get_preds hold `learn.lock`, so a before_fit without it is a new outermost fit.
+        if not _in_validation_context(self.learn):
+            self._depth = 0
+        self._depth += 1
+        if self._depth == 1:
             self._new_fit, self._in_fit = True, False
 
     def before_train(self):
+        # Only a real fit trains, so the history restarts here rather than around a bare validation pass.
         if self._new_fit and not hasattr(self.learn, "lr_finder"):
-            self.states, self._rows, self._recorded_epoch = [], [], None
+            self.states, self._rows = [], []
             self._new_fit, self._in_fit = False, True
 
     def before_validate(self):
@@ -112,11 +136,14 @@ class CalibrationCallback(Callback):
         self._sharded = isinstance(self.learn.dl, DistributedDL)
 
     def after_batch(self):
-        if len(self.yb) == 0:
+        if len(self.yb) == 0:  # `get_preds` on an unlabelled test set: nothing to score against
             return
         probs, target, rows_per_item = self._rows_of_batch(self.pred, self.yb[0])
         if self._pass is None:
-            self._pass = CalibrationState(probs.shape[1], self.n_bins, self.n_fine, device=probs.device)
+            n_classes = probs.shape[1]
+            classwise = n_classes <= CLASSWISE_MAX_CLASSES if self.classwise is None else self.classwise
+            self._pass = CalibrationState(n_classes, self.n_bins, self.n_fine, device=probs.device,
+                                          classwise=classwise)
         weight = _padding_weight(self.learn.dl, target.shape[0] // rows_per_item, rows_per_item, probs.device)
         self._pass.update(probs, target, weight=weight, ignore_index=getattr(self.learn.loss_func, "ignore_index",
                                                                              None))
@@ -134,17 +161,15 @@ class CalibrationCallback(Callback):
             self._warned_invalid = True
             warnings.warn(f"{self.last_metrics['n_invalid']:.0f} validation predictions were not finite (NaN/inf); "
                           "they are left out of the calibration metrics and counted in `n_invalid`", stacklevel=2)
-        if self._in_fit and not self._predicting() and self._recorded_epoch != self.epoch:
-            self._recorded_epoch = self.epoch
+        if self._in_fit and self._depth == 1:
             self.states.append(state)
             self._rows.append({"epoch": self.epoch, **self.last_metrics})
 
     def after_fit(self):
-        if not self._predicting():
+        # Not also in after_cancel_fit: fastai fires after_fit after it.
+        self._depth = max(self._depth - 1, 0)
+        if self._depth == 0:
             self._in_fit = False
-
-    def _predicting(self) -> bool:
-        return hasattr(self.learn, "gather_preds")
 
     # --- results -------------------------------------------------------------------------------------------------
 
@@ -157,11 +182,11 @@ class CalibrationCallback(Callback):
         """The equal-width bins of an epoch (default the last): lo, hi, count, confidence, accuracy, gap."""
         return bin_frame(self._state_of(epoch))
 
-    def plot_reliability(self, epoch: int = -1, ax=None, title: str | None = None):
+    def plot_reliability(self, epoch: int = -1, ax: Axes | None = None, title: str | None = None) -> Figure:
         """Reliability diagram of an epoch (default the last); returns the matplotlib figure."""
         return plot_reliability(self._state_of(epoch), ax=ax, title=title)
 
-    def plot_history(self):
+    def plot_history(self) -> Figure:
         """ECE, NLL and accuracy over the epochs of the last fit; returns the matplotlib figure."""
         return plot_history(self.history)
 
@@ -181,18 +206,22 @@ class CalibrationCallback(Callback):
         if target.is_floating_point() or target.dtype == torch.bool:
             raise ValueError(f"CalibrationCallback needs integer class-id targets, got {target.dtype} "
                              "(multi-label, soft or regression targets have no top-label calibration)")
-        # fastai's tensor subclasses (TensorCategory, TensorImage...) cost a Python dispatch on every op.
-        pred, target = pred.as_subclass(Tensor), target.as_subclass(Tensor)
-        loss_func = self.learn.loss_func
-        axis = getattr(loss_func, "class_axis", getattr(loss_func, "axis", 1)) if pred.dim() > 2 else 1
+        # Plain tensors: fastai's subclasses (TensorCategory, TensorImage...) cost a Python dispatch on every op.
+        pred, loss_func = plain(pred), self.learn.loss_func
         activation = getattr(loss_func, "activation", None)
-        probs = activation(pred) if callable(activation) else pred.float().softmax(axis)
-        n_classes = probs.shape[axis]
-        probs = probs.movedim(axis, -1).reshape(-1, n_classes)
-        if target.numel() != probs.shape[0]:
-            raise ValueError(f"CalibrationCallback needs one class id per prediction row: predictions "
-                             f"{tuple(pred.shape)} (classes on axis {axis}), targets {tuple(target.shape)}")
-        return probs, target.reshape(-1), probs.shape[0] // max(pred.shape[0], 1)
+        # A loss without an activation of its own is taken for cross-entropy on logits.
+        probs = activation(pred) if callable(activation) else pred.float().softmax(class_axis_of(loss_func, pred.dim()))
+        try:
+            probs, target = class_rows(probs, target, loss_func)
+        except ValueError as e:
+            raise ValueError(f"CalibrationCallback {e}") from None
+        return probs, target, probs.shape[0] // max(pred.shape[0], 1)
+
+
+def _in_validation_context(learn) -> bool:
+    """Whether `learn` is inside `validate()`/`get_preds()`: fastai holds `learn.lock` there, never in `fit`."""
+    lock = getattr(learn, "lock", None)
+    return lock is not None and lock.locked()
 
 
 def _padding_weight(dl, n_items: int, rows_per_item: int, device: torch.device) -> Tensor | None:
@@ -246,10 +275,10 @@ def _as_state(source, epoch: int = -1) -> CalibrationState:
 
 def plot_reliability(
     source: CalibrationState | CalibrationCallback,  # a state, or a callback (then `epoch` picks the state)
-    ax=None,  # a matplotlib Axes to draw on; None makes a figure with the histogram on its own axes below
+    ax: Axes | None = None,  # Axes to draw on; None makes a figure with the histogram on its own axes below
     title: str | None = None,  # shown before the ECE: "<title>: ECE x.xx%"
     epoch: int = -1,  # the callback's epoch
-):
+) -> Figure:
     """Reliability diagram: accuracy per bin against the diagonal, the gap shaded, over a confidence histogram.
 
     >>> fig = plot_reliability(cb, title='LS 0.1')  # or plot_reliability(cb.state, ax=axes[0]) # doctest: +SKIP
@@ -268,7 +297,7 @@ def plot_reliability(
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
     ax.bar(centre[filled], table.accuracy[filled], width=width[filled], color="tab:blue", edgecolor="black",
            alpha=0.8, label="accuracy")
-    # The gap between each bin's accuracy and its mean confidence, shaded red.
+    # Shaded apart from the accuracy bar, so that over- (gap above) and under-confidence read at a glance.
     ax.bar(centre[filled], table.gap[filled], bottom=table.accuracy[filled], width=width[filled], color="tab:red",
            alpha=0.3, hatch="//", edgecolor="tab:red", label="gap to confidence")
     ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
@@ -287,7 +316,7 @@ def plot_reliability(
     return fig
 
 
-def plot_history(source) -> object:
+def plot_history(source: CalibrationCallback | pd.DataFrame) -> Figure:
     """ECE, NLL and accuracy over epochs, from a `CalibrationCallback` or its `history` DataFrame.
 
     >>> fig = plot_history(cb)  # doctest: +SKIP

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from fastai_ls.losses import label_smoothing_cross_entropy
+from fastai_ls.losses import check_eps, label_smoothing_cross_entropy, uniform_eps
 
 # The checks printed in the first seed article: two batches of logits, targets [1, 2].
 ARTICLE_LOGITS = {
@@ -27,9 +27,8 @@ def article_table() -> str:
         x = torch.tensor(logits)
         for eps, smoothing in [(0.0, "uniform"), (0.05, "uniform"), (0.05, "others")]:
             ours = label_smoothing_cross_entropy(x, y, eps=eps, smoothing=smoothing).item()
-            # PyTorch has no other-classes option: its uniform eps*C/(C-1) gives the same target.
-            torch_eps = eps if smoothing == "uniform" else eps * x.shape[1] / (x.shape[1] - 1)
-            ref = F.cross_entropy(x, y, label_smoothing=torch_eps).item()
+            # PyTorch has no other-classes option: the same target comes from its uniform smoothing with eps*C/(C-1).
+            ref = F.cross_entropy(x, y, label_smoothing=uniform_eps(eps, smoothing, x.shape[1])).item()
             rows.append(f"{name:<28}{eps:>6.2f}  {smoothing:<9}{ours:>11.4f}{ref:>17.4f}")
     return "\n".join(rows)
 
@@ -63,8 +62,10 @@ def _pets(args: argparse.Namespace) -> None:
 
 def _eps(text: str) -> float:
     value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"eps must be in [0, 1), got {value}")
+    try:
+        check_eps(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return value
 
 

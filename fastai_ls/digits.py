@@ -32,28 +32,38 @@ N_DIGITS = 1797
 
 
 def digits_images(path: str | Path | None = None) -> Path:
-    """A folder of `digit<label>_<index>.png` files made from `sklearn.datasets.load_digits` (written once)."""
+    """A folder of `digit<label>_<index>.png` files made from `sklearn.datasets.load_digits`, written on first use
+    (default: `digits/` under fastai's data folder, `~/.fastai/data` or `$FASTAI_HOME/data`).
+
+    >>> folder = digits_images()  # doctest: +SKIP
+    """
     folder = Path(path) if path is not None else fastai_path("data") / "sklearn_digits"
-    if folder.is_dir() and len(get_image_files(folder)) == N_DIGITS:
+    if _holds_digits(folder):
         return folder
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(f"{folder} exists and does not hold the {N_DIGITS} digit images: pass path= a new or "
+                              "empty folder")
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Write into a fresh folder and rename it into place, so that several processes starting at once
-    # (distributed training) never see a half-written folder.
+    # (distributed training) never see a half-written folder. Only that fresh folder is ever deleted.
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".digits-"))
     for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
         grey = (pixels * (255 / 16)).round().astype(np.uint8)  # scans are 0..16
         Image.fromarray(grey, mode="L").save(staging / f"digit{label}_{i:04d}.png")
     try:
-        os.replace(staging, folder)
-    except OSError:  # another process won the race, or an incomplete folder is in the way
-        if not (folder.is_dir() and len(get_image_files(folder)) == N_DIGITS):
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(staging, folder)
-    shutil.rmtree(staging, ignore_errors=True)
+        os.replace(staging, folder)  # also replaces an empty folder
+    except OSError:  # another process renamed its copy into place first
+        shutil.rmtree(staging, ignore_errors=True)
+        if not _holds_digits(folder):
+            raise
     return folder
+
+
+def _holds_digits(folder: Path) -> bool:
+    return folder.is_dir() and len(list(folder.glob("digit*_*.png"))) == N_DIGITS
 
 
 def digits_model(n_out: int = 10) -> nn.Module:

@@ -1,10 +1,24 @@
 """Compatibility shim: fastai's `DistributedTrainer` on CPU processes (gloo) as well as GPUs (nccl).
 
-fastai 2.8 assumes CUDA for distributed training: `DistributedDL._broadcast` moves the index list to `.cuda()`
-and `setup_distrib` hard-codes nccl. Here `DistributedDL` broadcasts on the device the process group's backend
-wants, and `distrib_ctx` starts the process group from the torchrun environment with gloo when there is no GPU.
+fastai 2.8 assumes CUDA for distributed training in two places:
 
-Launch one process per worker with `torchrun --nproc_per_node 2 train.py` or `accelerate launch`, and in train.py:
+- `fastai.distributed.DistributedDL._broadcast` sends rank 0's index list as `LongTensor(t).cuda()` ("nccl only
+  works with cuda tensors"), which fails without a GPU and is wrong for gloo.
+- `fastai.distributed.setup_distrib` hard-codes nccl and `torch.cuda.set_device`.
+
+`patch_fastai_for_gloo()` replaces `fastai.distributed.DistributedDL._broadcast`, and nothing else, with a version
+that broadcasts a CPU tensor when the process group's backend is gloo (or mpi) and a tensor on the current CUDA device
+for nccl, exactly as before. It is idempotent, and `distrib_ctx` below calls it. fastai's own `learn.distrib_ctx()`
+never calls `setup_distrib` unless `in_notebook=True`, and accelerate joins a process group that is already up, so
+after the patch this works on CPUs too:
+
+    torch.distributed.init_process_group("gloo")  # from torchrun's environment
+    fastai_ls.distributed.patch_fastai_for_gloo()
+    with learn.distrib_ctx(sync_bn=False, cpu=True):  # SyncBatchNorm is GPU-only; cpu=True: accelerate wraps in DDP
+        learn.fit(3)
+
+Or, doing all of that itself (gloo without a GPU, nccl with one), launched one process per worker with
+`torchrun --nproc_per_node 2 train.py` or `accelerate launch`:
 
     with fastai_ls.distributed.distrib_ctx(learn):
         learn.fit(3)
@@ -15,6 +29,7 @@ With a single process (no WORLD_SIZE > 1) `distrib_ctx` does nothing, so the sam
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -22,9 +37,10 @@ import torch.distributed as dist
 from fastai.callback.progress import ProgressCallback
 from fastai.distributed import DistributedDL as FastaiDistributedDL
 from fastai.distributed import DistributedTrainer as FastaiDistributedTrainer
+from fastai.learner import Learner
 from fastai.torch_core import num_distrib, rank_distrib
 
-__all__ = ["DistributedDL", "DistributedTrainer", "setup_distrib", "distrib_ctx"]
+__all__ = ["DistributedDL", "DistributedTrainer", "setup_distrib", "distrib_ctx", "patch_fastai_for_gloo"]
 
 
 def _collective_device() -> torch.device:
@@ -34,13 +50,25 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-class DistributedDL(FastaiDistributedDL):
-    """fastai's `DistributedDL` whose index broadcast works with every backend, not only nccl."""
+def _broadcast(self: FastaiDistributedDL, t: list[int], rank: int) -> list[int]:
+    """Broadcast the index list `t` from `rank`, on the device the process group's backend needs."""
+    t = torch.tensor(t, dtype=torch.long, device=_collective_device())
+    dist.broadcast(t, rank)
+    return t.cpu().tolist()
 
-    def _broadcast(self, t, rank):
-        t = torch.tensor(t, dtype=torch.long, device=_collective_device())
-        dist.broadcast(t, rank)
-        return t.cpu().tolist()
+
+def patch_fastai_for_gloo() -> None:
+    """Make fastai's own `DistributedDL` (and so `learn.distrib_ctx()`) work with gloo; calling it again is a no-op.
+
+    >>> patch_fastai_for_gloo(); patch_fastai_for_gloo()
+    """
+    FastaiDistributedDL._broadcast = _broadcast
+
+
+class DistributedDL(FastaiDistributedDL):
+    """fastai's `DistributedDL` whose index broadcast works with every backend, even without the patch."""
+
+    _broadcast = _broadcast
 
 
 class DistributedTrainer(FastaiDistributedTrainer):
@@ -69,16 +97,18 @@ def setup_distrib(backend: str | None = None) -> bool:
 
 @contextmanager
 def distrib_ctx(
-    learn,  # the Learner to train in distributed data-parallel mode
+    learn: Learner,  # the Learner to train in distributed data-parallel mode
     sync_bn: bool | None = None,  # BatchNorm -> SyncBatchNorm; default: with CUDA only (SyncBatchNorm is GPU-only)
     backend: str | None = None,  # process-group backend; default nccl with CUDA, else gloo
     **kwargs,  # for `accelerate.Accelerator`
-):
+) -> Iterator[Learner]:
     """Like fastai's `learn.distrib_ctx()`, but on CPU processes (gloo) too: DDP model, sharded data, and
     logging on rank 0 only. The process group is left running (accelerate keeps a handle to it) until exit.
+    Also applies `patch_fastai_for_gloo`, so `get_preds` on fastai's own `DistributedDL` works afterwards.
 
     >>> with distrib_ctx(learn): learn.fit(1)  # doctest: +SKIP
     """
+    patch_fastai_for_gloo()
     if not setup_distrib(backend):
         yield learn
         return

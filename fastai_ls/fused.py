@@ -28,6 +28,7 @@ from fastai_ls.losses import (
     _reduce,
     compute_dtype,
     upcast,
+    weighted_row_sum,
 )
 
 __all__ = ["fused_cross_entropy"]
@@ -42,26 +43,31 @@ BLOCK_BYTES = 16 * 2**20
 def fused_cross_entropy(input: Tensor, target: Tensor, eps: float, weight: Tensor | None, reduction: str,
                         ignore_index: int, may_ignore: bool = True) -> Tensor:
     """`label_smoothing_cross_entropy` for checked integer targets and uniform `eps`, with a precomputed gradient."""
-    n_classes = input.shape[1]
-    out_shape = input.shape[:1] + input.shape[2:]
-    # No upcast here: blocks are upcast one at a time, so half-precision logits never get a float32 copy.
-    x = input if input.dim() == 2 else input.movedim(1, -1).reshape(-1, n_classes)
-    dtype = compute_dtype(x.dtype)
-    w = None if weight is None else weight.to(device=x.device, dtype=dtype)
+    dtype = compute_dtype(input.dtype)
+    w = None if weight is None else weight.to(device=input.device, dtype=dtype)
     t = target.reshape(-1).long()
     if not may_ignore:  # the common case: no masks, and without weights a divisor known in Python
         y, ignored, divisor = t, None, (t.shape[0] if w is None else w[t].sum())
     else:
         y, ignored, divisor = _kept_targets(t, ignore_index, w, dtype)
-    return _FusedCrossEntropy.apply(x, y, ignored, w, divisor, eps, reduction, out_shape)
+    return _FusedCrossEntropy.apply(input, y, ignored, w, divisor, eps, reduction)
+
+
+def _rows(input: Tensor) -> Tensor:
+    """(M, C) logits, class axis last: a view for (N, C) and (N, d1, ..., C)-ordered memory, else a copy.
+    No upcast here: blocks are upcast one at a time, so half-precision logits never get a float32 copy."""
+    return input if input.dim() == 2 else input.movedim(1, -1).reshape(-1, input.shape[1])
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
     """Loss and gradient in forward; backward scales the stored gradient in place and hands the buffer out."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None, divisor: Tensor | int, eps: float,
-                reduction: str, out_shape: torch.Size) -> Tensor:
+    def forward(ctx, input: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None, divisor: Tensor | int,
+                eps: float, reduction: str) -> Tensor:
+        # The (M, C) rows are made here, not by the caller: a copy made outside would be kept by autograd until
+        # backward, and its backward would copy the gradient once more.
+        x = _rows(input)
         # 'mean' divides every row by the divisor. On the host, fold it into the gradient now, as a Python number
         # (cheapest in the per-block arithmetic); on a GPU reading it would stall the device, so backward applies it.
         on_host = x.device.type == "cpu"
@@ -69,9 +75,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
         ctx.divisor = divisor if reduction == "mean" and not on_host else None
         grad = torch.empty_like(x, memory_format=torch.contiguous_format)
         loss = _loss_and_grad(x, y, ignored, w, ctx.scale, eps, grad)
-        ctx.save_for_backward(x, y, ignored, w)
+        ctx.save_for_backward(input, y, ignored, w)
         ctx.eps, ctx.reduction, ctx.grad = eps, reduction, grad
-        return _reduce(loss, divisor, reduction, out_shape)
+        return _reduce(loss, divisor, reduction, input.shape[:1] + input.shape[2:])
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
@@ -79,8 +85,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
             raise RuntimeError("the fused label-smoothing loss does not support create_graph=True (higher-order "
                                "gradients); compute the loss with fused=False")
         grad, ctx.grad = ctx.grad, None  # handed out below: holding on to it would keep a second N x C buffer alive
+        input, y, ignored, w = ctx.saved_tensors
         if grad is None:  # a later backward of a retained graph: the first one gave the buffer away
-            x, y, ignored, w = ctx.saved_tensors
+            x = _rows(input)
             grad = torch.empty_like(x, memory_format=torch.contiguous_format)
             _loss_and_grad(x, y, ignored, w, ctx.scale, ctx.eps, grad)
         if ctx.reduction == "none":
@@ -89,7 +96,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
             grad.mul_(grad_loss / ctx.divisor)
         elif grad_loss.device.type != "cpu" or grad_loss.item() != 1:  # `loss.backward()` passes 1: skip a pass
             grad.mul_(grad_loss)
-        return grad, None, None, None, None, None, None, None
+        if input.dim() > 2:  # back to the input's layout, as a view of the same buffer
+            grad = grad.view(*input.shape[:1], *input.shape[2:], input.shape[1]).movedim(-1, 1)
+        return grad, None, None, None, None, None, None
 
 
 def _reciprocal(value: float) -> float:
@@ -104,7 +113,7 @@ def _loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | Non
     # The gradient's target part w q: (eps/C) w_c on every class, plus (1 - eps) w_y on the true class.
     smooth = (eps / n_classes) * scale if w is None else w * ((eps / n_classes) * scale)
     true_class = (1 - eps) * scale if w is None else w[y] * ((1 - eps) * scale)
-    if x.is_cuda and triton_kernel.AVAILABLE:
+    if x.is_cuda and triton_kernel.AVAILABLE and x.dtype != torch.float64:  # the kernels compute in float32
         # No host reads on a GPU: fixing up the N row losses unconditionally is cheaper than stalling the device.
         loss = triton_kernel.loss_and_grad(x, y, ignored, w, scale, eps, smooth, true_class, grad)
         return _nan_for_infinite_logits(loss if ignored is None else loss.masked_fill_(ignored, 0.0))
@@ -134,7 +143,7 @@ def _blockwise_loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Te
         # from the unshifted ones: shifting first keeps small losses exact, as on the reference path.
         row_max = xb.amax(1)
         z_y = xb.gather(1, yb).squeeze(1) - row_max
-        wz = xb.sum(1) - n_classes * row_max if w is None else xb @ w - w.sum() * row_max
+        wz = weighted_row_sum(xb, w) - (n_classes if w is None else w.sum()) * row_max
         mass, dot = _hard_target_mix(z_y, wz, yb.squeeze(1), eps, w, n_classes)
         torch.softmax(xb, 1, out=p)
         losses.append(_cross_entropy(p.amax(1).log_().neg_(), mass, dot))

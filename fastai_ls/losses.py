@@ -25,12 +25,17 @@ SMOOTHINGS = ("uniform", "others")
 # --- argument checks: all run before any arithmetic on the device -------------------------------------------------
 
 
-def check_options(eps: float, reduction: str, smoothing: str, ignore_index: int) -> None:
-    """Raise if a scalar option of the loss is invalid."""
+def check_eps(eps: float) -> None:
+    """Raise unless `eps` is a real number in [0, 1)."""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
     if not 0 <= eps < 1:
         raise ValueError(f"eps must be in [0, 1), got {eps}")
+
+
+def check_options(eps: float, reduction: str, smoothing: str, ignore_index: int) -> None:
+    """Raise if a scalar option of the loss is invalid."""
+    check_eps(eps)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if smoothing not in SMOOTHINGS:
@@ -130,7 +135,12 @@ def upcast(x: Tensor) -> Tensor:
 def _hard_target_terms(z: Tensor, y: Tensor, eps: float, weight: Tensor | None) -> tuple[Tensor | float, Tensor]:
     """`mass` and `sum_c w_c q_c z_c` for q = (1-eps) onehot(y) + eps/C; `y` must be valid ids."""
     z_y = z.gather(1, y[:, None]).squeeze(1)
-    return _hard_target_mix(z_y, z.sum(1) if weight is None else z @ weight, y, eps, weight, z.shape[1])
+    return _hard_target_mix(z_y, weighted_row_sum(z, weight), y, eps, weight, z.shape[1])
+
+
+def weighted_row_sum(z: Tensor, weight: Tensor | None) -> Tensor:
+    """sum_c w_c z_c per row. Not `z @ weight`: autocast would run a matrix product in half precision."""
+    return z.sum(1) if weight is None else (z * weight).sum(1)
 
 
 def _hard_target_mix(z_y: Tensor, wz: Tensor, y: Tensor, eps: float, weight: Tensor | None,
@@ -320,26 +330,24 @@ class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
             input, target = plain(input), plain(target)
         if self.floatify and target.dtype != torch.float16:
             target = target.float()
-        x, t = self._class_axis_last(input, target)
-        soft, n_classes = t.is_floating_point(), x.shape[-1]
-        if self.flatten:
-            x, t = x.reshape(-1, n_classes), (t.reshape(-1, n_classes) if soft else t.reshape(-1))
-        else:
-            x, t = x.movedim(-1, 1), (t.movedim(-1, 1) if soft else t)
-        return super().forward(x, t, reduction)
+        loss = super().forward(*self._class_axis_first(input, target), reduction)
+        return loss.reshape(-1) if self.flatten and loss.dim() else loss
 
-    def _class_axis_last(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """`input` and `target` with the class axis last, after checking that their layouts agree."""
+    def _class_axis_first(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """`input` with the class axis moved to 1 (a view: no copy for autograd to undo) and the matching
+        `target`, after checking that their layouts agree."""
         if not isinstance(input, Tensor) or input.dim() < 2:
             raise ValueError(f"input must have a batch and a class axis, got {getattr(input, 'shape', input)!r}")
-        x = input.movedim(self.axis, -1)
+        x = input.movedim(self.axis, 1)
         if target.is_floating_point():
             if target.shape != input.shape:
                 raise ValueError(f"a probability target must have the input's shape {tuple(input.shape)}, "
                                  f"got {tuple(target.shape)}")
-            return x, target.movedim(self.axis, -1)
-        flat_ok = self.flatten and target.dim() == 1 and target.numel() == x.shape[:-1].numel()
-        if target.shape != x.shape[:-1] and not flat_ok:
-            raise ValueError(f"integer target must have shape {tuple(x.shape[:-1])} for input {tuple(input.shape)} "
-                             f"with axis={self.axis}, got {tuple(target.shape)}")
-        return x, target
+            return x, target.movedim(self.axis, 1)
+        positions = x.shape[:1] + x.shape[2:]
+        if target.shape == positions:
+            return x, target
+        if self.flatten and target.dim() == 1 and target.numel() == positions.numel():  # already flattened
+            return x, target.reshape(positions)
+        raise ValueError(f"integer target must have shape {tuple(positions)} for input {tuple(input.shape)} "
+                         f"with axis={self.axis}, got {tuple(target.shape)}")

@@ -72,9 +72,22 @@ def pets_dataloaders(
 
 
 def resolve_arch(arch: str | Callable) -> Callable | str:
-    """A torchvision architecture for a name torchvision knows (fastai's model_meta applies); other names go to timm."""
-    if isinstance(arch, str) and arch in torchvision.models.list_models(module=torchvision.models):
+    """A torchvision architecture for a name torchvision knows (fastai's model_meta applies); other names go to timm.
+
+    >>> resolve_arch("resnet34") is torchvision.models.resnet34
+    True
+    """
+    if not isinstance(arch, str):
+        return arch
+    if arch in torchvision.models.list_models(module=torchvision.models):
         return getattr(torchvision.models, arch)
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(f"unknown architecture {arch!r}: not a torchvision model, and timm (which fastai uses for "
+                         "other names) is not installed") from None
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown architecture {arch!r}: neither a torchvision nor a timm model")
     return arch
 
 
@@ -125,7 +138,8 @@ def pets_learner(
             raise
         cached = pretrained_weights_file(arch)
         where = f"the cache file {cached}" if cached else "torch's cache"
-        raise FileNotFoundError(f"pretrained weights for {arch!r} are not in {where} and could not be downloaded "
+        name = getattr(arch, "__name__", arch)
+        raise FileNotFoundError(f"pretrained weights for {name!r} are not in {where} and could not be downloaded "
                                 f"({err}). Put them there, or pass pretrained=False to train from scratch.") from err
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 from fastai.learner import Learner
-from fastai.torch_core import num_distrib, rank_distrib, set_seed
+from fastai.torch_core import rank_distrib, set_seed
 
 from fastai_ls.callback import CalibrationCallback, plot_reliability
 from fastai_ls.distributed import distrib_ctx
@@ -34,8 +33,7 @@ def train(make_learner: Callable[..., Learner], eps: float, epochs: int, seed: i
     """`make_learner(eps=eps)` trained with `fit_one_cycle(epochs)` from `seed`; distributed when launched so."""
     set_seed(seed, reproducible=True)
     learn = make_learner(eps=eps)
-    ctx = distrib_ctx(learn) if num_distrib() > 1 else contextlib.nullcontext()
-    with ctx:
+    with distrib_ctx(learn):  # does nothing in a single process
         learn.fit_one_cycle(epochs)
     return learn
 

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from fastai.data.load import DataLoader
+from fastai.learner import Learner
 from fastcore.basics import noop
 from torch import Tensor
 
-from fastai_ls.calibration import CalibrationState
+from fastai_ls.calibration import CalibrationState, class_axis_of, class_rows
 
 __all__ = ["TemperatureFit", "fit_temperature", "temperature_from_logits", "apply_temperature", "remove_temperature",
            "TemperatureScaledActivation"]
@@ -56,10 +58,10 @@ def temperature_from_logits(
     return float(log_t.detach().exp())
 
 
-def _rows(logits: Tensor, target: Tensor, ignore_index: int | None) -> tuple[Tensor, Tensor]:
-    """(rows, C) logits and (rows,) targets, class axis 1, without ignored rows."""
-    logits = logits.as_subclass(Tensor).movedim(1, -1).reshape(-1, logits.shape[1])
-    target = target.as_subclass(Tensor).reshape(-1)
+def _rows(logits: Tensor, target: Tensor, loss_func) -> tuple[Tensor, Tensor]:
+    """(rows, C) logits and (rows,) targets on the loss's class axis, without the rows the loss ignores."""
+    logits, target = class_rows(logits, target, loss_func)
+    ignore_index = getattr(loss_func, "ignore_index", None)
     if ignore_index is not None:
         kept = target != ignore_index
         logits, target = logits[kept], target[kept]
@@ -67,15 +69,15 @@ def _rows(logits: Tensor, target: Tensor, ignore_index: int | None) -> tuple[Ten
 
 
 def _nll_and_ece(logits: Tensor, target: Tensor, temperature: float, n_bins: int) -> tuple[float, float]:
-    state = CalibrationState(logits.shape[1], n_bins, n_fine=1, device=logits.device)
+    state = CalibrationState(logits.shape[1], n_bins, n_fine=1, device=logits.device, classwise=False)
     state.update((logits.float() / temperature).softmax(1), target)
     metrics = state.metrics()
     return metrics["nll"], metrics["ece"]
 
 
 def fit_temperature(
-    learn,  # a fastai Learner whose model outputs logits
-    dl=None,  # the data to fit on; default the validation set (`ds_idx=1`)
+    learn: Learner,  # a fastai Learner whose model outputs logits (classes on its loss's class axis)
+    dl: DataLoader | None = None,  # the data to fit on; default the validation set (`ds_idx=1`)
     n_bins: int = 15,  # bins of the reported ECE
     max_iter: int = 100,  # LBFGS iterations
 ) -> TemperatureFit:
@@ -88,7 +90,7 @@ def fit_temperature(
     >>> apply_temperature(learn, fit.temperature)  # doctest: +SKIP
     """
     logits, target = learn.get_preds(dl=dl, act=noop)  # raw logits, even if a temperature is applied already
-    logits, target = _rows(logits, target, getattr(learn.loss_func, "ignore_index", None))
+    logits, target = _rows(logits, target, learn.loss_func)
     temperature = temperature_from_logits(logits, target, max_iter)
     nll_before, ece_before = _nll_and_ece(logits, target, 1.0, n_bins)
     nll_after, ece_after = _nll_and_ece(logits, target, temperature, n_bins)
@@ -107,13 +109,15 @@ class TemperatureScaledActivation:
     def __call__(self, out: Tensor) -> Tensor:
         base = getattr(type(self.loss_func), "activation", None)  # the class's method, not this instance override
         scaled = out / self.temperature
-        return base(self.loss_func, scaled) if base is not None else scaled.float().softmax(1)
+        if base is not None:
+            return base(self.loss_func, scaled)
+        return scaled.float().softmax(class_axis_of(self.loss_func, scaled.dim()))
 
     def __repr__(self) -> str:
         return f"TemperatureScaledActivation(temperature={self.temperature:g})"
 
 
-def apply_temperature(learn, temperature: float):
+def apply_temperature(learn: Learner, temperature: float) -> Learner:
     """Make `learn.get_preds()`, `predict()` and `CalibrationCallback` use softmax(logits / T); returns `learn`.
 
     Training is unaffected (the loss still sees raw logits). Applying again replaces T; `remove_temperature` undoes.
@@ -131,7 +135,7 @@ def apply_temperature(learn, temperature: float):
     return learn
 
 
-def remove_temperature(learn):
+def remove_temperature(learn: Learner) -> Learner:
     """Undo `apply_temperature`; returns `learn`."""
     if isinstance(learn.loss_func.__dict__.get("activation"), TemperatureScaledActivation):
         del learn.loss_func.__dict__["activation"]

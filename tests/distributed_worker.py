@@ -1,7 +1,9 @@
 """One process of the 2-process CPU (gloo) run in test_distributed.py, also the builder of the shared learner.
 
 Run as `python distributed_worker.py OUT_DIR` with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT); each rank saves its final calibration state and the trained weights to OUT_DIR.
+MASTER_ADDR, MASTER_PORT). It trains twice, each time from the same start: once through fastai's own
+`learn.distrib_ctx()` (after `patch_fastai_for_gloo`) and once through `fastai_ls.distributed.distrib_ctx`; each rank
+saves, per run, the calibration state of every epoch and the trained weights to OUT_DIR.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import sys
 from pathlib import Path
 
 import torch
+from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from torch import nn
 
 from fastai_ls import CalibrationCallback, LabelSmoothingCrossEntropy
-from fastai_ls.distributed import distrib_ctx
+from fastai_ls.distributed import distrib_ctx, patch_fastai_for_gloo
 
 N_CLASSES, N_VALID = 5, 53  # an odd validation set: DistributedDL pads the last shard with a repeated item
 VALID_BS = 8
@@ -46,16 +49,39 @@ def make_learner() -> tuple[Learner, CalibrationCallback]:
     return Learner(dls, model, loss_func=LabelSmoothingCrossEntropy(0.1), cbs=cb), cb
 
 
+class RecordWrappers(Callback):
+    """Records which data loader and model classes the validation passes of the fit ran with."""
+
+    def before_fit(self):
+        self.seen = set()
+
+    def before_validate(self):
+        self.seen |= {f"{type(o).__module__}.{type(o).__name__}" for o in (self.learn.dl, self.learn.model)}
+
+
+def results(learn: Learner, cb: CalibrationCallback, wrappers: RecordWrappers) -> dict:
+    return {"states": [s.data for s in cb.states], "history": cb.history.to_dict("list"),
+            "weights": learn.model.state_dict(), "wrappers": sorted(wrappers.seen)}
+
+
 def main(out: Path) -> None:
+    # fastai's own path: it leaves the process group to the caller (or to accelerate) when one is up already.
+    torch.distributed.init_process_group("gloo", init_method="env://")
+    patch_fastai_for_gloo()
+    fastai_learn, fastai_cb = make_learner()
+    fastai_wrappers = RecordWrappers()
+    with fastai_learn.distrib_ctx(sync_bn=False, cpu=True), fastai_learn.no_logging(), fastai_learn.no_bar():
+        fastai_learn.fit(2, lr=1e-2, cbs=fastai_wrappers)
+
     learn, cb = make_learner()
+    wrappers = RecordWrappers()
     with distrib_ctx(learn), learn.no_logging(), learn.no_bar():
-        learn.fit(2, lr=1e-2)
+        learn.fit(2, lr=1e-2, cbs=wrappers)
     with learn.no_bar():
         learn.get_preds()  # after the context: the whole validation set on each rank, process group still up
     rank = torch.distributed.get_rank()
-    torch.save({"states": [s.data for s in cb.states], "history": cb.history.to_dict("list"),
-                "n_after": float(cb.state.scalar("n")),
-                "weights": learn.model.state_dict(), "world_size": torch.distributed.get_world_size()},
+    torch.save({**results(learn, cb, wrappers), "fastai": results(fastai_learn, fastai_cb, fastai_wrappers),
+                "n_after": float(cb.state.scalar("n")), "world_size": torch.distributed.get_world_size()},
                out / f"rank{rank}.pt")
 
 

@@ -163,6 +163,39 @@ def test_logits_with_an_activation_give_the_state_of_their_probabilities():
     assert torch.equal(a.data, b.data)
 
 
+def test_without_classwise_bins_the_state_keeps_no_class_counters_and_the_rest_is_unchanged():
+    probs, target = random_probs(80, 6, seed=13)
+    full, lean = state_of(probs, target), state_of(probs, target, classwise=False)
+    n_counters = 7 + 3 * 15 + 3 * 1000  # scalars, coarse bins, fine bins
+    assert lean.data.numel() == n_counters and full.data.numel() == n_counters + 3 * 6 * 15
+    assert lean.class_bins.numel() == 0
+    lean_metrics, full_metrics = lean.metrics(), full.metrics()
+    assert math.isnan(lean_metrics.pop("classwise_ece")) and not math.isnan(full_metrics.pop("classwise_ece"))
+    assert lean_metrics == full_metrics
+    assert not lean.same_layout(full)
+    with pytest.raises(TypeError):
+        lean + full
+
+
+def test_creating_and_updating_a_state_copies_no_python_data_to_the_device(monkeypatch):
+    """On a GPU a tensor made from Python data is a host-to-device copy, which synchronises; the callback creates
+    its state inside the first validation batch, so neither creation nor update may make one."""
+    probs, target = random_probs(30, 4, seed=14)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a tensor made from Python data")
+
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        monkeypatch.setattr(torch, name, forbidden)
+    monkeypatch.setattr(torch.Tensor, "new_tensor", forbidden)
+    for classwise in (True, False):
+        state = CalibrationState(4, classwise=classwise)
+        state.update(probs, target, weight=torch.ones(30, dtype=torch.float64), ignore_index=-100)
+        state.update(probs, target)
+    monkeypatch.undo()
+    assert float(state.scalar("n")) == 60
+
+
 # --- streaming: merging, weights, dtypes ---------------------------------------------------------------------------
 
 

@@ -21,12 +21,14 @@ from fastai.data.transforms import ItemGetter
 from fastai.learner import Learner, load_learner
 from fastai.losses import BCEWithLogitsLossFlat, MSELossFlat
 from fastai.metrics import accuracy, error_rate
+from fastai.torch_core import set_seed
 from torch import nn
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from fastai_ls import (
     CalibrationCallback,
     LabelSmoothingCrossEntropy,
+    LabelSmoothingCrossEntropyFlat,
     apply_temperature,
     fit_temperature,
     plot_history,
@@ -160,6 +162,54 @@ def test_get_preds_inside_fit_adds_no_rows():
     assert cb.history["epoch"].tolist() == [0, 1, 2] and (cb.history["n"] == N_VALID).all()
 
 
+class ValidateEveryEpoch(Callback):
+    """Calls `validate` on another data set from inside the fit, as evaluation callbacks do."""
+
+    def __init__(self, dl):
+        self.dl, self.running = dl, False
+
+    def after_epoch(self):
+        if not self.running:  # the nested validate fires after_epoch too
+            self.running = True
+            try:
+                self.learn.validate(dl=self.dl)
+            finally:
+                self.running = False
+
+
+def test_validate_inside_fit_neither_resets_nor_adds_to_the_history():
+    set_seed(0)  # the same shuffles in both fits
+    plain_cb = CalibrationCallback()
+    with quiet(plain_learn := make_learner(plain_cb)):
+        plain_learn.fit(3, 1e-2)
+    set_seed(0)
+    cb = CalibrationCallback()
+    learn = make_learner(cb)
+    test_dl = learn.dls.test_dl(items(30, 5), with_labels=True)
+    with quiet(learn):
+        learn.fit(3, 1e-2, cbs=ValidateEveryEpoch(test_dl))
+    assert cb.history["epoch"].tolist() == [0, 1, 2]
+    pd.testing.assert_frame_equal(cb.history, plain_cb.history)  # the same epochs as without the nested passes
+    assert float(cb.state.scalar("n")) == 30  # the nested pass still replaced the last state
+
+
+class FailInSecondEpoch(Callback):
+    def after_epoch(self):
+        if self.epoch == 1:
+            raise RuntimeError("interrupted")
+
+
+def test_a_fit_after_an_interrupted_fit_records_again():
+    cb = CalibrationCallback()
+    learn = make_learner(cb)
+    with quiet(learn), pytest.raises(RuntimeError, match="interrupted"):
+        learn.fit(3, 1e-2, cbs=FailInSecondEpoch())  # after_fit never fires
+    assert cb.history["epoch"].tolist() == [0, 1]
+    with quiet(learn):
+        learn.fit(2, 1e-2)
+    assert cb.history["epoch"].tolist() == [0, 1]
+
+
 def test_bins_table_counts_every_validation_row():
     cb = CalibrationCallback(n_bins=8)
     learn = make_learner(cb)
@@ -248,6 +298,27 @@ def test_dense_predictions_count_every_position():
     assert cb.last_metrics["n"] == 3 * N_VALID
     assert cb.last_metrics["ece"] == pytest.approx(float(multiclass_calibration_error(rows, ids, N_CLASSES)),
                                                    abs=1e-6)
+
+
+def test_classwise_ece_is_off_by_default_above_1000_classes():
+    wide, narrow = CalibrationCallback(), CalibrationCallback()
+    for cb, n_classes in ((wide, 1001), (narrow, 1000)):
+        learn = make_learner(cb, model=mlp(n_classes))
+        with quiet(learn):
+            learn.validate()
+    assert not wide.state.classwise and wide.state.class_bins.numel() == 0
+    assert math.isnan(wide.last_metrics["classwise_ece"]) and not math.isnan(wide.last_metrics["ece"])
+    assert narrow.state.classwise and not math.isnan(narrow.last_metrics["classwise_ece"])
+
+
+def test_classwise_can_be_forced_either_way():
+    on, off = CalibrationCallback(classwise=True), CalibrationCallback(classwise=False)
+    with quiet(learn := make_learner(on, model=mlp(1001))):
+        learn.validate()
+    with quiet(learn := make_learner(off)):
+        learn.validate()
+    assert on.state.class_bins.shape == (1001, 15, 3) and not math.isnan(on.last_metrics["classwise_ece"])
+    assert math.isnan(off.last_metrics["classwise_ece"])
 
 
 def test_order_sits_between_distributed_trainer_and_recorder():
@@ -345,9 +416,13 @@ def host_reads_forbidden():
             raise AssertionError(f"host synchronisation: Tensor.{name} in the per-batch update")
         return fail
 
-    names = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+    names = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero",
+             "new_tensor")
     saved = {name: getattr(torch.Tensor, name) for name in names}
     original_getitem, original_nonzero = torch.Tensor.__getitem__, torch.nonzero
+    # A tensor made from Python data on a GPU is a host-to-device copy, which synchronises.
+    factories = ("tensor", "as_tensor", "from_numpy")
+    saved_factories = {name: getattr(torch, name) for name in factories}
 
     def getitem(self, index):
         parts = index if isinstance(index, tuple) else (index,)
@@ -359,10 +434,14 @@ def host_reads_forbidden():
         for name in names:
             setattr(torch.Tensor, name, forbidden(name))
         torch.Tensor.__getitem__, torch.nonzero = getitem, forbidden("nonzero")
+        for name in factories:
+            setattr(torch, name, forbidden(name))
         yield
     finally:
         for name, method in saved.items():
             setattr(torch.Tensor, name, method)
+        for name, factory in saved_factories.items():
+            setattr(torch, name, factory)
         torch.Tensor.__getitem__, torch.nonzero = original_getitem, original_nonzero
 
 
@@ -381,13 +460,16 @@ def test_the_per_batch_update_never_reads_tensor_values_on_the_host():
     cb = GuardedCalibrationCallback()
     learn = make_learner(cb)
     with quiet(learn):
-        learn.fit(1, 1e-2)
-    assert cb.guarded == math.ceil(N_VALID / 16) and cb.history["n"].iloc[0] == N_VALID
+        learn.fit(2, 1e-2)
+    # Every batch is guarded, the first of each pass too, where the state is created.
+    assert cb.guarded == 2 * math.ceil(N_VALID / 16) and (cb.history["n"] == N_VALID).all()
 
 
-def test_the_guard_catches_a_host_read():
+@pytest.mark.parametrize("host_read", [lambda: torch.ones(2).sum().item(), lambda: torch.tensor([1, 2]),
+                                       lambda: torch.ones(2).new_tensor([3.0])])
+def test_the_guard_catches_a_host_read_or_copy(host_read):
     with host_reads_forbidden(), pytest.raises(AssertionError, match="host synchronisation"):
-        torch.ones(2).sum().item()
+        host_read()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -482,6 +564,24 @@ def test_applied_temperature_scales_get_preds_and_survives_export(tmp_path):
         remove_temperature(learn)
         plain, _ = learn.get_preds()
     torch.testing.assert_close(plain, logits.softmax(1))
+
+
+def test_fit_temperature_uses_the_class_axis_of_a_flat_loss_on_token_predictions():
+    """(N, T, C) logits under `LabelSmoothingCrossEntropyFlat(axis=-1)`, as a text learner gives."""
+    n, length = 200, 3
+    g = torch.Generator().manual_seed(4)
+    true_logits = 2 * torch.randn(n, length, N_CLASSES, generator=g)
+    y = torch.multinomial(true_logits.reshape(-1, N_CLASSES).softmax(1), 1, generator=g).view(n, length)
+    dls = DataLoaders.from_dsets(list(zip(2.0 * true_logits, y))[:10], list(zip(2.0 * true_logits, y)), bs=32,
+                                 num_workers=0, device="cpu")
+    learn = make_learner(CalibrationCallback(), model=PassLogits(), dls=dls,
+                         loss_func=LabelSmoothingCrossEntropyFlat(0.1))
+    with quiet(learn):
+        fit = fit_temperature(learn)
+    rows, ids = 2.0 * true_logits.reshape(-1, N_CLASSES), y.reshape(-1)
+    assert fit.temperature == pytest.approx(grid_temperature(rows, ids), rel=2e-3)
+    assert fit.nll_before == pytest.approx(float(F.cross_entropy(rows, ids)), rel=1e-5)
+    assert learn.calibration.last_metrics["n"] == n * length
 
 
 def test_apply_temperature_rejects_non_positive_values():

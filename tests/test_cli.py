@@ -58,8 +58,10 @@ def test_pets_command_runs_on_an_extracted_tree(tmp_path):
     (["pets", "--eps", "nan"], 2, "eps must be in [0, 1)"),
     (["pets", "--path", "no/such/folder"], 1, "no Pets images"),
     (["bake"], 2, "invalid choice"),
+    (["pets", "--path", "pets", "--arch", "resnet_typo", "--no-pretrained"], 1, "unknown architecture"),
 ])
 def test_bad_arguments_and_missing_data_end_with_one_line(tmp_path, args, status, fragment):
+    make_pets_like_tree(tmp_path / "pets")
     result = run_cli(args, tmp_path)
     assert result.returncode == status
     lines = result.stderr.strip().splitlines()

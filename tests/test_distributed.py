@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) under fastai's DistributedTrainer give the calibration state of one process."""
+"""Two CPU processes (gloo) under fastai's DistributedTrainer give the calibration state of one process, both through
+fastai's own `learn.distrib_ctx()` (after `patch_fastai_for_gloo`) and through `fastai_ls.distributed.distrib_ctx`."""
 
 from __future__ import annotations
 
@@ -58,19 +59,36 @@ def single_process_state(weights) -> CalibrationState:
     return cb.state
 
 
-def test_every_rank_sees_the_same_reduced_state(two_process_run):
-    rank0, rank1 = (torch.load(two_process_run / f"rank{r}.pt") for r in range(2))
-    assert rank0["world_size"] == 2
+def run_of(path: Path, entry: str) -> dict:
+    """The results of one rank's run through fastai's `learn.distrib_ctx` ('fastai') or ours ('fastai_ls')."""
+    saved = torch.load(path)
+    return saved["fastai"] if entry == "fastai" else saved
+
+
+ENTRIES = pytest.mark.parametrize("entry", ["fastai", "fastai_ls"])
+
+
+@ENTRIES
+def test_every_rank_sees_the_same_reduced_state(two_process_run, entry):
+    rank0, rank1 = (run_of(two_process_run / f"rank{r}.pt", entry) for r in range(2))
+    assert torch.load(two_process_run / "rank0.pt")["world_size"] == 2
     assert len(rank0["states"]) == 2  # one state per epoch
     for a, b in zip(rank0["states"], rank1["states"]):
         assert torch.equal(a, b)
     assert rank0["history"] == rank1["history"]
 
 
-def test_two_processes_count_each_validation_item_once(two_process_run):
+def test_fastai_distrib_ctx_runs_fastai_own_distributed_dl_and_ddp_on_gloo(two_process_run):
+    run = run_of(two_process_run / "rank1.pt", "fastai")
+    assert run["wrappers"] == ["fastai.distributed.DistributedDL",
+                               "torch.nn.parallel.distributed.DistributedDataParallel"]
+
+
+@ENTRIES
+def test_two_processes_count_each_validation_item_once(two_process_run, entry):
     from distributed_worker import N_VALID
 
-    run = torch.load(two_process_run / "rank0.pt")
+    run = run_of(two_process_run / "rank0.pt", entry)
     assert run["history"]["n"] == [N_VALID, N_VALID]  # the padding duplicate is not counted
 
 
@@ -80,8 +98,9 @@ def test_get_preds_after_the_distributed_fit_is_not_summed_over_ranks(two_proces
     assert [torch.load(two_process_run / f"rank{r}.pt")["n_after"] for r in range(2)] == [N_VALID, N_VALID]
 
 
-def test_two_processes_equal_a_single_process_run(two_process_run):
-    run = torch.load(two_process_run / "rank0.pt")
+@ENTRIES
+def test_two_processes_equal_a_single_process_run(two_process_run, entry):
+    run = run_of(two_process_run / "rank0.pt", entry)
     reference = single_process_state(run["weights"])
     distributed = CalibrationState(reference.n_classes, reference.n_bins, reference.n_fine, data=run["states"][-1])
     counts = [s.scalar("n") for s in (distributed, reference)] + [s.scalar("n_invalid") for s in (distributed,

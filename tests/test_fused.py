@@ -344,3 +344,32 @@ def test_fused_empty_and_fully_ignored_batches_behave_like_torch(reduction, case
     torch.testing.assert_close(loss, expected, equal_nan=True)
     if n:
         assert torch.equal(torch.autograd.grad(loss.sum(), x)[0], torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("axis, shape", [(1, (2, 5, 4, 3)), (-1, (2, 7, 5))])
+def test_class_axis_moves_leave_no_copy_for_autograd_to_keep(axis, shape):
+    # Segmentation and text outputs: the rows are made inside the fused function, so autograd keeps only a view
+    # of the logits (no N x C copy until backward, and no copy of the gradient back to the input's layout).
+    x = torch.randn(shape, requires_grad=True)
+    target_shape = tuple(s for i, s in enumerate(shape) if i != axis % len(shape))
+    y = torch.randint(0, shape[axis], target_shape)
+    loss = LabelSmoothingCrossEntropyFlat(axis=axis)(x, y)
+    assert type(loss.grad_fn).__name__ == FUSED_NODE
+    assert [type(f).__name__ for f, _ in loss.grad_fn.next_functions if f is not None] == ["PermuteBackward0"]
+    assert loss.grad_fn.saved_tensors[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    loss.backward()
+    expected = torch.autograd.grad(F.cross_entropy(x.movedim(axis, 1), y, label_smoothing=0.1), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_weighted_loss_keeps_float32_precision_under_autocast(fused):
+    # fastai computes the loss inside autocast; a matrix product there would run in bfloat16.
+    gen = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(64, 50, generator=gen)).requires_grad_()
+    y = torch.randint(0, 50, (64,), generator=gen)
+    w = torch.rand(50, generator=gen) + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = label_smoothing_cross_entropy(x, y, 0.1, w, fused=fused)
+    exact = F.cross_entropy(x.double(), y, w.double(), label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-6, atol=0)

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.hub
 import torchvision
-from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (registers Learner.fit_one_cycle)
 from fastai.data.external import fastai_cfg, fastai_path
+from PIL import Image
 
 from fastai_ls import CalibrationCallback, LabelSmoothingCrossEntropy, pets_learner
 from fastai_ls.pets import make_pets_like_tree
@@ -63,10 +63,16 @@ def test_untar_data_finds_the_extracted_tree_and_one_epoch_trains(pets_home):
 
 def test_grey_and_palette_files_load_as_rgb(pets_home):
     learn = pets_learner(arch="resnet18", **SMALL)
+    odd = {"Abyssinian_1.jpg": "L", "Egyptian_Mau_1.jpg": "P"}  # a grey JPEG, and PNG palette content named .jpg
+    for ds in (learn.dls.train_ds, learn.dls.valid_ds):
+        for i, item in enumerate(ds.items):
+            if item.name in odd:
+                assert Image.open(item).mode == odd.pop(item.name)
+                image, _ = ds[i]
+                assert image.mode == "RGB" and image.getbands() == ("R", "G", "B")
+    assert not odd, f"not in the data set: {odd}"
     xb, _ = learn.dls.one_batch()
     assert xb.shape[1:] == (3, 32, 32)
-    names = {p.name for p in learn.dls.train_ds.items + learn.dls.valid_ds.items}
-    assert {"Abyssinian_1.jpg", "Egyptian_Mau_1.jpg"} <= names
 
 
 @pytest.mark.parametrize("sub", ["", "images"])
@@ -96,6 +102,11 @@ def test_missing_weights_offline_name_the_cache_file_and_pretrained_false(pets_h
         pets_learner(**{**SMALL, "pretrained": True})
     message = str(err.value)
     assert "resnet34-b627a593.pth" in message and "pretrained=False" in message
+
+
+def test_unknown_architecture_is_one_clear_error(pets_home):
+    with pytest.raises(ValueError, match="unknown architecture 'resnet_typo'"):
+        pets_learner(arch="resnet_typo", **SMALL)
 
 
 def test_cached_weights_load_with_no_network(pets_home):
