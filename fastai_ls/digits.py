@@ -67,7 +67,7 @@ def _holds_digits(folder: Path) -> bool:
 
 
 def digits_model(n_out: int = 10) -> nn.Module:
-    """A small CNN (about 25k parameters) that trains in seconds on 2 CPU cores."""
+    """A small CNN (24,346 parameters for 10 classes) that trains in seconds on 2 CPU cores."""
     return nn.Sequential(ConvLayer(3, 16, stride=2), ConvLayer(16, 32, stride=2), ConvLayer(32, 64, stride=2),
                          nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(64, n_out))
 
