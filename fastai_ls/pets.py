@@ -150,8 +150,8 @@ def make_pets_like_tree(
     size: int = 48,  # image side in pixels
     seed: int = 0,
 ) -> Path:
-    """A small generated tree laid out like the Pets archive, with its quirks (a .mat decoy, grey and palette
-    images named .jpg), for trying the real pipeline offline. Each breed has its own colour, so it is learnable.
+    """A small generated tree laid out like the Pets archive, with its quirks (a .mat decoy, and grey, palette and
+    RGBA images named .jpg), for trying the real pipeline offline. Each breed has its own colour, so it is learnable.
     """
     rng = np.random.default_rng(seed)
     images = Path(folder) / "images"
@@ -163,8 +163,8 @@ def make_pets_like_tree(
             img = Image.fromarray(pixels)
             if b == 0 and i == 1:
                 img = img.convert("L")  # a greyscale JPEG
-            if b == 1 and i == 1:
-                img.convert("P").save(images / f"{breed}_{i}.jpg", format="PNG")  # PNG content named .jpg
+            if b in (1, 2) and i == 1:  # PNG content named .jpg: a palette image, an RGBA image
+                img.convert("P" if b == 1 else "RGBA").save(images / f"{breed}_{i}.jpg", format="PNG")
                 continue
             img.save(images / f"{breed}_{i}.jpg", quality=90)
     (images / f"{breeds[0]}_{per_breed + 1}.mat").write_bytes(b"MATLAB 5.0 MAT-file decoy")

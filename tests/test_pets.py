@@ -61,9 +61,10 @@ def test_untar_data_finds_the_extracted_tree_and_one_epoch_trains(pets_home):
     assert torch.isfinite(torch.tensor(learn.recorder.values[-1])).all()
 
 
-def test_grey_and_palette_files_load_as_rgb(pets_home):
+def test_grey_palette_and_rgba_files_load_as_rgb(pets_home):
     learn = pets_learner(arch="resnet18", **SMALL)
-    odd = {"Abyssinian_1.jpg": "L", "Egyptian_Mau_1.jpg": "P"}  # a grey JPEG, and PNG palette content named .jpg
+    # a grey JPEG, and PNG palette and RGBA content named .jpg
+    odd = {"Abyssinian_1.jpg": "L", "Egyptian_Mau_1.jpg": "P", "beagle_1.jpg": "RGBA"}
     for ds in (learn.dls.train_ds, learn.dls.valid_ds):
         for i, item in enumerate(ds.items):
             if item.name in odd:
