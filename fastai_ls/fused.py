@@ -45,11 +45,7 @@ def fused_cross_entropy(input: Tensor, target: Tensor, eps: float, weight: Tenso
     """`label_smoothing_cross_entropy` for checked integer targets and uniform `eps`, with a precomputed gradient."""
     dtype = compute_dtype(input.dtype)
     w = None if weight is None else weight.to(device=input.device, dtype=dtype)
-    t = target.reshape(-1).long()
-    if not may_ignore:  # the common case: no masks, and without weights a divisor known in Python
-        y, ignored, divisor = t, None, (t.shape[0] if w is None else w[t].sum())
-    else:
-        y, ignored, divisor = _kept_targets(t, ignore_index, w, dtype)
+    y, ignored, divisor = _kept_targets(target.reshape(-1).long(), ignore_index, w, dtype, may_ignore)
     return _FusedCrossEntropy.apply(input, y, ignored, w, divisor, eps, reduction)
 
 

@@ -161,8 +161,12 @@ def _soft_target_terms(z: Tensor, q: Tensor, eps: float, weight: Tensor | None) 
     return wq.sum(1), (wq * z).sum(1)
 
 
-def _kept_targets(t: Tensor, ignore_index: int, weight: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """Ids with ignored rows read as class 0, the ignored-row mask, and the 'mean' divisor (sum_kept w_y)."""
+def _kept_targets(t: Tensor, ignore_index: int, weight: Tensor | None, dtype: torch.dtype,
+                  may_ignore: bool = True) -> tuple[Tensor, Tensor | None, Tensor | int]:
+    """Ids with ignored rows read as class 0, the ignored-row mask, and the 'mean' divisor (sum_kept w_y).
+    `may_ignore=False` (no id can equal ignore_index): no mask (None), and without weights a divisor in Python."""
+    if not may_ignore:
+        return t, None, (t.shape[0] if weight is None else weight[t].sum())
     ignored = t == ignore_index
     y = t.masked_fill(ignored, 0)
     kept = (~ignored).to(dtype)

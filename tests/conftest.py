@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -30,3 +31,15 @@ def make_colour_images(folder: Path, per_class: int = 20, size: int = 16, seed: 
 @pytest.fixture(scope="session")
 def colour_images(tmp_path_factory) -> Path:
     return make_colour_images(tmp_path_factory.mktemp("colours"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """Call it for a TCP port on the loopback interface that nothing listens on now (a process group's)."""
+    return _free_port

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -74,13 +73,8 @@ def test_help(tmp_path, command):
     assert result.returncode == 0 and "usage: fastai-ls" in result.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def test_demo_on_two_cpu_processes_reports_once(tmp_path):
+def test_demo_on_two_cpu_processes_reports_once(tmp_path, free_port):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                 "127.0.0.1", "--master_port", str(free_port()), "-m"]
     result = run_cli([*QUICK_DEMO, "--out", "report"], tmp_path, launcher=torchrun)
