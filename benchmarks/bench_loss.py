@@ -1,6 +1,6 @@
 """Forward+backward time and loss-owned peak memory of label-smoothing cross-entropies on wide outputs.
 
-    python benchmarks/bench_loss.py [--quick] [--device cpu|cuda] [--no-memory]
+    python benchmarks/bench_loss.py [--quick] [--device cpu|cuda] [--no-memory] [--shape NxC ...]
 
 Every repetition runs every method in turn (so load on a shared machine hits all alike) and the median is reported.
 "floor" is one `torch.exp` over the logits into a fresh tensor: reading the logits once and writing one N x C
@@ -26,7 +26,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.losses import LabelSmoothingCrossEntropy as FastaiLabelSmoothingCrossEntropy
 from torch import Tensor
 
-from fastai_ls import label_smoothing_cross_entropy
+from fastai_ls import cpu_kernel, label_smoothing_cross_entropy
 
 EPS = 0.1
 SHAPES = [(64, 37), (256, 1000), (4096, 1000), (2048, 32000), (512, 128000)]
@@ -34,12 +34,15 @@ CUDA_SHAPES = [(4096, 128000, torch.float32), (4096, 128000, torch.bfloat16)]
 QUICK_SHAPES = [(64, 37), (256, 1000), (1024, 8000)]
 FLOOR = "floor (exp)"
 NATIVE = "torch F.cross_entropy"
+TORCH_PATH = "fastai_ls, no C kernel"
 
 
-def methods() -> dict[str, Callable]:
+def methods(device: torch.device) -> dict[str, Callable]:
     """Name -> loss function of (logits, targets); the floor is special-cased in `step`."""
-    found = {
-        "fastai_ls": lambda x, y: label_smoothing_cross_entropy(x, y, EPS),
+    found = {"fastai_ls": lambda x, y: label_smoothing_cross_entropy(x, y, EPS)}
+    if device.type == "cpu":
+        found[TORCH_PATH] = without_c_kernel
+    found |= {
         NATIVE: lambda x, y: F.cross_entropy(x, y, label_smoothing=EPS),
         "fastai LabelSmoothingCE": FastaiLabelSmoothingCrossEntropy(eps=EPS),
         "fastai CrossEntropyLossFlat": CrossEntropyLossFlat(label_smoothing=EPS),
@@ -52,6 +55,15 @@ def methods() -> dict[str, Callable]:
         found["timm LabelSmoothingCE"] = TimmLabelSmoothingCrossEntropy(smoothing=EPS)
     found[FLOOR] = None
     return found
+
+
+def without_c_kernel(x: Tensor, y: Tensor) -> Tensor:
+    """fastai_ls as installed without a C compiler: the fused path's torch operations."""
+    available, cpu_kernel.AVAILABLE = cpu_kernel.AVAILABLE, False
+    try:
+        return label_smoothing_cross_entropy(x, y, EPS)
+    finally:
+        cpu_kernel.AVAILABLE = available
 
 
 def step(name: str, loss_func: Callable | None, x: Tensor, y: Tensor) -> None:
@@ -162,12 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--shape", action="append", type=_shape, help="NxC instead of the default shapes; repeatable")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    shapes = [(n, c, torch.float32) for n, c in (QUICK_SHAPES if args.quick else SHAPES)]
-    if device.type == "cuda" and not args.quick:
+    shapes = [(n, c, torch.float32) for n, c in (args.shape or (QUICK_SHAPES if args.quick else SHAPES))]
+    if device.type == "cuda" and not (args.quick or args.shape):
         shapes += CUDA_SHAPES
-    funcs = methods()
+    funcs = methods(device)
     print(machine(device))
     print(f"label smoothing {EPS}, integer targets, forward+backward; times are medians; 'xT' = ratio to "
           f"{NATIVE}, 'xF' = ratio to the floor; memory = peak beyond the logits, 'NC' = in N x C gradients\n")
@@ -227,6 +240,14 @@ def steady_allocator() -> None:
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: serve blocks up to 32 MiB from the heap
         libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: do not hand freed heap memory back to the OS
+
+
+def _shape(text: str) -> tuple[int, int]:
+    n_rows, _, n_classes = text.lower().partition("x")
+    try:
+        return int(n_rows), int(n_classes)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NxC, e.g. 4096x1000, got {text!r}") from None
 
 
 def _ratio(value: int, reference: int) -> str:

@@ -5,11 +5,15 @@ For hard targets the gradient of `losses`' formula is known in forward, up to th
     d loss_row / d x_c = mass * exp(z_c) / s - w_c q_c,    w_c q_c = (1 - eps) w_y [c == y] + (eps / C) w_c
 
 so forward writes it into one N x C buffer and backward only scales that buffer (or, after `loss.backward()`, does
-nothing at all). On CPU, forward walks the logits in blocks of rows that stay in cache: one fused softmax kernel
-writes the block's slice of the buffer, which is then scaled and shifted in place, so a block costs about one read
-of the logits and one write of the gradient. On CUDA the same arithmetic runs as two Triton kernels
-(`triton_kernel.py`). The logits are only read, never written: fastai reuses them for metrics, and MixUp calls the
-loss twice on them.
+nothing at all). Three implementations of this arithmetic, chosen by where the logits are:
+
+- float32 on the CPU: a compiled C kernel (`fused_cpu.c`, via `cpu_kernel.py`) that reads each row once and finishes
+  its gradient while the row is in cache;
+- CUDA: two Triton kernels (`triton_kernel.py`);
+- anything else (float64, half precision, or an install without a C compiler): torch operations on blocks of rows
+  that stay in cache, one fused softmax per block, then a scale and shift in place.
+
+The logits are only read, never written: fastai reuses them for metrics, and MixUp calls the loss twice on them.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ import math
 import torch
 from torch import Tensor
 
-from fastai_ls import triton_kernel
+from fastai_ls import cpu_kernel, triton_kernel
 from fastai_ls.losses import (
     _cross_entropy,
     _hard_target_mix,
     _kept_targets,
     _nan_for_infinite_logits,
     _reduce,
+    check_ids,
     compute_dtype,
     upcast,
     weighted_row_sum,
@@ -33,7 +38,7 @@ from fastai_ls.losses import (
 
 __all__ = ["fused_cross_entropy"]
 
-# Bytes of float32 (or float64) logits per block: a block and its gradient mostly stay in a 32 MiB L3. Measured on a
+# Bytes of logits per block of the torch path: a block and its gradient mostly stay in a 32 MiB L3. Measured on a
 # 2-core EPYC (1 MiB L2 per core) between other losses' runs, in times the floor: 4096 x 1000 1.6x with 16 MiB blocks
 # (one block) vs 2.1x with 8 MiB and 2.7x with 1 MiB; 16384 x 1000 and 2048 x 32000 equal from 8 to 16 MiB, worse
 # below (each block pays Python and thread start-up costs per operation).
@@ -41,12 +46,20 @@ BLOCK_BYTES = 16 * 2**20
 
 
 def fused_cross_entropy(input: Tensor, target: Tensor, eps: float, weight: Tensor | None, reduction: str,
-                        ignore_index: int, may_ignore: bool = True) -> Tensor:
-    """`label_smoothing_cross_entropy` for checked integer targets and uniform `eps`, with a precomputed gradient."""
+                        ignore_index: int) -> Tensor:
+    """`label_smoothing_cross_entropy` for integer targets of the right shape and uniform `eps`, with a precomputed
+    gradient. The ids are checked here: by the C kernel as it reads them, else before the loss is computed."""
+    t = target.reshape(-1).long()
+    if cpu_kernel.accepts(input):  # the kernel also finds the ignored rows and the 'mean' divisor itself
+        w = None if weight is None else weight.to(device=input.device, dtype=torch.float32)
+        return _FusedCrossEntropy.apply(input, t, None, w, None, eps, reduction, ignore_index)
+    id_range = check_ids(t, input.shape[1], ignore_index)
+    # An ignore_index outside the ids' range matches no row: then no mask is needed.
+    may_ignore = id_range is None or id_range[0] <= ignore_index <= id_range[1]
     dtype = compute_dtype(input.dtype)
     w = None if weight is None else weight.to(device=input.device, dtype=dtype)
-    y, ignored, divisor = _kept_targets(target.reshape(-1).long(), ignore_index, w, dtype, may_ignore)
-    return _FusedCrossEntropy.apply(input, y, ignored, w, divisor, eps, reduction)
+    y, ignored, divisor = _kept_targets(t, ignore_index, w, dtype, may_ignore)
+    return _FusedCrossEntropy.apply(input, y, ignored, w, divisor, eps, reduction, ignore_index)
 
 
 def _rows(input: Tensor) -> Tensor:
@@ -56,23 +69,31 @@ def _rows(input: Tensor) -> Tensor:
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
-    """Loss and gradient in forward; backward scales the stored gradient in place and hands the buffer out."""
+    """Loss and gradient in forward; backward scales the stored gradient in place and hands the buffer out.
+
+    `divisor` None selects the C kernel: `y` holds the raw ids, `ignored` is None. Otherwise `y`, `ignored` and
+    `divisor` come from `_kept_targets`."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None, divisor: Tensor | int,
-                eps: float, reduction: str) -> Tensor:
+    def forward(ctx, input: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None,
+                divisor: Tensor | int | None, eps: float, reduction: str, ignore_index: int) -> Tensor:
         # The (M, C) rows are made here, not by the caller: a copy made outside would be kept by autograd until
         # backward, and its backward would copy the gradient once more.
         x = _rows(input)
+        grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+        ctx.save_for_backward(input, y, ignored, w)
+        ctx.eps, ctx.reduction, ctx.ignore_index, ctx.grad = eps, reduction, ignore_index, grad
+        ctx.input_shape = input.shape  # backward reads the saved tensors only to recompute
+        if divisor is None:  # the kernel also reduces the loss (in double precision) and applies the 'mean'
+            ctx.scale = ctx.divisor = None
+            loss, reduced = cpu_kernel.loss_and_grad(x, y, ignore_index, w, eps, reduction == "mean", grad)
+            return loss.reshape(input.shape[:1] + input.shape[2:]) if reduction == "none" else \
+                torch.full((), reduced, dtype=loss.dtype)
         # 'mean' divides every row by the divisor. On the host, fold it into the gradient now, as a Python number
         # (cheapest in the per-block arithmetic); on a GPU reading it would stall the device, so backward applies it.
-        on_host = x.device.type == "cpu"
-        ctx.scale = _reciprocal(float(divisor)) if reduction == "mean" and on_host else 1.0
-        ctx.divisor = divisor if reduction == "mean" and not on_host else None
-        grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+        ctx.scale = _reciprocal(float(divisor)) if reduction == "mean" and x.is_cpu else 1.0
+        ctx.divisor = divisor if reduction == "mean" and not x.is_cpu else None
         loss = _loss_and_grad(x, y, ignored, w, ctx.scale, eps, grad)
-        ctx.save_for_backward(input, y, ignored, w)
-        ctx.eps, ctx.reduction, ctx.grad = eps, reduction, grad
         return _reduce(loss, divisor, reduction, input.shape[:1] + input.shape[2:])
 
     @staticmethod
@@ -81,20 +102,24 @@ class _FusedCrossEntropy(torch.autograd.Function):
             raise RuntimeError("the fused label-smoothing loss does not support create_graph=True (higher-order "
                                "gradients); compute the loss with fused=False")
         grad, ctx.grad = ctx.grad, None  # handed out below: holding on to it would keep a second N x C buffer alive
-        input, y, ignored, w = ctx.saved_tensors
         if grad is None:  # a later backward of a retained graph: the first one gave the buffer away
+            input, y, ignored, w = ctx.saved_tensors
             x = _rows(input)
             grad = torch.empty_like(x, memory_format=torch.contiguous_format)
-            _loss_and_grad(x, y, ignored, w, ctx.scale, ctx.eps, grad)
+            if ctx.scale is None:
+                cpu_kernel.loss_and_grad(x, y, ctx.ignore_index, w, ctx.eps, ctx.reduction == "mean", grad)
+            else:
+                _loss_and_grad(x, y, ignored, w, ctx.scale, ctx.eps, grad)
         if ctx.reduction == "none":
             grad.mul_(grad_loss.reshape(-1, 1))
         elif ctx.divisor is not None:
             grad.mul_(grad_loss / ctx.divisor)
-        elif grad_loss.device.type != "cpu" or grad_loss.item() != 1:  # `loss.backward()` passes 1: skip a pass
+        elif not grad_loss.is_cpu or grad_loss.item() != 1:  # `loss.backward()` passes 1: skip a pass
             grad.mul_(grad_loss)
-        if input.dim() > 2:  # back to the input's layout, as a view of the same buffer
-            grad = grad.view(*input.shape[:1], *input.shape[2:], input.shape[1]).movedim(-1, 1)
-        return grad, None, None, None, None, None, None
+        shape = ctx.input_shape
+        if len(shape) > 2:  # back to the input's layout, as a view of the same buffer
+            grad = grad.view(*shape[:1], *shape[2:], shape[1]).movedim(-1, 1)
+        return grad, None, None, None, None, None, None, None
 
 
 def _reciprocal(value: float) -> float:

@@ -71,8 +71,8 @@ def _check_input(input: Tensor) -> None:
         raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
 
 
-def _check_target(input: Tensor, target: Tensor, ignore_index: int) -> tuple[int, int] | None:
-    """Raise unless `target` fits `input`; returns the smallest and largest id of a non-empty integer target."""
+def _check_target(input: Tensor, target: Tensor, ignore_index: int) -> None:
+    """Raise unless `target`'s type, device and shape fit `input` (integer ids are checked by `check_ids`)."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.device != input.device:
@@ -84,16 +84,20 @@ def _check_target(input: Tensor, target: Tensor, ignore_index: int) -> tuple[int
             )
         if ignore_index >= 0:
             raise ValueError("ignore_index is not supported for probability (floating-point) targets")
-        return None
+        return
     if target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must hold integer class ids or float probabilities, got {target.dtype}")
     expected = input.shape[:1] + input.shape[2:]
     if target.shape != expected:
         raise ValueError(f"integer target must have shape {tuple(expected)} for input {tuple(input.shape)}, "
                          f"got {tuple(target.shape)}")
+
+
+def check_ids(target: Tensor, n_classes: int, ignore_index: int) -> tuple[int, int] | None:
+    """Raise unless every id in `target` is a class or `ignore_index`; returns the smallest and largest id (None
+    for an empty target)."""
     if target.numel() == 0:
         return None
-    n_classes = input.shape[1]
     lo, hi = (bound.item() for bound in torch.aminmax(target))
     if lo >= 0 and hi < n_classes:  # the common case costs one reduction
         return lo, hi
@@ -220,7 +224,7 @@ def label_smoothing_cross_entropy(
     target = plain(target) if isinstance(target, Tensor) else target
     n_classes = input.shape[1]
     check_weight(weight, n_classes)
-    id_range = _check_target(input, target, ignore_index)
+    _check_target(input, target, ignore_index)
     eps = uniform_eps(eps, smoothing, n_classes)
     if fused is None:  # the fused path only pays off when a gradient will be taken
         fused = input.requires_grad and torch.is_grad_enabled() and not target.is_floating_point()
@@ -229,9 +233,9 @@ def label_smoothing_cross_entropy(
             raise ValueError("fused=True needs integer class-id targets; probability targets use fused=False")
         from fastai_ls.fused import fused_cross_entropy  # imported here: fused.py builds on this module's formula
 
-        # An ignore_index outside the ids' range matches no row: the fused path then needs no masks.
-        may_ignore = id_range is None or id_range[0] <= ignore_index <= id_range[1]
-        return fused_cross_entropy(input, target, eps, weight, reduction, ignore_index, may_ignore)
+        return fused_cross_entropy(input, target, eps, weight, reduction, ignore_index)
+    if not target.is_floating_point():
+        check_ids(target, n_classes, ignore_index)
     out_shape = input.shape[:1] + input.shape[2:]
     x, t = _rows(input, target)
     w = None if weight is None else weight.to(device=x.device, dtype=x.dtype)

@@ -117,9 +117,15 @@ def test_property_fused_matches_torch(n_rows, n_classes, eps, weighted, n_ignore
         torch.testing.assert_close(grad, torch.autograd.grad(expected, x, g)[0])
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_backward_twice_with_retain_graph_gives_the_same_gradient(reduction):
-    x, y, w = make_case((8, 6), weighted=True, ignored=True)
+# float32 logits on the CPU take the compiled kernel (`cpu_kernel.py`), float64 ones the torch path.
+ROUTES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["C kernel", "torch path"])
+
+
+@ROUTES
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(8, 6), (2, 6, 4)])
+def test_backward_twice_with_retain_graph_gives_the_same_gradient(reduction, dtype, shape):
+    x, y, w = make_case(shape, weighted=True, ignored=True, dtype=dtype)
     loss = label_smoothing_cross_entropy(x, y, 0.1, w, reduction)
     g = torch.rand(loss.shape, dtype=loss.dtype)
     first = torch.autograd.grad(loss, x, g, retain_graph=True)[0].clone()
@@ -131,8 +137,9 @@ def test_backward_twice_with_retain_graph_gives_the_same_gradient(reduction):
     torch.testing.assert_close(third, 2 * expected)
 
 
-def test_backward_accumulates_into_grad_like_torch():
-    x, y, _ = make_case((8, 6), weighted=False, ignored=False)
+@ROUTES
+def test_backward_accumulates_into_grad_like_torch(dtype):
+    x, y, _ = make_case((8, 6), weighted=False, ignored=False, dtype=dtype)
     loss = label_smoothing_cross_entropy(x, y)
     loss.backward(retain_graph=True)
     (3 * loss).backward()
@@ -141,8 +148,9 @@ def test_backward_accumulates_into_grad_like_torch():
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
-def test_create_graph_raises_naming_the_workaround():
-    x, y, _ = make_case((4, 3), weighted=False, ignored=False)
+@ROUTES
+def test_create_graph_raises_naming_the_workaround(dtype):
+    x, y, _ = make_case((4, 3), weighted=False, ignored=False, dtype=dtype)
     loss = label_smoothing_cross_entropy(x, y)
     with pytest.raises(RuntimeError, match="fused=False"):
         torch.autograd.grad(loss, x, create_graph=True)
@@ -331,13 +339,14 @@ def test_fused_small_losses_are_as_precise_as_torch_float32(scale, weighted):
         assert (error <= 2 * torch_error + 1e-7 * exact.abs() + 1e-12).all(), (error, torch_error)
 
 
+@ROUTES
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", ["empty batch", "all ignored", "all ignored, weighted"])
-def test_fused_empty_and_fully_ignored_batches_behave_like_torch(reduction, case):
+def test_fused_empty_and_fully_ignored_batches_behave_like_torch(reduction, case, dtype):
     n = 0 if case == "empty batch" else 3
-    x = torch.randn(n, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(n, 4, dtype=dtype, requires_grad=True)
     y = torch.full((n,), -100)
-    w = torch.rand(4, dtype=torch.float64) if "weighted" in case else None
+    w = torch.rand(4, dtype=dtype) if "weighted" in case else None
     loss = label_smoothing_cross_entropy(x, y, 0.1, w, reduction)
     assert FUSED_NODE in graph_nodes(loss)
     expected = F.cross_entropy(x, y, w, reduction=reduction, label_smoothing=0.1)

@@ -1,0 +1,153 @@
+/* Fused label-smoothing cross-entropy on float32 CPU rows: loss and gradient in one call, each row in L1 cache.
+ *
+ * The same formula as losses.py, per row of logits x (C classes, target y):
+ *
+ *     z = x - max(x),  s = sum_c exp(z_c)
+ *     loss = mass * log(s) - sum_c w_c q_c z_c,           mass = sum_c w_c q_c
+ *     grad_c = scale * (mass * exp(z_c) / s - w_c q_c),   w_c q_c = (1 - eps) w_y [c == y] + (eps / C) w_c
+ *
+ * with w = 1 without class weights. A row is read from memory once: the max pass brings it into cache, the exp pass
+ * writes exp(z) into the gradient row, and the last pass turns that into the gradient while it is still in cache.
+ * Plain C with no Python or torch headers: fused.py calls it through ctypes with the tensors' data pointers. Only
+ * the logits' and targets' pointers are read; the gradient and loss buffers are the only memory written.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Compiled for AVX-512, AVX2 and baseline x86-64, chosen when the library loads: torch does the same for its own
+ * kernels, so the floor it is compared with uses the widest vectors too. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
+#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+/* exp(z) for z <= 0 (the shifted logits), written without branches or calls so that the compiler vectorizes the
+ * loops that use it. Cephes' expf: z = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-7 polynomial, 2^n by
+ * building the float's exponent bits; about 1 ulp. Below -88 it returns 0 (exp(-88) is 6e-39, under float32's
+ * normal range; the gradient's entries are divided by s >= 1). NaN stays NaN: the clamp is a comparison. */
+static inline float exp_nonpositive(float z)
+{
+    const float clamped = z < -88.0f ? -88.0f : z;
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const float n = (clamped * 1.44269504088896341f + shifter) - shifter;
+    const float r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23; /* n >= -127: 2^-127 has exponent bits 0 and reads as 0 */
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+/* Partial sums over at most CHUNK classes run in float vector lanes, and are added up in double: row sums over
+ * 128,000 classes keep float32's precision without giving up the vector width. */
+enum { CHUNK = 1024 };
+
+/* One row: writes grad_row and returns the row's loss. */
+VECTOR_CLONES
+static float row_loss_and_grad(const float *restrict x, float *restrict grad, int64_t n_classes, int64_t y,
+                               const float *restrict w, double w_sum, double eps, double scale)
+{
+    float row_max = -INFINITY;
+#pragma omp simd reduction(max : row_max)
+    for (int64_t c = 0; c < n_classes; c++)
+        row_max = x[c] > row_max ? x[c] : row_max;
+
+    double s = 0.0, wz = 0.0; /* sum_c exp(z_c) and sum_c w_c z_c */
+    for (int64_t start = 0; start < n_classes; start += CHUNK) {
+        const int64_t stop = start + CHUNK < n_classes ? start + CHUNK : n_classes;
+        float s_part = 0.0f, wz_part = 0.0f;
+        if (w) {
+#pragma omp simd reduction(+ : s_part, wz_part)
+            for (int64_t c = start; c < stop; c++) {
+                const float z = x[c] - row_max;
+                grad[c] = exp_nonpositive(z);
+                s_part += grad[c];
+                wz_part += w[c] * z;
+            }
+        } else {
+#pragma omp simd reduction(+ : s_part, wz_part)
+            for (int64_t c = start; c < stop; c++) {
+                const float z = x[c] - row_max;
+                grad[c] = exp_nonpositive(z);
+                s_part += grad[c];
+                wz_part += z;
+            }
+        }
+        s += s_part;
+        wz += wz_part;
+    }
+
+    const double z_y = (double)x[y] - row_max;
+    const double w_y = w ? w[y] : 1.0;
+    const double mass = (1.0 - eps) * w_y + eps / n_classes * w_sum;
+    const double dot = (1.0 - eps) * w_y * z_y + eps / n_classes * wz;
+    const double loss = mass * log(s) - dot;
+
+    /* grad_c = a exp(z_c) - b w_c, and the true class's share of the target once more on y. */
+    const float a = (float)(scale * mass / s);
+    const float b = (float)(scale * eps / n_classes);
+    if (w) {
+#pragma omp simd
+        for (int64_t c = 0; c < n_classes; c++)
+            grad[c] = a * grad[c] - b * w[c];
+    } else {
+#pragma omp simd
+        for (int64_t c = 0; c < n_classes; c++)
+            grad[c] = a * grad[c] - b;
+    }
+    grad[y] -= (float)(scale * (1.0 - eps) * w_y);
+    /* A -inf logit that the smoothed target covers makes the loss +inf: reported as NaN, as on the other paths. */
+    return isinf(loss) ? NAN : (float)loss;
+}
+
+/* Per-row losses of x (n_rows x n_classes, rows x_row_stride floats apart, classes contiguous) against class ids y,
+ * and the gradient of the reduced loss written into grad (contiguous). The reduced loss, written to *reduced, is the
+ * sum of the row losses, or with `mean` PyTorch's 'mean': that sum over the sum of w_y (the count without weights)
+ * of the rows not ignored. Rows whose id is ignore_index get loss 0 and a zero gradient, whatever their logits
+ * hold. `w` (one float per class) may be NULL. Returns -1, or the first row whose id is neither a class nor
+ * ignore_index, before anything is written. */
+int64_t fused_cpu_loss_and_grad(const float *x, int64_t n_rows, int64_t n_classes, int64_t x_row_stride,
+                                const int64_t *y, int64_t ignore_index, const float *w, double eps, int mean,
+                                float *grad, float *loss, double *reduced, int n_threads)
+{
+    double divisor = 0.0;
+    for (int64_t row = 0; row < n_rows; row++) {
+        if (y[row] == ignore_index)
+            continue;
+        if (y[row] < 0 || y[row] >= n_classes)
+            return row;
+        divisor += w ? w[y[row]] : 1.0;
+    }
+    const double scale = mean ? 1.0 / divisor : 1.0; /* inf when nothing is kept: then no gradient row uses it */
+    double w_sum = n_classes;
+    if (w) {
+        w_sum = 0.0;
+        for (int64_t c = 0; c < n_classes; c++)
+            w_sum += w[c];
+    }
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t row = 0; row < n_rows; row++) {
+        float *grad_row = grad + row * n_classes;
+        if (y[row] == ignore_index) {
+            memset(grad_row, 0, n_classes * sizeof *grad_row);
+            loss[row] = 0.0f;
+            continue;
+        }
+        loss[row] = row_loss_and_grad(x + row * x_row_stride, grad_row, n_classes, y[row], w, w_sum, eps, scale);
+    }
+    /* Added up after the parallel loop, in row order: the same bits whatever the number of threads. */
+    double total = 0.0;
+    for (int64_t row = 0; row < n_rows; row++)
+        total += loss[row];
+    *reduced = mean ? total / divisor : total; /* nothing kept: 0 / 0, NaN, as PyTorch's 'mean' */
+    return -1;
+}
