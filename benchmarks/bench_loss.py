@@ -3,8 +3,10 @@
     python benchmarks/bench_loss.py [--quick] [--device cpu|cuda] [--no-memory] [--shape NxC ...]
 
 Every repetition runs every method in turn (so load on a shared machine hits all alike) and the median is reported.
-"floor" is one `torch.exp` over the logits into a fresh tensor: reading the logits once and writing one N x C
-tensor, about the least a loss that hands back an N x C gradient can do. Memory is the peak beyond the logits
+On the CPU, "fastai_ls, no C kernel" is this package as installed without a C compiler (its torch path).
+"floor" is one `torch.exp` over the logits into a fresh tensor: reading the logits once, one exponential per logit
+and writing one N x C tensor, the work that any loss handing back an N x C softmax gradient must do (a loss with a
+cheaper exponential than torch's can go below it). Memory is the peak beyond the logits
 during forward+backward, the logits' gradient included, so one N x C buffer ("1.00 NC") is the best possible:
 on CPU the rise of the peak resident set of a forked child per (method, shape), on CUDA `max_memory_allocated`.
 """
