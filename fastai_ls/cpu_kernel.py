@@ -22,9 +22,12 @@ PARALLEL_NUMEL = 32768
 
 def _load() -> ctypes._CFuncPtr | None:
     spec = importlib.util.find_spec("fastai_ls._fused_cpu")
-    if spec is None or not spec.origin:
-        return None
-    func = ctypes.CDLL(spec.origin).fused_cpu_loss_and_grad
+    return None if spec is None or not spec.origin else bind(ctypes.CDLL(spec.origin))
+
+
+def bind(library: ctypes.CDLL) -> ctypes._CFuncPtr:
+    """The kernel's function in a loaded build of `fused_cpu.c`, with its C signature declared."""
+    func = library.fused_cpu_loss_and_grad
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     func.argtypes = [pointer, size, size, size, pointer, size, pointer, ctypes.c_double, ctypes.c_int,
                      pointer, pointer, ctypes.POINTER(ctypes.c_double), ctypes.c_int]

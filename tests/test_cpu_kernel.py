@@ -3,6 +3,12 @@ checked against PyTorch in float64, and against the torch path that runs where t
 
 from __future__ import annotations
 
+import ctypes
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -153,3 +159,48 @@ def test_the_kernel_checks_ids_as_it_reads_them_and_writes_nothing_on_a_bad_one(
     with pytest.raises(ValueError, match="target ids must be in"):
         cpu_kernel.loss_and_grad(x.detach(), y, -100, None, 0.1, True, grad)
     assert (grad == 7).all()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":")[1].split()}
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("cc") is None, reason="needs x86-64 and cc")
+@pytest.mark.parametrize("flags", [[], ["-march=x86-64-v3"]], ids=["baseline x86-64", "AVX2"])
+def test_every_instruction_set_build_is_as_precise_as_torch_float32(tmp_path, monkeypatch, kernel_calls, flags):
+    # The installed library picks its AVX-512, AVX2 or baseline code when it loads, so a test run exercises only
+    # one of them. Build the others alone (VECTOR_CLONES empty) and check them here; FMA and lane counts differ.
+    if flags and not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("this CPU cannot run AVX2 code")
+    source = Path(cpu_kernel.__file__).with_name("fused_cpu.c")
+    library = tmp_path / "fused_cpu.so"
+    subprocess.run(["cc", "-O3", "-fopenmp", "-fPIC", "-shared", "-DVECTOR_CLONES=", *flags, "-o", str(library),
+                    str(source), "-lm"], check=True)
+    monkeypatch.setattr(cpu_kernel, "_kernel", cpu_kernel.bind(ctypes.CDLL(str(library))))
+    for seed in range(3):
+        x, y, w = make_case((64, 1000), weighted=seed == 2, ignored=seed == 1, seed=seed)
+        g = torch.randn(64, generator=torch.Generator().manual_seed(seed))
+        grad = torch.autograd.grad(label_smoothing_cross_entropy(x, y, 0.1, w, "none"), x, g)[0].double()
+        torch32 = torch.autograd.grad(F.cross_entropy(x, y, w, reduction="none", label_smoothing=0.1), x, g)[0]
+        expected = torch_float64(x, y, w, 0.1, "none", g)[1]
+        assert (grad - expected).abs().max() <= max(1e-6, (torch32.double() - expected).abs().max())
+    test_exp_is_float32_accurate_down_to_underflow(kernel_calls)
+    test_softmax_of_wide_rows_is_as_precise_as_torch_float32(kernel_calls)
+    assert len(kernel_calls) == 5
+
+
+def test_softmax_of_wide_rows_is_as_precise_as_torch_float32(kernel_calls):
+    # Without smoothing, the gradient of the summed loss is softmax(x) - onehot(y): off the target it shows the
+    # relative error of the row's sum of exp(z), which every gradient entry carries.
+    x, y, _ = make_case((4, 20000), weighted=False, ignored=False, scale=3.0)
+    grad = torch.autograd.grad(label_smoothing_cross_entropy(x, y, 0.0, reduction="sum"), x)[0].double()
+    assert kernel_calls
+    exact = torch.softmax(x.detach().double(), 1)
+    off_target = torch.ones_like(exact, dtype=torch.bool).scatter_(1, y[:, None], False)
+    error = ((grad - exact).abs() / exact)[off_target].max()
+    torch_error = ((torch.softmax(x.detach(), 1).double() - exact).abs() / exact)[off_target].max()
+    assert error <= torch_error
