@@ -87,8 +87,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
         if divisor is None:  # the kernel also reduces the loss (in double precision) and applies the 'mean'
             ctx.scale = ctx.divisor = None
             loss, reduced = cpu_kernel.loss_and_grad(x, y, ignore_index, w, eps, reduction == "mean", grad)
-            return loss.reshape(input.shape[:1] + input.shape[2:]) if reduction == "none" else \
-                torch.full((), reduced, dtype=loss.dtype)
+            if reduction == "none":
+                return loss.reshape(input.shape[:1] + input.shape[2:])
+            return torch.full((), reduced, dtype=loss.dtype)
         # 'mean' divides every row by the divisor. On the host, fold it into the gradient now, as a Python number
         # (cheapest in the per-block arithmetic); on a GPU reading it would stall the device, so backward applies it.
         ctx.scale = _reciprocal(float(divisor)) if reduction == "mean" and x.is_cpu else 1.0

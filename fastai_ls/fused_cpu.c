@@ -28,13 +28,16 @@
 
 /* exp(z) for z <= 0 (the shifted logits), written without branches or calls so that the compiler vectorizes the
  * loops that use it. Cephes' expf: z = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-7 polynomial, 2^n by
- * building the float's exponent bits; about 1 ulp. Below -88 it returns 0 (exp(-88) is 6e-39, under float32's
- * normal range; the gradient's entries are divided by s >= 1). NaN stays NaN: the clamp is a comparison. */
+ * building the float's exponent bits; about 1 ulp. It returns 0 where the result would be below float32's normal
+ * range (z < -87.7, n = -127). The clamp is a comparison, so a NaN z stays NaN through r and p, and the integer n
+ * is read from the bits of a float with unsigned arithmetic, never converted from one: whatever z holds (z > 0 only
+ * happens beside a NaN in the row, whose loss is NaN), the result is a float, not undefined behaviour. */
 static inline float exp_nonpositive(float z)
 {
     const float clamped = z < -88.0f ? -88.0f : z;
-    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    const float n = (clamped * 1.44269504088896341f + shifter) - shifter;
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer, held in the low bits */
+    const float shifted = clamped * 1.44269504088896341f + shifter;
+    const float n = shifted - shifter; /* an integer, in [-127, 0] for z in [-88, 0] */
     const float r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -43,7 +46,9 @@ static inline float exp_nonpositive(float z)
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23; /* n >= -127: 2^-127 has exponent bits 0 and reads as 0 */
+    uint32_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    bits = (bits - 0x4B400000u + 127u) << 23; /* 2^n; for n = -127 the exponent bits are 0 and it reads as 0 */
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);
     return p * two_n;

@@ -204,3 +204,21 @@ def test_softmax_of_wide_rows_is_as_precise_as_torch_float32(kernel_calls):
     error = ((grad - exact).abs() / exact)[off_target].max()
     torch_error = ((torch.softmax(x.detach(), 1).double() - exact).abs() / exact)[off_target].max()
     assert error <= torch_error
+
+
+@pytest.mark.parametrize("position", [0, 17, 63, 99])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_logit_anywhere_in_a_vector_makes_only_its_row_nan(kernel_calls, position, value):
+    # Wide rows run through the vector lanes (and the max's lanes may meet the NaN in any order).
+    x, y, _ = make_case((3, 100), weighted=False, ignored=False)
+    x = x.detach().clone()
+    x[1, position] = value
+    y[1] = (position + 1) % 100  # -inf on another class than the target: still covered by the smoothing
+    x.requires_grad_()
+    loss = label_smoothing_cross_entropy(x, y, 0.1, reduction="none")
+    grad = torch.autograd.grad(loss, x, torch.ones(3))[0]
+    assert kernel_calls
+    assert loss[1].isnan() and loss[[0, 2]].isfinite().all()
+    assert grad[[0, 2]].isfinite().all()
+    torch.testing.assert_close(loss[[0, 2]], F.cross_entropy(x[[0, 2]], y[[0, 2]], label_smoothing=0.1,
+                                                              reduction="none"))
