@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import test_fused
 import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
@@ -31,15 +32,9 @@ def kernel_calls(monkeypatch) -> list[tuple[int, ...]]:
     return calls
 
 
-def make_case(shape, weighted: bool, ignored: bool, seed: int = 0, scale: float = 3.0):
-    gen = torch.Generator().manual_seed(seed)
-    x = (scale * torch.randn(shape, generator=gen)).requires_grad_()
-    n_classes = shape[1]
-    y = torch.randint(0, n_classes, shape[:1] + shape[2:], generator=gen)
-    if ignored:
-        y.view(-1)[::3] = -100
-    w = torch.rand(n_classes, generator=gen) + 0.1 if weighted else None
-    return x, y, w
+def make_case(shape: tuple[int, ...], weighted: bool, ignored: bool, seed: int = 0, scale: float = 3.0):
+    """`test_fused.make_case` with float32 logits, the dtype that the kernel takes."""
+    return test_fused.make_case(shape, weighted, ignored, torch.float32, seed, scale)
 
 
 def torch_float64(x, y, w, eps, reduction, g):

@@ -29,9 +29,10 @@ def torch_eps(eps: float, smoothing: str, n_classes: int) -> float:
     return eps if smoothing == "uniform" else eps * n_classes / (n_classes - 1)
 
 
-def make_case(shape: tuple[int, ...], weighted: bool, ignored: bool, dtype=torch.float64, seed: int = 0):
+def make_case(shape: tuple[int, ...], weighted: bool, ignored: bool, dtype=torch.float64, seed: int = 0,
+              scale: float = 3.0):
     gen = torch.Generator().manual_seed(seed)
-    x = (3 * torch.randn(shape, generator=gen, dtype=dtype)).requires_grad_()
+    x = (scale * torch.randn(shape, generator=gen, dtype=dtype)).requires_grad_()
     n_classes = shape[1]
     y = torch.randint(0, n_classes, shape[:1] + shape[2:], generator=gen)
     if ignored:
