@@ -16,6 +16,7 @@ after the patch this works on CPUs too:
     fastai_ls.distributed.patch_fastai_for_gloo()
     with learn.distrib_ctx(sync_bn=False, cpu=True):  # SyncBatchNorm is GPU-only; cpu=True: accelerate wraps in DDP
         learn.fit(3)
+    fastai_ls.distributed.teardown_distrib()  # leave the group before Python exits
 
 Or, doing all of that itself (gloo without a GPU, nccl with one), launched one process per worker with
 `torchrun --nproc_per_node 2 train.py` or `accelerate launch`:
@@ -28,6 +29,7 @@ With a single process (no WORLD_SIZE > 1) `distrib_ctx` does nothing, so the sam
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,7 +42,8 @@ from fastai.distributed import DistributedTrainer as FastaiDistributedTrainer
 from fastai.learner import Learner
 from fastai.torch_core import num_distrib, rank_distrib
 
-__all__ = ["DistributedDL", "DistributedTrainer", "setup_distrib", "distrib_ctx", "patch_fastai_for_gloo"]
+__all__ = ["DistributedDL", "DistributedTrainer", "setup_distrib", "teardown_distrib", "distrib_ctx",
+           "patch_fastai_for_gloo"]
 
 
 def _collective_device() -> torch.device:
@@ -81,6 +84,7 @@ class DistributedTrainer(FastaiDistributedTrainer):
 def setup_distrib(backend: str | None = None) -> bool:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT);
     backend default: nccl with CUDA (on the GPU LOCAL_RANK), else gloo. Returns whether this process is distributed.
+    A group joined here is left by `teardown_distrib` when Python exits.
 
     >>> setup_distrib()  # in a single process: nothing to join
     False
@@ -92,7 +96,19 @@ def setup_distrib(backend: str | None = None) -> bool:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend or ("nccl" if cuda else "gloo"), init_method="env://")
+        atexit.register(teardown_distrib)
     return True
+
+
+def teardown_distrib() -> None:
+    """Leave the process group, if one is up. A script that joined one itself should call this last: gloo's worker
+    threads may otherwise still hold tensors while Python shuts down, which aborts the process ('terminate called
+    without an active exception').
+
+    >>> teardown_distrib()  # in a single process: nothing to leave
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextmanager
@@ -103,7 +119,8 @@ def distrib_ctx(
     **kwargs,  # for `accelerate.Accelerator`
 ) -> Iterator[Learner]:
     """Like fastai's `learn.distrib_ctx()`, but on CPU processes (gloo) too: DDP model, sharded data, and
-    logging on rank 0 only. The process group is left running (accelerate keeps a handle to it) until exit.
+    logging on rank 0 only. The process group is left running (accelerate keeps a handle to it) until exit, when
+    `teardown_distrib` leaves it.
     Also applies `patch_fastai_for_gloo`, so `get_preds` on fastai's own `DistributedDL` works afterwards.
 
     >>> with distrib_ctx(learn): learn.fit(1)  # doctest: +SKIP

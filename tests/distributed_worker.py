@@ -18,7 +18,7 @@ from fastai.learner import Learner
 from torch import nn
 
 from fastai_ls import CalibrationCallback, LabelSmoothingCrossEntropy
-from fastai_ls.distributed import distrib_ctx, patch_fastai_for_gloo
+from fastai_ls.distributed import distrib_ctx, patch_fastai_for_gloo, teardown_distrib
 
 N_CLASSES, N_VALID = 5, 53  # an odd validation set: DistributedDL pads the last shard with a repeated item
 VALID_BS = 8
@@ -83,6 +83,7 @@ def main(out: Path) -> None:
     torch.save({**results(learn, cb, wrappers), "fastai": results(fastai_learn, fastai_cb, fastai_wrappers),
                 "n_after": float(cb.state.scalar("n")), "world_size": torch.distributed.get_world_size()},
                out / f"rank{rank}.pt")
+    teardown_distrib()  # this script joined the group itself, so it leaves it too
 
 
 if __name__ == "__main__":

@@ -105,3 +105,27 @@ def test_two_processes_equal_a_single_process_run(two_process_run, entry):
         assert torch.equal(got[..., 0], want[..., 0]), f"{view} counts"  # counts exactly
         torch.testing.assert_close(got, want, rtol=0, atol=1e-9)  # sums of confidence and of correct
     torch.testing.assert_close(distributed.scalars, reference.scalars, rtol=0, atol=1e-9)
+
+
+EXIT_WITH_COLLECTIVES_IN_FLIGHT = """
+import torch
+import torch.distributed as dist
+from fastai_ls.distributed import setup_distrib
+
+setup_distrib()
+for _ in range(1000):
+    dist.all_reduce(torch.ones(1000), async_op=True)
+"""
+
+
+def test_a_process_group_joined_by_setup_distrib_is_left_cleanly_at_exit(tmp_path, free_port):
+    # Without the exit hook gloo's threads still release tensors while Python shuts down: the process aborts with
+    # "terminate called without an active exception" (seen in 6 runs of 6 before the fix).
+    script = tmp_path / "exit_worker.py"
+    script.write_text(EXIT_WITH_COLLECTIVES_IN_FLIGHT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([*torchrun, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
