@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -43,3 +44,10 @@ def _free_port() -> int:
 def free_port():
     """Call it for a TCP port on the loopback interface that nothing listens on now (a process group's)."""
     return _free_port
+
+
+@pytest.fixture(scope="session")
+def torchrun(free_port):
+    """Call it for the command that launches what follows it in 2 processes with torchrun, on a free port."""
+    return lambda: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                    "127.0.0.1", "--master_port", str(free_port())]

@@ -74,10 +74,8 @@ def test_help(tmp_path, command):
 
 
 
-def test_demo_on_two_cpu_processes_reports_once(tmp_path, free_port):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                "127.0.0.1", "--master_port", str(free_port()), "-m"]
-    result = run_cli([*QUICK_DEMO, "--out", "report"], tmp_path, launcher=torchrun)
+def test_demo_on_two_cpu_processes_reports_once(tmp_path, torchrun):
+    result = run_cli([*QUICK_DEMO, "--out", "report"], tmp_path, launcher=[*torchrun(), "-m"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("ECE after temperature scaling") == 1  # only rank 0 prints
     table = pd.read_csv(tmp_path / "report" / "calibration.csv", index_col="metric")

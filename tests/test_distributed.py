@@ -20,12 +20,16 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 
 
 
+def worker_env(**launch) -> dict[str, str]:
+    """The environment of a worker process: one thread, no GPU, this checkout importable, plus `launch`."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]), **launch}
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, free_port) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
-           "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    env = worker_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
     procs = [subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py"), str(out)],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
@@ -118,14 +122,11 @@ for _ in range(1000):
 """
 
 
-def test_a_process_group_joined_by_setup_distrib_is_left_cleanly_at_exit(tmp_path, free_port):
+def test_a_process_group_joined_by_setup_distrib_is_left_cleanly_at_exit(tmp_path, torchrun):
     # Without the exit hook gloo's threads still release tensors while Python shuts down: the process aborts with
     # "terminate called without an active exception" (seen in 6 runs of 6 before the fix).
     script = tmp_path / "exit_worker.py"
     script.write_text(EXIT_WITH_COLLECTIVES_IN_FLIGHT)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                "127.0.0.1", "--master_port", str(free_port())]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([*torchrun, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*torchrun(), str(script)], env=worker_env(), capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
