@@ -39,6 +39,7 @@ import torch.distributed as dist
 from fastai.callback.progress import ProgressCallback
 from fastai.distributed import DistributedDL as FastaiDistributedDL
 from fastai.distributed import DistributedTrainer as FastaiDistributedTrainer
+from fastai.distributed import teardown_distrib  # leaves the process group, if one is up
 from fastai.learner import Learner
 from fastai.torch_core import num_distrib, rank_distrib
 
@@ -84,7 +85,9 @@ class DistributedTrainer(FastaiDistributedTrainer):
 def setup_distrib(backend: str | None = None) -> bool:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT);
     backend default: nccl with CUDA (on the GPU LOCAL_RANK), else gloo. Returns whether this process is distributed.
-    A group joined here is left by `teardown_distrib` when Python exits.
+    A group joined here is left by (fastai's) `teardown_distrib` when Python exits: left up, gloo's worker threads
+    may still hold tensors while Python shuts down, which aborts the process ("terminate called without an active
+    exception").
 
     >>> setup_distrib()  # in a single process: nothing to join
     False
@@ -98,17 +101,6 @@ def setup_distrib(backend: str | None = None) -> bool:
         dist.init_process_group(backend=backend or ("nccl" if cuda else "gloo"), init_method="env://")
         atexit.register(teardown_distrib)
     return True
-
-
-def teardown_distrib() -> None:
-    """Leave the process group, if one is up. A script that joined one itself should call this last: gloo's worker
-    threads may otherwise still hold tensors while Python shuts down, which aborts the process ('terminate called
-    without an active exception').
-
-    >>> teardown_distrib()  # in a single process: nothing to leave
-    """
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @contextmanager
