@@ -8,8 +8,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "fastai_ls._fused_cpu",
-            sources=["fastai_ls/fused_cpu.c"],
+            "fastai_ls.loss._fused_cpu",
+            sources=["fastai_ls/loss/fused_cpu.c"],
             extra_compile_args=["-O3", "-fopenmp"],
             extra_link_args=["-fopenmp"],
             libraries=["m"],

@@ -28,7 +28,8 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.losses import LabelSmoothingCrossEntropy as FastaiLabelSmoothingCrossEntropy
 from torch import Tensor
 
-from fastai_ls import cpu_kernel, label_smoothing_cross_entropy
+from fastai_ls import label_smoothing_cross_entropy
+from fastai_ls.loss import cpu_kernel
 
 EPS = 0.1
 SHAPES = [(64, 37), (256, 1000), (4096, 1000), (2048, 32000), (512, 128000)]

@@ -7,7 +7,8 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     from fastai_ls import distributed
     from fastai_ls.calibration import CalibrationState, calibration_error, calibration_metrics
-    from fastai_ls.callback import CalibrationCallback, plot_history, plot_reliability
+    from fastai_ls.calibration.plots import plot_history, plot_reliability
+    from fastai_ls.callback import CalibrationCallback
     from fastai_ls.digits import digits_learner
     from fastai_ls.losses import (
         LabelSmoothingCrossEntropy,

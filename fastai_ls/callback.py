@@ -1,6 +1,6 @@
 """`CalibrationCallback`: track confidence against accuracy on the validation set during `fit`, and plot it.
 
-The callback is a thin shell around `CalibrationState` (fastai_ls/calibration.py): one `update` per validation
+The callback is a thin shell around `CalibrationState` (fastai_ls/calibration/state.py): one `update` per validation
 batch on the model's device, one `all_reduce` and one read-back per validation pass.
 """
 
@@ -20,25 +20,18 @@ from fastai.learner import ValueMetric
 from fastai.torch_core import TensorMultiCategory
 from torch import Tensor, nn
 
-from fastai_ls.calibration import (
-    CLASSWISE_MAX_CLASSES,
-    METRIC_NAMES,
-    CalibrationState,
-    check_n_bins,
-    class_axis_of,
-    class_rows,
-)
-from fastai_ls.losses import plain
+from fastai_ls.calibration.plots import bin_frame, plot_history, plot_reliability
+from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, METRIC_NAMES, CalibrationState, check_n_bins
+from fastai_ls.predictions import class_axis_of, class_rows
+from fastai_ls.tensor_input import plain
 
 if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["CalibrationCallback", "CalibrationMetric", "plot_reliability", "plot_history", "HISTORY_COLUMNS",
-           "BIN_COLUMNS"]
+__all__ = ["CalibrationCallback", "CalibrationMetric", "HISTORY_COLUMNS"]
 
 HISTORY_COLUMNS = ("epoch",) + METRIC_NAMES
-BIN_COLUMNS = ("lo", "hi", "count", "confidence", "accuracy", "gap")
 # Losses whose targets are not single class ids: the callback refuses them at `before_fit`.
 _NOT_CLASS_ID_LOSSES = (nn.BCEWithLogitsLoss, nn.BCELoss, nn.MultiLabelSoftMarginLoss, nn.MultiLabelMarginLoss,
                         nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.KLDivLoss, nn.GaussianNLLLoss,
@@ -180,17 +173,18 @@ class CalibrationCallback(Callback):
 
     def bins(self, epoch: int = -1) -> pd.DataFrame:
         """The equal-width bins of an epoch (default the last): lo, hi, count, confidence, accuracy, gap."""
-        return bin_frame(self._state_of(epoch))
+        return bin_frame(self.state_of(epoch))
 
     def plot_reliability(self, epoch: int = -1, ax: Axes | None = None, title: str | None = None) -> Figure:
         """Reliability diagram of an epoch (default the last); returns the matplotlib figure."""
-        return plot_reliability(self._state_of(epoch), ax=ax, title=title)
+        return plot_reliability(self.state_of(epoch), ax=ax, title=title)
 
     def plot_history(self) -> Figure:
         """ECE, NLL and accuracy over the epochs of the last fit; returns the matplotlib figure."""
         return plot_history(self.history)
 
-    def _state_of(self, epoch: int) -> CalibrationState:
+    def state_of(self, epoch: int = -1) -> CalibrationState:
+        """The state of an epoch of the last fit (default the last), or of the last pass outside a fit."""
         if not self.states:
             if self.state is None:
                 raise ValueError("no validation pass recorded yet")
@@ -258,75 +252,3 @@ def check_class_id_targets(learn) -> None:
     if is_float or (not isinstance(target, Tensor) and not isinstance(target, numbers.Integral)):
         raise ValueError(f"CalibrationCallback needs integer class-id targets; the validation set yields "
                          f"{type(target).__name__} targets (regression or soft labels?)")
-
-
-# --- tables and plots: work on a bare `CalibrationState` too -----------------------------------------------------
-
-
-def bin_frame(state: CalibrationState) -> pd.DataFrame:
-    """The equal-width bins of a state as a DataFrame: lo, hi, count, confidence, accuracy, gap = conf - acc."""
-    table = state.bin_table()
-    return pd.DataFrame({name: table[name].numpy() for name in BIN_COLUMNS})
-
-
-def _as_state(source, epoch: int = -1) -> CalibrationState:
-    return source._state_of(epoch) if isinstance(source, CalibrationCallback) else source
-
-
-def plot_reliability(
-    source: CalibrationState | CalibrationCallback,  # a state, or a callback (then `epoch` picks the state)
-    ax: Axes | None = None,  # Axes to draw on; None makes a figure with the histogram on its own axes below
-    title: str | None = None,  # shown before the ECE: "<title>: ECE x.xx%"
-    epoch: int = -1,  # the callback's epoch
-) -> Figure:
-    """Reliability diagram: accuracy per bin against the diagonal, the gap shaded, over a confidence histogram.
-
-    >>> fig = plot_reliability(cb, title='LS 0.1')  # or plot_reliability(cb.state, ax=axes[0]) # doctest: +SKIP
-    """
-    import matplotlib.pyplot as plt
-
-    state = _as_state(source, epoch)
-    table = bin_frame(state)
-    if ax is None:
-        fig, (ax, hist_ax) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    else:
-        fig, hist_ax = ax.figure, None
-    width = table.hi - table.lo
-    centre = (table.lo + table.hi) / 2
-    filled = table["count"] > 0
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
-    ax.bar(centre[filled], table.accuracy[filled], width=width[filled], color="tab:blue", edgecolor="black",
-           alpha=0.8, label="accuracy")
-    # Shaded apart from the accuracy bar, so that over- (gap above) and under-confidence read at a glance.
-    ax.bar(centre[filled], table.gap[filled], bottom=table.accuracy[filled], width=width[filled], color="tab:red",
-           alpha=0.3, hatch="//", edgecolor="tab:red", label="gap to confidence")
-    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
-    ece = f"ECE {100 * state.ece('l1'):.2f}%"
-    ax.set_title(ece if title is None else f"{title}: {ece}")
-    ax.legend(loc="upper left", fontsize="small")
-    if hist_ax is None:  # the caller's axes: the histogram as faint bars over the bottom quarter
-        hist_ax, alpha = ax.twinx(), 0.3
-        hist_ax.set_yticks([])
-        hist_ax.set_ylim(0, 4 * max(float(table["count"].max()), 1.0))
-        ax.set_xlabel("confidence")
-    else:
-        alpha = 1.0
-        hist_ax.set(ylabel="count", xlabel="confidence")
-    hist_ax.bar(centre, table["count"], width=width, color="grey", edgecolor="black", alpha=alpha)
-    return fig
-
-
-def plot_history(source: CalibrationCallback | pd.DataFrame) -> Figure:
-    """ECE, NLL and accuracy over epochs, from a `CalibrationCallback` or its `history` DataFrame.
-
-    >>> fig = plot_history(cb)  # doctest: +SKIP
-    """
-    import matplotlib.pyplot as plt
-
-    history = source.history if isinstance(source, CalibrationCallback) else source
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
-    for ax, column, label in zip(axes, ("ece", "nll", "accuracy"), ("ECE", "NLL (nats)", "accuracy")):
-        ax.plot(history["epoch"], history[column], marker="o")
-        ax.set(xlabel="epoch", title=label)
-    fig.tight_layout()
-    return fig

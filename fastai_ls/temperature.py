@@ -16,7 +16,8 @@ from fastai.learner import Learner
 from fastcore.basics import noop
 from torch import Tensor
 
-from fastai_ls.calibration import CalibrationState, class_axis_of, class_rows
+from fastai_ls.calibration.state import CalibrationState
+from fastai_ls.predictions import class_axis_of, class_rows
 
 __all__ = ["TemperatureFit", "fit_temperature", "temperature_from_logits", "apply_temperature", "remove_temperature",
            "TemperatureScaledActivation"]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from fastai_ls import CalibrationState, calibration_error
-from fastai_ls.calibration import METRIC_NAMES
+from fastai_ls.calibration.state import METRIC_NAMES
 
 
 def random_probs(n: int, n_classes: int, seed: int, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:

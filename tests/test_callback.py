@@ -35,7 +35,8 @@ from fastai_ls import (
     plot_reliability,
     remove_temperature,
 )
-from fastai_ls.callback import BIN_COLUMNS, HISTORY_COLUMNS
+from fastai_ls.calibration.plots import BIN_COLUMNS
+from fastai_ls.callback import HISTORY_COLUMNS
 from fastai_ls.temperature import TemperatureScaledActivation
 
 matplotlib.use("Agg")

@@ -1,4 +1,4 @@
-"""The compiled CPU kernel (`fastai_ls/fused_cpu.c`), which the fused path uses for float32 logits on the CPU:
+"""The compiled CPU kernel (`fastai_ls/loss/fused_cpu.c`), which the fused path uses for float32 logits on the CPU:
 checked against PyTorch in float64, and against the torch path that runs where the kernel could not be built."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from fastai_ls import cpu_kernel, label_smoothing_cross_entropy
+from fastai_ls import label_smoothing_cross_entropy
+from fastai_ls.loss import cpu_kernel
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def torch_float64(x, y, w, eps, reduction, g):
 
 
 def test_the_kernel_was_built_by_the_install():
-    assert cpu_kernel.AVAILABLE, "fastai_ls/fused_cpu.c was not compiled: install a C compiler and reinstall"
+    assert cpu_kernel.AVAILABLE, "fastai_ls/loss/fused_cpu.c was not compiled: install a C compiler and reinstall"
 
 
 @pytest.mark.parametrize("shape", [(12, 7), (64, 1000), (3, 5000), (4, 5, 3, 2)])

@@ -1,4 +1,4 @@
-"""The fused path (`fastai_ls/fused.py`): same values and gradients as PyTorch, selected only where it applies."""
+"""The fused path (`fastai_ls/loss/fused.py`): same values and gradients as PyTorch, selected only where it applies."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import fastai_ls.fused as fused_module
+import fastai_ls.loss.functional as functional_module
+import fastai_ls.loss.fused as fused_module
 from fastai_ls import (
     LabelSmoothingCrossEntropy,
     LabelSmoothingCrossEntropyFlat,
     label_smoothing_cross_entropy,
-    triton_kernel,
 )
+from fastai_ls.loss import triton_kernel
 
 FUSED_NODE = "_FusedCrossEntropyBackward"
 
@@ -241,7 +242,7 @@ def test_reference_path_without_grad_for_soft_targets_and_when_asked(monkeypatch
         raise AssertionError("the fused path ran")
 
     x, y, _ = make_case((6, 4), weighted=False, ignored=False)
-    monkeypatch.setattr(fused_module, "fused_cross_entropy", fail)
+    monkeypatch.setattr(functional_module, "fused_cross_entropy", fail)
     with torch.no_grad():
         label_smoothing_cross_entropy(x, y)
     label_smoothing_cross_entropy(x.detach(), y)
@@ -263,12 +264,12 @@ def test_fused_true_forces_the_fused_loss_and_refuses_soft_targets():
 # fresh interpreter. The kernels' loss and gradient are compared with the blockwise torch path's.
 TRITON_INTERPRETER_CHECK = """
 import torch
-from fastai_ls import fused, triton_kernel
-from fastai_ls.losses import _kept_targets
+from fastai_ls.loss import fused, triton_kernel
+from fastai_ls.loss.formula import kept_targets
 
 def loss_and_grad(run, x, y, w, eps, scale, masked):
     # masked=False is the fused path's common case: no row ignored, no mask passed
-    y, ignored, _ = _kept_targets(y, -100, w, torch.float32) if masked else (y, None, None)
+    y, ignored, _ = kept_targets(y, -100, w, torch.float32) if masked else (y, None, None)
     n_classes, grad = x.shape[1], torch.empty_like(x)
     smooth = (eps / n_classes) * scale if w is None else w * ((eps / n_classes) * scale)
     true_class = (1 - eps) * scale if w is None else w[y] * ((1 - eps) * scale)

@@ -9,7 +9,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from fastai_ls.losses import check_eps, label_smoothing_cross_entropy, uniform_eps
+from fastai_ls.loss.formula import check_eps, uniform_eps
+from fastai_ls.loss.functional import label_smoothing_cross_entropy
 
 # The checks printed in the first seed article: two batches of logits, targets [1, 2].
 ARTICLE_LOGITS = {
@@ -44,16 +45,16 @@ def _article(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    from fastai_ls.cli.demo import compare
     from fastai_ls.digits import digits_learner
-    from fastai_ls.report import compare
 
     make = partial(digits_learner, bs=args.bs, max_items=args.max_items, seed=args.seed)
     compare(make, runs(args.eps, baseline=True), epochs=args.epochs, out=args.out, seed=args.seed)
 
 
 def _pets(args: argparse.Namespace) -> None:
+    from fastai_ls.cli.demo import compare
     from fastai_ls.pets import pets_learner
-    from fastai_ls.report import compare
 
     make = partial(pets_learner, path=args.path, arch=args.arch, pretrained=args.pretrained, bs=args.bs,
                    size=args.size, num_workers=args.num_workers, seed=args.seed)

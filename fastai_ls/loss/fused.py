@@ -23,18 +23,17 @@ import math
 import torch
 from torch import Tensor
 
-from fastai_ls import cpu_kernel, triton_kernel
-from fastai_ls.losses import (
-    _cross_entropy,
-    _hard_target_mix,
-    _kept_targets,
-    _nan_for_infinite_logits,
-    _reduce,
+from fastai_ls.loss import cpu_kernel, triton_kernel
+from fastai_ls.loss.formula import (
     check_ids,
-    compute_dtype,
-    upcast,
+    cross_entropy,
+    hard_target_mix,
+    kept_targets,
+    nan_for_infinite_logits,
+    reduce_loss,
     weighted_row_sum,
 )
+from fastai_ls.tensor_input import compute_dtype, upcast
 
 __all__ = ["fused_cross_entropy"]
 
@@ -58,7 +57,7 @@ def fused_cross_entropy(input: Tensor, target: Tensor, eps: float, weight: Tenso
     may_ignore = id_range is None or id_range[0] <= ignore_index <= id_range[1]
     dtype = compute_dtype(input.dtype)
     w = None if weight is None else weight.to(device=input.device, dtype=dtype)
-    y, ignored, divisor = _kept_targets(t, ignore_index, w, dtype, may_ignore)
+    y, ignored, divisor = kept_targets(t, ignore_index, w, dtype, may_ignore)
     return _FusedCrossEntropy.apply(input, y, ignored, w, divisor, eps, reduction, ignore_index)
 
 
@@ -72,7 +71,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
     """Loss and gradient in forward; backward scales the stored gradient in place and hands the buffer out.
 
     `divisor` None selects the C kernel: `y` holds the raw ids, `ignored` is None. Otherwise `y`, `ignored` and
-    `divisor` come from `_kept_targets`."""
+    `divisor` come from `kept_targets`."""
 
     @staticmethod
     def forward(ctx, input: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None,
@@ -95,7 +94,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         ctx.scale = _reciprocal(float(divisor)) if reduction == "mean" and x.is_cpu else 1.0
         ctx.divisor = divisor if reduction == "mean" and not x.is_cpu else None
         loss = _loss_and_grad(x, y, ignored, w, ctx.scale, eps, grad)
-        return _reduce(loss, divisor, reduction, input.shape[:1] + input.shape[2:])
+        return reduce_loss(loss, divisor, reduction, input.shape[:1] + input.shape[2:])
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
@@ -138,11 +137,11 @@ def _loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | Non
     if x.is_cuda and triton_kernel.AVAILABLE and x.dtype != torch.float64:  # the kernels compute in float32
         # No host reads on a GPU: fixing up the N row losses unconditionally is cheaper than stalling the device.
         loss = triton_kernel.loss_and_grad(x, y, ignored, w, scale, eps, smooth, true_class, grad)
-        return _nan_for_infinite_logits(loss if ignored is None else loss.masked_fill_(ignored, 0.0))
+        return nan_for_infinite_logits(loss if ignored is None else loss.masked_fill_(ignored, 0.0))
     loss = _blockwise_loss_and_grad(x, y, ignored, w, scale, eps, smooth, true_class, grad)
     if ignored is not None:
         loss.masked_fill_(ignored, 0.0)
-    return _nan_for_infinite_logits(loss) if bool(loss.isinf().any()) else loss
+    return nan_for_infinite_logits(loss) if bool(loss.isinf().any()) else loss
 
 
 def _blockwise_loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None, scale: float,
@@ -166,9 +165,9 @@ def _blockwise_loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Te
         row_max = xb.amax(1)
         z_y = xb.gather(1, yb).squeeze(1) - row_max
         wz = weighted_row_sum(xb, w) - (n_classes if w is None else w.sum()) * row_max
-        mass, dot = _hard_target_mix(z_y, wz, yb.squeeze(1), eps, w, n_classes)
+        mass, dot = hard_target_mix(z_y, wz, yb.squeeze(1), eps, w, n_classes)
         torch.softmax(xb, 1, out=p)
-        losses.append(_cross_entropy(p.amax(1).log_().neg_(), mass, dot))
+        losses.append(cross_entropy(p.amax(1).log_().neg_(), mass, dot))
         # Turn the softmax into scale * (mass * softmax - w q) without leaving the block: one pass scales and
         # subtracts the smoothing part (-smooth + scale * p, written over p), a scatter the true class's part.
         if w is None:

@@ -2,7 +2,7 @@
 
 Two kernels, one program per row, each walking the row in column blocks: the first reads the logits once for the
 row max, log sum_c exp(x_c - max) (online) and sum_c w_c x_c, the second reads them again and writes the gradient. The
-per-row algebra between them is `losses`' formula on row sums (`_hard_target_mix`, `_cross_entropy`).
+per-row algebra between them is `losses`' formula on row sums (`hard_target_mix`, `cross_entropy`).
 Tested on CPU tensors with Triton's interpreter (TRITON_INTERPRET=1), see tests/test_fused.py.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastai_ls.losses import _cross_entropy, _hard_target_mix
+from fastai_ls.loss.formula import cross_entropy, hard_target_mix
 
 try:
     import triton
@@ -41,8 +41,8 @@ def loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None
     # The formula on the shifted logits z = x - max (as on the other paths, so that small losses stay exact).
     z_y = x.gather(1, y[:, None]).squeeze(1).float() - row_max
     wz = wx - (n_classes if w is None else w.sum()) * row_max
-    mass, dot = _hard_target_mix(z_y, wz, y, eps, w, n_classes)
-    loss = _cross_entropy(log_sum, mass, dot)
+    mass, dot = hard_target_mix(z_y, wz, y, eps, w, n_classes)
+    loss = cross_entropy(log_sum, mass, dot)
     lse = row_max + log_sum
     row_coef = torch.as_tensor(mass, dtype=torch.float32, device=x.device).mul(scale).expand(n_rows).contiguous()
     true_coef = torch.as_tensor(true_class, dtype=torch.float32, device=x.device).expand(n_rows).contiguous()

@@ -12,7 +12,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from fastai_ls.losses import check_ids
+from fastai_ls.loss.formula import check_ids
 
 __all__ = ["AVAILABLE", "accepts", "loss_and_grad"]
 
@@ -21,7 +21,7 @@ PARALLEL_NUMEL = 32768
 
 
 def _load() -> ctypes._CFuncPtr | None:
-    spec = importlib.util.find_spec("fastai_ls._fused_cpu")
+    spec = importlib.util.find_spec("fastai_ls.loss._fused_cpu")
     return None if spec is None or not spec.origin else bind(ctypes.CDLL(spec.origin))
 
 

@@ -9,7 +9,8 @@ import pandas as pd
 from fastai.learner import Learner
 from fastai.torch_core import rank_distrib, set_seed
 
-from fastai_ls.callback import CalibrationCallback, plot_reliability
+from fastai_ls.calibration.plots import plot_reliability
+from fastai_ls.callback import CalibrationCallback
 from fastai_ls.distributed import distrib_ctx
 from fastai_ls.temperature import fit_temperature
 

@@ -18,10 +18,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastai_ls.losses import plain, upcast
+from fastai_ls.calibration.metrics import aurc, binned_errors, equal_mass_bins, max_error, rms_error
+from fastai_ls.tensor_input import upcast
 
-__all__ = ["CalibrationState", "calibration_error", "calibration_metrics", "class_axis_of", "class_rows",
-           "METRIC_NAMES", "NORMS", "CLASSWISE_MAX_CLASSES"]
+__all__ = ["CalibrationState", "check_n_bins", "METRIC_NAMES", "NORMS", "CLASSWISE_MAX_CLASSES"]
 
 NORMS = ("l1", "l2", "max")
 # The metrics a state reports, in the order of `CalibrationCallback.history`'s columns (after `epoch`).
@@ -38,32 +38,6 @@ def check_n_bins(n_bins: int, name: str = "n_bins") -> int:
     if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral) or n_bins < 1:
         raise ValueError(f"{name} must be an int >= 1, got {n_bins!r}")
     return int(n_bins)
-
-
-def class_axis_of(loss_func: object, ndim: int) -> int:
-    """The class axis of `ndim`-dimensional predictions for `loss_func`: its `class_axis` (or fastai's `axis`), and
-    always 1 for (N, C) predictions."""
-    if ndim <= 2:
-        return 1
-    return getattr(loss_func, "class_axis", getattr(loss_func, "axis", 1))
-
-
-def class_rows(pred: Tensor, target: Tensor, loss_func: object = None) -> tuple[Tensor, Tensor]:
-    """(rows, C) predictions and (rows,) class ids from (N, C, ...) or, per `loss_func`'s class axis, (N, ..., C)
-    predictions and their (N, ...) targets: one row per position. Shapes only, so no host synchronisation.
-
-    >>> [tuple(t.shape) for t in class_rows(torch.zeros(2, 5, 7), torch.zeros(2, 7, dtype=torch.long))]
-    [(14, 5), (14,)]
-    """
-    pred, target = plain(pred), plain(target)
-    axis = class_axis_of(loss_func, pred.dim())
-    n_classes = pred.shape[axis]
-    rows = pred.movedim(axis, -1).reshape(-1, n_classes)
-    if target.numel() != rows.shape[0]:
-        raise ValueError(f"need one class id per prediction row: predictions {tuple(pred.shape)} (classes on axis "
-                         f"{axis}), targets {tuple(target.shape)}")
-    return rows, target.reshape(-1)
-
 
 def _bin_of(x: Tensor, n_bins: int) -> Tensor:
     """Index of the bin ((m-1)/M, m/M] holding each float64 value of `x` (0 for x = 0, M - 1 for x >= 1).
@@ -266,13 +240,13 @@ class CalibrationState:
         if n <= 0:
             return {**out, **{name: math.nan for name in METRIC_NAMES if name not in out}}
         bins = self.bins.detach().cpu()
-        ece, over, under = _binned_errors(bins, n)
+        ece, over, under = binned_errors(bins, n)
         out.update(
-            accuracy=s["correct"] / n, confidence=s["confidence"] / n, ece=ece, mce=_max_error(bins),
-            rmsce=_rms_error(bins, n), adaptive_ece=_binned_errors(_equal_mass_bins(self.fine.detach().cpu(),
+            accuracy=s["correct"] / n, confidence=s["confidence"] / n, ece=ece, mce=max_error(bins),
+            rmsce=rms_error(bins, n), adaptive_ece=binned_errors(equal_mass_bins(self.fine.detach().cpu(),
                                                                                     self.n_bins), n)[0],
             classwise_ece=self._classwise_ece(n), overconfidence=over, underconfidence=under,
-            nll=s["nll"] / n, brier=s["brier"] / n, aurc=_aurc(self.fine.detach().cpu()))
+            nll=s["nll"] / n, brier=s["brier"] / n, aurc=aurc(self.fine.detach().cpu()))
         return out
 
     def ece(self, norm: str = "l1") -> float:
@@ -282,95 +256,11 @@ class CalibrationState:
         bins, n = self.bins.detach().cpu(), float(self.scalar("n"))
         if n <= 0:
             return math.nan
-        return {"l1": lambda: _binned_errors(bins, n)[0], "l2": lambda: _rms_error(bins, n),
-                "max": lambda: _max_error(bins)}[norm]()
+        return {"l1": lambda: binned_errors(bins, n)[0], "l2": lambda: rms_error(bins, n),
+                "max": lambda: max_error(bins)}[norm]()
 
     def _classwise_ece(self, n: float) -> float:
         if not self.classwise:
             return math.nan
         per_class = self.class_bins.detach().cpu()  # (C, M, 3)
         return float((per_class[..., 2] - per_class[..., 1]).abs().sum((1,)).mean() / n)
-
-
-# --- metric formulas on (bins, 3) CPU float64 counters: count, sum of confidence, number correct -----------------
-
-
-def _binned_errors(bins: Tensor, n: float) -> tuple[float, float, float]:
-    """ECE and its over- and under-confident parts: sum_m w_m |acc_m - conf_m| = sum_m |correct_m - conf_m| / n."""
-    gap = bins[:, 1] - bins[:, 2]
-    return float(gap.abs().sum() / n), float(gap.clamp_min(0).sum() / n), float((-gap).clamp_min(0).sum() / n)
-
-
-def _max_error(bins: Tensor) -> float:
-    count = bins[:, 0]
-    nonempty = count > 0
-    return float(((bins[nonempty, 1] - bins[nonempty, 2]) / count[nonempty]).abs().max())
-
-
-def _rms_error(bins: Tensor, n: float) -> float:
-    count = bins[:, 0]
-    nonempty = count > 0
-    return math.sqrt(float(((bins[nonempty, 1] - bins[nonempty, 2]) ** 2 / count[nonempty]).sum() / n))
-
-
-def _equal_mass_bins(fine: Tensor, n_bins: int) -> Tensor:
-    """Merge fine bins into `n_bins` bins of about equal count (Mukhoti et al. 2020's adaptive ECE). A fine bin is
-    never split, so the equal-mass edges are exact to the fine grid's width."""
-    count = fine[:, 0]
-    total = count.sum()
-    middle = count.cumsum(0) - count / 2  # a fine bin goes wherever the middle of its mass falls
-    group = (middle * n_bins / total).floor().long().clamp_(0, n_bins - 1)
-    return torch.zeros(n_bins, 3, dtype=fine.dtype).index_add_(0, group, fine)
-
-
-def _harmonic(x: Tensor) -> Tensor:
-    """H(x) = sum_{i<=x} 1/i, extended to real x >= 0 by the digamma function."""
-    return torch.digamma(x + 1) + 0.5772156649015329
-
-
-def _aurc(fine: Tensor) -> float:
-    """Area under the risk-coverage curve (Geifman et al. 2019): the mean over k of the error rate of the k most
-    confident rows. Rows that share a fine bin are taken in random order, and the value is the exact expectation
-    over that order (the expected errors among the first i of a bin with c rows and e errors is e*i/c)."""
-    count, correct = fine.flip(0)[:, 0], fine.flip(0)[:, 2]  # most confident first
-    errors = count - correct
-    nonempty = count > 0
-    before = count.cumsum(0) - count  # K: rows ahead of the bin
-    errors_before = errors.cumsum(0) - errors  # E
-    # sum_{i=1..c} (E + e*i/c) / (K + i) = (E - e*K/c) (H(K + c) - H(K)) + e
-    c = count.clamp_min(1e-300)
-    terms = (errors_before - errors * before / c) * (_harmonic(before + count) - _harmonic(before)) + errors
-    return float(terms[nonempty].sum() / count.sum())
-
-
-def calibration_metrics(
-    probs: Tensor,  # (N, C) probabilities
-    target: Tensor,  # (N,) class ids
-    n_bins: int = 15,  # equal-width bins
-) -> dict[str, float]:
-    """Every metric of `CalibrationState.metrics` for one set of predictions.
-
-    >>> calibration_metrics(torch.tensor([[.9, .1], [.2, .8]]), torch.tensor([0, 0]))['accuracy']
-    0.5
-    """
-    state = CalibrationState(probs.shape[1], n_bins, device=probs.device)
-    state.update(probs, target)
-    return state.metrics()
-
-
-def calibration_error(
-    probs: Tensor,  # (N, C) probabilities
-    target: Tensor,  # (N,) class ids
-    n_bins: int = 15,  # equal-width bins ((m-1)/M, m/M]
-    norm: str = "l1",  # 'l1' (ECE), 'l2' (RMS calibration error) or 'max' (MCE)
-) -> float:
-    """Top-label calibration error; equals torchmetrics' `multiclass_calibration_error` unless a confidence lies
-    exactly on a bin edge (torchmetrics bins [lo, hi) and puts 1.0 in an extra bin).
-
-    >>> probs = torch.tensor([[.25, .20, .55], [.55, .05, .40], [.10, .30, .60], [.90, .05, .05]])
-    >>> round(calibration_error(probs, torch.tensor([0, 1, 2, 0]), n_bins=3, norm='max'), 4)
-    0.2333
-    """
-    state = CalibrationState(probs.shape[1], n_bins, n_fine=1, device=probs.device, classwise=False)
-    state.update(probs, target)
-    return state.ece(norm)

@@ -1,6 +1,6 @@
 /* Fused label-smoothing cross-entropy on float32 CPU rows: loss and gradient in one call, each row in L1 cache.
  *
- * The same formula as losses.py, per row of logits x (C classes, target y):
+ * The same formula as formula.py, per row of logits x (C classes, target y):
  *
  *     z = x - max(x),  s = sum_c exp(z_c)
  *     loss = mass * log(s) - sum_c w_c q_c z_c,           mass = sum_c w_c q_c
