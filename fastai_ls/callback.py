@@ -177,17 +177,18 @@ class CalibrationCallback(Callback):
     @property
     def learn(self) -> Learner | None:
         """The learner this callback is attached to; fastai sets it in `add_cb` and clears it in `remove_cb`."""
-        return self.__dict__.get("_learn")
+        # Kept under the instance key fastai's plain attribute used, so pickles (`learn.export()`) look the same.
+        return self.__dict__.get("learn")
 
     @learn.setter
     def learn(self, learn: Learner | None) -> None:
         # fastai's `remove_cb` sets `learn` to None, also when `fit(cbs=...)`/`validate(cbs=...)` take their callbacks
         # out again and when a fit raised: the moment this callback leaves, so its columns leave with it. Left in
         # `learn.metrics`, they would show its last value, frozen, in every later fit.
-        old = self.__dict__.get("_learn")
+        old = self.__dict__.get("learn")
         if old is not None and old is not learn:
             _remove_columns(old, self)
-        self.__dict__["_learn"] = learn
+        self.__dict__["learn"] = learn
 
     # --- events --------------------------------------------------------------------------------------------------
 
