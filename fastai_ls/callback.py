@@ -142,7 +142,9 @@ class CalibrationCallback(Callback):
     error-like columns (ECE, NLL, Brier...), np.greater for `accuracy`, with `min_delta` keeping its meaning. A
     `comp=np.greater` on an error-like column is taken for fastai's guess and turned round; to keep the highest
     value anyway, pass another comparison, e.g. `comp=operator.gt`. A tracker on one of `METRIC_NAMES` that no
-    callback adds as a column, or on a `train_` column (always NaN), is a ValueError at `before_fit`.
+    callback adds as a column, on a `train_` column (always NaN) or on a misspelt prefix (`valid_ece` without
+    `train_metrics`) is a ValueError at `before_fit` that says what to change (inside `validate()`/`get_preds()`,
+    where fastai's own assert in the tracker would keep `learn.lock`, the tracker sits that pass out).
     """
 
     order = 45  # after MixedPrecision (10, fp32 preds) and DistributedTrainer (11, DistributedDL); before Recorder (50)
@@ -199,21 +201,29 @@ class CalibrationCallback(Callback):
         kept = [m for m in self.learn.metrics
                 if not (isinstance(m, CalibrationMetric) and (m.cb is self or m.cb not in self.learn.cbs))]
         self.learn.metrics = kept + self._metrics
+        validating = _in_validation_context(self.learn)
         try:
+            problems = _tracker_problems(self.learn)
+            if validating:
+                # fastai's own check in these trackers' before_fit (a bare assert) would fail with the lock held; a
+                # callback's `run` comes back at after_fit.
+                for tracker, _ in problems:
+                    tracker.run = False
+            if problems:
+                raise ValueError(problems[0][1])
             check_class_id_targets(self.learn)
-            _check_trackers(self.learn)
             self._align_trackers()
         except Exception as error:
             # Inside validate()/get_preds() fastai fires before_fit while it enters its context managers, with
             # `learn.lock` taken and the `with` not yet started: an error raised here would keep the lock for good and
             # hang every later predict/get_preds. It is raised at the first labelled batch instead, inside the `with`.
-            if not _in_validation_context(self.learn):
+            if not validating:
                 raise
             self._deferred = error
         # fastai fires before_fit/after_fit around `validate()` and `get_preds()` too, and another callback may run
         # those inside a fit: only the outermost fit may start or end the recording. A fit that raised never fired
         # its after_fit; validate/get_preds hold `learn.lock`, so a before_fit without it is a new outermost fit.
-        if not _in_validation_context(self.learn):
+        if not validating:
             self._depth = 0
         self._depth += 1
         if self._depth == 1:
@@ -419,23 +429,29 @@ def _monitored_column(cb: Callback) -> str | None:
     return monitor[len("valid_"):] if monitor.startswith("valid_") else monitor
 
 
-def _check_trackers(learn: Learner) -> None:
-    """A ValueError for a tracker on a calibration metric that no callback adds as a column, or on a `train_` one
-    (always NaN): fastai would fail on the first with a bare AssertionError and silently never improve on the second.
-    """
+def _tracker_problems(learn: Learner) -> list[tuple[TrackerCallback, str]]:
+    """Each fastai tracker on a calibration metric that will not be a column of its own name, with what to change.
+    fastai's own check is a bare assert, which reaches the user as "IndexError: tuple index out of range"."""
     ours = {name for cb in learn.cbs if isinstance(cb, CalibrationCallback) for name in cb.metric_names}
     others = {m.name for m in learn.metrics if not isinstance(m, CalibrationMetric)}
+    recorder = getattr(learn, "recorder", None)
+    prefixed = recorder is not None and recorder.train_metrics and recorder.valid_metrics  # train_/valid_ columns
+    problems = []
     for tracker in learn.cbs:
         column = _monitored_column(tracker)
         if column is None:
             continue
         kind, monitor = type(tracker).__name__, tracker.monitor
         if monitor.startswith("train_") and monitor[len("train_"):] in ours:
-            raise ValueError(f"{kind} monitors {monitor!r}, which is NaN in every epoch: CalibrationCallback scores "
-                             "validation passes only; monitor the validation column")
-        if column in METRIC_NAMES and column not in ours | others:
-            raise ValueError(f"{kind} monitors {monitor!r}, but no callback adds that column; add it with "
-                             f"CalibrationCallback(metrics=(..., {column!r}))")
+            problems.append((tracker, f"{kind} monitors {monitor!r}, which is NaN in every epoch: "
+                                      "CalibrationCallback scores validation passes only"))
+        elif column in METRIC_NAMES and column not in ours | others:
+            problems.append((tracker, f"{kind} monitors {monitor!r}, but no callback adds that column; add it "
+                                      f"with CalibrationCallback(metrics=(..., {column!r}))"))
+        elif column in ours and monitor != (want := f"valid_{column}" if prefixed else column):
+            problems.append((tracker, f"{kind} monitors {monitor!r}, but the column is {want!r} (Recorder's "
+                                      f"train_metrics={bool(prefixed)})"))
+    return problems
 
 
 def check_class_id_targets(learn: Learner) -> None:

@@ -22,7 +22,7 @@ from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learn
 from fastai.callback.tracker import EarlyStoppingCallback, ReduceLROnPlateau, SaveModelCallback
 from fastai.data.core import DataLoaders, Datasets
 from fastai.data.transforms import ItemGetter
-from fastai.learner import Learner, Recorder, load_learner
+from fastai.learner import Learner, load_learner
 from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, MSELossFlat
 from fastai.metrics import accuracy, error_rate
 from fastai.optimizer import SGD
@@ -704,7 +704,8 @@ def test_trackers_on_calibration_columns_compare_the_right_way(tmp_path, tracker
 
 def test_a_tracker_on_the_valid_column_of_train_metrics_is_turned_round_too(tmp_path):
     tracker = EarlyStoppingCallback(monitor="valid_ece", patience=5)
-    learn = make_learner([CalibrationCallback(), Recorder(train_metrics=True)], path=tmp_path)
+    learn = make_learner(CalibrationCallback(), path=tmp_path)
+    learn.recorder.train_metrics = True
     with quiet(learn):
         learn.fit(1, 1e-2, cbs=tracker)
     assert "valid_ece" in learn.recorder.metric_names and tracker.comp is np.less
@@ -720,15 +721,35 @@ def test_a_comparison_of_the_users_own_is_kept(tmp_path, comp):
     assert tracker.comp is comp and tracker.min_delta == min_delta
 
 
-@pytest.mark.parametrize("monitor,train_metrics,match", [
+TRACKER_MISTAKES = [
     ("nll", False, r"monitors 'nll', but no callback adds that column; .*metrics=\(\.\.\., 'nll'\)"),
-    ("train_ece", True, "NaN in every epoch")])
+    ("train_ece", True, "NaN in every epoch"),
+    ("valid_ece", False, r"the column is 'ece' \(Recorder's train_metrics=False\)"),
+    ("ece", True, r"the column is 'valid_ece' \(Recorder's train_metrics=True\)")]
+
+
+@pytest.mark.parametrize("monitor,train_metrics,match", TRACKER_MISTAKES)
 def test_a_tracker_on_a_calibration_metric_that_is_no_column_fails_clearly_at_before_fit(monitor, train_metrics,
                                                                                         match):
-    learn = make_learner([CalibrationCallback(metrics="ece"), Recorder(train_metrics=train_metrics)])
+    """fastai's own check is a bare assert, which reaches the user as "IndexError: tuple index out of range"."""
+    learn = make_learner(CalibrationCallback(metrics="ece"))
+    learn.recorder.train_metrics = train_metrics
     with quiet(learn), pytest.raises(ValueError, match=match) as info:
         learn.fit(1, 1e-2, cbs=EarlyStoppingCallback(monitor=monitor))
     assert "before_fit" in str(info.value)
+
+
+@pytest.mark.parametrize("monitor,train_metrics,match", TRACKER_MISTAKES)
+def test_a_tracker_on_a_calibration_metric_that_is_no_column_leaves_validate_usable(monitor, train_metrics, match):
+    """In validate() fastai's assert in the tracker's before_fit would keep `learn.lock` for good."""
+    valid = items(N_VALID, 2)
+    learn = datasets_learner([CalibrationCallback(metrics="ece"), EarlyStoppingCallback(monitor=monitor)], valid)
+    learn.recorder.train_metrics = train_metrics
+    with quiet(learn), pytest.raises(ValueError, match=match):
+        learn.validate()
+    assert not learn.lock.locked()
+    with quiet(learn):
+        assert "value" in finishes(lambda: learn.predict(valid[0]))
 
 
 class Scale(nn.Module):
