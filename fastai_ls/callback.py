@@ -7,17 +7,19 @@ batch on the model's device, one `all_reduce` and one read-back per validation p
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.tracker import TrackerCallback
 from fastai.distributed import DistributedDL
-from fastai.learner import ValueMetric
+from fastai.learner import Learner, ValueMetric
 from fastai.torch_core import TensorMultiCategory
+from fastai.vision.core import PILBase, PILMask
 from torch import Tensor, nn
 
 from fastai_ls.calibration.plots import bin_frame, plot_history, plot_reliability
@@ -29,47 +31,120 @@ if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["CalibrationCallback", "CalibrationMetric", "HISTORY_COLUMNS"]
+__all__ = ["CalibrationCallback", "CalibrationMetric", "HISTORY_COLUMNS", "METRIC_COMPARISONS"]
 
 HISTORY_COLUMNS = ("epoch",) + METRIC_NAMES
 # Losses whose targets are not single class ids: the callback refuses them at `before_fit`.
 _NOT_CLASS_ID_LOSSES = (nn.BCEWithLogitsLoss, nn.BCELoss, nn.MultiLabelSoftMarginLoss, nn.MultiLabelMarginLoss,
                         nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.KLDivLoss, nn.GaussianNLLLoss,
                         nn.PoissonNLLLoss)
+# Which way is better for each column, for fastai's trackers (SaveModelCallback, EarlyStoppingCallback,
+# ReduceLROnPlateau). fastai guesses np.greater for every name without "loss" or "error" (REFERENCE.md §4): the wrong
+# way for all the error-like columns, which `CalibrationCallback.before_fit` turns round. `n` (rows scored) and
+# `confidence` (mean top-label probability) measure no quality: they keep np.greater, fastai's own guess, and a user
+# who wants the best-calibrated epoch monitors `ece` or `nll`.
+METRIC_COMPARISONS = {
+    "n": np.greater, "n_invalid": np.less, "accuracy": np.greater, "confidence": np.greater,
+    "ece": np.less, "mce": np.less, "rmsce": np.less, "adaptive_ece": np.less, "classwise_ece": np.less,
+    "overconfidence": np.less, "underconfidence": np.less, "nll": np.less, "brier": np.less, "aurc": np.less,
+}
 
 
 class CalibrationMetric(ValueMetric):
-    """One calibration metric of a `CalibrationCallback` as a fastai metric (a progress-table column)."""
+    """One calibration metric of a `CalibrationCallback` as a fastai metric: a progress-table column.
+
+    The callback makes one for each name in its `metrics`; a user never needs to.
+
+    Parameters
+    ----------
+    cb : CalibrationCallback
+        The callback whose validation passes the column reports.
+    metric_name : str
+        The column's name, one of `METRIC_NAMES`.
+    """
 
     def __init__(self, cb: CalibrationCallback, metric_name: str):
+        """Column `metric_name` of `cb`."""
         super().__init__(func=None, metric_name=metric_name)
         self.cb = cb
 
     @property
     def value(self) -> float:
+        """The metric of the validation pass that just ended; NaN if that pass had no labels to score."""
         # With `Recorder(train_metrics=True)` fastai also asks after training, when there is no training value.
-        learn = getattr(self.cb, "learn", None)
-        if learn is not None and getattr(learn, "training", False):
+        learn = self.cb.learn
+        if (learn is not None and getattr(learn, "training", False)) or not self.cb._scored:
             return math.nan
         return self.cb.last_metrics.get(self.metric_name, math.nan)
 
 
 class CalibrationCallback(Callback):
-    """Record calibration metrics of every validation pass; `metrics` become progress-table columns.
+    """Calibration metrics of every validation pass, counted on the model's device; `metrics` become columns.
 
-    >>> cb = CalibrationCallback(n_bins=15, metrics=('ece', 'nll'))  # learn.fit_one_cycle(4, cbs=cb); cb.history
-    >>> cb.name
+    Parameters
+    ----------
+    n_bins : int, default 15
+        Equal-width confidence bins for ECE, MCE, RMSCE, classwise ECE and the reliability diagram.
+    metrics : str or sequence of str, default ('ece',)
+        The metrics to add as columns to fastai's progress table, and so to `CSVLogger` and to what
+        `SaveModelCallback`, `EarlyStoppingCallback` and `ReduceLROnPlateau` can monitor: any of `METRIC_NAMES`.
+        Every metric is computed either way and lands in `history` and `last_metrics`.
+    n_fine : int, default 1000
+        Fine equal-width bins behind adaptive ECE and AURC: their resolution in confidence.
+    classwise : bool or None, default None
+        Keep classwise ECE. None keeps it for at most `CLASSWISE_MAX_CLASSES` classes and leaves it NaN above (a
+        language model's vocabulary): it needs 3 * C * n_bins counters and per-batch work in proportion to the
+        predictions' size, and at large C it mostly measures the calibration of p ~ 0.
+
+    Attributes
+    ----------
+    history : pandas.DataFrame
+        One row per epoch of the last fit, columns `HISTORY_COLUMNS`.
+    states : list of CalibrationState
+        The counters of each epoch of the last fit (on the CPU): what `bins`, `plot_reliability` and `state_of` read.
+    state : CalibrationState or None
+        The counters of the last scored validation pass, in a fit or not.
+    last_metrics : dict of str to float
+        The metrics of `state` (every name of `METRIC_NAMES`); {} before the first scored pass.
+
+    Examples
+    --------
+    >>> from fastai.callback.tracker import SaveModelCallback
+    >>> cb = CalibrationCallback(n_bins=15, metrics=('ece', 'nll'))
+    >>> cb.name  # so `learn.calibration` once it is attached
     'calibration'
+    >>> learn.fit_one_cycle(4, cbs=[cb, SaveModelCallback(monitor='ece')])  # doctest: +SKIP
+    >>> cb.history[['epoch', 'ece', 'nll']]  # doctest: +SKIP
 
-    In `fit`, each epoch's validation pass adds one row to `history` and one state to `states`; both restart with
-    every `fit`, like `learn.recorder.values`. Any other validation pass (`learn.validate()`, `learn.get_preds()`,
-    also on another `dl`, and also when another callback runs one inside a fit) only replaces `state` and
-    `last_metrics`, so it never adds to, resets or double counts in the history. Only validation batches are seen,
-    with hard labels, so MixUp/CutMix in training do not matter.
+    Notes
+    -----
+    Passes: in `fit`, each epoch's validation pass adds one row to `history` and one state to `states`; both restart
+    with every `fit`, like `learn.recorder.values`. Any other validation pass (`learn.validate()`,
+    `learn.get_preds()`, on any `dl`, also when another callback runs one inside a fit) only replaces `state` and
+    `last_metrics`, so it never adds to, resets or double counts in the history. A pass without labels
+    (`learn.predict(item)`, `get_preds` on an unlabelled `test_dl`) has nothing to score: `state` and `last_metrics`
+    both keep the last scored pass, and that pass's columns are NaN. Only validation batches are seen, with hard
+    labels, so MixUp/CutMix in training do not matter.
 
-    Classwise ECE needs 3 * C * n_bins counters and per-batch work in proportion to the predictions' size; by default
-    (`classwise=None`) it is kept for up to `CLASSWISE_MAX_CLASSES` classes and is NaN above (a language model's
-    vocabulary), where it mostly measures the calibration of p ~ 0 anyway.
+    Targets: integer class ids, one per item, or one per position of dense (N, C, d1, ...) predictions on the loss's
+    class axis: segmentation masks (`MaskBlock`, `SegmentationDataLoaders`, `unet_learner`), token ids. Targets equal
+    to the loss's `ignore_index` are left out. Multi-label, soft or regression targets are refused with a ValueError:
+    at `before_fit` in `fit`; inside `validate()`/`get_preds()` at the first labelled batch, so that fastai releases
+    `learn.lock` and the learner stays usable (`predict` still works).
+
+    Columns: they sit in `learn.metrics` while the callback is attached and leave with it (after
+    `learn.fit(n, cbs=cb)`, `learn.validate(cbs=cb)`, `learn.remove_cb(cb)`, also when a fit raised), so no later fit
+    records a frozen value.
+
+    Trackers: fastai's `TrackerCallback`s take a column without "loss" or "error" in its name for higher-is-better.
+    For a tracker on one of this callback's columns (`monitor='ece'`, or `'valid_ece'` under
+    `Recorder(train_metrics=True)`), `before_fit` sets the direction from `METRIC_COMPARISONS`: np.less for the
+    error-like columns (ECE, NLL, Brier...), np.greater for `accuracy`, with `min_delta` keeping its meaning. A
+    `comp=np.greater` on an error-like column is taken for fastai's guess and turned round; to keep the highest
+    value anyway, pass another comparison, e.g. `comp=operator.gt`. A tracker on one of `METRIC_NAMES` that no
+    callback adds as a column, on a `train_` column (always NaN) or on a misspelt prefix (`valid_ece` without
+    `train_metrics`) is a ValueError at `before_fit` that says what to change (inside `validate()`/`get_preds()`,
+    where fastai's own assert in the tracker would keep `learn.lock`, the tracker sits that pass out).
     """
 
     order = 45  # after MixedPrecision (10, fp32 preds) and DistributedTrainer (11, DistributedDL); before Recorder (50)
@@ -77,11 +152,12 @@ class CalibrationCallback(Callback):
 
     def __init__(
         self,
-        n_bins: int = 15,  # equal-width bins for ECE, MCE, RMSCE, classwise ECE and the reliability diagram
-        metrics: Sequence[str] = ("ece",),  # columns to add to the progress table, any of `METRIC_NAMES`
-        n_fine: int = 1000,  # fine bins behind adaptive ECE and AURC (their resolution in confidence)
-        classwise: bool | None = None,  # classwise ECE; None: only with at most `CLASSWISE_MAX_CLASSES` classes
+        n_bins: int = 15,
+        metrics: Sequence[str] | str = ("ece",),
+        n_fine: int = 1000,
+        classwise: bool | None = None,
     ):
+        """Check the arguments; the counters are made at the first validation batch, once C is known."""
         self.n_bins, self.n_fine = check_n_bins(n_bins), check_n_bins(n_fine, "n_fine")
         self.classwise = classwise
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
@@ -90,47 +166,92 @@ class CalibrationCallback(Callback):
             raise ValueError(f"unknown calibration metrics {unknown}; choose from {METRIC_NAMES}")
         self.metric_names = tuple(dict.fromkeys(metrics))
         self._metrics = [CalibrationMetric(self, m) for m in self.metric_names]
-        self.state: CalibrationState | None = None  # the last completed validation pass, on the CPU
+        self.state: CalibrationState | None = None  # the last scored validation pass, on the CPU
         self.states: list[CalibrationState] = []  # one per epoch of the last fit, on the CPU
-        self.last_metrics: dict[str, float] = {}
+        self.last_metrics: dict[str, float] = {}  # the metrics of `state`
         self._rows: list[dict] = []
         self._pass: CalibrationState | None = None
         self._new_fit, self._in_fit, self._warned_invalid, self._sharded = False, False, False, False
+        self._scored = False  # whether the validation pass that just ended had labels to score
+        self._deferred: Exception | None = None  # an error of before_fit inside validate()/get_preds(), raised later
         self._depth = 0  # how many fits (fastai's own or those around validate/get_preds) are running
+
+    @property
+    def learn(self) -> Learner | None:
+        """The learner this callback is attached to; fastai sets it in `add_cb` and clears it in `remove_cb`."""
+        # Kept under the instance key fastai's plain attribute used, so pickles (`learn.export()`) look the same.
+        return self.__dict__.get("learn")
+
+    @learn.setter
+    def learn(self, learn: Learner | None) -> None:
+        # fastai's `remove_cb` sets `learn` to None, also when `fit(cbs=...)`/`validate(cbs=...)` take their callbacks
+        # out again and when a fit raised: the moment this callback leaves, so its columns leave with it. Left in
+        # `learn.metrics`, they would show its last value, frozen, in every later fit.
+        old = self.__dict__.get("learn")
+        if old is not None and old is not learn:
+            _remove_columns(old, self)
+        self.__dict__["learn"] = learn
 
     # --- events --------------------------------------------------------------------------------------------------
 
     def before_fit(self):
-        check_class_id_targets(self.learn)
+        """Check the targets and trackers, add this callback's columns to `learn.metrics`, set trackers' direction."""
+        self._deferred = None
         # Replace this callback's columns (and those of callbacks since removed) so repeated fits add none twice.
         kept = [m for m in self.learn.metrics
                 if not (isinstance(m, CalibrationMetric) and (m.cb is self or m.cb not in self.learn.cbs))]
         self.learn.metrics = kept + self._metrics
+        validating = _in_validation_context(self.learn)
+        try:
+            problems = _tracker_problems(self.learn)
+            if validating:
+                # fastai's own check in these trackers' before_fit (a bare assert) would fail with the lock held; a
+                # callback's `run` comes back at after_fit.
+                for tracker, _ in problems:
+                    tracker.run = False
+            if problems:
+                raise ValueError(problems[0][1])
+            check_class_id_targets(self.learn)
+            self._align_trackers()
+        except Exception as error:
+            # Inside validate()/get_preds() fastai fires before_fit while it enters its context managers, with
+            # `learn.lock` taken and the `with` not yet started: an error raised here would keep the lock for good and
+            # hang every later predict/get_preds. It is raised at the first labelled batch instead, inside the `with`.
+            if not validating:
+                raise
+            self._deferred = error
         # fastai fires before_fit/after_fit around `validate()` and `get_preds()` too, and another callback may run
         # those inside a fit: only the outermost fit may start or end the recording. A fit that raised never fired
         # its after_fit; validate/get_preds hold `learn.lock`, so a before_fit without it is a new outermost fit.
-        if not _in_validation_context(self.learn):
+        if not validating:
             self._depth = 0
         self._depth += 1
         if self._depth == 1:
             self._new_fit, self._in_fit = True, False
 
     def before_train(self):
+        """Start a new history at a fit's first training phase."""
         # Only a real fit trains, so the history restarts here rather than around a bare validation pass.
         if self._new_fit and not hasattr(self.learn, "lr_finder"):
             self.states, self._rows = [], []
             self._new_fit, self._in_fit = False, True
 
     def before_validate(self):
-        self._pass = None  # allocated at the first batch, when the number of classes is known
-        self.last_metrics = {}
+        """Start a pass."""
+        # The counters are made at the first labelled batch, when the number of classes is known; `state` and
+        # `last_metrics` keep the last scored pass until this one is scored.
+        self._pass, self._scored = None, False
         # Only a pass over shards is summed over processes: after `distrib_ctx`, `get_preds` on any rank sees the
         # whole data set, with the process group still up.
         self._sharded = isinstance(self.learn.dl, DistributedDL)
 
     def after_batch(self):
-        if len(self.yb) == 0:  # `get_preds` on an unlabelled test set: nothing to score against
+        """Add the batch's predictions and targets to the pass's counters, on their device."""
+        if len(self.yb) == 0:  # `predict`, or `get_preds` on an unlabelled test set: nothing to score against
             return
+        if self._deferred is not None:
+            error, self._deferred = self._deferred, None
+            raise error
         probs, target, rows_per_item = self._rows_of_batch(self.pred, self.yb[0])
         if self._pass is None:
             n_classes = probs.shape[1]
@@ -142,11 +263,12 @@ class CalibrationCallback(Callback):
                                                                              None))
 
     def after_validate(self):
-        if self._pass is None:
+        """Bring the pass's counters to the CPU (summed over processes if sharded): `state`, `last_metrics`, a row."""
+        if self._pass is None:  # no labelled batch: `state` and `last_metrics` stay those of the last scored pass
             return
         state = self._pass.all_reduce() if self._sharded else self._pass
         state, self._pass = state.to("cpu"), None  # the one host synchronisation of the pass
-        self.state, self.last_metrics = state, state.metrics()
+        self.state, self.last_metrics, self._scored = state, state.metrics(), True
         n_bad = float(state.scalar("n_bad_target"))
         if n_bad:
             raise ValueError(f"{n_bad:.0f} validation targets are not class ids in [0, {state.n_classes})")
@@ -159,32 +281,89 @@ class CalibrationCallback(Callback):
             self._rows.append({"epoch": self.epoch, **self.last_metrics})
 
     def after_fit(self):
+        """End the recording at the end of the outermost fit."""
         # Not also in after_cancel_fit: fastai fires after_fit after it.
+        self._deferred = None
         self._depth = max(self._depth - 1, 0)
         if self._depth == 0:
             self._in_fit = False
+
+    def _align_trackers(self) -> None:
+        """Give fastai's trackers on this callback's columns the direction of `METRIC_COMPARISONS`."""
+        for tracker in self.learn.cbs:
+            column = _monitored_column(tracker)
+            if column not in self.metric_names:
+                continue
+            want = METRIC_COMPARISONS.get(column)
+            if want is None:
+                warnings.warn(f"CalibrationCallback does not know whether a higher or a lower {column!r} is better; "
+                              f"{type(tracker).__name__} keeps comp={tracker.comp}", stacklevel=2)
+            elif want is np.less and tracker.comp is np.greater:
+                tracker.comp, tracker.min_delta = np.less, -tracker.min_delta
+                tracker.best = None  # a best kept from an earlier fit (reset_on_fit=False) was the worst one
 
     # --- results -------------------------------------------------------------------------------------------------
 
     @property
     def history(self) -> pd.DataFrame:
-        """One row per epoch of the last fit: `epoch` and every metric of `METRIC_NAMES`."""
+        """One row per epoch of the last fit: `epoch` and every metric of `METRIC_NAMES` (`HISTORY_COLUMNS`).
+
+        >>> CalibrationCallback().history.columns[:5].tolist()
+        ['epoch', 'n', 'n_invalid', 'accuracy', 'confidence']
+        """
         return pd.DataFrame(self._rows, columns=list(HISTORY_COLUMNS))
 
     def bins(self, epoch: int = -1) -> pd.DataFrame:
-        """The equal-width bins of an epoch (default the last): lo, hi, count, confidence, accuracy, gap."""
+        """The equal-width bins of one epoch: lo, hi, count, confidence, accuracy, gap = confidence - accuracy.
+
+        Parameters
+        ----------
+        epoch : int, default -1
+            Index into the epochs of the last fit (-1: the last); outside a fit's history, the last scored pass.
+
+        Examples
+        --------
+        >>> cb.bins()  # after learn.fit(...): one row per bin  # doctest: +SKIP
+        """
         return bin_frame(self.state_of(epoch))
 
     def plot_reliability(self, epoch: int = -1, ax: Axes | None = None, title: str | None = None) -> Figure:
-        """Reliability diagram of an epoch (default the last); returns the matplotlib figure."""
+        """Reliability diagram of one epoch; returns the matplotlib figure.
+
+        Parameters
+        ----------
+        epoch : int, default -1
+            Index into the epochs of the last fit (-1: the last); outside a fit's history, the last scored pass.
+        ax : matplotlib Axes, optional
+            Axes to draw on; None makes a figure with the count histogram on its own axes below.
+        title : str, optional
+            Shown before the ECE in the title: "<title>: ECE x.xx%".
+
+        Examples
+        --------
+        >>> fig = cb.plot_reliability(title='LS 0.1')  # doctest: +SKIP
+        """
         return plot_reliability(self.state_of(epoch), ax=ax, title=title)
 
     def plot_history(self) -> Figure:
-        """ECE, NLL and accuracy over the epochs of the last fit; returns the matplotlib figure."""
+        """ECE, NLL and accuracy over the epochs of the last fit; returns the matplotlib figure.
+
+        >>> fig = cb.plot_history()  # doctest: +SKIP
+        """
         return plot_history(self.history)
 
     def state_of(self, epoch: int = -1) -> CalibrationState:
-        """The state of an epoch of the last fit (default the last), or of the last pass outside a fit."""
+        """The counters of one epoch of the last fit, or of the last scored pass if no fit was recorded.
+
+        Parameters
+        ----------
+        epoch : int, default -1
+            Index into `states`, the epochs of the last fit (-1: the last).
+
+        Examples
+        --------
+        >>> cb.state_of(0).metrics()['ece']  # the first epoch's ECE  # doctest: +SKIP
+        """
         if not self.states:
             if self.state is None:
                 raise ValueError("no validation pass recorded yet")
@@ -234,8 +413,66 @@ def _padding_weight(dl, n_items: int, rows_per_item: int, device: torch.device) 
     return keep.repeat_interleave(rows_per_item) if rows_per_item > 1 else keep
 
 
-def check_class_id_targets(learn) -> None:
-    """Raise a ValueError if the learner's targets are clearly not single class ids (multi-label, regression)."""
+def _remove_columns(learn: Learner, cb: CalibrationCallback) -> None:
+    """Take `cb`'s columns out of `learn.metrics` (the other metrics keep their order)."""
+    metrics = getattr(learn, "metrics", None)
+    if metrics is not None and any(isinstance(m, CalibrationMetric) and m.cb is cb for m in metrics):
+        learn.metrics = [m for m in metrics if not (isinstance(m, CalibrationMetric) and m.cb is cb)]
+
+
+def _monitored_column(cb: Callback) -> str | None:
+    """The column a fastai tracker monitors, without the `valid_` prefix of `Recorder(train_metrics=True)`; None for
+    any other callback."""
+    if not isinstance(cb, TrackerCallback):
+        return None
+    monitor = cb.monitor
+    return monitor[len("valid_"):] if monitor.startswith("valid_") else monitor
+
+
+def _tracker_problems(learn: Learner) -> list[tuple[TrackerCallback, str]]:
+    """Each fastai tracker on a calibration metric that will not be a column of its own name, with what to change.
+    fastai's own check is a bare assert, which reaches the user as "IndexError: tuple index out of range"."""
+    ours = {name for cb in learn.cbs if isinstance(cb, CalibrationCallback) for name in cb.metric_names}
+    others = {m.name for m in learn.metrics if not isinstance(m, CalibrationMetric)}
+    recorder = getattr(learn, "recorder", None)
+    prefixed = recorder is not None and recorder.train_metrics and recorder.valid_metrics  # train_/valid_ columns
+    problems = []
+    for tracker in learn.cbs:
+        column = _monitored_column(tracker)
+        if column is None:
+            continue
+        kind, monitor = type(tracker).__name__, tracker.monitor
+        if monitor.startswith("train_") and monitor[len("train_"):] in ours:
+            problems.append((tracker, f"{kind} monitors {monitor!r}, which is NaN in every epoch: "
+                                      "CalibrationCallback scores validation passes only"))
+        elif column in METRIC_NAMES and column not in ours | others:
+            problems.append((tracker, f"{kind} monitors {monitor!r}, but no callback adds that column; add it "
+                                      f"with CalibrationCallback(metrics=(..., {column!r}))"))
+        elif column in ours and monitor != (want := f"valid_{column}" if prefixed else column):
+            problems.append((tracker, f"{kind} monitors {monitor!r}, but the column is {want!r} (Recorder's "
+                                      f"train_metrics={bool(prefixed)})"))
+    return problems
+
+
+def check_class_id_targets(learn: Learner) -> None:
+    """Raise a ValueError if the learner's targets are clearly not class ids.
+
+    Refused: a multi-label or regression loss (`BCEWithLogitsLossFlat`, `MSELossFlat`...), and a first validation
+    item whose target is multi-label (`TensorMultiCategory`), floating point, boolean, or an image other than a mask
+    (image-to-image regression). Accepted: integer class ids, one per item or dense (`PILMask` from `MaskBlock` and
+    `SegmentationDataLoaders`, token ids). A target this cannot judge before batching is left to the check that
+    every validation batch gets (integer dtype, one target per prediction row).
+
+    Parameters
+    ----------
+    learn : Learner
+        The learner; its `loss_func` and the last element of `dls.valid_ds[0]` (item transforms not yet applied) are
+        read, nothing is changed.
+
+    Examples
+    --------
+    >>> check_class_id_targets(unet_learner(dls, resnet18, pretrained=False))  # masks pass  # doctest: +SKIP
+    """
     loss_func = learn.loss_func
     inner = getattr(loss_func, "func", loss_func)  # fastai's `BaseLoss` wraps the torch loss in `.func`
     if isinstance(inner, _NOT_CLASS_ID_LOSSES):
@@ -245,10 +482,27 @@ def check_class_id_targets(learn) -> None:
         target = learn.dls.valid_ds[0][-1]
     except Exception:
         return
-    if isinstance(target, TensorMultiCategory):
-        raise ValueError("CalibrationCallback needs single-label classification; the targets are multi-label "
-                         "(TensorMultiCategory)")
-    is_float = target.is_floating_point() if isinstance(target, Tensor) else isinstance(target, float)
-    if is_float or (not isinstance(target, Tensor) and not isinstance(target, numbers.Integral)):
+    problem = _not_class_ids(target)
+    if problem:
         raise ValueError(f"CalibrationCallback needs integer class-id targets; the validation set yields "
-                         f"{type(target).__name__} targets (regression or soft labels?)")
+                         f"{type(target).__name__} targets ({problem})")
+
+
+def _not_class_ids(target: object) -> str | None:
+    """Why one dataset target is certainly not class ids, or None (class ids, or a type only its batch can tell)."""
+    if isinstance(target, TensorMultiCategory):
+        return "multi-label: use a single-label loss and CategoryBlock"
+    if isinstance(target, PILMask):  # a segmentation mask: one class id per pixel
+        return None
+    if isinstance(target, PILBase):
+        return "an image is a regression target"
+    dtype = getattr(target, "dtype", None)  # tensors, NumPy arrays and scalars
+    if isinstance(dtype, torch.dtype):
+        kind = "b" if dtype == torch.bool else "f" if dtype.is_floating_point or dtype.is_complex else "i"
+    elif isinstance(dtype, np.dtype):
+        kind = dtype.kind
+    else:
+        kind = "b" if isinstance(target, bool) else "f" if isinstance(target, (float, complex)) else "i"
+    if kind == "b":
+        return "booleans: make them class ids, e.g. with CategoryBlock"
+    return "regression or soft labels?" if kind in "fc" else None

@@ -10,17 +10,44 @@ __all__ = ["class_axis_of", "class_rows"]
 
 
 def class_axis_of(loss_func: object, ndim: int) -> int:
-    """The class axis of `ndim`-dimensional predictions for `loss_func`: its `class_axis` (or fastai's `axis`), and
-    always 1 for (N, C) predictions."""
+    """The class axis of `ndim`-dimensional predictions for `loss_func`.
+
+    Parameters
+    ----------
+    loss_func : object
+        The learner's loss; its `class_axis` (fastai_ls's losses) or `axis` (fastai's flattened losses) is read, 1 if
+        it has neither.
+    ndim : int
+        The predictions' number of dimensions; (N, C) predictions (`ndim` <= 2) always have their classes on axis 1.
+
+    Examples
+    --------
+    >>> from fastai.losses import CrossEntropyLossFlat
+    >>> class_axis_of(CrossEntropyLossFlat(axis=-1), 3), class_axis_of(CrossEntropyLossFlat(axis=-1), 2)
+    (-1, 1)
+    """
     if ndim <= 2:
         return 1
     return getattr(loss_func, "class_axis", getattr(loss_func, "axis", 1))
 
 
 def class_rows(pred: Tensor, target: Tensor, loss_func: object = None) -> tuple[Tensor, Tensor]:
-    """(rows, C) predictions and (rows,) class ids from (N, C, ...) or, per `loss_func`'s class axis, (N, ..., C)
-    predictions and their (N, ...) targets: one row per position. Shapes only, so no host synchronisation.
+    """(rows, C) predictions and (rows,) class ids: one row per position of dense predictions.
 
+    Shapes only, never values, so no host synchronisation. A ValueError if the targets do not hold one class id per
+    prediction row.
+
+    Parameters
+    ----------
+    pred : Tensor
+        (N, C) or dense (N, C, d1, ...) predictions, or, per `loss_func`'s class axis, (N, d1, ..., C).
+    target : Tensor
+        The class ids: (N,), or (N, d1, ...) for dense predictions (segmentation masks, token ids).
+    loss_func : object, optional
+        The learner's loss, for its class axis (`class_axis_of`); None: axis 1.
+
+    Examples
+    --------
     >>> import torch
     >>> [tuple(t.shape) for t in class_rows(torch.zeros(2, 5, 7), torch.zeros(2, 7, dtype=torch.long))]
     [(14, 5), (14,)]

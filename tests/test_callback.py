@@ -1,9 +1,12 @@
-"""CalibrationCallback in fastai: columns, history, get_preds outside fit, bad input, no host sync, temperature."""
+"""CalibrationCallback in fastai: columns, history, get_preds outside fit, segmentation, trackers, bad input (and a
+usable learner after it), no host sync, temperature."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import operator
+import threading
 import warnings
 
 import matplotlib
@@ -16,12 +19,16 @@ from fastai.callback.core import Callback
 from fastai.callback.mixup import MixUp
 from fastai.callback.progress import CSVLogger
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner.fit_one_cycle)
+from fastai.callback.tracker import EarlyStoppingCallback, ReduceLROnPlateau, SaveModelCallback
 from fastai.data.core import DataLoaders, Datasets
 from fastai.data.transforms import ItemGetter
 from fastai.learner import Learner, load_learner
-from fastai.losses import BCEWithLogitsLossFlat, MSELossFlat
+from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, MSELossFlat
 from fastai.metrics import accuracy, error_rate
-from fastai.torch_core import set_seed
+from fastai.optimizer import SGD
+from fastai.torch_core import TensorMultiCategory, set_seed
+from fastai.vision.core import PILImage, PILMask
+from PIL import Image
 from torch import nn
 from torchmetrics.functional.classification import multiclass_calibration_error
 
@@ -36,7 +43,8 @@ from fastai_ls import (
     remove_temperature,
 )
 from fastai_ls.calibration.plots import BIN_COLUMNS
-from fastai_ls.callback import HISTORY_COLUMNS
+from fastai_ls.calibration.state import METRIC_NAMES
+from fastai_ls.callback import HISTORY_COLUMNS, METRIC_COMPARISONS, check_class_id_targets
 from fastai_ls.temperature import TemperatureScaledActivation
 
 matplotlib.use("Agg")
@@ -71,6 +79,35 @@ def quiet(learn):
     return learn.no_bar()
 
 
+def datasets_learner(cb, valid: list, loss_func=None, model=None, target_tfm=None, **kwargs) -> Learner:
+    """A learner on fastai `Datasets` (which `learn.predict` needs) of (x, y) pairs: `items(128, 1)` to train on (with
+    y in the form of `valid`'s), `valid` to validate on."""
+    train = [(x, valid[0][1]) for x, _ in items(128, 1)]
+    tfms = [[ItemGetter(0)], [ItemGetter(1)] + ([target_tfm] if target_tfm else [])]
+    dsets = Datasets(train + valid, tfms, splits=(list(range(len(train))), list(range(len(train), len(train) +
+                                                                                         len(valid)))))
+    return make_learner(cb, model=model, loss_func=loss_func, dls=dsets.dataloaders(bs=16, num_workers=0,
+                                                                                      device="cpu"), **kwargs)
+
+
+def finishes(call, timeout: float = 60.0) -> dict:
+    """Run `call` in a thread: {'value': ...} or {'error': ...}; fails (instead of hanging the suite) if it is still
+    running after `timeout` seconds, as `predict`/`get_preds` are when `learn.lock` was left held."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = call()
+        except Exception as e:
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"still blocked after {timeout} s: learn.lock was left held"
+    return out
+
+
 # --- progress table, Recorder, CSVLogger ---------------------------------------------------------------------------
 
 
@@ -95,10 +132,33 @@ def test_fitting_again_adds_no_duplicate_columns():
         learn.fit(1, 1e-2)
     assert list(learn.recorder.metric_names).count("ece") == 1
     assert [m.name for m in learn.metrics] == ["accuracy", "ece"]
-    learn.remove_cb(cb)
+    learn.remove_cb(cb)  # its column leaves with it
+    assert [m.name for m in learn.metrics] == ["accuracy"]
     with quiet(learn):
-        learn.fit(1, 1e-2, cbs=CalibrationCallback(metrics=("nll",)))  # the removed callback's column goes too
-    assert [m.name for m in learn.metrics] == ["accuracy", "nll"]
+        learn.fit(1, 1e-2, cbs=CalibrationCallback(metrics=("nll",)))
+    assert list(learn.recorder.metric_names)[3:5] == ["accuracy", "nll"]
+
+
+def test_a_callback_passed_to_fit_takes_its_columns_away_and_later_fits_record_none(tmp_path):
+    """Issue 12: after `learn.fit(n, cbs=CalibrationCallback())` its `ece` column stayed in `learn.metrics`, and every
+    later fit printed and recorded (CSVLogger too) its last value, frozen."""
+    learn = make_learner(metrics=accuracy, path=tmp_path)
+    cb = CalibrationCallback(metrics=("ece", "nll"))
+    with quiet(learn):
+        learn.fit(2, 1e-2, cbs=[cb, CSVLogger(fname="with.csv")])
+    assert [m.name for m in learn.metrics] == ["accuracy"]
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "with.csv")["ece"], cb.history["ece"], rtol=1e-5)
+    with quiet(learn):
+        learn.fit(1, 1e-2, cbs=CSVLogger(fname="later.csv"))
+    columns = ["epoch", "train_loss", "valid_loss", "accuracy", "time"]
+    assert list(learn.recorder.metric_names) == columns
+    assert list(pd.read_csv(tmp_path / "later.csv").columns) == columns
+    with quiet(learn):
+        record = learn.validate(cbs=CalibrationCallback())  # the column is there for this pass only
+    assert len(record) == 3 and [m.name for m in learn.metrics] == ["accuracy"]
+    with quiet(learn), pytest.raises(RuntimeError, match="interrupted"):
+        learn.fit(3, 1e-2, cbs=[CalibrationCallback(), FailInSecondEpoch()])  # after_fit never fires
+    assert [m.name for m in learn.metrics] == ["accuracy"]
 
 
 def test_history_has_the_documented_columns_one_row_per_epoch_and_restarts_with_fit():
@@ -145,6 +205,24 @@ def test_get_preds_outside_fit_replaces_state_without_touching_history():
         learn.validate()
     assert float(cb.state.scalar("n")) == N_VALID
     assert cb.last_metrics["ece"] == pytest.approx(history["ece"].iloc[-1])
+
+
+def test_a_pass_without_labels_keeps_state_and_last_metrics_on_the_last_scored_pass():
+    """Issue 12: after `learn.predict()`, `last_metrics` was {} while `state` still held the previous pass."""
+    cb = CalibrationCallback()
+    valid = items(N_VALID, 2)
+    learn = datasets_learner(cb, valid)
+    with quiet(learn):
+        learn.validate()
+    state, scored = cb.state, dict(cb.last_metrics)
+    with quiet(learn):
+        learn.predict(valid[0])
+        unlabelled = learn.validate(dl=learn.dls.test_dl(valid[:20]))
+    assert cb.state is state and cb.last_metrics == scored == state.metrics()
+    assert math.isnan(unlabelled[-1])  # the column of a pass without labels shows no score, not the last one
+    with quiet(learn):
+        learn.get_preds(dl=learn.dls.test_dl(valid[:20], with_labels=True))
+    assert cb.last_metrics == cb.state.metrics() and cb.last_metrics["n"] == 20
 
 
 class PredictEveryEpoch(Callback):
@@ -301,6 +379,68 @@ def test_dense_predictions_count_every_position():
                                                    abs=1e-6)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: for a few 32 x 32 images, syncing torch's threads costs more than the convolutions (on a
+    busy 2-core machine the unet test below took 12 s with two threads, 2 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_unet_learner_on_segmentation_masks_is_scored_per_labelled_pixel(tmp_path, one_thread):
+    """Issue 12: `unet_learner` on `SegmentationDataLoaders` with the callback failed at before_fit ("PILMask
+    targets"). Masks are class ids per pixel; the void value 255 is left out through the loss's ignore_index."""
+    from fastai.vision.data import SegmentationDataLoaders
+    from fastai.vision.learner import unet_learner
+    from torchvision.models import resnet18
+
+    rng = np.random.default_rng(0)
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    for i in range(4):
+        image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        mask = (image[..., 0] // 86).astype(np.uint8)  # classes 0, 1, 2 from the red channel
+        mask[:4] = 255  # a void band
+        Image.fromarray(image).save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray(mask).save(tmp_path / "masks" / f"{i}.png")
+    dls = SegmentationDataLoaders.from_label_func(
+        tmp_path, sorted((tmp_path / "images").glob("*.png")), lambda f: tmp_path / "masks" / f.name,
+        codes=["low", "mid", "high"], valid_pct=0.5, seed=0, bs=2, num_workers=0, device="cpu")
+    cb = CalibrationCallback(n_bins=10)
+    learn = unet_learner(dls, resnet18, pretrained=False, n_out=3, cbs=cb,
+                         loss_func=CrossEntropyLossFlat(axis=1, ignore_index=255))
+    learn.freeze()  # the encoder frozen, as `unet_learner` leaves a pretrained one: the test's time is the decoder's
+    with quiet(learn):
+        learn.fit(1, 1e-3)
+        probs, target = learn.get_preds()
+    assert probs.shape == (2, 3, 32, 32) and target.shape == (2, 32, 32)
+    labelled = int((target != 255).sum())
+    assert labelled == 2 * 28 * 32 and cb.history["n"].tolist() == [labelled] and cb.last_metrics["n"] == labelled
+    want = multiclass_calibration_error(probs, target, 3, 10, ignore_index=255)
+    assert cb.last_metrics["ece"] == pytest.approx(float(want), abs=1e-6)
+    assert cb.history["ece"].iloc[0] == pytest.approx(cb.last_metrics["ece"], abs=1e-6)  # same model, same pixels
+
+
+@pytest.mark.parametrize("target", [PILMask.create(np.zeros((4, 4), np.uint8)), torch.tensor([3, 1, 2]),
+                                    np.array([[1, 0], [2, 2]]), np.int64(2), 3],
+                         ids=["PILMask", "token ids", "int array", "numpy int", "int"])
+def test_class_ids_of_any_shape_pass_the_target_check(target):
+    learn = make_learner(dls=DataLoaders.from_dsets(items(4, 1), [(torch.zeros(8), target)], bs=1, num_workers=0))
+    check_class_id_targets(learn)
+
+
+@pytest.mark.parametrize("target,reason", [
+    (PILImage.create(np.zeros((4, 4, 3), np.uint8)), "image is a regression target"),
+    (np.zeros(3, np.float32), "regression or soft labels"), (0.5, "regression or soft labels"),
+    (torch.tensor(True), "booleans"), (TensorMultiCategory(torch.tensor([0.0, 1.0])), "multi-label")])
+def test_targets_that_are_certainly_not_class_ids_fail_the_target_check(target, reason):
+    learn = make_learner(dls=DataLoaders.from_dsets(items(4, 1), [(torch.zeros(8), target)], bs=1, num_workers=0))
+    with pytest.raises(ValueError, match=reason):
+        check_class_id_targets(learn)
+
+
 def test_classwise_ece_is_off_by_default_above_1000_classes():
     wide, narrow = CalibrationCallback(), CalibrationCallback()
     for cb, n_classes in ((wide, 1001), (narrow, 1000)):
@@ -406,6 +546,53 @@ def test_a_learner_without_single_class_id_targets_fails_at_before_fit(loss_func
     assert "single-label" in str(info.value) or "integer class-id" in str(info.value)
 
 
+def multi_hot(y):
+    return TensorMultiCategory(y)
+
+
+def broken_learner(case: str) -> tuple[Learner, list, str]:
+    """A learner on which the callback raises in a validation pass: (learner, its validation items, error regex)."""
+    valid = items(N_VALID, 2)
+    floats = [(x, (x[:N_CLASSES] > 0).float()) for x, _ in valid]
+    if case == "multi-label loss":
+        return datasets_learner(CalibrationCallback(), floats, BCEWithLogitsLossFlat()), floats, "single-label"
+    if case == "regression loss":
+        return datasets_learner(CalibrationCallback(), floats, MSELossFlat()), floats, "single-label"
+    if case == "float targets":
+        return datasets_learner(CalibrationCallback(), floats, mean_logit_loss), floats, "integer class-id"
+    if case == "multi-label targets":
+        learn = datasets_learner(CalibrationCallback(), floats, mean_logit_loss, target_tfm=multi_hot)
+        return learn, floats, "multi-label"
+    if case == "targets not one per row":  # (N, C, 3) predictions, one target per item
+        learn = datasets_learner(CalibrationCallback(), valid, mean_logit_loss, model=DenseHead())
+        return learn, valid, "one class id per prediction row"
+    if case == "out-of-range targets":
+        bad = [(x, torch.tensor(N_CLASSES + 1) if i == 7 else y) for i, (x, y) in enumerate(valid)]
+        return datasets_learner(CalibrationCallback(), bad, mean_logit_loss), bad, "not class ids"
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("call", ["validate", "get_preds"])
+@pytest.mark.parametrize("case", ["multi-label loss", "regression loss", "float targets", "multi-label targets",
+                                  "targets not one per row", "out-of-range targets"])
+def test_an_error_inside_validate_or_get_preds_leaves_the_learner_usable(case, call):
+    """Issue 12: an error raised in before_fit inside `validate()`/`get_preds()` kept `learn.lock`, and the next
+    `predict`/`get_preds` hung for good. Target errors now surface at the first labelled batch (or at the end of the
+    pass), inside fastai's `with`; a pass without labels (`predict`) has nothing to score and works."""
+    learn, valid, match = broken_learner(case)
+    with quiet(learn), pytest.raises(ValueError, match=match):
+        getattr(learn, call)()
+    assert not learn.lock.locked()
+    with quiet(learn):
+        predicted = finishes(lambda: learn.predict(valid[0]))
+        again = finishes(getattr(learn, call))
+    assert "value" in predicted, predicted.get("error")
+    assert isinstance(again.get("error"), ValueError) and match in str(again["error"])  # the same error, no hang
+    learn.remove_cb(learn.calibration)
+    with quiet(learn):
+        assert "value" in finishes(learn.get_preds)
+
+
 # --- no host synchronisation in the per-batch path -----------------------------------------------------------------
 
 
@@ -491,6 +678,128 @@ def test_the_per_batch_update_never_synchronises_with_the_gpu():
     with quiet(learn):
         learn.fit(1, 1e-2)
     assert cb.history["n"].iloc[0] == N_VALID
+
+
+# --- fastai's trackers on calibration columns ---------------------------------------------------------------------
+
+
+def test_every_calibration_column_has_a_tracker_direction():
+    assert set(METRIC_COMPARISONS) == set(METRIC_NAMES)
+    lower = {name for name, comp in METRIC_COMPARISONS.items() if comp is np.less}
+    assert lower == {"n_invalid", "ece", "mce", "rmsce", "adaptive_ece", "classwise_ece", "overconfidence",
+                     "underconfidence", "nll", "brier", "aurc"}
+    assert all(METRIC_COMPARISONS[name] is np.greater for name in set(METRIC_NAMES) - lower)
+
+
+@pytest.mark.parametrize("tracker_cls", [SaveModelCallback, EarlyStoppingCallback, ReduceLROnPlateau])
+@pytest.mark.parametrize("monitor,comp", [("ece", np.less), ("nll", np.less), ("accuracy", np.greater)])
+def test_trackers_on_calibration_columns_compare_the_right_way(tmp_path, tracker_cls, monitor, comp):
+    tracker = tracker_cls(monitor=monitor, min_delta=0.01)
+    assert tracker.comp is np.greater  # fastai's guess from a name without "loss" or "error"
+    learn = make_learner(CalibrationCallback(metrics=("ece", "nll", "accuracy")), path=tmp_path)
+    with quiet(learn):
+        learn.fit(1, 1e-2, cbs=tracker)
+    assert tracker.comp is comp and tracker.min_delta == (-0.01 if comp is np.less else 0.01)
+
+
+def test_a_tracker_on_the_valid_column_of_train_metrics_is_turned_round_too(tmp_path):
+    tracker = EarlyStoppingCallback(monitor="valid_ece", patience=5)
+    learn = make_learner(CalibrationCallback(), path=tmp_path)
+    learn.recorder.train_metrics = True
+    with quiet(learn):
+        learn.fit(1, 1e-2, cbs=tracker)
+    assert "valid_ece" in learn.recorder.metric_names and tracker.comp is np.less
+
+
+@pytest.mark.parametrize("comp", [np.less, operator.gt])
+def test_a_comparison_of_the_users_own_is_kept(tmp_path, comp):
+    tracker = SaveModelCallback(monitor="ece", comp=comp, min_delta=0.01)
+    min_delta = tracker.min_delta  # fastai already made it negative for np.less
+    learn = make_learner(CalibrationCallback(), path=tmp_path)
+    with quiet(learn):
+        learn.fit(1, 1e-2, cbs=tracker)
+    assert tracker.comp is comp and tracker.min_delta == min_delta
+
+
+TRACKER_MISTAKES = [
+    ("nll", False, r"monitors 'nll', but no callback adds that column; .*metrics=\(\.\.\., 'nll'\)"),
+    ("train_ece", True, "NaN in every epoch"),
+    ("valid_ece", False, r"the column is 'ece' \(Recorder's train_metrics=False\)"),
+    ("ece", True, r"the column is 'valid_ece' \(Recorder's train_metrics=True\)")]
+
+
+@pytest.mark.parametrize("monitor,train_metrics,match", TRACKER_MISTAKES)
+def test_a_tracker_on_a_calibration_metric_that_is_no_column_fails_clearly_at_before_fit(monitor, train_metrics,
+                                                                                        match):
+    """fastai's own check is a bare assert, which reaches the user as "IndexError: tuple index out of range"."""
+    learn = make_learner(CalibrationCallback(metrics="ece"))
+    learn.recorder.train_metrics = train_metrics
+    with quiet(learn), pytest.raises(ValueError, match=match) as info:
+        learn.fit(1, 1e-2, cbs=EarlyStoppingCallback(monitor=monitor))
+    assert "before_fit" in str(info.value)
+
+
+@pytest.mark.parametrize("monitor,train_metrics,match", TRACKER_MISTAKES)
+def test_a_tracker_on_a_calibration_metric_that_is_no_column_leaves_validate_usable(monitor, train_metrics, match):
+    """In validate() fastai's assert in the tracker's before_fit would keep `learn.lock` for good."""
+    valid = items(N_VALID, 2)
+    learn = datasets_learner([CalibrationCallback(metrics="ece"), EarlyStoppingCallback(monitor=monitor)], valid)
+    learn.recorder.train_metrics = train_metrics
+    with quiet(learn), pytest.raises(ValueError, match=match):
+        learn.validate()
+    assert not learn.lock.locked()
+    with quiet(learn):
+        assert "value" in finishes(lambda: learn.predict(valid[0]))
+
+
+class Scale(nn.Module):
+    """Logits times one trained scale."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(scale))
+
+    def forward(self, x):
+        return self.scale * x
+
+
+def overshooting_learner(cb, path) -> Learner:
+    """Fixed logits times a scale, trained from 2.5 towards 0.5, the optimum for training labels drawn at half the
+    validation labels' sharpness: on the way it passes 1, where the validation set is calibrated. Full-batch SGD, so
+    the validation ECE falls for some epochs, then rises, the same in every run."""
+    g = torch.Generator().manual_seed(0)
+    train_logits, valid_logits = 2 * torch.randn(1000, 10, generator=g), 2 * torch.randn(1000, 10, generator=g)
+    train_y = torch.multinomial((train_logits / 2).softmax(1), 1, generator=g).squeeze(1)
+    valid_y = torch.multinomial(valid_logits.softmax(1), 1, generator=g).squeeze(1)
+    dsets = Datasets(list(zip(train_logits, train_y)) + list(zip(valid_logits, valid_y)),
+                     [[ItemGetter(0)], [ItemGetter(1)]], splits=(list(range(1000)), list(range(1000, 2000))))
+    learn = Learner(dsets.dataloaders(bs=1000, num_workers=0, device="cpu"), Scale(2.5),
+                    loss_func=CrossEntropyLossFlat(), opt_func=SGD, lr=0.3, cbs=cb, path=path)
+    learn.logger = lambda *a, **k: None  # noqa: E731
+    return learn
+
+
+def test_save_model_callback_on_ece_reloads_the_best_calibrated_epoch(tmp_path):
+    """Issue 12: `SaveModelCallback(monitor='ece')` kept the highest ECE, and so reloaded the worst-calibrated epoch."""
+    cb = CalibrationCallback()
+    learn = overshooting_learner(cb, tmp_path)
+    with quiet(learn), contextlib.redirect_stdout(None):
+        learn.fit(6, cbs=SaveModelCallback(monitor="ece"))
+        learn.validate()
+    ece = cb.history["ece"]
+    assert 0 < ece.idxmin() < 5 and ece.idxmax() == 0  # fastai's guess would have reloaded epoch 0
+    assert cb.last_metrics["ece"] == pytest.approx(ece.min())
+
+
+def test_early_stopping_on_ece_does_not_stop_while_ece_improves(tmp_path):
+    """Issue 12: `EarlyStoppingCallback(monitor='ece')` stopped as the ECE improved."""
+    cb = CalibrationCallback()
+    learn = overshooting_learner(cb, tmp_path)
+    with quiet(learn), contextlib.redirect_stdout(None):
+        learn.fit(10, cbs=EarlyStoppingCallback(monitor="ece", patience=1))
+    ece = cb.history["ece"].tolist()
+    assert 3 < len(ece) < 10  # fastai's guess would have stopped after epoch 1
+    assert all(a > b for a, b in zip(ece[:-2], ece[1:-1])) and ece[-1] > ece[-2]  # stopped at the first rise
 
 
 # --- temperature scaling -------------------------------------------------------------------------------------------
