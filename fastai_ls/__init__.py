@@ -1,10 +1,17 @@
-"""Label smoothing and calibration for fastai."""
+"""Label smoothing and calibration for fastai.
 
+`import fastai_ls` is cheap: each public name is imported from its module on first use (PEP 562), so that the
+package, and the `fastai-ls` command's parser, load neither torch nor fastai until a name that needs them is used.
+`from fastai_ls import X` and `fastai_ls.X` work as with eager imports.
+"""
+
+from __future__ import annotations
+
+import importlib
 import warnings
+from typing import TYPE_CHECKING, Any
 
-with warnings.catch_warnings():
-    # fastai 2.8 applies torch.jit.script at import time, which torch 2.10+ deprecates: noise our users cannot act on.
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+if TYPE_CHECKING:  # for IDEs and type checkers; at run time `__getattr__` below imports each name on first use
     from fastai_ls import distributed
     from fastai_ls.calibration import CalibrationState, calibration_error, calibration_metrics
     from fastai_ls.calibration.plots import plot_history, plot_reliability
@@ -15,14 +22,54 @@ with warnings.catch_warnings():
         LabelSmoothingCrossEntropyFlat,
         label_smoothing_cross_entropy,
     )
-    from fastai_ls.pets import pets_learner
+    from fastai_ls.pets import make_pets_like_tree, pets_learner
     from fastai_ls.temperature import TemperatureFit, apply_temperature, fit_temperature, remove_temperature
 
 __version__ = "0.1.0"
+
+# Each public name and the module that defines it; a submodule is named by itself.
+_SOURCES = {
+    "LabelSmoothingCrossEntropy": "fastai_ls.losses",
+    "LabelSmoothingCrossEntropyFlat": "fastai_ls.losses",
+    "label_smoothing_cross_entropy": "fastai_ls.losses",
+    "CalibrationState": "fastai_ls.calibration",
+    "calibration_error": "fastai_ls.calibration",
+    "calibration_metrics": "fastai_ls.calibration",
+    "CalibrationCallback": "fastai_ls.callback",
+    "plot_history": "fastai_ls.calibration.plots",
+    "plot_reliability": "fastai_ls.calibration.plots",
+    "TemperatureFit": "fastai_ls.temperature",
+    "apply_temperature": "fastai_ls.temperature",
+    "fit_temperature": "fastai_ls.temperature",
+    "remove_temperature": "fastai_ls.temperature",
+    "pets_learner": "fastai_ls.pets",
+    "make_pets_like_tree": "fastai_ls.pets",
+    "digits_learner": "fastai_ls.digits",
+    "distributed": "fastai_ls.distributed",
+}
 __all__ = [
     "LabelSmoothingCrossEntropy", "LabelSmoothingCrossEntropyFlat", "label_smoothing_cross_entropy",
     "CalibrationState", "calibration_error", "calibration_metrics",
     "CalibrationCallback", "plot_history", "plot_reliability",
     "TemperatureFit", "apply_temperature", "fit_temperature", "remove_temperature",
-    "pets_learner", "digits_learner", "distributed",
-]
+    "pets_learner", "make_pets_like_tree", "digits_learner", "distributed",
+]  # the same names as `_SOURCES` and the imports above (tests/test_package.py checks it)
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first use (then it is an ordinary attribute of the package)."""
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module 'fastai_ls' has no attribute {name!r}")
+    with warnings.catch_warnings():
+        # fastai 2.8 applies torch.jit.script at import time, which torch 2.10+ deprecates: noise our users cannot
+        # act on. (A module imported directly, `from fastai_ls.pets import ...`, shows it as `import fastai` does.)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+        module = importlib.import_module(source)
+    value = module if source == f"{__name__}.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

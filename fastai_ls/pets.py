@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 # Importing these registers `Learner.fit_one_cycle` and fastai's progress bars, as `fastai.vision.all` would.
@@ -11,8 +14,9 @@ import fastai.callback.schedule  # noqa: F401
 import numpy as np
 import torchvision
 from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.core import DataLoaders
 from fastai.data.external import URLs, fastai_path, untar_data
-from fastai.data.transforms import Normalize, RandomSplitter, RegexLabeller, get_image_files
+from fastai.data.transforms import IndexSplitter, Normalize, RandomSplitter, RegexLabeller, get_image_files
 from fastai.learner import Learner
 from fastai.metrics import error_rate
 from fastai.vision.augment import Resize, aug_transforms
@@ -23,6 +27,7 @@ from fastcore.basics import using_attr
 from PIL import Image
 
 from fastai_ls.callback import CalibrationCallback
+from fastai_ls.dataloaders import check_split
 from fastai_ls.losses import LabelSmoothingCrossEntropy
 
 # The breed is the file name up to the last `_<digits>.jpg`: breeds contain underscores (american_pit_bull_terrier).
@@ -30,16 +35,34 @@ PETS_PATTERN = r"^(.+)_\d+\.jpg$"
 
 
 def pets_images(path: str | Path | None = None) -> Path:
-    """The folder of Pets images: `path` (the extracted archive or its `images/`), else `untar_data(URLs.PETS)`."""
+    """The folder of Pets images: `path` (the extracted archive or its `images/`), else `untar_data(URLs.PETS)`.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        The extracted `oxford-iiit-pet` folder or its `images/`. None: `untar_data(URLs.PETS)`, which uses an
+        extracted copy in fastai's data folder (`~/.fastai/data`, or `$FASTAI_HOME/data`) with no network, and
+        otherwise downloads the archive (800 MB).
+
+    Returns
+    -------
+    Path
+        The folder holding the images.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there are no images there, or no copy and no network: the message says where to put them.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     pets_images(make_pets_like_tree(folder)).name
+    'images'
+    """
     if path is None:
-        try:
-            path = untar_data(URLs.PETS)
-        except OSError as err:  # offline: fastdownload found no extracted copy and could not download the archive
-            expected = fastai_path("data") / "oxford-iiit-pet"
-            raise FileNotFoundError(
-                f"Oxford-IIIT Pets is not in {expected} and could not be downloaded from {URLs.PETS} ({err}). "
-                "Download and extract that archive there, or pass path= the extracted folder (holding images/)."
-            ) from err
+        path = _untar_pets()
     path = Path(path).expanduser()
     images = path / "images" if (path / "images").is_dir() else path
     if not images.is_dir() or not get_image_files(images):
@@ -48,32 +71,141 @@ def pets_images(path: str | Path | None = None) -> Path:
     return images
 
 
+def _untar_pets() -> Path:
+    """`untar_data(URLs.PETS)`, or a `FileNotFoundError` that says where to put the data when there is no copy
+    and no network."""
+    expected = fastai_path("data") / "oxford-iiit-pet"
+    archive = fastai_path("archive") / URLs.PETS.rsplit("/", 1)[-1]
+    try:
+        if not expected.exists() and not archive.exists():
+            # fastdownload starts its progress bar before it opens the URL, and fastprogress's console bar prints
+            # a block character (U+2588) and a carriage return on stdout: offline, that character would stand in
+            # front of our error. So ask the server first.
+            _reach(URLs.PETS)
+        return untar_data(URLs.PETS)
+    except OSError as err:  # offline: no extracted copy, and the archive could not be downloaded
+        raise FileNotFoundError(
+            f"Oxford-IIIT Pets is not in {expected} and could not be downloaded from {URLs.PETS} ({err}). "
+            "Download and extract that archive there, or pass path= the extracted folder (holding images/)."
+        ) from err
+
+
+def _reach(url: str, timeout: float = 30) -> None:
+    """Raise an `OSError` if `url`'s server cannot be reached (an HTTP error status is left to the download)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass
+
+
+def check_pets_names(items: Sequence[Path]) -> None:
+    """Raise a `ValueError` naming a file whose name gives no breed (`<breed>_<n>.jpg`), or the one breed if all
+    files give the same: a classifier needs two.
+
+    Parameters
+    ----------
+    items : sequence of Path
+        The image files.
+
+    Examples
+    --------
+    >>> check_pets_names([Path("beagle_1.jpg"), Path("american_pit_bull_terrier_12.jpg")])
+    >>> check_pets_names([Path("pets/beagle_1.jpg"), Path("pets/holiday.png")])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: pets/holiday.png is not named <breed>_<n>.jpg like the Oxford-IIIT Pets images ...
+    """
+    wrong = sorted(item for item in items if not re.match(PETS_PATTERN, Path(item).name))
+    if wrong:
+        raise ValueError(f"{wrong[0]} is not named <breed>_<n>.jpg like the Oxford-IIIT Pets images (e.g. "
+                         "Abyssinian_1.jpg, american_pit_bull_terrier_12.jpg): the breed is read from the file name "
+                         f"({len(wrong)} of {len(items)} images do not match)")
+    breeds = {re.match(PETS_PATTERN, Path(item).name)[1] for item in items}
+    if len(breeds) == 1:
+        raise ValueError(f"every image is named {breeds.pop()}_<n>.jpg ({Path(items[0]).name}, ...): the breed is "
+                         "read from the file name up to _<n>.jpg, and a classifier needs two breeds or more")
+
+
 def pets_dataloaders(
-    images: Path,  # folder of `<breed>_<n>.jpg` files
-    bs: int = 64,  # batch size
-    presize: int = 460,  # per-item resize, larger than `size`, so the batch augmentations crop without black borders
-    size: int = 224,  # training image size
-    min_scale: float = 0.75,  # smallest random crop, as a share of the image
-    valid_pct: float = 0.2,  # share of images held out for validation
-    seed: int = 42,  # seed of the random split
-    num_workers: int | None = None,  # DataLoader workers (None: fastai's default)
-):
-    """fastai's presizing pipeline for Pets: labels from file names, `Resize(presize)`, `aug_transforms(size)`."""
+    images: Path,
+    bs: int = 64,
+    presize: int = 460,
+    size: int = 224,
+    min_scale: float = 0.75,
+    valid_pct: float = 0.2,
+    seed: int = 42,
+    num_workers: int | None = None,
+) -> DataLoaders:
+    """fastai's presizing pipeline for Pets: labels from file names, `Resize(presize)`, `aug_transforms(size)`.
+
+    Parameters
+    ----------
+    images : Path
+        Folder of `<breed>_<n>.jpg` files (other files, such as the archive's `.mat`, are skipped).
+    bs : int, default 64
+        Batch size.
+    presize : int, default 460
+        Per-item resize, larger than `size`, so that the batch augmentations crop without black borders.
+    size : int, default 224
+        Training image size.
+    min_scale : float, default 0.75
+        Smallest random crop, as a share of the image.
+    valid_pct : float, default 0.2
+        Share of images held out for validation (a random split).
+    seed : int, default 42
+        Seed of the random split.
+    num_workers : int, optional
+        DataLoader workers (None: fastai's default).
+
+    Returns
+    -------
+    DataLoaders
+
+    Raises
+    ------
+    ValueError
+        If a file name does not give a breed, or the split leaves no training batch (`bs` larger than the training
+        set) or no validation image.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     dls = pets_dataloaders(pets_images(make_pets_like_tree(folder)), bs=8, presize=40, size=32)
+    ...     len(dls.train_ds), len(dls.valid_ds), dls.vocab
+    (26, 6, ['Abyssinian', 'Egyptian_Mau', 'american_pit_bull_terrier', 'beagle'])
+    """
+    items = get_image_files(images)  # .jpg and friends only: the archive's .mat files are skipped
+    check_pets_names(items)
+    train, valid = RandomSplitter(valid_pct, seed=seed)(items)
+    check_split(len(train), len(valid), bs)
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock),
-        get_items=get_image_files,  # .jpg and friends only: the archive's .mat files are skipped
-        splitter=RandomSplitter(valid_pct, seed=seed),
+        splitter=IndexSplitter(valid),
         get_y=using_attr(RegexLabeller(PETS_PATTERN), "name"),
         item_tfms=Resize(presize),  # PILImage opens every file as RGB: palette, RGBA and grey files included
         batch_tfms=[*aug_transforms(size=size, min_scale=min_scale), Normalize.from_stats(*imagenet_stats)],
     )
     kwargs = {} if num_workers is None else {"num_workers": num_workers}
-    return block.dataloaders(images, bs=bs, **kwargs)
+    return block.dataloaders(items, bs=bs, **kwargs)
 
 
 def resolve_arch(arch: str | Callable) -> Callable | str:
     """A torchvision architecture for a name torchvision knows (fastai's model_meta applies); other names go to timm.
 
+    Parameters
+    ----------
+    arch : str or callable
+        A torchvision model name, a timm model name, or an architecture function (returned as it is).
+
+    Returns
+    -------
+    callable or str
+        The torchvision function, or the timm name (which fastai's `vision_learner` builds with timm).
+
+    Examples
+    --------
     >>> resolve_arch("resnet34") is torchvision.models.resnet34
     True
     """
@@ -92,7 +224,22 @@ def resolve_arch(arch: str | Callable) -> Callable | str:
 
 
 def pretrained_weights_file(arch: Callable | str) -> Path | None:
-    """Where torch's cache keeps the default ImageNet weights of a torchvision `arch` (None if unknown)."""
+    """Where torch's cache keeps the default ImageNet weights of a torchvision `arch` (None if unknown).
+
+    Parameters
+    ----------
+    arch : callable or str
+        A torchvision architecture function or name.
+
+    Returns
+    -------
+    Path or None
+
+    Examples
+    --------
+    >>> pretrained_weights_file(torchvision.models.resnet34).name
+    'resnet34-b627a593.pth'
+    """
     import torch.hub
 
     try:
@@ -104,26 +251,75 @@ def pretrained_weights_file(arch: Callable | str) -> Path | None:
 
 
 def pets_learner(
-    path: str | Path | None = None,  # extracted Pets folder (or its images/); None: `untar_data(URLs.PETS)`
-    arch: str | Callable = "resnet34",  # a torchvision name, a timm name, or an architecture function
-    eps: float = 0.1,  # label smoothing (0: plain cross-entropy, the baseline)
-    smoothing: str = "uniform",  # 'uniform' or 'others', see `LabelSmoothingCrossEntropy`
-    bs: int = 64,  # batch size
-    presize: int = 460,  # per-item resize before augmentation
-    size: int = 224,  # training image size
-    min_scale: float = 0.75,  # smallest random crop
-    valid_pct: float = 0.2,  # validation share
-    seed: int = 42,  # seed of the random split
-    pretrained: bool = True,  # ImageNet weights (from torch's cache, or downloaded)
-    lr: float = 3e-3,  # fastai v1's default, which the classic `fit_one_cycle(4)` ran with (v2's is 1e-3)
-    calibration: bool = True,  # add a `CalibrationCallback` (ECE column, reliability diagrams)
-    num_workers: int | None = None,  # DataLoader workers (None: fastai's default)
-    **kwargs,  # passed on to `vision_learner`
+    path: str | Path | None = None,
+    arch: str | Callable = "resnet34",
+    eps: float = 0.1,
+    smoothing: str = "uniform",
+    bs: int = 64,
+    presize: int = 460,
+    size: int = 224,
+    min_scale: float = 0.75,
+    valid_pct: float = 0.2,
+    seed: int = 42,
+    pretrained: bool = True,
+    lr: float = 3e-3,
+    calibration: bool = True,
+    num_workers: int | None = None,
+    **kwargs,
 ) -> Learner:
-    """A `vision_learner` on Oxford-IIIT Pets with label smoothing and calibration tracking.
+    """A `vision_learner` on Oxford-IIIT Pets with label smoothing and calibration tracking: the classic fastai
+    example (`pets_learner().fit_one_cycle(4)`).
 
+    Bad data fails before any model is built, with one message naming the problem: no data (and no network), a
+    file name that gives no breed, a split too small for one training batch, missing pretrained weights.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        The extracted Pets folder or its `images/`. None: `untar_data(URLs.PETS)` (see `pets_images`). To try the
+        pipeline offline, pass a generated tree: `path=make_pets_like_tree(folder)`, with `bs=8`.
+    arch : str or callable, default 'resnet34'
+        A torchvision name (fastai's splits and statistics apply), a timm name, or an architecture function.
+    eps : float, default 0.1
+        Label smoothing (0: plain cross-entropy, the baseline).
+    smoothing : {'uniform', 'others'}, default 'uniform'
+        How the smoothing mass is spread, see `LabelSmoothingCrossEntropy`.
+    bs : int, default 64
+        Batch size. The training set must hold at least one batch.
+    presize : int, default 460
+        Per-item resize before the batch augmentations crop `size` from it.
+    size : int, default 224
+        Training image size.
+    min_scale : float, default 0.75
+        Smallest random crop, as a share of the image.
+    valid_pct : float, default 0.2
+        Share of images held out for validation.
+    seed : int, default 42
+        Seed of the random split.
+    pretrained : bool, default True
+        ImageNet weights, from torch's cache or downloaded. Missing and offline: an error, never random weights.
+    lr : float, default 3e-3
+        fastai v1's default, which the classic `fit_one_cycle(4)` ran with (v2's is 1e-3).
+    calibration : bool, default True
+        Add a `CalibrationCallback` (the `ece` column, `learn.calibration`, reliability diagrams).
+    num_workers : int, optional
+        DataLoader workers (None: fastai's default).
+    **kwargs
+        Passed on to fastai's `vision_learner`.
+
+    Returns
+    -------
+    Learner
+
+    Examples
+    --------
     >>> learn = pets_learner()          # doctest: +SKIP
     >>> learn.fit_one_cycle(4)          # doctest: +SKIP
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:  # offline: 32 generated images of 4 "breeds"
+    ...     learn = pets_learner(path=make_pets_like_tree(folder), arch="resnet18", pretrained=False, bs=8)
+    ...     learn.dls.c
+    4
     """
     dls = pets_dataloaders(pets_images(path), bs=bs, presize=presize, size=size, min_scale=min_scale,
                            valid_pct=valid_pct, seed=seed, num_workers=num_workers)
@@ -144,14 +340,42 @@ def pets_learner(
 
 
 def make_pets_like_tree(
-    folder: str | Path,  # where to write `images/` (and an `annotations/`-style decoy)
+    folder: str | Path,
     breeds: tuple[str, ...] = ("Abyssinian", "Egyptian_Mau", "beagle", "american_pit_bull_terrier"),
-    per_breed: int = 8,  # images per breed
-    size: int = 48,  # image side in pixels
+    per_breed: int = 8,
+    size: int = 48,
     seed: int = 0,
 ) -> Path:
-    """A small generated tree laid out like the Pets archive, with its quirks (a .mat decoy, and grey, palette and
-    RGBA images named .jpg), for trying the real pipeline offline. Each breed has its own colour, so it is learnable.
+    """A small generated tree laid out like the Pets archive, for trying the real pipeline offline
+    (`pets_learner(path=make_pets_like_tree(folder), pretrained=False, bs=8)`, or `fastai-ls pets --path`).
+
+    It has the archive's quirks: a `.mat` decoy, and grey, palette and RGBA images named `.jpg`. Each breed has its
+    own colour, so it is learnable. With the defaults, 32 images: 26 train and 6 validate, so use `bs` of at most 26.
+
+    Parameters
+    ----------
+    folder : str or Path
+        Where to write `images/` (created if needed).
+    breeds : tuple of str
+        The breed names, as in Pets file names (underscores allowed).
+    per_breed : int, default 8
+        Images per breed.
+    size : int, default 48
+        Image side in pixels.
+    seed : int, default 0
+        Seed of the colours and the noise.
+
+    Returns
+    -------
+    Path
+        `folder`, which holds `images/`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     sorted(p.name for p in (make_pets_like_tree(folder) / "images").iterdir())[:3]
+    ['Abyssinian_1.jpg', 'Abyssinian_2.jpg', 'Abyssinian_3.jpg']
     """
     rng = np.random.default_rng(seed)
     images = Path(folder) / "images"

@@ -1,27 +1,32 @@
-"""The `fastai-ls` command: the README's demo, the Pets job, errors, and a run on 2 CPU processes."""
+"""The `fastai-ls` command: the README's demo, the Pets job, one-line errors found before any training, and a run
+on 2 CPU processes."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from PIL import Image
 
-from fastai_ls.pets import make_pets_like_tree
+import fastai_ls
+from fastai_ls.cli import main
+from fastai_ls.pets import make_pets_like_tree, pets_learner
 
 QUICK_DEMO = ["demo", "--epochs", "1", "--max-items", "240", "--bs", "32"]
 ROWS = ["error rate", "ECE", "MCE", "adaptive ECE", "NLL", "Brier", "AURC", "temperature",
         "ECE after temperature scaling"]
 
 
-def run_cli(args, tmp_path, env=None, launcher=None):
+def run_cli(args, tmp_path, env=None, launcher=None, stderr=subprocess.PIPE):
     env = {**os.environ, "FASTAI_HOME": str(tmp_path / "fastai"), "TORCH_HOME": str(tmp_path / "torch"),
            "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", **(env or {})}
     command = (launcher or [sys.executable, "-m"]) + ["fastai_ls", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    return subprocess.run(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=tmp_path,
+                          timeout=600)
 
 
 def test_article_prints_the_seed_numbers(tmp_path):
@@ -31,7 +36,7 @@ def test_article_prints_the_seed_numbers(tmp_path):
         assert value in result.stdout
 
 
-def test_demo_prints_the_table_and_writes_csv_and_diagrams(tmp_path):
+def test_demo_says_what_it_does_then_prints_the_table_and_writes_csv_and_diagrams(tmp_path):
     result = run_cli([*QUICK_DEMO, "--out", "report"], tmp_path)
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(tmp_path / "report" / "calibration.csv", index_col="metric")
@@ -40,24 +45,109 @@ def test_demo_prints_the_table_and_writes_csv_and_diagrams(tmp_path):
     assert Image.open(tmp_path / "report" / "reliability.png").size[0] > Image.open(
         tmp_path / "report" / "reliability.png").size[1]  # two diagrams side by side
     assert all(row in result.stdout for row in ROWS)
+    # the digits are written on first use, and each progress table is preceded by the model it trains
+    out = result.stdout
+    written = out.index("writing scikit-learn's 1797 digit scans as PNG files into ")
+    first = out.index("training 1/2: cross-entropy: fit_one_cycle(1) on 190 training and 50 validation images")
+    second = out.index("training 2/2: label smoothing 0.1: fit_one_cycle(1) on 190 training and 50 validation images")
+    headers = [i for i in range(len(out)) if out.startswith("epoch     train_loss", i)]
+    assert len(headers) == 2 and written < first < headers[0] < second < headers[1] < out.index("ECE after")
+    assert str(tmp_path / "fastai" / "data" / "sklearn_digits") in out[written:first]
 
 
 def test_pets_command_runs_on_an_extracted_tree(tmp_path):
     root = make_pets_like_tree(tmp_path / "pets")
     result = run_cli(["pets", "--path", str(root), "--no-pretrained", "--arch", "resnet18", "--size", "32",
-                      "--bs", "8", "--epochs", "1", "--num-workers", "0", "--baseline", "--out", "out"], tmp_path)
+                      "--presize", "40", "--bs", "8", "--epochs", "1", "--num-workers", "0", "--baseline",
+                      "--out", "out"], tmp_path)
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(tmp_path / "out" / "calibration.csv", index_col="metric")
     assert list(table.columns) == ["cross-entropy", "label smoothing 0.1"]
+    assert "training 1/2: cross-entropy: fit_one_cycle(1) on 26 training and 6 validation images" in result.stdout
+
+
+def test_pets_options_reach_pets_learner(monkeypatch):
+    import fastai_ls.cli.demo
+
+    calls = []
+    monkeypatch.setattr(fastai_ls.cli.demo, "compare", lambda make, runs, **kwargs: calls.append((make, runs, kwargs)))
+    assert main(["pets", "--path", "P", "--presize", "300", "--size", "160", "--bs", "16", "--arch", "resnet18",
+                 "--no-pretrained", "--num-workers", "0", "--seed", "7", "--eps", "0.2", "--epochs", "2"]) == 0
+    (make, runs, kwargs), = calls
+    assert make.func is pets_learner
+    assert make.keywords == dict(path="P", arch="resnet18", pretrained=False, bs=16, presize=300, size=160,
+                                 num_workers=0, seed=7)
+    assert runs == {"label smoothing 0.2": 0.2} and kwargs == dict(epochs=2, out="fastai_ls_out", seed=7)
+
+
+def non_pets_photos(folder):
+    folder.mkdir()
+    for name in ["IMG_0042.jpg", "holiday.png"]:
+        Image.new("RGB", (20, 20)).save(folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("args, line", [
+    (["pets", "--path", "pets", "--no-pretrained"],  # 26 training images, no batch of 64
+     "fastai-ls: error: no training batch: the training set has 26 images, fewer than one batch (bs=64), and "
+     "fastai drops the last partial training batch. Pass a smaller bs (at most 26) or use more images."),
+    (["pets", "--path", "photos", "--no-pretrained"],
+     f"fastai-ls: error: {Path('photos') / 'holiday.png'} is not named <breed>_<n>.jpg like the Oxford-IIIT Pets "
+     "images (e.g. Abyssinian_1.jpg, american_pit_bull_terrier_12.jpg): the breed is read from the file name "
+     "(1 of 2 images do not match)"),
+    (["demo", "--out", "a_file/report"], "fastai-ls: error: cannot write the report into a_file/report: "),
+], ids=["too-few-images-for-a-batch", "not-pets-file-names", "out-not-writable"])
+def test_data_errors_are_one_line_before_any_training(tmp_path, args, line):
+    make_pets_like_tree(tmp_path / "pets")
+    non_pets_photos(tmp_path / "photos")
+    (tmp_path / "a_file").write_text("")
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(line) and result.stderr.count("\n") == 1, result.stderr
+    assert "epoch" not in result.stdout and "training 1/" not in result.stdout
+    assert not (tmp_path / "fastai" / "data" / "sklearn_digits").exists()  # --out is checked before the data
+
+
+def test_missing_pets_offline_is_one_line_with_no_progress_bar_before_it(tmp_path):
+    """fastdownload starts a progress bar (fastprogress prints '\u2588\\r' on stdout) before it opens the URL: an
+    offline run printed it in front of the error. The proxy variables make any download fail at once, here and
+    on a machine with a network."""
+    offline = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "no_proxy": "",
+               "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    result = run_cli(["pets"], tmp_path, env=offline, stderr=subprocess.STDOUT)
+    assert result.returncode == 1
+    assert result.stdout.startswith("fastai-ls: error: Oxford-IIIT Pets is not in ") and "\u2588" not in result.stdout
+    assert result.stdout.count("\n") == 1 and "oxford-iiit-pet.tgz" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["demo", "--epochs", "abc"], "fastai-ls demo: error: --epochs: expected a positive integer, got 'abc'"),
+    (["demo", "--epochs", "0"], "fastai-ls demo: error: --epochs: expected a positive integer, got '0'"),
+    (["demo", "--bs", "2.5"], "fastai-ls demo: error: --bs: expected a positive integer, got '2.5'"),
+    (["demo", "--max-items", "-3"], "fastai-ls demo: error: --max-items: expected a positive integer, got '-3'"),
+    (["demo", "--seed", "x"], "fastai-ls demo: error: --seed: expected an integer from 0 to 4294967295, got 'x'"),
+    (["demo", "--eps", "1.5"], "fastai-ls demo: error: --eps: expected a number in [0, 1), got '1.5'"),
+    (["pets", "--eps", "nan"], "fastai-ls pets: error: --eps: expected a number in [0, 1), got 'nan'"),
+    (["pets", "--epochs", "abc"], "fastai-ls pets: error: --epochs: expected a positive integer, got 'abc'"),
+    (["pets", "--bs", "0"], "fastai-ls pets: error: --bs: expected a positive integer, got '0'"),
+    (["pets", "--size", "big"], "fastai-ls pets: error: --size: expected a positive integer, got 'big'"),
+    (["pets", "--presize", "0"], "fastai-ls pets: error: --presize: expected a positive integer, got '0'"),
+    (["pets", "--num-workers", "-1"],
+     "fastai-ls pets: error: --num-workers: expected a non-negative integer, got '-1'"),
+    (["pets", "--seed", "-1"], "fastai-ls pets: error: --seed: expected an integer from 0 to 4294967295, got '-1'"),
+    (["bake"], "fastai-ls: error: command: invalid choice: 'bake'"),
+])
+def test_bad_option_values_name_the_option_and_what_it_expects(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1 and err.rstrip().endswith("--help)")
 
 
 @pytest.mark.parametrize("args, status, fragment", [
-    (["demo", "--epochs", "0"], 2, "must be a positive integer"),
-    (["demo", "--eps", "1.5"], 2, "eps must be in [0, 1)"),
-    (["pets", "--eps", "nan"], 2, "eps must be in [0, 1)"),
     (["pets", "--path", "no/such/folder"], 1, "no Pets images"),
-    (["bake"], 2, "invalid choice"),
-    (["pets", "--path", "pets", "--arch", "resnet_typo", "--no-pretrained"], 1, "unknown architecture"),
+    (["pets", "--path", "pets", "--arch", "resnet_typo", "--no-pretrained", "--bs", "8"], 1, "unknown architecture"),
 ])
 def test_bad_arguments_and_missing_data_end_with_one_line(tmp_path, args, status, fragment):
     make_pets_like_tree(tmp_path / "pets")
@@ -72,6 +162,12 @@ def test_help(tmp_path, command):
     result = run_cli([*command, "--help"], tmp_path)
     assert result.returncode == 0 and "usage: fastai-ls" in result.stdout
 
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.startswith(f"fastai-ls {fastai_ls.__version__} (fastai ")
 
 
 def test_demo_on_two_cpu_processes_reports_once(tmp_path, torchrun):

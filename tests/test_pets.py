@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import urllib.request
 from urllib.error import URLError
 
 import fastdownload
@@ -30,6 +31,7 @@ def homes(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(fastdownload.FastDownload, "download", offline)
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # the reachability check before a Pets download
     fastai_cfg.cache_clear()  # fastai reads FASTAI_HOME once per process and caches the config
     yield tmp_path
     fastai_cfg.cache_clear()
@@ -96,6 +98,35 @@ def test_a_folder_without_images_is_a_clear_error(homes):
     (homes / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no Pets images"):
         pets_learner(path=homes / "empty", **SMALL)
+
+
+def test_a_tree_too_small_for_one_batch_is_refused_with_the_reason(homes):
+    # 26 training images and fastai's training DataLoader drops the last partial batch: no batch of 64 at all
+    # (fit used to warn "Your generator is empty" and record train_loss nan).
+    with pytest.raises(ValueError) as err:
+        pets_learner(path=make_pets_like_tree(homes / "tree"), pretrained=False)
+    assert str(err.value) == ("no training batch: the training set has 26 images, fewer than one batch (bs=64), and "
+                              "fastai drops the last partial training batch. Pass a smaller bs (at most 26) or use "
+                              "more images.")
+    learn = pets_learner(path=homes / "tree", arch="resnet18", **{**SMALL, "bs": 26})
+    assert len(learn.dls.train) == 1
+
+
+def test_files_not_named_like_pets_images_are_named_in_the_error(homes):
+    photos = homes / "photos"
+    photos.mkdir()
+    for name in ["IMG_0042.jpg", "beach.jpg", "holiday.png"]:
+        Image.new("RGB", (20, 20)).save(photos / name)
+    with pytest.raises(ValueError) as err:
+        pets_learner(path=photos, **SMALL)
+    assert str(err.value).startswith(f"{photos / 'beach.jpg'} is not named <breed>_<n>.jpg like the Oxford-IIIT "
+                                     "Pets images")
+    assert "(2 of 3 images do not match)" in str(err.value)
+    for name in ["beach.jpg", "holiday.png"]:
+        (photos / name).unlink()
+    Image.new("RGB", (20, 20)).save(photos / "IMG_0043.jpg")
+    with pytest.raises(ValueError, match=r"every image is named IMG_<n>\.jpg .* needs two breeds or more"):
+        pets_learner(path=photos, **SMALL)
 
 
 def test_missing_weights_offline_name_the_cache_file_and_pretrained_false(pets_home):

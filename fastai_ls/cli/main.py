@@ -1,16 +1,19 @@
-"""The `fastai-ls` command (also `python -m fastai_ls`): the demo, the Pets job and the seed article's checks."""
+"""The `fastai-ls` command (also `python -m fastai_ls`): the demo, the Pets job and the seed article's checks.
+
+The parser imports neither torch nor fastai (`fastai-ls --help`, `--version` and argument errors answer at once);
+each subcommand imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import warnings
 from functools import partial
+from importlib.metadata import PackageNotFoundError, version
 
-import torch
-import torch.nn.functional as F
-
-from fastai_ls.loss.formula import check_eps, uniform_eps
-from fastai_ls.loss.functional import label_smoothing_cross_entropy
+from fastai_ls import __version__
 
 # The checks printed in the first seed article: two batches of logits, targets [1, 2].
 ARTICLE_LOGITS = {
@@ -18,10 +21,28 @@ ARTICLE_LOGITS = {
     "[[0.1,8,0.1],[0.1,0.1,8]]": [[0.1, 8.0, 0.1], [0.1, 0.1, 8.0]],
 }
 ARTICLE_TARGET = [1, 2]
+SEED_MAX = 2**32 - 1  # numpy's seeds, which fastai's `set_seed` sets, are 0 .. 2**32 - 1
 
 
 def article_table() -> str:
-    """The article's checks recomputed: our loss beside `F.cross_entropy`, for each smoothing convention."""
+    """The seed article's checks recomputed: our loss beside `F.cross_entropy`, for each smoothing convention.
+
+    Returns
+    -------
+    str
+        A table with one row per logits, eps and smoothing convention.
+
+    Examples
+    --------
+    >>> print(article_table().splitlines()[2])
+    [[1,8,1],[1,1,8]]             0.05  uniform       0.2352           0.2352
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from fastai_ls.loss.formula import uniform_eps
+    from fastai_ls.loss.functional import label_smoothing_cross_entropy
+
     y = torch.tensor(ARTICLE_TARGET)
     rows = [f"{'logits':<28}{'eps':>6}  {'smoothing':<9}{'fastai_ls':>11}{'F.cross_entropy':>17}"]
     for name, logits in ARTICLE_LOGITS.items():
@@ -35,7 +56,25 @@ def article_table() -> str:
 
 
 def runs(eps: float, baseline: bool) -> dict[str, float]:
-    """Report columns: the label-smoothing model, after the cross-entropy baseline when asked for."""
+    """The report's columns: the label-smoothing model, after the cross-entropy baseline when asked for.
+
+    Parameters
+    ----------
+    eps : float
+        Label smoothing of the second model.
+    baseline : bool
+        Also train a cross-entropy (eps 0) model, first.
+
+    Returns
+    -------
+    dict of str to float
+        Column title to eps, in training order.
+
+    Examples
+    --------
+    >>> runs(0.1, baseline=True)
+    {'cross-entropy': 0.0, 'label smoothing 0.1': 0.1}
+    """
     smoothed = {f"label smoothing {eps:g}": eps}
     return {"cross-entropy": 0.0, **smoothed} if baseline else smoothed
 
@@ -57,58 +96,119 @@ def _pets(args: argparse.Namespace) -> None:
     from fastai_ls.pets import pets_learner
 
     make = partial(pets_learner, path=args.path, arch=args.arch, pretrained=args.pretrained, bs=args.bs,
-                   size=args.size, num_workers=args.num_workers, seed=args.seed)
+                   presize=args.presize, size=args.size, num_workers=args.num_workers, seed=args.seed)
     compare(make, runs(args.eps, args.baseline), epochs=args.epochs, out=args.out, seed=args.seed)
 
 
-def _eps(text: str) -> float:
-    value = float(text)
+# Argument types. Their messages follow `--option: ` in the error line: `--epochs: expected a positive integer,
+# got 'abc'`.
+
+
+def _integer(text: str, low: int, high: float, expected: str) -> int:
     try:
-        check_eps(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return _integer(text, 1, math.inf, "a positive integer")
+
+
+def _non_negative_int(text: str) -> int:
+    return _integer(text, 0, math.inf, "a non-negative integer")
+
+
+def _seed(text: str) -> int:
+    return _integer(text, 0, SEED_MAX, f"an integer from 0 to {SEED_MAX}")
+
+
+def _eps(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return value
+
+
+def _version() -> str:
+    """This package's version, and fastai's and torch's as installed (read without importing them)."""
+    installed = []
+    for name in ("fastai", "torch"):
+        try:
+            installed.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            installed.append(f"{name} not installed")
+    return f"fastai-ls {__version__} ({', '.join(installed)})"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         """Bad arguments: one line on stderr, exit status 2, no usage dump."""
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        message = message.removeprefix("argument ")  # argparse's "argument --epochs: ..." reads "--epochs: ..."
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `fastai-ls` command's parser: subcommands `article`, `demo` and `pets`.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        Its `parse_args` result has `run`, the subcommand's function, to call with it.
+
+    Examples
+    --------
+    >>> args = build_parser().parse_args(["demo", "--max-items", "100"])
+    >>> args.command, args.max_items, args.epochs
+    ('demo', 100, 10)
+    """
     parser = _Parser(prog="fastai-ls", description="Label smoothing and calibration for fastai.")
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     article = commands.add_parser("article", help="recompute the seed article's label-smoothing checks")
     article.set_defaults(run=_article)
 
-    demo = commands.add_parser("demo", help="cross-entropy vs label smoothing on scikit-learn's digits (offline)")
+    demo = commands.add_parser(
+        "demo", help="cross-entropy vs label smoothing on scikit-learn's digits (offline)",
+        description="Train a cross-entropy baseline and a label-smoothing model (a small CNN, same seed) on "
+                    "scikit-learn's 1,797 handwritten digits, which it writes as PNG files into fastai's data "
+                    "folder on first use; print their calibration side by side and write calibration.csv and "
+                    "reliability.png into --out.")
     demo.add_argument("--epochs", type=_positive_int, default=10, help="fit_one_cycle epochs per model (default 10)")
     demo.add_argument("--eps", type=_eps, default=0.1, help="label smoothing of the second model (default 0.1)")
     demo.add_argument("--bs", type=_positive_int, default=64, help="batch size (default 64)")
-    demo.add_argument("--seed", type=int, default=42, help="seed of the split and of both trainings (default 42)")
-    demo.add_argument("--max-items", type=_positive_int, default=None, help="use only this many images (quick runs)")
+    demo.add_argument("--seed", type=_seed, default=42, help="seed of the split and of both trainings (default 42)")
+    demo.add_argument("--max-items", type=_positive_int, default=None,
+                      help="use only this many images, each digit in its share (at least 20; quick runs)")
     demo.add_argument("--out", default="fastai_ls_out", help="output folder (default ./fastai_ls_out)")
     demo.set_defaults(run=_demo)
 
-    pets = commands.add_parser("pets", help="the Oxford-IIIT Pets example (resnet34) with label smoothing")
-    pets.add_argument("--path", default=None, help="extracted Pets folder (default: untar_data(URLs.PETS))")
+    pets = commands.add_parser(
+        "pets", help="the Oxford-IIIT Pets example (resnet34) with label smoothing",
+        description="Train fastai's Oxford-IIIT Pets example with label smoothing (and a cross-entropy baseline "
+                    "with --baseline), print the calibration report and write calibration.csv and reliability.png "
+                    "into --out. Images are named <breed>_<n>.jpg. Offline, pass --path an extracted copy.")
+    pets.add_argument("--path", default=None, help="extracted Pets folder or its images/ (default: "
+                      "untar_data(URLs.PETS), ~/.fastai/data/oxford-iiit-pet)")
     pets.add_argument("--epochs", type=_positive_int, default=4, help="fit_one_cycle epochs (default 4)")
     pets.add_argument("--eps", type=_eps, default=0.1, help="label smoothing (default 0.1)")
-    pets.add_argument("--arch", default="resnet34", help="architecture name (default resnet34)")
-    pets.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="train from scratch")
+    pets.add_argument("--arch", default="resnet34", help="torchvision or timm architecture name (default resnet34)")
+    pets.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+                      help="train from scratch (default: ImageNet weights from torch's cache, or downloaded)")
     pets.add_argument("--bs", type=_positive_int, default=64, help="batch size (default 64)")
-    pets.add_argument("--size", type=_positive_int, default=224, help="image size (default 224)")
-    pets.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: fastai's)")
-    pets.add_argument("--seed", type=int, default=42, help="seed of the split and of training (default 42)")
+    pets.add_argument("--presize", type=_positive_int, default=460,
+                      help="per-image resize before the random crops, larger than --size (default 460)")
+    pets.add_argument("--size", type=_positive_int, default=224, help="training image size (default 224)")
+    pets.add_argument("--num-workers", type=_non_negative_int, default=None,
+                      help="DataLoader workers (default: fastai's)")
+    pets.add_argument("--seed", type=_seed, default=42, help="seed of the split and of training (default 42)")
     pets.add_argument("--baseline", action="store_true", help="also train a cross-entropy baseline and compare")
     pets.add_argument("--out", default="fastai_ls_out", help="output folder (default ./fastai_ls_out)")
     pets.set_defaults(run=_pets)
@@ -116,10 +216,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `fastai-ls` command."""
+    """Entry point of the `fastai-ls` command.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments (default: `sys.argv[1:]`).
+
+    Returns
+    -------
+    int
+        The exit status: 0, or 1 after a one-line error about bad values or data (2 for bad arguments, from the
+        parser).
+
+    Examples
+    --------
+    >>> main(["article"])  # doctest: +ELLIPSIS
+    logits ...
+    0
+    """
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        with warnings.catch_warnings():
+            # fastai 2.8 applies torch.jit.script at import time, which torch 2.10+ deprecates: noise our users
+            # cannot act on.
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+            args.run(args)
     except (ValueError, OSError) as err:  # bad values and missing data: one line, no traceback
         print(f"fastai-ls: error: {err}", file=sys.stderr)
         return 1
