@@ -20,8 +20,22 @@ from fastai.learner import ValueMetric
 from fastai.torch_core import TensorMultiCategory
 from torch import Tensor, nn
 
-from fastai_ls.calibration.plots import bin_frame, plot_history, plot_reliability
-from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, METRIC_NAMES, CalibrationState, check_n_bins
+from fastai_ls.calibration.intervals import check_ci
+from fastai_ls.calibration.plots import (
+    bin_frame,
+    plot_history,
+    plot_reliability,
+    plot_risk_coverage,
+    plot_smooth_reliability,
+)
+from fastai_ls.calibration.report import report_frame
+from fastai_ls.calibration.state import (
+    CLASSWISE_MAX_CLASSES,
+    INTERVAL_COLUMNS,
+    METRIC_NAMES,
+    CalibrationState,
+    check_n_bins,
+)
 from fastai_ls.predictions import class_axis_of, class_rows
 from fastai_ls.tensor_input import plain
 
@@ -31,7 +45,8 @@ if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
 
 __all__ = ["CalibrationCallback", "CalibrationMetric", "HISTORY_COLUMNS"]
 
-HISTORY_COLUMNS = ("epoch",) + METRIC_NAMES
+# Every metric, then the lower and upper limit of each metric that has an interval (NaN when `ci=None`).
+HISTORY_COLUMNS = ("epoch",) + METRIC_NAMES + INTERVAL_COLUMNS
 # Losses whose targets are not single class ids: the callback refuses them at `before_fit`.
 _NOT_CLASS_ID_LOSSES = (nn.BCEWithLogitsLoss, nn.BCELoss, nn.MultiLabelSoftMarginLoss, nn.MultiLabelMarginLoss,
                         nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.KLDivLoss, nn.GaussianNLLLoss,
@@ -70,6 +85,11 @@ class CalibrationCallback(Callback):
     Classwise ECE needs 3 * C * n_bins counters and per-batch work in proportion to the predictions' size; by default
     (`classwise=None`) it is kept for up to `CLASSWISE_MAX_CLASSES` classes and is NaN above (a language model's
     vocabulary), where it mostly measures the calibration of p ~ 0 anyway.
+
+    Intervals (`ci`): `history` has `<metric>_lo`/`<metric>_hi` columns, `report()` a table of estimate, lower and
+    upper per metric. A bootstrap costs up to ~0.5 s, so the intervals are computed when first read, once per
+    epoch, not in the training loop, unless an interval column is a progress-table column (then at each epoch's
+    end). The same seed gives the same intervals either way.
     """
 
     order = 45  # after MixedPrecision (10, fp32 preds) and DistributedTrainer (11, DistributedDL); before Recorder (50)
@@ -79,15 +99,24 @@ class CalibrationCallback(Callback):
         self,
         n_bins: int = 15,  # equal-width bins for ECE, MCE, RMSCE, classwise ECE and the reliability diagram
         metrics: Sequence[str] = ("ece",),  # columns to add to the progress table, any of `METRIC_NAMES`
-        n_fine: int = 1000,  # fine bins behind adaptive ECE and AURC (their resolution in confidence)
+        n_fine: int = 1000,  # fine bins behind adaptive and smooth ECE, KS, AURC, AUGRC (their resolution)
         classwise: bool | None = None,  # classwise ECE; None: only with at most `CLASSWISE_MAX_CLASSES` classes
+        ci: float | None = 0.95,  # level of the intervals in `history` and `report()`; None for none
+        n_boot: int = 1000,  # bootstrap replicates per interval
+        seed: int | None = 0,  # seed of the bootstrap: the same seed gives the same intervals
     ):
         self.n_bins, self.n_fine = check_n_bins(n_bins), check_n_bins(n_fine, "n_fine")
         self.classwise = classwise
+        if ci is not None:
+            check_ci(ci, n_boot)
+        self.ci, self.n_boot, self.seed = ci, n_boot, seed
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-        unknown = [m for m in metrics if m not in METRIC_NAMES]
+        unknown = [m for m in metrics if m not in METRIC_NAMES + INTERVAL_COLUMNS]
         if unknown:
-            raise ValueError(f"unknown calibration metrics {unknown}; choose from {METRIC_NAMES}")
+            raise ValueError(f"unknown calibration metrics {unknown}; choose from {METRIC_NAMES + INTERVAL_COLUMNS}")
+        if ci is None and any(m in INTERVAL_COLUMNS for m in metrics):
+            raise ValueError("interval columns need a confidence level: pass ci=0.95 (or another level)")
+        self._eager_intervals = any(m in INTERVAL_COLUMNS for m in metrics)
         self.metric_names = tuple(dict.fromkeys(metrics))
         self._metrics = [CalibrationMetric(self, m) for m in self.metric_names]
         self.state: CalibrationState | None = None  # the last completed validation pass, on the CPU
@@ -139,14 +168,14 @@ class CalibrationCallback(Callback):
                                           classwise=classwise)
         weight = _padding_weight(self.learn.dl, target.shape[0] // rows_per_item, rows_per_item, probs.device)
         self._pass.update(probs, target, weight=weight, ignore_index=getattr(self.learn.loss_func, "ignore_index",
-                                                                             None))
+                                                                             None), check_weight=False)
 
     def after_validate(self):
         if self._pass is None:
             return
         state = self._pass.all_reduce() if self._sharded else self._pass
         state, self._pass = state.to("cpu"), None  # the one host synchronisation of the pass
-        self.state, self.last_metrics = state, state.metrics()
+        self.state, self.last_metrics = state, self._metrics_of(state)
         n_bad = float(state.scalar("n_bad_target"))
         if n_bad:
             raise ValueError(f"{n_bad:.0f} validation targets are not class ids in [0, {state.n_classes})")
@@ -168,8 +197,33 @@ class CalibrationCallback(Callback):
 
     @property
     def history(self) -> pd.DataFrame:
-        """One row per epoch of the last fit: `epoch` and every metric of `METRIC_NAMES`."""
+        """One row per epoch of the last fit: `epoch`, every metric of `METRIC_NAMES`, and the limits of the
+        intervals (`INTERVAL_COLUMNS`, NaN when `ci` is None). Intervals not yet computed are computed here."""
+        if self.ci is not None:
+            for row, state in zip(self._rows, self.states):
+                if INTERVAL_COLUMNS[0] not in row:
+                    row.update(self._metrics_of(state, intervals=True))
         return pd.DataFrame(self._rows, columns=list(HISTORY_COLUMNS))
+
+    def _metrics_of(self, state: CalibrationState, intervals: bool | None = None) -> dict[str, float]:
+        """The state's metrics, with intervals if asked (by default: if a progress-table column needs them)."""
+        with_ci = self._eager_intervals if intervals is None else intervals
+        return state.metrics(ci=self.ci if with_ci else None, n_boot=self.n_boot, seed=self.seed)
+
+    def report(self, epoch: int = -1, ci: float | None = None) -> pd.DataFrame:
+        """One row per metric of an epoch (default the last): estimate, lower, upper and how the interval was made.
+
+        >>> cb.report().loc['ece', ['estimate', 'lower', 'upper']]  # doctest: +SKIP
+        """
+        level = self.ci if ci is None else ci
+        metrics = self.state_of(epoch).metrics(ci=level, n_boot=self.n_boot, seed=self.seed)
+        return report_frame(metrics, level)
+
+    def risk_coverage(self, epoch: int = -1) -> pd.DataFrame:
+        """The risk-coverage curve of an epoch (default the last), one row per non-empty fine cell, most confident
+        first: threshold (rows above it accepted), coverage, risk (errors / accepted), generalized_risk
+        (errors / all rows). Its mean risk is AURC, its mean generalised risk AUGRC."""
+        return pd.DataFrame({k: v.numpy() for k, v in self.state_of(epoch).risk_coverage().items()})
 
     def bins(self, epoch: int = -1) -> pd.DataFrame:
         """The equal-width bins of an epoch (default the last): lo, hi, count, confidence, accuracy, gap."""
@@ -177,7 +231,16 @@ class CalibrationCallback(Callback):
 
     def plot_reliability(self, epoch: int = -1, ax: Axes | None = None, title: str | None = None) -> Figure:
         """Reliability diagram of an epoch (default the last); returns the matplotlib figure."""
-        return plot_reliability(self.state_of(epoch), ax=ax, title=title)
+        return plot_reliability(self.state_of(epoch), ax=ax, title=title, ci=self.ci or 0.95)
+
+    def plot_smooth_reliability(self, epoch: int = -1, ax: Axes | None = None, title: str | None = None) -> Figure:
+        """Smooth reliability diagram with bootstrap band and confidence density; returns the figure."""
+        return plot_smooth_reliability(self.state_of(epoch), ax=ax, title=title, ci=self.ci or 0.95,
+                                       n_boot=self.n_boot, seed=self.seed)
+
+    def plot_risk_coverage(self, epoch: int = -1, ax: Axes | None = None, title: str | None = None) -> Figure:
+        """Risk-coverage plot of an epoch (default the last); returns the figure."""
+        return plot_risk_coverage(self.state_of(epoch), ax=ax, title=title)
 
     def plot_history(self) -> Figure:
         """ECE, NLL and accuracy over the epochs of the last fit; returns the matplotlib figure."""

@@ -36,6 +36,7 @@ from fastai_ls import (
     remove_temperature,
 )
 from fastai_ls.calibration.plots import BIN_COLUMNS
+from fastai_ls.calibration.state import INTERVAL_COLUMNS
 from fastai_ls.callback import HISTORY_COLUMNS
 from fastai_ls.temperature import TemperatureScaledActivation
 
@@ -107,8 +108,9 @@ def test_history_has_the_documented_columns_one_row_per_epoch_and_restarts_with_
     with quiet(learn):
         learn.fit(3, 1e-2)
     assert tuple(cb.history.columns) == HISTORY_COLUMNS == (
-        "epoch", "n", "n_invalid", "accuracy", "confidence", "ece", "mce", "rmsce", "adaptive_ece", "classwise_ece",
-        "overconfidence", "underconfidence", "nll", "brier", "aurc")
+        "epoch", "n", "n_invalid", "accuracy", "confidence", "ece", "mce", "rmsce", "ece_debiased", "adaptive_ece",
+        "smece", "ks_error", "classwise_ece", "overconfidence", "underconfidence", "nll", "nll_se", "brier",
+        "brier_se", "aurc", "augrc") + INTERVAL_COLUMNS
     assert cb.history["epoch"].tolist() == [0, 1, 2] and (cb.history["n"] == N_VALID).all()
     with quiet(learn):
         learn.fit(1, 1e-2)
