@@ -222,7 +222,7 @@ class CalibrationCallback(Callback):
     def risk_coverage(self, epoch: int = -1) -> pd.DataFrame:
         """The risk-coverage curve of an epoch (default the last), one row per non-empty fine cell, most confident
         first: threshold (rows above it accepted), coverage, risk (errors / accepted), generalized_risk
-        (errors / all rows). Its mean risk is AURC, its mean generalised risk AUGRC."""
+        (errors / all rows). AURC and AUGRC are the areas under the two risks."""
         return pd.DataFrame({k: v.numpy() for k, v in self.state_of(epoch).risk_coverage().items()})
 
     def bins(self, epoch: int = -1) -> pd.DataFrame:

@@ -279,9 +279,9 @@ def plot_risk_coverage(
     error_rate = 1 - metrics["accuracy"]
     best = np.clip(coverage - metrics["accuracy"], 0, None) / np.maximum(coverage, 1e-12)
     ax.plot(coverage, np.r_[curve["risk"][0], curve["risk"]], color=_ACCURACY, lw=2,
-            label=f"selective risk: errors / accepted (mean = AURC {metrics['aurc']:.4f})")
+            label=f"selective risk: errors / accepted (area = AURC {metrics['aurc']:.4f})")
     ax.plot(coverage, np.r_[0.0, curve["generalized_risk"]], color=_UNDER, lw=2, ls="-.",
-            label=f"generalised risk: errors / all rows (mean = AUGRC {metrics['augrc']:.4f})")
+            label=f"generalised risk: errors / all rows (area = AUGRC {metrics['augrc']:.4f})")
     ax.plot(coverage, best, color="grey", lw=1, ls=":", label="best selective risk at this accuracy")
     ax.axhline(error_rate, color="grey", lw=0.8, ls="--", label=f"error rate at full coverage ({error_rate:.3f})")
     ax.set(xlim=(0, 1), ylim=(0, max(1.1 * float(curve["risk"].max()), 1.2 * error_rate, 1e-3)),
