@@ -62,6 +62,25 @@ def test_smooth_ece_agrees_with_relplot(case, n):
         assert ours == pytest.approx(relplot.smECE(conf, correct.astype(float)), abs=2e-3)
 
 
+def test_where_every_row_is_over_confident_smooth_ece_is_the_mean_gap_at_any_bandwidth():
+    # The reflected kernel keeps every row's mass in [0, 1], so a residual of one sign integrates to its mean:
+    # smECE_sigma = mean(c - a) for every sigma, rows at exactly 1.0 included (relplot 1.0.3 gives 0.0757 for 0.0537
+    # on a CIFAR-10 WideResNet's outputs, a quarter of them at 1.0).
+    from fastai_ls.calibration.smooth import smooth_ece_at
+
+    levels = np.r_[np.linspace(0.3, 0.99, 70), 1.0]  # 40 rows at each, a share c - 0.1 (at least 1 row) wrong
+    conf = np.repeat(levels, 40)
+    correct = np.concatenate([np.arange(40) >= max(1, round(40 * (1.1 - c))) for c in levels])
+    state = state_from(conf, correct)
+    metrics = state.metrics()
+    fine = state.fine[state.fine[:, 0] > 0]
+    assert (fine[:, 1] > fine[:, 2]).all()  # over-confident in every cell
+    mean_gap = float(conf.mean() - correct.mean())
+    assert metrics["smece"] == pytest.approx(mean_gap, abs=1e-9) and metrics["ece"] == pytest.approx(mean_gap)
+    for sigma in (0.002, 0.05, 0.5):
+        assert float(smooth_ece_at(state.fine, sigma)) == pytest.approx(mean_gap, abs=1e-9)
+
+
 def test_relplot_gives_a_row_at_confidence_one_half_weight_and_the_reflected_kernel_full_weight():
     from fastai_ls.calibration.smooth import smooth_curve
 

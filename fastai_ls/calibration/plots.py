@@ -221,7 +221,7 @@ def plot_smooth_reliability(
     ax.fill_between(t, band_lo, band_hi, where=share >= 0.01, color=_OVER, alpha=0.2, lw=0)
     points = np.stack([t, accuracy], 1)
     colours = np.tile(to_rgba(_OVER), (len(t) - 1, 1))
-    colours[:, 3] = np.clip(0.15 + 3 * share[:-1], 0, 1)
+    colours[:, 3] = np.clip(3 * share[:-1], 0, 1)
     ax.add_collection(LineCollection(np.stack([points[:-1], points[1:]], 1), linewidths=0.5 + 3.5 * np.sqrt(share[:-1]),
                                      colors=colours, capstyle="round", zorder=3))
     ax.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="accuracy (kernel-smoothed)")
@@ -233,7 +233,7 @@ def plot_smooth_reliability(
     else:
         low.fill_between(t, 0, density, color=_COUNT, lw=0)
         low.set_ylim(0, 1.1 * float(density.max()))
-    handles = [Line2D([], [], color=_OVER, lw=2.5, label="smoothed accuracy\n(thicker where more rows)"),
+    handles = [Line2D([], [], color=_OVER, lw=2.5, label="smoothed accuracy\n(bolder where more rows)"),
                Patch(color=_OVER, alpha=0.2, label=f"{ci:.0%} bootstrap band"),
                Line2D([], [], color="grey", ls="--", lw=1, label="perfect calibration"),
                Line2D([], [], color=_COUNT, lw=1.2 if overlay else 6,
