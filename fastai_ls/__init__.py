@@ -7,7 +7,12 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     from fastai_ls import distributed
     from fastai_ls.calibration import CalibrationState, calibration_error, calibration_metrics
-    from fastai_ls.calibration.plots import plot_history, plot_reliability
+    from fastai_ls.calibration.plots import (
+        plot_history,
+        plot_reliability,
+        plot_risk_coverage,
+        plot_smooth_reliability,
+    )
     from fastai_ls.callback import CalibrationCallback
     from fastai_ls.digits import digits_learner
     from fastai_ls.losses import (
@@ -22,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LabelSmoothingCrossEntropy", "LabelSmoothingCrossEntropyFlat", "label_smoothing_cross_entropy",
     "CalibrationState", "calibration_error", "calibration_metrics",
-    "CalibrationCallback", "plot_history", "plot_reliability",
+    "CalibrationCallback", "plot_history", "plot_reliability", "plot_smooth_reliability", "plot_risk_coverage",
     "TemperatureFit", "apply_temperature", "fit_temperature", "remove_temperature",
     "pets_learner", "digits_learner", "distributed",
 ]

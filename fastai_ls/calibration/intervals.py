@@ -35,7 +35,15 @@ BOOTSTRAP_NAMES = TOP_LABEL_NAMES
 
 
 def check_ci(ci: float, n_boot: int | None = None) -> None:
-    """A ValueError unless 0 < ci < 1 and (if given) `n_boot` is an int >= 2."""
+    """A ValueError unless 0 < ci < 1 and (if given) `n_boot` is an int >= 2.
+
+    Parameters
+    ----------
+    ci : float
+        A confidence level.
+    n_boot : int, optional
+        A number of bootstrap replicates.
+    """
     if isinstance(ci, bool) or not isinstance(ci, numbers.Real) or not 0 < ci < 1:
         raise ValueError(f"ci must be a confidence level strictly between 0 and 1 (e.g. 0.95), got {ci!r}")
     if n_boot is not None and (isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 2):
@@ -51,7 +59,21 @@ def joint_cells(bins: Tensor, fine: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     A fine cell with a bin edge strictly inside it is split in two; its lower part is everything in the bins up to
     that edge minus everything in the fine cells before it, which both histograms give exactly. Returns the
-    refined counters `(J, 3)` in increasing confidence and, per refined cell, its fine cell and its bin."""
+    refined counters `(J, 3)` in increasing confidence and, per refined cell, its fine cell and its bin.
+
+    Parameters
+    ----------
+    bins : Tensor
+        `(M, 3)` float64 counters per equal-width bin: count, sum of confidence, number correct.
+    fine : Tensor
+        `(K, 3)` the same counters on the fine grid.
+
+    >>> bins = torch.tensor([[1., .2, 0.], [2., 1.5, 2.]])  # bins (0, 1/2] and (1/2, 1]
+    >>> fine = torch.tensor([[1., .2, 0.], [1., .6, 1.], [1., .9, 1.]])  # cells of 1/3: the middle one is split
+    >>> cells, fine_of, bin_of = joint_cells(bins, fine)
+    >>> cells[:, 0].tolist(), fine_of.tolist(), bin_of.tolist()
+    ([1.0, 0.0, 1.0, 1.0], [0, 1, 1, 2], [0, 0, 1, 1])
+    """
     n_bins, n_cells = bins.shape[0], fine.shape[0]
     if n_cells < n_bins:
         raise ValueError(f"intervals need at least as many fine cells as bins, got n_fine={n_cells} < "
@@ -117,7 +139,17 @@ def bootstrap_histograms(bins: Tensor, fine: Tensor, n_boot: int = 1000,
     """`n_boot` bootstrap replicates of the histograms `bins` `(M, 3)` and `fine` `(K, 3)` of the same rows:
     `(n_boot, M, 3)` bins and `(n_boot, K', 3)` fine cells, float64, of which only the K' cells with rows in `fine`
     are kept (no replicate can fill another); the third tensor gives their indices. The same `seed` gives the same
-    replicates (numpy's PCG64 generator)."""
+    replicates (numpy's PCG64 generator).
+
+    Parameters
+    ----------
+    bins, fine : Tensor
+        `(M, 3)` and `(K, 3)` float64 counters (count, sum of confidence, number correct) of the same rows.
+    n_boot : int
+        Replicates.
+    seed : int, optional
+        Seed of the generator; None draws a fresh one.
+    """
     with _one_thread():
         return _bootstrap_histograms(bins, fine, n_boot, seed)
 
@@ -146,20 +178,49 @@ def _bootstrap_histograms(bins: Tensor, fine: Tensor, n_boot: int, seed: int | N
 
 def bootstrap_metrics(bins: Tensor, fine: Tensor, n_boot: int = 1000, seed: int | None = 0) -> dict[str, Tensor]:
     """Every metric of `BOOTSTRAP_NAMES` on `n_boot` bootstrap replicates of the rows behind the histograms
-    `bins` `(M, 3)` and `fine` `(K, 3)` (`bootstrap_histograms`): a dict of `(n_boot,)` float64 tensors."""
+    `bins` `(M, 3)` and `fine` `(K, 3)` (`bootstrap_histograms`): a dict of `(n_boot,)` float64 tensors.
+
+    Parameters
+    ----------
+    bins, fine, n_boot, seed
+        As for `bootstrap_histograms`.
+
+    >>> bins, fine = torch.tensor([[10., 8., 7.]]), torch.tensor([[10., 8., 7.]])
+    >>> bootstrap_metrics(bins, fine, n_boot=500)['accuracy'].shape
+    torch.Size([500])
+    """
     rep_bins, rep_fine, fine_index = bootstrap_histograms(bins, fine, n_boot, seed)
     with _one_thread():
         return top_label_metrics(rep_bins, rep_fine, fine_index, fine.shape[0])
 
 
 def percentile_intervals(replicates: dict[str, Tensor], ci: float) -> dict[str, tuple[float, float]]:
-    """The (1 - ci) / 2 and (1 + ci) / 2 quantiles of each metric's replicates (linear interpolation)."""
+    """The (1 - ci) / 2 and (1 + ci) / 2 quantiles of each metric's replicates (linear interpolation).
+
+    Parameters
+    ----------
+    replicates : dict
+        Per metric, a 1-D tensor of bootstrap replicates.
+    ci : float
+        The confidence level.
+    """
     q = torch.tensor([(1 - ci) / 2, (1 + ci) / 2], dtype=torch.float64)
     return {name: tuple(float(v) for v in torch.nanquantile(values, q)) for name, values in replicates.items()}
 
 
 def normal_interval(mean: float, standard_error: float, ci: float) -> tuple[float, float]:
-    """mean -+ z * standard_error, z the normal quantile of (1 + ci) / 2."""
+    """mean -+ z * standard_error, z the normal quantile of (1 + ci) / 2.
+
+    Parameters
+    ----------
+    mean, standard_error : float
+        The estimate and its standard error.
+    ci : float
+        The confidence level.
+
+    >>> [round(v, 3) for v in normal_interval(1.0, 0.1, 0.95)]
+    [0.804, 1.196]
+    """
     half = _z(ci) * standard_error
     return mean - half, mean + half
 
@@ -167,7 +228,18 @@ def normal_interval(mean: float, standard_error: float, ci: float) -> tuple[floa
 def wilson_interval(correct: Tensor, count: Tensor, ci: float) -> tuple[Tensor, Tensor]:
     """Wilson's score interval (1927) of a proportion correct / count, elementwise; NaN where count = 0. Unlike
     p -+ z sqrt(p (1 - p) / n), it stays inside [0, 1] and is not empty when p is 0 or 1, as it is in the
-    reliability diagram's small bins."""
+    reliability diagram's small bins.
+
+    Parameters
+    ----------
+    correct, count : Tensor
+        Successes and trials, elementwise (float; weighted counts are taken as they are).
+    ci : float
+        The confidence level.
+
+    >>> [round(float(v), 3) for v in wilson_interval(torch.tensor([0.]), torch.tensor([5.]), 0.95)]
+    [0.0, 0.434]
+    """
     z = _z(ci)
     n = count.clamp_min(1e-300)
     p = correct / n

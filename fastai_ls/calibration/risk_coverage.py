@@ -34,7 +34,16 @@ def _harmonic(x: Tensor) -> Tensor:
 def aurc(fine: Tensor) -> Tensor:
     """Area under the risk-coverage curve (Geifman, Uziel & El-Yaniv 2019): (1/n) sum_k E_k / k, the mean over k
     of the error rate of the k most confident rows. Lower is better; a perfect ranking at accuracy a scores
-    1 - a + a ln(a) (0 for a = 1), a random one the error rate 1 - a."""
+    1 - a + a ln(a) (0 for a = 1), a random one the error rate 1 - a.
+
+    Parameters
+    ----------
+    fine : Tensor
+        `(..., K, 3)` float64 counters per cell: count, sum of confidence, number correct.
+
+    >>> float(aurc(torch.tensor([[1., .2, 0.], [1., .9, 1.]])))  # the confident row right, the other wrong
+    0.25
+    """
     count, errors, before, errors_before = _ranked(fine)
     # sum_{i=1..c} (E + e i/c) / (K + i) = (E - e K/c) (H(K + c) - H(K)) + e
     c = count.clamp_min(1e-300)
@@ -46,7 +55,16 @@ def augrc(fine: Tensor) -> Tensor:
     """Area under the generalised risk-coverage curve (Traub et al. 2024, "Overcoming Common Flaws in the
     Evaluation of Selective Classification Systems"): (1/n^2) sum_k E_k, the mean over coverages of the share of
     all rows that are accepted errors, which Traub et al. read as the average risk of undetected failures. Lower
-    is better; a perfect ranking at accuracy a scores (1 - a)^2 / 2, a random one (1 - a) / 2."""
+    is better; a perfect ranking at accuracy a scores (1 - a)^2 / 2, a random one (1 - a) / 2.
+
+    Parameters
+    ----------
+    fine : Tensor
+        `(..., K, 3)` float64 counters per cell: count, sum of confidence, number correct.
+
+    >>> float(augrc(torch.tensor([[1., .2, 0.], [1., .9, 1.]])))  # (0 + 1) / 2^2
+    0.25
+    """
     count, errors, _, errors_before = _ranked(fine)
     # sum_{i=1..c} (E + e i/c) = c E + e (c + 1) / 2
     n = count.sum(-1)
@@ -56,7 +74,13 @@ def augrc(fine: Tensor) -> Tensor:
 def risk_coverage_curve(fine: Tensor) -> dict[str, Tensor]:
     """The risk-coverage curve of one `(K, 3)` histogram, one point per non-empty cell, most confident first:
     `threshold` (rows with confidence above it are accepted: the cell's lower edge), `coverage` (accepted / n),
-    `risk` (errors / accepted) and `generalized_risk` (errors / n), the expected values over tied rows."""
+    `risk` (errors / accepted) and `generalized_risk` (errors / n), the expected values over tied rows.
+
+    Parameters
+    ----------
+    fine : Tensor
+        `(K, 3)` float64 counters per cell: count, sum of confidence, number correct.
+    """
     if fine.dim() != 2:
         raise ValueError(f"need one (K, 3) histogram, got {tuple(fine.shape)}")
     count, errors = fine[:, 0].flip(0), (fine[:, 0] - fine[:, 2]).clamp_min(0).flip(0)  # most confident first

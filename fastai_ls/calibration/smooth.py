@@ -78,8 +78,15 @@ def _smece_at(spectrum: np.ndarray, n: np.ndarray, sigma: np.ndarray) -> np.ndar
 
 def smooth_ece_at(fine: Tensor, sigma: float | Tensor, cells: Tensor | None = None,
                   n_cells: int | None = None) -> Tensor:
-    """smECE_sigma at a given bandwidth, one value per histogram of `fine` `(..., K, 3)`; `cells` and `n_cells` as
-    for `smooth_ece`."""
+    """smECE_sigma at a given bandwidth, one value per histogram of `fine` `(..., K, 3)`.
+
+    Parameters
+    ----------
+    fine, cells, n_cells
+        As for `smooth_ece`.
+    sigma : float or Tensor
+        The kernel's bandwidth, one for all histograms or one per histogram.
+    """
     spectrum, n = _grid_spectra(fine, "residual", cells, n_cells)
     sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float64).reshape(-1), n.shape)
     return torch.from_numpy(_smece_at(spectrum, n, sigma)).reshape(fine.shape[:-2])
@@ -93,6 +100,20 @@ def smooth_ece(fine: Tensor, cells: Tensor | None = None, n_cells: int | None = 
     The bandwidth solves smECE_sigma = sigma for all histograms at once, by the Illinois variant of regula falsi
     on [1/K, 1] until |smECE_sigma - sigma| < 1e-9 (smECE_sigma changes slowly with sigma, so a few steps do).
     Lower is better; 0 means calibrated at every confidence.
+
+    Parameters
+    ----------
+    fine : Tensor
+        `(..., K, 3)` float64 counters per cell: count, sum of confidence, number correct.
+    cells : Tensor, optional
+        Indices of the grid cells that `fine` holds, increasing; None: all.
+    n_cells : int, optional
+        The size of the grid, when `fine` holds only some of its cells.
+
+    >>> fine = torch.zeros(1000, 3, dtype=torch.float64)
+    >>> fine[949] = torch.tensor([100., 95., 80.])  # 100 rows at confidence 0.95, 80 right
+    >>> [round(float(v), 3) for v in smooth_ece(fine)]  # smECE, bandwidth
+    [0.15, 0.15]
     """
     spectrum, n = _grid_spectra(fine, "residual", cells, n_cells)
     n_cells = fine.shape[-2] if n_cells is None else n_cells
@@ -130,7 +151,14 @@ def smooth_curve(fine: Tensor, sigma: float | Tensor, cells: Tensor | None = Non
     accuracy against confidence, t + smoothed residual / density, as relplot draws it) and `density` (the
     reflected-Gaussian density of the confidences, integrating to 1). `accuracy` and `density` have the leading
     shape of `fine` `(..., K, 3)` followed by K + 1; where the density is near 0 the curve is extrapolated.
-    `cells` and `n_cells` as for `smooth_ece`."""
+
+    Parameters
+    ----------
+    fine, cells, n_cells
+        As for `smooth_ece`.
+    sigma : float or Tensor
+        The kernel's bandwidth (relplot draws the curve at smooth ECE's own).
+    """
     residual, n = _grid_spectra(fine, "residual", cells, n_cells)
     count, _ = _grid_spectra(fine, "count", cells, n_cells)
     n_cells = fine.shape[-2] if n_cells is None else n_cells

@@ -6,7 +6,9 @@ Updating it from a batch launches a fixed sequence of kernels and never waits fo
 counters, so a metric has exactly one implementation whether it is asked for by a test, the callback or the CLI.
 
 Bins of top-label confidence are equal-width and closed on the right, ((m-1)/M, m/M], as in Guo et al. 2017;
-a confidence of exactly 0 goes to the first bin and exactly 1 to the last.
+a confidence of exactly 0 goes to the first bin and exactly 1 to the last. Besides the M bins the state keeps a
+fine grid of K (default 1000) equal-width cells: it determines every top-label metric up to the cell width 1/K
+(adaptive and smooth ECE, KS error, AURC, AUGRC, `metrics.py`) and their bootstrap intervals (`intervals.py`).
 """
 
 from __future__ import annotations
@@ -86,6 +88,22 @@ class CalibrationState:
     The classwise bins cost 3 * C * M counters and, per batch, a few float64 temporaries the size of the
     predictions; with `classwise=False` they are left out (`classwise_ece` is then NaN).
 
+    Parameters
+    ----------
+    n_classes : int
+        C, the size of the class axis.
+    n_bins : int
+        M equal-width bins for ECE, MCE, RMSCE, debiased and classwise ECE and the reliability diagram.
+    n_fine : int
+        K fine equal-width cells behind adaptive and smooth ECE, KS error, AURC, AUGRC, the risk-coverage curve and
+        the bootstrap; their resolution in confidence is 1/K. Intervals need K >= M.
+    device : torch.device or str, optional
+        Where the counters live (the predictions' device).
+    data : Tensor, optional
+        An existing flat float64 vector with this layout (e.g. a saved state).
+    classwise : bool
+        Keep per-class bins for classwise ECE.
+
     >>> state = CalibrationState(n_classes=3, n_bins=3)
     >>> state.update(torch.tensor([[.25, .20, .55], [.55, .05, .40], [.10, .30, .60], [.90, .05, .05]]),
     ...              torch.tensor([0, 1, 2, 0]))
@@ -95,13 +113,14 @@ class CalibrationState:
 
     def __init__(
         self,
-        n_classes: int,  # C, the size of the class axis
-        n_bins: int = 15,  # M equal-width bins for ECE, MCE, RMSCE, classwise ECE and the reliability diagram
-        n_fine: int = 1000,  # fine equal-width bins from which equal-mass bins and the risk-coverage curve are made
+        n_classes: int,
+        n_bins: int = 15,
+        n_fine: int = 1000,
         device: torch.device | str | None = None,
-        data: Tensor | None = None,  # an existing flat float64 vector with this layout (e.g. a saved state)
-        classwise: bool = True,  # keep per-class bins for classwise ECE
+        data: Tensor | None = None,
+        classwise: bool = True,
     ):
+        """Zeroed counters (or `data`) for this layout; see the class docstring."""
         self.n_classes = check_n_bins(n_classes, "n_classes")
         self.n_bins, self.n_fine = check_n_bins(n_bins), check_n_bins(n_fine, "n_fine")
         self.classwise = bool(classwise)
