@@ -57,6 +57,7 @@ def check_n_bins(n_bins: int, name: str = "n_bins") -> int:
         raise ValueError(f"{name} must be an int >= 1, got {n_bins!r}")
     return int(n_bins)
 
+
 def _checked_weight(weight: Tensor, n_rows: int, check_values: bool) -> Tensor:
     """`weight` detached, after a ValueError for a wrong shape or dtype and (with `check_values`) for negative or
     non-finite values."""
@@ -354,12 +355,11 @@ class CalibrationState:
                        nll_se=_standard_error(s["nll_sq"], s["nll"], n),
                        brier_se=_standard_error(s["brier_sq"], s["brier"], n))
         if ci is not None:
-            for name, (lo, hi) in self.intervals(ci, n_boot, seed, _point=out).items():
+            for name, (lo, hi) in self._intervals(ci, n_boot, seed, out).items():
                 out[f"{name}_lo"], out[f"{name}_hi"] = lo, hi
         return out
 
-    def intervals(self, ci: float = 0.95, n_boot: int = 1000, seed: int | None = 0,
-                  _point: dict[str, float] | None = None) -> dict[str, tuple[float, float]]:
+    def intervals(self, ci: float = 0.95, n_boot: int = 1000, seed: int | None = 0) -> dict[str, tuple[float, float]]:
         """(lower, upper) confidence limits of every metric of `INTERVAL_NAMES` at level `ci`.
 
         A percentile bootstrap for the metrics of the two histograms (`intervals.py`: a replicate is one
@@ -377,8 +377,11 @@ class CalibrationState:
         seed : int, optional
             Seed of numpy's generator: the same seed gives the same intervals; None draws a fresh one.
         """
+        return self._intervals(ci, n_boot, seed, self.metrics())
+
+    def _intervals(self, ci: float, n_boot: int, seed: int | None,
+                   point: dict[str, float]) -> dict[str, tuple[float, float]]:
         check_ci(ci, n_boot)
-        point = self.metrics() if _point is None else _point
         if not point["n"] >= 1:
             return dict.fromkeys(INTERVAL_NAMES, (math.nan, math.nan))
         replicates = bootstrap_metrics(self.bins.detach().cpu(), self.fine.detach().cpu(), n_boot, seed)
