@@ -98,7 +98,7 @@ class CalibrationCallback(Callback):
     def __init__(
         self,
         n_bins: int = 15,  # equal-width bins for ECE, MCE, RMSCE, classwise ECE and the reliability diagram
-        metrics: Sequence[str] = ("ece",),  # columns to add to the progress table, any of `METRIC_NAMES`
+        metrics: Sequence[str] = ("ece",),  # progress-table columns: any of `METRIC_NAMES` or `INTERVAL_COLUMNS`
         n_fine: int = 1000,  # fine bins behind adaptive and smooth ECE, KS, AURC, AUGRC (their resolution)
         classwise: bool | None = None,  # classwise ECE; None: only with at most `CLASSWISE_MAX_CLASSES` classes
         ci: float | None = 0.95,  # level of the intervals in `history` and `report()`; None for none
@@ -226,7 +226,8 @@ class CalibrationCallback(Callback):
         return pd.DataFrame({k: v.numpy() for k, v in self.state_of(epoch).risk_coverage().items()})
 
     def bins(self, epoch: int = -1) -> pd.DataFrame:
-        """The equal-width bins of an epoch (default the last): lo, hi, count, confidence, accuracy, gap."""
+        """The equal-width bins of an epoch (default the last): lo, hi, count, confidence, accuracy, gap and the
+        Wilson interval of the accuracy (accuracy_lo, accuracy_hi)."""
         return bin_frame(self.state_of(epoch))
 
     def plot_reliability(self, epoch: int = -1, ax: Axes | None = None, title: str | None = None) -> Figure:
