@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # for IDEs and type checkers; at run time `__getattr__` below imports each name on first use
     from fastai_ls import distributed
     from fastai_ls.calibration import CalibrationState, calibration_error, calibration_metrics
-    from fastai_ls.calibration.plots import plot_history, plot_reliability
+    from fastai_ls.calibration.plots import (
+        plot_history,
+        plot_reliability,
+        plot_risk_coverage,
+        plot_smooth_reliability,
+    )
     from fastai_ls.callback import CalibrationCallback
     from fastai_ls.digits import digits_learner
     from fastai_ls.losses import (
@@ -50,7 +55,7 @@ _SOURCES = {
 __all__ = [
     "LabelSmoothingCrossEntropy", "LabelSmoothingCrossEntropyFlat", "label_smoothing_cross_entropy",
     "CalibrationState", "calibration_error", "calibration_metrics",
-    "CalibrationCallback", "plot_history", "plot_reliability",
+    "CalibrationCallback", "plot_history", "plot_reliability", "plot_smooth_reliability", "plot_risk_coverage",
     "TemperatureFit", "apply_temperature", "fit_temperature", "remove_temperature",
     "pets_learner", "make_pets_like_tree", "digits_learner", "distributed",
 ]  # the same names as `_SOURCES` and the imports above (tests/test_package.py checks it)

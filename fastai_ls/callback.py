@@ -22,8 +22,22 @@ from fastai.torch_core import TensorMultiCategory
 from fastai.vision.core import PILBase, PILMask
 from torch import Tensor, nn
 
-from fastai_ls.calibration.plots import bin_frame, plot_history, plot_reliability
-from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, METRIC_NAMES, CalibrationState, check_n_bins
+from fastai_ls.calibration.intervals import check_ci
+from fastai_ls.calibration.plots import (
+    bin_frame,
+    plot_history,
+    plot_reliability,
+    plot_risk_coverage,
+    plot_smooth_reliability,
+)
+from fastai_ls.calibration.report import report_frame
+from fastai_ls.calibration.state import (
+    CLASSWISE_MAX_CLASSES,
+    INTERVAL_COLUMNS,
+    METRIC_NAMES,
+    CalibrationState,
+    check_n_bins,
+)
 from fastai_ls.predictions import class_axis_of, class_rows
 from fastai_ls.tensor_input import plain
 
@@ -33,21 +47,22 @@ if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
 
 __all__ = ["CalibrationCallback", "CalibrationMetric", "HISTORY_COLUMNS", "METRIC_COMPARISONS"]
 
-HISTORY_COLUMNS = ("epoch",) + METRIC_NAMES
+# Every metric, then the lower and upper limit of each metric that has an interval (NaN when `ci=None`).
+HISTORY_COLUMNS = ("epoch",) + METRIC_NAMES + INTERVAL_COLUMNS
 # Losses whose targets are not single class ids: the callback refuses them at `before_fit`.
 _NOT_CLASS_ID_LOSSES = (nn.BCEWithLogitsLoss, nn.BCELoss, nn.MultiLabelSoftMarginLoss, nn.MultiLabelMarginLoss,
                         nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.KLDivLoss, nn.GaussianNLLLoss,
                         nn.PoissonNLLLoss)
 # Which way is better for each column, for fastai's trackers (SaveModelCallback, EarlyStoppingCallback,
 # ReduceLROnPlateau). fastai guesses np.greater for every name without "loss" or "error" (REFERENCE.md §4): the wrong
-# way for all the error-like columns, which `CalibrationCallback.before_fit` turns round. `n` (rows scored) and
-# `confidence` (mean top-label probability) measure no quality: they keep np.greater, fastai's own guess, and a user
-# who wants the best-calibrated epoch monitors `ece` or `nll`.
-METRIC_COMPARISONS = {
-    "n": np.greater, "n_invalid": np.less, "accuracy": np.greater, "confidence": np.greater,
-    "ece": np.less, "mce": np.less, "rmsce": np.less, "adaptive_ece": np.less, "classwise_ece": np.less,
-    "overconfidence": np.less, "underconfidence": np.less, "nll": np.less, "brier": np.less, "aurc": np.less,
-}
+# way for all the error-like columns, which `CalibrationCallback.before_fit` turns round. `n` (rows scored),
+# `confidence` (mean top-label probability) and the standard errors `nll_se`, `brier_se` measure no quality: they
+# keep np.greater, fastai's own guess, and a user who wants the best-calibrated epoch monitors `ece` or `nll`. An
+# interval's limits go the way of their metric.
+_LOWER_IS_BETTER = ("n_invalid", "ece", "mce", "rmsce", "ece_debiased", "adaptive_ece", "smece", "ks_error",
+                    "classwise_ece", "overconfidence", "underconfidence", "nll", "brier", "aurc", "augrc")
+METRIC_COMPARISONS = {name: np.less if name in _LOWER_IS_BETTER else np.greater for name in METRIC_NAMES}
+METRIC_COMPARISONS |= {column: METRIC_COMPARISONS[column.rsplit("_", 1)[0]] for column in INTERVAL_COLUMNS}
 
 
 class CalibrationMetric(ValueMetric):
@@ -87,14 +102,22 @@ class CalibrationCallback(Callback):
         Equal-width confidence bins for ECE, MCE, RMSCE, classwise ECE and the reliability diagram.
     metrics : str or sequence of str, default ('ece',)
         The metrics to add as columns to fastai's progress table, and so to `CSVLogger` and to what
-        `SaveModelCallback`, `EarlyStoppingCallback` and `ReduceLROnPlateau` can monitor: any of `METRIC_NAMES`.
-        Every metric is computed either way and lands in `history` and `last_metrics`.
+        `SaveModelCallback`, `EarlyStoppingCallback` and `ReduceLROnPlateau` can monitor: any of `METRIC_NAMES`,
+        or an interval limit of `INTERVAL_COLUMNS` (e.g. 'ece_hi'). Every metric is computed either way and lands
+        in `history` and `last_metrics`.
     n_fine : int, default 1000
-        Fine equal-width bins behind adaptive ECE and AURC: their resolution in confidence.
+        Fine equal-width bins behind adaptive and smooth ECE, the KS error, AURC and AUGRC: their resolution in
+        confidence, and the cells the bootstrap resamples.
     classwise : bool or None, default None
         Keep classwise ECE. None keeps it for at most `CLASSWISE_MAX_CLASSES` classes and leaves it NaN above (a
         language model's vocabulary): it needs 3 * C * n_bins counters and per-batch work in proportion to the
         predictions' size, and at large C it mostly measures the calibration of p ~ 0.
+    ci : float or None, default 0.95
+        Level of the confidence intervals in `history` (`<metric>_lo`, `<metric>_hi`) and `report()`; None for none.
+    n_boot : int, default 1000
+        Bootstrap replicates per interval.
+    seed : int or None, default 0
+        Seed of the bootstrap: the same seed gives the same intervals.
 
     Attributes
     ----------
@@ -145,6 +168,11 @@ class CalibrationCallback(Callback):
     callback adds as a column, on a `train_` column (always NaN) or on a misspelt prefix (`valid_ece` without
     `train_metrics`) is a ValueError at `before_fit` that says what to change (inside `validate()`/`get_preds()`,
     where fastai's own assert in the tracker would keep `learn.lock`, the tracker sits that pass out).
+
+    Intervals (`ci`): `history` has `<metric>_lo`/`<metric>_hi` columns, `report()` a table of estimate, lower and
+    upper per metric. A bootstrap costs up to ~0.5 s, so the intervals are computed when first read, once per
+    epoch, not in the training loop, unless an interval column is a progress-table column (then at each epoch's
+    end). The same seed gives the same intervals either way.
     """
 
     order = 45  # after MixedPrecision (10, fp32 preds) and DistributedTrainer (11, DistributedDL); before Recorder (50)
@@ -156,14 +184,23 @@ class CalibrationCallback(Callback):
         metrics: Sequence[str] | str = ("ece",),
         n_fine: int = 1000,
         classwise: bool | None = None,
+        ci: float | None = 0.95,
+        n_boot: int = 1000,
+        seed: int | None = 0,
     ):
         """Check the arguments; the counters are made at the first validation batch, once C is known."""
         self.n_bins, self.n_fine = check_n_bins(n_bins), check_n_bins(n_fine, "n_fine")
         self.classwise = classwise
+        if ci is not None:
+            check_ci(ci, n_boot)
+        self.ci, self.n_boot, self.seed = ci, n_boot, seed
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-        unknown = [m for m in metrics if m not in METRIC_NAMES]
+        unknown = [m for m in metrics if m not in METRIC_NAMES + INTERVAL_COLUMNS]
         if unknown:
-            raise ValueError(f"unknown calibration metrics {unknown}; choose from {METRIC_NAMES}")
+            raise ValueError(f"unknown calibration metrics {unknown}; choose from {METRIC_NAMES + INTERVAL_COLUMNS}")
+        if ci is None and any(m in INTERVAL_COLUMNS for m in metrics):
+            raise ValueError("interval columns need a confidence level: pass ci=0.95 (or another level)")
+        self._eager_intervals = any(m in INTERVAL_COLUMNS for m in metrics)
         self.metric_names = tuple(dict.fromkeys(metrics))
         self._metrics = [CalibrationMetric(self, m) for m in self.metric_names]
         self.state: CalibrationState | None = None  # the last scored validation pass, on the CPU
@@ -260,7 +297,7 @@ class CalibrationCallback(Callback):
                                           classwise=classwise)
         weight = _padding_weight(self.learn.dl, target.shape[0] // rows_per_item, rows_per_item, probs.device)
         self._pass.update(probs, target, weight=weight, ignore_index=getattr(self.learn.loss_func, "ignore_index",
-                                                                             None))
+                                                                             None), check_weight=False)
 
     def after_validate(self):
         """Bring the pass's counters to the CPU (summed over processes if sharded): `state`, `last_metrics`, a row."""
@@ -268,7 +305,7 @@ class CalibrationCallback(Callback):
             return
         state = self._pass.all_reduce() if self._sharded else self._pass
         state, self._pass = state.to("cpu"), None  # the one host synchronisation of the pass
-        self.state, self.last_metrics, self._scored = state, state.metrics(), True
+        self.state, self.last_metrics, self._scored = state, self._metrics_of(state), True
         n_bad = float(state.scalar("n_bad_target"))
         if n_bad:
             raise ValueError(f"{n_bad:.0f} validation targets are not class ids in [0, {state.n_classes})")
@@ -306,15 +343,42 @@ class CalibrationCallback(Callback):
 
     @property
     def history(self) -> pd.DataFrame:
-        """One row per epoch of the last fit: `epoch` and every metric of `METRIC_NAMES` (`HISTORY_COLUMNS`).
+        """One row per epoch of the last fit: `epoch`, every metric of `METRIC_NAMES`, and the limits of the
+        intervals (`INTERVAL_COLUMNS`, NaN when `ci` is None); together `HISTORY_COLUMNS`. Intervals not computed
+        yet are computed here, once per epoch.
 
         >>> CalibrationCallback().history.columns[:5].tolist()
         ['epoch', 'n', 'n_invalid', 'accuracy', 'confidence']
         """
+        if self.ci is not None:
+            for row, state in zip(self._rows, self.states):
+                if INTERVAL_COLUMNS[0] not in row:
+                    row.update(self._metrics_of(state, intervals=True))
         return pd.DataFrame(self._rows, columns=list(HISTORY_COLUMNS))
 
+    def _metrics_of(self, state: CalibrationState, intervals: bool | None = None) -> dict[str, float]:
+        """The state's metrics, with intervals if asked (by default: if a progress-table column needs them)."""
+        with_ci = self._eager_intervals if intervals is None else intervals
+        return state.metrics(ci=self.ci if with_ci else None, n_boot=self.n_boot, seed=self.seed)
+
+    def report(self, epoch: int = -1, ci: float | None = None) -> pd.DataFrame:
+        """One row per metric of an epoch (default the last): estimate, lower, upper and how the interval was made.
+
+        >>> cb.report().loc['ece', ['estimate', 'lower', 'upper']]  # doctest: +SKIP
+        """
+        level = self.ci if ci is None else ci
+        metrics = self.state_of(epoch).metrics(ci=level, n_boot=self.n_boot, seed=self.seed)
+        return report_frame(metrics, level)
+
+    def risk_coverage(self, epoch: int = -1) -> pd.DataFrame:
+        """The risk-coverage curve of an epoch (default the last), one row per non-empty fine cell, most confident
+        first: threshold (rows above it accepted), coverage, risk (errors / accepted), generalized_risk
+        (errors / all rows). AURC and AUGRC are the areas under the two risks."""
+        return pd.DataFrame({k: v.numpy() for k, v in self.state_of(epoch).risk_coverage().items()})
+
     def bins(self, epoch: int = -1) -> pd.DataFrame:
-        """The equal-width bins of one epoch: lo, hi, count, confidence, accuracy, gap = confidence - accuracy.
+        """The equal-width bins of one epoch: lo, hi, count, confidence, accuracy, gap = confidence - accuracy, and
+        the Wilson interval of the accuracy (accuracy_lo, accuracy_hi).
 
         Parameters
         ----------
@@ -343,7 +407,16 @@ class CalibrationCallback(Callback):
         --------
         >>> fig = cb.plot_reliability(title='LS 0.1')  # doctest: +SKIP
         """
-        return plot_reliability(self.state_of(epoch), ax=ax, title=title)
+        return plot_reliability(self.state_of(epoch), ax=ax, title=title, ci=self.ci or 0.95)
+
+    def plot_smooth_reliability(self, epoch: int = -1, ax: Axes | None = None, title: str | None = None) -> Figure:
+        """Smooth reliability diagram with bootstrap band and confidence density; returns the figure."""
+        return plot_smooth_reliability(self.state_of(epoch), ax=ax, title=title, ci=self.ci or 0.95,
+                                       n_boot=self.n_boot, seed=self.seed)
+
+    def plot_risk_coverage(self, epoch: int = -1, ax: Axes | None = None, title: str | None = None) -> Figure:
+        """Risk-coverage plot of an epoch (default the last); returns the figure."""
+        return plot_risk_coverage(self.state_of(epoch), ax=ax, title=title)
 
     def plot_history(self) -> Figure:
         """ECE, NLL and accuracy over the epochs of the last fit; returns the matplotlib figure.
@@ -445,7 +518,7 @@ def _tracker_problems(learn: Learner) -> list[tuple[TrackerCallback, str]]:
         if monitor.startswith("train_") and monitor[len("train_"):] in ours:
             problems.append((tracker, f"{kind} monitors {monitor!r}, which is NaN in every epoch: "
                                       "CalibrationCallback scores validation passes only"))
-        elif column in METRIC_NAMES and column not in ours | others:
+        elif column in METRIC_COMPARISONS and column not in ours | others:
             problems.append((tracker, f"{kind} monitors {monitor!r}, but no callback adds that column; add it "
                                       f"with CalibrationCallback(metrics=(..., {column!r}))"))
         elif column in ours and monitor != (want := f"valid_{column}" if prefixed else column):

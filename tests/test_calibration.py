@@ -166,7 +166,7 @@ def test_logits_with_an_activation_give_the_state_of_their_probabilities():
 def test_without_classwise_bins_the_state_keeps_no_class_counters_and_the_rest_is_unchanged():
     probs, target = random_probs(80, 6, seed=13)
     full, lean = state_of(probs, target), state_of(probs, target, classwise=False)
-    n_counters = 7 + 3 * 15 + 3 * 1000  # scalars, coarse bins, fine bins
+    n_counters = 9 + 3 * 15 + 3 * 1000  # scalars, coarse bins, fine bins
     assert lean.data.numel() == n_counters and full.data.numel() == n_counters + 3 * 6 * 15
     assert lean.class_bins.numel() == 0
     lean_metrics, full_metrics = lean.metrics(), full.metrics()

@@ -43,7 +43,7 @@ from fastai_ls import (
     remove_temperature,
 )
 from fastai_ls.calibration.plots import BIN_COLUMNS
-from fastai_ls.calibration.state import METRIC_NAMES
+from fastai_ls.calibration.state import INTERVAL_COLUMNS, METRIC_NAMES
 from fastai_ls.callback import HISTORY_COLUMNS, METRIC_COMPARISONS, check_class_id_targets
 from fastai_ls.temperature import TemperatureScaledActivation
 
@@ -167,8 +167,9 @@ def test_history_has_the_documented_columns_one_row_per_epoch_and_restarts_with_
     with quiet(learn):
         learn.fit(3, 1e-2)
     assert tuple(cb.history.columns) == HISTORY_COLUMNS == (
-        "epoch", "n", "n_invalid", "accuracy", "confidence", "ece", "mce", "rmsce", "adaptive_ece", "classwise_ece",
-        "overconfidence", "underconfidence", "nll", "brier", "aurc")
+        "epoch", "n", "n_invalid", "accuracy", "confidence", "ece", "mce", "rmsce", "ece_debiased", "adaptive_ece",
+        "smece", "ks_error", "classwise_ece", "overconfidence", "underconfidence", "nll", "nll_se", "brier",
+        "brier_se", "aurc", "augrc") + INTERVAL_COLUMNS
     assert cb.history["epoch"].tolist() == [0, 1, 2] and (cb.history["n"] == N_VALID).all()
     with quiet(learn):
         learn.fit(1, 1e-2)
@@ -684,11 +685,12 @@ def test_the_per_batch_update_never_synchronises_with_the_gpu():
 
 
 def test_every_calibration_column_has_a_tracker_direction():
-    assert set(METRIC_COMPARISONS) == set(METRIC_NAMES)
-    lower = {name for name, comp in METRIC_COMPARISONS.items() if comp is np.less}
-    assert lower == {"n_invalid", "ece", "mce", "rmsce", "adaptive_ece", "classwise_ece", "overconfidence",
-                     "underconfidence", "nll", "brier", "aurc"}
+    assert set(METRIC_COMPARISONS) == set(METRIC_NAMES) | set(INTERVAL_COLUMNS)
+    lower = {name for name in METRIC_NAMES if METRIC_COMPARISONS[name] is np.less}
+    assert lower == {"n_invalid", "ece", "mce", "rmsce", "ece_debiased", "adaptive_ece", "smece", "ks_error",
+                     "classwise_ece", "overconfidence", "underconfidence", "nll", "brier", "aurc", "augrc"}
     assert all(METRIC_COMPARISONS[name] is np.greater for name in set(METRIC_NAMES) - lower)
+    assert METRIC_COMPARISONS["ece_hi"] is np.less and METRIC_COMPARISONS["accuracy_lo"] is np.greater
 
 
 @pytest.mark.parametrize("tracker_cls", [SaveModelCallback, EarlyStoppingCallback, ReduceLROnPlateau])

@@ -1,9 +1,11 @@
 """Calibration's math, tensors in and tensors out (no fastai): the streamed counters (`state.py`), the metrics
-computed from them (`metrics.py`), one-call functions on predictions in memory (`functional.py`) and the tables
-and figures (`plots.py`)."""
+computed from them (`metrics.py`, with smooth ECE in `smooth.py` and the risk-coverage curve in
+`risk_coverage.py`), their confidence intervals (`intervals.py`), one-call functions on predictions in memory
+(`functional.py`), and the tables (`report.py`) and figures (`plots.py`)."""
 
 from fastai_ls.calibration.functional import calibration_error, calibration_metrics
-from fastai_ls.calibration.plots import plot_history, plot_reliability
+from fastai_ls.calibration.plots import plot_history, plot_reliability, plot_risk_coverage, plot_smooth_reliability
 from fastai_ls.calibration.state import CalibrationState
 
-__all__ = ["CalibrationState", "calibration_error", "calibration_metrics", "plot_reliability", "plot_history"]
+__all__ = ["CalibrationState", "calibration_error", "calibration_metrics", "plot_reliability",
+           "plot_smooth_reliability", "plot_risk_coverage", "plot_history"]

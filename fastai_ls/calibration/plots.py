@@ -1,27 +1,47 @@
-"""Tables and figures of calibration: the bins of a state as a DataFrame, reliability diagrams, per-epoch history.
-Every function takes a `CalibrationState` or anything holding them (a `CalibrationCallback`), imports matplotlib only
-when it draws, and returns the figure."""
+"""Tables and figures of calibration: the bins of a state as a DataFrame, the binned and the smooth reliability
+diagram, the risk-coverage plot and the per-epoch history.
+
+Every plot takes a `CalibrationState` or anything holding one per epoch (a `CalibrationCallback`), imports
+matplotlib only when it draws, returns the figure, and draws either a figure of its own (with a panel for the
+counts or the density) or onto a caller's axes (the counts or density then on a labelled right-hand axis). Every
+colour is in the legend, and the legend sits under the axes, where it hides no data.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
+import torch
 
+from fastai_ls.calibration.intervals import bootstrap_histograms, check_ci, percentile_intervals
+from fastai_ls.calibration.smooth import smooth_curve, smooth_ece
 from fastai_ls.calibration.state import CalibrationState
 
 if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["BIN_COLUMNS", "bin_frame", "plot_reliability", "plot_history"]
+__all__ = ["BIN_COLUMNS", "bin_frame", "plot_reliability", "plot_smooth_reliability", "plot_risk_coverage",
+           "plot_history"]
 
-BIN_COLUMNS = ("lo", "hi", "count", "confidence", "accuracy", "gap")
+BIN_COLUMNS = ("lo", "hi", "count", "confidence", "accuracy", "gap", "accuracy_lo", "accuracy_hi")
+_ACCURACY, _OVER, _UNDER, _COUNT = "tab:blue", "tab:red", "tab:orange", "dimgrey"
 
 
-def bin_frame(state: CalibrationState) -> pd.DataFrame:
-    """The equal-width bins of a state as a DataFrame: lo, hi, count, confidence, accuracy, gap = conf - acc."""
-    table = state.bin_table()
+def bin_frame(state: CalibrationState, ci: float = 0.95) -> pd.DataFrame:
+    """The equal-width bins of a state as a DataFrame: lo, hi, count, confidence, accuracy, gap = confidence -
+    accuracy, and accuracy_lo/accuracy_hi, the Wilson interval of the accuracy at level `ci`.
+
+    Parameters
+    ----------
+    state : CalibrationState
+        The counters.
+    ci : float
+        Level of the per-bin accuracy intervals.
+    """
+    table = state.bin_table(ci)
     return pd.DataFrame({name: table[name].numpy() for name in BIN_COLUMNS})
 
 
@@ -30,60 +50,271 @@ def _as_state(source, epoch: int = -1) -> CalibrationState:
     return source if isinstance(source, CalibrationState) else source.state_of(epoch)
 
 
+def _axes(ax: Axes | None, panel_label: str) -> tuple[Figure, Axes, Axes, bool]:
+    """The figure, the main axes and the axes for counts or density: a panel below on a new figure, or a
+    right-hand axis labelled `panel_label` on the caller's axes (then True)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, (ax, low) = plt.subplots(2, 1, figsize=(5.5, 7.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+        low.set_ylabel(panel_label)
+        low.set_xlabel("confidence (top-label probability)")
+        return fig, ax, low, False
+    low = ax.twinx()
+    low.set_ylabel(panel_label, color=_COUNT, loc="bottom")
+    low.tick_params(axis="y", colors=_COUNT)
+    ax.set_xlabel("confidence (top-label probability)")
+    return ax.figure, ax, low, True
+
+
+def _overlay_scale(low: Axes, top: float) -> None:
+    """Counts or density on the bottom quarter of the caller's axes, with ticks only where they are."""
+    from matplotlib.ticker import MaxNLocator
+
+    top = max(top, 1e-12)
+    low.set_ylim(0, 4 * top)
+    low.set_yticks([v for v in MaxNLocator(3).tick_values(0, top) if v <= top * 1.001])
+
+
+def _legend(fig: Figure, ax: Axes, low: Axes, overlay: bool, handles: list) -> None:
+    """The legend under the axes (under the lower panel on a figure of our own)."""
+    under = ax if overlay else low
+    under.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16 if overlay else -0.5), ncol=2,
+                 fontsize="small", frameon=False, handlelength=1.8, columnspacing=1.0)
+    if not overlay:
+        fig.tight_layout()
+
+
 def plot_reliability(
-    source,  # a state, or a callback (then `epoch` picks the state)
-    ax: Axes | None = None,  # Axes to draw on; None makes a figure with the histogram on its own axes below
-    title: str | None = None,  # shown before the ECE: "<title>: ECE x.xx%"
-    epoch: int = -1,  # the callback's epoch
+    source,
+    ax: Axes | None = None,
+    title: str | None = None,
+    epoch: int = -1,
+    ci: float = 0.95,
 ) -> Figure:
-    """Reliability diagram: accuracy per bin against the diagonal, the gap shaded, over a confidence histogram.
+    """Binned reliability diagram: per equal-width bin, the accuracy (bar) with its Wilson interval, the mean
+    confidence (black tick), the gap between them coloured by its direction, and the number of rows.
+
+    Parameters
+    ----------
+    source : CalibrationState or CalibrationCallback
+        A state, or a callback (then `epoch` picks the state).
+    ax : matplotlib Axes, optional
+        Axes to draw on; the counts go on a labelled right-hand axis. None makes a figure with the counts in a
+        panel below.
+    title : str, optional
+        Shown before the ECE: "<title>: ECE x.xx%".
+    epoch : int
+        The callback's epoch (default the last).
+    ci : float
+        Level of the per-bin accuracy intervals.
 
     >>> fig = plot_reliability(cb, title='LS 0.1')  # or plot_reliability(cb.state, ax=axes[0]) # doctest: +SKIP
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    check_ci(ci)
+    state = _as_state(source, epoch)
+    table = bin_frame(state, ci)
+    fig, ax, low, overlay = _axes(ax, "rows in bin")
+    filled = table[table["count"] > 0]
+    width = (table.hi - table.lo).to_numpy()[0]
+    centre = ((filled.lo + filled.hi) / 2).to_numpy()
+    acc, conf = filled.accuracy.to_numpy(), filled.confidence.to_numpy()
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+    ax.bar(centre, acc, width=width, color=_ACCURACY, edgecolor="white", lw=0.5, zorder=2)
+    # The gap as a narrower box from accuracy to confidence, opaque, so it never tints the accuracy bar: where the
+    # model is under-confident it lies inside the bar, whose top still shows on both sides.
+    over = conf > acc
+    for mask, colour, hatch in ((over, _OVER, "//"), (~over, _UNDER, "\\\\")):
+        if mask.any():
+            ax.bar(centre[mask], (conf - acc)[mask], bottom=acc[mask], width=0.5 * width, color="white",
+                   edgecolor=colour, hatch=hatch, lw=1, zorder=3)
+    ax.hlines(conf, centre - width / 2, centre + width / 2, color="black", lw=2, zorder=4)
+    lo, hi = filled.accuracy_lo.to_numpy(), filled.accuracy_hi.to_numpy()
+    # Wilson's interval holds the estimate; the clip only removes rounding below 0.
+    ax.errorbar(centre + 0.3 * width, acc, yerr=np.clip([acc - lo, hi - acc], 0, None), fmt="none", ecolor="black",
+                elinewidth=1, capsize=2, zorder=5)
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="accuracy")
+    ece = f"ECE {100 * state.ece('l1'):.2f}%"
+    ax.set_title(ece if title is None else f"{title}: {ece}")
+
+    counts = table["count"].to_numpy()
+    edges = np.r_[table.lo.to_numpy(), 1.0]
+    if overlay:  # an outline on the bottom quarter: a filled overlay would tint the bars
+        low.stairs(counts, edges, color=_COUNT, lw=1.2)
+        _overlay_scale(low, float(counts.max()))
+    else:
+        bars = low.bar(centre, filled["count"], width=width, color=_COUNT, edgecolor="white", lw=0.5)
+        low.bar_label(bars, labels=[f"{c:.0f}" for c in filled["count"]], fontsize=6, padding=1)
+        low.set_ylim(0, 1.25 * max(float(counts.max()), 1.0))
+    handles = [Patch(color=_ACCURACY, label="accuracy (bar top)"),
+               Line2D([], [], color="black", lw=2, label="mean confidence"),
+               Patch(facecolor="white", edgecolor=_OVER, hatch="//", label="gap: over-confident"),
+               Patch(facecolor="white", edgecolor=_UNDER, hatch="\\\\", label="gap: under-confident"),
+               Line2D([], [], color="black", lw=1, marker="_", markersize=6, label=f"{ci:.0%} interval of accuracy"),
+               Line2D([], [], color="grey", ls="--", lw=1, label="perfect calibration"),
+               Line2D([], [], color=_COUNT, lw=1.2 if overlay else 6,
+                      label="rows in bin (right axis)" if overlay else "rows in bin (panel)")]
+    _legend(fig, ax, low, overlay, handles)
+    return fig
+
+
+def plot_smooth_reliability(
+    source,
+    ax: Axes | None = None,
+    title: str | None = None,
+    epoch: int = -1,
+    ci: float = 0.95,
+    n_boot: int = 1000,
+    seed: int | None = 0,
+) -> Figure:
+    """Smooth reliability diagram (Błasiok & Nakkiran 2024, drawn as relplot draws it): the kernel-smoothed accuracy
+    against confidence at the smooth ECE's bandwidth, its bootstrap band, and the density of the confidences.
+    The title gives smooth ECE with its percentile bootstrap interval.
+
+    Parameters
+    ----------
+    source : CalibrationState or CalibrationCallback
+        A state, or a callback (then `epoch` picks the state).
+    ax : matplotlib Axes, optional
+        Axes to draw on; the density goes on a labelled right-hand axis. None makes a figure with the density in
+        a panel below.
+    title : str, optional
+        Shown before the smooth ECE.
+    epoch : int
+        The callback's epoch (default the last).
+    ci : float
+        Level of the band and of the smooth ECE's interval.
+    n_boot : int
+        Bootstrap replicates (each keeps the point estimate's bandwidth, as relplot's band does).
+    seed : int, optional
+        Seed of the bootstrap.
+
+    >>> fig = plot_smooth_reliability(cb, title='LS 0.1')  # doctest: +SKIP
+    """
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import to_rgba
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    check_ci(ci, n_boot)
+    state = _as_state(source, epoch)
+    bins, fine = state.bins.detach().cpu(), state.fine.detach().cpu()
+    if not float(bins[:, 0].sum()) > 0:
+        raise ValueError("no rows counted: nothing to draw")
+    value, sigma = (float(v) for v in smooth_ece(fine))
+    curve = smooth_curve(fine, sigma)
+    _, rep_fine, cells = bootstrap_histograms(bins, fine, n_boot, seed)
+    band = smooth_curve(rep_fine, sigma, cells, fine.shape[0])["accuracy"]
+    q = torch.tensor([(1 - ci) / 2, (1 + ci) / 2], dtype=band.dtype)
+    band_lo, band_hi = torch.quantile(band, q, dim=0).numpy()
+    value_lo, value_hi = percentile_intervals({"smece": smooth_ece(rep_fine, cells, fine.shape[0])[0]}, ci)["smece"]
+    t, accuracy, density = curve["t"].numpy(), curve["accuracy"].numpy(), curve["density"].numpy()
+
+    fig, ax, low, overlay = _axes(ax, "density")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+    # Where almost no confidence falls the curve is extrapolation: the band is left out there, and the line fades
+    # and thins with the density, as relplot draws it.
+    share = density / density.max()
+    ax.fill_between(t, band_lo, band_hi, where=share >= 0.01, color=_OVER, alpha=0.2, lw=0)
+    points = np.stack([t, accuracy], 1)
+    colours = np.tile(to_rgba(_OVER), (len(t) - 1, 1))
+    colours[:, 3] = np.clip(3 * share[:-1], 0, 1)
+    ax.add_collection(LineCollection(np.stack([points[:-1], points[1:]], 1), linewidths=0.5 + 3.5 * np.sqrt(share[:-1]),
+                                     colors=colours, capstyle="round", zorder=3))
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="accuracy (kernel-smoothed)")
+    text = f"smECE {value:.3f} [{value_lo:.3f}, {value_hi:.3f}]"
+    ax.set_title(text if title is None else f"{title}\n{text}")
+    if overlay:
+        low.plot(t, density, color=_COUNT, lw=1.2)
+        _overlay_scale(low, float(density.max()))
+    else:
+        low.fill_between(t, 0, density, color=_COUNT, lw=0)
+        low.set_ylim(0, 1.1 * float(density.max()))
+    handles = [Line2D([], [], color=_OVER, lw=2.5, label="smoothed accuracy\n(bolder where more rows)"),
+               Patch(color=_OVER, alpha=0.2, label=f"{ci:.0%} bootstrap band"),
+               Line2D([], [], color="grey", ls="--", lw=1, label="perfect calibration"),
+               Line2D([], [], color=_COUNT, lw=1.2 if overlay else 6,
+                      label="confidence density\n(right axis)" if overlay else "confidence density (panel)"),
+               Line2D([], [], lw=0, label=f"kernel bandwidth {sigma:.3f}")]
+    _legend(fig, ax, low, overlay, handles)
+    return fig
+
+
+def plot_risk_coverage(
+    source,
+    ax: Axes | None = None,
+    title: str | None = None,
+    epoch: int = -1,
+) -> Figure:
+    """Risk-coverage plot: accept the most confident rows first; the selective risk (errors among the accepted,
+    whose mean over coverage is AURC) and the generalised risk (accepted errors over all rows: AUGRC), beside the
+    best selective risk any ranking could reach at this accuracy.
+
+    Parameters
+    ----------
+    source : CalibrationState or CalibrationCallback
+        A state, or a callback (then `epoch` picks the state).
+    ax : matplotlib Axes, optional
+        Axes to draw on; None makes a figure.
+    title : str, optional
+        Shown before AURC and AUGRC.
+    epoch : int
+        The callback's epoch (default the last).
+
+    >>> fig = plot_risk_coverage(cb)  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
 
     state = _as_state(source, epoch)
-    table = bin_frame(state)
+    curve = {k: v.numpy() for k, v in state.risk_coverage().items()}
+    metrics = state.metrics()
     if ax is None:
-        fig, (ax, hist_ax) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+        fig, ax = plt.subplots(figsize=(5.5, 5))
     else:
-        fig, hist_ax = ax.figure, None
-    width = table.hi - table.lo
-    centre = (table.lo + table.hi) / 2
-    filled = table["count"] > 0
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
-    ax.bar(centre[filled], table.accuracy[filled], width=width[filled], color="tab:blue", edgecolor="black",
-           alpha=0.8, label="accuracy")
-    # Shaded apart from the accuracy bar, so that over- (gap above) and under-confidence read at a glance.
-    ax.bar(centre[filled], table.gap[filled], bottom=table.accuracy[filled], width=width[filled], color="tab:red",
-           alpha=0.3, hatch="//", edgecolor="tab:red", label="gap to confidence")
-    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
-    ece = f"ECE {100 * state.ece('l1'):.2f}%"
-    ax.set_title(ece if title is None else f"{title}: {ece}")
-    ax.legend(loc="upper left", fontsize="small")
-    if hist_ax is None:  # the caller's axes: the histogram as faint bars over the bottom quarter
-        hist_ax, alpha = ax.twinx(), 0.3
-        hist_ax.set_yticks([])
-        hist_ax.set_ylim(0, 4 * max(float(table["count"].max()), 1.0))
-        ax.set_xlabel("confidence")
-    else:
-        alpha = 1.0
-        hist_ax.set(ylabel="count", xlabel="confidence")
-    hist_ax.bar(centre, table["count"], width=width, color="grey", edgecolor="black", alpha=alpha)
+        fig = ax.figure
+    coverage = np.r_[0.0, curve["coverage"]]
+    error_rate = 1 - metrics["accuracy"]
+    best = np.clip(coverage - metrics["accuracy"], 0, None) / np.maximum(coverage, 1e-12)
+    ax.plot(coverage, np.r_[curve["risk"][0], curve["risk"]], color=_ACCURACY, lw=2,
+            label=f"selective risk: errors / accepted (area = AURC {metrics['aurc']:.4f})")
+    ax.plot(coverage, np.r_[0.0, curve["generalized_risk"]], color=_UNDER, lw=2, ls="-.",
+            label=f"generalised risk: errors / all rows (area = AUGRC {metrics['augrc']:.4f})")
+    ax.plot(coverage, best, color="grey", lw=1, ls=":", label="best selective risk at this accuracy")
+    ax.axhline(error_rate, color="grey", lw=0.8, ls="--", label=f"error rate at full coverage ({error_rate:.3f})")
+    ax.set(xlim=(0, 1), ylim=(0, max(1.1 * float(curve["risk"].max()), 1.2 * error_rate, 1e-3)),
+           xlabel="coverage (share of rows accepted, most confident first)", ylabel="risk")
+    text = f"AURC {metrics['aurc']:.4f}, AUGRC {metrics['augrc']:.4f}"
+    ax.set_title(text if title is None else f"{title}: {text}")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize="small", frameon=False)
+    if len(fig.axes) == 1:
+        fig.tight_layout()
     return fig
 
 
 def plot_history(source) -> Figure:
-    """ECE, NLL and accuracy over epochs, from a `CalibrationCallback` or its `history` DataFrame.
+    """ECE, NLL and accuracy over epochs, with their intervals where the history has them, from a
+    `CalibrationCallback` or its `history` DataFrame.
+
+    Parameters
+    ----------
+    source : CalibrationCallback or DataFrame
+        The callback, or a history with columns epoch, ece, nll, accuracy (and optionally `<name>_lo`/`_hi`).
 
     >>> fig = plot_history(cb)  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
 
     history = source if isinstance(source, pd.DataFrame) else source.history
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
     for ax, column, label in zip(axes, ("ece", "nll", "accuracy"), ("ECE", "NLL (nats)", "accuracy")):
-        ax.plot(history["epoch"], history[column], marker="o")
+        ax.plot(history["epoch"], history[column], marker="o", label="estimate")
+        bounds = history.get(f"{column}_lo"), history.get(f"{column}_hi")
+        if bounds[0] is not None and bounds[1] is not None and not bounds[0].isna().all():
+            ax.fill_between(history["epoch"], bounds[0], bounds[1], alpha=0.25, lw=0, label="confidence interval")
+            ax.legend(fontsize="small")
         ax.set(xlabel="epoch", title=label)
     fig.tight_layout()
     return fig

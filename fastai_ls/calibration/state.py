@@ -6,7 +6,9 @@ Updating it from a batch launches a fixed sequence of kernels and never waits fo
 counters, so a metric has exactly one implementation whether it is asked for by a test, the callback or the CLI.
 
 Bins of top-label confidence are equal-width and closed on the right, ((m-1)/M, m/M], as in Guo et al. 2017;
-a confidence of exactly 0 goes to the first bin and exactly 1 to the last.
+a confidence of exactly 0 goes to the first bin and exactly 1 to the last. Besides the M bins the state keeps a
+fine grid of K (default 1000) equal-width cells: it determines every top-label metric up to the cell width 1/K
+(adaptive and smooth ECE, KS error, AURC, AUGRC, `metrics.py`) and their bootstrap intervals (`intervals.py`).
 """
 
 from __future__ import annotations
@@ -18,16 +20,32 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastai_ls.calibration.metrics import aurc, binned_errors, equal_mass_bins, max_error, rms_error
+from fastai_ls.calibration.intervals import (
+    BOOTSTRAP_NAMES,
+    bootstrap_metrics,
+    check_ci,
+    normal_interval,
+    percentile_intervals,
+    wilson_interval,
+)
+from fastai_ls.calibration.metrics import binned_errors, max_error, rms_error, top_label_metrics
+from fastai_ls.calibration.risk_coverage import risk_coverage_curve
 from fastai_ls.tensor_input import upcast
 
-__all__ = ["CalibrationState", "check_n_bins", "METRIC_NAMES", "NORMS", "CLASSWISE_MAX_CLASSES"]
+__all__ = ["CalibrationState", "check_n_bins", "METRIC_NAMES", "INTERVAL_NAMES", "INTERVAL_COLUMNS", "NORMS",
+           "CLASSWISE_MAX_CLASSES"]
 
 NORMS = ("l1", "l2", "max")
 # The metrics a state reports, in the order of `CalibrationCallback.history`'s columns (after `epoch`).
-METRIC_NAMES = ("n", "n_invalid", "accuracy", "confidence", "ece", "mce", "rmsce", "adaptive_ece", "classwise_ece",
-                "overconfidence", "underconfidence", "nll", "brier", "aurc")
-_SCALARS = ("n", "confidence", "correct", "nll", "brier", "n_invalid", "n_bad_target")
+METRIC_NAMES = ("n", "n_invalid", "accuracy", "confidence", "ece", "mce", "rmsce", "ece_debiased", "adaptive_ece",
+                "smece", "ks_error", "classwise_ece", "overconfidence", "underconfidence", "nll", "nll_se", "brier",
+                "brier_se", "aurc", "augrc")
+# The metrics with a confidence interval: a percentile bootstrap for those the histograms determine, the normal
+# interval for NLL and Brier. Classwise ECE has none: the state keeps no per-row link between its class bins.
+INTERVAL_NAMES = tuple(m for m in METRIC_NAMES if m in BOOTSTRAP_NAMES or m in ("nll", "brier"))
+INTERVAL_COLUMNS = tuple(f"{m}_{end}" for m in INTERVAL_NAMES for end in ("lo", "hi"))
+# Running sums; the squares give NLL's and Brier's standard errors.
+_SCALARS = ("n", "confidence", "correct", "nll", "brier", "n_invalid", "n_bad_target", "nll_sq", "brier_sq")
 # Above this many classes `CalibrationCallback` leaves classwise ECE out by default: its counters and per-batch work
 # grow with C, and at large C it mostly measures how well p ~ 0 is calibrated (REFERENCE.md §3.1).
 CLASSWISE_MAX_CLASSES = 1000
@@ -38,6 +56,24 @@ def check_n_bins(n_bins: int, name: str = "n_bins") -> int:
     if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral) or n_bins < 1:
         raise ValueError(f"{name} must be an int >= 1, got {n_bins!r}")
     return int(n_bins)
+
+
+def _checked_weight(weight: Tensor, n_rows: int, check_values: bool) -> Tensor:
+    """`weight` detached, after a ValueError for a wrong shape or dtype and (with `check_values`) for negative or
+    non-finite values."""
+    if not isinstance(weight, Tensor) or weight.shape != (n_rows,) or weight.is_complex():
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a real tensor of {n_rows} row weights, got {shape}")
+    weight = weight.detach()
+    if check_values and weight.is_floating_point():
+        bad = ~weight.isfinite()
+        if bool(bad.any()):
+            raise ValueError(f"weight must be finite: {int(bad.sum())} of {n_rows} row weights are NaN or infinite")
+    if check_values and bool((weight < 0).any()):
+        raise ValueError(f"weight must be non-negative: {int((weight < 0).sum())} of {n_rows} row weights are "
+                         "negative")
+    return weight
+
 
 def _bin_of(x: Tensor, n_bins: int) -> Tensor:
     """Index of the bin ((m-1)/M, m/M] holding each float64 value of `x` (0 for x = 0, M - 1 for x >= 1).
@@ -53,6 +89,22 @@ class CalibrationState:
     The classwise bins cost 3 * C * M counters and, per batch, a few float64 temporaries the size of the
     predictions; with `classwise=False` they are left out (`classwise_ece` is then NaN).
 
+    Parameters
+    ----------
+    n_classes : int
+        C, the size of the class axis.
+    n_bins : int
+        M equal-width bins for ECE, MCE, RMSCE, debiased and classwise ECE and the reliability diagram.
+    n_fine : int
+        K fine equal-width cells behind adaptive and smooth ECE, KS error, AURC, AUGRC, the risk-coverage curve and
+        the bootstrap; their resolution in confidence is 1/K. Intervals need K >= M.
+    device : torch.device or str, optional
+        Where the counters live (the predictions' device).
+    data : Tensor, optional
+        An existing flat float64 vector with this layout (e.g. a saved state).
+    classwise : bool
+        Keep per-class bins for classwise ECE.
+
     >>> state = CalibrationState(n_classes=3, n_bins=3)
     >>> state.update(torch.tensor([[.25, .20, .55], [.55, .05, .40], [.10, .30, .60], [.90, .05, .05]]),
     ...              torch.tensor([0, 1, 2, 0]))
@@ -62,13 +114,14 @@ class CalibrationState:
 
     def __init__(
         self,
-        n_classes: int,  # C, the size of the class axis
-        n_bins: int = 15,  # M equal-width bins for ECE, MCE, RMSCE, classwise ECE and the reliability diagram
-        n_fine: int = 1000,  # fine equal-width bins from which equal-mass bins and the risk-coverage curve are made
+        n_classes: int,
+        n_bins: int = 15,
+        n_fine: int = 1000,
         device: torch.device | str | None = None,
-        data: Tensor | None = None,  # an existing flat float64 vector with this layout (e.g. a saved state)
-        classwise: bool = True,  # keep per-class bins for classwise ECE
+        data: Tensor | None = None,
+        classwise: bool = True,
     ):
+        """Zeroed counters (or `data`) for this layout; see the class docstring."""
         self.n_classes = check_n_bins(n_classes, "n_classes")
         self.n_bins, self.n_fine = check_n_bins(n_bins), check_n_bins(n_fine, "n_fine")
         self.classwise = bool(classwise)
@@ -91,11 +144,13 @@ class CalibrationState:
 
     @property
     def scalars(self) -> Tensor:
-        """The running sums in the order n, confidence, correct, nll, brier, n_invalid, n_bad_target."""
+        """The running sums in the order n, confidence, correct, nll, brier, n_invalid, n_bad_target, nll_sq,
+        brier_sq (the last two of squared per-row values)."""
         return self.data[self._slices["scalars"]]
 
     def scalar(self, name: str) -> Tensor:
-        """One of the running sums: n, confidence, correct, nll, brier, n_invalid, n_bad_target."""
+        """One of the running sums: n, confidence, correct, nll, brier, n_invalid, n_bad_target, nll_sq,
+        brier_sq."""
         return self.scalars[_SCALARS.index(name)]
 
     @property
@@ -155,23 +210,54 @@ class CalibrationState:
 
     def update(
         self,
-        preds: Tensor,  # (N, C) probabilities, or logits if `activation` is given
-        target: Tensor,  # (N,) integer class ids
-        weight: Tensor | None = None,  # (N,) 0/1 (or any non-negative) row weights, e.g. to drop padding duplicates
-        activation: Callable[[Tensor], Tensor] | None = None,  # maps `preds` to probabilities over axis 1
-        ignore_index: int | None = None,  # rows whose target equals this are skipped silently
+        preds: Tensor,
+        target: Tensor,
+        weight: Tensor | None = None,
+        activation: Callable[[Tensor], Tensor] | None = None,
+        ignore_index: int | None = None,
+        check_weight: bool = True,
     ) -> None:
-        """Add a batch to the counters. Rows with a non-finite probability count in `n_invalid`, rows whose target
-        is out of range (and not `ignore_index`) in `n_bad_target`; neither enters any other counter."""
+        """Add a batch to the counters, without waiting for the device (unless `weight` is checked).
+
+        Rows with a non-finite probability count in `n_invalid`, rows whose target is out of range (and not
+        `ignore_index`) in `n_bad_target`; neither enters any other counter. The counters never join an autograd
+        graph: predictions that require grad (a live model's outputs) are read detached.
+
+        Parameters
+        ----------
+        preds : Tensor
+            (N, C) probabilities, or logits if `activation` is given.
+        target : Tensor
+            (N,) class ids, any integer dtype.
+        weight : Tensor, optional
+            (N,) finite, non-negative row weights (e.g. 0/1 to drop padding duplicates); a row counts as its weight.
+        activation : callable, optional
+            Maps `preds` to probabilities over axis 1 (e.g. ``lambda z: z.softmax(1)``).
+        ignore_index : int, optional
+            Rows whose target equals this are skipped silently.
+        check_weight : bool
+            Raise a ValueError for a negative or non-finite weight. The check reads the weights on the host, a
+            synchronisation on a GPU; `CalibrationCallback` turns it off for the 0/1 weights it makes itself.
+
+        >>> state = CalibrationState(n_classes=2)
+        >>> state.update(torch.tensor([[.8, .2], [.3, .7]]), torch.tensor([0, 0]), weight=torch.tensor([1., 2.]))
+        >>> float(state.scalar('n')), float(state.scalar('correct'))
+        (3.0, 1.0)
+        """
         if preds.dim() != 2 or preds.shape[1] != self.n_classes:
             raise ValueError(f"preds must be (N, {self.n_classes}), got {tuple(preds.shape)}")
-        if target.shape != preds.shape[:1] or target.is_floating_point() or target.dtype == torch.bool:
+        if target.shape != preds.shape[:1] or target.is_floating_point() or target.dtype == torch.bool \
+                or target.is_complex():
             raise ValueError(f"target must hold {preds.shape[0]} integer class ids, got {target.dtype} "
                              f"{tuple(target.shape)}")
+        if weight is not None:
+            weight = _checked_weight(weight, preds.shape[0], check_weight)
+        preds = preds.detach()  # a graph would keep every batch's activations alive through the counters
         probs = upcast(activation(preds) if activation is not None else preds)
         dev, f64 = self.device, torch.float64
         probs = probs if probs.device == dev else probs.to(dev)
         target = target if target.device == dev else target.to(dev)
+        target = target if target.dtype == torch.long else target.long()  # gather takes int64 ids only
 
         # Row flags. Every step below is a fixed sequence of kernels whatever the values: nothing waits for the device.
         finite = probs.isfinite().all(1)
@@ -195,8 +281,10 @@ class CalibrationState:
         flags = torch.stack([invalid, bad_target], 1).to(f64)
         if weight is not None:
             flags = flags * weight.to(dev, f64)[:, None]
-        # Weighted sums in the order of _SCALARS: n, confidence, correct, nll, brier, n_invalid, n_bad_target.
-        self.scalars.add_(torch.cat([per_row * keep[:, None], flags], 1).sum(0))
+        squares = per_row[:, 3:] * per_row[:, 3:]  # nll^2, brier^2
+        # Weighted sums in the order of _SCALARS: n, confidence, correct, nll, brier, n_invalid, n_bad_target,
+        # nll_sq, brier_sq.
+        self.scalars.add_(torch.cat([per_row * keep[:, None], flags, squares * keep[:, None]], 1).sum(0))
         # Top-label confidence against correctness on the coarse and the fine grid: the two histograms sit side by
         # side in `data`, so one index_add_ fills both (each kernel launch counts on a CPU).
         conf64 = conf.to(f64)
@@ -220,47 +308,116 @@ class CalibrationState:
 
     # --- metrics (read the counters: call once per epoch, not per batch) -------------------------------------------
 
-    def bin_table(self) -> dict[str, Tensor]:
-        """Per equal-width bin: lo, hi, count, mean confidence, accuracy and gap = confidence - accuracy
-        (NaN for empty bins), as float64 CPU tensors."""
+    def bin_table(self, ci: float = 0.95) -> dict[str, Tensor]:
+        """Per equal-width bin: lo, hi, count, mean confidence, accuracy, gap = confidence - accuracy and
+        accuracy_lo/accuracy_hi, the Wilson interval of the accuracy at level `ci` (all NaN for empty bins), as
+        float64 CPU tensors."""
+        check_ci(ci)
         bins = self.bins.detach().cpu()
         count, conf_sum, correct = bins.unbind(1)
         nonempty = count > 0
         conf = torch.where(nonempty, conf_sum / count.clamp_min(1e-300), math.nan)
         acc = torch.where(nonempty, correct / count.clamp_min(1e-300), math.nan)
         edges = torch.linspace(0, 1, self.n_bins + 1, dtype=torch.float64)
+        acc_lo, acc_hi = wilson_interval(correct, count, ci)
         return {"lo": edges[:-1], "hi": edges[1:], "count": count, "confidence": conf, "accuracy": acc,
-                "gap": conf - acc}
+                "gap": conf - acc, "accuracy_lo": acc_lo, "accuracy_hi": acc_hi}
 
-    def metrics(self) -> dict[str, float]:
-        """All calibration metrics as Python floats (NaN where no row was counted)."""
+    def metrics(self, ci: float | None = None, n_boot: int = 1000, seed: int | None = 0) -> dict[str, float]:
+        """Every metric of `METRIC_NAMES` as Python floats (NaN where no row was counted); with `ci`, also
+        `<name>_lo` and `<name>_hi` for every metric of `INTERVAL_NAMES` (see `intervals`).
+
+        Without `ci` this is cheap (about a millisecond at 1000 fine cells); with it, it costs the bootstrap
+        (at most about 0.5 s for 1000 replicates, benchmarks/bench_intervals.py).
+
+        Parameters
+        ----------
+        ci : float, optional
+            Confidence level of the intervals, e.g. 0.95; None for point estimates only.
+        n_boot : int
+            Bootstrap replicates.
+        seed : int, optional
+            Seed of the bootstrap's generator: the same seed gives the same intervals. None draws a fresh one.
+
+        >>> state = CalibrationState(n_classes=2)
+        >>> state.update(torch.tensor([[.9, .1], [.6, .4], [.2, .8]]), torch.tensor([0, 1, 1]))
+        >>> m = state.metrics(ci=0.95, n_boot=200)
+        >>> m['accuracy'], m['accuracy_lo'] <= m['accuracy'] <= m['accuracy_hi']
+        (0.6666666666666666, True)
+        """
         s = {name: float(v) for name, v in zip(_SCALARS, self.scalars.detach().cpu().tolist())}
         n = s["n"]
-        out = {"n": n, "n_invalid": s["n_invalid"]}
-        if n <= 0:
-            return {**out, **{name: math.nan for name in METRIC_NAMES if name not in out}}
-        bins = self.bins.detach().cpu()
-        ece, over, under = binned_errors(bins, n)
-        out.update(
-            accuracy=s["correct"] / n, confidence=s["confidence"] / n, ece=ece, mce=max_error(bins),
-            rmsce=rms_error(bins, n), adaptive_ece=binned_errors(equal_mass_bins(self.fine.detach().cpu(),
-                                                                                    self.n_bins), n)[0],
-            classwise_ece=self._classwise_ece(n), overconfidence=over, underconfidence=under,
-            nll=s["nll"] / n, brier=s["brier"] / n, aurc=aurc(self.fine.detach().cpu()))
+        out = dict.fromkeys(METRIC_NAMES, math.nan) | {"n": n, "n_invalid": s["n_invalid"]}
+        if n > 0:
+            top = top_label_metrics(self.bins.detach().cpu(), self.fine.detach().cpu())
+            out.update({name: float(value) for name, value in top.items()})
+            out.update(classwise_ece=self._classwise_ece(n), nll=s["nll"] / n, brier=s["brier"] / n,
+                       nll_se=_standard_error(s["nll_sq"], s["nll"], n),
+                       brier_se=_standard_error(s["brier_sq"], s["brier"], n))
+        if ci is not None:
+            for name, (lo, hi) in self._intervals(ci, n_boot, seed, out).items():
+                out[f"{name}_lo"], out[f"{name}_hi"] = lo, hi
         return out
+
+    def intervals(self, ci: float = 0.95, n_boot: int = 1000, seed: int | None = 0) -> dict[str, tuple[float, float]]:
+        """(lower, upper) confidence limits of every metric of `INTERVAL_NAMES` at level `ci`.
+
+        A percentile bootstrap for the metrics of the two histograms (`intervals.py`: a replicate is one
+        multinomial draw of the n rows over the state's (cell, correct or not) categories, and a resampled row
+        carries its cell's mean confidence, an error within the cell width 1/n_fine); the normal interval
+        mean -+ z * standard error for NLL and Brier. Percentile intervals are for the metric as estimated: where
+        the estimator is biased (binned ECE of a calibrated model) they do not cover 0. NaN without rows.
+
+        Parameters
+        ----------
+        ci : float
+            Confidence level, strictly between 0 and 1.
+        n_boot : int
+            Bootstrap replicates (>= 2; 1000 for reported intervals, fewer for a quick look).
+        seed : int, optional
+            Seed of numpy's generator: the same seed gives the same intervals; None draws a fresh one.
+        """
+        return self._intervals(ci, n_boot, seed, self.metrics())
+
+    def _intervals(self, ci: float, n_boot: int, seed: int | None,
+                   point: dict[str, float]) -> dict[str, tuple[float, float]]:
+        check_ci(ci, n_boot)
+        if not point["n"] >= 1:
+            return dict.fromkeys(INTERVAL_NAMES, (math.nan, math.nan))
+        replicates = bootstrap_metrics(self.bins.detach().cpu(), self.fine.detach().cpu(), n_boot, seed)
+        limits = percentile_intervals(replicates, ci)
+        for name in ("nll", "brier"):
+            limits[name] = normal_interval(point[name], point[f"{name}_se"], ci)
+        return {name: limits[name] for name in INTERVAL_NAMES}
+
+    def risk_coverage(self) -> dict[str, Tensor]:
+        """The risk-coverage curve read from the fine grid, one point per non-empty cell, most confident first:
+        threshold, coverage, risk (errors / accepted) and generalized_risk (errors / n); see `risk_coverage.py`."""
+        if float(self.scalar("n")) <= 0:
+            raise ValueError("no rows counted: the risk-coverage curve is empty")
+        return risk_coverage_curve(self.fine.detach().cpu())
 
     def ece(self, norm: str = "l1") -> float:
         """Top-label calibration error over the equal-width bins: 'l1' (ECE), 'l2' (RMSCE) or 'max' (MCE)."""
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        bins, n = self.bins.detach().cpu(), float(self.scalar("n"))
-        if n <= 0:
+        bins = self.bins.detach().cpu()
+        if float(self.scalar("n")) <= 0:
             return math.nan
-        return {"l1": lambda: binned_errors(bins, n)[0], "l2": lambda: rms_error(bins, n),
-                "max": lambda: max_error(bins)}[norm]()
+        return float({"l1": lambda: binned_errors(bins)[0], "l2": lambda: rms_error(bins),
+                      "max": lambda: max_error(bins)}[norm]())
 
     def _classwise_ece(self, n: float) -> float:
         if not self.classwise:
             return math.nan
         per_class = self.class_bins.detach().cpu()  # (C, M, 3)
         return float((per_class[..., 2] - per_class[..., 1]).abs().sum((1,)).mean() / n)
+
+
+def _standard_error(sum_sq: float, total: float, n: float) -> float:
+    """Standard error of a mean from the running sums of the values and of their squares (NaN for n < 2)."""
+    if n < 2:
+        return math.nan
+    mean = total / n
+    variance = max(sum_sq / n - mean * mean, 0.0) * n / (n - 1)
+    return math.sqrt(variance / n)

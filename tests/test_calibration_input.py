@@ -1,0 +1,146 @@
+"""The functional API and `CalibrationState.update` on the input a new user gives them (regressions from issue 9:
+each test reproduces the reported example)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+from fastai_ls import CalibrationState, calibration_error, calibration_metrics
+from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES
+
+
+def probs_and_target(n: int = 50, n_classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(n, n_classes, generator=g)).softmax(1), torch.randint(0, n_classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("function", [calibration_error, calibration_metrics])
+def test_logits_are_refused_with_a_message_naming_the_problem(function):
+    # Reported: an "ECE" of 2.72 for 3 * randn(50, 4).
+    logits = 3 * torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"must hold probabilities.*softmax"):
+        function(logits, torch.randint(0, 4, (50,)))
+
+
+@pytest.mark.parametrize("bad", ["do not sum to 1", "negative", "above one"])
+def test_rows_that_are_not_probability_distributions_are_refused(bad):
+    probs, target = probs_and_target()
+    probs = {"do not sum to 1": probs * 0.5, "negative": probs + torch.tensor([0.2, -0.2, 0, 0]),
+             "above one": probs + torch.tensor([1.0, -1.0, 0, 0])}[bad]
+    with pytest.raises(ValueError, match="must hold probabilities"):
+        calibration_metrics(probs, target)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_softmax_output_passes_the_check_in_every_float_dtype(dtype):
+    probs, target = probs_and_target(200, 10)
+    assert calibration_metrics(probs.to(dtype), target)["n"] == 200
+
+
+def test_nan_rows_are_left_out_with_a_warning_and_counted_as_the_callback_does():
+    probs, target = probs_and_target()
+    spoiled = probs.clone()
+    spoiled[[3, 7]] = math.nan
+    with pytest.warns(UserWarning, match="2 of 50 predictions were not finite"):
+        metrics = calibration_metrics(spoiled, target)
+    kept = torch.ones(50, dtype=torch.bool)
+    kept[[3, 7]] = False
+    assert metrics["n"] == 48 and metrics["n_invalid"] == 2
+    assert metrics["ece"] == pytest.approx(calibration_metrics(probs[kept], target[kept])["ece"])
+    with pytest.warns(UserWarning, match="not finite"):
+        assert calibration_error(spoiled, target) == pytest.approx(metrics["ece"])
+
+
+@pytest.mark.parametrize("function", [calibration_error, calibration_metrics])
+def test_targets_out_of_range_are_an_error_as_in_the_callback(function):
+    probs, target = probs_and_target()
+    bad = target.clone()
+    bad[[0, 9]] = torch.tensor([4, -1])
+    with pytest.raises(ValueError, match=r"2 targets are not class ids in \[0, 4\)"):
+        function(probs, bad)
+
+
+def test_ignore_index_rows_are_skipped_not_refused():
+    probs, target = probs_and_target()
+    marked = target.clone()
+    marked[:5] = -100
+    metrics = calibration_metrics(probs, marked, ignore_index=-100)
+    assert metrics["n"] == 45
+    assert metrics["ece"] == pytest.approx(calibration_metrics(probs[5:], target[5:])["ece"])
+
+
+@pytest.mark.parametrize("shape", [(50,), ()])
+@pytest.mark.parametrize("function", [calibration_error, calibration_metrics])
+def test_one_and_zero_dimensional_probabilities_get_a_clear_error(shape, function):
+    # Reported: IndexError: tuple index out of range.
+    with pytest.raises(ValueError, match=r"must be \(N, C\) class probabilities"):
+        function(torch.rand(shape), torch.zeros(shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32, torch.int64])
+def test_every_integer_target_dtype_is_accepted(dtype):
+    # Reported: gather's error for int8/int16/uint8 targets.
+    probs, target = probs_and_target()
+    want = calibration_metrics(probs, target)
+    assert calibration_metrics(probs, target.to(dtype)) == want
+    state = CalibrationState(4)
+    state.update(probs, target.to(dtype))
+    assert state.metrics() == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.complex64])
+def test_non_integer_targets_are_refused(dtype):
+    probs, target = probs_and_target()
+    with pytest.raises(ValueError, match="integer class ids"):
+        calibration_metrics(probs, target.to(dtype))
+
+
+@pytest.mark.parametrize("weight,match", [(-torch.ones(50), "non-negative: 50 of 50"),
+                                          (torch.full((50,), math.nan), "finite: 50 of 50"),
+                                          (torch.ones(49), "50 row weights")])
+def test_bad_row_weights_are_an_error_at_the_call(weight, match):
+    # Reported: negative weights gave n = -50, NaN weights failed later in metrics().
+    probs, target = probs_and_target()
+    state = CalibrationState(4)
+    with pytest.raises(ValueError, match=match):
+        state.update(probs, target, weight=weight)
+    assert float(state.scalar("n")) == 0  # nothing was counted
+
+
+def test_classwise_counters_follow_the_callbacks_class_limit():
+    # Reported: 3 * C * n_bins counters whatever C (2 rows over 10 million classes: 7 GB).
+    wide = torch.zeros(2, CLASSWISE_MAX_CLASSES + 1)
+    wide[:, 0] = 1.0
+    metrics = calibration_metrics(wide, torch.tensor([0, 1]))
+    assert math.isnan(metrics["classwise_ece"]) and metrics["accuracy"] == 0.5
+    narrow, target = probs_and_target(n_classes=CLASSWISE_MAX_CLASSES)
+    assert not math.isnan(calibration_metrics(narrow, target)["classwise_ece"])
+    assert not math.isnan(calibration_metrics(wide, torch.tensor([0, 1]), classwise=True)["classwise_ece"])
+
+
+def test_predictions_that_require_grad_never_pull_the_counters_into_the_graph():
+    # Reported (torchmetrics' differentiability test, ported): state.data.requires_grad became True and 20 updates
+    # of 1024 x 1000 predictions held 614 MiB: each update's graph, chained through the counters.
+    layer = torch.nn.Linear(8, 100)
+    state = CalibrationState(100)
+    for _ in range(20):
+        state.update(layer(torch.randn(64, 8)).softmax(1), torch.randint(0, 100, (64,)),
+                     weight=torch.ones(64, requires_grad=True))
+        assert not state.data.requires_grad and state.data.grad_fn is None
+    state.update(layer(torch.randn(4, 8)), torch.zeros(4, dtype=torch.long), activation=lambda z: z.softmax(1))
+    assert not state.data.requires_grad and state.data.grad_fn is None
+    assert float(state.scalar("n")) == 20 * 64 + 4
+
+
+def test_a_confidence_of_exactly_one_goes_to_the_last_bin_where_torchmetrics_makes_a_bin_of_its_own():
+    # 5 rows at confidence 1.0 (one wrong) beside 15 rows at 0.95 (all right): torchmetrics' extra bin for 1.0 has
+    # a gap of 0.2 and sets its MCE; our last bin (14/15, 1] averages both groups.
+    probs = torch.tensor([[1.0, 0.0]] * 5 + [[0.95, 0.05]] * 15)
+    target = torch.tensor([0, 0, 0, 0, 1] + [0] * 15)
+    ours = calibration_error(probs, target, norm="max")
+    theirs = float(multiclass_calibration_error(probs, target, 2, n_bins=15, norm="max"))
+    assert theirs == pytest.approx(0.2) and ours == pytest.approx(abs(0.9625 - 0.95), abs=1e-6)

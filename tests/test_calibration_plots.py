@@ -1,0 +1,151 @@
+"""The figures read without the docs: every colour drawn is in the legend, accuracy, confidence, the direction of the
+gap and the count of every bin can be read off, for over- and under-confident models, on a figure of their own and
+on a caller's axes side by side (issue 12's misread diagram is a regression test here)."""
+
+from __future__ import annotations
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from calibration_data import sample, state_from
+from matplotlib.colors import to_rgb
+from matplotlib.patches import Rectangle
+
+from fastai_ls.calibration.plots import (
+    bin_frame,
+    plot_reliability,
+    plot_risk_coverage,
+    plot_smooth_reliability,
+)
+
+matplotlib.use("Agg")
+WHITE = (1.0, 1.0, 1.0)
+MODELS = {"over-confident": "uniform, over-confident", "under-confident": "skewed, under-confident"}
+
+
+@pytest.fixture(scope="module")
+def states():
+    return {name: state_from(*sample(case, 359, seed=1)) for name, case in MODELS.items()}
+
+
+def rgb(colour) -> tuple[float, float, float]:
+    return tuple(round(c, 3) for c in to_rgb(colour))
+
+
+def legends(fig):
+    return [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+
+
+def legend_colours(fig) -> set:
+    colours = set()
+    for legend in legends(fig):
+        for handle in legend.legend_handles:
+            if hasattr(handle, "get_facecolor") and not hasattr(handle, "get_xdata"):
+                colours |= {rgb(handle.get_facecolor()), rgb(handle.get_edgecolor())}
+            else:
+                colours.add(rgb(handle.get_color()))
+    return colours
+
+
+def drawn_colours(ax) -> set:
+    colours = set()
+    for patch in ax.patches:
+        colours |= {rgb(patch.get_facecolor()), rgb(patch.get_edgecolor())}
+    for line in ax.lines:
+        colours.add(rgb(line.get_color()))
+    for collection in ax.collections:
+        colours |= {rgb(c) for c in collection.get_facecolors()} | {rgb(c) for c in collection.get_edgecolors()}
+        colours |= {rgb(c) for c in np.atleast_2d(collection.get_colors())} if hasattr(collection, "get_colors") \
+            else set()
+    return colours - {WHITE}  # the background, and the opaque face that keeps a gap box from tinting a bar
+
+
+def draw(plot, states, layout):
+    """Each model on a figure of its own, or both side by side on a caller's axes."""
+    if layout == "own figure":
+        return [plot(state, title=name) for name, state in states.items()]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+    for ax, (name, state) in zip(axes, states.items()):
+        assert plot(state, ax=ax, title=name) is fig
+    fig.tight_layout()
+    return [fig]
+
+
+@pytest.mark.parametrize("layout", ["own figure", "side by side"])
+@pytest.mark.parametrize("plot", [plot_reliability, plot_smooth_reliability, plot_risk_coverage])
+def test_every_colour_drawn_is_explained_in_a_legend_and_every_axis_is_labelled(plot, layout, states):
+    for fig in draw(plot, states, layout):
+        explained = legend_colours(fig)
+        for ax in fig.axes:
+            assert drawn_colours(ax) <= explained, ax.get_title()
+            if ax.get_visible() and (ax.lines or ax.patches or ax.collections):
+                assert ax.get_ylabel(), "an axis without a label"
+        assert any(ax.get_xlabel() for ax in fig.axes)
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("layout", ["own figure", "side by side"])
+def test_the_reliability_diagram_shows_accuracy_confidence_gap_direction_and_count_of_every_bin(layout, states):
+    figures = draw(plot_reliability, states, layout)
+    axes = [fig.axes[0] for fig in figures] if layout == "own figure" else [figures[0].axes[0], figures[0].axes[1]]
+    for ax, state in zip(axes, states.values()):
+        table = bin_frame(state)
+        filled = table[table["count"] > 0]
+        bars = [p for p in ax.patches if isinstance(p, Rectangle) and rgb(p.get_facecolor()) == rgb("tab:blue")]
+        width = bars[0].get_width()
+        # Accuracy: the blue bar of each bin reaches its accuracy; nothing opaque of another colour covers its top.
+        np.testing.assert_allclose(sorted(b.get_height() for b in bars), sorted(filled.accuracy))
+        gaps = [p for p in ax.patches if isinstance(p, Rectangle) and p not in bars]
+        assert all(g.get_width() < width and rgb(g.get_facecolor()) == WHITE for g in gaps)
+        # The gap: from accuracy to confidence, red where over-confident, orange where under-confident.
+        for _, row in filled.iterrows():
+            centre = (row.lo + row.hi) / 2
+            box = [g for g in gaps if abs(g.get_x() + g.get_width() / 2 - centre) < 1e-9]
+            assert len(box) == 1
+            assert box[0].get_y() == pytest.approx(row.accuracy)
+            assert box[0].get_y() + box[0].get_height() == pytest.approx(row.confidence)
+            assert rgb(box[0].get_edgecolor()) == rgb("tab:red" if row.confidence > row.accuracy else "tab:orange")
+        labels = [t.get_text() for legend in legends(ax.figure) for t in legend.get_texts()]
+        assert "gap: over-confident" in labels and "gap: under-confident" in labels
+        assert "mean confidence" in labels and "95% interval of accuracy" in labels
+        # Count: a labelled panel below (bars with their numbers) or a labelled right-hand axis.
+        count_ax = [a for a in ax.figure.axes if a.get_ylabel() == "rows in bin"]
+        assert len(count_ax) >= 1
+        if layout == "own figure":
+            shown = [t.get_text() for t in count_ax[0].texts]
+            assert shown == [f"{c:.0f}" for c in filled["count"]]
+        else:
+            steps = [p for p in count_ax[ax is axes[1]].patches]
+            np.testing.assert_allclose(steps[0].get_data().values, table["count"])
+    for fig in figures:
+        plt.close(fig)
+
+
+def test_under_confidence_is_drawn_inside_the_bar_without_a_colour_that_is_not_in_the_legend(states):
+    # Issue 12: the red gap was drawn over the blue bar, which stopped at the confidence, and a purple band that
+    # is not in the legend covered the rest.
+    fig = plot_reliability(states["under-confident"])
+    ax = fig.axes[0]
+    assert all(p.get_alpha() in (None, 1.0) for p in ax.patches)  # no blend of two colours anywhere
+    assert drawn_colours(ax) <= legend_colours(fig)
+    plt.close(fig)
+
+
+def test_the_smooth_diagrams_title_gives_smooth_ece_with_the_bootstrap_interval_of_the_metrics(states):
+    state = states["over-confident"]
+    fig = plot_smooth_reliability(state, n_boot=300, seed=3)
+    metrics = state.metrics(ci=0.95, n_boot=300, seed=3)
+    assert fig.axes[0].get_title() == f"smECE {metrics['smece']:.3f} [{metrics['smece_lo']:.3f}, " \
+                                      f"{metrics['smece_hi']:.3f}]"
+    plt.close(fig)
+
+
+def test_the_risk_coverage_plot_draws_the_curve_of_the_state(states):
+    state = states["under-confident"]
+    fig = plot_risk_coverage(state)
+    curve = state.risk_coverage()
+    selective = fig.axes[0].lines[0]
+    np.testing.assert_allclose(selective.get_xdata()[1:], curve["coverage"].numpy())
+    np.testing.assert_allclose(selective.get_ydata()[1:], curve["risk"].numpy())
+    plt.close(fig)
