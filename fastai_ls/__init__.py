@@ -16,7 +16,16 @@ with warnings.catch_warnings():
         label_smoothing_cross_entropy,
     )
     from fastai_ls.pets import pets_learner
-    from fastai_ls.temperature import TemperatureFit, apply_temperature, fit_temperature, remove_temperature
+    from fastai_ls.posthoc import (
+        TemperatureFit,
+        apply_calibrator,
+        apply_temperature,
+        compare_calibrators,
+        fit_calibrator,
+        fit_temperature,
+        remove_calibrator,
+        remove_temperature,
+    )
 
 __version__ = "0.1.0"
 __all__ = [
@@ -24,5 +33,6 @@ __all__ = [
     "CalibrationState", "calibration_error", "calibration_metrics",
     "CalibrationCallback", "plot_history", "plot_reliability",
     "TemperatureFit", "apply_temperature", "fit_temperature", "remove_temperature",
+    "fit_calibrator", "apply_calibrator", "remove_calibrator", "compare_calibrators",
     "pets_learner", "digits_learner", "distributed",
 ]

@@ -12,7 +12,7 @@ from fastai.torch_core import rank_distrib, set_seed
 from fastai_ls.calibration.plots import plot_reliability
 from fastai_ls.callback import CalibrationCallback
 from fastai_ls.distributed import distrib_ctx
-from fastai_ls.temperature import fit_temperature
+from fastai_ls.posthoc import fit_temperature
 
 # Report rows: (label, column of `CalibrationCallback.history` or of the temperature fit).
 ROWS = [
