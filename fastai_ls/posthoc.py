@@ -8,6 +8,7 @@ The calibrators themselves (tensors in, tensors out) live in `fastai_ls.calibrat
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -65,7 +66,18 @@ def holdout_logits(learn: Learner, dl: DataLoader | None = None) -> tuple[Tensor
 
 def check_softmax_loss(loss_func) -> None:
     """Raise a TypeError unless the loss's own activation is a softmax over its class axis (or it has none, as
-    `nn.CrossEntropyLoss`): calibrators map logits to softmax probabilities, which mean nothing for, say, a sigmoid."""
+    `nn.CrossEntropyLoss`): calibrators map logits to softmax probabilities, which mean nothing for, say, a sigmoid.
+
+    Parameters
+    ----------
+    loss_func : object
+        A learner's loss; its class's `activation` is tried on a small probe with the classes on its class axis.
+
+    >>> from fastai.losses import BCEWithLogitsLossFlat
+    >>> check_softmax_loss(BCEWithLogitsLossFlat())  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    TypeError: BCEWithLogitsLossFlat's activation is not a softmax over classes: ...
+    """
     activation = getattr(type(loss_func), "activation", None)  # the class's, not an applied calibrator's
     if activation is None:
         return
@@ -136,7 +148,7 @@ def apply_calibrator(learn: Learner, calibrator: Calibrator) -> Learner:
     learn : Learner
         A learner with a cross-entropy-style loss.
     calibrator : Calibrator
-        A fitted calibrator, e.g. from `fit_calibrator` (moved to the learner's device).
+        A fitted calibrator, e.g. from `fit_calibrator`; the learner gets a copy on its device.
 
     >>> apply_calibrator(learn, fit_calibrator(learn, "dirichlet", dl=holdout_dl))  # doctest: +SKIP
     """
@@ -146,9 +158,11 @@ def apply_calibrator(learn: Learner, calibrator: Calibrator) -> Learner:
         raise ValueError(f"{type(calibrator).__name__} is not fitted: fit it first (fit_calibrator)")
     loss_func = learn.loss_func
     check_softmax_loss(loss_func)
+    # A copy on the learner's device: the per-batch activation then copies nothing, and the caller's is not moved.
+    calibrator = copy.deepcopy(calibrator)
     device = _device_of(learn)
     if device is not None:
-        calibrator.to(device)  # so the per-batch activation copies nothing
+        calibrator.to(device)
     try:
         loss_func.activation = CalibratedActivation(loss_func, calibrator)
     except AttributeError as e:
@@ -158,13 +172,29 @@ def apply_calibrator(learn: Learner, calibrator: Calibrator) -> Learner:
 
 
 def applied_calibrator(learn: Learner) -> Calibrator | None:
-    """The calibrator that `apply_calibrator` set on `learn`, or None."""
+    """The calibrator that `apply_calibrator` set on `learn`, or None.
+
+    Parameters
+    ----------
+    learn : Learner
+        Any learner.
+
+    >>> applied_calibrator(learn).temperature  # doctest: +SKIP
+    """
     activation = vars(learn.loss_func).get("activation")
     return activation.calibrator if isinstance(activation, CalibratedActivation) else None
 
 
 def remove_calibrator(learn: Learner) -> Learner:
-    """Undo `apply_calibrator` (or `apply_temperature`): the loss's own activation again; returns `learn`."""
+    """Undo `apply_calibrator` (or `apply_temperature`): the loss's own activation again; returns `learn`.
+
+    Parameters
+    ----------
+    learn : Learner
+        A learner, with or without an applied calibrator.
+
+    >>> remove_calibrator(learn).get_preds()  # doctest: +SKIP
+    """
     if isinstance(vars(learn.loss_func).get("activation"), CalibratedActivation):
         del vars(learn.loss_func)["activation"]
     return learn
@@ -247,8 +277,19 @@ def compare_calibrators(
 
 @dataclass
 class TemperatureFit:
-    """The fitted temperature, the NLL and ECE of the same predictions before (T = 1) and after scaling, and
-    whether the fit was degenerate (T kept at a bound; see `TemperatureScaling`)."""
+    """What `fit_temperature` found, on the rows it was fitted on.
+
+    Parameters
+    ----------
+    temperature : float
+        The fitted T.
+    nll_before, nll_after : float
+        Mean NLL at T = 1 and at the fitted T.
+    ece_before, ece_after : float
+        Top-label ECE at T = 1 and at the fitted T.
+    at_bound : bool
+        Whether the fit was degenerate and T was kept at a bound (see `TemperatureScaling`).
+    """
 
     temperature: float
     nll_before: float
@@ -334,5 +375,13 @@ def apply_temperature(learn: Learner, temperature: float) -> Learner:
 
 
 def remove_temperature(learn: Learner) -> Learner:
-    """Undo `apply_temperature` (the same as `remove_calibrator`); returns `learn`."""
+    """Undo `apply_temperature` (the same as `remove_calibrator`); returns `learn`.
+
+    Parameters
+    ----------
+    learn : Learner
+        A learner, with or without an applied temperature.
+
+    >>> remove_temperature(learn)  # doctest: +SKIP
+    """
     return remove_calibrator(learn)

@@ -192,6 +192,7 @@ def test_an_applied_calibrator_reaches_get_preds_predict_tta_interpretation_and_
         logits, target = raw(learn)
         before = learn.calibration.last_metrics
         apply_calibrator(learn, calibrator)
+        assert applied_calibrator(learn) is not calibrator  # a copy: the caller's calibrator is left alone
         expected = calibrator(logits)
         probs, _, decoded = learn.get_preds(with_decoded=True)
         torch.testing.assert_close(probs, expected)

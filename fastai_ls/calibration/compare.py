@@ -79,6 +79,11 @@ def cross_fit(method: str | Calibrator, logits: Tensor, target: Tensor, fold_of:
         (N,) class ids.
     fold_of : Tensor
         (N,) fold id of each row, e.g. from `stratified_folds`.
+
+    >>> _ = torch.manual_seed(0); z = torch.randn(300, 3); y = torch.distributions.Categorical(logits=z).sample()
+    >>> probs, seconds = cross_fit("temperature", 2 * z, y, stratified_folds(y, 3))
+    >>> probs.shape, len(seconds)
+    (torch.Size([300, 3]), 3)
     """
     template = get_calibrator(method)
     probs = torch.empty(logits.shape, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,

@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["Calibrator", "CalibrationWarning", "NEG_INF_GAP", "check_fit_input", "clean_logits", "moved"]
+__all__ = ["Calibrator", "CalibrationWarning", "NEG_INF_GAP", "check_fit_input", "clean_logits"]
 
 # exp(-104) is below float32's smallest positive number (about 1.4e-45): a logit this far below the others of its
 # row has probability 0 after softmax, as a -inf logit has.
@@ -69,7 +69,19 @@ def _check_logits(logits: Tensor) -> None:
 
 def clean_logits(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(z, bad): the logits in `dtype` with each -inf replaced as the module docstring says, and the (N,) rows that
-    hold NaN or +inf (or no finite logit at all), which are set to 0 in `z`. `logits` itself is never written."""
+    hold NaN or +inf (or no finite logit at all), which are set to 0 in `z`. `logits` itself is never written.
+
+    Parameters
+    ----------
+    logits : Tensor
+        (N, C) logits.
+    dtype : torch.dtype
+        The dtype of `z`.
+
+    >>> z, bad = clean_logits(torch.tensor([[0.0, -math.inf], [math.nan, 1.0]]), torch.float64)
+    >>> z.tolist(), bad.tolist()
+    ([[0.0, -104.0], [0.0, 0.0]], [False, True])
+    """
     z = logits.detach().to(dtype)
     # A fixed sequence of kernels whatever the values: nothing here waits for the device (a calibrator may run
     # inside CalibrationCallback's per-batch update).
@@ -81,7 +93,16 @@ def clean_logits(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 
 def check_fit_input(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """float64 logits (-inf replaced) and int64 targets on the logits' device, or a ValueError naming the problem."""
+    """float64 logits (-inf replaced) and int64 targets on the logits' device, or a ValueError naming the problem
+    (the checks of `Calibrator.fit`, listed in the module docstring).
+
+    Parameters
+    ----------
+    logits : Tensor
+        (N, C) held-out logits.
+    target : Tensor
+        (N,) class ids.
+    """
     _check_logits(logits)
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
@@ -107,13 +128,13 @@ def check_fit_input(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return z, target
 
 
-def moved(value, device: torch.device | str):
+def _moved(value, device: torch.device | str):
     """`value` with its tensors on `device`: a tensor, a list of values, or an object with a `to(device)` method
     (a calibrator, a curve), which is moved in place."""
     if isinstance(value, Tensor):
         return value.to(device)
     if isinstance(value, list):
-        return [moved(v, device) for v in value]
+        return [_moved(v, device) for v in value]
     if hasattr(value, "__dict__") and callable(getattr(value, "to", None)):
         return value.to(device)
     return value
@@ -171,7 +192,13 @@ class Calibrator:
         return self
 
     def __call__(self, logits: Tensor) -> Tensor:
-        """(N, C) probabilities for (N, C) `logits` (float32, or float64 for float64 logits) on their device."""
+        """(N, C) probabilities for (N, C) `logits` (float32, or float64 for float64 logits) on their device.
+
+        Parameters
+        ----------
+        logits : Tensor
+            (N, C) logits with the C classes of the fit; a row holding NaN or +inf gives a row of NaN.
+        """
         if not self.fitted:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(logits, target) first")
         _check_logits(logits)
@@ -186,9 +213,15 @@ class Calibrator:
 
     def to(self, device: torch.device | str) -> Calibrator:
         """Move the fitted parameters to `device` (in place; returns the calibrator). Calling a calibrator on
-        logits of another device works too, at the cost of a copy per call."""
+        logits of another device works too, at the cost of a copy per call.
+
+        Parameters
+        ----------
+        device : torch.device | str
+            Where the parameters go, e.g. 'cuda'.
+        """
         for name, value in vars(self).items():
-            setattr(self, name, moved(value, device))
+            setattr(self, name, _moved(value, device))
         return self
 
     def _fit(self, z: Tensor, y: Tensor) -> None:

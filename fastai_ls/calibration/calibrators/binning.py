@@ -43,7 +43,15 @@ class HistogramCurve:
         self.values: Tensor | None = None
 
     def fit(self, score: Tensor, outcome: Tensor) -> HistogramCurve:
-        """Fit on (n,) scores and their (n,) 0/1 outcomes (n >= 1); returns the curve."""
+        """Fit on scores and their outcomes; returns the curve.
+
+        Parameters
+        ----------
+        score : Tensor
+            (n,) scores, n >= 1.
+        outcome : Tensor
+            (n,) outcomes, 0 or 1.
+        """
         x, y = score.detach().double().cpu(), outcome.detach().double().cpu()
         if self.equal_mass:
             n_bins = self.n_bins or max(1, len(x) // self.points_per_bin)

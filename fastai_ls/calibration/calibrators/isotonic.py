@@ -33,7 +33,15 @@ class IsotonicCurve:
         self.knots_y: Tensor | None = None
 
     def fit(self, score: Tensor, outcome: Tensor) -> IsotonicCurve:
-        """Fit on (n,) scores and their (n,) 0/1 outcomes (n >= 1); returns the curve."""
+        """Fit on scores and their outcomes; returns the curve.
+
+        Parameters
+        ----------
+        score : Tensor
+            (n,) scores, n >= 1.
+        outcome : Tensor
+            (n,) outcomes, 0 or 1 (any values in [0, 1] work: the fit is least squares).
+        """
         x = score.detach().double().cpu().numpy()
         y = outcome.detach().double().cpu().numpy()
         order = np.argsort(x, kind="stable")

@@ -19,7 +19,7 @@ __all__ = ["TemperatureScaling", "VectorScaling", "MatrixScaling", "DirichletCal
            "EnsembleTemperatureScaling"]
 
 
-def minimise(params: list[Tensor], objective: Callable[[], Tensor], max_iter: int) -> None:
+def _minimise(params: list[Tensor], objective: Callable[[], Tensor], max_iter: int) -> None:
     """Minimise `objective()` over `params` (leaf tensors, updated in place) with LBFGS and a strong-Wolfe search."""
     optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
                                   history_size=100, line_search_fn="strong_wolfe")
@@ -175,7 +175,7 @@ class VectorScaling(Calibrator):
     def _fit(self, z: Tensor, y: Tensor) -> None:
         weight = torch.ones(z.shape[1], dtype=z.dtype, device=z.device, requires_grad=True)
         bias = torch.zeros_like(weight, requires_grad=True)
-        minimise([weight, bias], lambda: F.cross_entropy(z * weight + bias, y), self.max_iter)
+        _minimise([weight, bias], lambda: F.cross_entropy(z * weight + bias, y), self.max_iter)
         self.weight, self.bias = weight.detach().cpu(), bias.detach().cpu()
 
     def _probs(self, z: Tensor) -> Tensor:
@@ -257,7 +257,7 @@ class MatrixScaling(Calibrator):
                                      + bias.square().sum() / n_classes)
             return loss
 
-        minimise([weight, bias], objective, self.max_iter)
+        _minimise([weight, bias], objective, self.max_iter)
         return weight.detach(), bias.detach()
 
     def _choose_reg(self, x: Tensor, y: Tensor) -> float:
@@ -372,7 +372,7 @@ class EnsembleTemperatureScaling(Calibrator):
         def nll() -> Tensor:
             return -(terms_of_target @ logit_w.softmax(0)).clamp_min(1e-300).log().mean()
 
-        minimise([logit_w], nll, self.max_iter)
+        _minimise([logit_w], nll, self.max_iter)
         self.weights = logit_w.detach().softmax(0).cpu()
 
     def _probs(self, z: Tensor) -> Tensor:

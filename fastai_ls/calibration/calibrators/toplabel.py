@@ -17,14 +17,32 @@ MARGIN = 1e-4
 
 
 def lowest_confidence(n_classes: int) -> float:
-    """The smallest top confidence h for which the other classes can share 1 - h with none above (1 - MARGIN) h."""
+    """The smallest top confidence h for which the other classes can share 1 - h with none above (1 - MARGIN) h.
+
+    Parameters
+    ----------
+    n_classes : int
+        C.
+
+    >>> round(lowest_confidence(10), 6)
+    0.100009
+    """
     return 1 / (1 + (n_classes - 1) * (1 - MARGIN))
 
 
 def spread_rest(probs: Tensor, top: Tensor, confidence: Tensor) -> Tensor:
     """(N, C) probabilities that give column `top` (N,) the `confidence` (N,) and share 1 - confidence among the
     other classes in proportion to `probs`, none above (1 - MARGIN) * confidence (what a class would get above
-    that cap goes to the others, again in proportion). `confidence` must be at least `lowest_confidence(C)`.
+    that cap goes to the others, again in proportion).
+
+    Parameters
+    ----------
+    probs : Tensor
+        (N, C) probabilities whose proportions the other classes keep.
+    top : Tensor
+        (N,) the predicted class of each row.
+    confidence : Tensor
+        (N,) its calibrated probability, at least `lowest_confidence(C)`.
 
     >>> probs = torch.tensor([[.5, .45, .05]], dtype=torch.float64)
     >>> spread_rest(probs, torch.tensor([0]), torch.tensor([.4], dtype=torch.float64)).round(decimals=5).tolist()
