@@ -28,7 +28,16 @@ if TYPE_CHECKING:  # for IDEs and type checkers; at run time `__getattr__` below
         label_smoothing_cross_entropy,
     )
     from fastai_ls.pets import make_pets_like_tree, pets_learner
-    from fastai_ls.temperature import TemperatureFit, apply_temperature, fit_temperature, remove_temperature
+    from fastai_ls.posthoc import (
+        TemperatureFit,
+        apply_calibrator,
+        apply_temperature,
+        compare_calibrators,
+        fit_calibrator,
+        fit_temperature,
+        remove_calibrator,
+        remove_temperature,
+    )
 
 __version__ = "0.1.0"
 
@@ -43,10 +52,16 @@ _SOURCES = {
     "CalibrationCallback": "fastai_ls.callback",
     "plot_history": "fastai_ls.calibration.plots",
     "plot_reliability": "fastai_ls.calibration.plots",
-    "TemperatureFit": "fastai_ls.temperature",
-    "apply_temperature": "fastai_ls.temperature",
-    "fit_temperature": "fastai_ls.temperature",
-    "remove_temperature": "fastai_ls.temperature",
+    "plot_smooth_reliability": "fastai_ls.calibration.plots",
+    "plot_risk_coverage": "fastai_ls.calibration.plots",
+    "TemperatureFit": "fastai_ls.posthoc",
+    "apply_temperature": "fastai_ls.posthoc",
+    "fit_temperature": "fastai_ls.posthoc",
+    "remove_temperature": "fastai_ls.posthoc",
+    "fit_calibrator": "fastai_ls.posthoc",
+    "apply_calibrator": "fastai_ls.posthoc",
+    "remove_calibrator": "fastai_ls.posthoc",
+    "compare_calibrators": "fastai_ls.posthoc",
     "pets_learner": "fastai_ls.pets",
     "make_pets_like_tree": "fastai_ls.pets",
     "digits_learner": "fastai_ls.digits",
@@ -57,6 +72,7 @@ __all__ = [
     "CalibrationState", "calibration_error", "calibration_metrics",
     "CalibrationCallback", "plot_history", "plot_reliability", "plot_smooth_reliability", "plot_risk_coverage",
     "TemperatureFit", "apply_temperature", "fit_temperature", "remove_temperature",
+    "fit_calibrator", "apply_calibrator", "remove_calibrator", "compare_calibrators",
     "pets_learner", "make_pets_like_tree", "digits_learner", "distributed",
 ]  # the same names as `_SOURCES` and the imports above (tests/test_package.py checks it)
 

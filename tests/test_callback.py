@@ -1,5 +1,5 @@
 """CalibrationCallback in fastai: columns, history, get_preds outside fit, segmentation, trackers, bad input (and a
-usable learner after it), no host sync, temperature."""
+usable learner after it), no host sync."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learn
 from fastai.callback.tracker import EarlyStoppingCallback, ReduceLROnPlateau, SaveModelCallback
 from fastai.data.core import DataLoaders, Datasets
 from fastai.data.transforms import ItemGetter
-from fastai.learner import Learner, load_learner
+from fastai.learner import Learner
 from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, MSELossFlat
 from fastai.metrics import accuracy, error_rate
 from fastai.optimizer import SGD
@@ -35,17 +35,12 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 from fastai_ls import (
     CalibrationCallback,
     LabelSmoothingCrossEntropy,
-    LabelSmoothingCrossEntropyFlat,
-    apply_temperature,
-    fit_temperature,
     plot_history,
     plot_reliability,
-    remove_temperature,
 )
 from fastai_ls.calibration.plots import BIN_COLUMNS
 from fastai_ls.calibration.state import INTERVAL_COLUMNS, METRIC_NAMES
 from fastai_ls.callback import HISTORY_COLUMNS, METRIC_COMPARISONS, check_class_id_targets
-from fastai_ls.temperature import TemperatureScaledActivation
 
 matplotlib.use("Agg")
 N_CLASSES, N_VALID = 4, 70
@@ -802,100 +797,3 @@ def test_early_stopping_on_ece_does_not_stop_while_ece_improves(tmp_path):
     ece = cb.history["ece"].tolist()
     assert 3 < len(ece) < 10  # fastai's guess would have stopped after epoch 1
     assert all(a > b for a, b in zip(ece[:-2], ece[1:-1])) and ece[-1] > ece[-2]  # stopped at the first rise
-
-
-# --- temperature scaling -------------------------------------------------------------------------------------------
-
-
-class PassLogits(nn.Module):
-    """Returns its input as the logits (fastai needs a parameter to find the model's device)."""
-
-    def __init__(self):
-        super().__init__()
-        self.unused = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x):
-        return x
-
-
-def logit_learner(temperature: float, n: int = 600, seed: int = 0) -> Learner:
-    """A "model" that returns its input: logits `temperature` times sharper than the labels' true distribution."""
-    g = torch.Generator().manual_seed(seed)
-    true_logits = 2 * torch.randn(n, N_CLASSES, generator=g)
-    y = torch.multinomial(true_logits.softmax(1), 1, generator=g).squeeze(1)
-    # fastai `Datasets` (not plain lists) so that `learn.export()` can empty them.
-    dsets = Datasets(list(zip(temperature * true_logits, y)), [[ItemGetter(0)], [ItemGetter(1)]],
-                     splits=(list(range(10)), list(range(n))))
-    dls = dsets.dataloaders(bs=64, num_workers=0, device="cpu")
-    return make_learner(CalibrationCallback(), model=PassLogits(), dls=dls, loss_func=LabelSmoothingCrossEntropy(0.1))
-
-
-def grid_temperature(logits, target) -> float:
-    """Brute force: the NLL at 4001 log-spaced temperatures in [0.1, 10], all at once."""
-    logits, target = logits.as_subclass(torch.Tensor).double(), target.as_subclass(torch.Tensor)
-    grid = torch.exp(torch.linspace(math.log(0.1), math.log(10), 4001, dtype=torch.float64))
-    log_probs = (logits / grid[:, None, None]).log_softmax(-1)
-    nll = -log_probs.gather(2, target.expand(len(grid), -1)[..., None]).mean((1, 2))
-    return float(grid[nll.argmin()])
-
-
-def test_fit_temperature_finds_the_nll_minimum_and_recovers_a_known_temperature():
-    learn = logit_learner(3.0)
-    with quiet(learn):
-        fit = fit_temperature(learn)
-        logits, target = learn.get_preds(act=lambda z: z)
-    assert fit.temperature == pytest.approx(grid_temperature(logits, target), rel=2e-3)
-    assert 2.4 < fit.temperature < 3.6
-    assert fit.nll_after < fit.nll_before and fit.ece_after < fit.ece_before
-    assert fit.nll_before == pytest.approx(float(F.cross_entropy(logits, target)), rel=1e-5)
-    assert fit.nll_after == pytest.approx(float(F.cross_entropy(logits / fit.temperature, target)), rel=1e-5)
-
-
-def test_fit_temperature_is_below_one_for_under_confident_logits():
-    learn = logit_learner(0.5)
-    with quiet(learn):
-        assert fit_temperature(learn).temperature < 0.75
-
-
-def test_applied_temperature_scales_get_preds_and_survives_export(tmp_path):
-    learn = logit_learner(3.0)
-    with quiet(learn):
-        logits, _ = learn.get_preds(act=lambda z: z)
-        apply_temperature(learn, 2.5)
-        apply_temperature(learn, 2.0)  # replaces, does not compound
-        scaled, _ = learn.get_preds()
-    torch.testing.assert_close(scaled, (logits / 2.0).softmax(1))
-    learn.export(tmp_path / "scaled.pkl")
-    loaded = load_learner(tmp_path / "scaled.pkl")
-    assert isinstance(loaded.loss_func.activation, TemperatureScaledActivation)
-    assert isinstance(loaded.calibration, CalibrationCallback)  # the callback is exported with the learner
-    with quiet(loaded):
-        again, _ = loaded.get_preds(dl=learn.dls.valid)
-    torch.testing.assert_close(again, scaled)
-    with quiet(learn):
-        remove_temperature(learn)
-        plain, _ = learn.get_preds()
-    torch.testing.assert_close(plain, logits.softmax(1))
-
-
-def test_fit_temperature_uses_the_class_axis_of_a_flat_loss_on_token_predictions():
-    """(N, T, C) logits under `LabelSmoothingCrossEntropyFlat(axis=-1)`, as a text learner gives."""
-    n, length = 200, 3
-    g = torch.Generator().manual_seed(4)
-    true_logits = 2 * torch.randn(n, length, N_CLASSES, generator=g)
-    y = torch.multinomial(true_logits.reshape(-1, N_CLASSES).softmax(1), 1, generator=g).view(n, length)
-    dls = DataLoaders.from_dsets(list(zip(2.0 * true_logits, y))[:10], list(zip(2.0 * true_logits, y)), bs=32,
-                                 num_workers=0, device="cpu")
-    learn = make_learner(CalibrationCallback(), model=PassLogits(), dls=dls,
-                         loss_func=LabelSmoothingCrossEntropyFlat(0.1))
-    with quiet(learn):
-        fit = fit_temperature(learn)
-    rows, ids = 2.0 * true_logits.reshape(-1, N_CLASSES), y.reshape(-1)
-    assert fit.temperature == pytest.approx(grid_temperature(rows, ids), rel=2e-3)
-    assert fit.nll_before == pytest.approx(float(F.cross_entropy(rows, ids)), rel=1e-5)
-    assert learn.calibration.last_metrics["n"] == n * length
-
-
-def test_apply_temperature_rejects_non_positive_values():
-    with pytest.raises(ValueError, match="temperature"):
-        apply_temperature(logit_learner(1.0), 0.0)

@@ -1,11 +1,15 @@
 """Calibration's math, tensors in and tensors out (no fastai): the streamed counters (`state.py`), the metrics
 computed from them (`metrics.py`, with smooth ECE in `smooth.py` and the risk-coverage curve in
 `risk_coverage.py`), their confidence intervals (`intervals.py`), one-call functions on predictions in memory
-(`functional.py`), and the tables (`report.py`) and figures (`plots.py`)."""
+(`functional.py`), the tables (`report.py`) and figures (`plots.py`), and the post-hoc calibrators (`calibrators/`)
+with their cross-fitted comparison (`compare.py`)."""
 
+from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, Calibrator, get_calibrator
+from fastai_ls.calibration.compare import compare_calibrators
 from fastai_ls.calibration.functional import calibration_error, calibration_metrics
 from fastai_ls.calibration.plots import plot_history, plot_reliability, plot_risk_coverage, plot_smooth_reliability
 from fastai_ls.calibration.state import CalibrationState
 
 __all__ = ["CalibrationState", "calibration_error", "calibration_metrics", "plot_reliability",
-           "plot_smooth_reliability", "plot_risk_coverage", "plot_history"]
+           "plot_smooth_reliability", "plot_risk_coverage", "plot_history", "CALIBRATORS", "Calibrator",
+           "CalibrationWarning", "get_calibrator", "compare_calibrators"]

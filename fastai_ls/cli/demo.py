@@ -14,7 +14,7 @@ from fastai.torch_core import rank_distrib, set_seed
 from fastai_ls.calibration.plots import plot_reliability
 from fastai_ls.callback import CalibrationCallback
 from fastai_ls.distributed import distrib_ctx
-from fastai_ls.temperature import fit_temperature
+from fastai_ls.posthoc import fit_temperature
 
 if TYPE_CHECKING:  # matplotlib is imported only when the figure is drawn
     from matplotlib.figure import Figure

@@ -1,0 +1,238 @@
+"""The calibrator interface: fitted on held-out logits and class ids, a calibrator maps logits to probabilities.
+
+Every calibrator takes (N, C) logits and gives (N, C) probabilities (rows summing to 1), is a plain picklable object
+(no lambda, no closure, parameters as CPU tensors) and checks its input the same way:
+
+- `fit` raises a ValueError for logits that are not (N, C) floats with C >= 2, targets that are not N integer class
+  ids in [0, C), fewer rows than classes, and rows holding NaN or +inf (a loss reports those rows as NaN: drop them);
+  calibrators with parameters per class warn (`CalibrationWarning`) when a class never occurs in the targets;
+- calling a calibrator fitted on C classes with another number of classes raises a ValueError; a row holding NaN or
+  +inf comes out as NaN (as the loss reports it, and as `CalibrationState` counts it: `n_invalid`);
+- a -inf logit (a class the model rules out, or the log of a probability that underflowed to 0) stands for the
+  row's smallest finite logit minus 104: its softmax stays 0 in float32 and the order of the classes is kept;
+- nothing the caller passes is modified, and the output carries no autograd history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["Calibrator", "CalibrationWarning", "NEG_INF_GAP", "check_fit_input", "clean_logits"]
+
+# exp(-104) is below float32's smallest positive number (about 1.4e-45): a logit this far below the others of its
+# row has probability 0 after softmax, as a -inf logit has.
+NEG_INF_GAP = 104.0
+
+
+# A fit takes hundreds of small steps (LBFGS on (N, C) logits, matrix products of N x C by C x C). On a CPU, MKL and
+# OpenMP spread even a 1000 x 5 matrix product over every core, and on cores busy with other work each step then
+# waits for the slowest thread: on 2 busy cores a 1000 x 5 product took 16 ms on 2 threads and 0.01 ms on one, and a
+# Dirichlet fit 6-12 s against 0.4 s. CPU fits up to this much work per product (N * C * C) use one thread.
+ONE_THREAD_WORK = 2**24
+
+
+@contextlib.contextmanager
+def one_thread_for_small_cpu_fits(logits: Tensor):
+    """Within the block, one intra-op thread if `logits` is a small CPU problem (see ONE_THREAD_WORK); the
+    previous number of threads afterwards."""
+    n, n_classes = logits.shape
+    previous = torch.get_num_threads()
+    if logits.device.type != "cpu" or previous == 1 or n * n_classes * n_classes > ONE_THREAD_WORK:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class CalibrationWarning(UserWarning):
+    """A fit that ran but whose result needs attention: a temperature at its bound, classes missing from the
+    held-out targets, classes too small for the folds of a comparison."""
+
+
+def _check_logits(logits: Tensor) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must be (N, C) with C >= 2 classes, got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+
+
+def clean_logits(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(z, bad): the logits in `dtype` with each -inf replaced as the module docstring says, and the (N,) rows that
+    hold NaN or +inf (or no finite logit at all), which are set to 0 in `z`. `logits` itself is never written.
+
+    Parameters
+    ----------
+    logits : Tensor
+        (N, C) logits.
+    dtype : torch.dtype
+        The dtype of `z`.
+
+    >>> z, bad = clean_logits(torch.tensor([[0.0, -math.inf], [math.nan, 1.0]]), torch.float64)
+    >>> z.tolist(), bad.tolist()
+    ([[0.0, -104.0], [0.0, 0.0]], [False, True])
+    """
+    z = logits.detach().to(dtype)
+    # A fixed sequence of kernels whatever the values: nothing here waits for the device (a calibrator may run
+    # inside CalibrationCallback's per-batch update).
+    finite = z.isfinite()
+    bad = (z.isnan() | (z == math.inf)).any(1) | ~finite.any(1)
+    lowest = torch.where(finite, z, math.inf).amin(1, keepdim=True)
+    z = torch.where(finite, z, lowest - NEG_INF_GAP)
+    return torch.where(bad[:, None], 0.0, z), bad
+
+
+def check_fit_input(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """float64 logits (-inf replaced) and int64 targets on the logits' device, or a ValueError naming the problem
+    (the checks of `Calibrator.fit`, listed in the module docstring).
+
+    Parameters
+    ----------
+    logits : Tensor
+        (N, C) held-out logits.
+    target : Tensor
+        (N,) class ids.
+    """
+    _check_logits(logits)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    n, n_classes = logits.shape
+    if target.shape != (n,) or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise ValueError(f"target must hold {n} integer class ids (one per row of logits), got {target.dtype} "
+                         f"{tuple(target.shape)}")
+    if n < n_classes:
+        raise ValueError(f"need at least as many held-out rows as classes to fit a calibrator, got {n} rows for "
+                         f"{n_classes} classes")
+    target = target.detach().to(logits.device, torch.long)
+    out_of_range = (target < 0) | (target >= n_classes)
+    if bool(out_of_range.any()):
+        i = int(out_of_range.nonzero()[0, 0])
+        raise ValueError(f"target holds {int(out_of_range.sum())} class ids outside [0, {n_classes}) (first: "
+                         f"{int(target[i])} in row {i}); drop ignored rows before fitting")
+    z, bad = clean_logits(logits, torch.float64)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"logits hold NaN or +inf (or no finite value) in {int(bad.sum())} of {n} rows (first: "
+                         f"row {i}); a calibrator cannot be fitted on them: drop those rows (the loss reports them "
+                         "as NaN)")
+    return z, target
+
+
+def _moved(value, device: torch.device | str):
+    """`value` with its tensors on `device`: a tensor, a list of values, or an object with a `to(device)` method
+    (a calibrator, a curve), which is moved in place."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_moved(v, device) for v in value]
+    if hasattr(value, "__dict__") and callable(getattr(value, "to", None)):
+        return value.to(device)
+    return value
+
+
+class Calibrator:
+    """A post-hoc calibrator: `fit(logits, target)` on held-out data, then `calibrator(logits)` gives probabilities.
+
+    Subclasses set the class attributes below and implement `_fit(z, y)` (float64 logits, int64 ids, both checked)
+    and `_probs(z)` (clean logits in float32 or float64 on the caller's device).
+
+    >>> from fastai_ls.calibration.calibrators import TemperatureScaling
+    >>> _ = torch.manual_seed(0); z = torch.randn(500, 4); y = torch.distributions.Categorical(logits=z).sample()
+    >>> probs = TemperatureScaling().fit(3 * z, y)(3 * z)
+    >>> probs.shape, bool(torch.allclose(probs.sum(1), torch.ones(500)))
+    (torch.Size([500, 4]), True)
+    """
+
+    name: ClassVar[str] = ""  # the registry's key, e.g. 'temperature'
+    description: ClassVar[str] = ""  # one line for tables and --help
+    form: ClassVar[str] = ""  # 'full', 'one-vs-rest' or 'top-label'
+    may_change_prediction: ClassVar[bool] = True  # whether the argmax of the output can differ from the logits'
+    per_class: ClassVar[bool] = False  # parameters per class: warn when a class is missing from the targets
+
+    def __init__(self) -> None:
+        """An unfitted calibrator."""
+        self.n_classes: int | None = None
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the calibrator can be called."""
+        return self.n_classes is not None
+
+    def fit(self, logits: Tensor, target: Tensor) -> Calibrator:
+        """Fit on held-out (N, C) `logits` and their (N,) class ids `target`; returns the calibrator itself.
+
+        Parameters
+        ----------
+        logits : Tensor
+            (N, C) logits of held-out data (any float dtype and device; fitted in float64).
+        target : Tensor
+            (N,) integer class ids in [0, C).
+        """
+        z, y = check_fit_input(logits, target)
+        if self.per_class:
+            missing = sorted(set(range(z.shape[1])) - set(torch.unique(y).tolist()))
+            if missing:
+                shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+                warnings.warn(f"{self.name}: {len(missing)} of {z.shape[1]} classes never occur in the held-out "
+                              f"targets ({shown}); their calibrated probabilities are fitted towards 0",
+                              CalibrationWarning, stacklevel=2)
+        with torch.enable_grad(), one_thread_for_small_cpu_fits(z):
+            self._fit(z, y)
+        self.n_classes = z.shape[1]
+        return self
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """(N, C) probabilities for (N, C) `logits` (float32, or float64 for float64 logits) on their device.
+
+        Parameters
+        ----------
+        logits : Tensor
+            (N, C) logits with the C classes of the fit; a row holding NaN or +inf gives a row of NaN.
+        """
+        if not self.fitted:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(logits, target) first")
+        _check_logits(logits)
+        if self.n_classes is not None and logits.shape[1] != self.n_classes:
+            raise ValueError(f"{type(self).__name__} was fitted on {self.n_classes} classes, got logits with "
+                             f"{logits.shape[1]}")
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        z, bad = clean_logits(logits, dtype)
+        with torch.no_grad():
+            probs = self._probs(z).to(dtype)
+        return torch.where(bad[:, None], math.nan, probs)
+
+    def to(self, device: torch.device | str) -> Calibrator:
+        """Move the fitted parameters to `device` (in place; returns the calibrator). Calling a calibrator on
+        logits of another device works too, at the cost of a copy per call.
+
+        Parameters
+        ----------
+        device : torch.device | str
+            Where the parameters go, e.g. 'cuda'.
+        """
+        for name, value in vars(self).items():
+            setattr(self, name, _moved(value, device))
+        return self
+
+    def _fit(self, z: Tensor, y: Tensor) -> None:
+        raise NotImplementedError
+
+    def _probs(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _params_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        state = self._params_repr() if self.fitted else "unfitted"
+        return f"{type(self).__name__}({state})"

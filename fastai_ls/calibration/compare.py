@@ -1,0 +1,189 @@
+"""An honest comparison of post-hoc calibrators: cross-fitting on held-out logits, so that no row is scored by a
+calibrator that was fitted on it."""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, Calibrator, get_calibrator
+from fastai_ls.calibration.calibrators.base import check_fit_input
+from fastai_ls.calibration.calibrators.folds import stratified_folds
+from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, CalibrationState
+
+__all__ = ["compare_calibrators", "cross_fit", "DEFAULT_METHODS", "COLUMNS"]
+
+DEFAULT_METHODS = tuple(CALIBRATORS)
+# The metrics of `CalibrationState.metrics()` in the table, in order; `error_rate` is 1 - accuracy. Interval columns
+# (`<name>_lo`, `<name>_hi`) follow their metric whenever `metrics()` returns them.
+COLUMNS = ("error_rate", "ece", "classwise_ece", "nll", "brier", "aurc")
+
+
+class _Softmax(Calibrator):
+    """The uncalibrated model as a calibrator with nothing to fit: softmax(z), with the same input handling."""
+
+    name = "uncalibrated"
+    may_change_prediction = False
+
+    @property
+    def fitted(self) -> bool:
+        return True
+
+    def _probs(self, z: Tensor) -> Tensor:
+        return z.softmax(1)
+
+
+def _as_tensor(values, name: str) -> Tensor:
+    if isinstance(values, np.ndarray):
+        return torch.from_numpy(values)
+    if not isinstance(values, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(values).__name__}")
+    return values
+
+
+def _methods(methods) -> dict[str, Calibrator]:
+    """Row label -> an unfitted template, from names, calibrators, or a mapping of labels to either."""
+    if isinstance(methods, (str, Calibrator)):
+        methods = [methods]
+    items = methods.items() if isinstance(methods, Mapping) else ((None, m) for m in methods)
+    templates = {}
+    for label, method in items:
+        template = get_calibrator(method)
+        label = label if label is not None else (method if isinstance(method, str) else template.name)
+        if label in templates or label == "uncalibrated":
+            raise ValueError(f"two rows would be labelled {label!r}: pass a dict of labels to methods")
+        templates[label] = template
+    if not templates:
+        raise ValueError("methods is empty")
+    return templates
+
+
+def cross_fit(method: str | Calibrator, logits: Tensor, target: Tensor, fold_of: Tensor) -> tuple[Tensor, list[float]]:
+    """Out-of-fold probabilities: for each fold, a fresh copy of `method` fitted on the other folds' rows gives the
+    probabilities of this fold's rows. Returns the (N, C) probabilities and the seconds of each fit.
+
+    Parameters
+    ----------
+    method : str | Calibrator
+        A method name or an unfitted calibrator (copied for each fold, never fitted itself).
+    logits : Tensor
+        (N, C) held-out logits.
+    target : Tensor
+        (N,) class ids.
+    fold_of : Tensor
+        (N,) fold id of each row, e.g. from `stratified_folds`.
+
+    >>> _ = torch.manual_seed(0); z = torch.randn(300, 3); y = torch.distributions.Categorical(logits=z).sample()
+    >>> probs, seconds = cross_fit("temperature", 2 * z, y, stratified_folds(y, 3))
+    >>> probs.shape, len(seconds)
+    (torch.Size([300, 3]), 3)
+    """
+    template = get_calibrator(method)
+    probs = torch.empty(logits.shape, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
+                        device=logits.device)
+    seconds = []
+    fold_of = fold_of.to(logits.device)
+    for fold in torch.unique(fold_of).tolist():
+        held = fold_of == fold
+        calibrator = copy.deepcopy(template)
+        start = time.perf_counter()
+        try:
+            calibrator.fit(logits[~held], target[~held])
+        except ValueError as e:
+            raise ValueError(f"{template.name} on the rows outside fold {fold}: {e}") from None
+        seconds.append(time.perf_counter() - start)
+        probs[held] = calibrator(logits[held]).to(probs.dtype)
+    return probs, seconds
+
+
+def _score(probs: Tensor, target: Tensor, n_bins: int) -> dict[str, float]:
+    """One table row: each of `COLUMNS`, with its interval columns when the state reports them."""
+    n_classes = probs.shape[1]
+    state = CalibrationState(n_classes, n_bins, device=probs.device, classwise=n_classes <= CLASSWISE_MAX_CLASSES)
+    state.update(probs, target)
+    metrics = state.metrics()
+    metrics["error_rate"] = 1 - metrics["accuracy"]
+    for bound in ("lo", "hi"):  # an interval on accuracy is one on the error rate, reversed
+        if f"accuracy_{bound}" in metrics:
+            metrics[f"error_rate_{'hi' if bound == 'lo' else 'lo'}"] = 1 - metrics[f"accuracy_{bound}"]
+    return {key: metrics[key] for name in COLUMNS for key in (name, f"{name}_lo", f"{name}_hi") if key in metrics}
+
+
+def compare_calibrators(
+    logits: Tensor | np.ndarray,
+    target: Tensor | np.ndarray,
+    methods: Sequence[str | Calibrator] | Mapping[str, str | Calibrator] = DEFAULT_METHODS,
+    folds: int = 5,
+    seed: int = 0,
+    n_bins: int = 15,
+) -> pd.DataFrame:
+    """Cross-fitted comparison of calibrators on held-out logits: one row per method, the uncalibrated model first.
+
+    The rows are split into `folds` stratified folds (seeded); each method is fitted on all folds but one and
+    predicts the remaining fold, in turn, and the pooled out-of-fold probabilities of all rows are scored at once.
+    So no row is scored by a calibrator that saw it, and every method is scored on the same rows as the
+    uncalibrated model. Each calibrator is fitted on (folds - 1) / folds of the rows, so it is slightly worse than
+    one fitted on all of them. Deterministic for a seed.
+
+    Columns: `error_rate`, `ece` (top-label, `n_bins` equal-width bins), `classwise_ece` (NaN above
+    `CLASSWISE_MAX_CLASSES` classes), `nll`, `brier`, `aurc` (from `CalibrationState`), then `fit_s` (mean seconds
+    of one fit) and `may_change_prediction`. A method whose fits warned gets one `CalibrationWarning` summing them up.
+
+    Parameters
+    ----------
+    logits : Tensor | np.ndarray
+        (N, C) held-out logits (log-probabilities will do: a calibrator sees the same softmax).
+    target : Tensor | np.ndarray
+        (N,) class ids in [0, C).
+    methods : sequence or mapping
+        Method names (see `CALIBRATORS`), unfitted calibrators, or a mapping of row labels to either.
+    folds : int
+        Number of folds, at least 2.
+    seed : int
+        Seed of the fold assignment.
+    n_bins : int
+        Equal-width bins of the ECE columns.
+
+    >>> _ = torch.manual_seed(0); z = torch.randn(600, 3); y = torch.distributions.Categorical(logits=z).sample()
+    >>> table = compare_calibrators(3 * z, y, methods=["temperature"], folds=3)
+    >>> list(table.index), bool(table.loc["temperature", "ece"] < table.loc["uncalibrated", "ece"])
+    (['uncalibrated', 'temperature'], True)
+    """
+    logits, target = _as_tensor(logits, "logits"), _as_tensor(target, "target")
+    templates = _methods(methods)
+    check_fit_input(logits, target)  # the bad-input errors of a fit, before any fold runs
+    target = target.to(logits.device, torch.long)
+    counts = torch.bincount(target.cpu(), minlength=logits.shape[1])
+    small = [k for k, c in enumerate(counts.tolist()) if 0 < c < folds]
+    if small:
+        warnings.warn(f"{len(small)} classes have fewer rows than folds={folds} (first: class {small[0]} with "
+                      f"{int(counts[small[0]])}): some folds are fitted without them", CalibrationWarning,
+                      stacklevel=2)
+    fold_of = stratified_folds(target, folds, seed)
+    rows = {"uncalibrated": {**_score(_Softmax()(logits), target, n_bins), "fit_s": 0.0,
+                             "may_change_prediction": False}}
+    for label, template in templates.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            probs, seconds = cross_fit(template, logits, target, fold_of)
+        messages = [str(w.message) for w in caught if issubclass(w.category, CalibrationWarning)]
+        for w in caught:
+            if not issubclass(w.category, CalibrationWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if messages:
+            warnings.warn(f"{label}: {len(messages)} warning(s) over {folds} fits, e.g. {messages[0]}",
+                          CalibrationWarning, stacklevel=2)
+        rows[label] = {**_score(probs, target, n_bins), "fit_s": sum(seconds) / len(seconds),
+                       "may_change_prediction": template.may_change_prediction}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "method"
+    table.attrs.update(folds=folds, seed=seed, n=int(logits.shape[0]), n_classes=int(logits.shape[1]))
+    return table
+

@@ -1,0 +1,172 @@
+"""compare_calibrators on logits: stratified cross-fitting (no row scored by a calibrator fitted on it), the table's
+layout, determinism, and bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastai_ls.calibration import calibration_metrics
+from fastai_ls.calibration.calibrators import (
+    CalibrationWarning,
+    DirichletCalibration,
+    TemperatureScaling,
+    VectorScaling,
+    stratified_folds,
+)
+from fastai_ls.calibration.calibrators.base import Calibrator
+from fastai_ls.calibration.compare import COLUMNS, compare_calibrators, cross_fit
+
+
+def over_confident(n: int, n_classes: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits 2.5 times too sharp, one class standing out per row; labels drawn from the true probabilities."""
+    g = torch.Generator().manual_seed(seed)
+    favourite = torch.randint(0, n_classes, (n,), generator=g)
+    true_logits = 3.0 * F.one_hot(favourite, n_classes) + torch.randn(n, n_classes, generator=g)
+    return 2.5 * true_logits, torch.multinomial(true_logits.softmax(1), 1, generator=g).squeeze(1)
+
+
+class RowSpy(Calibrator):
+    """Uniform probabilities, recording the row ids (held in logit column 0) it is fitted on and called on."""
+
+    name = "spy"
+    form = "full"
+    fitted_on: list = []
+    called_on: list = []
+
+    def _fit(self, z, y):
+        RowSpy.fitted_on.append(set(z[:, 0].long().tolist()))
+
+    def _probs(self, z):
+        RowSpy.called_on.append(set(z[:, 0].long().tolist()))
+        return torch.full_like(z, 1 / z.shape[1])
+
+
+def test_folds_are_stratified_disjoint_complete_and_seeded():
+    target = torch.tensor([0] * 23 + [1] * 7 + [2] * 50)
+    fold_of = stratified_folds(target, 5, seed=3)
+    assert fold_of.shape == (80,) and set(fold_of.tolist()) == set(range(5))
+    sizes = torch.bincount(fold_of)
+    assert int(sizes.max() - sizes.min()) <= 1
+    for k in range(3):
+        per_fold = torch.bincount(fold_of[target == k], minlength=5)
+        assert int(per_fold.max() - per_fold.min()) <= 1
+    assert torch.equal(fold_of, stratified_folds(target, 5, seed=3))
+    assert not torch.equal(fold_of, stratified_folds(target, 5, seed=4))
+    state = torch.random.get_rng_state()
+    stratified_folds(target, 5, seed=3)
+    assert torch.equal(state, torch.random.get_rng_state())  # the global generator is left alone
+    for bad in (1, 0, 2.0, True):
+        with pytest.raises(ValueError, match="folds must be an int >= 2"):
+            stratified_folds(target, bad)
+    with pytest.raises(ValueError, match="folds=81 is more than the 80 rows"):
+        stratified_folds(target, 81)
+
+
+def test_no_row_is_scored_by_a_calibrator_that_was_fitted_on_it():
+    RowSpy.fitted_on.clear()
+    RowSpy.called_on.clear()
+    logits, target = over_confident(200, seed=1)
+    logits[:, 0] = torch.arange(200).float()  # the row id, carried through to the spy
+    compare_calibrators(logits, target, methods=[RowSpy()], folds=4)
+    assert len(RowSpy.fitted_on) == len(RowSpy.called_on) == 4
+    for fitted, called in zip(RowSpy.fitted_on, RowSpy.called_on):
+        assert not fitted & called and fitted | called == set(range(200))
+    assert set().union(*RowSpy.called_on) == set(range(200))
+
+
+def test_the_table_has_the_uncalibrated_model_first_then_one_row_per_method():
+    logits, target = over_confident(600, seed=2)
+    table = compare_calibrators(logits, target, methods=["temperature", "histogram"], folds=3)
+    assert list(table.index) == ["uncalibrated", "temperature", "histogram"] and table.index.name == "method"
+    assert list(table.columns) == [*COLUMNS, "fit_s", "may_change_prediction"]
+    assert table.attrs == {"folds": 3, "seed": 0, "n": 600, "n_classes": 5}
+    uncalibrated = calibration_metrics(logits.softmax(1), target)
+    assert table.loc["uncalibrated", "error_rate"] == pytest.approx(1 - uncalibrated["accuracy"])
+    for name in ("ece", "classwise_ece", "nll", "brier", "aurc"):
+        assert table.loc["uncalibrated", name] == pytest.approx(uncalibrated[name])
+    assert table.loc["uncalibrated", "fit_s"] == 0 and (table["fit_s"].iloc[1:] > 0).all()
+    assert table["may_change_prediction"].tolist() == [False, False, False]
+
+
+def test_the_rows_are_the_pooled_out_of_fold_probabilities_of_each_method():
+    logits, target = over_confident(500, seed=3)
+    table = compare_calibrators(logits, target, methods=["temperature", "vector"], folds=5, seed=7)
+    fold_of = stratified_folds(target, 5, seed=7)
+    for name, cls in (("temperature", TemperatureScaling), ("vector", VectorScaling)):
+        pooled = torch.empty(500, 5)
+        for k in range(5):
+            held = fold_of == k
+            pooled[held] = cls().fit(logits[~held], target[~held])(logits[held])
+        expected = calibration_metrics(pooled, target)
+        assert table.loc[name, "ece"] == pytest.approx(expected["ece"], abs=1e-6)
+        assert table.loc[name, "nll"] == pytest.approx(expected["nll"], rel=1e-5)
+        probs, seconds = cross_fit(name, logits, target, fold_of)
+        torch.testing.assert_close(probs, pooled)
+        assert len(seconds) == 5
+
+
+def test_the_comparison_is_deterministic_for_a_seed():
+    logits, target = over_confident(400, seed=4)
+    methods = {"temperature": "temperature", "isotonic": "isotonic", "dirichlet": DirichletCalibration(reg=0.01)}
+    first = compare_calibrators(logits, target, methods=methods, folds=3, seed=1).drop(columns="fit_s")
+    again = compare_calibrators(logits, target, methods=methods, folds=3, seed=1).drop(columns="fit_s")
+    other = compare_calibrators(logits, target, methods=methods, folds=3, seed=2).drop(columns="fit_s")
+    pd.testing.assert_frame_equal(first, again)
+    assert not np.allclose(first.loc["isotonic", "nll"], other.loc["isotonic", "nll"])
+
+
+def test_temperature_scaling_cuts_the_ece_of_over_confident_outputs_several_fold():
+    logits, target = over_confident(3000, seed=5)
+    table = compare_calibrators(logits, target, methods=["temperature"])
+    assert table.loc["temperature", "ece"] < table.loc["uncalibrated", "ece"] / 3
+    assert table.loc["temperature", "error_rate"] == table.loc["uncalibrated", "error_rate"]
+
+
+def test_labels_calibrator_instances_and_numpy_input():
+    logits, target = over_confident(300, seed=6)
+    given = TemperatureScaling(2.0)
+    table = compare_calibrators(logits.numpy(), target.numpy(), folds=3, methods={
+        "T": "temperature", "T from 2": given, "vector scaling": VectorScaling()})
+    assert list(table.index) == ["uncalibrated", "T", "T from 2", "vector scaling"]
+    # A calibrator passed in is a template: copied and fitted on each fold, never fitted or changed itself.
+    assert given.temperature == 2.0 and given.n_classes is None
+    pd.testing.assert_series_equal(table.loc["T"].drop("fit_s"), table.loc["T from 2"].drop("fit_s"),
+                                   check_names=False)
+
+
+def test_bad_input_is_a_clear_error_before_any_fit():
+    logits, target = over_confident(100, seed=7)
+    with pytest.raises(ValueError, match="unknown calibration method 'tempreature'"):
+        compare_calibrators(logits, target, methods=["temperature", "tempreature"])
+    with pytest.raises(ValueError, match="two rows would be labelled 'temperature'"):
+        compare_calibrators(logits, target, methods=["temperature", TemperatureScaling()])
+    with pytest.raises(ValueError, match="methods is empty"):
+        compare_calibrators(logits, target, methods=[])
+    with pytest.raises(ValueError, match="folds must be an int >= 2"):
+        compare_calibrators(logits, target, folds=1)
+    poisoned = logits.clone()
+    poisoned[5, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or \+inf .* \(first: row 5\)"):
+        compare_calibrators(poisoned, target, methods=["temperature"])
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor or a numpy array"):
+        compare_calibrators(logits.tolist(), target)
+
+
+def test_classes_smaller_than_the_folds_are_warned_about():
+    logits, target = over_confident(300, seed=8)
+    target[target == 4] = 0
+    target[:1] = 4  # class 4 has one row for five folds
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compare_calibrators(logits, target, methods=["temperature", "vector"], folds=5)
+    messages = [str(w.message) for w in caught if issubclass(w.category, CalibrationWarning)]
+    assert any("1 classes have fewer rows than folds=5 (first: class 4 with 1)" in m for m in messages)
+    # Vector scaling's fit without class 4 warns, and the comparison says so once, by method.
+    assert any(m.startswith("vector: 1 warning(s) over 5 fits, e.g. vector: 1 of 5 classes never occur")
+               for m in messages)
