@@ -72,6 +72,18 @@ def test_demo_says_what_it_does_then_prints_the_table_and_writes_csv_and_diagram
                        if line.startswith(method))
             assert len(re.findall(INTERVAL, row)) == 5, row  # error rate, ECE, smooth ECE, NLL, Brier
     assert out.count("lowest NLL: ") == 2 and "before and after the best calibrator" in out
+    # label smoothing minus cross-entropy, image by image: the differences of the two tables' numbers
+    differences = pd.read_csv(tmp_path / "report" / "differences.csv", index_col=["stage", "metric"])
+    ce, ls = models
+    best = {m: compared.loc[m, "nll"].idxmin() for m in models}
+    for metric in ("nll", "brier"):
+        assert differences.loc[("before", metric), "estimate"] == pytest.approx(
+            table.loc[(ls, metric), "estimate"] - table.loc[(ce, metric), "estimate"], abs=1e-5)
+        assert differences.loc[("after", metric), "estimate"] == pytest.approx(
+            compared.loc[(ls, best[ls]), metric] - compared.loc[(ce, best[ce]), metric], abs=1e-5)
+    assert (differences["lower"] <= differences["estimate"]).all()
+    assert (differences["estimate"] <= differences["upper"]).all()
+    assert "label smoothing 0.1 minus cross-entropy, image by image on the same 50 validation images" in out
     assert "cross-fitted" in out and "no image is scored by a calibrator fitted on it" in out
     # the old rows fitted T and scored it on the same rows: gone
     assert "ECE after temperature scaling" not in out and "ECE after temperature scaling" not in table.index

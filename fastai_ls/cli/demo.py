@@ -3,6 +3,7 @@ intervals, and the cross-fitted comparison of post-hoc calibrators for each."""
 
 from __future__ import annotations
 
+import math
 import tempfile
 import textwrap
 import warnings
@@ -12,12 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
+import torch
 from fastai.learner import Learner
 from fastai.torch_core import rank_distrib, set_seed
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, TemperatureScaling, stratified_folds
 from fastai_ls.calibration.compare import compare_calibrators, cross_fit
+from fastai_ls.calibration.intervals import normal_interval
 from fastai_ls.calibration.plots import plot_reliability, plot_smooth_reliability
 from fastai_ls.calibration.report import format_interval, report_frame
 from fastai_ls.calibration.state import CalibrationState
@@ -40,6 +43,7 @@ METRICS = {
 # The rows of the summary "before and after the best calibrator", and the columns of the calibrator tables.
 SUMMARY = ("error_rate", "ece", "smece", "nll", "brier")
 COMPARED = ("error_rate", "ece", "smece", "nll", "brier")
+PAIRED = ("error_rate", "nll", "brier")  # per-image scores: their differences pair up image by image
 WIDTH = 110  # the explanatory lines are wrapped to this many characters
 
 
@@ -178,6 +182,10 @@ class Calibrated:
         T fitted on all held-out rows (what `fit_calibrator(learn, 'temperature')` would ship).
     warnings : list of str
         The `CalibrationWarning`s of the fits.
+    before, after : Tensor
+        (N, C) probabilities of the model itself and of the best method (out-of-fold), row by row.
+    target : Tensor
+        (N,) class ids of those rows.
     """
 
     table: pd.DataFrame
@@ -185,6 +193,9 @@ class Calibrated:
     state: CalibrationState
     temperature: float
     warnings: list[str]
+    before: Tensor
+    after: Tensor
+    target: Tensor
 
 
 def validation_logits(learn: Learner) -> tuple[Tensor, Tensor]:
@@ -243,17 +254,81 @@ def calibrate_learner(logits: Tensor, target: Tensor, methods: list[str], folds:
         table = compare_calibrators(logits, target, methods=methods, folds=folds, seed=seed, ci=CI)
         temperature = TemperatureScaling().fit(logits, target).temperature
     best = best_method(table)
+    before = TemperatureScaling(1.0)(logits)  # the model's own probabilities, as compare_calibrators scores them
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)  # the same fits as in the table, which reported them
-        probs = TemperatureScaling(1.0)(logits) if best == "uncalibrated" else \
+        after = before if best == "uncalibrated" else \
             cross_fit(best, logits, target, stratified_folds(target, folds, seed))[0]
     state = CalibrationState(logits.shape[1])
-    state.update(probs, target)
+    state.update(after, target)
     messages = [str(w.message) for w in caught if issubclass(w.category, CalibrationWarning)]
     for w in caught:
         if not issubclass(w.category, CalibrationWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return Calibrated(table, best, state, temperature, list(dict.fromkeys(messages)))
+    return Calibrated(table, best, state, temperature, list(dict.fromkeys(messages)), before, after, target)
+
+
+def per_row_scores(probs: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """Each row's error (0 or 1), NLL and Brier score: the terms whose means are `CalibrationState`'s error rate,
+    `nll` and `brier` (the NLL of a target probability of 0 capped as there).
+
+    Parameters
+    ----------
+    probs : Tensor
+        (N, C) probabilities.
+    target : Tensor
+        (N,) class ids.
+
+    Returns
+    -------
+    dict of str to Tensor
+        'error_rate', 'nll', 'brier': (N,) float64 each.
+
+    Examples
+    --------
+    >>> scores = per_row_scores(torch.tensor([[0.75, 0.25], [0.5, 0.5]]), torch.tensor([0, 1]))
+    >>> scores["error_rate"].tolist(), [round(v, 4) for v in scores["nll"].tolist()], scores["brier"].tolist()
+    ([0.0, 1.0], [0.2877, 0.6931], [0.125, 0.5])
+    """
+    p = probs.double()
+    p_y = p.gather(1, target[:, None]).squeeze(1)
+    return {"error_rate": (p.argmax(1) != target).double(),
+            "nll": -p_y.clamp_min(torch.finfo(probs.dtype).tiny).log(),
+            "brier": (p * p).sum(1) - 2 * p_y + 1}
+
+
+def paired_differences(first: Calibrated, second: Calibrated) -> pd.DataFrame:
+    """`second` minus `first`, image by image on the same held-out images: the mean difference of each row's error,
+    NLL and Brier score with its 95% normal interval, for the models as trained and after each one's best
+    calibrator. Pairing removes what the images share, so these intervals are narrower than the two models'
+    intervals side by side, and a difference whose interval excludes 0 is resolved by these images.
+
+    Parameters
+    ----------
+    first, second : Calibrated
+        The two models' calibration on the same rows (same targets, in the same order).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index: ('before' | 'after', metric); columns estimate, lower, upper.
+
+    Examples
+    --------
+    >>> paired_differences(calibrated["cross-entropy"], calibrated["label smoothing 0.1"])  # doctest: +SKIP
+    """
+    if not torch.equal(first.target, second.target):
+        raise ValueError("the two models were not scored on the same rows in the same order")
+    rows = {}
+    for stage in ("before", "after"):
+        a, b = per_row_scores(getattr(first, stage), first.target), per_row_scores(getattr(second, stage), first.target)
+        for metric in a:
+            d = b[metric] - a[metric]
+            n = len(d)
+            se = float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
+            lower, upper = normal_interval(float(d.mean()), se, CI)
+            rows[(stage, metric)] = {"estimate": float(d.mean()), "lower": lower, "upper": upper}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis(["stage", "metric"])
 
 
 def _say(text: str) -> None:
@@ -280,7 +355,8 @@ def compare(
     The output folder is checked first; each run is announced before its progress table. Under
     `torchrun`/`accelerate launch` every process trains; only rank 0 compares calibrators, prints and writes.
     Written into `out`: calibration.csv (model, metric, estimate, lower, upper), calibrators.csv (model, method,
-    the `compare_calibrators` columns), reliability.png and smooth_reliability.png (the models as trained) and
+    the `compare_calibrators` columns), for two runs differences.csv (`paired_differences`: stage, metric,
+    estimate, lower, upper), reliability.png and smooth_reliability.png (the models as trained) and
     calibrated_reliability.png (each model after its best calibrator, out-of-fold).
 
     Parameters
@@ -303,7 +379,8 @@ def compare(
     Returns
     -------
     dict of str to pandas.DataFrame or None
-        On rank 0, 'calibration' and 'calibrators', the two tables as written; None on the other ranks.
+        On rank 0, 'calibration', 'calibrators' and (for two runs) 'differences', the tables as written; None on
+        the other ranks.
 
     Examples
     --------
@@ -355,6 +432,16 @@ def compare(
             summary[title] = pd.DataFrame(rows, index=["before", "after"]).T
         _say("before and after the best calibrator (the lowest cross-fitted NLL), on the same validation images:")
         print(pd.concat(summary, axis=1).to_string())
+    differences = None
+    if len(calibrated) == 2:
+        (first, a), (second, b) = calibrated.items()
+        differences = paired_differences(a, b)
+        shown = pd.DataFrame({stage: [format_interval(*differences.loc[(stage, m)]) for m in PAIRED]
+                              for stage in ("before", "after")}, index=[METRICS[m] for m in PAIRED])
+        _say(f"{second} minus {first}, image by image on the same {a.table.attrs['n']} validation images: the mean "
+             "difference with its 95% interval (normal); an interval that holds 0 is a difference these images do "
+             "not resolve. 'after': each model with its own best calibrator (out-of-fold):")
+        print(shown.rename(columns={"before": "as trained", "after": "after best calibrator"}).to_string())
 
     calibration = pd.concat({title: report for title, report in reports.items()}, names=["model", "metric"])
     calibration.to_csv(out / "calibration.csv")
@@ -363,6 +450,9 @@ def compare(
         pd.concat({title: r.table for title, r in calibrated.items()}, names=["model", "method"]).to_csv(
             out / "calibrators.csv")
         written.append("calibrators.csv")
+    if differences is not None:
+        differences.to_csv(out / "differences.csv")
+        written.append("differences.csv")
     figures = {"reliability.png": reliability_figure(states),
                "smooth_reliability.png": reliability_figure(states, smooth=True, seed=seed)}
     if calibrated:
@@ -375,7 +465,8 @@ def compare(
         written.append(name)
     print(f"\nwrote {', '.join(written)} into {out}")
     return {"calibration": calibration, "calibrators": pd.concat(
-        {title: r.table for title, r in calibrated.items()}, names=["model", "method"]) if calibrated else None}
+        {title: r.table for title, r in calibrated.items()}, names=["model", "method"]) if calibrated else None,
+        "differences": differences}
 
 
 def reliability_figure(
