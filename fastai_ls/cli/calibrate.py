@@ -215,17 +215,20 @@ def _say(text: str, width: int = WIDTH, file=None) -> None:
     print(textwrap.fill(text, width, subsequent_indent="  " if text.startswith("warning:") else ""), file=file)
 
 
-def best_method(table: pd.DataFrame) -> str:
-    """The row of a `compare_calibrators` table with the lowest cross-fitted NLL, 'uncalibrated' included.
+def best_method(table: pd.DataFrame, tolerance: float = 1e-4) -> str:
+    """The row of a `compare_calibrators` table with the lowest cross-fitted NLL, 'uncalibrated' included; of rows
+    within `tolerance` of it, the first (the simpler method, in `CALIBRATORS` order: ensemble temperature scaling
+    that puts all its weight on one temperature is temperature scaling).
 
     NLL is a proper scoring rule: it cannot be lowered by predicting anything but the probabilities one believes,
-    whereas ECE alone can (predicting every row's confidence as the overall accuracy gives ECE 0). Ties go to the
-    earlier row (the simpler method, in `CALIBRATORS` order).
+    whereas ECE alone can (predicting every row's confidence as the overall accuracy gives ECE 0).
 
     Parameters
     ----------
     table : pandas.DataFrame
         A `compare_calibrators` table.
+    tolerance : float
+        NLL differences (nats per row) smaller than this count as ties.
 
     Returns
     -------
@@ -233,10 +236,12 @@ def best_method(table: pd.DataFrame) -> str:
 
     Examples
     --------
-    >>> best_method(pd.DataFrame({"nll": [0.3, 0.2, 0.2]}, index=["uncalibrated", "temperature", "vector"]))
-    'temperature'
+    >>> nll = pd.DataFrame({"nll": [0.3, 0.20004, 0.2]}, index=["uncalibrated", "temperature", "ets"])
+    >>> best_method(nll), best_method(nll, tolerance=0)
+    ('temperature', 'ets')
     """
-    return str(table["nll"].idxmin())
+    nll = table["nll"]
+    return str(nll.index[nll <= nll.min() + tolerance][0])
 
 
 def comparison_text(table: pd.DataFrame, digits: int = 4, shown: tuple[str, ...] = tuple(SHOWN)) -> str:

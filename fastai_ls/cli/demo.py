@@ -182,8 +182,10 @@ class Calibrated:
         T fitted on all held-out rows (what `fit_calibrator(learn, 'temperature')` would ship).
     warnings : list of str
         The `CalibrationWarning`s of the fits.
-    before, after : Tensor
-        (N, C) probabilities of the model itself and of the best method (out-of-fold), row by row.
+    before : Tensor
+        (N, C) probabilities of the model itself, row by row.
+    after : Tensor
+        (N, C) probabilities of the best method (out-of-fold), row by row.
     target : Tensor
         (N,) class ids of those rows.
     """
@@ -305,8 +307,10 @@ def paired_differences(first: Calibrated, second: Calibrated) -> pd.DataFrame:
 
     Parameters
     ----------
-    first, second : Calibrated
-        The two models' calibration on the same rows (same targets, in the same order).
+    first : Calibrated
+        One model's calibration (the one subtracted).
+    second : Calibrated
+        The other model's, on the same rows (same targets, in the same order).
 
     Returns
     -------
