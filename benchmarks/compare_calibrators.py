@@ -25,7 +25,8 @@ import pandas as pd
 import torch
 
 from fastai_ls.calibration.calibrators import CALIBRATORS
-from fastai_ls.calibration.compare import compare_calibrators
+from fastai_ls.calibration.compare import COLUMNS, compare_calibrators
+from fastai_ls.calibration.report import interval_text
 
 MODELS = {"lenet-5-cifar-10.npz": "LeNet-5", "wideresnet-16-4-cifar-10.npz": "WideResNet-16-4"}
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -68,11 +69,10 @@ def main(argv: list[str] | None = None) -> None:
             table = compare_calibrators(logits, target, methods=methods, folds=args.folds, seed=args.seed,
                                         n_bins=args.bins)
         seconds = time.perf_counter() - start
-        shown = table.copy()
-        for column in shown.columns:
-            if column not in ("fit_s", "may_change_prediction"):
-                shown[column] = shown[column].map(lambda v: f"{v:.4f}")
+        # each metric as `estimate [lower, upper]` (95%: bootstrap over the rows, normal for NLL and Brier)
+        shown = interval_text(table, [c for c in COLUMNS if c in table.columns])
         shown["fit_s"] = table["fit_s"].map(lambda v: f"{v:.3f}")
+        shown["may_change_prediction"] = table["may_change_prediction"]
         print(shown.to_string())
         for w in caught:
             print(f"warning: {w.message}")

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # for IDEs and type checkers; at run time `__getattr__` below
         fit_temperature,
         remove_calibrator,
         remove_temperature,
+        save_predictions,
     )
 
 __version__ = "0.1.0"
@@ -62,6 +63,7 @@ _SOURCES = {
     "apply_calibrator": "fastai_ls.posthoc",
     "remove_calibrator": "fastai_ls.posthoc",
     "compare_calibrators": "fastai_ls.posthoc",
+    "save_predictions": "fastai_ls.posthoc",
     "pets_learner": "fastai_ls.pets",
     "make_pets_like_tree": "fastai_ls.pets",
     "digits_learner": "fastai_ls.digits",
@@ -72,7 +74,7 @@ __all__ = [
     "CalibrationState", "calibration_error", "calibration_metrics",
     "CalibrationCallback", "plot_history", "plot_reliability", "plot_smooth_reliability", "plot_risk_coverage",
     "TemperatureFit", "apply_temperature", "fit_temperature", "remove_temperature",
-    "fit_calibrator", "apply_calibrator", "remove_calibrator", "compare_calibrators",
+    "fit_calibrator", "apply_calibrator", "remove_calibrator", "compare_calibrators", "save_predictions",
     "pets_learner", "make_pets_like_tree", "digits_learner", "distributed",
 ]  # the same names as `_SOURCES` and the imports above (tests/test_package.py checks it)
 

@@ -170,6 +170,71 @@ def _class_sizes(counts: np.ndarray, n: int) -> np.ndarray:
     return sizes
 
 
+def replace_labels(
+    labels: Sequence, rows: Sequence[int], fraction: float, seed: int = 42
+) -> tuple[list, list[int]]:
+    """Label noise: `round(fraction * len(rows))` of the given rows, drawn at random, get a random *wrong* class
+    (uniform over the other classes of `labels`); every other label is kept. Deterministic for a seed.
+
+    Parameters
+    ----------
+    labels : sequence
+        The class of every item (all of them: the classes to draw from are those present here).
+    rows : sequence of int
+        Indices into `labels` that may be changed (the training rows; validation rows stay clean).
+    fraction : float
+        Share of `rows` to change, in [0, 1).
+    seed : int, default 42
+        Seed of the draw (a stream of its own: the same seed as the split's draws other numbers).
+
+    Returns
+    -------
+    tuple of a list and a list of int
+        The labels after the change (a new list; `labels` is not modified), and the changed indices, sorted.
+
+    Examples
+    --------
+    >>> labels = list("aabbccddee")
+    >>> noisy, changed = replace_labels(labels, rows=range(8), fraction=0.25, seed=0)
+    >>> len(changed), all(noisy[i] != labels[i] for i in changed), noisy[8:] == labels[8:]
+    (2, True, True)
+    """
+    if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
+        raise ValueError(f"the label-noise fraction must be a number in [0, 1), got {fraction!r}")
+    labels = list(labels)
+    rows = np.asarray(list(rows), dtype=np.int64)
+    classes, codes = np.unique(np.asarray(labels), return_inverse=True)
+    n_changed = round(fraction * len(rows))
+    if n_changed and len(classes) < 2:
+        raise ValueError("label noise needs at least two classes: a wrong class must exist")
+    rng = np.random.default_rng([seed, 1])  # not the split's stream (`default_rng(seed)`)
+    changed = np.sort(rng.choice(rows, size=n_changed, replace=False)) if n_changed else rows[:0]
+    # A shift of 1 .. C-1 classes from the true one: uniform over the C-1 wrong classes.
+    shift = rng.integers(1, len(classes), size=len(changed))
+    noisy = list(labels)
+    for i, new in zip(changed.tolist(), ((codes[changed] + shift) % len(classes)).tolist()):
+        noisy[i] = classes[new].item()  # a Python str or int, like the labels given
+    return noisy, changed.tolist()
+
+
+class LabelOf:
+    """`get_y` of a `DataBlock` that reads each item's label from a table of file names (e.g. after
+    `replace_labels`); a module-level class, so an exported learner keeps it.
+
+    Parameters
+    ----------
+    labels : dict of str to str
+        File name -> label.
+    """
+
+    def __init__(self, labels: dict[str, str]):
+        """A lookup of the labels of these file names."""
+        self.labels = labels
+
+    def __call__(self, item: Path) -> str:
+        return self.labels[Path(item).name]
+
+
 def digits_learner(
     path: str | Path | None = None,
     eps: float = 0.1,
@@ -183,6 +248,7 @@ def digits_learner(
     num_workers: int = 0,
     max_items: int | None = None,
     augment: bool = False,
+    label_noise: float = 0.0,
 ) -> Learner:
     """A `Learner` on scikit-learn's handwritten digits with label smoothing and calibration tracking: the offline
     stand-in for Pets that `fastai-ls demo` and `nbs/02_calibration.ipynb` train.
@@ -216,6 +282,9 @@ def digits_learner(
         Use only this many images, each class in its share (quick runs); at least 20 (two per class).
     augment : bool, default False
         Small random rotations and crops in each batch (4x slower on a CPU).
+    label_noise : float, default 0.0
+        Share of the *training* labels replaced by a random wrong digit (seeded by `seed`, see `replace_labels`);
+        the validation labels stay clean. `learn.relabelled` maps each changed file name to (true, given) label.
 
     Returns
     -------
@@ -225,8 +294,8 @@ def digits_learner(
     Raises
     ------
     ValueError
-        If `max_items` leaves a class without a training or validation image, or no training batch is left
-        (`bs` larger than the training set).
+        If `max_items` leaves a class without a training or validation image, no training batch is left
+        (`bs` larger than the training set), or `label_noise` is outside [0, 1).
 
     Examples
     --------
@@ -235,17 +304,21 @@ def digits_learner(
     """
     items = get_image_files(digits_images(path)).sorted()
     labeller = using_attr(RegexLabeller(DIGITS_PATTERN), "name")
-    train, valid = stratified_split([labeller(item) for item in items], valid_pct, seed, max_items)
+    labels = [labeller(item) for item in items]
+    train, valid = stratified_split(labels, valid_pct, seed, max_items)
     check_split(len(train), len(valid), bs)
+    given, changed = replace_labels(labels, train, label_noise, seed)
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock),
         splitter=IndexSplitter(list(range(len(train), len(train) + len(valid)))),
-        get_y=labeller,
+        get_y=LabelOf({items[i].name: given[i] for i in train + valid}) if changed else labeller,
         item_tfms=Resize(size),
         batch_tfms=[*(aug_transforms(size=size, do_flip=False, max_rotate=10, min_scale=0.9) if augment else []),
                     Normalize()],
     )
     dls = block.dataloaders(items[train + valid], bs=bs, num_workers=num_workers)
     cbs = [CalibrationCallback()] if calibration else []
-    return Learner(dls, digits_model(dls.c), loss_func=LabelSmoothingCrossEntropy(eps, smoothing=smoothing),
-                   metrics=error_rate, lr=lr, cbs=cbs)
+    learn = Learner(dls, digits_model(dls.c), loss_func=LabelSmoothingCrossEntropy(eps, smoothing=smoothing),
+                    metrics=error_rate, lr=lr, cbs=cbs)
+    learn.relabelled = {items[i].name: (labels[i], given[i]) for i in changed}
+    return learn

@@ -12,6 +12,7 @@ import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,8 +30,8 @@ from fastai_ls.predictions import class_axis_of, class_rows
 from fastai_ls.tensor_input import plain
 
 __all__ = ["fit_calibrator", "apply_calibrator", "remove_calibrator", "applied_calibrator", "compare_calibrators",
-           "holdout_logits", "CalibratedActivation", "TemperatureFit", "fit_temperature", "temperature_from_logits",
-           "apply_temperature", "remove_temperature"]
+           "holdout_logits", "save_predictions", "CalibratedActivation", "TemperatureFit", "fit_temperature",
+           "temperature_from_logits", "apply_temperature", "remove_temperature"]
 
 
 # --- held-out predictions ----------------------------------------------------------------------------------------
@@ -62,6 +63,39 @@ def holdout_logits(learn: Learner, dl: DataLoader | None = None) -> tuple[Tensor
         kept = target != ignore_index
         logits, target = logits[kept], target[kept]
     return logits, target
+
+
+def save_predictions(learn: Learner, path: str | Path, dl: DataLoader | None = None) -> Path:
+    """Write the raw logits and class ids of `dl` (default: the validation set) to an `.npz` archive with the
+    arrays `logits` (N, C) and `targets` (N,): the file `fastai-ls calibrate` reads, and numpy reads anywhere.
+
+    The rows are those of `holdout_logits`: one per prediction on the loss's class axis (each pixel of a mask),
+    without the rows the loss ignores; the logits are the model's own even when a calibrator is applied.
+
+    Parameters
+    ----------
+    learn : Learner
+        A learner with a cross-entropy-style loss.
+    path : str | Path
+        The file; numpy adds `.npz` to a name without it.
+    dl : DataLoader | None
+        The held-out data; None for `learn.dls.valid`.
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    >>> save_predictions(learn, "valid.npz")  # then, in a shell: fastai-ls calibrate valid.npz  # doctest: +SKIP
+    PosixPath('valid.npz')
+    """
+    logits, target = holdout_logits(learn, dl)
+    if logits.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16; float16 would round logits
+        logits = logits.float()
+    path = Path(path)
+    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+    np.savez(path, logits=logits.cpu().numpy(), targets=target.cpu().numpy().astype(np.int64))
+    return path
 
 
 def check_softmax_loss(loss_func) -> None:
@@ -236,6 +270,8 @@ def compare_calibrators(
     seed: int = 0,
     dl: DataLoader | None = None,
     n_bins: int = 15,
+    ci: float | None = 0.95,
+    n_boot: int = 1000,
 ) -> pd.DataFrame:
     """Cross-fitted comparison of calibrators on a learner's held-out predictions (or on logits): one row per
     method, the uncalibrated model first; see `fastai_ls.calibration.compare.compare_calibrators`.
@@ -256,6 +292,10 @@ def compare_calibrators(
         With a learner: the held-out data (default: the validation set).
     n_bins : int
         Equal-width bins of the ECE columns.
+    ci : float | None
+        Level of the metrics' intervals (`<name>_lo`, `<name>_hi` columns); None for none.
+    n_boot : int
+        Bootstrap replicates per row.
 
     >>> compare_calibrators(learn, methods=["temperature", "dirichlet", "isotonic"])  # doctest: +SKIP
     """
@@ -269,7 +309,8 @@ def compare_calibrators(
         if dl is not None:
             raise ValueError("dl is for a learner; with logits, pass the held-out logits themselves")
         logits = learn_or_logits
-    return compare_on_logits(logits, target, methods=methods, folds=folds, seed=seed, n_bins=n_bins)
+    return compare_on_logits(logits, target, methods=methods, folds=folds, seed=seed, n_bins=n_bins, ci=ci,
+                             n_boot=n_boot)
 
 
 # --- temperature scaling, by its own names -----------------------------------------------------------------------

@@ -96,6 +96,22 @@ def test_nll_and_brier_intervals_are_normal_intervals_from_their_standard_errors
         assert metrics[f"{name}_hi"] == pytest.approx(metrics[name] + z * metrics[f"{name}_se"], rel=1e-12)
 
 
+def test_nll_and_brier_intervals_stay_within_the_range_of_the_metric():
+    # Regression (found on the 6 validation images of `fastai-ls pets` on a generated tree): a few rows with one
+    # large NLL gave the symmetric normal interval a lower end below 0, e.g. NLL 0.4744 [-0.2718, 1.2205].
+    state = CalibrationState(2)
+    state.update(torch.tensor([[0.999, 0.001]] * 5 + [[0.01, 0.99]]), torch.tensor([0] * 5 + [0]))
+    metrics = state.metrics(ci=0.95, n_boot=50)
+    z = 1.959963984540054
+    assert metrics["nll"] - z * metrics["nll_se"] < 0 and metrics["nll_lo"] == 0.0
+    assert metrics["nll_hi"] == pytest.approx(metrics["nll"] + z * metrics["nll_se"], rel=1e-12)
+    assert metrics["brier"] - z * metrics["brier_se"] < 0 and metrics["brier_lo"] == 0.0
+    wrong = CalibrationState(2)
+    wrong.update(torch.tensor([[0.0, 1.0]] * 5 + [[0.5, 0.5]]), torch.tensor([0] * 6))
+    metrics = wrong.metrics(ci=0.95, n_boot=50)
+    assert metrics["brier"] + z * metrics["brier_se"] > 2 and metrics["brier_hi"] == 2.0
+
+
 @pytest.mark.parametrize("correct,count", [(0, 1), (1, 1), (3, 7), (40, 41), (120, 400), (0, 25)])
 def test_wilson_intervals_equal_scipys(correct, count):
     lo, hi = wilson_interval(torch.tensor([correct], dtype=torch.float64), torch.tensor([count], dtype=torch.float64),

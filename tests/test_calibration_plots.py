@@ -4,6 +4,8 @@ on a caller's axes side by side (issue 12's misread diagram is a regression test
 
 from __future__ import annotations
 
+import warnings
+
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
@@ -148,4 +150,24 @@ def test_the_risk_coverage_plot_draws_the_curve_of_the_state(states):
     selective = fig.axes[0].lines[0]
     np.testing.assert_allclose(selective.get_xdata()[1:], curve["coverage"].numpy())
     np.testing.assert_allclose(selective.get_ydata()[1:], curve["risk"].numpy())
+    plt.close(fig)
+
+
+def test_the_smooth_diagram_of_confidences_bunched_near_one_draws_without_a_warning():
+    # Regression (found on `fastai-ls demo`'s cross-entropy model): where no confidence falls the smoothed density
+    # came out a few 1e-15 below 0, and the line width sqrt(share) warned "invalid value encountered in sqrt".
+    import torch
+
+    from fastai_ls.calibration import CalibrationState
+
+    g = torch.Generator().manual_seed(0)
+    confidence = 0.97 + 0.03 * torch.rand(359, generator=g)
+    probs = torch.cat([confidence[:, None], ((1 - confidence) / 9)[:, None].expand(-1, 9)], 1)
+    state = CalibrationState(10)
+    state.update(probs, (torch.rand(359, generator=g) > 0.985).long())
+    with np.errstate(invalid="raise"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plot_smooth_reliability(state, n_boot=50)
+    widths = np.concatenate([c.get_linewidths() for c in fig.axes[0].collections if len(c.get_linewidths()) > 1])
+    assert np.isfinite(widths).all() and widths.min() >= 0.5
     plt.close(fig)

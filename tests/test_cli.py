@@ -4,6 +4,7 @@ on 2 CPU processes."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,15 @@ from PIL import Image
 
 import fastai_ls
 from fastai_ls.cli import main
+from fastai_ls.cli.calibrate import best_method
+from fastai_ls.cli.demo import METRICS
+from fastai_ls.cli.main import METHODS
 from fastai_ls.pets import make_pets_like_tree, pets_learner
 
-QUICK_DEMO = ["demo", "--epochs", "1", "--max-items", "240", "--bs", "32"]
-ROWS = ["error rate", "ECE", "MCE", "adaptive ECE", "NLL", "Brier", "AURC", "temperature",
-        "ECE after temperature scaling"]
+QUICK_DEMO = ["demo", "--epochs", "1", "--max-items", "240", "--bs", "32", "--methods", "temperature,histogram",
+              "--label-noise", "0.25"]
+FIGURES = ["reliability.png", "smooth_reliability.png", "calibrated_reliability.png"]
+INTERVAL = r"\d\.\d{4} \[\d\.\d{4}, \d\.\d{4}\]"  # estimate [lower, upper]
 
 
 def run_cli(args, tmp_path, env=None, launcher=None, stderr=subprocess.PIPE):
@@ -39,19 +44,61 @@ def test_article_prints_the_seed_numbers(tmp_path):
 def test_demo_says_what_it_does_then_prints_the_table_and_writes_csv_and_diagrams(tmp_path):
     result = run_cli([*QUICK_DEMO, "--out", "report"], tmp_path)
     assert result.returncode == 0, result.stderr
-    table = pd.read_csv(tmp_path / "report" / "calibration.csv", index_col="metric")
-    assert list(table.columns) == ["cross-entropy", "label smoothing 0.1"] and list(table.index) == ROWS
-    assert table.notna().all().all() and ((table.loc["ECE"] >= 0) & (table.loc["ECE"] <= 1)).all()
-    assert Image.open(tmp_path / "report" / "reliability.png").size[0] > Image.open(
-        tmp_path / "report" / "reliability.png").size[1]  # two diagrams side by side
-    assert all(row in result.stdout for row in ROWS)
-    # the digits are written on first use, and each progress table is preceded by the model it trains
     out = result.stdout
+    models = ["cross-entropy", "label smoothing 0.1"]
+    # calibration.csv: every metric of each model with its interval (classwise ECE has none)
+    table = pd.read_csv(tmp_path / "report" / "calibration.csv", index_col=["model", "metric"])
+    assert list(table.columns) == ["estimate", "lower", "upper"]
+    assert table.index.tolist() == [(m, metric) for m in models for metric in METRICS]
+    assert table["estimate"].notna().all() and ((table.loc[(slice(None), "ece"), "estimate"] <= 1).all())
+    bounded = table.drop(index="classwise_ece", level="metric")
+    assert bounded.notna().all().all() and (bounded["lower"] <= bounded["upper"]).all()
+    assert table.loc[(slice(None), "classwise_ece"), ["lower", "upper"]].isna().all().all()
+    # the printed table: each metric as `estimate [lower, upper]`, the CSV's numbers
+    for model in models:
+        for metric, label in METRICS.items():
+            estimate, lower, upper = table.loc[(model, metric)]
+            shown = f"{estimate:.4f}" if metric == "classwise_ece" else f"{estimate:.4f} [{lower:.4f}, {upper:.4f}]"
+            line = next(line for line in out.splitlines() if line.startswith(f"{label}  "))
+            assert shown in line, (label, shown, line)
+    # the calibrators, cross-fitted on the validation set, for both models; the model's own row is its metrics
+    compared = pd.read_csv(tmp_path / "report" / "calibrators.csv", index_col=["model", "method"])
+    assert compared.index.tolist() == [(m, r) for m in models for r in ("uncalibrated", "temperature", "histogram")]
+    for model in models:
+        for metric in ("ece", "nll", "brier"):
+            assert compared.loc[(model, "uncalibrated"), metric] == pytest.approx(table.loc[(model, metric),
+                                                                                            "estimate"], abs=1e-6)
+        for method in ("temperature", "histogram"):
+            row = next(line for line in out.split(f"{model}: post-hoc calibrators")[1].splitlines()
+                       if line.startswith(method))
+            assert len(re.findall(INTERVAL, row)) == 5, row  # error rate, ECE, smooth ECE, NLL, Brier
+    assert out.count("lowest NLL: ") == 2 and "before and after the best calibrator" in out
+    # label smoothing minus cross-entropy, image by image: the differences of the two tables' numbers
+    differences = pd.read_csv(tmp_path / "report" / "differences.csv", index_col=["stage", "metric"])
+    ce, ls = models
+    best = {m: best_method(compared.loc[m]) for m in models}
+    for metric in ("nll", "brier"):
+        assert differences.loc[("before", metric), "estimate"] == pytest.approx(
+            table.loc[(ls, metric), "estimate"] - table.loc[(ce, metric), "estimate"], abs=1e-5)
+        assert differences.loc[("after", metric), "estimate"] == pytest.approx(
+            compared.loc[(ls, best[ls]), metric] - compared.loc[(ce, best[ce]), metric], abs=1e-5)
+    assert (differences["lower"] <= differences["estimate"]).all()
+    assert (differences["estimate"] <= differences["upper"]).all()
+    assert "label smoothing 0.1 minus cross-entropy, image by image on the same 50 validation images" in out
+    assert "cross-fitted" in out and "no image is scored by a calibrator fitted on it" in out
+    # the old rows fitted T and scored it on the same rows: gone
+    assert "ECE after temperature scaling" not in out and "ECE after temperature scaling" not in table.index
+    for name in FIGURES:
+        width, height = Image.open(tmp_path / "report" / name).size
+        assert width > height  # two diagrams side by side
+    # the digits are written on first use, and each progress table is preceded by the model it trains
     written = out.index("writing scikit-learn's 1797 digit scans as PNG files into ")
-    first = out.index("training 1/2: cross-entropy: fit_one_cycle(1) on 190 training and 50 validation images")
-    second = out.index("training 2/2: label smoothing 0.1: fit_one_cycle(1) on 190 training and 50 validation images")
+    first = out.index("training 1/2: cross-entropy: fit_one_cycle(1) on 190 training images (48 of their labels "
+                      "replaced by a wrong class) and 50 validation images")
+    second = out.index("training 2/2: label smoothing 0.1: fit_one_cycle(1) on 190 training images (48 of their "
+                       "labels replaced by a wrong class) and 50 validation images")
     headers = [i for i in range(len(out)) if out.startswith("epoch     train_loss", i)]
-    assert len(headers) == 2 and written < first < headers[0] < second < headers[1] < out.index("ECE after")
+    assert len(headers) == 2 and written < first < headers[0] < second < headers[1] < out.index("calibration on")
     assert str(tmp_path / "fastai" / "data" / "sklearn_digits") in out[written:first]
 
 
@@ -59,11 +106,12 @@ def test_pets_command_runs_on_an_extracted_tree(tmp_path):
     root = make_pets_like_tree(tmp_path / "pets")
     result = run_cli(["pets", "--path", str(root), "--no-pretrained", "--arch", "resnet18", "--size", "32",
                       "--presize", "40", "--bs", "8", "--epochs", "1", "--num-workers", "0", "--baseline",
-                      "--out", "out"], tmp_path)
+                      "--methods", "temperature,vector", "--out", "out"], tmp_path)
     assert result.returncode == 0, result.stderr
-    table = pd.read_csv(tmp_path / "out" / "calibration.csv", index_col="metric")
-    assert list(table.columns) == ["cross-entropy", "label smoothing 0.1"]
-    assert "training 1/2: cross-entropy: fit_one_cycle(1) on 26 training and 6 validation images" in result.stdout
+    table = pd.read_csv(tmp_path / "out" / "calibration.csv", index_col=["model", "metric"])
+    assert table.index.get_level_values("model").unique().tolist() == ["cross-entropy", "label smoothing 0.1"]
+    assert "training 1/2: cross-entropy: fit_one_cycle(1) on 26 training images and 6 validation images" in \
+        result.stdout
 
 
 def test_pets_options_reach_pets_learner(monkeypatch):
@@ -77,7 +125,8 @@ def test_pets_options_reach_pets_learner(monkeypatch):
     assert make.func is pets_learner
     assert make.keywords == dict(path="P", arch="resnet18", pretrained=False, bs=16, presize=300, size=160,
                                  num_workers=0, seed=7)
-    assert runs == {"label smoothing 0.2": 0.2} and kwargs == dict(epochs=2, out="fastai_ls_out", seed=7)
+    assert runs == {"label smoothing 0.2": 0.2}
+    assert kwargs == dict(epochs=2, out="fastai_ls_out", seed=7, methods=list(METHODS), folds=5)
 
 
 def non_pets_photos(folder):
@@ -173,6 +222,16 @@ def test_version(capsys):
 def test_demo_on_two_cpu_processes_reports_once(tmp_path, torchrun):
     result = run_cli([*QUICK_DEMO, "--out", "report"], tmp_path, launcher=[*torchrun(), "-m"])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("ECE after temperature scaling") == 1  # only rank 0 prints
-    table = pd.read_csv(tmp_path / "report" / "calibration.csv", index_col="metric")
-    assert table.notna().all().all()
+    assert result.stdout.count("before and after the best calibrator") == 1  # only rank 0 prints
+    # The calibrators see each validation image once, with its own target and the logits the callback scored: the
+    # model's own row of their table is the callback's metrics. (Outside the distributed context, fastai's
+    # get_preds on every process paired logits with other images' targets; and on CPUs, without SyncBatchNorm,
+    # each process keeps BatchNorm statistics of its own shard, so one process alone predicts differently.)
+    assert result.stdout.count("post-hoc calibrators, cross-fitted on the 50 validation images") == 2
+    table = pd.read_csv(tmp_path / "report" / "calibration.csv", index_col=["model", "metric"])
+    assert table["estimate"].notna().all()
+    compared = pd.read_csv(tmp_path / "report" / "calibrators.csv", index_col=["model", "method"])
+    for model in ("cross-entropy", "label smoothing 0.1"):
+        for metric in ("ece", "nll", "brier"):
+            assert compared.loc[(model, "uncalibrated"), metric] == pytest.approx(
+                table.loc[(model, metric), "estimate"], abs=1e-5)

@@ -84,12 +84,23 @@ def test_the_table_has_the_uncalibrated_model_first_then_one_row_per_method():
     logits, target = over_confident(600, seed=2)
     table = compare_calibrators(logits, target, methods=["temperature", "histogram"], folds=3)
     assert list(table.index) == ["uncalibrated", "temperature", "histogram"] and table.index.name == "method"
-    assert list(table.columns) == [*COLUMNS, "fit_s", "may_change_prediction"]
-    assert table.attrs == {"folds": 3, "seed": 0, "n": 600, "n_classes": 5}
-    uncalibrated = calibration_metrics(logits.softmax(1), target)
+    with_intervals = [key for name in COLUMNS
+                      for key in ((name,) if name == "classwise_ece" else (name, f"{name}_lo", f"{name}_hi"))]
+    assert list(table.columns) == [*with_intervals, "fit_s", "may_change_prediction"]
+    assert table.attrs == {"folds": 3, "seed": 0, "n": 600, "n_classes": 5, "ci": 0.95}
+    uncalibrated = calibration_metrics(logits.softmax(1), target, ci=0.95, seed=0)
     assert table.loc["uncalibrated", "error_rate"] == pytest.approx(1 - uncalibrated["accuracy"])
-    for name in ("ece", "classwise_ece", "nll", "brier", "aurc"):
+    # an interval on the accuracy is one on the error rate, the other way round
+    assert table.loc["uncalibrated", "error_rate_lo"] == pytest.approx(1 - uncalibrated["accuracy_hi"])
+    assert table.loc["uncalibrated", "error_rate_hi"] == pytest.approx(1 - uncalibrated["accuracy_lo"])
+    for name in ("ece", "smece", "classwise_ece", "nll", "brier", "aurc"):
         assert table.loc["uncalibrated", name] == pytest.approx(uncalibrated[name])
+    for name in ("ece", "smece", "nll", "brier", "aurc"):
+        for end in ("lo", "hi"):
+            assert table.loc["uncalibrated", f"{name}_{end}"] == pytest.approx(uncalibrated[f"{name}_{end}"])
+    without = compare_calibrators(logits, target, methods=["temperature", "histogram"], folds=3, ci=None)
+    assert list(without.columns) == [*COLUMNS, "fit_s", "may_change_prediction"]
+    pd.testing.assert_frame_equal(without.drop(columns="fit_s"), table[without.columns].drop(columns="fit_s"))
     assert table.loc["uncalibrated", "fit_s"] == 0 and (table["fit_s"].iloc[1:] > 0).all()
     assert table["may_change_prediction"].tolist() == [False, False, False]
 
@@ -103,9 +114,12 @@ def test_the_rows_are_the_pooled_out_of_fold_probabilities_of_each_method():
         for k in range(5):
             held = fold_of == k
             pooled[held] = cls().fit(logits[~held], target[~held])(logits[held])
-        expected = calibration_metrics(pooled, target)
+        expected = calibration_metrics(pooled, target, ci=0.95, seed=7)
         assert table.loc[name, "ece"] == pytest.approx(expected["ece"], abs=1e-6)
         assert table.loc[name, "nll"] == pytest.approx(expected["nll"], rel=1e-5)
+        # the intervals are those of the pooled out-of-fold probabilities (bootstrap seeded by the same seed)
+        assert table.loc[name, "smece_hi"] == pytest.approx(expected["smece_hi"], abs=1e-6)
+        assert table.loc[name, "nll_lo"] == pytest.approx(expected["nll_lo"], rel=1e-5)
         probs, seconds = cross_fit(name, logits, target, fold_of)
         torch.testing.assert_close(probs, pooled)
         assert len(seconds) == 5
@@ -150,6 +164,8 @@ def test_bad_input_is_a_clear_error_before_any_fit():
         compare_calibrators(logits, target, methods=[])
     with pytest.raises(ValueError, match="folds must be an int >= 2"):
         compare_calibrators(logits, target, folds=1)
+    with pytest.raises(ValueError, match="ci"):
+        compare_calibrators(logits, target, methods=[RowSpy()], ci=1.5)
     poisoned = logits.clone()
     poisoned[5, 0] = float("nan")
     with pytest.raises(ValueError, match=r"NaN or \+inf .* \(first: row 5\)"):

@@ -16,14 +16,15 @@ from torch import Tensor
 from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, Calibrator, get_calibrator
 from fastai_ls.calibration.calibrators.base import check_fit_input
 from fastai_ls.calibration.calibrators.folds import stratified_folds
+from fastai_ls.calibration.intervals import check_ci
 from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, CalibrationState
 
 __all__ = ["compare_calibrators", "cross_fit", "DEFAULT_METHODS", "COLUMNS"]
 
 DEFAULT_METHODS = tuple(CALIBRATORS)
-# The metrics of `CalibrationState.metrics()` in the table, in order; `error_rate` is 1 - accuracy. Interval columns
-# (`<name>_lo`, `<name>_hi`) follow their metric whenever `metrics()` returns them.
-COLUMNS = ("error_rate", "ece", "classwise_ece", "nll", "brier", "aurc")
+# The metrics of `CalibrationState.metrics()` in the table, in order; `error_rate` is 1 - accuracy. With `ci`, the
+# interval columns `<name>_lo`, `<name>_hi` follow their metric (classwise ECE has none).
+COLUMNS = ("error_rate", "ece", "smece", "classwise_ece", "nll", "brier", "aurc")
 
 
 class _Softmax(Calibrator):
@@ -103,12 +104,13 @@ def cross_fit(method: str | Calibrator, logits: Tensor, target: Tensor, fold_of:
     return probs, seconds
 
 
-def _score(probs: Tensor, target: Tensor, n_bins: int) -> dict[str, float]:
-    """One table row: each of `COLUMNS`, with its interval columns when the state reports them."""
+def _score(probs: Tensor, target: Tensor, n_bins: int, ci: float | None, n_boot: int,
+           seed: int) -> dict[str, float]:
+    """One table row: each of `COLUMNS`, with its interval columns when `ci` is given."""
     n_classes = probs.shape[1]
     state = CalibrationState(n_classes, n_bins, device=probs.device, classwise=n_classes <= CLASSWISE_MAX_CLASSES)
     state.update(probs, target)
-    metrics = state.metrics()
+    metrics = state.metrics(ci=ci, n_boot=n_boot, seed=seed)
     metrics["error_rate"] = 1 - metrics["accuracy"]
     for bound in ("lo", "hi"):  # an interval on accuracy is one on the error rate, reversed
         if f"accuracy_{bound}" in metrics:
@@ -123,6 +125,8 @@ def compare_calibrators(
     folds: int = 5,
     seed: int = 0,
     n_bins: int = 15,
+    ci: float | None = 0.95,
+    n_boot: int = 1000,
 ) -> pd.DataFrame:
     """Cross-fitted comparison of calibrators on held-out logits: one row per method, the uncalibrated model first.
 
@@ -132,9 +136,15 @@ def compare_calibrators(
     uncalibrated model. Each calibrator is fitted on (folds - 1) / folds of the rows, so it is slightly worse than
     one fitted on all of them. Deterministic for a seed.
 
-    Columns: `error_rate`, `ece` (top-label, `n_bins` equal-width bins), `classwise_ece` (NaN above
-    `CLASSWISE_MAX_CLASSES` classes), `nll`, `brier`, `aurc` (from `CalibrationState`), then `fit_s` (mean seconds
-    of one fit) and `may_change_prediction`. A method whose fits warned gets one `CalibrationWarning` summing them up.
+    Columns: `error_rate`, `ece` (top-label, `n_bins` equal-width bins), `smece` (smooth ECE), `classwise_ece` (NaN
+    above `CLASSWISE_MAX_CLASSES` classes), `nll`, `brier`, `aurc` (from `CalibrationState`), each but
+    `classwise_ece` followed by `<name>_lo` and `<name>_hi` when `ci` is given, then `fit_s` (mean seconds of one
+    fit) and `may_change_prediction`. A method whose fits warned gets one `CalibrationWarning` summing them up.
+
+    The intervals are `CalibrationState.metrics(ci=...)`'s (a percentile bootstrap over the rows, the normal
+    interval for NLL and Brier) of each row's pooled out-of-fold probabilities, the same bootstrap seed for every
+    row. They treat those probabilities as given: the variability of the fits themselves is not in them. Two rows
+    are scored on the same rows, so intervals that overlap can still hide a real (paired) difference.
 
     Parameters
     ----------
@@ -150,6 +160,10 @@ def compare_calibrators(
         Seed of the fold assignment.
     n_bins : int
         Equal-width bins of the ECE columns.
+    ci : float | None
+        Level of the intervals (0.95); None for point estimates only (no bootstrap: faster).
+    n_boot : int
+        Bootstrap replicates per row of the table.
 
     >>> _ = torch.manual_seed(0); z = torch.randn(600, 3); y = torch.distributions.Categorical(logits=z).sample()
     >>> table = compare_calibrators(3 * z, y, methods=["temperature"], folds=3)
@@ -158,6 +172,8 @@ def compare_calibrators(
     """
     logits, target = _as_tensor(logits, "logits"), _as_tensor(target, "target")
     templates = _methods(methods)
+    if ci is not None:
+        check_ci(ci, n_boot)
     check_fit_input(logits, target)  # the bad-input errors of a fit, before any fold runs
     target = target.to(logits.device, torch.long)
     counts = torch.bincount(target.cpu(), minlength=logits.shape[1])
@@ -167,7 +183,8 @@ def compare_calibrators(
                       f"{int(counts[small[0]])}): some folds are fitted without them", CalibrationWarning,
                       stacklevel=2)
     fold_of = stratified_folds(target, folds, seed)
-    rows = {"uncalibrated": {**_score(_Softmax()(logits), target, n_bins), "fit_s": 0.0,
+    score = dict(n_bins=n_bins, ci=ci, n_boot=n_boot, seed=seed)
+    rows = {"uncalibrated": {**_score(_Softmax()(logits), target, **score), "fit_s": 0.0,
                              "may_change_prediction": False}}
     for label, template in templates.items():
         with warnings.catch_warnings(record=True) as caught:
@@ -180,10 +197,10 @@ def compare_calibrators(
         if messages:
             warnings.warn(f"{label}: {len(messages)} warning(s) over {folds} fits, e.g. {messages[0]}",
                           CalibrationWarning, stacklevel=2)
-        rows[label] = {**_score(probs, target, n_bins), "fit_s": sum(seconds) / len(seconds),
+        rows[label] = {**_score(probs, target, **score), "fit_s": sum(seconds) / len(seconds),
                        "may_change_prediction": template.may_change_prediction}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "method"
-    table.attrs.update(folds=folds, seed=seed, n=int(logits.shape[0]), n_classes=int(logits.shape[1]))
+    table.attrs.update(folds=folds, seed=seed, n=int(logits.shape[0]), n_classes=int(logits.shape[1]), ci=ci)
     return table
 

@@ -208,8 +208,10 @@ def percentile_intervals(replicates: dict[str, Tensor], ci: float) -> dict[str, 
     return {name: tuple(float(v) for v in torch.nanquantile(values, q)) for name, values in replicates.items()}
 
 
-def normal_interval(mean: float, standard_error: float, ci: float) -> tuple[float, float]:
-    """mean -+ z * standard_error, z the normal quantile of (1 + ci) / 2.
+def normal_interval(mean: float, standard_error: float, ci: float, low: float = -math.inf,
+                    high: float = math.inf) -> tuple[float, float]:
+    """mean -+ z * standard_error, z the normal quantile of (1 + ci) / 2, clipped to the metric's range [low, high]
+    (on few rows the symmetric interval of a skewed metric such as NLL reaches below 0, where no value can be).
 
     Parameters
     ----------
@@ -217,12 +219,16 @@ def normal_interval(mean: float, standard_error: float, ci: float) -> tuple[floa
         The estimate and its standard error.
     ci : float
         The confidence level.
+    low, high : float
+        The range of the metric (default: unbounded).
 
     >>> [round(v, 3) for v in normal_interval(1.0, 0.1, 0.95)]
     [0.804, 1.196]
+    >>> [round(v, 3) for v in normal_interval(0.1, 0.1, 0.95, low=0.0)]
+    [0.0, 0.296]
     """
     half = _z(ci) * standard_error
-    return mean - half, mean + half
+    return max(mean - half, low), min(mean + half, high)
 
 
 def wilson_interval(correct: Tensor, count: Tensor, ci: float) -> tuple[Tensor, Tensor]:

@@ -217,7 +217,8 @@ def plot_smooth_reliability(
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
     # Where almost no confidence falls the curve is extrapolation: the band is left out there, and the line fades
     # and thins with the density, as relplot draws it.
-    share = density / density.max()
+    # The DCT's rounding leaves the density a few 1e-15 below 0 where no confidence falls: that is 0.
+    share = np.clip(density / density.max(), 0, None)
     ax.fill_between(t, band_lo, band_hi, where=share >= 0.01, color=_OVER, alpha=0.2, lw=0)
     points = np.stack([t, accuracy], 1)
     colours = np.tile(to_rgba(_OVER), (len(t) - 1, 1))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import pandas as pd
 
 from fastai_ls.calibration.intervals import BOOTSTRAP_NAMES
 from fastai_ls.calibration.state import METRIC_NAMES
 
-__all__ = ["REPORT_COLUMNS", "report_frame", "format_interval"]
+__all__ = ["REPORT_COLUMNS", "report_frame", "format_interval", "interval_text"]
 
 REPORT_COLUMNS = ("estimate", "lower", "upper", "interval")
 # Standard errors are reported as the width of their metric's interval, not as rows of their own.
@@ -64,3 +65,32 @@ def format_interval(estimate: float, lower: float = math.nan, upper: float = mat
     if math.isnan(lower) or math.isnan(upper):
         return text
     return f"{text} [{lower:.{digits}f}, {upper:.{digits}f}]"
+
+
+def interval_text(table: pd.DataFrame, names: Sequence[str] | None = None, digits: int = 4) -> pd.DataFrame:
+    """A table of text: each metric column of `table` joined with its `<name>_lo` and `<name>_hi` columns into
+    'estimate [lower, upper]' (the estimate alone where the bounds are missing or NaN), e.g. for printing the table
+    of `compare_calibrators`.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Numeric columns `<name>`, optionally with `<name>_lo` and `<name>_hi`.
+    names : sequence of str, optional
+        The metric columns to keep, in order (default: every column that is not a bound).
+    digits : int
+        Digits after the decimal point.
+
+    >>> frame = pd.DataFrame({'ece': [0.05], 'ece_lo': [0.03], 'ece_hi': [0.07], 'nll': [0.2]})
+    >>> interval_text(frame).iloc[0].tolist()
+    ['0.0500 [0.0300, 0.0700]', '0.2000']
+    """
+    if names is None:
+        names = [c for c in table.columns if not (str(c).endswith(("_lo", "_hi")) and str(c)[:-3] in table.columns)]
+    text = {}
+    for name in names:
+        lower = table[f"{name}_lo"] if f"{name}_lo" in table.columns else pd.Series(math.nan, index=table.index)
+        upper = table[f"{name}_hi"] if f"{name}_hi" in table.columns else pd.Series(math.nan, index=table.index)
+        text[name] = [format_interval(float(e), float(lo), float(hi), digits)
+                      for e, lo, hi in zip(table[name], lower, upper)]
+    return pd.DataFrame(text, index=table.index)

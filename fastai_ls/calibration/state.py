@@ -386,8 +386,8 @@ class CalibrationState:
             return dict.fromkeys(INTERVAL_NAMES, (math.nan, math.nan))
         replicates = bootstrap_metrics(self.bins.detach().cpu(), self.fine.detach().cpu(), n_boot, seed)
         limits = percentile_intervals(replicates, ci)
-        for name in ("nll", "brier"):
-            limits[name] = normal_interval(point[name], point[f"{name}_se"], ci)
+        for name, high in (("nll", math.inf), ("brier", 2.0)):  # NLL >= 0; Brier's sum over classes is in [0, 2]
+            limits[name] = normal_interval(point[name], point[f"{name}_se"], ci, low=0.0, high=high)
         return {name: limits[name] for name in INTERVAL_NAMES}
 
     def risk_coverage(self) -> dict[str, Tensor]:

@@ -7,6 +7,7 @@ each subcommand imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import sys
 import warnings
@@ -22,6 +23,9 @@ ARTICLE_LOGITS = {
 }
 ARTICLE_TARGET = [1, 2]
 SEED_MAX = 2**32 - 1  # numpy's seeds, which fastai's `set_seed` sets, are 0 .. 2**32 - 1
+# The calibration methods, in the order of `fastai_ls.calibration.calibrators.CALIBRATORS` (which imports torch; the
+# parser must not: tests/test_cli.py checks that the two lists agree).
+METHODS = ("temperature", "vector", "matrix", "dirichlet", "isotonic", "top_label_isotonic", "histogram", "ets")
 
 
 def article_table() -> str:
@@ -87,8 +91,9 @@ def _demo(args: argparse.Namespace) -> None:
     from fastai_ls.cli.demo import compare
     from fastai_ls.digits import digits_learner
 
-    make = partial(digits_learner, bs=args.bs, max_items=args.max_items, seed=args.seed)
-    compare(make, runs(args.eps, baseline=True), epochs=args.epochs, out=args.out, seed=args.seed)
+    make = partial(digits_learner, bs=args.bs, max_items=args.max_items, seed=args.seed, label_noise=args.label_noise)
+    compare(make, runs(args.eps, baseline=True), epochs=args.epochs, out=args.out, seed=args.seed,
+            methods=args.methods, folds=args.folds)
 
 
 def _pets(args: argparse.Namespace) -> None:
@@ -97,7 +102,14 @@ def _pets(args: argparse.Namespace) -> None:
 
     make = partial(pets_learner, path=args.path, arch=args.arch, pretrained=args.pretrained, bs=args.bs,
                    presize=args.presize, size=args.size, num_workers=args.num_workers, seed=args.seed)
-    compare(make, runs(args.eps, args.baseline), epochs=args.epochs, out=args.out, seed=args.seed)
+    compare(make, runs(args.eps, args.baseline), epochs=args.epochs, out=args.out, seed=args.seed,
+            methods=args.methods, folds=args.folds)
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from fastai_ls.cli.calibrate import calibrate
+
+    calibrate(args.predictions, methods=args.methods, folds=args.folds, seed=args.seed, out=args.out)
 
 
 # Argument types. Their messages follow `--option: ` in the error line: `--epochs: expected a positive integer,
@@ -136,6 +148,28 @@ def _eps(text: str) -> float:
     return value
 
 
+def _folds(text: str) -> int:
+    return _integer(text, 2, math.inf, "an integer >= 2")
+
+
+def _methods(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in METHODS:
+            close = difflib.get_close_matches(name, METHODS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise argparse.ArgumentTypeError(f"unknown method {name!r}{hint}; known: {','.join(METHODS)}")
+    if not names or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated method names, got {text!r}")
+    return names
+
+
+def _calibration_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--methods", type=_methods, default=list(METHODS),
+                        help=f"comma-separated calibration methods to compare (default: all, {','.join(METHODS)})")
+    parser.add_argument("--folds", type=_folds, default=5, help="cross-fitting folds (default 5)")
+
+
 def _version() -> str:
     """This package's version, and fastai's and torch's as installed (read without importing them)."""
     installed = []
@@ -155,7 +189,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `fastai-ls` command's parser: subcommands `article`, `demo` and `pets`.
+    """The `fastai-ls` command's parser: subcommands `article`, `demo`, `pets` and `calibrate`.
 
     Returns
     -------
@@ -179,14 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="cross-entropy vs label smoothing on scikit-learn's digits (offline)",
         description="Train a cross-entropy baseline and a label-smoothing model (a small CNN, same seed) on "
                     "scikit-learn's 1,797 handwritten digits, which it writes as PNG files into fastai's data "
-                    "folder on first use; print their calibration side by side and write calibration.csv and "
-                    "reliability.png into --out.")
+                    "folder on first use; print their calibration side by side with 95% intervals, compare "
+                    "post-hoc calibrators for each by cross-fitting on the validation set, and write the tables "
+                    "(calibration.csv, calibrators.csv) and reliability diagrams (PNG) into --out.")
     demo.add_argument("--epochs", type=_positive_int, default=10, help="fit_one_cycle epochs per model (default 10)")
     demo.add_argument("--eps", type=_eps, default=0.1, help="label smoothing of the second model (default 0.1)")
     demo.add_argument("--bs", type=_positive_int, default=64, help="batch size (default 64)")
-    demo.add_argument("--seed", type=_seed, default=42, help="seed of the split and of both trainings (default 42)")
+    demo.add_argument("--seed", type=_seed, default=42,
+                      help="seed of the split, the label noise, both trainings and the folds (default 42)")
     demo.add_argument("--max-items", type=_positive_int, default=None,
                       help="use only this many images, each digit in its share (at least 20; quick runs)")
+    demo.add_argument("--label-noise", type=_eps, default=0.0, metavar="FRACTION",
+                      help="replace this share of the training labels by a random wrong digit (seeded); the "
+                           "validation labels stay clean (default 0)")
+    _calibration_options(demo)
     demo.add_argument("--out", default="fastai_ls_out", help="output folder (default ./fastai_ls_out)")
     demo.set_defaults(run=_demo)
 
@@ -210,8 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="DataLoader workers (default: fastai's)")
     pets.add_argument("--seed", type=_seed, default=42, help="seed of the split and of training (default 42)")
     pets.add_argument("--baseline", action="store_true", help="also train a cross-entropy baseline and compare")
+    _calibration_options(pets)
     pets.add_argument("--out", default="fastai_ls_out", help="output folder (default ./fastai_ls_out)")
     pets.set_defaults(run=_pets)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="compare post-hoc calibrators on saved predictions (.npz)",
+        description="Compare post-hoc calibrators on held-out predictions saved by any framework, by cross-fitting "
+                    "(no row is scored by a calibrator fitted on it), and print the table with 95% intervals. "
+                    "PREDICTIONS.npz (numpy.savez) holds 'logits' (N, C) or 'probabilities' (N, C; their logs are "
+                    "taken as logits), and 'targets' (N,) integer class ids. From fastai: "
+                    "fastai_ls.save_predictions(learn, 'valid.npz').")
+    calibrate.add_argument("predictions", metavar="PREDICTIONS.npz", help="the saved predictions")
+    _calibration_options(calibrate)
+    calibrate.add_argument("--seed", type=_seed, default=0, help="seed of the folds and intervals (default 0)")
+    calibrate.add_argument("--out", default=None, metavar="FILE.csv", help="also write the table to this CSV file")
+    calibrate.set_defaults(run=_calibrate)
     return parser
 
 

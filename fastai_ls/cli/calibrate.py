@@ -1,0 +1,356 @@
+"""`fastai-ls calibrate PREDICTIONS.npz`: which post-hoc calibrator suits these predictions? The cross-fitted
+comparison of `compare_calibrators`, on outputs saved by any framework.
+
+The file is a numpy `.npz` archive (`numpy.savez`) holding two arrays:
+
+- `logits`: (N, C) floats, the raw scores before the softmax (a -inf logit rules a class out; NaN and +inf are
+  refused), **or** `probabilities`: (N, C) rows of softmax probabilities, each in [0, 1] and summing to 1 (within
+  1e-3). Probabilities are turned into logits by their log: a probability of exactly 0 becomes a -inf logit, which
+  the calibrators accept (see `fastai_ls.calibration.calibrators.base`). Give one of the two, not both.
+- `targets`: (N,) integer class ids in [0, C) (floats holding whole numbers are accepted).
+
+From fastai: `fastai_ls.save_predictions(learn, "valid.npz")` writes the raw logits and targets of the validation
+set (or of `dl=`). Anywhere else: `np.savez("valid.npz", logits=logits, targets=targets)`.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["Predictions", "read_predictions", "check_csv_path", "comparison_text", "best_method", "calibrate"]
+
+# Rows of probabilities may miss 1 by this much (float32 softmax output is well inside it).
+SUM_TOLERANCE = 1e-3
+WIDTH = 110  # explanatory lines are wrapped to this many characters
+# The columns of a comparison table shown on the console, with their headers.
+SHOWN = {"error_rate": "error rate", "ece": "ECE", "smece": "smooth ECE", "nll": "NLL", "brier": "Brier",
+         "aurc": "AURC"}
+
+
+@dataclass
+class Predictions:
+    """Held-out predictions read from a file (see the module docstring for the format).
+
+    Parameters
+    ----------
+    logits : numpy.ndarray
+        (N, C) float32 or float64 logits (the log of the probabilities when the file held those).
+    targets : numpy.ndarray
+        (N,) int64 class ids.
+    source : str
+        'logits' or 'probabilities': what the file held.
+    zeros : int
+        Probabilities of exactly 0 in the file (each now a -inf logit).
+    target_zeros : int
+        Rows whose target had probability 0: their uncalibrated NLL is infinite.
+    """
+
+    logits: np.ndarray
+    targets: np.ndarray
+    source: str
+    zeros: int = 0
+    target_zeros: int = 0
+
+
+def _first_row(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    if not path.exists():
+        raise OSError(f"{path}: no such file")
+    if path.is_dir():
+        raise OSError(f"{path} is a folder, not an .npz file")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as err:  # numpy raises ValueError, OSError, EOFError or zipfile's errors for what it cannot read
+        raise ValueError(f"cannot read {path} as a numpy .npz archive ({type(err).__name__}: {err}); save one "
+                         "with np.savez(path, logits=..., targets=...)") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds a single array, not an .npz archive of named arrays; save one with "
+                         "np.savez(path, logits=..., targets=...)")
+    with loaded:
+        arrays = {}
+        for name in loaded.files:
+            try:
+                arrays[name] = loaded[name]
+            except Exception as err:  # object arrays need pickle, which is refused: a file can run code
+                raise ValueError(f"{path}: cannot read array {name!r} ({err})") from None
+    return arrays
+
+
+def read_predictions(path: str | Path) -> Predictions:
+    """Read and check held-out predictions saved as the module docstring describes; anything else is a ValueError
+    (or OSError) naming the file and the problem.
+
+    Parameters
+    ----------
+    path : str or Path
+        An `.npz` file with `logits` or `probabilities`, and `targets`.
+
+    Returns
+    -------
+    Predictions
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> np.savez(folder / "p.npz", probabilities=np.array([[0.9, 0.1], [0.0, 1.0]]), targets=np.array([0, 0]))
+    >>> p = read_predictions(folder / "p.npz")
+    >>> p.source, p.logits[1].tolist(), p.zeros, p.target_zeros
+    ('probabilities', [-inf, 0.0], 1, 1)
+    """
+    path = Path(path)
+    arrays = _load(path)
+    found = ", ".join(arrays) or "no arrays"
+    present = [name for name in ("logits", "probabilities") if name in arrays]
+    if len(present) == 2:
+        raise ValueError(f"{path} holds both 'logits' and 'probabilities': keep one (logits if you have them: a "
+                         "softmax rounds small probabilities to 0)")
+    if not present:
+        raise ValueError(f"{path} needs an array 'logits' or 'probabilities' beside 'targets' (it holds: {found})")
+    if "targets" not in arrays:
+        raise ValueError(f"{path} needs an array 'targets' of class ids (it holds: {found})")
+    source = present[0]
+    scores, targets = arrays[source], arrays["targets"]
+
+    if scores.dtype.kind not in "fiu":
+        raise ValueError(f"{path}: '{source}' must hold real numbers, got dtype {scores.dtype}")
+    if scores.ndim != 2 or scores.shape[1] < 2 or scores.shape[0] < 1:
+        raise ValueError(f"{path}: '{source}' must be (N, C) with one row per prediction and C >= 2 classes, got "
+                         f"shape {scores.shape}")
+    n, n_classes = scores.shape
+    if targets.ndim == 2 and targets.shape == scores.shape:
+        raise ValueError(f"{path}: 'targets' must be ({n},) class ids, got shape {targets.shape} (one-hot? save "
+                         "targets.argmax(1))")
+    if targets.shape != (n,):
+        raise ValueError(f"{path}: 'targets' must be ({n},) class ids, one per row of '{source}', got shape "
+                         f"{targets.shape}")
+    if targets.dtype.kind == "f":
+        whole = np.isfinite(targets) & (targets == np.round(targets))
+        if not whole.all():
+            i = _first_row(~whole)
+            raise ValueError(f"{path}: 'targets' must be integer class ids, got {targets[i].item()!r} in row {i}")
+    elif targets.dtype.kind not in "iu":
+        raise ValueError(f"{path}: 'targets' must be integer class ids, got dtype {targets.dtype}")
+    outside = (targets < 0) | (targets >= n_classes)
+    if outside.any():
+        i = _first_row(outside)
+        raise ValueError(f"{path}: {int(outside.sum())} of {n} targets are not class ids in [0, {n_classes}) (first: "
+                         f"{targets[i].item()!r} in row {i}); drop ignored rows before saving")
+    targets = targets.astype(np.int64)
+
+    dtype = np.float64 if scores.dtype == np.float64 else np.float32  # float16 and integers: float32
+    scores = scores.astype(dtype, copy=False)
+    if source == "logits":
+        bad = np.isnan(scores).any(1) | (scores == np.inf).any(1) | ~np.isfinite(scores).any(1)
+        if bad.any():
+            i = _first_row(bad)
+            raise ValueError(f"{path}: 'logits' hold NaN or +inf (or no finite value) in {int(bad.sum())} of {n} "
+                             f"rows (first: row {i}); drop those rows")
+        return Predictions(scores, targets, source)
+
+    finite = np.isfinite(scores).all(1)
+    if not finite.all():
+        i = _first_row(~finite)
+        raise ValueError(f"{path}: 'probabilities' hold NaN or inf in {int((~finite).sum())} of {n} rows (first: "
+                         f"row {i}); drop those rows")
+    outside = ((scores < 0) | (scores > 1)).any(1)
+    if outside.any():
+        i = _first_row(outside)
+        raise ValueError(f"{path}: 'probabilities' must lie in [0, 1], but {int(outside.sum())} of {n} rows do not "
+                         f"(first: row {i}, values from {scores[i].min():.4g} to {scores[i].max():.4g}); for scores "
+                         "before the softmax, save them as 'logits'")
+    sums = scores.sum(1, dtype=np.float64)
+    off = np.abs(sums - 1) > SUM_TOLERANCE
+    if off.any():
+        i = _first_row(off)
+        raise ValueError(f"{path}: {int(off.sum())} of {n} rows of 'probabilities' do not sum to 1 (first: row {i} "
+                         f"sums to {sums[i]:.6g}); save softmax outputs, or the logits as 'logits'")
+    zero = scores == 0
+    with np.errstate(divide="ignore"):
+        logits = np.log(scores)
+    return Predictions(logits, targets, source, zeros=int(zero.sum()),
+                       target_zeros=int(zero[np.arange(n), targets].sum()))
+
+
+def check_csv_path(out: str | Path) -> Path:
+    """`out` if a CSV file can be written there (checked before a long run), else an OSError saying why.
+
+    Parameters
+    ----------
+    out : str or Path
+        The CSV file to write.
+
+    Returns
+    -------
+    Path
+
+    Examples
+    --------
+    >>> check_csv_path("no/such/folder/table.csv")
+    Traceback (most recent call last):
+    OSError: cannot write no/such/folder/table.csv: no folder no/such/folder
+    """
+    out = Path(out)
+    folder = out.parent
+    if out.is_dir():
+        raise OSError(f"cannot write {out}: it is a folder (give a file name, e.g. {out / 'calibrators.csv'})")
+    if not folder.is_dir():
+        raise OSError(f"cannot write {out}: no folder {folder}")
+    if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise OSError(f"cannot write {out}: permission denied")
+    return out
+
+
+def _say(text: str, width: int = WIDTH, file=None) -> None:
+    print(textwrap.fill(text, width, subsequent_indent="  " if text.startswith("warning:") else ""), file=file)
+
+
+def best_method(table: pd.DataFrame, tolerance: float = 1e-4) -> str:
+    """The row of a `compare_calibrators` table with the lowest cross-fitted NLL, 'uncalibrated' included; of rows
+    within `tolerance` of it, the first (the simpler method, in `CALIBRATORS` order: ensemble temperature scaling
+    that puts all its weight on one temperature is temperature scaling).
+
+    NLL is a proper scoring rule: it cannot be lowered by predicting anything but the probabilities one believes,
+    whereas ECE alone can (predicting every row's confidence as the overall accuracy gives ECE 0).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        A `compare_calibrators` table.
+    tolerance : float
+        NLL differences (nats per row) smaller than this count as ties.
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> nll = pd.DataFrame({"nll": [0.3, 0.20004, 0.2]}, index=["uncalibrated", "temperature", "ets"])
+    >>> best_method(nll), best_method(nll, tolerance=0)
+    ('temperature', 'ets')
+    """
+    nll = table["nll"]
+    return str(nll.index[nll <= nll.min() + tolerance][0])
+
+
+def comparison_text(table: pd.DataFrame, digits: int = 4, shown: tuple[str, ...] = tuple(SHOWN)) -> str:
+    """A `compare_calibrators` table as console text: one row per method, `estimate [lower, upper]` per metric,
+    whether the method may change the predicted class, and the mean seconds of one fit.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        A `compare_calibrators` table (with or without interval columns).
+    digits : int
+        Digits after the decimal point.
+    shown : tuple of str
+        The metric columns to show (default: those of `SHOWN`).
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"error_rate": [0.1], "ece": [0.05], "ece_lo": [0.03], "ece_hi": [0.07], "smece": [0.04],
+    ...                   "nll": [0.3], "brier": [0.2], "aurc": [0.02], "fit_s": [0.0],
+    ...                   "may_change_prediction": [False]}, index=pd.Index(["uncalibrated"], name="method"))
+    >>> print(comparison_text(t))  # doctest: +NORMALIZE_WHITESPACE
+                  error rate                      ECE smooth ECE    NLL  Brier   AURC changes class  fit s
+    method
+    uncalibrated      0.1000  0.0500 [0.0300, 0.0700]     0.0400 0.3000 0.2000 0.0200            no  0.000
+    """
+    from fastai_ls.calibration.report import interval_text
+
+    text = interval_text(table, [name for name in shown if name in table.columns], digits).rename(columns=SHOWN)
+    text["changes class"] = table["may_change_prediction"].map({True: "may", False: "no"})
+    text["fit s"] = table["fit_s"].map(lambda s: f"{s:.3f}")
+    return text.to_string()
+
+
+def calibrate(
+    path: str | Path,
+    methods: list[str] | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    out: str | Path | None = None,
+) -> pd.DataFrame:
+    """Run `compare_calibrators` on the predictions in `path`, print the table with 95% intervals and the best
+    method by NLL, and write the table to `out` (CSV) if given. `CalibrationWarning`s of the fits go to stderr.
+
+    Parameters
+    ----------
+    path : str or Path
+        The predictions (format: the module docstring).
+    methods : list of str, optional
+        Method names (default: every calibrator, `CALIBRATORS`).
+    folds : int, default 5
+        Cross-fitting folds (stratified).
+    seed : int, default 0
+        Seed of the folds and of the bootstrap intervals.
+    out : str or Path, optional
+        CSV file for the table (checked before the comparison runs).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The `compare_calibrators` table.
+
+    Examples
+    --------
+    >>> calibrate("valid.npz", methods=["temperature", "dirichlet"], out="calibrators.csv")  # doctest: +SKIP
+    """
+    import sys
+
+    out = check_csv_path(out) if out is not None else None
+    predictions = read_predictions(path)
+    import torch
+
+    from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, TemperatureScaling
+    from fastai_ls.calibration.compare import compare_calibrators
+
+    logits, targets = torch.from_numpy(predictions.logits), torch.from_numpy(predictions.targets)
+    n, n_classes = logits.shape
+    _say(f"{path}: {n} rows, {n_classes} classes, {predictions.source}"
+        + (" (their logs taken as logits)" if predictions.source == "probabilities" else ""))
+    if predictions.zeros:
+        _say(f"{predictions.zeros} probabilities are exactly 0: each is a -inf logit (the class ruled out), which the "
+            "calibrators take as the row's lowest finite logit minus 104")
+    if predictions.target_zeros:
+        p_y = TemperatureScaling(1.0)(logits)[torch.arange(n), targets]
+        counted = float((-p_y.clamp_min(torch.finfo(p_y.dtype).tiny).log()).max())  # as CalibrationState does
+        k = predictions.target_zeros
+        rows = f"{k} rows give their" if k > 1 else "1 row gives its"
+        _say(f"{rows} target probability 0, an infinite NLL: the 'uncalibrated' row counts {counted:.1f} nats for "
+             f"{'each' if k > 1 else 'it'}, so its NLL is a lower bound")
+    methods = list(CALIBRATORS) if methods is None else methods
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CalibrationWarning)
+        table = compare_calibrators(logits, targets, methods=methods, folds=folds, seed=seed)
+    _say(f"cross-fitted: each method is fitted on {folds - 1} of {folds} stratified folds (seed {seed}) and scored on "
+        "the other, in turn, so no row is scored by a calibrator fitted on it; 95% intervals (a bootstrap over the "
+        "rows; normal intervals for NLL and Brier):")
+    print(comparison_text(table))
+    best = best_method(table)
+    _say(f"lowest NLL: {best}" + (" (no method beats the model's own probabilities)" if best == "uncalibrated"
+                                  else ""))
+    for w in caught:
+        if issubclass(w.category, CalibrationWarning):
+            _say(f"warning: {w.message}", WIDTH, file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if out is not None:
+        table.to_csv(out)
+        print(f"wrote {out}")
+    return table
