@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastai_ls.loss.formula import check_options, check_weight
+from fastai_ls.loss.checks import check_options, check_weight, check_weight_values
 from fastai_ls.loss.functional import label_smoothing_cross_entropy
 from fastai_ls.tensor_input import plain, upcast
 
@@ -38,6 +38,7 @@ class LabelSmoothingCrossEntropy(nn.Module):
         super().__init__()
         check_options(eps, reduction, smoothing, ignore_index)
         check_weight(weight)
+        check_weight_values(weight)
         self.eps, self.reduction, self.ignore_index, self.smoothing = eps, reduction, ignore_index, smoothing
         self.fused = fused
         # A copy, so that moving or loading the module never writes into the caller's tensor.

@@ -96,6 +96,22 @@ def test_exp_is_float32_accurate_down_to_underflow(kernel_calls):
     assert (grad[~normal] - exact[~normal]).abs().max() < 1e-37  # 0 below exp(-88): no denormal results
 
 
+@pytest.mark.parametrize("shape", [(12, 7), (64, 1000), (4, 5, 3, 2)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_without_grad_the_kernel_computes_the_loss_alone(monkeypatch, shape, reduction, weighted):
+    # fastai's validation loss and get_preds(with_loss=True): under no_grad the kernel writes no gradient.
+    passed, run = [], cpu_kernel._kernel
+    monkeypatch.setattr(cpu_kernel, "_kernel", lambda *args: passed.append(args[9]) or run(*args))
+    x, y, w = make_case(shape, weighted, ignored=True)
+    with torch.no_grad():
+        loss = label_smoothing_cross_entropy(x, y, 0.1, w, reduction)
+    assert passed == [None]  # the gradient pointer
+    expected = F.cross_entropy(x.double(), y, None if w is None else w.double(), reduction=reduction,
+                               label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=2e-6)
+
+
 def test_kernel_equals_the_torch_path_it_replaces(monkeypatch, kernel_calls):
     x, y, w = make_case((33, 300), weighted=True, ignored=True)
     loss = label_smoothing_cross_entropy(x, y, 0.1, w, "none", smoothing="others")
@@ -153,7 +169,7 @@ def test_the_kernel_checks_ids_as_it_reads_them_and_writes_nothing_on_a_bad_one(
     assert kernel_calls
     grad = torch.full_like(x, 7.0)
     with pytest.raises(ValueError, match="target ids must be in"):
-        cpu_kernel.loss_and_grad(x.detach(), y, -100, None, 0.1, True, grad)
+        cpu_kernel.loss_and_grad(x.detach(), y, -100, None, 0.1, True, grad, True)
     assert (grad == 7).all()
 
 

@@ -237,17 +237,37 @@ def test_fused_path_is_selected_for_integer_targets_with_grad(reduction):
     assert FUSED_NODE in graph_nodes(flat(x.view(2, 3, 4).transpose(1, 2), y.view(2, 3)))
 
 
-def test_reference_path_without_grad_for_soft_targets_and_when_asked(monkeypatch):
-    def fail(*args, **kwargs):
-        raise AssertionError("the fused path ran")
+def fail(*args, **kwargs):
+    raise AssertionError("this path must not run")
 
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["C kernel", "torch", "bf16"])
+def test_without_a_gradient_integer_targets_take_the_loss_only_path(monkeypatch, reduction, dtype):
+    # fastai's validation and get_preds(with_loss=True) call the loss under no_grad: no gradient is computed.
+    x, y, w = make_case((6, 5, 3), weighted=True, ignored=True)
+    x = x.detach().to(dtype)
+    monkeypatch.setattr(functional_module, "fused_cross_entropy", fail)
+    monkeypatch.setattr(functional_module, "reference_cross_entropy", fail)
+    monkeypatch.setattr(fused_module, "BLOCK_BYTES", 3 * 5 * 8)  # several blocks on the torch path
+    expected = F.cross_entropy(x.double(), y, w, reduction=reduction, label_smoothing=0.1)
+    with torch.no_grad():
+        loss = label_smoothing_cross_entropy(x, y, 0.1, w, reduction)
+    assert loss.grad_fn is None and loss.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(label_smoothing_cross_entropy(x, y, 0.1, w, reduction).double(), expected,
+                               rtol=1e-5, atol=1e-6)  # logits that need no gradient, grad mode on
+
+
+def test_reference_path_for_soft_targets_and_when_asked(monkeypatch):
     x, y, _ = make_case((6, 4), weighted=False, ignored=False)
     monkeypatch.setattr(functional_module, "fused_cross_entropy", fail)
-    with torch.no_grad():
-        label_smoothing_cross_entropy(x, y)
-    label_smoothing_cross_entropy(x.detach(), y)
+    monkeypatch.setattr(functional_module, "fused_loss", fail)
     soft = torch.softmax(torch.randn(6, 4, dtype=torch.float64), 1)
     assert FUSED_NODE not in graph_nodes(label_smoothing_cross_entropy(x, soft))
+    with torch.no_grad():
+        label_smoothing_cross_entropy(x, soft)
+        label_smoothing_cross_entropy(x, y, fused=False)
     assert FUSED_NODE not in graph_nodes(LabelSmoothingCrossEntropy(fused=False)(x, y))
 
 

@@ -344,10 +344,14 @@ def test_all_targets_ignored_behaves_like_torch():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_non_finite_logits_give_nan(bad, eps):
+@pytest.mark.parametrize("on_target", [True, False], ids=["on the target", "on another class"])
+def test_non_finite_logits_give_nan(bad, eps, on_target):
     x, y = logits_and_target((4, 5), ignore=False)
-    x[1, 3] = bad
+    x[1, y[1] if on_target else (y[1] + 1) % 5] = bad
     per_row = label_smoothing_cross_entropy(x, y, eps=eps, reduction="none")
+    if bad == -float("inf") and eps == 0 and not on_target:  # a class the target does not cover: PyTorch's number
+        torch.testing.assert_close(per_row, F.cross_entropy(x, y, reduction="none"))
+        return
     assert per_row[1].isnan() and per_row[[0, 2, 3]].isfinite().all()
     assert label_smoothing_cross_entropy(x, y, eps=eps).isnan()
 
