@@ -287,10 +287,10 @@ import torch
 from fastai_ls.loss import fused, triton_kernel
 from fastai_ls.loss.formula import kept_targets
 
-def loss_and_grad(run, x, y, w, eps, scale, masked):
-    # masked=False is the fused path's common case: no row ignored, no mask passed
+def loss_and_grad(run, x, y, w, eps, scale, masked, with_grad):
+    # masked=False is the fused path's common case: no row ignored, no mask passed; with_grad=False: the loss alone
     y, ignored, _ = kept_targets(y, -100, w, torch.float32) if masked else (y, None, None)
-    n_classes, grad = x.shape[1], torch.empty_like(x)
+    n_classes, grad = x.shape[1], torch.empty_like(x) if with_grad else None
     smooth = (eps / n_classes) * scale if w is None else w * ((eps / n_classes) * scale)
     true_class = (1 - eps) * scale if w is None else w[y] * ((1 - eps) * scale)
     loss = run(x, y, ignored, w, scale, eps, smooth, true_class, grad)
@@ -301,17 +301,20 @@ gen = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     for n_classes in (5, 37):
         for weighted, masked in ((False, True), (True, True), (False, False), (True, False)):
-            x = torch.randn(6, n_classes, generator=gen).to(dtype)
-            x[4, :7] = float("-inf")  # a row whose first block is all -inf (and, with 5 classes, the whole row)
-            x[5, 1] = float("nan")
-            y = torch.randint(0, n_classes, (6,), generator=gen)
-            if masked:
-                y[2] = -100
-            w = torch.rand(n_classes, generator=gen) if weighted else None
-            got = loss_and_grad(triton_kernel.loss_and_grad, x, y, w, 0.1, 0.25, masked)
-            expected = loss_and_grad(fused._blockwise_loss_and_grad, x, y, w, 0.1, 0.25, masked)
-            torch.testing.assert_close(got, expected, equal_nan=True)
-            assert got[1].dtype == dtype
+            for eps, with_grad in ((0.1, True), (0.1, False), (0.0, True)):
+                x = torch.randn(7, n_classes, generator=gen).to(dtype)
+                x[4, :7] = float("-inf")  # a row whose first block is all -inf (and, with 5 classes, the whole row)
+                x[5, 1] = float("nan")
+                y = torch.randint(0, n_classes, (7,), generator=gen)
+                x[6, (y[6] + 1) % n_classes] = float("-inf")  # a wrong class: a finite loss for eps = 0
+                if masked:
+                    y[2] = -100
+                w = torch.rand(n_classes, generator=gen) if weighted else None
+                got = loss_and_grad(triton_kernel.loss_and_grad, x, y, w, eps, 0.25, masked, with_grad)
+                expected = loss_and_grad(fused._blockwise_loss_and_grad, x, y, w, eps, 0.25, masked, with_grad)
+                torch.testing.assert_close(got, expected, equal_nan=True)
+                assert got[0][6].isfinite() == (eps == 0)
+                assert not with_grad or got[1].dtype == dtype
 print("triton kernels match")
 """
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import pickle
+import pydoc
+import re
 
 import pytest
 import torch
@@ -404,3 +407,37 @@ def test_ignore_index_out_of_class_range_is_accepted():
     x, y = torch.randn(4, 3), torch.tensor([0, 255, 2, 255])
     actual = label_smoothing_cross_entropy(x, y, ignore_index=255)
     assert_close_rel(actual, F.cross_entropy(x, y, ignore_index=255, label_smoothing=0.1))
+
+
+# --- documentation ------------------------------------------------------------------------------------------------
+
+
+def documented_parameters(doc: str) -> dict[str, str]:
+    """name -> description, from a numpy-style docstring's Parameters section."""
+    lines = inspect.cleandoc(doc).splitlines()
+    start = lines.index("Parameters") + 2
+    assert lines[start - 1].startswith("---"), "no Parameters section"
+    found, name = {}, None
+    for line, following in zip(lines[start:], lines[start + 1:] + [""]):
+        if following.startswith("---"):  # the next section's title
+            break
+        header = re.fullmatch(r"(\*{0,2}\w+) : .+", line)
+        if header:
+            name = header.group(1).lstrip("*")
+            found[name] = ""
+        elif name and line.startswith("    "):
+            found[name] += line.strip() + " "
+    return found
+
+
+@pytest.mark.parametrize("documented", [LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat,
+                                        label_smoothing_cross_entropy], ids=lambda f: f.__name__)
+def test_help_explains_every_parameter(documented):
+    func = documented.__init__ if inspect.isclass(documented) else documented
+    names = [p for p in inspect.signature(func).parameters if p != "self"]
+    described = documented_parameters(documented.__doc__)
+    assert list(described) == names  # every parameter, in the signature's order, and nothing else
+    assert all(len(text.split()) >= 4 for text in described.values()), described
+    text = pydoc.render_doc(documented, renderer=pydoc.plaintext)
+    assert "Initialize internal Module state" not in text  # torch's generic __init__ docstring
+    assert all(f"{name} : " in text for name in names)
