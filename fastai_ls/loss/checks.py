@@ -24,7 +24,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 def check_eps(eps: float) -> None:
     """Raise unless `eps` is a real number in [0, 1)."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):  # float: fast
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
     if not 0 <= eps < 1:
         raise ValueError(f"eps must be in [0, 1), got {eps}")
@@ -37,7 +37,8 @@ def check_options(eps: float, reduction: str, smoothing: str, ignore_index: int)
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if smoothing not in SMOOTHINGS:
         raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+    if type(ignore_index) is not int and (isinstance(ignore_index, bool)
+                                          or not isinstance(ignore_index, numbers.Integral)):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not INT64_MIN <= ignore_index <= INT64_MAX:
         raise ValueError(f"ignore_index must fit in int64 (class ids are compared as int64, as in PyTorch), got "
