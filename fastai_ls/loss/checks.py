@@ -145,13 +145,23 @@ def class_ids(target: Tensor) -> Tensor:
     return t.long()
 
 
-def check_ids(target: Tensor, n_classes: int, ignore_index: int) -> tuple[int, int] | None:
-    """Raise unless every id in the int64 `target` is a class or `ignore_index`; returns the smallest and largest
-    id (None for an empty target). One host read (on a GPU, one synchronization)."""
+def check_ids(target: Tensor, n_classes: int, ignore_index: int,
+              weight: Tensor | None = None) -> tuple[int, int] | None:
+    """Raise unless every id in the int64 `target` is a class or `ignore_index` (and, if given, unless `weight` passes
+    `check_weight_values`); returns the smallest and largest id (None for an empty target). One host read for
+    both: on a GPU, one synchronization."""
     target = _unwrapped(target)
     if target.numel() == 0:
+        check_weight_values(weight)
         return None
-    lo, hi = torch.stack(torch.aminmax(target)).tolist()
+    bounds = torch.stack(torch.aminmax(target))
+    if weight is not None:
+        weight = _unwrapped(weight)
+        bad_weights = ((weight < 0) | ~weight.isfinite()).sum(dtype=torch.int64)
+        bounds = torch.cat([bounds, bad_weights[None].to(bounds.device)])
+    lo, hi, *bad_weights = bounds.tolist()
+    if bad_weights and bad_weights[0]:
+        raise ValueError("weight must be finite and non-negative")
     if lo >= 0 and hi < n_classes:  # the common case costs one reduction
         return lo, hi
     bad = target[(target != ignore_index) & ((target < 0) | (target >= n_classes))]

@@ -123,12 +123,13 @@ def reference_cross_entropy(input: Tensor, target: Tensor, eps: float, weight: T
     """The loss from torch operations, differentiable to any order (and under `torch.func` transforms), for
     arguments that passed `functional`'s checks and uniform `eps`; checks the weights' and ids' values itself."""
     n_classes = input.shape[1]
-    check_weight_values(weight)
-    w = weight_in(weight, compute_dtype(input.dtype), input.device)
     out_shape = input.shape[:1] + input.shape[2:]
     x, t = class_rows_last(input, target)
-    if not t.is_floating_point():
-        check_ids(t, n_classes, ignore_index)
+    if t.is_floating_point():
+        check_weight_values(weight)
+    else:
+        check_ids(t, n_classes, ignore_index, weight)
+    w = weight_in(weight, compute_dtype(input.dtype), input.device)
 
     if t.is_floating_point():
         z = x - x.detach().amax(1, keepdim=True)  # the loss does not depend on the shift: no gradient flows into it

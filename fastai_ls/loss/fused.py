@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fastai_ls.loss import cpu_kernel, triton_kernel
-from fastai_ls.loss.checks import check_ids, check_weight_values, weight_in
+from fastai_ls.loss.checks import check_ids, weight_in
 from fastai_ls.loss.formula import (
     cross_entropy,
     hard_target_mix,
@@ -76,11 +76,11 @@ def fused_loss(input: Tensor, t: Tensor, eps: float, weight: Tensor | None, redu
 
 def _checked_targets(input: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int):
     """For the torch and Triton paths: the weights in the compute dtype, and `kept_targets`' ids, ignored-row mask
-    and 'mean' divisor, after checking the weights' and ids' values (one host read each)."""
-    check_weight_values(weight)
+    and 'mean' divisor, after checking the weights' and ids' values (one host read for both; on a GPU the only
+    synchronization of the loss, forward and backward)."""
+    id_range = check_ids(t, input.shape[1], ignore_index, weight)
     dtype = compute_dtype(input.dtype)
     w = weight_in(weight, dtype, input.device)
-    id_range = check_ids(t, input.shape[1], ignore_index)
     # An ignore_index outside the ids' range matches no row: then no mask is needed.
     may_ignore = id_range is None or id_range[0] <= ignore_index <= id_range[1]
     y, ignored, divisor = kept_targets(t, ignore_index, w, dtype, may_ignore)
@@ -106,7 +106,8 @@ def _gradient_buffer(x: Tensor) -> Tensor:
     if _libc is not None and grad.is_cpu and n_bytes >= HUGE_PAGES_FROM_BYTES:
         start = -(-grad.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # whole huge pages inside the buffer: a hint only,
         stop = (grad.data_ptr() + n_bytes) // _HUGE_PAGE * _HUGE_PAGE  # so a refusal (THP off) changes nothing
-        _libc.madvise(start, stop - start, _MADV_HUGEPAGE)
+        if stop > start:
+            _libc.madvise(start, stop - start, _MADV_HUGEPAGE)
     return grad
 
 
@@ -194,7 +195,7 @@ def _loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | Non
     # The gradient's target part w q: (eps/C) w_c on every class, plus (1 - eps) w_y on the true class.
     smooth = (eps / n_classes) * scale if w is None else w * ((eps / n_classes) * scale)
     true_class = (1 - eps) * scale if w is None else w[y] * ((1 - eps) * scale)
-    if x.is_cuda and triton_kernel.AVAILABLE and x.dtype != torch.float64:  # the kernels compute in float32
+    if _uses_triton(x):
         # No host reads on a GPU: fixing up the N row losses unconditionally is cheaper than stalling the device.
         loss = triton_kernel.loss_and_grad(x, y, ignored, w, scale, eps, smooth, true_class, grad)
         return nan_for_infinite_logits(loss if ignored is None else loss.masked_fill_(ignored, 0.0))
@@ -202,6 +203,11 @@ def _loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | Non
     if ignored is not None:
         loss.masked_fill_(ignored, 0.0)
     return nan_for_infinite_logits(loss) if bool(loss.isinf().any()) else loss
+
+
+def _uses_triton(x: Tensor) -> bool:
+    """Whether the Triton kernels take these rows: CUDA, computed in float32 (so not float64)."""
+    return x.is_cuda and triton_kernel.AVAILABLE and x.dtype != torch.float64
 
 
 def _blockwise_loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None, scale: float,
