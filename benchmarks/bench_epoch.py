@@ -32,9 +32,9 @@ from torch import nn
 from fastai_ls import LabelSmoothingCrossEntropy
 
 MODELS = {  # name: (input shape, classes, train items, valid items)
-    "cnn": ((3, 32, 32), 10, 2048, 512),
-    "mlp": ((256,), 1000, 4096, 1024),
-    "wide": ((128,), 32000, 1024, 512),
+    "cnn": ((3, 32, 32), 10, 1024, 256),
+    "mlp": ((256,), 1000, 2048, 512),
+    "wide": ((128,), 32000, 512, 256),
 }
 
 
