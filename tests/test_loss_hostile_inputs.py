@@ -79,7 +79,7 @@ thread = threading.Thread(target=writer)
 thread.start()
 outcomes = {"raised": 0, "returned": 0}
 start = time.perf_counter()
-while time.perf_counter() - start < 1.5:
+while time.perf_counter() - start < 1.0:
     for grad in (True, False):
         try:
             with torch.set_grad_enabled(grad):
@@ -128,19 +128,28 @@ print(mine[0].message)
 
 
 @pytest.mark.skipif(not cpu_kernel.AVAILABLE, reason="the C kernel is not built")
-@pytest.mark.parametrize("damage", ["truncated", "not a library"])
-def test_a_kernel_file_that_cannot_be_loaded_falls_back_to_torch_with_one_warning(tmp_path, damage):
+def test_a_truncated_kernel_file_falls_back_to_torch_with_one_warning(tmp_path):
     # Issue 11: a kernel file that exists but cannot be loaded (truncated, wrong architecture, missing libgomp)
-    # made every call raise OSError, even float64 and half-precision ones that never use the kernel.
+    # made every call raise OSError, even float64 and half-precision ones that never use the kernel. A truncated
+    # one is the worst case: the dynamic loader maps the missing pages and the process dies (SIGBUS) on touching
+    # them, so the file is checked before it is loaded.
     package = tmp_path / "fastai_ls"
     shutil.copytree(ROOT / "fastai_ls", package, ignore=shutil.ignore_patterns("__pycache__"))
     (library,) = package.glob("loss/_fused_cpu*.so")
-    data = library.read_bytes()
-    library.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"#!/bin/sh\necho not ELF\n")
+    library.write_bytes(library.read_bytes()[: library.stat().st_size // 3])
     result = subprocess.run([sys.executable, "-c", UNLOADABLE], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "cannot be loaded" in result.stdout and library.name in result.stdout
+    assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
+    assert "is truncated" in result.stdout and library.name in result.stdout
+
+
+@pytest.mark.parametrize("content", [b"#!/bin/sh\n", b"\x7fELF\x02\x01\x01" + bytes(57), b""],
+                         ids=["not a library", "an ELF header alone", "empty"])
+def test_a_kernel_file_that_is_not_a_library_is_refused_with_a_warning(tmp_path, content):
+    library = tmp_path / "_fused_cpu.so"
+    library.write_bytes(content)
+    with pytest.warns(RuntimeWarning, match="cannot be loaded.*torch path"):
+        assert cpu_kernel.load(str(library)) is None
 
 
 # --- eps = 0 ------------------------------------------------------------------------------------------------------

@@ -123,6 +123,8 @@ def check_target(input: Tensor, target: Tensor, ignore_index: int) -> None:
         return
     if target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must hold integer class ids or float probabilities, got {target.dtype}")
+    if input.dim() == 2 and target.dim() == 1 and target.shape[0] == input.shape[0]:  # the common case, quickly
+        return
     expected = input.shape[:1] + input.shape[2:]
     if target.shape != expected:
         raise ValueError(f"integer target must have shape {tuple(expected)} for input {tuple(input.shape)}, "
@@ -133,7 +135,7 @@ def class_ids(target: Tensor) -> Tensor:
     """The integer `target` as a flat int64 tensor (a view when it is one already). Every integer dtype keeps its
     values, except uint64 ids from 2**63 up, which int64 cannot hold: those raise, rather than wrap around to
     negative numbers (2**64 - 100 would become -100, the default `ignore_index`)."""
-    t = target.reshape(-1)
+    t = target if target.dim() == 1 else target.reshape(-1)
     if t.dtype == torch.int64:
         return t
     if t.dtype == torch.uint64:

@@ -98,15 +98,14 @@ def loss_and_grad(x: Tensor, t: Tensor, ignore_index: int, w: Tensor | None, eps
     n_rows, n_classes = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()
     t = t if t.is_contiguous() else t.contiguous()
-    reduced = torch.empty((), dtype=torch.float32)
-    loss = x.new_empty(n_rows) if per_row else None
+    out = x.new_empty(n_rows if per_row else ())
     n_threads = torch.get_num_threads() if x.numel() >= PARALLEL_NUMEL else 1
     code = _kernel(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,
                    None if w is None else w.data_ptr(), eps, mean, None if grad is None else grad.data_ptr(),
-                   None if loss is None else loss.data_ptr(), reduced.data_ptr(), n_threads)
+                   out.data_ptr() if per_row else None, None if per_row else out.data_ptr(), n_threads)
     if code != DONE:
         _raise(code, t, n_classes, ignore_index, w)
-    return loss if per_row else reduced
+    return out
 
 
 def _raise(code: int, t: Tensor, n_classes: int, ignore_index: int, w: Tensor | None) -> None:

@@ -64,14 +64,18 @@ def fused_loss(input: Tensor, t: Tensor, eps: float, weight: Tensor | None, redu
                ignore_index: int) -> Tensor:
     """`fused_cross_entropy` without a gradient (none is recorded): the loss from one read of the logits."""
     x = _rows(input)
-    out_shape = input.shape[:1] + input.shape[2:]
     if cpu_kernel.accepts(input):
         w = weight_in(weight, torch.float32, input.device)
         loss = cpu_kernel.loss_and_grad(x, t, ignore_index, w, eps, reduction == "mean", None, reduction == "none")
-        return loss.reshape(out_shape) if reduction == "none" else loss
+        return _per_position(loss, input.shape) if reduction == "none" else loss
     w, y, ignored, divisor = _checked_targets(input, t, weight, ignore_index)
     loss = _loss_and_grad(x, y, ignored, w, 1.0, eps, None)
-    return reduce_loss(loss, divisor, reduction, out_shape)
+    return reduce_loss(loss, divisor, reduction, input.shape[:1] + input.shape[2:])
+
+
+def _per_position(loss: Tensor, input_shape: torch.Size) -> Tensor:
+    """Per-row losses in the target's shape (N, d1, ...); for (N, C) logits already so (a reshape costs ~1 us)."""
+    return loss if len(input_shape) == 2 else loss.reshape(input_shape[:1] + input_shape[2:])
 
 
 def _checked_targets(input: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int):
@@ -137,7 +141,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
             ctx.scale = ctx.divisor = None
             loss = cpu_kernel.loss_and_grad(x, y, ignore_index, w, eps, reduction == "mean", grad,
                                             reduction == "none")
-            return loss.reshape(input.shape[:1] + input.shape[2:]) if reduction == "none" else loss
+            return _per_position(loss, input.shape) if reduction == "none" else loss
         # 'mean' divides every row by the divisor. On the host, fold it into the gradient now, as a Python number
         # (cheapest in the per-block arithmetic); on a GPU reading it would stall the device, so backward applies it.
         ctx.scale = 1 / mean_divisor(float(divisor)) if reduction == "mean" and x.is_cpu else 1.0

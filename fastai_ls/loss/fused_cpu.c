@@ -151,7 +151,8 @@ static float row_loss(const float *restrict x, float *restrict grad, int64_t n_c
  * written to *reduced, is the sum of the row losses, or with `mean` PyTorch's 'mean': that sum over the sum of w_y
  * (the count without weights) of the rows not ignored, NaN when that is 0 (as in PyTorch, whose gradient is then
  * NaN on every kept row). Rows whose id is ignore_index get loss 0 and a zero gradient, whatever their logits
- * hold. `w` (one float per class) may be NULL; `loss` may be NULL when only the reduced loss is wanted.
+ * hold. `w` (one float per class) may be NULL; `loss` may be NULL when only the reduced loss is wanted, `reduced`
+ * when only the per-row losses are.
  *
  * Everything is checked before anything is written: returns BAD_WEIGHT for a negative or non-finite weight, else
  * the first row whose id is neither a class nor ignore_index, else NO_MEMORY or DONE. Each id is read from the
@@ -208,6 +209,7 @@ int64_t fused_cpu_loss_and_grad(const float *x, int64_t n_rows, int64_t n_classe
     for (int64_t row = 0; row < n_rows; row++)
         total += row_losses[row];
     free(ids);
-    *reduced = (float)(!mean ? total : divisor > 0.0 ? total / divisor : NAN);
+    if (reduced)
+        *reduced = (float)(!mean ? total : divisor > 0.0 ? total / divisor : NAN);
     return DONE;
 }
