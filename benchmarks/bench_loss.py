@@ -23,6 +23,10 @@ touch, and hands freed memory back to the OS above its trim threshold. Both thre
 The `faults` column (minor page faults per call, median) shows which buffers were fresh pages; each regime runs in
 its own process, so neither inherits the other's allocator state.
 
+On a machine whose cores other jobs share, a parallel region whose second thread waits for a busy core stalls for a
+scheduler slice (here ~8 ms, for `torch.exp` as for the kernel), which swamps the medians of the larger shapes;
+`--threads 1` measures without that.
+
 Memory is the peak beyond the logits during forward+backward, the logits' gradient included, so one N x C buffer
 ("1.00 NC") is the best possible: on CPU the rise of the peak resident set of a forked child per (method, shape), on
 CUDA `max_memory_allocated`.
@@ -246,7 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--shape", action="append", type=_shape, help="NxC instead of the default shapes; repeatable")
     parser.add_argument("--breakdown", action="store_true", help="time the C kernel's parts instead")
+    parser.add_argument("--threads", type=int, help="torch's (and the kernel's) threads; default: torch's. On cores "
+                        "shared with other work, 1 avoids the stalls of threads spin-waiting for a busy core")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     shapes = [(n, c, torch.float32) for n, c in (args.shape or (QUICK_SHAPES if args.quick else SHAPES))]
     if device.type == "cuda" and not (args.quick or args.shape):

@@ -112,16 +112,6 @@ def test_without_grad_the_kernel_computes_the_loss_alone(monkeypatch, shape, red
     torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=2e-6)
 
 
-@pytest.mark.parametrize("shape", [(2048, 1100), (3, 5)])
-def test_huge_page_gradients_hold_the_same_values(monkeypatch, kernel_calls, shape):
-    # From 32 MiB the gradient buffer is advised to use huge pages (fused.py); here every buffer is, tiny ones too.
-    x, y, w = make_case(shape, weighted=True, ignored=True)
-    expected = torch.autograd.grad(label_smoothing_cross_entropy(x, y, 0.1, w), x)[0]
-    monkeypatch.setattr(test_fused.fused_module, "HUGE_PAGES_FROM_BYTES", 0)
-    assert torch.equal(torch.autograd.grad(label_smoothing_cross_entropy(x, y, 0.1, w), x)[0], expected)
-    assert len(kernel_calls) == 2
-
-
 def test_kernel_equals_the_torch_path_it_replaces(monkeypatch, kernel_calls):
     x, y, w = make_case((33, 300), weighted=True, ignored=True)
     loss = label_smoothing_cross_entropy(x, y, 0.1, w, "none", smoothing="others")

@@ -19,9 +19,7 @@ The logits are only read, never written: fastai reuses them for metrics, and Mix
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 
 import torch
 from torch import Tensor
@@ -91,28 +89,15 @@ def _checked_targets(input: Tensor, t: Tensor, weight: Tensor | None, ignore_ind
     return w, y, ignored, divisor
 
 
-# glibc serves blocks from 32 MiB up (its largest mmap threshold) with fresh pages on every call; a gradient that
-# large costs more to fault in, 4 KiB at a time, than to compute (16384 x 1000: 16,000 faults, ~40 ms, against
-# ~12 ms for the kernel). Transparent huge pages cut that to ~160 faults; torch asks for them for every large tensor
-# only with THP_MEM_ALLOC_ENABLE=1, so the fused path asks for its own gradient.
-HUGE_PAGES_FROM_BYTES = 32 * 2**20
-_HUGE_PAGE = 2 * 2**20
-_MADV_HUGEPAGE = 14  # Linux
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-if _libc is not None:
-    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
 def _gradient_buffer(x: Tensor) -> Tensor:
-    """An uninitialized (M, C) buffer for the gradient of `x`, backed by huge pages where that pays (see above)."""
-    grad = torch.empty_like(x, memory_format=torch.contiguous_format)
-    n_bytes = grad.numel() * grad.element_size()
-    if _libc is not None and grad.is_cpu and n_bytes >= HUGE_PAGES_FROM_BYTES:
-        start = -(-grad.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # whole huge pages inside the buffer: a hint only,
-        stop = (grad.data_ptr() + n_bytes) // _HUGE_PAGE * _HUGE_PAGE  # so a refusal (THP off) changes nothing
-        if stop > start:
-            _libc.madvise(start, stop - start, _MADV_HUGEPAGE)
-    return grad
+    """An uninitialized (M, C) buffer for the gradient of `x`.
+
+    From 32 MiB (glibc's largest mmap threshold) it is fresh pages on every call, and faulting them in, 4 KiB at a
+    time, costs more than the kernel (16384 x 1000: 16,000 faults). Asking for transparent huge pages here
+    (madvise) cut that 3x in most runs, but on this project's VM it also made some calls of 512 x 128000 3 to 7x
+    slower (the first huge-page faults after other large allocations), so the choice is left to the user:
+    THP_MEM_ALLOC_ENABLE=1 makes torch ask for huge pages for every large tensor."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _rows(input: Tensor) -> Tensor:
