@@ -112,6 +112,26 @@ def test_without_grad_the_kernel_computes_the_loss_alone(monkeypatch, shape, red
     torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("n_classes", [16, 17, 31, 37, 100])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_without_grad_every_class_of_a_row_counts_once(kernel_calls, n_classes, weighted):
+    # Without a gradient the kernel does a row's last n_classes % 16 classes as one more 16-class block, whose
+    # first lanes the vector loops counted already: each class must count once, special values in any lane too.
+    x, y, w = make_case((4 * n_classes, n_classes), weighted, ignored=True)
+    x = x.detach()
+    for row in range(0, x.shape[0], 4):  # a NaN, +inf or -inf in every position, the overlap and the tail included
+        x[row, row // 4] = [float("nan"), float("inf"), -float("inf")][row // 4 % 3]
+    with torch.no_grad():
+        loss = label_smoothing_cross_entropy(x, y, 0.1, w, "none")
+    with_grad = label_smoothing_cross_entropy(x.requires_grad_(), y, 0.1, w, "none")  # no block on this path
+    assert len(kernel_calls) == 2
+    torch.testing.assert_close(loss, with_grad.detach(), rtol=1e-6, atol=1e-6, equal_nan=True)
+    expected = F.cross_entropy(x.detach().double(), y, None if w is None else w.double(), reduction="none",
+                               label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), expected.masked_fill(expected.isinf(), float("nan")), rtol=2e-6,
+                               atol=2e-6, equal_nan=True)
+
+
 def test_kernel_equals_the_torch_path_it_replaces(monkeypatch, kernel_calls):
     x, y, w = make_case((33, 300), weighted=True, ignored=True)
     loss = label_smoothing_cross_entropy(x, y, 0.1, w, "none", smoothing="others")

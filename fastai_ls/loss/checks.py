@@ -111,7 +111,7 @@ def check_target(input: Tensor, target: Tensor, ignore_index: int) -> None:
     """Raise unless `target`'s type, device and shape fit `input` (integer ids are checked by `check_ids`)."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.device != input.device:
+    if not (target.is_cpu and input.is_cpu) and target.device != input.device:  # comparing devices costs ~0.3 us
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
     if target.is_floating_point():
         if target.shape != input.shape:
