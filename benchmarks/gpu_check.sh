@@ -15,14 +15,13 @@ PYTHON=${PYTHON:-python3}
 DRY_RUN=0
 for arg in "$@"; do [[ $arg == --cpu-dry-run ]] && DRY_RUN=1; done
 
+SITE=$(mktemp -d)  # the wheels are installed there, and nowhere else
+trap 'rm -rf "$SITE"' EXIT
 if [[ $DRY_RUN == 1 ]]; then
-    SITE=$(mktemp -d)
-    trap 'rm -rf "$SITE"' EXIT
     export TRITON_INTERPRET=1  # read when triton is imported
     # The wheels are for the GPU machine's Python 3.12: install them as such (pure Python, and plum's sources).
     WHEEL_TARGET=(--python-version 3.12 --implementation cp --only-binary=:all: --platform manylinux2014_x86_64)
 else
-    SITE=/tmp/site
     WHEEL_TARGET=()
 fi
 
@@ -36,4 +35,4 @@ export PYTHONPATH="$SITE:$PWD"
 export GPU_CHECK_WHEELS="$SITE"
 # The C kernel of the CPU path (optional: the tests' CPU references run without it too).
 "$PYTHON" setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "gpu_check: the C kernel was not built" >&2
-exec "$PYTHON" benchmarks/gpu_check.py "$@"
+"$PYTHON" benchmarks/gpu_check.py "$@"  # not exec: the trap removes $SITE afterwards
