@@ -1,14 +1,38 @@
-"""Forward+backward time and loss-owned peak memory of label-smoothing cross-entropies on wide outputs.
+"""Time and loss-owned peak memory of label-smoothing cross-entropies: forward+backward (training) and forward under
+`torch.no_grad()` (fastai's validation loss, `get_preds(with_loss=True)`), in both CPU allocator regimes.
 
-    python benchmarks/bench_loss.py [--quick] [--device cpu|cuda] [--no-memory] [--shape NxC ...]
+    python benchmarks/bench_loss.py [--quick] [--device cpu|cuda] [--regime realistic|pinned|both] [--no-memory]
+                                    [--shape NxC ...] [--breakdown]
 
-Every repetition runs every method in turn (so load on a shared machine hits all alike) and the median is reported.
-On the CPU, "fastai_ls, no C kernel" is this package as installed without a C compiler (its torch path).
-"floor" is one `torch.exp` over the logits into a fresh tensor: reading the logits once, one exponential per logit
-and writing one N x C tensor, the work that any loss handing back an N x C softmax gradient must do (a loss with a
-cheaper exponential than torch's can go below it). Memory is the peak beyond the logits
-during forward+backward, the logits' gradient included, so one N x C buffer ("1.00 NC") is the best possible:
-on CPU the rise of the peak resident set of a forked child per (method, shape), on CUDA `max_memory_allocated`.
+Every repetition runs every method in turn, the order rotated each time (so load on a shared machine hits all alike),
+and the median is reported. On the CPU, "fastai_ls, no C kernel" is this package as installed without a C compiler
+(its torch path).
+
+Floors. Training: one `torch.exp` over the logits into a fresh tensor (read the logits once, one exponential per
+logit, write one N x C tensor: what any loss handing back an N x C softmax gradient must do; a loss with a cheaper
+exponential than torch's can go below it). No grad: `torch.logsumexp` over the class axis (read the logits once, one
+exponential per logit, write N numbers).
+
+Allocator regimes (CPU). glibc serves blocks above its mmap threshold with fresh pages, which page-fault on first
+touch, and hands freed memory back to the OS above its trim threshold. Both thresholds adapt at run time:
+- realistic: glibc's defaults, what a training loop sees. After the first frees the mmap threshold has risen to the
+  largest freed block up to 32 MiB, so N x C buffers up to 32 MiB are reused from the heap (unless a method frees
+  more than the trim threshold at once), and larger ones are fresh pages on every call;
+- pinned: mmap threshold fixed at 32 MiB and no trimming, so every buffer up to 32 MiB is reused whatever ran
+  before (steadier numbers, the regime of the README's first tables).
+The `faults` column (minor page faults per call, median) shows which buffers were fresh pages; each regime runs in
+its own process, so neither inherits the other's allocator state.
+
+On a machine whose cores other jobs share, a parallel region whose second thread waits for a busy core stalls for a
+scheduler slice (here ~8 ms, for `torch.exp` as for the kernel), which swamps the medians of the larger shapes;
+`--threads 1` measures without that.
+
+Memory is the peak beyond the logits during forward+backward, the logits' gradient included, so one N x C buffer
+("1.00 NC") is the best possible: on CPU the rise of the peak resident set of a forked child per (method, shape), on
+CUDA `max_memory_allocated`.
+
+`--breakdown` times the fused C kernel's parts on each shape (kernel with and without the gradient's write, the
+Python around it, backward, fresh versus reused output buffers), to see where a gap to the floor comes from.
 """
 
 from __future__ import annotations
@@ -17,7 +41,9 @@ import argparse
 import ctypes
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -32,21 +58,28 @@ from fastai_ls import label_smoothing_cross_entropy
 from fastai_ls.loss import cpu_kernel
 
 EPS = 0.1
-SHAPES = [(64, 37), (256, 1000), (4096, 1000), (2048, 32000), (512, 128000)]
+SHAPES = [(64, 37), (256, 1000), (4096, 1000), (16384, 1000), (2048, 32000), (512, 128000)]
 CUDA_SHAPES = [(4096, 128000, torch.float32), (4096, 128000, torch.bfloat16)]
 QUICK_SHAPES = [(64, 37), (256, 1000), (1024, 8000)]
 FLOOR = "floor (exp)"
+NO_GRAD_FLOOR = "floor (logsumexp)"
 NATIVE = "torch F.cross_entropy"
+NATIVE_NONE = "torch F.cross_entropy, 'none'"
 TORCH_PATH = "fastai_ls, no C kernel"
+REGIMES = ("realistic", "pinned")
 
 
-def methods(device: torch.device) -> dict[str, Callable]:
-    """Name -> loss function of (logits, targets); the floor is special-cased in `step`."""
-    found = {"fastai_ls": lambda x, y: label_smoothing_cross_entropy(x, y, EPS)}
+def methods(device: torch.device, no_grad: bool = False) -> dict[str, Callable | None]:
+    """Name -> loss function of (logits, targets); None for the floor, special-cased in `step`."""
+    found: dict[str, Callable | None] = {"fastai_ls": lambda x, y: label_smoothing_cross_entropy(x, y, EPS)}
+    if no_grad:  # get_preds(with_loss=True) and Interpretation ask for one loss per item
+        found["fastai_ls, 'none'"] = lambda x, y: label_smoothing_cross_entropy(x, y, EPS, reduction="none")
     if device.type == "cpu":
         found[TORCH_PATH] = without_c_kernel
+    found[NATIVE] = lambda x, y: F.cross_entropy(x, y, label_smoothing=EPS)
+    if no_grad:
+        found[NATIVE_NONE] = lambda x, y: F.cross_entropy(x, y, label_smoothing=EPS, reduction="none")
     found |= {
-        NATIVE: lambda x, y: F.cross_entropy(x, y, label_smoothing=EPS),
         "fastai LabelSmoothingCE": FastaiLabelSmoothingCrossEntropy(eps=EPS),
         "fastai CrossEntropyLossFlat": CrossEntropyLossFlat(label_smoothing=EPS),
     }
@@ -56,8 +89,13 @@ def methods(device: torch.device) -> dict[str, Callable]:
         pass
     else:
         found["timm LabelSmoothingCE"] = TimmLabelSmoothingCrossEntropy(smoothing=EPS)
-    found[FLOOR] = None
+    found[NO_GRAD_FLOOR if no_grad else FLOOR] = None
     return found
+
+
+def reference_of(name: str) -> str:
+    """The PyTorch row that `name`'s xT ratio is taken against (same reduction)."""
+    return NATIVE_NONE if name.endswith("'none'") else NATIVE
 
 
 def without_c_kernel(x: Tensor, y: Tensor) -> Tensor:
@@ -69,12 +107,21 @@ def without_c_kernel(x: Tensor, y: Tensor) -> Tensor:
         cpu_kernel.AVAILABLE = available
 
 
-def step(name: str, loss_func: Callable | None, x: Tensor, y: Tensor) -> None:
+def step(loss_func: Callable | None, x: Tensor, y: Tensor) -> None:
     """One forward+backward (for the floor: one exp into a fresh tensor), gradient left in `x.grad`."""
     if loss_func is None:
         x.grad = torch.exp(x.detach())
         return
     loss_func(x, y).backward()
+
+
+def no_grad_step(loss_func: Callable | None, x: Tensor, y: Tensor) -> None:
+    """One forward under no_grad, as fastai's validation runs it (for the floor: one logsumexp)."""
+    with torch.no_grad():
+        if loss_func is None:
+            torch.logsumexp(x, 1)
+        else:
+            loss_func(x, y)
 
 
 def synchronize(device: torch.device) -> None:
@@ -88,24 +135,33 @@ def make_inputs(n_rows: int, n_classes: int, dtype: torch.dtype, device: torch.d
     return x, torch.randint(0, n_classes, (n_rows,), generator=gen).to(device)
 
 
-def time_shape(funcs: dict[str, Callable], x: Tensor, y: Tensor, reps: int) -> dict[str, float]:
-    """Median seconds per forward+backward, the methods interleaved within every repetition."""
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_shape(funcs: dict[str, Callable | None], x: Tensor, y: Tensor, reps: int,
+               run: Callable = step) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds and minor page faults per call of `run(func, x, y)`, the methods interleaved in every
+    repetition."""
     times: dict[str, list[float]] = {name: [] for name in funcs}
+    faults: dict[str, list[int]] = {name: [] for name in funcs}
     names = list(funcs)
-    for rep in range(reps + 1):  # repetition 0 warms up
+    for rep in range(reps + 1):  # repetition 0 warms up (and lets glibc's thresholds adapt)
         # Rotate the order every repetition: what ran just before (and what it left in the allocator's free
         # lists, or handed back to the OS) changes the cost of the next fresh N x C allocation.
         for name in names[rep % len(names):] + names[: rep % len(names)]:
-            func = funcs[name]
             x.grad = None
             synchronize(x.device)
+            before = minor_faults()
             start = time.perf_counter()
-            step(name, func, x, y)
+            run(funcs[name], x, y)
             synchronize(x.device)
             if rep:
                 times[name].append(time.perf_counter() - start)
+                faults[name].append(minor_faults() - before)
     x.grad = None
-    return {name: statistics.median(t) for name, t in times.items()}
+    return ({name: statistics.median(t) for name, t in times.items()},
+            {name: statistics.median(f) for name, f in faults.items()})
 
 
 def _rss_bytes(field: str) -> int:
@@ -116,7 +172,7 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _cpu_peak_in_child(name: str, func: Callable | None, shape: tuple[int, int], dtype: torch.dtype) -> int:
+def _cpu_peak_in_child(func: Callable | None, shape: tuple[int, int], dtype: torch.dtype) -> int:
     """Peak resident-set rise (bytes) over one forward+backward, in a forked child so peaks do not mix."""
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -125,11 +181,11 @@ def _cpu_peak_in_child(name: str, func: Callable | None, shape: tuple[int, int],
             # Every block above 64 KiB is mmapped and unmapped on free, so the resident set follows allocations.
             ctypes.CDLL(None).mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
             x, y = make_inputs(*shape, dtype, torch.device("cpu"))
-            step(name, func, *make_inputs(4, shape[1], dtype, torch.device("cpu")))  # first-call allocations
+            step(func, *make_inputs(4, shape[1], dtype, torch.device("cpu")))  # first-call allocations
             with open("/proc/self/clear_refs", "w") as clear_refs:
                 clear_refs.write("5")  # resets the peak (VmHWM) to the current resident set
             before = _rss_bytes("VmRSS:")
-            step(name, func, x, y)
+            step(func, x, y)
             os.write(write_end, str(_rss_bytes("VmHWM:") - before).encode())
         finally:
             os._exit(0)
@@ -140,13 +196,13 @@ def _cpu_peak_in_child(name: str, func: Callable | None, shape: tuple[int, int],
     return int(text) if text else -1
 
 
-def cuda_peak(name: str, func: Callable | None, x: Tensor, y: Tensor) -> int:
+def cuda_peak(func: Callable | None, x: Tensor, y: Tensor) -> int:
     """Peak CUDA memory allocated beyond what existed before (the logits) over one forward+backward."""
     x.grad = None
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    step(name, func, x, y)
+    step(func, x, y)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
     x.grad = None
@@ -163,6 +219,10 @@ def machine(device: torch.device) -> str:
     text = f"CPU: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     if device.type == "cuda":
         text += f", GPU: {torch.cuda.get_device_name(device)}"
+    try:
+        text += f", load average {os.getloadavg()[0]:.1f}"
+    except OSError:
+        pass
     return text
 
 
@@ -172,42 +232,79 @@ def reps_for(numel: int, quick: bool) -> int:
     return max(3, reps // 4) if quick else reps
 
 
+def set_regime(regime: str) -> None:
+    """Pin glibc's allocator ('pinned'), or leave its adaptive defaults ('realistic'); see the module docstring."""
+    if regime == "pinned" and sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: serve blocks up to 32 MiB from the heap
+        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: do not hand freed heap memory back to the OS
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--regime", choices=(*REGIMES, "both"), default="both",
+                        help="CPU allocator regime; 'both' runs each in its own process")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--shape", action="append", type=_shape, help="NxC instead of the default shapes; repeatable")
+    parser.add_argument("--breakdown", action="store_true", help="time the C kernel's parts instead")
+    parser.add_argument("--threads", type=int, help="torch's (and the kernel's) threads; default: torch's. On cores "
+                        "shared with other work, 1 avoids the stalls of threads spin-waiting for a busy core")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     shapes = [(n, c, torch.float32) for n, c in (args.shape or (QUICK_SHAPES if args.quick else SHAPES))]
     if device.type == "cuda" and not (args.quick or args.shape):
         shapes += CUDA_SHAPES
-    funcs = methods(device)
+    if device.type == "cpu" and args.regime == "both":  # a fresh process per regime: no inherited allocator state
+        for regime in REGIMES:
+            rest = [a for a in argv if not a.startswith("--regime")]
+            sys.stdout.flush()
+            subprocess.run([sys.executable, __file__, *rest, "--regime", regime], check=True)
+            argv = [*argv, "--no-memory"]  # memory does not depend on the regime: measured once
+        return
     print(machine(device))
-    print(f"label smoothing {EPS}, integer targets, forward+backward; times are medians; 'xT' = ratio to "
-          f"{NATIVE}, 'xF' = ratio to the floor; memory = peak beyond the logits, 'NC' = in N x C gradients\n")
+    if device.type == "cpu":
+        set_regime(args.regime)
+        print(f"\n===== allocator regime: {args.regime} " + "=" * 60)
+    if args.breakdown:
+        for n_rows, n_classes, _ in shapes:
+            breakdown(n_rows, n_classes, args.quick)
+        return
+    training_table(device, shapes, args)
+    no_grad_table(device, shapes, args)
+    if device.type == "cpu":
+        fastai_targets(reps_for(64 * 37, args.quick))
+    sys.stdout.flush()
 
+
+def training_table(device: torch.device, shapes: list, args) -> None:
+    funcs = methods(device)
+    print(f"\nforward+backward, label smoothing {EPS}, integer targets; times are medians; 'xT' = ratio to "
+          f"{NATIVE}, 'xF' = ratio to the floor; faults = minor page faults per call; memory = peak beyond the "
+          f"logits, 'NC' = in N x C gradients\n")
     peaks: dict[tuple, dict[str, int]] = {}
     if not args.no_memory and device.type == "cpu":  # forked before any timing run starts worker threads
-        peaks = {shape: {name: _cpu_peak_in_child(name, func, shape[:2], shape[2]) for name, func in funcs.items()}
+        peaks = {shape: {name: _cpu_peak_in_child(func, shape[:2], shape[2]) for name, func in funcs.items()}
                  for shape in shapes}
-
-    steady_allocator()
-    header = f"{'shape':<22}{'method':<30}{'time ms':>10}{'xT':>7}{'xF':>7}{'peak MiB':>10}{'NC':>7}{'xT':>7}{'xF':>7}"
+    header = (f"{'shape':<22}{'method':<30}{'time ms':>10}{'xT':>7}{'xF':>7}{'faults':>8}"
+              f"{'peak MiB':>10}{'NC':>7}{'xT':>7}{'xF':>7}")
     print(header)
     print("-" * len(header))
     for n_rows, n_classes, dtype in shapes:
         x, y = make_inputs(n_rows, n_classes, dtype, device)
-        times = time_shape(funcs, x, y, reps_for(n_rows * n_classes, args.quick))
+        times, faults = time_shape(funcs, x, y, reps_for(n_rows * n_classes, args.quick))
         if device.type == "cuda" and not args.no_memory:
-            peaks[(n_rows, n_classes, dtype)] = {name: cuda_peak(name, func, x, y) for name, func in funcs.items()}
+            peaks[(n_rows, n_classes, dtype)] = {name: cuda_peak(func, x, y) for name, func in funcs.items()}
         memory = peaks.get((n_rows, n_classes, dtype), {})
         nc_bytes = x.numel() * x.element_size()
         label = f"{n_rows}x{n_classes} {str(dtype).removeprefix('torch.')}"
         for name in funcs:
-            row = f"{label:<22}{name:<30}{1e3 * times[name]:>10.3f}{times[name] / times[NATIVE]:>7.2f}" \
-                  f"{times[name] / times[FLOOR]:>7.2f}"
+            row = (f"{label:<22}{name:<30}{1e3 * times[name]:>10.3f}{times[name] / times[NATIVE]:>7.2f}"
+                   f"{times[name] / times[FLOOR]:>7.2f}{faults[name]:>8.0f}")
             if name in memory:
                 peak, native, floor = memory[name], memory[NATIVE], memory[FLOOR]
                 row += f"{peak / 2**20:>10.1f}{peak / nc_bytes:>7.2f}{_ratio(peak, native):>7}{_ratio(peak, floor):>7}"
@@ -215,34 +312,66 @@ def main(argv: list[str] | None = None) -> None:
             label = ""
         print()
         del x, y
-    if device.type == "cpu":
-        fastai_targets(funcs, reps_for(64 * 37, args.quick))
-    sys.stdout.flush()
 
 
-def fastai_targets(funcs: dict[str, Callable], reps: int) -> None:
+def no_grad_table(device: torch.device, shapes: list, args) -> None:
+    funcs = methods(device, no_grad=True)
+    print(f"\nno grad (fastai's validation loss; get_preds(with_loss=True) and Interpretation take 'none'), label "
+          f"smoothing {EPS}; 'xT' = ratio to {NATIVE} with the same reduction, 'xF' = ratio to the floor\n")
+    header = f"{'shape':<22}{'method':<34}{'time ms':>10}{'xT':>7}{'xF':>7}{'faults':>8}"
+    print(header)
+    print("-" * len(header))
+    for n_rows, n_classes, dtype in shapes:
+        x, y = make_inputs(n_rows, n_classes, dtype, device)
+        x.requires_grad_(False)
+        times, faults = time_shape(funcs, x, y, reps_for(n_rows * n_classes, args.quick), no_grad_step)
+        label = f"{n_rows}x{n_classes} {str(dtype).removeprefix('torch.')}"
+        for name in funcs:
+            print(f"{label:<22}{name:<34}{1e3 * times[name]:>10.3f}{times[name] / times[reference_of(name)]:>7.2f}"
+                  f"{times[name] / times[NO_GRAD_FLOOR]:>7.2f}{faults[name]:>8.0f}")
+            label = ""
+        print()
+        del x, y
+
+
+def fastai_targets(reps: int) -> None:
     """64 x 37 again, with the target typed as fastai's Learner passes it (`TensorCategory`)."""
     from fastai.torch_core import TensorCategory
 
     x, y = make_inputs(64, 37, torch.float32, torch.device("cpu"))
-    chosen = {name: funcs[name] for name in ("fastai_ls", NATIVE, "fastai CrossEntropyLossFlat", FLOOR)}
-    times = time_shape(chosen, x, TensorCategory(y), reps)
-    print("64x37 float32, target as fastai's TensorCategory (what a fastai Learner passes to its loss):")
-    for name, seconds in times.items():
-        print(f"  {name:<30}{1e3 * seconds:>10.3f} ms{seconds / times[NATIVE]:>7.2f} xT")
+    for title, funcs, run in [("forward+backward", methods(torch.device("cpu")), step),
+                              ("no grad", methods(torch.device("cpu"), no_grad=True), no_grad_step)]:
+        chosen = {name: f for name, f in funcs.items()
+                  if name in ("fastai_ls", "fastai_ls, 'none'", NATIVE, NATIVE_NONE, "fastai CrossEntropyLossFlat")}
+        times, _ = time_shape(chosen, x.requires_grad_(run is step), TensorCategory(y), reps, run)
+        print(f"64x37 float32, {title}, target as fastai's TensorCategory (what a fastai Learner passes):")
+        for name, seconds in times.items():
+            print(f"  {name:<34}{1e3 * seconds:>10.3f} ms{seconds / times[reference_of(name)]:>7.2f} xT")
 
 
-def steady_allocator() -> None:
-    """Keep freed memory in glibc's heap for reuse, as a training loop with fixed shapes ends up doing.
+def breakdown(n_rows: int, n_classes: int, quick: bool) -> None:
+    """Where the fused C path's time goes at one shape, every part timed interleaved (medians)."""
+    x, y = make_inputs(n_rows, n_classes, torch.float32, torch.device("cpu"))
+    xd = x.detach()
+    grad, out = torch.empty_like(xd), torch.empty_like(xd)
 
-    By default glibc maps each large block afresh and unmaps it on free, so every method's N x C buffers start
-    as page faults whose cost depends on which method ran before: at 4096 x 1000 that moved the floor between
-    1.3 and 3.4 ms. Blocks above 32 MiB (glibc's ceiling) are still mapped afresh, for every method alike.
-    """
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: serve blocks up to 32 MiB from the heap
-        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: do not hand freed heap memory back to the OS
+    def kernel(with_grad: bool) -> Callable:  # the kernel alone, on buffers allocated once
+        return lambda x, y: cpu_kernel.loss_and_grad(xd, y, -100, None, EPS, True, grad if with_grad else None, False)
+
+    parts = {
+        "kernel, loss + gradient": kernel(True),
+        "kernel, loss alone": kernel(False),
+        "forward (fresh gradient buffer)": lambda x, y: label_smoothing_cross_entropy(x, y, EPS),
+        "forward + backward": lambda x, y: label_smoothing_cross_entropy(x, y, EPS).backward(),
+        "no-grad forward": lambda x, y: no_grad_step(lambda x, y: label_smoothing_cross_entropy(x, y, EPS), x, y),
+        "floor: exp into a fresh tensor": lambda x, y: torch.exp(xd),
+        "exp into a reused tensor": lambda x, y: torch.exp(xd, out=out),
+        "fresh N x C, one write per page": lambda x, y: torch.empty_like(xd).view(-1)[::1024].fill_(0),
+    }
+    times, faults = time_shape(parts, x, y, reps_for(n_rows * n_classes, quick), lambda part, x, y: part(x, y))
+    print(f"\n{n_rows}x{n_classes} float32{'time ms':>24}{'faults':>8}")
+    for name in parts:
+        print(f"  {name:<40}{1e3 * times[name]:>10.3f}{faults[name]:>8.0f}")
 
 
 def _shape(text: str) -> tuple[int, int]:

@@ -25,14 +25,20 @@ Or, doing all of that itself (gloo without a GPU, nccl with one), launched one p
         learn.fit(3)
 
 With a single process (no WORLD_SIZE > 1) `distrib_ctx` does nothing, so the same script runs unchanged.
+
+`timeout=` bounds how long a collective waits for the other ranks (torch's default is 30 minutes). fastai gathers
+every batch's predictions across ranks, so when one rank fails and its process stays alive (a notebook, a retry
+loop), the others wait that long before failing; `distrib_ctx(learn, timeout=120)` makes them fail after 2 minutes.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -82,43 +88,89 @@ class DistributedTrainer(FastaiDistributedTrainer):
         return dl if isinstance(dl, FastaiDistributedDL) else DistributedDL(dl, device=self.learn.model.device)
 
 
-def setup_distrib(backend: str | None = None) -> bool:
-    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT);
-    backend default: nccl with CUDA (on the GPU LOCAL_RANK), else gloo. Returns whether this process is distributed.
+def setup_distrib(backend: str | None = None, timeout: timedelta | float | None = None) -> bool:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+
     A group joined here is left by (fastai's) `teardown_distrib` when Python exits: left up, gloo's worker threads
     may still hold tensors while Python shuts down, which aborts the process ("terminate called without an active
     exception").
 
-    >>> setup_distrib()  # in a single process: nothing to join
+    Parameters
+    ----------
+    backend : str or None, default None
+        The process group's backend; None: nccl with CUDA (on the GPU LOCAL_RANK), else gloo.
+    timeout : timedelta, float (seconds) or None, default None
+        How long a collective (and joining the group) waits for the other ranks before raising; None: torch's
+        default, 30 minutes. It applies to a group started here: one already up keeps its own (with a warning).
+
+    Returns
+    -------
+    bool
+        Whether this process is distributed (more than one process in torchrun's environment).
+
+    Examples
+    --------
+    >>> setup_distrib(timeout=120)  # in a single process: nothing to join
     False
     """
+    timeout = _as_timedelta(timeout)
     if num_distrib() <= 1:
         return False
-    if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend or ("nccl" if cuda else "gloo"), init_method="env://")
-        atexit.register(teardown_distrib)
+    if dist.is_initialized():
+        if timeout is not None:
+            warnings.warn("the process group was started before setup_distrib/distrib_ctx: its timeout is "
+                          "unchanged (pass timeout= where it is started)", RuntimeWarning, stacklevel=2)
+        return True
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend or ("nccl" if cuda else "gloo"), init_method="env://", timeout=timeout)
+    atexit.register(teardown_distrib)
     return True
+
+
+def _as_timedelta(timeout: timedelta | float | None) -> timedelta | None:
+    if timeout is None or isinstance(timeout, timedelta):
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds or a timedelta, got {timeout!r}")
+    return timedelta(seconds=timeout)
 
 
 @contextmanager
 def distrib_ctx(
-    learn: Learner,  # the Learner to train in distributed data-parallel mode
-    sync_bn: bool | None = None,  # BatchNorm -> SyncBatchNorm; default: with CUDA only (SyncBatchNorm is GPU-only)
-    backend: str | None = None,  # process-group backend; default nccl with CUDA, else gloo
-    **kwargs,  # for `accelerate.Accelerator`
+    learn: Learner,
+    sync_bn: bool | None = None,
+    backend: str | None = None,
+    timeout: timedelta | float | None = None,
+    **kwargs,
 ) -> Iterator[Learner]:
     """Like fastai's `learn.distrib_ctx()`, but on CPU processes (gloo) too: DDP model, sharded data, and
     logging on rank 0 only. The process group is left running (accelerate keeps a handle to it) until exit, when
-    `teardown_distrib` leaves it.
-    Also applies `patch_fastai_for_gloo`, so `get_preds` on fastai's own `DistributedDL` works afterwards.
+    `teardown_distrib` leaves it. Also applies `patch_fastai_for_gloo`, so `get_preds` on fastai's own
+    `DistributedDL` works afterwards.
 
-    >>> with distrib_ctx(learn): learn.fit(1)  # doctest: +SKIP
+    Parameters
+    ----------
+    learn : Learner
+        The Learner to train in distributed data-parallel mode.
+    sync_bn : bool or None, default None
+        Replace BatchNorm with SyncBatchNorm; None: with CUDA only (SyncBatchNorm is GPU-only).
+    backend : str or None, default None
+        The process group's backend; None: nccl with CUDA, else gloo.
+    timeout : timedelta, float (seconds) or None, default None
+        How long every collective waits for the other ranks before raising (`setup_distrib`); None: torch's 30
+        minutes. fastai gathers predictions every batch, so a rank whose peer failed but stayed alive waits this
+        long.
+    **kwargs
+        Passed to `accelerate.Accelerator` (through fastai's `DistributedTrainer`).
+
+    Examples
+    --------
+    >>> with distrib_ctx(learn, timeout=300): learn.fit(1)  # doctest: +SKIP
     """
     patch_fastai_for_gloo()
-    if not setup_distrib(backend):
+    if not setup_distrib(backend, timeout):
         yield learn
         return
     cuda = _collective_device().type == "cuda"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastai_ls.loss.formula import check_options, check_weight
+from fastai_ls.loss.checks import check_options, check_weight, check_weight_values
 from fastai_ls.loss.functional import label_smoothing_cross_entropy
 from fastai_ls.tensor_input import plain, upcast
 
@@ -15,8 +15,34 @@ __all__ = ["label_smoothing_cross_entropy", "LabelSmoothingCrossEntropy", "Label
 
 
 class LabelSmoothingCrossEntropy(nn.Module):
-    """Label-smoothing cross-entropy for fastai with PyTorch's semantics (class axis 1).
+    """Label-smoothing cross-entropy for fastai with PyTorch's semantics (class axis 1): logits (N, C) or
+    (N, C, d1, ..., dk), targets as class ids (N,) / (N, d1, ..., dk) or probabilities with the logits' shape.
+    Equals `F.cross_entropy(..., label_smoothing=eps)` for `smoothing='uniform'`; `activation` (softmax) and
+    `decodes` (argmax) over the class axis serve fastai's `get_preds` and `predict`.
 
+    Parameters
+    ----------
+    eps : float, default 0.1
+        Smoothing, in [0, 1): the share of the target mass spread over the classes. 0 is plain cross-entropy.
+    weight : Tensor or None, default None
+        Per-class weights (C,), finite and non-negative, PyTorch's convention (`w_c` in both terms, 'mean' divides
+        by the sum of `w_y` over the kept rows). Kept as a copy in a buffer, so it moves with `.to()` and is saved
+        with the model; never differentiated.
+    reduction : str, default 'mean'
+        'mean', 'sum' or 'none'. A plain attribute read at call time: fastai's `NoneReduce` (MixUp, CutMix,
+        `get_preds(with_loss=True)`, `Interpretation`) sets it to 'none'.
+    ignore_index : int, default -100
+        Integer targets equal to this contribute nothing (loss, divisor, gradient). Must fit in int64.
+    smoothing : str, default 'uniform'
+        'uniform': eps/C on every class (PyTorch, fastai, timm); 'others': eps/(C-1) on each wrong class
+        (fairseq), the same as uniform smoothing with eps*C/(C-1).
+    fused : bool or None, default None
+        None: the fused kernels for integer targets (loss and gradient in one sweep during training, the loss
+        alone under `torch.no_grad()`); False: the reference path of torch operations (second derivatives);
+        True: the fused kernels, an error for probability targets. See `label_smoothing_cross_entropy`.
+
+    Examples
+    --------
     >>> loss_func = LabelSmoothingCrossEntropy(eps=0.1)
     >>> loss_func(torch.randn(4, 3), torch.tensor([0, 2, 1, 0])).shape
     torch.Size([])
@@ -27,17 +53,19 @@ class LabelSmoothingCrossEntropy(nn.Module):
 
     def __init__(
         self,
-        eps: float = 0.1,  # smoothing: the share of target mass spread over the classes
-        weight: Tensor | None = None,  # per-class weights (a buffer: moves with `.to()`)
-        reduction: str = "mean",  # read at call time: fastai's `NoneReduce` sets it to 'none'
-        ignore_index: int = -100,  # integer targets equal to this contribute nothing
-        smoothing: str = "uniform",  # 'uniform' (PyTorch, fastai, timm) or 'others' (fairseq)
+        eps: float = 0.1,
+        weight: Tensor | None = None,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        smoothing: str = "uniform",
         *,
-        fused: bool | None = None,  # see `label_smoothing_cross_entropy`; False forces the reference path
+        fused: bool | None = None,
     ):
+        """Check and store the options (see the class's Parameters)."""
         super().__init__()
         check_options(eps, reduction, smoothing, ignore_index)
         check_weight(weight)
+        check_weight_values(weight)
         self.eps, self.reduction, self.ignore_index, self.smoothing = eps, reduction, ignore_index, smoothing
         self.fused = fused
         # A copy, so that moving or loading the module never writes into the caller's tensor.
@@ -62,9 +90,40 @@ class LabelSmoothingCrossEntropy(nn.Module):
 
 
 class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
-    """`LabelSmoothingCrossEntropy` with fastai's `BaseLoss` conventions: class axis `axis` (default last), inputs
-    and targets flattened to rows, so 'none' gives one loss per flattened position.
+    """`LabelSmoothingCrossEntropy` with fastai's `BaseLoss` conventions: the class axis is `axis` (default
+    last, as for fastai's `CrossEntropyLossFlat`), inputs and targets are flattened to rows, so 'none' gives one loss
+    per flattened position, in the target's order.
 
+    Parameters
+    ----------
+    eps : float, default 0.1
+        Smoothing, in [0, 1): the share of the target mass spread over the classes. 0 is plain cross-entropy.
+    weight : Tensor or None, default None
+        Per-class weights (C,), finite and non-negative, PyTorch's convention (`w_c` in both terms, 'mean' divides
+        by the sum of `w_y` over the kept rows). Kept as a copy in a buffer, so it moves with `.to()` and is saved
+        with the model; never differentiated.
+    reduction : str, default 'mean'
+        'mean', 'sum' or 'none'. A plain attribute read at call time: fastai's `NoneReduce` (MixUp, CutMix,
+        `get_preds(with_loss=True)`, `Interpretation`) sets it to 'none'.
+    ignore_index : int, default -100
+        Integer targets equal to this contribute nothing (loss, divisor, gradient). Must fit in int64.
+    smoothing : str, default 'uniform'
+        'uniform': eps/C on every class (PyTorch, fastai, timm); 'others': eps/(C-1) on each wrong class
+        (fairseq), the same as uniform smoothing with eps*C/(C-1).
+    fused : bool or None, default None
+        None: the fused kernels for integer targets (loss and gradient in one sweep during training, the loss
+        alone under `torch.no_grad()`); False: the reference path of torch operations (second derivatives);
+        True: the fused kernels, an error for probability targets. See `label_smoothing_cross_entropy`.
+    axis : int, default -1
+        The class axis of the model's output: -1 for (N, C) and (N, T, C) text outputs, 1 for (N, C, H, W) masks.
+        `activation` and `decodes` use it too.
+    flatten : bool, default True
+        Flatten 'none' losses to one dimension, as fastai's `BaseLoss` does; False keeps the target's shape.
+    floatify : bool, default False
+        Cast the target to float: a probability target laid out like the input.
+
+    Examples
+    --------
     >>> loss_func = LabelSmoothingCrossEntropyFlat()
     >>> loss_func(torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5)), reduction='none').shape
     torch.Size([10])
@@ -72,13 +131,19 @@ class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
 
     def __init__(
         self,
-        *args,
-        axis: int = -1,  # class axis of the model's output, e.g. -1 for (N, T, C) text, 1 for (N, C, H, W) masks
-        flatten: bool = True,  # flatten to (rows, C) before the loss, as fastai's `BaseLoss` does
-        floatify: bool = False,  # cast the target to float (a probability target laid out like the input)
-        **kwargs,
+        eps: float = 0.1,
+        weight: Tensor | None = None,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        smoothing: str = "uniform",
+        *,
+        fused: bool | None = None,
+        axis: int = -1,
+        flatten: bool = True,
+        floatify: bool = False,
     ):
-        super().__init__(*args, **kwargs)
+        """Check and store the options (see the class's Parameters)."""
+        super().__init__(eps, weight, reduction, ignore_index, smoothing, fused=fused)
         self.axis, self.flatten, self.floatify = axis, flatten, floatify
 
     @property

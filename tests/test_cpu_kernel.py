@@ -96,6 +96,42 @@ def test_exp_is_float32_accurate_down_to_underflow(kernel_calls):
     assert (grad[~normal] - exact[~normal]).abs().max() < 1e-37  # 0 below exp(-88): no denormal results
 
 
+@pytest.mark.parametrize("shape", [(12, 7), (64, 1000), (4, 5, 3, 2)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_without_grad_the_kernel_computes_the_loss_alone(monkeypatch, shape, reduction, weighted):
+    # fastai's validation loss and get_preds(with_loss=True): under no_grad the kernel writes no gradient.
+    passed, run = [], cpu_kernel._kernel
+    monkeypatch.setattr(cpu_kernel, "_kernel", lambda *args: passed.append(args[9]) or run(*args))
+    x, y, w = make_case(shape, weighted, ignored=True)
+    with torch.no_grad():
+        loss = label_smoothing_cross_entropy(x, y, 0.1, w, reduction)
+    assert passed == [None]  # the gradient pointer
+    expected = F.cross_entropy(x.double(), y, None if w is None else w.double(), reduction=reduction,
+                               label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("n_classes", [16, 17, 31, 37, 100])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_without_grad_every_class_of_a_row_counts_once(kernel_calls, n_classes, weighted):
+    # Without a gradient the kernel does a row's last n_classes % 16 classes as one more 16-class block, whose
+    # first lanes the vector loops counted already: each class must count once, special values in any lane too.
+    x, y, w = make_case((4 * n_classes, n_classes), weighted, ignored=True)
+    x = x.detach()
+    for row in range(0, x.shape[0], 4):  # a NaN, +inf or -inf in every position, the overlap and the tail included
+        x[row, row // 4] = [float("nan"), float("inf"), -float("inf")][row // 4 % 3]
+    with torch.no_grad():
+        loss = label_smoothing_cross_entropy(x, y, 0.1, w, "none")
+    with_grad = label_smoothing_cross_entropy(x.requires_grad_(), y, 0.1, w, "none")  # no block on this path
+    assert len(kernel_calls) == 2
+    torch.testing.assert_close(loss, with_grad.detach(), rtol=1e-6, atol=1e-6, equal_nan=True)
+    expected = F.cross_entropy(x.detach().double(), y, None if w is None else w.double(), reduction="none",
+                               label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), expected.masked_fill(expected.isinf(), float("nan")), rtol=2e-6,
+                               atol=2e-6, equal_nan=True)
+
+
 def test_kernel_equals_the_torch_path_it_replaces(monkeypatch, kernel_calls):
     x, y, w = make_case((33, 300), weighted=True, ignored=True)
     loss = label_smoothing_cross_entropy(x, y, 0.1, w, "none", smoothing="others")
@@ -153,7 +189,7 @@ def test_the_kernel_checks_ids_as_it_reads_them_and_writes_nothing_on_a_bad_one(
     assert kernel_calls
     grad = torch.full_like(x, 7.0)
     with pytest.raises(ValueError, match="target ids must be in"):
-        cpu_kernel.loss_and_grad(x.detach(), y, -100, None, 0.1, True, grad)
+        cpu_kernel.loss_and_grad(x.detach(), y, -100, None, 0.1, True, grad, True)
     assert (grad == 7).all()
 
 

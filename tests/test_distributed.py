@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,78 @@ def test_a_process_group_joined_by_setup_distrib_is_left_cleanly_at_exit(tmp_pat
     result = subprocess.run([*torchrun(), str(script)], env=worker_env(), capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+# --- timeout= (issue 11): a rank whose peer failed but stayed alive must not wait 30 minutes -----------------------
+
+WAIT_FOR_A_PEER_THAT_NEVER_COMES = """
+import os, sys, time
+from pathlib import Path
+import torch
+out = Path(sys.argv[1])
+from fastai_ls.distributed import distrib_ctx, setup_distrib
+if os.environ["RANK"] == "1":  # joins, then fails without leaving (a notebook, a retry loop): it stays alive
+    setup_distrib(timeout=2)
+    deadline = time.monotonic() + 90
+    while not (out / "rank0.txt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os._exit(0)
+sys.path.insert(0, sys.argv[2])
+from distributed_worker import make_learner
+learn, _ = make_learner()
+start = time.monotonic()
+try:
+    with distrib_ctx(learn, timeout=2), learn.no_logging(), learn.no_bar():
+        learn.fit(1)
+    message = "finished"
+except Exception as err:
+    message = f"{type(err).__name__}: {err}"
+(out / "rank0.txt").write_text(f"{time.monotonic() - start:.1f}\\n{message}")
+os._exit(0)
+"""
+
+
+def test_a_rank_whose_peer_stays_alive_fails_after_the_timeout_not_30_minutes(tmp_path, free_port):
+    script = tmp_path / "timeout_worker.py"
+    script.write_text(WAIT_FOR_A_PEER_THAT_NEVER_COMES)
+    env = worker_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), str(HERE)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    report = tmp_path / "rank0.txt"
+    assert report.exists(), "\n\n".join(logs)[-5000:]
+    seconds, message = report.read_text().split("\n", 1)
+    assert "timed out" in message.lower() or "timeout" in message.lower(), message
+    assert float(seconds) < 60, seconds  # 2 s of timeout (measured: 2.1 s), plus the start of DDP
+
+
+@pytest.mark.parametrize("timeout, expected", [(2.5, timedelta(seconds=2.5)), (timedelta(minutes=3),
+                                                                                 timedelta(minutes=3)), (None, None)])
+def test_setup_distrib_starts_the_process_group_with_the_timeout(monkeypatch, timeout, expected):
+    import fastai_ls.distributed as distributed
+
+    started = {}
+    monkeypatch.setattr(distributed, "num_distrib", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: started.update(kwargs))
+    monkeypatch.setattr(distributed.atexit, "register", lambda func: None)
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    assert distributed.setup_distrib(timeout=timeout)
+    assert started == {"backend": "gloo", "init_method": "env://", "timeout": expected}
+
+
+def test_a_timeout_for_a_group_already_up_warns_and_a_bad_one_raises(monkeypatch):
+    import fastai_ls.distributed as distributed
+
+    monkeypatch.setattr(distributed, "num_distrib", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    with pytest.warns(RuntimeWarning, match="timeout is unchanged"):
+        assert distributed.setup_distrib(timeout=5)
+    for bad in (0, -1, "5", True):
+        with pytest.raises(ValueError, match="timeout must be a positive number"):
+            distributed.setup_distrib(timeout=bad)

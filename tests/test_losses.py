@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import pickle
+import pydoc
+import re
 
 import pytest
 import torch
@@ -344,10 +347,14 @@ def test_all_targets_ignored_behaves_like_torch():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_non_finite_logits_give_nan(bad, eps):
+@pytest.mark.parametrize("on_target", [True, False], ids=["on the target", "on another class"])
+def test_non_finite_logits_give_nan(bad, eps, on_target):
     x, y = logits_and_target((4, 5), ignore=False)
-    x[1, 3] = bad
+    x[1, y[1] if on_target else (y[1] + 1) % 5] = bad
     per_row = label_smoothing_cross_entropy(x, y, eps=eps, reduction="none")
+    if bad == -float("inf") and eps == 0 and not on_target:  # a class the target does not cover: PyTorch's number
+        torch.testing.assert_close(per_row, F.cross_entropy(x, y, reduction="none"))
+        return
     assert per_row[1].isnan() and per_row[[0, 2, 3]].isfinite().all()
     assert label_smoothing_cross_entropy(x, y, eps=eps).isnan()
 
@@ -400,3 +407,37 @@ def test_ignore_index_out_of_class_range_is_accepted():
     x, y = torch.randn(4, 3), torch.tensor([0, 255, 2, 255])
     actual = label_smoothing_cross_entropy(x, y, ignore_index=255)
     assert_close_rel(actual, F.cross_entropy(x, y, ignore_index=255, label_smoothing=0.1))
+
+
+# --- documentation ------------------------------------------------------------------------------------------------
+
+
+def documented_parameters(doc: str) -> dict[str, str]:
+    """name -> description, from a numpy-style docstring's Parameters section."""
+    lines = inspect.cleandoc(doc).splitlines()
+    start = lines.index("Parameters") + 2
+    assert lines[start - 1].startswith("---"), "no Parameters section"
+    found, name = {}, None
+    for line, following in zip(lines[start:], lines[start + 1:] + [""]):
+        if following.startswith("---"):  # the next section's title
+            break
+        header = re.fullmatch(r"(\*{0,2}\w+) : .+", line)
+        if header:
+            name = header.group(1).lstrip("*")
+            found[name] = ""
+        elif name and line.startswith("    "):
+            found[name] += line.strip() + " "
+    return found
+
+
+@pytest.mark.parametrize("documented", [LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat,
+                                        label_smoothing_cross_entropy], ids=lambda f: f.__name__)
+def test_help_explains_every_parameter(documented):
+    func = documented.__init__ if inspect.isclass(documented) else documented
+    names = [p for p in inspect.signature(func).parameters if p != "self"]
+    described = documented_parameters(documented.__doc__)
+    assert list(described) == names  # every parameter, in the signature's order, and nothing else
+    assert all(len(text.split()) >= 4 for text in described.values()), described
+    text = pydoc.render_doc(documented, renderer=pydoc.plaintext)
+    assert "Initialize internal Module state" not in text  # torch's generic __init__ docstring
+    assert all(f"{name} : " in text for name in names)

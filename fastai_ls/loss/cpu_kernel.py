@@ -1,28 +1,67 @@
 """The compiled CPU kernel of the fused loss (`fused_cpu.c`), called through ctypes: float32 logits on the CPU.
 
 The kernel is built at install time as an optional extension (setup.py). Where it could not be built (no C compiler)
-`AVAILABLE` is False and `fused.py` runs the same arithmetic as torch operations instead.
+`AVAILABLE` is False and `fused.py` runs the same arithmetic as torch operations instead; where the file is there but
+cannot be loaded (truncated, built for another machine, a missing OpenMP runtime) the same happens, with one warning.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
+import struct
+import warnings
 
 import torch
 from torch import Tensor
 
-from fastai_ls.loss.formula import check_ids
+from fastai_ls.loss.checks import check_ids, check_weight_values
 
 __all__ = ["AVAILABLE", "accepts", "loss_and_grad"]
 
 # Below this many logits one thread is quicker than waking a second (torch's own grain size for elementwise work).
 PARALLEL_NUMEL = 32768
+# The kernel's return codes besides a bad row (>= 0); see fused_cpu.c.
+DONE, BAD_WEIGHT, NO_MEMORY = -1, -2, -3
 
 
-def _load() -> ctypes._CFuncPtr | None:
-    spec = importlib.util.find_spec("fastai_ls.loss._fused_cpu")
-    return None if spec is None or not spec.origin else bind(ctypes.CDLL(spec.origin))
+def load(path: str | None) -> ctypes._CFuncPtr | None:
+    """The kernel's function in the library at `path`, or None: when `path` is None (not built), or with a warning
+    when the library cannot be loaded, so that every call takes the torch path instead of failing."""
+    if path is None:
+        return None
+    try:
+        _check_not_truncated(path)
+        return bind(ctypes.CDLL(path))
+    except (OSError, AttributeError) as err:  # not a loadable library for this machine, or not ours
+        warnings.warn(f"fastai_ls: the compiled loss kernel {path} cannot be loaded ({err}); the loss runs its torch "
+                      f"path instead (same results, slower on float32 CPU logits). Reinstall fastai_ls to rebuild it.",
+                      RuntimeWarning, stacklevel=2)
+        return None
+
+
+def _check_not_truncated(path: str) -> None:
+    """Raise OSError if the ELF file at `path` ends before its own headers and loaded segments: the dynamic loader
+    maps a truncated file's missing pages all the same, and touching them kills the process (SIGBUS) instead of
+    raising. Other files (not ELF, or 32-bit) are left to the loader, which rejects what it cannot read."""
+    with open(path, "rb") as file:
+        header = file.read(64)
+        if len(header) < 64 or header[:5] != b"\x7fELF\x02" or header[5] not in (1, 2):
+            return
+        order = "<" if header[5] == 1 else ">"
+        ph_offset, sh_offset = struct.unpack_from(order + "QQ", header, 32)
+        ph_size, ph_count, sh_size, sh_count = struct.unpack_from(order + "HHHH", header, 54)
+        needed = max(ph_offset + ph_size * ph_count, sh_offset + sh_size * sh_count)
+        file.seek(ph_offset)
+        program_headers = file.read(ph_size * ph_count)
+    for i in range(len(program_headers) // ph_size if ph_size >= 56 else 0):
+        kind, _, offset, _, _, file_size = struct.unpack_from(order + "IIQQQQ", program_headers, i * ph_size)
+        if kind == 1:  # PT_LOAD
+            needed = max(needed, offset + file_size)
+    size = os.path.getsize(path)
+    if size < needed:
+        raise OSError(f"{path} is truncated: {size} bytes of {needed}")
 
 
 def bind(library: ctypes.CDLL) -> ctypes._CFuncPtr:
@@ -30,12 +69,17 @@ def bind(library: ctypes.CDLL) -> ctypes._CFuncPtr:
     func = library.fused_cpu_loss_and_grad
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     func.argtypes = [pointer, size, size, size, pointer, size, pointer, ctypes.c_double, ctypes.c_int,
-                     pointer, pointer, ctypes.POINTER(ctypes.c_double), ctypes.c_int]
+                     pointer, pointer, pointer, ctypes.c_int]
     func.restype = ctypes.c_int64
     return func
 
 
-_kernel = _load()
+def _built_library() -> str | None:
+    spec = importlib.util.find_spec("fastai_ls.loss._fused_cpu")
+    return spec.origin if spec is not None and spec.origin else None
+
+
+_kernel = load(_built_library())
 AVAILABLE = _kernel is not None
 
 
@@ -45,18 +89,32 @@ def accepts(input: Tensor) -> bool:
 
 
 def loss_and_grad(x: Tensor, t: Tensor, ignore_index: int, w: Tensor | None, eps: float, mean: bool,
-                  grad: Tensor) -> tuple[Tensor, float]:
-    """Per-row losses of `x` (M, C) against int64 ids `t`, and their sum (PyTorch's 'mean' if `mean`); the gradient
-    of that sum or mean is written into `grad` (contiguous). The kernel checks the ids: one that is neither a class
-    nor `ignore_index` raises ValueError before anything is written."""
+                  grad: Tensor | None, per_row: bool) -> Tensor:
+    """The per-row losses of `x` (M, C) against int64 ids `t` if `per_row`, else their sum (PyTorch's 'mean' if
+    `mean`) as a 0-d tensor. With `grad` (contiguous, M x C) the gradient of that sum or mean is written into it.
+
+    The kernel checks the float32 weights `w` and the ids, reading each id once: a negative or non-finite weight, or
+    an id that is neither a class nor `ignore_index`, raises ValueError before anything is written."""
     n_rows, n_classes = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()
-    t, loss, reduced = t.contiguous(), x.new_empty(n_rows), ctypes.c_double()
-    w = None if w is None else w.contiguous()
+    t = t if t.is_contiguous() else t.contiguous()
+    out = x.new_empty(n_rows if per_row else ())
     n_threads = torch.get_num_threads() if x.numel() >= PARALLEL_NUMEL else 1
-    bad_row = _kernel(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,
-                      None if w is None else w.data_ptr(), eps, mean, grad.data_ptr(), loss.data_ptr(), reduced,
-                      n_threads)
-    if bad_row >= 0:
-        check_ids(t, n_classes, ignore_index)  # raises, naming the ids
-    return loss, reduced.value
+    code = _kernel(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,
+                   None if w is None else w.data_ptr(), eps, mean, None if grad is None else grad.data_ptr(),
+                   out.data_ptr() if per_row else None, None if per_row else out.data_ptr(), n_threads)
+    if code != DONE:
+        _raise(code, t, n_classes, ignore_index, w)
+    return out
+
+
+def _raise(code: int, t: Tensor, n_classes: int, ignore_index: int, w: Tensor | None) -> None:
+    """The error for the kernel's return `code`, naming the problem as the checks of the other paths do."""
+    if code == NO_MEMORY:
+        raise MemoryError(f"fastai_ls: no memory for the loss kernel's {t.numel()} ids")
+    if code == BAD_WEIGHT:
+        check_weight_values(w)  # raises, naming the problem
+        raise ValueError("weight must be finite and non-negative (it changed while the loss read it)")
+    check_ids(t, n_classes, ignore_index)  # raises, naming the ids
+    raise ValueError(f"target ids must be in [0, {n_classes}) or equal ignore_index={ignore_index}; the id in row "
+                     f"{code} was not (the target changed while the loss read it)")

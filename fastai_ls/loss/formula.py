@@ -1,5 +1,5 @@
-"""The label-smoothing cross-entropy's formula and argument checks: the one home of the arithmetic that every
-path (the reference path here, the fused path in `fused.py`, the C and Triton kernels) computes.
+"""The label-smoothing cross-entropy's formula: the one home of the arithmetic that every path (the reference path
+here, the fused path in `fused.py`, the C and Triton kernels) computes. The argument checks are in `checks.py`.
 
 Every variant (uniform or other-classes smoothing, integer or probability targets, with or without class
 weights) is the same cross-entropy against a smoothed target distribution q:
@@ -12,104 +12,17 @@ differ between integer and probability targets (`hard_target_terms`, `soft_targe
 
 from __future__ import annotations
 
-import numbers
+import math
 
 import torch
 from torch import Tensor
 
-from fastai_ls.tensor_input import upcast
+from fastai_ls.loss.checks import check_eps, check_ids, check_weight_values, class_ids, weight_in
+from fastai_ls.tensor_input import compute_dtype, upcast
 
-__all__ = ["check_eps", "check_options", "check_weight", "check_input", "check_target", "check_ids", "uniform_eps",
-           "reference_cross_entropy", "REDUCTIONS", "SMOOTHINGS"]
-
-REDUCTIONS = ("mean", "sum", "none")
-SMOOTHINGS = ("uniform", "others")
-
-
-# --- argument checks: all run before any arithmetic on the device -------------------------------------------------
-
-
-def check_eps(eps: float) -> None:
-    """Raise unless `eps` is a real number in [0, 1)."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    if not 0 <= eps < 1:
-        raise ValueError(f"eps must be in [0, 1), got {eps}")
-
-
-def check_options(eps: float, reduction: str, smoothing: str, ignore_index: int) -> None:
-    """Raise if a scalar option of the loss is invalid."""
-    check_eps(eps)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if smoothing not in SMOOTHINGS:
-        raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-
-
-def check_weight(weight: Tensor | None, n_classes: int | None = None) -> None:
-    """Raise unless `weight` is None or a finite, non-negative float vector (of length `n_classes` if given)."""
-    if weight is None:
-        return
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
-    if weight.dim() != 1:
-        raise ValueError(f"weight must be 1-D with one entry per class, got shape {tuple(weight.shape)}")
-    if n_classes is not None and weight.numel() != n_classes:
-        raise ValueError(f"weight has {weight.numel()} entries but the input has {n_classes} classes")
-    if not bool(((weight >= 0) & weight.isfinite()).all()):
-        raise ValueError("weight must be finite and non-negative")
-
-
-def check_input(input: Tensor) -> None:
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if not input.is_floating_point():
-        raise TypeError(f"input must hold floating-point logits, got {input.dtype}")
-    if input.dim() < 2:
-        raise ValueError(f"input must be (N, C) or (N, C, d1, ...), got shape {tuple(input.shape)}")
-    if input.shape[1] < 1:
-        raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
-
-
-def check_target(input: Tensor, target: Tensor, ignore_index: int) -> None:
-    """Raise unless `target`'s type, device and shape fit `input` (integer ids are checked by `check_ids`)."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.device != input.device:
-        raise ValueError(f"target is on {target.device} but input is on {input.device}")
-    if target.is_floating_point():
-        if target.shape != input.shape:
-            raise ValueError(
-                f"a probability target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
-            )
-        if ignore_index >= 0:
-            raise ValueError("ignore_index is not supported for probability (floating-point) targets")
-        return
-    if target.dtype == torch.bool or target.is_complex():
-        raise TypeError(f"target must hold integer class ids or float probabilities, got {target.dtype}")
-    expected = input.shape[:1] + input.shape[2:]
-    if target.shape != expected:
-        raise ValueError(f"integer target must have shape {tuple(expected)} for input {tuple(input.shape)}, "
-                         f"got {tuple(target.shape)}")
-
-
-def check_ids(target: Tensor, n_classes: int, ignore_index: int) -> tuple[int, int] | None:
-    """Raise unless every id in `target` is a class or `ignore_index`; returns the smallest and largest id (None
-    for an empty target)."""
-    if target.numel() == 0:
-        return None
-    lo, hi = (bound.item() for bound in torch.aminmax(target))
-    if lo >= 0 and hi < n_classes:  # the common case costs one reduction
-        return lo, hi
-    bad = target[(target != ignore_index) & ((target < 0) | (target >= n_classes))]
-    if bad.numel():
-        raise ValueError(f"target ids must be in [0, {n_classes}) or equal ignore_index={ignore_index}; "
-                         f"found {bad.unique()[:5].tolist()}")
-    return lo, hi
+# check_eps is re-exported for `fastai_ls.cli`, which imports it from here.
+__all__ = ["check_eps", "uniform_eps", "hard_target_terms", "hard_target_mix", "soft_target_terms", "kept_targets",
+           "cross_entropy", "reduce_loss", "mean_divisor", "reference_cross_entropy"]
 
 
 # --- the formula -------------------------------------------------------------------------------------------------
@@ -124,16 +37,10 @@ def uniform_eps(eps: float, smoothing: str, n_classes: int) -> float:
     return float(eps) * n_classes / (n_classes - 1)
 
 
-
-
-
-
-
-
 def hard_target_terms(z: Tensor, y: Tensor, eps: float, weight: Tensor | None) -> tuple[Tensor | float, Tensor]:
     """`mass` and `sum_c w_c q_c z_c` for q = (1-eps) onehot(y) + eps/C; `y` must be valid ids."""
     z_y = z.gather(1, y[:, None]).squeeze(1)
-    return hard_target_mix(z_y, weighted_row_sum(z, weight), y, eps, weight, z.shape[1])
+    return hard_target_mix(z_y, weighted_row_sum(z, weight) if eps else None, y, eps, weight, z.shape[1])
 
 
 def weighted_row_sum(z: Tensor, weight: Tensor | None) -> Tensor:
@@ -141,12 +48,17 @@ def weighted_row_sum(z: Tensor, weight: Tensor | None) -> Tensor:
     return z.sum(1) if weight is None else (z * weight).sum(1)
 
 
-def hard_target_mix(z_y: Tensor, wz: Tensor, y: Tensor, eps: float, weight: Tensor | None,
-                     n_classes: int) -> tuple[Tensor | float, Tensor]:
-    """`hard_target_terms` from per-row sums: `z_y` the true class's z and `wz` = sum_c w_c z_c."""
+def hard_target_mix(z_y: Tensor, wz: Tensor | None, y: Tensor, eps: float, weight: Tensor | None,
+                    n_classes: int) -> tuple[Tensor | float, Tensor]:
+    """`hard_target_terms` from per-row sums: `z_y` the true class's z and `wz` = sum_c w_c z_c.
+
+    With eps = 0 (plain cross-entropy) the smoothing term is left out, not multiplied by 0: `wz` may be None, and
+    a -inf logit, or finite logits so far apart that their sum overflows, cannot turn a finite loss into NaN."""
     if weight is None:
-        return 1.0, (1 - eps) * z_y + (eps / n_classes) * wz
+        return 1.0, ((1 - eps) * z_y + (eps / n_classes) * wz) if eps else z_y
     w_y = weight[y]
+    if not eps:
+        return w_y, w_y * z_y
     mass = (1 - eps) * w_y + (eps / n_classes) * weight.sum()
     return mass, (1 - eps) * w_y * z_y + (eps / n_classes) * wz
 
@@ -160,7 +72,7 @@ def soft_target_terms(z: Tensor, q: Tensor, eps: float, weight: Tensor | None) -
 
 
 def kept_targets(t: Tensor, ignore_index: int, weight: Tensor | None, dtype: torch.dtype,
-                  may_ignore: bool = True) -> tuple[Tensor, Tensor | None, Tensor | int]:
+                 may_ignore: bool = True) -> tuple[Tensor, Tensor | None, Tensor | int]:
     """Ids with ignored rows read as class 0, the ignored-row mask, and the 'mean' divisor (sum_kept w_y).
     `may_ignore=False` (no id can equal ignore_index): no mask (None), and without weights a divisor in Python."""
     if not may_ignore:
@@ -182,14 +94,22 @@ def class_rows_last(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     x = upcast(input.movedim(1, -1).reshape(-1, n_classes))
     if target.is_floating_point():
         return x, target.movedim(1, -1).reshape(-1, n_classes).to(x.dtype)
-    return x, target.reshape(-1).long()
+    return x, class_ids(target)
+
+
+def mean_divisor(divisor: Tensor | float) -> Tensor | float:
+    """The 'mean' divisor, NaN where it is 0 (nothing kept, or only zero-weight classes): PyTorch's 'mean' is NaN
+    there, and so is its gradient on every kept row, even where the summed loss is positive."""
+    if isinstance(divisor, Tensor):
+        return divisor.where(divisor > 0, math.nan)
+    return divisor if divisor > 0 else math.nan
 
 
 def reduce_loss(loss: Tensor, divisor: Tensor | float, reduction: str, shape: torch.Size) -> Tensor:
     if reduction == "none":
         return loss.reshape(shape)
     total = loss.sum()
-    return total if reduction == "sum" else total / divisor
+    return total if reduction == "sum" else total / mean_divisor(divisor)
 
 
 def nan_for_infinite_logits(loss: Tensor) -> Tensor:
@@ -200,21 +120,27 @@ def nan_for_infinite_logits(loss: Tensor) -> Tensor:
 
 def reference_cross_entropy(input: Tensor, target: Tensor, eps: float, weight: Tensor | None, reduction: str,
                             ignore_index: int) -> Tensor:
-    """The loss from torch operations, differentiable to any order: checked arguments, uniform `eps`."""
+    """The loss from torch operations, differentiable to any order (and under `torch.func` transforms), for
+    arguments that passed `functional`'s checks and uniform `eps`; checks the weights' and ids' values itself."""
     n_classes = input.shape[1]
-    if not target.is_floating_point():
-        check_ids(target, n_classes, ignore_index)
     out_shape = input.shape[:1] + input.shape[2:]
     x, t = class_rows_last(input, target)
-    w = None if weight is None else weight.to(device=x.device, dtype=x.dtype)
-
-    z = x - x.detach().amax(1, keepdim=True)  # the loss does not depend on the shift, so no gradient flows into it
-    log_sum_exp_z = z.exp().sum(1).log()
     if t.is_floating_point():
-        loss = nan_for_infinite_logits(cross_entropy(log_sum_exp_z, *soft_target_terms(z, t, eps, w)))
+        check_weight_values(weight)
+    else:
+        check_ids(t, n_classes, ignore_index, weight)
+    w = weight_in(weight, compute_dtype(input.dtype), input.device)
+
+    if t.is_floating_point():
+        z = x - x.detach().amax(1, keepdim=True)  # the loss does not depend on the shift: no gradient flows into it
+        loss = nan_for_infinite_logits(cross_entropy(z.exp().sum(1).log(), *soft_target_terms(z, t, eps, w)))
         return reduce_loss(loss, t.shape[0], reduction, out_shape)
 
     y, ignored, divisor = kept_targets(t, ignore_index, w, x.dtype)
-    loss = cross_entropy(log_sum_exp_z, *hard_target_terms(z, y, eps, w)).masked_fill(ignored, 0.0)
+    # An ignored row's gradient is exactly 0, as on the fused path, even where its logits are not finite (PyTorch's
+    # is NaN there: one bad padding row would make every parameter's gradient NaN).
+    x = x.masked_fill(ignored[:, None], 0.0)
+    z = x - x.detach().amax(1, keepdim=True)
+    loss = cross_entropy(z.exp().sum(1).log(), *hard_target_terms(z, y, eps, w)).masked_fill(ignored, 0.0)
     loss = nan_for_infinite_logits(loss)
     return reduce_loss(loss, divisor, reduction, out_shape)

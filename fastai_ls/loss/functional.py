@@ -1,39 +1,76 @@
-"""`label_smoothing_cross_entropy`, the functional core: checks the arguments, then takes the reference path
-(`formula.py`) or the fused one (`fused.py`)."""
+"""`label_smoothing_cross_entropy`, the functional core: checks the arguments, then takes the fused path (`fused.py`)
+or the reference one (`formula.py`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from fastai_ls.loss.formula import (
+from fastai_ls.loss.checks import (
     check_input,
     check_options,
     check_target,
     check_weight,
-    reference_cross_entropy,
-    uniform_eps,
+    check_weight_needs_no_grad,
+    class_ids,
+    under_functorch_transform,
 )
-from fastai_ls.loss.fused import fused_cross_entropy
+from fastai_ls.loss.formula import reference_cross_entropy, uniform_eps
+from fastai_ls.loss.fused import fused_cross_entropy, fused_loss
 from fastai_ls.tensor_input import plain
 
 __all__ = ["label_smoothing_cross_entropy"]
 
 
 def label_smoothing_cross_entropy(
-    input: Tensor,  # logits, (N, C) or (N, C, d1, ..., dk): class axis 1, as in PyTorch
-    target: Tensor,  # class ids (N,) / (N, d1, ...), or probabilities with the input's shape
-    eps: float = 0.1,  # smoothing: the share of target mass spread over the classes
-    weight: Tensor | None = None,  # per-class weights, PyTorch's convention (see README)
-    reduction: str = "mean",  # 'mean', 'sum' or 'none'
-    ignore_index: int = -100,  # integer targets equal to this contribute nothing
-    smoothing: str = "uniform",  # 'uniform': eps/C on every class; 'others': eps/(C-1) on the wrong ones
+    input: Tensor,
+    target: Tensor,
+    eps: float = 0.1,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    smoothing: str = "uniform",
     *,
-    fused: bool | None = None,  # integer targets: gradient computed in forward (`fused.py`); None: when grad is taken
+    fused: bool | None = None,
 ) -> Tensor:
     """Cross-entropy against label-smoothed targets; equals `F.cross_entropy(..., label_smoothing=eps)` for
     `smoothing='uniform'`. Half-precision logits are computed in float32 and the loss is float32.
 
+    Parameters
+    ----------
+    input : Tensor
+        Logits, (N, C) or (N, C, d1, ..., dk): the class axis is 1, as in PyTorch. Never written to.
+    target : Tensor
+        Class ids with the input's shape minus the class axis ((N,) or (N, d1, ..., dk)), of any integer dtype
+        (uint64 ids must be below 2**63); or probabilities with the input's shape (smoothing is applied on top).
+    eps : float, default 0.1
+        Smoothing, in [0, 1): the share of the target mass spread over the classes. 0 is plain cross-entropy.
+    weight : Tensor or None, default None
+        Per-class weights (C,), finite and non-negative, PyTorch's convention: `w_c` weighs class c in both the
+        true-class and the smoothing term, and 'mean' divides by the sum of `w_y` over the kept rows (NaN when
+        that is 0, as in PyTorch). Not differentiated: a weight that requires grad raises, as in PyTorch.
+    reduction : str, default 'mean'
+        'mean', 'sum' or 'none' (one loss per position, the target's shape).
+    ignore_index : int, default -100
+        Integer targets equal to this contribute nothing, to the loss, the divisor or the gradient. Must fit in
+        int64; probability targets take no ignore_index.
+    smoothing : str, default 'uniform'
+        'uniform': eps/C on every class (PyTorch, fastai, timm); 'others': 1-eps on the true class and
+        eps/(C-1) on each other one (fairseq), the same as uniform smoothing with eps*C/(C-1).
+    fused : bool or None, default None
+        None: the fastest path for integer targets, the fused kernels (`fused.py`), which compute the gradient
+        together with the loss when one will be taken, and the loss alone otherwise (under `torch.no_grad()`, as
+        in fastai's validation and `get_preds`). False: the reference path of torch operations, differentiable
+        to any order (second derivatives). True: the fused kernels; an error for probability targets. Under
+        `torch.func` transforms (grad, vmap...) the reference path runs whatever `fused` says.
+
+    Returns
+    -------
+    Tensor
+        The loss, float32 for half-precision logits, else the logits' dtype: a scalar, or per position for 'none'.
+
+    Examples
+    --------
     >>> x, y = torch.tensor([[1., 8., 1.], [1., 1., 8.]]), torch.tensor([1, 2])
     >>> round(label_smoothing_cross_entropy(x, y, eps=0.05).item(), 4)
     0.2352
@@ -46,12 +83,16 @@ def label_smoothing_cross_entropy(
     target = plain(target) if isinstance(target, Tensor) else target
     n_classes = input.shape[1]
     check_weight(weight, n_classes)
+    check_weight_needs_no_grad(weight)
     check_target(input, target, ignore_index)
     eps = uniform_eps(eps, smoothing, n_classes)
-    if fused is None:  # the fused path only pays off when a gradient will be taken
-        fused = input.requires_grad and torch.is_grad_enabled() and not target.is_floating_point()
-    if fused:
-        if target.is_floating_point():
+    if target.is_floating_point():
+        if fused:
             raise ValueError("fused=True needs integer class-id targets; probability targets use fused=False")
-        return fused_cross_entropy(input, target, eps, weight, reduction, ignore_index)
-    return reference_cross_entropy(input, target, eps, weight, reduction, ignore_index)
+        return reference_cross_entropy(input, target, eps, weight, reduction, ignore_index)
+    if fused is False or under_functorch_transform():  # the fused Function has no functorch rules
+        return reference_cross_entropy(input, target, eps, weight, reduction, ignore_index)
+    t = class_ids(target)
+    if input.requires_grad and torch.is_grad_enabled():
+        return fused_cross_entropy(input, t, eps, weight, reduction, ignore_index)
+    return fused_loss(input, t, eps, weight, reduction, ignore_index)

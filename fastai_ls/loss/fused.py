@@ -1,6 +1,7 @@
-"""Fused label-smoothing cross-entropy for integer targets: loss and gradient in about one pass over the logits.
+"""Fused label-smoothing cross-entropy for integer targets: loss and gradient in about one pass over the logits, or,
+when no gradient will be taken (fastai's validation, `get_preds`), the loss alone in one read of the logits.
 
-For hard targets the gradient of `losses`' formula is known in forward, up to the scalar that backward receives:
+For hard targets the gradient of `formula`'s loss is known in forward, up to the scalar that backward receives:
 
     d loss_row / d x_c = mass * exp(z_c) / s - w_c q_c,    w_c q_c = (1 - eps) w_y [c == y] + (eps / C) w_c
 
@@ -8,8 +9,8 @@ so forward writes it into one N x C buffer and backward only scales that buffer 
 nothing at all). Three implementations of this arithmetic, chosen by where the logits are:
 
 - float32 on the CPU: a compiled C kernel (`fused_cpu.c`, via `cpu_kernel.py`) that reads each row once and finishes
-  its gradient while the row is in cache;
-- CUDA: two Triton kernels (`triton_kernel.py`);
+  its gradient while the row is in cache; it checks the ids and weights itself as it reads them;
+- CUDA: two Triton kernels (`triton_kernel.py`), the first alone without a gradient;
 - anything else (float64, half precision, or an install without a C compiler): torch operations on blocks of rows
   that stay in cache, one fused softmax per block, then a scale and shift in place.
 
@@ -24,18 +25,19 @@ import torch
 from torch import Tensor
 
 from fastai_ls.loss import cpu_kernel, triton_kernel
+from fastai_ls.loss.checks import check_ids, weight_in
 from fastai_ls.loss.formula import (
-    check_ids,
     cross_entropy,
     hard_target_mix,
     kept_targets,
+    mean_divisor,
     nan_for_infinite_logits,
     reduce_loss,
     weighted_row_sum,
 )
 from fastai_ls.tensor_input import compute_dtype, upcast
 
-__all__ = ["fused_cross_entropy"]
+__all__ = ["fused_cross_entropy", "fused_loss"]
 
 # Bytes of logits per block of the torch path: a block and its gradient mostly stay in a 32 MiB L3. Measured on a
 # 2-core EPYC (1 MiB L2 per core) between other losses' runs, in times the floor: 4096 x 1000 1.6x with 16 MiB blocks
@@ -44,21 +46,58 @@ __all__ = ["fused_cross_entropy"]
 BLOCK_BYTES = 16 * 2**20
 
 
-def fused_cross_entropy(input: Tensor, target: Tensor, eps: float, weight: Tensor | None, reduction: str,
+def fused_cross_entropy(input: Tensor, t: Tensor, eps: float, weight: Tensor | None, reduction: str,
                         ignore_index: int) -> Tensor:
-    """`label_smoothing_cross_entropy` for integer targets of the right shape and uniform `eps`, with a precomputed
-    gradient. The ids are checked here: by the C kernel as it reads them, else before the loss is computed."""
-    t = target.reshape(-1).long()
+    """`label_smoothing_cross_entropy` for flat int64 ids `t` (`checks.class_ids`) and uniform `eps`, with a
+    precomputed gradient. The ids and weights are checked here: by the C kernel as it reads them, else before the
+    loss is computed."""
     if cpu_kernel.accepts(input):  # the kernel also finds the ignored rows and the 'mean' divisor itself
-        w = None if weight is None else weight.to(device=input.device, dtype=torch.float32)
+        w = weight_in(weight, torch.float32, input.device)
         return _FusedCrossEntropy.apply(input, t, None, w, None, eps, reduction, ignore_index)
-    id_range = check_ids(t, input.shape[1], ignore_index)
+    w, y, ignored, divisor = _checked_targets(input, t, weight, ignore_index)
+    return _FusedCrossEntropy.apply(input, y, ignored, w, divisor, eps, reduction, ignore_index)
+
+
+def fused_loss(input: Tensor, t: Tensor, eps: float, weight: Tensor | None, reduction: str,
+               ignore_index: int) -> Tensor:
+    """`fused_cross_entropy` without a gradient (none is recorded): the loss from one read of the logits."""
+    x = _rows(input)
+    if cpu_kernel.accepts(input):
+        w = weight_in(weight, torch.float32, input.device)
+        loss = cpu_kernel.loss_and_grad(x, t, ignore_index, w, eps, reduction == "mean", None, reduction == "none")
+        return _per_position(loss, input.shape) if reduction == "none" else loss
+    w, y, ignored, divisor = _checked_targets(input, t, weight, ignore_index)
+    loss = _loss_and_grad(x, y, ignored, w, 1.0, eps, None)
+    return reduce_loss(loss, divisor, reduction, input.shape[:1] + input.shape[2:])
+
+
+def _per_position(loss: Tensor, input_shape: torch.Size) -> Tensor:
+    """Per-row losses in the target's shape (N, d1, ...); for (N, C) logits already so (a reshape costs ~1 us)."""
+    return loss if len(input_shape) == 2 else loss.reshape(input_shape[:1] + input_shape[2:])
+
+
+def _checked_targets(input: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int):
+    """For the torch and Triton paths: the weights in the compute dtype, and `kept_targets`' ids, ignored-row mask
+    and 'mean' divisor, after checking the weights' and ids' values (one host read for both; on a GPU the only
+    synchronization of the loss, forward and backward)."""
+    id_range = check_ids(t, input.shape[1], ignore_index, weight)
+    dtype = compute_dtype(input.dtype)
+    w = weight_in(weight, dtype, input.device)
     # An ignore_index outside the ids' range matches no row: then no mask is needed.
     may_ignore = id_range is None or id_range[0] <= ignore_index <= id_range[1]
-    dtype = compute_dtype(input.dtype)
-    w = None if weight is None else weight.to(device=input.device, dtype=dtype)
     y, ignored, divisor = kept_targets(t, ignore_index, w, dtype, may_ignore)
-    return _FusedCrossEntropy.apply(input, y, ignored, w, divisor, eps, reduction, ignore_index)
+    return w, y, ignored, divisor
+
+
+def _gradient_buffer(x: Tensor) -> Tensor:
+    """An uninitialized (M, C) buffer for the gradient of `x`.
+
+    From 32 MiB (glibc's largest mmap threshold) it is fresh pages on every call, and faulting them in, 4 KiB at a
+    time, costs more than the kernel (16384 x 1000: 16,000 faults). Asking for transparent huge pages here
+    (madvise) cut that 3x in most runs, but on this project's VM it also made some calls of 512 x 128000 3 to 7x
+    slower (the first huge-page faults after other large allocations), so the choice is left to the user:
+    THP_MEM_ALLOC_ENABLE=1 makes torch ask for huge pages for every large tensor."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _rows(input: Tensor) -> Tensor:
@@ -79,19 +118,18 @@ class _FusedCrossEntropy(torch.autograd.Function):
         # The (M, C) rows are made here, not by the caller: a copy made outside would be kept by autograd until
         # backward, and its backward would copy the gradient once more.
         x = _rows(input)
-        grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+        grad = _gradient_buffer(x)
         ctx.save_for_backward(input, y, ignored, w)
         ctx.eps, ctx.reduction, ctx.ignore_index, ctx.grad = eps, reduction, ignore_index, grad
         ctx.input_shape = input.shape  # backward reads the saved tensors only to recompute
         if divisor is None:  # the kernel also reduces the loss (in double precision) and applies the 'mean'
             ctx.scale = ctx.divisor = None
-            loss, reduced = cpu_kernel.loss_and_grad(x, y, ignore_index, w, eps, reduction == "mean", grad)
-            if reduction == "none":
-                return loss.reshape(input.shape[:1] + input.shape[2:])
-            return torch.full((), reduced, dtype=loss.dtype)
+            loss = cpu_kernel.loss_and_grad(x, y, ignore_index, w, eps, reduction == "mean", grad,
+                                            reduction == "none")
+            return _per_position(loss, input.shape) if reduction == "none" else loss
         # 'mean' divides every row by the divisor. On the host, fold it into the gradient now, as a Python number
         # (cheapest in the per-block arithmetic); on a GPU reading it would stall the device, so backward applies it.
-        ctx.scale = _reciprocal(float(divisor)) if reduction == "mean" and x.is_cpu else 1.0
+        ctx.scale = 1 / mean_divisor(float(divisor)) if reduction == "mean" and x.is_cpu else 1.0
         ctx.divisor = divisor if reduction == "mean" and not x.is_cpu else None
         loss = _loss_and_grad(x, y, ignored, w, ctx.scale, eps, grad)
         return reduce_loss(loss, divisor, reduction, input.shape[:1] + input.shape[2:])
@@ -102,39 +140,51 @@ class _FusedCrossEntropy(torch.autograd.Function):
             raise RuntimeError("the fused label-smoothing loss does not support create_graph=True (higher-order "
                                "gradients); compute the loss with fused=False")
         grad, ctx.grad = ctx.grad, None  # handed out below: holding on to it would keep a second N x C buffer alive
+        input, y, ignored, w = ctx.saved_tensors
         if grad is None:  # a later backward of a retained graph: the first one gave the buffer away
-            input, y, ignored, w = ctx.saved_tensors
             x = _rows(input)
-            grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+            grad = _gradient_buffer(x)
             if ctx.scale is None:
-                cpu_kernel.loss_and_grad(x, y, ctx.ignore_index, w, ctx.eps, ctx.reduction == "mean", grad)
+                cpu_kernel.loss_and_grad(x, y, ctx.ignore_index, w, ctx.eps, ctx.reduction == "mean", grad, False)
             else:
                 _loss_and_grad(x, y, ignored, w, ctx.scale, ctx.eps, grad)
-        if ctx.reduction == "none":
-            grad.mul_(grad_loss.reshape(-1, 1))
-        elif ctx.divisor is not None:
-            grad.mul_(grad_loss / ctx.divisor)
-        elif not grad_loss.is_cpu or grad_loss.item() != 1:  # `loss.backward()` passes 1: skip a pass
-            grad.mul_(grad_loss)
+        _scale_gradient(ctx, grad, grad_loss, y, ignored)
         shape = ctx.input_shape
         if len(shape) > 2:  # back to the input's layout, as a view of the same buffer
             grad = grad.view(*shape[:1], *shape[2:], shape[1]).movedim(-1, 1)
         return grad, None, None, None, None, None, None, None
 
 
-def _reciprocal(value: float) -> float:
-    """1 / value, inf for 0 (an empty batch, or every row ignored: the 'mean' is NaN, as in PyTorch)."""
-    return 1 / value if value else math.inf
+def _scale_gradient(ctx, grad: Tensor, grad_loss: Tensor, y: Tensor, ignored: Tensor | None) -> None:
+    """Multiply the stored gradient by what backward received, leaving ignored rows 0 whatever it holds: a NaN or
+    infinite `grad_loss` must not turn their zeros into NaN (PyTorch's gradient there is 0 too)."""
+    per_row = ctx.reduction == "none"
+    if not per_row and ctx.divisor is None and grad_loss.is_cpu:
+        value = grad_loss.item()
+        if value == 1:  # `loss.backward()` passes 1: skip a pass
+            return
+        if math.isfinite(value):  # ignored rows stay 0 * value = 0
+            grad.mul_(value)
+            return
+    factor = grad_loss.reshape(-1) if per_row else grad_loss
+    if ctx.divisor is not None:
+        factor = factor / mean_divisor(ctx.divisor)
+    if ctx.scale is None:  # the C kernel's raw ids: the ignored rows are found here, only when needed
+        ignored = y == ctx.ignore_index
+    if ignored is not None:
+        factor = factor.expand(grad.shape[0]).masked_fill(ignored, 0.0)
+    grad.mul_(factor[:, None] if factor.dim() else factor)
 
 
 def _loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None, scale: float, eps: float,
-                   grad: Tensor) -> Tensor:
-    """Per-row losses of `x` (M, C); writes the gradient of `scale` * their sum into `grad`, ignored rows zero."""
+                   grad: Tensor | None) -> Tensor:
+    """Per-row losses of `x` (M, C), ignored rows 0; with `grad`, writes into it the gradient of `scale` * their
+    sum, ignored rows zero."""
     n_classes = x.shape[1]
     # The gradient's target part w q: (eps/C) w_c on every class, plus (1 - eps) w_y on the true class.
     smooth = (eps / n_classes) * scale if w is None else w * ((eps / n_classes) * scale)
     true_class = (1 - eps) * scale if w is None else w[y] * ((1 - eps) * scale)
-    if x.is_cuda and triton_kernel.AVAILABLE and x.dtype != torch.float64:  # the kernels compute in float32
+    if _uses_triton(x):
         # No host reads on a GPU: fixing up the N row losses unconditionally is cheaper than stalling the device.
         loss = triton_kernel.loss_and_grad(x, y, ignored, w, scale, eps, smooth, true_class, grad)
         return nan_for_infinite_logits(loss if ignored is None else loss.masked_fill_(ignored, 0.0))
@@ -144,14 +194,23 @@ def _loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | Non
     return nan_for_infinite_logits(loss) if bool(loss.isinf().any()) else loss
 
 
+def _uses_triton(x: Tensor) -> bool:
+    """Whether the Triton kernels take these rows: CUDA, computed in float32 (so not float64)."""
+    return x.is_cuda and triton_kernel.AVAILABLE and x.dtype != torch.float64
+
+
 def _blockwise_loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None, scale: float,
-                             eps: float, smooth: Tensor | float, true_class: Tensor | float, grad: Tensor) -> Tensor:
-    """`_loss_and_grad` with torch operations on blocks of rows that stay in cache; `ignored` None: no such rows."""
+                             eps: float, smooth: Tensor | float, true_class: Tensor | float,
+                             grad: Tensor | None) -> Tensor:
+    """`_loss_and_grad` with torch operations on blocks of rows that stay in cache; `ignored` None: no such rows;
+    `grad` None: the loss alone (each block's softmax goes to a scratch block)."""
     n_rows, n_classes = x.shape
     dtype = compute_dtype(x.dtype)
     block_rows = max(1, BLOCK_BYTES // (n_classes * dtype.itemsize))
     # Half-precision gradients are computed in a float32 block and rounded once, on the way into the buffer.
-    scratch = None if grad.dtype == dtype else grad.new_empty(min(block_rows, n_rows), n_classes, dtype=dtype)
+    scratch = None
+    if grad is None or grad.dtype != dtype:
+        scratch = x.new_empty(min(block_rows, n_rows), n_classes, dtype=dtype)
     y = y[:, None]
     losses = []
     for start in range(0, n_rows, block_rows):
@@ -164,10 +223,12 @@ def _blockwise_loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Te
         # from the unshifted ones: shifting first keeps small losses exact, as on the reference path.
         row_max = xb.amax(1)
         z_y = xb.gather(1, yb).squeeze(1) - row_max
-        wz = weighted_row_sum(xb, w) - (n_classes if w is None else w.sum()) * row_max
+        wz = weighted_row_sum(xb, w) - (n_classes if w is None else w.sum()) * row_max if eps else None
         mass, dot = hard_target_mix(z_y, wz, yb.squeeze(1), eps, w, n_classes)
         torch.softmax(xb, 1, out=p)
         losses.append(cross_entropy(p.amax(1).log_().neg_(), mass, dot))
+        if grad is None:
+            continue
         # Turn the softmax into scale * (mass * softmax - w q) without leaving the block: one pass scales and
         # subtracts the smoothing part (-smooth + scale * p, written over p), a scatter the true class's part.
         if w is None:

@@ -1,4 +1,5 @@
-/* Fused label-smoothing cross-entropy on float32 CPU rows: loss and gradient in one call, each row in L1 cache.
+/* Fused label-smoothing cross-entropy on float32 CPU rows: loss and gradient (or the loss alone, when no gradient
+ * will be taken) in one call, each row in L1 cache.
  *
  * The same formula as formula.py, per row of logits x (C classes, target y):
  *
@@ -7,13 +8,14 @@
  *     grad_c = scale * (mass * exp(z_c) / s - w_c q_c),   w_c q_c = (1 - eps) w_y [c == y] + (eps / C) w_c
  *
  * with w = 1 without class weights. A row is read from memory once: the max pass brings it into cache, the exp pass
- * writes exp(z) into the gradient row, and the last pass turns that into the gradient while it is still in cache.
- * Plain C with no Python or torch headers: fused.py calls it through ctypes with the tensors' data pointers. The
+ * writes exp(z) into the gradient row, and the last pass turns that into the gradient while it is still in cache
+ * (without a gradient, the exp pass only sums). Plain C with no Python or torch headers: fused.py calls it through ctypes with the tensors' data pointers. The
  * logits, ids and weights are only read; the gradient and loss buffers are the only memory written.
  */
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Compiled for AVX-512, AVX2 and baseline x86-64, chosen when the library loads: torch does the same for its own
@@ -61,17 +63,15 @@ static inline float exp_nonpositive(float z)
  * they are several times more precise, for ~7% of the kernel's time with AVX-512. */
 enum { CHUNK = 256 };
 
-/* One row: writes grad_row and returns the row's loss. */
-VECTOR_CLONES
-static float row_loss_and_grad(const float *restrict x, float *restrict grad, int64_t n_classes, int64_t y,
-                               const float *restrict w, double w_sum, double eps, double scale)
-{
-    float row_max = -INFINITY;
-#pragma omp simd reduction(max : row_max)
-    for (int64_t c = 0; c < n_classes; c++)
-        row_max = x[c] > row_max ? x[c] : row_max;
+/* Return codes of fused_cpu_loss_and_grad besides a bad row (>= 0). */
+enum { DONE = -1, BAD_WEIGHT = -2, NO_MEMORY = -3 };
 
-    double s = 0.0, wz = 0.0; /* sum_c exp(z_c) and sum_c w_c z_c */
+/* sum_c exp(x_c - row_max) and sum_c w_c (x_c - row_max) of one row; with `store`, exp(x_c - row_max) is also
+ * written into out[c]. Inlined into its callers with `store` and `w` known, so each loop is a plain vector loop. */
+static inline void row_sums(const float *restrict x, float *restrict out, int64_t n_classes, const float *restrict w,
+                            float row_max, int store, double *s_out, double *wz_out)
+{
+    double s = 0.0, wz = 0.0;
     for (int64_t start = 0; start < n_classes; start += CHUNK) {
         const int64_t stop = start + CHUNK < n_classes ? start + CHUNK : n_classes;
         float s_part = 0.0f, wz_part = 0.0f;
@@ -79,85 +79,187 @@ static float row_loss_and_grad(const float *restrict x, float *restrict grad, in
 #pragma omp simd reduction(+ : s_part, wz_part)
             for (int64_t c = start; c < stop; c++) {
                 const float z = x[c] - row_max;
-                grad[c] = exp_nonpositive(z);
-                s_part += grad[c];
+                const float e = exp_nonpositive(z);
+                if (store)
+                    out[c] = e;
+                s_part += e;
                 wz_part += w[c] * z;
             }
         } else {
 #pragma omp simd reduction(+ : s_part, wz_part)
             for (int64_t c = start; c < stop; c++) {
                 const float z = x[c] - row_max;
-                grad[c] = exp_nonpositive(z);
-                s_part += grad[c];
+                const float e = exp_nonpositive(z);
+                if (store)
+                    out[c] = e;
+                s_part += e;
                 wz_part += z;
             }
         }
         s += s_part;
         wz += wz_part;
     }
+    *s_out = s;
+    *wz_out = wz;
+}
+
+/* A row's last n_classes % LANES classes would run one at a time after the vector loops, and cost as much as the
+ * rest of a short row (64 x 37 took 5.8 us, 64 x 48 3.7 us). Without a gradient to write, a row of LANES classes or
+ * more does them as one more whole block instead: its last LANES classes, the lanes that the vector loops already
+ * counted masked out. (With a gradient the block's stores would overlap the loops' stores, whose forwarding stalls
+ * cost more than they save.) 16 lanes are one AVX-512 vector, two AVX2 and four SSE2 vectors. */
+enum { LANES = 16 };
+
+static inline float block_max(const float *restrict x, float row_max)
+{
+#pragma omp simd reduction(max : row_max)
+    for (int64_t i = 0; i < LANES; i++)
+        row_max = x[i] > row_max ? x[i] : row_max;
+    return row_max;
+}
+
+/* row_sums over the block x[0..LANES) (the row's last classes), counting the lanes from `skip` on. */
+static inline void block_sums(const float *restrict x, const float *restrict w, int64_t skip, float row_max,
+                              double *s, double *wz)
+{
+    float s_part = 0.0f, wz_part = 0.0f;
+    if (w) {
+#pragma omp simd reduction(+ : s_part, wz_part)
+        for (int64_t i = 0; i < LANES; i++) {
+            const float z = x[i] - row_max;
+            const float e = exp_nonpositive(z);
+            s_part += i >= skip ? e : 0.0f;
+            wz_part += i >= skip ? w[i] * z : 0.0f;
+        }
+    } else {
+#pragma omp simd reduction(+ : s_part, wz_part)
+        for (int64_t i = 0; i < LANES; i++) {
+            const float z = x[i] - row_max;
+            const float e = exp_nonpositive(z);
+            s_part += i >= skip ? e : 0.0f;
+            wz_part += i >= skip ? z : 0.0f;
+        }
+    }
+    *s += s_part;
+    *wz += wz_part;
+}
+
+/* One row's loss against class y; with grad non-NULL, also its gradient (times `scale`) written into grad. */
+VECTOR_CLONES
+static float row_loss(const float *restrict x, float *restrict grad, int64_t n_classes, int64_t y,
+                      const float *restrict w, double w_sum, double eps, double scale)
+{
+    /* Without a gradient, classes [0, n_main) in the vector loops and the rest as the row's last block. */
+    const int64_t n_main = grad || n_classes < LANES ? n_classes : n_classes - n_classes % LANES;
+    const int64_t block = n_classes - LANES, skip = LANES - (n_classes - n_main);
+
+    float row_max = -INFINITY;
+#pragma omp simd reduction(max : row_max)
+    for (int64_t c = 0; c < n_main; c++)
+        row_max = x[c] > row_max ? x[c] : row_max;
+    if (n_main < n_classes)
+        row_max = block_max(x + block, row_max);
+
+    double s, wz; /* sum_c exp(z_c) and sum_c w_c z_c */
+    if (grad) {
+        row_sums(x, grad, n_classes, w, row_max, 1, &s, &wz);
+    } else {
+        row_sums(x, grad, n_main, w, row_max, 0, &s, &wz);
+        if (n_main < n_classes)
+            block_sums(x + block, w ? w + block : NULL, skip, row_max, &s, &wz);
+    }
 
     const double z_y = (double)x[y] - row_max;
     const double w_y = w ? w[y] : 1.0;
     const double mass = (1.0 - eps) * w_y + eps / n_classes * w_sum;
-    const double dot = (1.0 - eps) * w_y * z_y + eps / n_classes * wz;
+    /* eps = 0 is plain cross-entropy: the smoothing term is left out, not multiplied by 0 (a -inf logit, or finite
+     * logits so far apart that their sum overflows, would make it NaN where the loss is finite). */
+    const double dot = (1.0 - eps) * w_y * z_y + (eps > 0.0 ? eps / n_classes * wz : 0.0);
     const double loss = mass * log(s) - dot;
 
-    /* grad_c = a exp(z_c) - b w_c, and the true class's share of the target once more on y. */
-    const float a = (float)(scale * mass / s);
-    const float b = (float)(scale * eps / n_classes);
-    if (w) {
+    if (grad) {
+        /* grad_c = a exp(z_c) - b w_c, and the true class's share of the target once more on y. */
+        const float a = (float)(scale * mass / s);
+        const float b = (float)(scale * eps / n_classes);
+        if (w) {
 #pragma omp simd
-        for (int64_t c = 0; c < n_classes; c++)
-            grad[c] = a * grad[c] - b * w[c];
-    } else {
+            for (int64_t c = 0; c < n_classes; c++)
+                grad[c] = a * grad[c] - b * w[c];
+        } else {
 #pragma omp simd
-        for (int64_t c = 0; c < n_classes; c++)
-            grad[c] = a * grad[c] - b;
+            for (int64_t c = 0; c < n_classes; c++)
+                grad[c] = a * grad[c] - b;
+        }
+        grad[y] -= (float)(scale * (1.0 - eps) * w_y);
     }
-    grad[y] -= (float)(scale * (1.0 - eps) * w_y);
     /* A -inf logit that the smoothed target covers makes the loss +inf: reported as NaN, as on the other paths. */
     return isinf(loss) ? NAN : (float)loss;
 }
 
 /* Per-row losses of x (n_rows x n_classes, rows x_row_stride floats apart, classes contiguous) against class ids y,
- * and the gradient of the reduced loss written into grad (contiguous). The reduced loss, written to *reduced, is the
- * sum of the row losses, or with `mean` PyTorch's 'mean': that sum over the sum of w_y (the count without weights)
- * of the rows not ignored. Rows whose id is ignore_index get loss 0 and a zero gradient, whatever their logits
- * hold. `w` (one float per class) may be NULL. Returns -1, or the first row whose id is neither a class nor
- * ignore_index, before anything is written. */
+ * and, when grad is not NULL, the gradient of the reduced loss written into grad (contiguous). The reduced loss,
+ * written to *reduced, is the sum of the row losses, or with `mean` PyTorch's 'mean': that sum over the sum of w_y
+ * (the count without weights) of the rows not ignored, NaN when that is 0 (as in PyTorch, whose gradient is then
+ * NaN on every kept row). Rows whose id is ignore_index get loss 0 and a zero gradient, whatever their logits
+ * hold. `w` (one float per class) may be NULL; `loss` may be NULL when only the reduced loss is wanted, `reduced`
+ * when only the per-row losses are.
+ *
+ * Everything is checked before anything is written: returns BAD_WEIGHT for a negative or non-finite weight, else
+ * the first row whose id is neither a class nor ignore_index, else NO_MEMORY or DONE. Each id is read from the
+ * caller's memory exactly once, and checked and used from a private copy: the caller (Python, through ctypes)
+ * releases the GIL, so another thread may write the ids meanwhile, and an id read twice could pass the check and
+ * then index out of bounds. */
 int64_t fused_cpu_loss_and_grad(const float *x, int64_t n_rows, int64_t n_classes, int64_t x_row_stride,
                                 const int64_t *y, int64_t ignore_index, const float *w, double eps, int mean,
-                                float *grad, float *loss, double *reduced, int n_threads)
+                                float *grad, float *loss, float *reduced, int n_threads)
 {
-    double divisor = 0.0;
-    for (int64_t row = 0; row < n_rows; row++) {
-        if (y[row] == ignore_index)
-            continue;
-        if (y[row] < 0 || y[row] >= n_classes)
-            return row;
-        divisor += w ? w[y[row]] : 1.0;
-    }
-    const double scale = mean ? 1.0 / divisor : 1.0; /* inf when nothing is kept: then no gradient row uses it */
-    double w_sum = n_classes;
+    double w_sum = (double)n_classes;
     if (w) {
         w_sum = 0.0;
-        for (int64_t c = 0; c < n_classes; c++)
-            w_sum += w[c];
+        for (int64_t c = 0; c < n_classes; c++) {
+            const float w_c = ((const volatile float *)w)[c];
+            if (!(w_c >= 0.0f) || isinf(w_c)) /* NaN fails the comparison */
+                return BAD_WEIGHT;
+            w_sum += w_c;
+        }
     }
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    /* The ids' private copy, -1 for an ignored row, and the per-row losses when the caller wants none back. */
+    int64_t *ids = malloc((size_t)n_rows * (sizeof *ids + (loss ? 0 : sizeof *loss)) + 1);
+    if (!ids)
+        return NO_MEMORY;
+    float *row_losses = loss ? loss : (float *)(ids + n_rows);
+    double divisor = 0.0;
     for (int64_t row = 0; row < n_rows; row++) {
-        float *grad_row = grad + row * n_classes;
-        if (y[row] == ignore_index) {
-            memset(grad_row, 0, n_classes * sizeof *grad_row);
-            loss[row] = 0.0f;
+        const int64_t id = ((const volatile int64_t *)y)[row];
+        if (id == ignore_index) {
+            ids[row] = -1;
             continue;
         }
-        loss[row] = row_loss_and_grad(x + row * x_row_stride, grad_row, n_classes, y[row], w, w_sum, eps, scale);
+        if (id < 0 || id >= n_classes) {
+            free(ids);
+            return row;
+        }
+        ids[row] = id;
+        divisor += w ? w[id] : 1.0;
+    }
+    const double scale = !mean ? 1.0 : divisor > 0.0 ? 1.0 / divisor : NAN;
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int64_t row = 0; row < n_rows; row++) {
+        float *grad_row = grad ? grad + row * n_classes : NULL;
+        if (ids[row] < 0) {
+            if (grad_row)
+                memset(grad_row, 0, n_classes * sizeof *grad_row);
+            row_losses[row] = 0.0f;
+            continue;
+        }
+        row_losses[row] = row_loss(x + row * x_row_stride, grad_row, n_classes, ids[row], w, w_sum, eps, scale);
     }
     /* Added up after the parallel loop, in row order: the same bits whatever the number of threads. */
     double total = 0.0;
     for (int64_t row = 0; row < n_rows; row++)
-        total += loss[row];
-    *reduced = mean ? total / divisor : total; /* nothing kept: 0 / 0, NaN, as PyTorch's 'mean' */
-    return -1;
+        total += row_losses[row];
+    free(ids);
+    if (reduced)
+        *reduced = (float)(!mean ? total : divisor > 0.0 ? total / divisor : NAN);
+    return DONE;
 }

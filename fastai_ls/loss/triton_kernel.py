@@ -26,13 +26,14 @@ __all__ = ["AVAILABLE", "loss_and_grad"]
 
 
 def loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None, scale: float, eps: float,
-                  smooth: Tensor | float, true_class: Tensor | float, grad: Tensor) -> Tensor:
-    """Per-row losses of `x` (M, C) and the gradient of `scale` * their sum written into `grad` (contiguous)."""
+                  smooth: Tensor | float, true_class: Tensor | float, grad: Tensor | None) -> Tensor:
+    """Per-row losses of `x` (M, C), and the gradient of `scale` * their sum written into `grad` (contiguous) unless
+    it is None (then only the first kernel runs: one read of the logits)."""
     n_rows, n_classes = x.shape
+    if n_rows == 0:  # no program to launch
+        return x.new_zeros(0, dtype=torch.float32)
     x = x if x.stride(1) == 1 else x.contiguous()  # the kernels walk each row with unit stride
     block = min(MAX_BLOCK, triton.next_power_of_2(n_classes))
-    if ignored is None:  # no row is ignored
-        ignored = torch.zeros(n_rows, dtype=torch.bool, device=x.device)
     row_max = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     log_sum, wx = torch.empty_like(row_max), torch.empty_like(row_max)
     weight = w if w is not None else row_max  # any float32 pointer: unread without a weight
@@ -40,17 +41,28 @@ def loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None
                                 BLOCK=block)
     # The formula on the shifted logits z = x - max (as on the other paths, so that small losses stay exact).
     z_y = x.gather(1, y[:, None]).squeeze(1).float() - row_max
-    wz = wx - (n_classes if w is None else w.sum()) * row_max
+    wz = wx - (n_classes if w is None else w.sum()) * row_max if eps else None
     mass, dot = hard_target_mix(z_y, wz, y, eps, w, n_classes)
     loss = cross_entropy(log_sum, mass, dot)
+    if grad is None:
+        return loss
+    if ignored is None:  # no row is ignored
+        ignored = torch.zeros(n_rows, dtype=torch.bool, device=x.device)
     lse = row_max + log_sum
-    row_coef = torch.as_tensor(mass, dtype=torch.float32, device=x.device).mul(scale).expand(n_rows).contiguous()
-    true_coef = torch.as_tensor(true_class, dtype=torch.float32, device=x.device).expand(n_rows).contiguous()
+    row_coef, true_coef = (_per_row(value, n_rows, x.device) for value in (mass * scale, true_class))
     smooth_value = 0.0 if w is not None else float(smooth)
     _grad_kernel[(n_rows,)](x, grad, y, ignored, weight, lse, row_coef, true_coef, smooth_value,
                             (eps / n_classes) * scale, x.stride(0), grad.stride(0), n_classes,
                             HAS_WEIGHT=w is not None, BLOCK=block)
     return loss
+
+
+def _per_row(value: Tensor | float, n_rows: int, device: torch.device) -> Tensor:
+    """`value` (one per row, or one for all) as n_rows float32 numbers on `device`. A Python number is filled in
+    on the device: `torch.as_tensor` would copy it from the host, a synchronizing copy."""
+    if isinstance(value, Tensor):
+        return value.to(torch.float32).expand(n_rows).contiguous()
+    return torch.full((n_rows,), value, dtype=torch.float32, device=device)
 
 
 if AVAILABLE:

@@ -1,0 +1,156 @@
+"""The loss on a CUDA device (skipped without one; `benchmarks/gpu_check.sh` runs these on a GPU machine): the Triton
+kernels against the CPU paths, and no host synchronization besides the one argument check.
+
+The CPU paths are checked against PyTorch elsewhere (test_fused.py, test_cpu_kernel.py, the fuzz in
+test_loss_hostile_inputs.py); here the GPU's loss and gradient must equal theirs on the same inputs."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastai_ls.loss.fused as fused_module
+from fastai_ls import label_smoothing_cross_entropy
+from fastai_ls.loss import triton_kernel
+
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.skipif(not triton_kernel.AVAILABLE, reason="needs triton")]
+INF, NAN = float("inf"), float("nan")
+
+
+def hostile_case(n_rows: int, n_classes: int, weighted: bool, seed: int = 0):
+    """float32 logits with the rows that break naive kernels, int64 ids with ignored rows, optional weights."""
+    gen = torch.Generator().manual_seed(seed)
+    x = 3 * torch.randn(n_rows, n_classes, generator=gen)
+    y = torch.randint(0, n_classes, (n_rows,), generator=gen)
+    y[::5] = -100
+    x[1, :] = -INF  # every logit -inf: NaN
+    x[2, 7] = NAN
+    x[3, (y[3] + 1) % n_classes] = -INF  # a wrong class: finite for eps = 0, NaN (inf reported as NaN) otherwise
+    x[5, :] = NAN  # an ignored row: loss and gradient 0 whatever it holds
+    x[6, 0] = 1e30
+    w = torch.rand(n_classes, generator=gen) + 0.1 if weighted else None
+    return x, y, w
+
+
+def on(device, x, y, w, dtype, eps, reduction, with_grad, g=None):
+    """The loss (and the gradient of <loss, g>) on `device`, logits in `dtype`."""
+    x = x.to(device=device, dtype=dtype).requires_grad_(with_grad)
+    y, w = y.to(device), None if w is None else w.to(device)
+    if not with_grad:
+        with torch.no_grad():
+            return label_smoothing_cross_entropy(x, y, eps, w, reduction), None
+    loss = label_smoothing_cross_entropy(x, y, eps, w, reduction)
+    g = torch.ones_like(loss) if g is None else g.to(device)
+    return loss, torch.autograd.grad(loss, x, g)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("with_grad", [True, False], ids=["fused", "no grad"])
+def test_cuda_loss_and_gradient_equal_the_cpu_paths(dtype, weighted, reduction, eps, with_grad):
+    # 5000 classes: two column blocks of the Triton kernels (MAX_BLOCK 4096), the second ragged.
+    x, y, w = hostile_case(40, 5000, weighted)
+    x = x.to(dtype).float()  # the same values on both devices
+    g = torch.randn(40) if reduction == "none" else torch.tensor(0.7)
+    loss, grad = on("cuda", x, y, w, dtype, eps, reduction, with_grad, g)
+    expected, expected_grad = on("cpu", x, y, w, torch.float32, eps, reduction, with_grad, g)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.cpu(), expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    if with_grad:
+        assert grad.dtype == dtype
+        tolerance = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+        torch.testing.assert_close(grad.cpu().float(), expected_grad, equal_nan=True, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cuda_fused_loss_equals_torch(dtype, weighted):
+    gen = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(64, 5000, generator=gen)).cuda().to(dtype).requires_grad_()
+    y = torch.randint(0, 5000, (64,), generator=gen).cuda()
+    y[::3] = -100
+    w = torch.rand(5000, generator=gen).cuda() + 0.1 if weighted else None
+    loss = label_smoothing_cross_entropy(x, y, 0.1, w)
+    loss.backward()
+    x_ref = x.detach().float().requires_grad_()
+    expected = F.cross_entropy(x_ref, y, w, label_smoothing=0.1)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(x.grad.float(), x_ref.grad, rtol=1e-2, atol=1e-6 if dtype == torch.float32 else 1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cuda_empty_and_fully_ignored_batches(reduction):
+    for n in (0, 3):
+        x = torch.randn(n, 4, device="cuda", requires_grad=True)
+        y = torch.full((n,), -100, device="cuda")
+        loss = label_smoothing_cross_entropy(x, y, 0.1, reduction=reduction)
+        torch.testing.assert_close(loss, F.cross_entropy(x, y, reduction=reduction, label_smoothing=0.1),
+                                   equal_nan=True)
+        assert torch.equal(torch.autograd.grad(loss.sum(), x)[0], torch.zeros_like(x))
+
+
+@contextlib.contextmanager
+def synchronization_is_an_error():
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("with_grad", [True, False], ids=["fused", "no grad"])
+def test_cuda_loss_synchronizes_only_to_check_its_arguments(monkeypatch, reduction, weighted, with_grad):
+    # The ids' range and the weights' validity are read on the host once per call (a clear error instead of a
+    # device-side assert); everything after that check, forward and backward, runs with a synchronization an error.
+    x, y, w = hostile_case(64, 1000, weighted)
+    x, y, w = x.cuda().requires_grad_(with_grad), y.cuda(), None if w is None else w.cuda()
+    checks, check = [], fused_module._checked_targets
+
+    def check_then_forbid_synchronization(*args):
+        result = check(*args)
+        checks.append(len(checks))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        return result
+
+    monkeypatch.setattr(fused_module, "_checked_targets", check_then_forbid_synchronization)
+    try:
+        with torch.set_grad_enabled(with_grad):
+            loss = label_smoothing_cross_entropy(x, y, 0.1, w, reduction)
+        if with_grad:
+            loss.backward(torch.ones_like(loss))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert checks == [0]
+    expected = F.cross_entropy(x.detach(), y, w, reduction=reduction, label_smoothing=0.1)
+    torch.testing.assert_close(loss.detach(), expected.masked_fill(expected.isinf(), NAN), equal_nan=True)
+
+
+@pytest.mark.parametrize("with_grad", [True, False], ids=["fused", "no grad"])
+def test_cuda_loss_makes_exactly_one_synchronizing_call(with_grad):
+    x, y, w = hostile_case(64, 1000, weighted=True)
+    x, y, w = x.cuda().requires_grad_(with_grad), y.cuda(), w.cuda()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.set_grad_enabled(with_grad):
+                loss = label_smoothing_cross_entropy(x, y, 0.1, w)
+            if with_grad:
+                loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    synchronizing = [str(c.message) for c in caught if "synchroniz" in str(c.message).lower()]
+    assert len(synchronizing) == 1, synchronizing
