@@ -17,11 +17,10 @@ import math
 import torch
 from torch import Tensor
 
-from fastai_ls.loss.checks import check_eps, check_ids, check_weight_values, class_ids, weight_in
+from fastai_ls.loss.checks import check_ids, check_weight_values, class_ids, weight_in
 from fastai_ls.tensor_input import compute_dtype, upcast
 
-# check_eps is re-exported for `fastai_ls.cli`, which imports it from here.
-__all__ = ["check_eps", "uniform_eps", "hard_target_terms", "hard_target_mix", "soft_target_terms", "kept_targets",
+__all__ = ["uniform_eps", "hard_target_terms", "hard_target_mix", "soft_target_terms", "kept_targets",
            "cross_entropy", "reduce_loss", "mean_divisor", "reference_cross_entropy"]
 
 
