@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fastai_ls.calibration.metrics import TOP_LABEL_NAMES, top_label_metrics
 
-__all__ = ["BOOTSTRAP_NAMES", "check_ci", "joint_cells", "bootstrap_histograms", "bootstrap_metrics",
+__all__ = ["BOOTSTRAP_NAMES", "check_ci", "check_seed", "joint_cells", "bootstrap_histograms", "bootstrap_metrics",
            "percentile_intervals",
            "normal_interval", "wilson_interval"]
 
@@ -48,6 +48,28 @@ def check_ci(ci: float, n_boot: int | None = None) -> None:
         raise ValueError(f"ci must be a confidence level strictly between 0 and 1 (e.g. 0.95), got {ci!r}")
     if n_boot is not None and (isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 2):
         raise ValueError(f"n_boot must be an int >= 2, got {n_boot!r}")
+
+
+def check_seed(seed: int | None, allow_none: bool = True) -> int | None:
+    """`seed` if it can seed both numpy's and torch's generators: an int in [0, 2**64), or None where `allow_none`
+    (a fresh seed); else a ValueError naming it (numpy's own message, "expected non-negative integer", does not).
+
+    Parameters
+    ----------
+    seed : int, optional
+        The seed to check.
+    allow_none : bool
+        Whether None (draw a fresh seed) is allowed.
+
+    >>> check_seed(-1)
+    Traceback (most recent call last):
+    ValueError: seed must be an int from 0 to 2**64 - 1 or None, got -1
+    """
+    if seed is None and allow_none:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int from 0 to 2**64 - 1{' or None' if allow_none else ''}, got {seed!r}")
+    return int(seed)
 
 
 def _z(ci: float) -> float:
@@ -150,6 +172,7 @@ def bootstrap_histograms(bins: Tensor, fine: Tensor, n_boot: int = 1000,
     seed : int, optional
         Seed of the generator; None draws a fresh one.
     """
+    check_seed(seed)
     with _one_thread():
         return _bootstrap_histograms(bins, fine, n_boot, seed)
 

@@ -24,6 +24,7 @@ from fastai_ls.calibration.intervals import (
     BOOTSTRAP_NAMES,
     bootstrap_metrics,
     check_ci,
+    check_seed,
     normal_interval,
     percentile_intervals,
     wilson_interval,
@@ -187,8 +188,14 @@ class CalibrationState:
         return CalibrationState(self.n_classes, self.n_bins, self.n_fine, data=data, classwise=self.classwise)
 
     def __add__(self, other: CalibrationState) -> CalibrationState:
-        if not isinstance(other, CalibrationState) or not self.same_layout(other):
+        """The counters of both states' rows (on this state's device); a ValueError if the layouts differ."""
+        if not isinstance(other, CalibrationState):
             return NotImplemented
+        if not self.same_layout(other):
+            names = ("n_classes", "n_bins", "n_fine", "classwise")
+            differ = ", ".join(f"{name} {a!r} and {b!r}" for name, a, b in zip(names, self._layout(), other._layout())
+                               if a != b)
+            raise ValueError(f"cannot add calibration states with different counters: {differ}")
         return self._with_data(self.data + other.data.to(self.device))
 
     def to(self, device: torch.device | str) -> CalibrationState:
@@ -298,7 +305,9 @@ class CalibrationState:
     def _add_class_bins(self, p: Tensor, y: Tensor, keep: Tensor) -> None:
         """Bin every p_ik against 1[y_i = k] (Kull et al. 2019), one counter at a time: a stacked (rows, C, 3)
         float64 source would take 24 bytes per probability, 6.6 GB for a batch of 4608 tokens over 60k classes."""
-        p64 = p.to(torch.float64)
+        # Contiguous, so that the flattening below is a view: predictions may come transposed or sliced (a
+        # column-major array from numpy, a model's `x.T`), and elementwise results keep their input's strides.
+        p64 = p.to(torch.float64).contiguous()
         cells = _bin_of(p64, self.n_bins).add_(self._class_offset)  # (rows, C) into the flattened (C * M) bins
         bins = self.class_bins.view(-1, 3)
         bins[:, 0].index_add_(0, cells.view(-1), keep[:, None].expand_as(p64).reshape(-1))
@@ -382,6 +391,7 @@ class CalibrationState:
     def _intervals(self, ci: float, n_boot: int, seed: int | None,
                    point: dict[str, float]) -> dict[str, tuple[float, float]]:
         check_ci(ci, n_boot)
+        check_seed(seed)
         if not point["n"] >= 1:
             return dict.fromkeys(INTERVAL_NAMES, (math.nan, math.nan))
         replicates = bootstrap_metrics(self.bins.detach().cpu(), self.fine.detach().cpu(), n_boot, seed)
