@@ -186,3 +186,17 @@ def test_classes_smaller_than_the_folds_are_warned_about():
     # Vector scaling's fit without class 4 warns, and the comparison says so once, by method.
     assert any(m.startswith("vector: 1 warning(s) over 5 fits, e.g. vector: 1 of 5 classes never occur")
                for m in messages)
+
+
+@pytest.mark.parametrize("seed", [-1, None, 1.5, 2**64])
+def test_a_seed_that_cannot_seed_the_folds_and_the_bootstrap_is_named_before_any_fit(seed):
+    # Was torch's or numpy's error ("int() argument must be...", "expected non-negative integer"), naming no
+    # parameter; with ci=None a negative seed shuffled the folds, with ci it failed in the first bootstrap.
+    logits, target = over_confident(100, seed=7)
+    RowSpy.fitted_on.clear()
+    with pytest.raises(ValueError, match=r"seed must be an int from 0 to 2\*\*64 - 1, got"):
+        compare_calibrators(logits, target, methods=[RowSpy()], seed=seed, ci=None)
+    assert RowSpy.fitted_on == []
+    with pytest.raises(ValueError, match="seed must be an int"):
+        stratified_folds(target, 3, seed=seed)
+    assert stratified_folds(target, 3, seed=np.uint64(2**64 - 1)).bincount().tolist() == [34, 33, 33]
