@@ -336,6 +336,23 @@ def test_a_given_temperature_needs_no_fit_and_takes_any_number_of_classes():
             TemperatureScaling(bad)
 
 
+def test_numeric_options_take_numpy_scalars_and_refuse_booleans_and_strings():
+    # np.float32(2.0) was refused with "temperature must be a finite number > 0, got np.float32(2.0)", and
+    # np.int64 counts likewise: a T or a bin count computed with numpy could not be passed on.
+    assert TemperatureScaling(np.float32(2.0)).temperature == 2.0
+    assert MatrixScaling(reg=np.float32(0.5), reg_grid=(np.float64(0.1), 1)).reg == 0.5
+    assert TopLabelHistogramBinning(n_bins=np.int64(5), min_rows=np.int32(10)).min_rows == 10
+    assert VectorScaling(max_iter=np.int64(20)).max_iter == 20
+    assert type(HistogramCurve(n_bins=np.int64(5)).n_bins) is int
+    for make, match in [(lambda: MatrixScaling(reg=True), "reg must be a finite number >= 0"),
+                        (lambda: MatrixScaling(reg_grid=(0.1, -1.0)), "reg_grid must be a finite number >= 0"),
+                        (lambda: TopLabelHistogramBinning(n_bins=2.0), "n_bins must be an int >= 1, got 2.0"),
+                        (lambda: TopLabelIsotonic(min_rows=False), "min_rows must be an int >= 1"),
+                        (lambda: EnsembleTemperatureScaling(max_iter="9"), "max_iter must be an int >= 1")]:
+        with pytest.raises(ValueError, match=match):
+            make()
+
+
 # --- vector, matrix and Dirichlet scaling: against scipy and scikit-learn ---------------------------------------------
 
 
