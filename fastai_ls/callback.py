@@ -23,7 +23,7 @@ from fastai.torch_core import TensorMultiCategory
 from fastai.vision.core import PILBase, PILMask
 from torch import Tensor, nn
 
-from fastai_ls.calibration.intervals import check_ci, check_seed
+from fastai_ls.calibration.intervals import check_ci, check_interval_grid, check_seed
 from fastai_ls.calibration.plots import (
     bin_frame,
     plot_history,
@@ -194,6 +194,7 @@ class CalibrationCallback(Callback):
         self.classwise = classwise
         if ci is not None:
             check_ci(ci, n_boot)
+            check_interval_grid(self.n_bins, self.n_fine)  # else every epoch's intervals, and `history`, would fail
         self.ci, self.n_boot, self.seed = ci, n_boot, check_seed(seed)
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
         unknown = [m for m in metrics if m not in METRIC_NAMES + INTERVAL_COLUMNS]

@@ -197,3 +197,13 @@ def test_a_seed_that_cannot_seed_the_bootstrap_is_named_in_the_error(seed):
     with pytest.raises(ValueError, match="seed must be an int"):
         CalibrationState(4).intervals(n_boot=10, seed=seed)  # no rows, no bootstrap: still checked
     assert calibration_metrics(probs, target, ci=0.95, n_boot=10, seed=np.int64(3))["ece_lo"] >= 0
+
+
+def test_interval_options_are_checked_before_anything_is_counted(monkeypatch):
+    # n_bins above the fine grid's 1000 cells failed only in metrics(), after the counting.
+    probs, target = probs_and_target()
+    monkeypatch.setattr(CalibrationState, "update", lambda *a, **k: pytest.fail("counted before the check"))
+    with pytest.raises(ValueError, match="n_fine=1000 < n_bins=2000"):
+        calibration_metrics(probs, target, n_bins=2000, ci=0.95)
+    with pytest.raises(ValueError, match="n_boot must be an int >= 2"):
+        calibration_metrics(probs, target, ci=0.95, n_boot=1)

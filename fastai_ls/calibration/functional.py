@@ -12,7 +12,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, CalibrationState, check_n_bins
+from fastai_ls.calibration.intervals import check_ci, check_interval_grid, check_seed
+from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, N_FINE, CalibrationState, check_n_bins
 
 __all__ = ["calibration_error", "calibration_metrics", "check_probabilities"]
 
@@ -126,6 +127,10 @@ def calibration_metrics(
     >>> calibration_metrics(torch.tensor([[.9, .1], [.2, .8]]), torch.tensor([0, 0]))['accuracy']
     0.5
     """
+    if ci is not None:  # the interval options, before anything is counted
+        check_ci(ci, n_boot)
+        check_seed(seed)
+        check_interval_grid(check_n_bins(n_bins), N_FINE)
     state = _state_of(probs, target, n_bins, ignore_index, classwise)
     return state.metrics(ci=ci, n_boot=n_boot, seed=seed)
 

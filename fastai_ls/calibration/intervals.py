@@ -26,7 +26,8 @@ from torch import Tensor
 
 from fastai_ls.calibration.metrics import TOP_LABEL_NAMES, top_label_metrics
 
-__all__ = ["BOOTSTRAP_NAMES", "check_ci", "check_seed", "joint_cells", "bootstrap_histograms", "bootstrap_metrics",
+__all__ = ["BOOTSTRAP_NAMES", "check_ci", "check_seed", "check_interval_grid",
+           "joint_cells", "bootstrap_histograms", "bootstrap_metrics",
            "percentile_intervals",
            "normal_interval", "wilson_interval"]
 
@@ -72,6 +73,24 @@ def check_seed(seed: int | None, allow_none: bool = True) -> int | None:
     return int(seed)
 
 
+def check_interval_grid(n_bins: int, n_fine: int) -> None:
+    """A ValueError unless the fine grid has at least as many cells as there are bins: the bootstrap resamples the
+    fine cells, split at the bin edges (`joint_cells`), so that its ECE uses the bins of the point estimate.
+
+    Parameters
+    ----------
+    n_bins, n_fine : int
+        The equal-width bins and the fine cells of a `CalibrationState`.
+
+    >>> check_interval_grid(n_bins=2000, n_fine=1000)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: intervals need at least as many fine cells as bins, got n_fine=1000 < n_bins=2000: pass n_fine >= ...
+    """
+    if n_fine < n_bins:
+        raise ValueError(f"intervals need at least as many fine cells as bins, got n_fine={n_fine} < n_bins={n_bins}: "
+                         f"pass n_fine >= {n_bins}, or no intervals (ci=None)")
+
+
 def _z(ci: float) -> float:
     return NormalDist().inv_cdf((1 + ci) / 2)
 
@@ -97,9 +116,7 @@ def joint_cells(bins: Tensor, fine: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ([1.0, 0.0, 1.0, 1.0], [0, 1, 1, 2], [0, 0, 1, 1])
     """
     n_bins, n_cells = bins.shape[0], fine.shape[0]
-    if n_cells < n_bins:
-        raise ValueError(f"intervals need at least as many fine cells as bins, got n_fine={n_cells} < "
-                         f"n_bins={n_bins}")
+    check_interval_grid(n_bins, n_cells)
     # Bin m = ((m)/M, (m+1)/M], cell j = (j/K, (j+1)/K] (0-based); edge m/M lies strictly inside cell m*K // M
     # unless m*K is a multiple of M. Integer arithmetic: no rounding decides which cells are split.
     split_edges = [m for m in range(1, n_bins) if (m * n_cells) % n_bins]

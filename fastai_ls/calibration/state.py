@@ -24,6 +24,7 @@ from fastai_ls.calibration.intervals import (
     BOOTSTRAP_NAMES,
     bootstrap_metrics,
     check_ci,
+    check_interval_grid,
     check_seed,
     normal_interval,
     percentile_intervals,
@@ -34,7 +35,7 @@ from fastai_ls.calibration.risk_coverage import risk_coverage_curve
 from fastai_ls.tensor_input import upcast
 
 __all__ = ["CalibrationState", "check_n_bins", "METRIC_NAMES", "INTERVAL_NAMES", "INTERVAL_COLUMNS", "NORMS",
-           "CLASSWISE_MAX_CLASSES"]
+           "CLASSWISE_MAX_CLASSES", "N_FINE"]
 
 NORMS = ("l1", "l2", "max")
 # The metrics a state reports, in the order of `CalibrationCallback.history`'s columns (after `epoch`).
@@ -50,6 +51,8 @@ _SCALARS = ("n", "confidence", "correct", "nll", "brier", "n_invalid", "n_bad_ta
 # Above this many classes `CalibrationCallback` leaves classwise ECE out by default: its counters and per-batch work
 # grow with C, and at large C it mostly measures how well p ~ 0 is calibrated (REFERENCE.md §3.1).
 CLASSWISE_MAX_CLASSES = 1000
+# The fine grid's cells by default: a resolution of 0.001 in confidence.
+N_FINE = 1000
 
 
 def check_n_bins(n_bins: int, name: str = "n_bins") -> int:
@@ -117,7 +120,7 @@ class CalibrationState:
         self,
         n_classes: int,
         n_bins: int = 15,
-        n_fine: int = 1000,
+        n_fine: int = N_FINE,
         device: torch.device | str | None = None,
         data: Tensor | None = None,
         classwise: bool = True,
@@ -392,6 +395,7 @@ class CalibrationState:
                    point: dict[str, float]) -> dict[str, tuple[float, float]]:
         check_ci(ci, n_boot)
         check_seed(seed)
+        check_interval_grid(self.n_bins, self.n_fine)
         if not point["n"] >= 1:
             return dict.fromkeys(INTERVAL_NAMES, (math.nan, math.nan))
         replicates = bootstrap_metrics(self.bins.detach().cpu(), self.fine.detach().cpu(), n_boot, seed)
