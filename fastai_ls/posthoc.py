@@ -53,6 +53,12 @@ def holdout_logits(learn: Learner, dl: DataLoader | None = None) -> tuple[Tensor
     """
     check_softmax_loss(learn.loss_func)
     logits, target = learn.get_preds(dl=dl, act=noop)  # raw logits, even where a calibrator is applied
+    which = "the validation set" if dl is None else "dl"
+    if logits is None:  # fastai's get_preds on a DataLoader without a batch
+        raise ValueError(f"{which} is empty: post-hoc calibration needs held-out items with their labels")
+    if target is None:
+        raise ValueError(f"{which} has no labels: post-hoc calibration needs held-out items with their class ids "
+                         "(e.g. learn.dls.test_dl(items, with_labels=True))")
     if not isinstance(target, Tensor):
         raise ValueError("post-hoc calibration needs one target tensor of class ids per item")
     logits, target = class_rows(logits, target, learn.loss_func)

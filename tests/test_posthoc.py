@@ -311,3 +311,19 @@ def test_compare_calibrators_on_a_learner_is_the_comparison_of_its_held_out_logi
         compare_calibrators(learn, target)
     with pytest.raises(ValueError, match="logits need their targets"):
         compare_calibrators(logits)
+
+
+def test_held_out_data_that_is_empty_or_unlabelled_is_named_as_such():
+    # Both were "post-hoc calibration needs one target tensor of class ids per item".
+    learn = logit_learner(2.0, n=40)
+    unlabelled = learn.dls.test_dl([x for x, _ in learn.dls.valid_ds], with_labels=False)
+    rows = list(learn.dls.valid_ds)
+    no_valid = Learner(Datasets(rows, [[ItemGetter(0)], [ItemGetter(1)]], splits=(list(range(40)), []))
+                       .dataloaders(bs=8, num_workers=0, device="cpu"), PassLogits(),
+                       loss_func=LabelSmoothingCrossEntropy(0.1))
+    with learn.no_bar(), no_valid.no_bar():
+        with pytest.raises(ValueError, match=r"dl has no labels: .*\.test_dl\(items, with_labels=True\)"):
+            fit_calibrator(learn, "temperature", dl=unlabelled)
+        with pytest.raises(ValueError, match="the validation set is empty"):
+            compare_calibrators(no_valid)
+    assert not learn.lock.locked() and not no_valid.lock.locked()
