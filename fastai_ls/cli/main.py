@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     -------
     int
         The exit status: 0, or 1 after a one-line error about bad values or data (2 for bad arguments, from the
-        parser).
+        parser; 130 after Ctrl-C).
 
     Examples
     --------
@@ -307,4 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # bad values and missing data: one line, no traceback
         print(f"fastai-ls: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever training was; 128 + SIGINT
+        print("\nfastai-ls: interrupted", file=sys.stderr)
+        return 130
     return 0
