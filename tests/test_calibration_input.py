@@ -207,3 +207,11 @@ def test_interval_options_are_checked_before_anything_is_counted(monkeypatch):
         calibration_metrics(probs, target, n_bins=2000, ci=0.95)
     with pytest.raises(ValueError, match="n_boot must be an int >= 2"):
         calibration_metrics(probs, target, ci=0.95, n_boot=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_a_true_class_probability_of_zero_costs_the_same_capped_nll_in_every_dtype(dtype):
+    # Was -log(tiny) of the dtype: 87.3 nats in float32, 708.4 in float64 (float16/bfloat16 are upcast to float32).
+    probs, target = torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([1, 0])
+    nll = calibration_metrics(probs.to(dtype), target)["nll"]
+    assert nll == pytest.approx((-math.log(torch.finfo(torch.float32).tiny) + math.log(2)) / 2)

@@ -339,6 +339,7 @@ def calibrate(
 
     from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, TemperatureScaling
     from fastai_ls.calibration.compare import compare_calibrators
+    from fastai_ls.calibration.state import NLL_FLOOR
 
     logits, targets = torch.from_numpy(predictions.logits), torch.from_numpy(predictions.targets)
     n, n_classes = logits.shape
@@ -349,7 +350,7 @@ def calibrate(
             "calibrators take as the row's lowest finite logit minus 104")
     if predictions.target_zeros:
         p_y = TemperatureScaling(1.0)(logits)[torch.arange(n), targets]
-        counted = float((-p_y.clamp_min(torch.finfo(p_y.dtype).tiny).log()).max())  # as CalibrationState does
+        counted = float((-p_y.clamp_min(NLL_FLOOR).log()).max())  # as CalibrationState does
         k = predictions.target_zeros
         rows = f"{k} rows give their" if k > 1 else "1 row gives its"
         _say(f"{rows} target probability 0, an infinite NLL: the 'uncalibrated' row counts {counted:.1f} nats for "
