@@ -140,6 +140,11 @@ def clean_logits(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return torch.where(bad[:, None], 0.0, z), bad
 
 
+def _call_dtype(logits: Tensor) -> torch.dtype:
+    """The dtype a calibrator computes and answers in for these logits: float64 for float64, else float32."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 def check_fit_input(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """float64 logits (-inf replaced) and int64 targets on the logits' device, or a ValueError naming the problem
     (the checks of `Calibrator.fit`, listed in the module docstring).
@@ -167,7 +172,10 @@ def check_fit_input(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         i = int(out_of_range.nonzero()[0, 0])
         raise ValueError(f"target holds {int(out_of_range.sum())} class ids outside [0, {n_classes}) (first: "
                          f"{int(target[i])} in row {i}); drop ignored rows before fitting")
-    z, bad = clean_logits(logits, torch.float64)
+    # -inf is replaced in the dtype that calling the calibrator uses (float64 or float32), then the fit runs in
+    # float64: the calibrator then sees the same substitute logits when it is fitted and when it is called.
+    z, bad = clean_logits(logits, _call_dtype(logits))
+    z = z.double()
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"logits hold NaN or +inf (or no finite value) in {int(bad.sum())} of {n} rows (first: "
@@ -253,7 +261,7 @@ class Calibrator:
         if self.n_classes is not None and logits.shape[1] != self.n_classes:
             raise ValueError(f"{type(self).__name__} was fitted on {self.n_classes} classes, got logits with "
                              f"{logits.shape[1]}")
-        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        dtype = _call_dtype(logits)
         z, bad = clean_logits(logits, dtype)
         with torch.no_grad():
             probs = self._probs(z).to(dtype)

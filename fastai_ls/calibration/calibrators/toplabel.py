@@ -106,7 +106,9 @@ class TopLabelCalibrator(Calibrator):
                        if counts[k] >= self.min_rows else None for k in range(z.shape[1])]
 
     def _probs(self, z: Tensor) -> Tensor:
-        probs = z.softmax(1)
+        # In float64, as the curves were fitted: float32 confidences near 1 would round to 1.0 and lose the curves'
+        # resolution there, where an over-confident model puts most of its rows.
+        probs = z.double().softmax(1)
         confidence, predicted = probs.amax(1), probs.argmax(1)
         calibrated = self.pooled(confidence)
         for k, curve in enumerate(self.curves):
