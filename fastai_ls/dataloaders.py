@@ -58,8 +58,10 @@ def check_classes_trained(labels: Sequence[Hashable], train: Sequence[int], vali
     ----------
     labels : sequence
         The label of every item.
-    train, valid : sequence of int
-        Indices into `labels` of the training and the validation items.
+    train : sequence of int
+        Indices into `labels` of the training items.
+    valid : sequence of int
+        Indices into `labels` of the validation items.
     kind : str, default 'class'
         What a label is called in the message (e.g. 'breed').
 
