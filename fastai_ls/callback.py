@@ -7,6 +7,7 @@ batch on the model's device, one `all_reduce` and one read-back per validation p
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from fastai.torch_core import TensorMultiCategory
 from fastai.vision.core import PILBase, PILMask
 from torch import Tensor, nn
 
-from fastai_ls.calibration.intervals import check_ci
+from fastai_ls.calibration.intervals import check_ci, check_interval_grid, check_seed
 from fastai_ls.calibration.plots import (
     bin_frame,
     plot_history,
@@ -193,7 +194,8 @@ class CalibrationCallback(Callback):
         self.classwise = classwise
         if ci is not None:
             check_ci(ci, n_boot)
-        self.ci, self.n_boot, self.seed = ci, n_boot, seed
+            check_interval_grid(self.n_bins, self.n_fine)  # else every epoch's intervals, and `history`, would fail
+        self.ci, self.n_boot, self.seed = ci, n_boot, check_seed(seed)
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
         unknown = [m for m in metrics if m not in METRIC_NAMES + INTERVAL_COLUMNS]
         if unknown:
@@ -441,6 +443,10 @@ class CalibrationCallback(Callback):
             if self.state is None:
                 raise ValueError("no validation pass recorded yet")
             return self.state
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) \
+                or not -len(self.states) <= epoch < len(self.states):
+            raise ValueError(f"epoch must be an int from {-len(self.states)} to {len(self.states) - 1}: the last fit "
+                             f"recorded {len(self.states)} epochs, got {epoch!r}")
         return self.states[epoch]
 
     # --- per batch: shapes and dtypes only, never tensor values (no host synchronisation) --------------------------

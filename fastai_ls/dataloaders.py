@@ -1,9 +1,12 @@
-"""The check that the learner factories (`pets_learner`, `digits_learner`) run on their split before building
-`DataLoaders`: a data set too small for one training batch must fail with a reason, not train on nothing."""
+"""The checks that the learner factories (`pets_learner`, `digits_learner`) run on their split before building
+`DataLoaders`: a data set too small for one training batch must fail with a reason, not train on nothing, and a
+class seen only in validation must fail before training, not with fastai's KeyError after it."""
 
 from __future__ import annotations
 
-__all__ = ["check_split"]
+from collections.abc import Hashable, Sequence
+
+__all__ = ["check_split", "check_classes_trained"]
 
 
 def check_split(n_train: int, n_valid: int, bs: int) -> None:
@@ -41,3 +44,41 @@ def check_split(n_train: int, n_valid: int, bs: int) -> None:
     if n_valid == 0:
         raise ValueError(f"the validation set is empty ({n_train} training images): use more images, or a larger "
                          "validation share (valid_pct)")
+
+
+def check_classes_trained(labels: Sequence[Hashable], train: Sequence[int], valid: Sequence[int],
+                          kind: str = "class") -> None:
+    """Raise a `ValueError` naming a class that has validation items but no training item.
+
+    fastai's `CategoryBlock` takes its vocabulary from the training labels, so such an item is refused only when
+    it is first loaded, at the end of the first training epoch: "KeyError: Label '...' was not included in the
+    training dataset", deep in a traceback.
+
+    Parameters
+    ----------
+    labels : sequence
+        The label of every item.
+    train : sequence of int
+        Indices into `labels` of the training items.
+    valid : sequence of int
+        Indices into `labels` of the validation items.
+    kind : str, default 'class'
+        What a label is called in the message (e.g. 'breed').
+
+    Examples
+    --------
+    >>> check_classes_trained(["cat", "cat", "dog", "dog"], [0, 2], [1, 3])
+    >>> check_classes_trained(["cat", "cat", "dog", "dog"], [0, 1], [2, 3], kind="breed")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: breed 'dog' has no training image: all 2 of its images are in the validation set; a model ...
+    """
+    trained = {labels[i] for i in train}
+    missing = sorted({labels[i] for i in valid} - trained, key=str)
+    if missing:
+        n = sum(labels[i] == missing[0] for i in valid)
+        others = f" (and {len(missing) - 1} more {kind}s like it)" if len(missing) > 1 else ""
+        where = "its one image is" if n == 1 else f"all {n} of its images are"
+        raise ValueError(f"{kind} {missing[0]!r} has no training image: {where} in the validation set{others}; a "
+                         "model learns only the classes it trains on. Add images of it, or change the split (seed, "
+                         "valid_pct)")

@@ -309,7 +309,10 @@ def digits_learner(
     check_split(len(train), len(valid), bs)
     given, changed = replace_labels(labels, train, label_noise, seed)
     block = DataBlock(
-        blocks=(ImageBlock, CategoryBlock),
+        # The ten digits, whatever the training labels hold: fastai's vocabulary would otherwise come from the
+        # training labels alone, and label noise on a small subset can take a digit out of them entirely (then
+        # every clean validation image of that digit is a KeyError, "not included in the training dataset").
+        blocks=(ImageBlock, CategoryBlock(vocab=sorted(set(labels)))),
         splitter=IndexSplitter(list(range(len(train), len(train) + len(valid)))),
         get_y=LabelOf({items[i].name: given[i] for i in train + valid}) if changed else labeller,
         item_tfms=Resize(size),

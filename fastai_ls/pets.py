@@ -27,7 +27,7 @@ from fastcore.basics import using_attr
 from PIL import Image
 
 from fastai_ls.callback import CalibrationCallback
-from fastai_ls.dataloaders import check_split
+from fastai_ls.dataloaders import check_classes_trained, check_split
 from fastai_ls.losses import LabelSmoothingCrossEntropy
 
 # The breed is the file name up to the last `_<digits>.jpg`: breeds contain underscores (american_pit_bull_terrier).
@@ -166,7 +166,7 @@ def pets_dataloaders(
     ------
     ValueError
         If a file name does not give a breed, or the split leaves no training batch (`bs` larger than the training
-        set) or no validation image.
+        set), no validation image, or a breed with no training image.
 
     Examples
     --------
@@ -180,6 +180,7 @@ def pets_dataloaders(
     check_pets_names(items)
     train, valid = RandomSplitter(valid_pct, seed=seed)(items)
     check_split(len(train), len(valid), bs)
+    check_classes_trained([re.match(PETS_PATTERN, item.name)[1] for item in items], train, valid, kind="breed")
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock),
         splitter=IndexSplitter(valid),
@@ -271,7 +272,8 @@ def pets_learner(
     example (`pets_learner().fit_one_cycle(4)`).
 
     Bad data fails before any model is built, with one message naming the problem: no data (and no network), a
-    file name that gives no breed, a split too small for one training batch, missing pretrained weights.
+    file name that gives no breed, a split too small for one training batch or with a breed only in validation,
+    missing pretrained weights.
 
     Parameters
     ----------

@@ -9,7 +9,7 @@ The calibrators themselves (tensors in, tensors out) live in `fastai_ls.calibrat
 from __future__ import annotations
 
 import copy
-import math
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from fastcore.basics import noop
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators import Calibrator, TemperatureScaling, get_calibrator
+from fastai_ls.calibration.calibrators.base import check_number
 from fastai_ls.calibration.compare import DEFAULT_METHODS
 from fastai_ls.calibration.compare import compare_calibrators as compare_on_logits
 from fastai_ls.calibration.state import CalibrationState
@@ -52,6 +53,12 @@ def holdout_logits(learn: Learner, dl: DataLoader | None = None) -> tuple[Tensor
     """
     check_softmax_loss(learn.loss_func)
     logits, target = learn.get_preds(dl=dl, act=noop)  # raw logits, even where a calibrator is applied
+    which = "the validation set" if dl is None else "dl"
+    if logits is None:  # fastai's get_preds on a DataLoader without a batch
+        raise ValueError(f"{which} is empty: post-hoc calibration needs held-out items with their labels")
+    if target is None:
+        raise ValueError(f"{which} has no labels: post-hoc calibration needs held-out items with their class ids "
+                         "(e.g. learn.dls.test_dl(items, with_labels=True))")
     if not isinstance(target, Tensor):
         raise ValueError("post-hoc calibration needs one target tensor of class ids per item")
     logits, target = class_rows(logits, target, learn.loss_func)
@@ -89,11 +96,18 @@ def save_predictions(learn: Learner, path: str | Path, dl: DataLoader | None = N
     >>> save_predictions(learn, "valid.npz")  # then, in a shell: fastai-ls calibrate valid.npz  # doctest: +SKIP
     PosixPath('valid.npz')
     """
+    path = Path(path)
+    if not path.name:  # '' or a path ending in '..'
+        raise ValueError(f"path must name a file, got {str(path)!r}")
+    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+    # Checked before the predictions, which take a pass over the data.
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: no folder {path.parent}")
     logits, target = holdout_logits(learn, dl)
     if logits.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16; float16 would round logits
         logits = logits.float()
-    path = Path(path)
-    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
     np.savez(path, logits=logits.cpu().numpy(), targets=target.cpu().numpy().astype(np.int64))
     return path
 
@@ -180,7 +194,9 @@ def apply_calibrator(learn: Learner, calibrator: Calibrator) -> Learner:
     Parameters
     ----------
     learn : Learner
-        A learner with a cross-entropy-style loss.
+        A learner with a cross-entropy-style loss object (`CrossEntropyLossFlat()`, `nn.CrossEntropyLoss()`,
+        `LabelSmoothingCrossEntropy()`...); a plain function such as `F.cross_entropy` is refused (TypeError): it
+        is shared by every learner that uses it, and `learn.export()` saves it by name.
     calibrator : Calibrator
         A fitted calibrator, e.g. from `fit_calibrator`; the learner gets a copy on its device.
 
@@ -192,6 +208,14 @@ def apply_calibrator(learn: Learner, calibrator: Calibrator) -> Learner:
         raise ValueError(f"{type(calibrator).__name__} is not fitted: fit it first (fit_calibrator)")
     loss_func = learn.loss_func
     check_softmax_loss(loss_func)
+    if isinstance(loss_func, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):
+        # An attribute set on a function (`F.cross_entropy`, a module-level `def`) is set for every learner that
+        # uses it, and `learn.export()` pickles a function by name, so `load_learner` would lose the calibrator.
+        name = getattr(loss_func, "__qualname__", repr(loss_func))
+        raise TypeError(f"apply_calibrator attaches the calibrator to the learner's loss object, but the loss is the "
+                        f"function {name}, which every learner using it shares (all would be calibrated) and which "
+                        "learn.export() saves by name (load_learner would lose the calibrator): give the learner a "
+                        "loss object, e.g. CrossEntropyLossFlat() or nn.CrossEntropyLoss()")
     # A copy on the learner's device: the per-batch activation then copies nothing, and the caller's is not moved.
     calibrator = copy.deepcopy(calibrator)
     device = _device_of(learn)
@@ -410,9 +434,7 @@ def apply_temperature(learn: Learner, temperature: float) -> Learner:
 
     >>> apply_temperature(learn, fit_temperature(learn, dl=holdout_dl).temperature)  # doctest: +SKIP
     """
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    return apply_calibrator(learn, TemperatureScaling(float(temperature)))
+    return apply_calibrator(learn, TemperatureScaling(check_number(temperature, "temperature", strict=True)))
 
 
 def remove_temperature(learn: Learner) -> Learner:

@@ -4,6 +4,7 @@ status 1 for every bad file."""
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 
@@ -177,13 +178,46 @@ def test_a_bad_file_is_one_clear_line_and_exit_status_1(tmp_path, capsys, arrays
 
 def test_a_file_that_is_no_npz_archive_is_one_clear_line(tmp_path, capsys):
     (tmp_path / "text.npz").write_text("logits,targets\n1,2\n")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with open(tmp_path / "pickled.npz", "wb") as file:
+        pickle.dump({"logits": np.zeros((3, 2)), "targets": np.zeros(3, int)}, file)
     np.save(tmp_path / "single.npy", np.zeros((3, 2)))
     np.savez(tmp_path / "objects.npz", logits=np.array([object(), None]), targets=np.zeros(2, int))
-    cases = {"text.npz": "cannot read", "single.npy": "holds a single array, not an .npz archive",
+    cases = {"text.npz": "is not a numpy .npz archive (it starts with b'logits'",
+             "empty.npz": "is not a numpy .npz archive (the file is empty)",
+             "pickled.npz": "is not a numpy .npz archive (a pickle, which is never loaded here",
+             "single.npy": "holds a single array, not an .npz archive",
              "missing.npz": "no such file", "objects.npz": "cannot read array 'logits'", ".": "is a folder"}
     for name, message in cases.items():
         status, out, err = run(["calibrate", str(tmp_path / name)], capsys)
         assert status == 1 and out == "" and err.count("\n") == 1 and message in err, (name, err)
+        # numpy's own message for a file that is neither zip nor .npy said to load it with allow_pickle or
+        # pickle.load(): advice to run a file's code.
+        assert "allow_pickle" not in err and "pickle.load" not in err, (name, err)
+
+
+def test_save_predictions_checks_its_path_before_predicting(tmp_path, monkeypatch):
+    # A bad path failed in np.savez, after the pass over the data ("Path('.') has an empty name" for '').
+    learn = tiny_learner()
+    monkeypatch.setattr(learn, "get_preds", lambda *a, **k: pytest.fail("predicted before checking the path"))
+    (tmp_path / "folder.npz").mkdir()
+    for path, error, message in [("", ValueError, "path must name a file, got '.'"),
+                                 (tmp_path / "no" / "p.npz", FileNotFoundError, "no folder"),
+                                 (tmp_path / "folder.npz", IsADirectoryError, "it is a folder")]:
+        with pytest.raises(error, match=message):
+            save_predictions(learn, path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["calibrate", ""], "PREDICTIONS.npz: expected a path, got ''"),
+    (["calibrate", "p.npz", "--out", ""], "--out: expected a path, got ''"),
+    (["demo", "--out", ""], "--out: expected a path, got ''"),  # was the current folder, after both trainings
+    (["pets", "--path", " "], "--path: expected a path, got ' '"),
+])
+def test_an_empty_path_is_refused_by_the_parser(capsys, args, message):
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_an_unwritable_out_is_refused_before_the_comparison(tmp_path, capsys):

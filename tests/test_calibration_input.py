@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
@@ -144,3 +145,73 @@ def test_a_confidence_of_exactly_one_goes_to_the_last_bin_where_torchmetrics_mak
     ours = calibration_error(probs, target, norm="max")
     theirs = float(multiclass_calibration_error(probs, target, 2, n_bins=15, norm="max"))
     assert theirs == pytest.approx(0.2) and ours == pytest.approx(abs(0.9625 - 0.95), abs=1e-6)
+
+
+# --- found by review (review-cal) ------------------------------------------------------------------------------------
+
+
+def test_transposed_and_column_major_probabilities_give_the_metrics_of_contiguous_ones():
+    # The classwise counters flattened their input with `view`: a transposed tensor (or a column-major array from
+    # numpy) was a RuntimeError "view size is not compatible with input tensor's size and stride".
+    probs, target = probs_and_target(60, 5)
+    transposed = probs.T.contiguous().T
+    column_major = torch.from_numpy(np.asfortranarray(probs.numpy()))
+    assert not transposed.is_contiguous() and not column_major.is_contiguous()
+    want = calibration_metrics(probs, target)
+    assert not math.isnan(want["classwise_ece"])
+    assert calibration_metrics(transposed, target) == pytest.approx(want, rel=1e-6)  # sums in another order
+    assert calibration_metrics(column_major.double(), target) == pytest.approx(want, rel=1e-6)
+    state = CalibrationState(5)
+    state.update(transposed, target)
+    assert state.metrics() == pytest.approx(want, rel=1e-6)
+
+
+def test_probabilities_without_classes_get_a_clear_error():
+    # (N, 0) was a RuntimeError from `min()` on an empty tensor.
+    with pytest.raises(ValueError, match=r"\(N, C\) class probabilities with C >= 1, got shape \(2, 0\)"):
+        calibration_metrics(torch.zeros(2, 0), torch.zeros(2, dtype=torch.long))
+
+
+def test_a_refused_row_sum_is_shown_with_the_digits_that_miss_one():
+    # The message said the row sums ranged over "[1, 1]" for a row summing to 1.002 (3 significant digits).
+    with pytest.raises(ValueError, match=r"sum to 1 within 0\.001\), .* row sums over \[1\.002, 1\.002\]"):
+        calibration_metrics(torch.tensor([[0.5, 0.502]]), torch.tensor([0]))
+
+
+def test_states_with_different_counters_cannot_be_added_and_the_error_says_which_differ():
+    # Was Python's "unsupported operand type(s) for +: 'CalibrationState' and 'CalibrationState'".
+    with pytest.raises(ValueError, match="n_classes 3 and 4, classwise True and False"):
+        CalibrationState(3) + CalibrationState(4, classwise=False)
+    with pytest.raises(ValueError, match="n_fine 1000 and 500"):
+        CalibrationState(3) + CalibrationState(3, n_fine=500)
+    with pytest.raises(TypeError):
+        CalibrationState(3) + 1
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "0", 2**64, True])
+def test_a_seed_that_cannot_seed_the_bootstrap_is_named_in_the_error(seed):
+    # numpy's own messages ("expected non-negative integer", "SeedSequence expects int...") named no parameter.
+    probs, target = probs_and_target()
+    with pytest.raises(ValueError, match="seed must be an int from 0 to 2\\*\\*64 - 1 or None"):
+        calibration_metrics(probs, target, ci=0.95, n_boot=10, seed=seed)
+    with pytest.raises(ValueError, match="seed must be an int"):
+        CalibrationState(4).intervals(n_boot=10, seed=seed)  # no rows, no bootstrap: still checked
+    assert calibration_metrics(probs, target, ci=0.95, n_boot=10, seed=np.int64(3))["ece_lo"] >= 0
+
+
+def test_interval_options_are_checked_before_anything_is_counted(monkeypatch):
+    # n_bins above the fine grid's 1000 cells failed only in metrics(), after the counting.
+    probs, target = probs_and_target()
+    monkeypatch.setattr(CalibrationState, "update", lambda *a, **k: pytest.fail("counted before the check"))
+    with pytest.raises(ValueError, match="n_fine=1000 < n_bins=2000"):
+        calibration_metrics(probs, target, n_bins=2000, ci=0.95)
+    with pytest.raises(ValueError, match="n_boot must be an int >= 2"):
+        calibration_metrics(probs, target, ci=0.95, n_boot=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_a_true_class_probability_of_zero_costs_the_same_capped_nll_in_every_dtype(dtype):
+    # Was -log(tiny) of the dtype: 87.3 nats in float32, 708.4 in float64 (float16/bfloat16 are upcast to float32).
+    probs, target = torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([1, 0])
+    nll = calibration_metrics(probs.to(dtype), target)["nll"]
+    assert nll == pytest.approx((-math.log(torch.finfo(torch.float32).tiny) + math.log(2)) / 2)

@@ -35,8 +35,10 @@ def test_metrics_with_ci_give_an_interval_for_every_interval_metric_and_without_
     def no_bootstrap(*args, **kwargs):
         raise AssertionError("a bootstrap without ci")
 
-    monkeypatch.setattr(intervals_module, "bootstrap_histograms", no_bootstrap)
+    monkeypatch.setattr(intervals_module, "_replicate_chunks", no_bootstrap)  # every bootstrap's replicates
     assert not any(k.endswith(("_lo", "_hi")) for k in state.metrics())
+    with pytest.raises(AssertionError, match="a bootstrap without ci"):  # the guard is in the bootstrap's path
+        state.metrics(ci=0.9, n_boot=10)
 
 
 def test_the_same_seed_gives_the_same_intervals_and_another_seed_others():
@@ -139,3 +141,28 @@ def test_intervals_need_at_least_as_many_fine_cells_as_bins():
     state.update(torch.tensor([[.9, .1]]), torch.tensor([0]))
     with pytest.raises(ValueError, match="n_fine"):
         state.metrics(ci=0.95)
+
+
+def test_a_large_bootstrap_is_drawn_in_chunks_with_the_replicates_of_one_draw(monkeypatch):
+    # All replicates were held at once: about 70 kB each at 1000 fine cells, so n_boot=10,000 took 0.7 GB and
+    # 100,000 would take 7 GB (the machine has 24). Now at most CHUNK at a time, and the intervals do not change.
+    state = state_from(*sample("skewed, under-confident", 600, seed=5))
+    sizes = []
+    real = intervals_module._resample
+
+    def recorded(cells, n_boot, seed, rng=None):
+        sizes.append(n_boot)
+        return real(cells, n_boot, seed, rng)
+
+    monkeypatch.setattr(intervals_module, "_resample", recorded)
+    monkeypatch.setattr(intervals_module, "CHUNK", 300)
+    chunked = bootstrap_metrics(state.bins, state.fine, n_boot=700, seed=3)
+    assert sizes == [300, 300, 100]
+    monkeypatch.setattr(intervals_module, "CHUNK", 10**6)
+    at_once = bootstrap_metrics(state.bins, state.fine, n_boot=700, seed=3)
+    assert sizes[3:] == [700]
+    assert chunked.keys() == at_once.keys()
+    for name in at_once:
+        torch.testing.assert_close(chunked[name], at_once[name], rtol=1e-12, atol=0, equal_nan=True, msg=name)
+    _, rep_fine, _ = intervals_module.bootstrap_histograms(state.bins, state.fine, n_boot=700, seed=3)
+    assert rep_fine.shape[0] == 700

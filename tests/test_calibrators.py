@@ -336,6 +336,40 @@ def test_a_given_temperature_needs_no_fit_and_takes_any_number_of_classes():
             TemperatureScaling(bad)
 
 
+@pytest.mark.parametrize("method", ["isotonic", "top_label_isotonic", "histogram"])
+def test_curve_calibrators_give_float32_logits_the_probabilities_of_float64_ones(method):
+    # The curves are fitted on float64 scores but were evaluated on float32 ones: a confident model's confidences
+    # near 1, distinct knots in float64, all rounded to 1.0 and took the last knot's value. The same calibrator
+    # then differed by up to 0.21 in probability between a model's float32 logits and the same logits in float64.
+    g = torch.Generator().manual_seed(3)
+    favourite = torch.randint(0, 5, (2000,), generator=g)
+    true_logits = 3.0 * F.one_hot(favourite, 5) + torch.randn(2000, 5, generator=g)
+    target = torch.multinomial(true_logits.softmax(1), 1, generator=g).squeeze(1)
+    logits = 7.5 * true_logits  # logit gaps of 20 and more: confidences within 1e-8 of 1
+    assert float((logits.softmax(1).amax(1) == 1).float().mean()) > 0.2  # in float32, many round to 1.0
+    calibrator = get_calibrator(method).fit(logits, target)
+    single, double = calibrator(logits), calibrator(logits.double())
+    assert single.dtype == torch.float32 and double.dtype == torch.float64
+    torch.testing.assert_close(single.double(), double, rtol=0, atol=1e-6)
+
+
+def test_numeric_options_take_numpy_scalars_and_refuse_booleans_and_strings():
+    # np.float32(2.0) was refused with "temperature must be a finite number > 0, got np.float32(2.0)", and
+    # np.int64 counts likewise: a T or a bin count computed with numpy could not be passed on.
+    assert TemperatureScaling(np.float32(2.0)).temperature == 2.0
+    assert MatrixScaling(reg=np.float32(0.5), reg_grid=(np.float64(0.1), 1)).reg == 0.5
+    assert TopLabelHistogramBinning(n_bins=np.int64(5), min_rows=np.int32(10)).min_rows == 10
+    assert VectorScaling(max_iter=np.int64(20)).max_iter == 20
+    assert type(HistogramCurve(n_bins=np.int64(5)).n_bins) is int
+    for make, match in [(lambda: MatrixScaling(reg=True), "reg must be a finite number >= 0"),
+                        (lambda: MatrixScaling(reg_grid=(0.1, -1.0)), "reg_grid must be a finite number >= 0"),
+                        (lambda: TopLabelHistogramBinning(n_bins=2.0), "n_bins must be an int >= 1, got 2.0"),
+                        (lambda: TopLabelIsotonic(min_rows=False), "min_rows must be an int >= 1"),
+                        (lambda: EnsembleTemperatureScaling(max_iter="9"), "max_iter must be an int >= 1")]:
+        with pytest.raises(ValueError, match=match):
+            make()
+
+
 # --- vector, matrix and Dirichlet scaling: against scipy and scikit-learn ---------------------------------------------
 
 

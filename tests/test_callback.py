@@ -479,6 +479,39 @@ def test_unknown_metric_names_are_rejected_at_construction():
         CalibrationCallback(metrics=("ece", "accuracy_top5"))
 
 
+@pytest.mark.parametrize("seed", [-1, 0.5, "42"])
+def test_a_bad_seed_is_rejected_at_construction(seed):
+    # Was accepted, then numpy's "expected non-negative integer" at the first report() or interval column.
+    with pytest.raises(ValueError, match="seed must be an int from 0 to 2\\*\\*64 - 1 or None"):
+        CalibrationCallback(seed=seed)
+
+
+def test_bins_finer_than_the_fine_grid_are_refused_at_construction_when_intervals_are_asked_for():
+    # CalibrationCallback(n_bins=20, n_fine=10) trained, then every epoch's intervals failed: `history` and
+    # `report()` raised for the whole fit (or, with an interval column, the fit stopped after its first epoch).
+    with pytest.raises(ValueError, match=r"n_fine=10 < n_bins=20: pass n_fine >= 20, or no intervals \(ci=None\)"):
+        CalibrationCallback(n_bins=20, n_fine=10)
+    cb = CalibrationCallback(n_bins=20, n_fine=10, ci=None)
+    learn = make_learner(cb)
+    with quiet(learn):
+        learn.fit(1)
+    assert len(cb.history) == 1 and not math.isnan(cb.history["ece"][0])
+
+
+def test_an_epoch_the_last_fit_did_not_record_is_a_clear_error():
+    # Was "IndexError: list index out of range" from report(epoch=5) after a 2-epoch fit.
+    cb = CalibrationCallback(ci=None)
+    learn = make_learner(cb)
+    with quiet(learn):
+        learn.fit(2)
+    assert cb.state_of(-2) is cb.states[0]
+    for epoch in (2, -3, 1.0):
+        with pytest.raises(ValueError, match=r"epoch must be an int from -2 to 1: the last fit recorded 2 epochs"):
+            cb.report(epoch=epoch)
+    with pytest.raises(ValueError, match="epoch must be"):
+        cb.bins(epoch=5)
+
+
 class NaNForLargeFirstFeature(nn.Module):
     def __init__(self):
         super().__init__()

@@ -45,15 +45,15 @@ def fitted(cb: CalibrationCallback, epochs: int = 2, **kwargs) -> Learner:
 
 @pytest.fixture
 def bootstraps(monkeypatch):
-    """Counts the bootstraps run."""
+    """Counts the bootstraps run (every bootstrap draws its replicates through `_replicate_chunks`)."""
     calls = []
-    real = intervals_module.bootstrap_histograms
+    real = intervals_module._replicate_chunks
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(intervals_module, "bootstrap_histograms", counted)
+    monkeypatch.setattr(intervals_module, "_replicate_chunks", counted)
     return calls
 
 

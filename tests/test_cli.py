@@ -235,3 +235,15 @@ def test_demo_on_two_cpu_processes_reports_once(tmp_path, torchrun):
         for metric in ("ece", "nll", "brier"):
             assert compared.loc[(model, "uncalibrated"), metric] == pytest.approx(
                 table.loc[(model, metric), "estimate"], abs=1e-5)
+
+
+def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    # Ctrl-C during training printed an 80-line traceback from inside torch's conv2d.
+    cli_main = sys.modules[main.__module__]  # `fastai_ls.cli.main` is also the name of the function
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main, "_demo", interrupted)
+    assert main(["demo", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "\nfastai-ls: interrupted\n"

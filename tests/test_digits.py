@@ -88,6 +88,19 @@ def test_too_few_items_or_too_large_a_batch_is_refused_with_the_reason(digits_fo
         digits_learner(digits_folder, max_items=100, bs=128)
 
 
+def test_label_noise_that_takes_a_digit_out_of_the_training_labels_keeps_all_ten_classes(digits_folder):
+    # fastai took the vocabulary from the (noisy) training labels: `fastai-ls demo --max-items 20 --label-noise 0.99
+    # --seed 3` trained, then failed on a clean validation image: "KeyError: Label '0' was not included in the
+    # training dataset" (a traceback, exit 1).
+    learn = digits_learner(digits_folder, max_items=20, bs=4, label_noise=0.99, seed=3, calibration=False)
+    given = {learn.dls.vocab[int(y)] for _, y in learn.dls.train_ds}
+    assert len(given) < 10  # the case: a digit has no training label left
+    assert list(learn.dls.vocab) == [str(d) for d in range(10)] and learn.dls.c == 10
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1)
+    assert len(learn.dls.valid_ds) == 10 and class_counts(learn.dls.valid_ds).tolist() == [1] * 10
+
+
 @pytest.mark.parametrize("counts, max_items, sizes", [
     ([50, 30, 20], 10, [5, 3, 2]),   # proportional
     ([90, 5, 5], 10, [6, 2, 2]),     # every class keeps one to train and one to validate

@@ -12,6 +12,7 @@ import torch
 import torch.hub
 import torchvision
 from fastai.data.external import fastai_cfg, fastai_path
+from fastai.data.transforms import RandomSplitter, get_image_files
 from PIL import Image
 
 from fastai_ls import CalibrationCallback, LabelSmoothingCrossEntropy, pets_learner
@@ -110,6 +111,19 @@ def test_a_tree_too_small_for_one_batch_is_refused_with_the_reason(homes):
                               "more images.")
     learn = pets_learner(path=homes / "tree", arch="resnet18", **{**SMALL, "bs": 26})
     assert len(learn.dls.train) == 1
+
+
+def test_a_breed_whose_images_all_fall_into_validation_is_refused_before_training(homes):
+    # fastai takes the vocabulary from the training labels: the split trained a whole epoch, then the first
+    # validation batch failed with "KeyError: Label 'zebu' was not included in the training dataset", a traceback.
+    images = make_pets_like_tree(homes / "tree") / "images"
+    Image.new("RGB", (48, 48), (200, 100, 0)).save(images / "zebu_1.jpg")
+    items = get_image_files(images)
+    seed = next(s for s in range(100)
+                if any(items[i].name == "zebu_1.jpg" for i in RandomSplitter(0.2, seed=s)(items)[1]))
+    with pytest.raises(ValueError, match=r"^breed 'zebu' has no training image: its one image is in the validation "
+                                         r"set; .* change the split \(seed, valid_pct\)$"):
+        pets_learner(path=images, seed=seed, **SMALL)
 
 
 def test_files_not_named_like_pets_images_are_named_in_the_error(homes):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,9 +140,28 @@ def test_applied_temperature_scales_get_preds_and_survives_export(tmp_path):
 
 
 def test_apply_temperature_rejects_non_positive_values():
-    for bad in (0.0, -2.0, math.nan, "2"):
+    for bad in (0.0, -2.0, math.nan, "2", True):  # True was taken for T = 1
         with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
             apply_temperature(logit_learner(1.0, n=20), bad)
+    # A T computed with numpy was refused ("must be a finite number > 0, got np.float32(2.0)").
+    learn = apply_temperature(logit_learner(1.0, n=20), np.float32(2.0))
+    assert applied_calibrator(learn).temperature == 2.0
+
+
+def test_a_plain_function_loss_is_refused_so_that_no_other_learner_is_calibrated_through_it():
+    # apply_calibrator set `F.cross_entropy.activation`: every learner with loss_func=F.cross_entropy in the process
+    # got the calibrated probabilities, and learn.export() (which pickles a function by name) dropped it.
+    learn, other = logit_learner(2.0, n=60, loss_func=F.cross_entropy), logit_learner(2.0, n=60,
+                                                                                    loss_func=F.cross_entropy)
+    with pytest.raises(TypeError, match="the loss is the function cross_entropy, which every learner using it "
+                                        "shares"):
+        apply_temperature(learn, 2.0)
+    assert not hasattr(F.cross_entropy, "activation") and applied_calibrator(learn) is None
+    with other.no_bar():
+        out, _ = other.get_preds()
+    torch.testing.assert_close(out, raw(other)[0])  # fastai's get_preds on a function loss: no activation at all
+    with learn.no_bar():  # fitting and comparing change nothing, and work with a function loss
+        assert fit_calibrator(learn, "temperature").temperature > 1
 
 
 def test_fit_temperature_on_a_degenerate_model_is_bounded_and_says_why():
@@ -291,3 +311,19 @@ def test_compare_calibrators_on_a_learner_is_the_comparison_of_its_held_out_logi
         compare_calibrators(learn, target)
     with pytest.raises(ValueError, match="logits need their targets"):
         compare_calibrators(logits)
+
+
+def test_held_out_data_that_is_empty_or_unlabelled_is_named_as_such():
+    # Both were "post-hoc calibration needs one target tensor of class ids per item".
+    learn = logit_learner(2.0, n=40)
+    unlabelled = learn.dls.test_dl([x for x, _ in learn.dls.valid_ds], with_labels=False)
+    rows = list(learn.dls.valid_ds)
+    no_valid = Learner(Datasets(rows, [[ItemGetter(0)], [ItemGetter(1)]], splits=(list(range(40)), []))
+                       .dataloaders(bs=8, num_workers=0, device="cpu"), PassLogits(),
+                       loss_func=LabelSmoothingCrossEntropy(0.1))
+    with learn.no_bar(), no_valid.no_bar():
+        with pytest.raises(ValueError, match=r"dl has no labels: .*\.test_dl\(items, with_labels=True\)"):
+            fit_calibrator(learn, "temperature", dl=unlabelled)
+        with pytest.raises(ValueError, match="the validation set is empty"):
+            compare_calibrators(no_valid)
+    assert not learn.lock.locked() and not no_valid.lock.locked()

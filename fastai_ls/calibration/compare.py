@@ -16,7 +16,7 @@ from torch import Tensor
 from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, Calibrator, get_calibrator
 from fastai_ls.calibration.calibrators.base import check_fit_input
 from fastai_ls.calibration.calibrators.folds import stratified_folds
-from fastai_ls.calibration.intervals import check_ci
+from fastai_ls.calibration.intervals import check_ci, check_seed
 from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, CalibrationState
 
 __all__ = ["compare_calibrators", "cross_fit", "DEFAULT_METHODS", "COLUMNS"]
@@ -174,6 +174,7 @@ def compare_calibrators(
     templates = _methods(methods)
     if ci is not None:
         check_ci(ci, n_boot)
+    seed = check_seed(seed, allow_none=False)  # of the folds and of the bootstrap
     check_fit_input(logits, target)  # the bad-input errors of a fit, before any fold runs
     target = target.to(logits.device, torch.long)
     counts = torch.bincount(target.cpu(), minlength=logits.shape[1])

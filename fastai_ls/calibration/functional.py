@@ -12,7 +12,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, CalibrationState, check_n_bins
+from fastai_ls.calibration.intervals import check_ci, check_interval_grid, check_seed
+from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, N_FINE, CalibrationState, check_n_bins
 
 __all__ = ["calibration_error", "calibration_metrics", "check_probabilities"]
 
@@ -41,14 +42,15 @@ def check_probabilities(probs: Tensor, target: Tensor, name: str = "probs",
 
     >>> check_probabilities(torch.tensor([[2.0, -1.0]]), torch.tensor([0]))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    ValueError: probs must hold probabilities (rows in [0, 1] that sum to 1), but the values range over [-1, 2]...
+    ValueError: probs must hold probabilities (rows in [0, 1] that sum to 1 within 0.001), but the values range...
     """
     if not isinstance(probs, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f"{name} and target must be tensors, got {type(probs).__name__} and {type(target).__name__}")
-    if probs.dim() != 2:
+    if probs.dim() != 2 or probs.shape[1] == 0:
         hint = " (for binary positive-class probabilities p pass torch.stack([1 - p, p], 1))" \
             if probs.dim() == 1 else ""
-        raise ValueError(f"{name} must be (N, C) class probabilities, got shape {tuple(probs.shape)}{hint}")
+        raise ValueError(f"{name} must be (N, C) class probabilities with C >= 1, got shape {tuple(probs.shape)}"
+                         f"{hint}")
     if not probs.is_floating_point():
         raise ValueError(f"{name} must be floating point probabilities, got {probs.dtype}")
     if target.dim() != 1 or target.shape[0] != probs.shape[0] or target.is_floating_point() \
@@ -62,10 +64,11 @@ def check_probabilities(probs: Tensor, target: Tensor, name: str = "probs",
         sums = valid.sum(1)
         tol = _tolerance(probs.dtype)
         if float(valid.min()) < -tol or float(valid.max()) > 1 + tol or float((sums - 1).abs().max()) > tol:
+            # Enough digits to show what is wrong: a row summing to 1.002 must not read as "1".
             raise ValueError(
-                f"{name} must hold probabilities (rows in [0, 1] that sum to 1), but the values range over "
-                f"[{float(valid.min()):.3g}, {float(valid.max()):.3g}] and row sums over [{float(sums.min()):.3g}, "
-                f"{float(sums.max()):.3g}]; for logits pass `logits.softmax(1)`")
+                f"{name} must hold probabilities (rows in [0, 1] that sum to 1 within {tol:.2g}), but the values "
+                f"range over [{float(valid.min()):.6g}, {float(valid.max()):.6g}] and row sums over "
+                f"[{float(sums.min()):.6g}, {float(sums.max()):.6g}]; for logits pass `logits.softmax(1)`")
     listed = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
     bad = listed & ((target < 0) | (target >= probs.shape[1]))
     if bool(bad.any()):
@@ -124,6 +127,10 @@ def calibration_metrics(
     >>> calibration_metrics(torch.tensor([[.9, .1], [.2, .8]]), torch.tensor([0, 0]))['accuracy']
     0.5
     """
+    if ci is not None:  # the interval options, before anything is counted
+        check_ci(ci, n_boot)
+        check_seed(seed)
+        check_interval_grid(check_n_bins(n_bins), N_FINE)
     state = _state_of(probs, target, n_bins, ignore_index, classwise)
     return state.metrics(ci=ci, n_boot=n_boot, seed=seed)
 

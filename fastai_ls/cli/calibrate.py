@@ -59,6 +59,10 @@ class Predictions:
     target_zeros: int = 0
 
 
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip file's first bytes (the second: an empty archive)
+_NPY_MAGIC = b"\x93NUMPY"  # a single array saved by np.save
+
+
 def _first_row(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
@@ -68,6 +72,16 @@ def _load(path: Path) -> dict[str, np.ndarray]:
         raise OSError(f"{path}: no such file")
     if path.is_dir():
         raise OSError(f"{path} is a folder, not an .npz file")
+    # Tell what the file is before numpy does: for anything that is neither a zip nor an .npy file, numpy's own
+    # message says "pickled (object) data" and suggests loading it with pickle, which can run code.
+    with open(path, "rb") as file:
+        head = file.read(len(_NPY_MAGIC))
+    if not head.startswith(_ZIP_MAGIC + (_NPY_MAGIC,)):
+        what = "the file is empty" if not head else \
+            "a pickle, which is never loaded here: it can run code" if head.startswith(b"\x80") else \
+            f"it starts with {head!r}, where an .npz archive, a zip file, starts with b'PK'"
+        raise ValueError(f"{path} is not a numpy .npz archive ({what}); save one with "
+                         "np.savez(path, logits=..., targets=...)")
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as err:  # numpy raises ValueError, OSError, EOFError or zipfile's errors for what it cannot read
@@ -81,7 +95,13 @@ def _load(path: Path) -> dict[str, np.ndarray]:
         for name in loaded.files:
             try:
                 arrays[name] = loaded[name]
-            except Exception as err:  # object arrays need pickle, which is refused: a file can run code
+            except ValueError as err:  # object arrays need pickle, which is refused: a file can run code
+                if "Object arrays" not in str(err):
+                    raise ValueError(f"{path}: cannot read array {name!r} ({err})") from None
+                raise ValueError(f"{path}: cannot read array {name!r}: it holds Python objects (dtype object), which "
+                                 "only pickle can load, and a pickle can run code, so it is never loaded here; save "
+                                 "numeric arrays") from None
+            except Exception as err:
                 raise ValueError(f"{path}: cannot read array {name!r} ({err})") from None
     return arrays
 
@@ -319,6 +339,7 @@ def calibrate(
 
     from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, TemperatureScaling
     from fastai_ls.calibration.compare import compare_calibrators
+    from fastai_ls.calibration.state import NLL_FLOOR
 
     logits, targets = torch.from_numpy(predictions.logits), torch.from_numpy(predictions.targets)
     n, n_classes = logits.shape
@@ -329,7 +350,7 @@ def calibrate(
             "calibrators take as the row's lowest finite logit minus 104")
     if predictions.target_zeros:
         p_y = TemperatureScaling(1.0)(logits)[torch.arange(n), targets]
-        counted = float((-p_y.clamp_min(torch.finfo(p_y.dtype).tiny).log()).max())  # as CalibrationState does
+        counted = float((-p_y.clamp_min(NLL_FLOOR).log()).max())  # as CalibrationState does
         k = predictions.target_zeros
         rows = f"{k} rows give their" if k > 1 else "1 row gives its"
         _say(f"{rows} target probability 0, an infinite NLL: the 'uncalibrated' row counts {counted:.1f} nats for "

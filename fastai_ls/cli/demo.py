@@ -23,7 +23,7 @@ from fastai_ls.calibration.compare import compare_calibrators, cross_fit
 from fastai_ls.calibration.intervals import normal_interval
 from fastai_ls.calibration.plots import plot_reliability, plot_smooth_reliability
 from fastai_ls.calibration.report import format_interval, report_frame
-from fastai_ls.calibration.state import CalibrationState
+from fastai_ls.calibration.state import NLL_FLOOR, CalibrationState
 from fastai_ls.callback import CalibrationCallback
 from fastai_ls.cli.calibrate import best_method, comparison_text
 from fastai_ls.distributed import distrib_ctx
@@ -295,7 +295,7 @@ def per_row_scores(probs: Tensor, target: Tensor) -> dict[str, Tensor]:
     p = probs.double()
     p_y = p.gather(1, target[:, None]).squeeze(1)
     return {"error_rate": (p.argmax(1) != target).double(),
-            "nll": -p_y.clamp_min(torch.finfo(probs.dtype).tiny).log(),
+            "nll": -p_y.clamp_min(NLL_FLOOR).log(),
             "brier": (p * p).sum(1) - 2 * p_y + 1}
 
 

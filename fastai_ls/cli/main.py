@@ -152,6 +152,13 @@ def _folds(text: str) -> int:
     return _integer(text, 2, math.inf, "an integer >= 2")
 
 
+def _path(text: str) -> str:
+    # An empty path would silently mean the current folder (Path('') is Path('.')).
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return text
+
+
 def _methods(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     for name in names:
@@ -227,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="replace this share of the training labels by a random wrong digit (seeded); the "
                            "validation labels stay clean (default 0)")
     _calibration_options(demo)
-    demo.add_argument("--out", default="fastai_ls_out", help="output folder (default ./fastai_ls_out)")
+    demo.add_argument("--out", type=_path, default="fastai_ls_out", help="output folder (default ./fastai_ls_out)")
     demo.set_defaults(run=_demo)
 
     pets = commands.add_parser(
@@ -235,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train fastai's Oxford-IIIT Pets example with label smoothing (and a cross-entropy baseline "
                     "with --baseline), print the calibration report and write calibration.csv and reliability.png "
                     "into --out. Images are named <breed>_<n>.jpg. Offline, pass --path an extracted copy.")
-    pets.add_argument("--path", default=None, help="extracted Pets folder or its images/ (default: "
+    pets.add_argument("--path", type=_path, default=None, help="extracted Pets folder or its images/ (default: "
                       "untar_data(URLs.PETS), ~/.fastai/data/oxford-iiit-pet)")
     pets.add_argument("--epochs", type=_positive_int, default=4, help="fit_one_cycle epochs (default 4)")
     pets.add_argument("--eps", type=_eps, default=0.1, help="label smoothing (default 0.1)")
@@ -251,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     pets.add_argument("--seed", type=_seed, default=42, help="seed of the split and of training (default 42)")
     pets.add_argument("--baseline", action="store_true", help="also train a cross-entropy baseline and compare")
     _calibration_options(pets)
-    pets.add_argument("--out", default="fastai_ls_out", help="output folder (default ./fastai_ls_out)")
+    pets.add_argument("--out", type=_path, default="fastai_ls_out", help="output folder (default ./fastai_ls_out)")
     pets.set_defaults(run=_pets)
 
     calibrate = commands.add_parser(
@@ -261,10 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "PREDICTIONS.npz (numpy.savez) holds 'logits' (N, C) or 'probabilities' (N, C; their logs are "
                     "taken as logits), and 'targets' (N,) integer class ids. From fastai: "
                     "fastai_ls.save_predictions(learn, 'valid.npz').")
-    calibrate.add_argument("predictions", metavar="PREDICTIONS.npz", help="the saved predictions")
+    calibrate.add_argument("predictions", type=_path, metavar="PREDICTIONS.npz", help="the saved predictions")
     _calibration_options(calibrate)
     calibrate.add_argument("--seed", type=_seed, default=0, help="seed of the folds and intervals (default 0)")
-    calibrate.add_argument("--out", default=None, metavar="FILE.csv", help="also write the table to this CSV file")
+    calibrate.add_argument("--out", type=_path, default=None, metavar="FILE.csv",
+                           help="also write the table to this CSV file")
     calibrate.set_defaults(run=_calibrate)
     return parser
 
@@ -281,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     -------
     int
         The exit status: 0, or 1 after a one-line error about bad values or data (2 for bad arguments, from the
-        parser).
+        parser; 130 after Ctrl-C).
 
     Examples
     --------
@@ -299,4 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # bad values and missing data: one line, no traceback
         print(f"fastai-ls: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever training was; 128 + SIGINT
+        print("\nfastai-ls: interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["Calibrator", "CalibrationWarning", "NEG_INF_GAP", "check_fit_input", "clean_logits"]
+__all__ = ["Calibrator", "CalibrationWarning", "NEG_INF_GAP", "check_fit_input", "clean_logits", "check_int",
+           "check_number"]
 
 # exp(-104) is below float32's smallest positive number (about 1.4e-45): a logit this far below the others of its
 # row has probability 0 after softmax, as a -inf logit has.
@@ -51,6 +53,52 @@ def one_thread_for_small_cpu_fits(logits: Tensor):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def check_int(value: int, name: str, low: int = 1) -> int:
+    """`value` as a Python int if it is an integer >= `low` (numpy's integers included, booleans not), else a
+    ValueError naming `name`.
+
+    Parameters
+    ----------
+    value : int
+        The option's value.
+    name : str
+        The option's name, for the message.
+    low : int
+        The smallest value allowed.
+
+    >>> check_int(3.0, "n_bins")
+    Traceback (most recent call last):
+    ValueError: n_bins must be an int >= 1, got 3.0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_number(value: float, name: str, low: float = 0.0, strict: bool = False) -> float:
+    """`value` as a Python float if it is a finite real number >= `low` (> `low` with `strict`; numpy's scalars
+    included, booleans not), else a ValueError naming `name`.
+
+    Parameters
+    ----------
+    value : float
+        The option's value.
+    name : str
+        The option's name, for the message.
+    low : float
+        The bound.
+    strict : bool
+        Whether `low` itself is refused.
+
+    >>> check_number(2, "temperature", strict=True)
+    2.0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or (value <= low if strict else value < low):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
+    return float(value)
 
 
 class CalibrationWarning(UserWarning):
@@ -92,6 +140,11 @@ def clean_logits(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return torch.where(bad[:, None], 0.0, z), bad
 
 
+def _call_dtype(logits: Tensor) -> torch.dtype:
+    """The dtype a calibrator computes and answers in for these logits: float64 for float64, else float32."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 def check_fit_input(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """float64 logits (-inf replaced) and int64 targets on the logits' device, or a ValueError naming the problem
     (the checks of `Calibrator.fit`, listed in the module docstring).
@@ -119,7 +172,10 @@ def check_fit_input(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         i = int(out_of_range.nonzero()[0, 0])
         raise ValueError(f"target holds {int(out_of_range.sum())} class ids outside [0, {n_classes}) (first: "
                          f"{int(target[i])} in row {i}); drop ignored rows before fitting")
-    z, bad = clean_logits(logits, torch.float64)
+    # -inf is replaced in the dtype that calling the calibrator uses (float64 or float32), then the fit runs in
+    # float64: the calibrator then sees the same substitute logits when it is fitted and when it is called.
+    z, bad = clean_logits(logits, _call_dtype(logits))
+    z = z.double()
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"logits hold NaN or +inf (or no finite value) in {int(bad.sum())} of {n} rows (first: "
@@ -205,7 +261,7 @@ class Calibrator:
         if self.n_classes is not None and logits.shape[1] != self.n_classes:
             raise ValueError(f"{type(self).__name__} was fitted on {self.n_classes} classes, got logits with "
                              f"{logits.shape[1]}")
-        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        dtype = _call_dtype(logits)
         z, bad = clean_logits(logits, dtype)
         with torch.no_grad():
             probs = self._probs(z).to(dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastai_ls.calibration.calibrators.base import check_int
 from fastai_ls.calibration.calibrators.toplabel import TopLabelCalibrator
 
 __all__ = ["HistogramCurve", "TopLabelHistogramBinning"]
@@ -35,9 +36,8 @@ class HistogramCurve:
 
     def __init__(self, n_bins: int | None = None, points_per_bin: int = 50, equal_mass: bool = True):
         """An unfitted curve."""
-        for name, value in (("n_bins", n_bins), ("points_per_bin", points_per_bin)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        n_bins = None if n_bins is None else check_int(n_bins, "n_bins")
+        points_per_bin = check_int(points_per_bin, "points_per_bin")
         self.n_bins, self.points_per_bin, self.equal_mass = n_bins, points_per_bin, bool(equal_mass)
         self.edges: Tensor | None = None
         self.values: Tensor | None = None

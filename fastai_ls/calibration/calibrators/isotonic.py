@@ -121,7 +121,9 @@ class IsotonicCalibration(Calibrator):
         self.curves = [IsotonicCurve().fit(q[:, k], (y == k).double()) for k in fitted]
 
     def _probs(self, z: Tensor) -> Tensor:
-        q = z.softmax(1)
+        # The curves were fitted on float64 scores: evaluated on float32 ones, an over-confident model's
+        # confidences near 1 (distinct knots in float64) would all round to 1.0 and take the last knot's value.
+        q = z.double().softmax(1)
         if q.shape[1] == 2:
             p1 = self.curves[0](q[:, 1])
             return torch.stack([1 - p1, p1], 1)

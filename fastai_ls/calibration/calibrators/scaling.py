@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastai_ls.calibration.calibrators.base import CalibrationWarning, Calibrator
+from fastai_ls.calibration.calibrators.base import CalibrationWarning, Calibrator, check_int, check_number
 from fastai_ls.calibration.calibrators.folds import stratified_folds
 
 __all__ = ["TemperatureScaling", "VectorScaling", "MatrixScaling", "DirichletCalibration",
@@ -31,12 +31,6 @@ def _minimise(params: list[Tensor], objective: Callable[[], Tensor], max_iter: i
         return loss
 
     optimizer.step(closure)
-
-
-def _check_positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
 
 
 class TemperatureScaling(Calibrator):
@@ -86,11 +80,10 @@ class TemperatureScaling(Calibrator):
         low, high = bounds
         if not (0 < low < high < math.inf):
             raise ValueError(f"bounds must be 0 < low < high < inf, got {bounds!r}")
-        if temperature is not None and not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-                                            and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if temperature is not None:
+            temperature = check_number(temperature, "temperature", strict=True)
         self.bounds = (float(low), float(high))
-        self.max_iter = _check_positive_int(max_iter, "max_iter")
+        self.max_iter = check_int(max_iter, "max_iter")
         self.temperature: float | None = None if temperature is None else float(temperature)
         self.at_bound = False  # whether the last fit was degenerate and T was kept at a bound
 
@@ -168,7 +161,7 @@ class VectorScaling(Calibrator):
     def __init__(self, max_iter: int = 200):
         """A vector scaling to fit."""
         super().__init__()
-        self.max_iter = _check_positive_int(max_iter, "max_iter")
+        self.max_iter = check_int(max_iter, "max_iter")
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
 
@@ -228,12 +221,12 @@ class MatrixScaling(Calibrator):
                  max_iter: int = 500):
         """A regularised matrix scaling to fit."""
         super().__init__()
-        if reg is not None and not (isinstance(reg, (int, float)) and math.isfinite(reg) and reg >= 0):
-            raise ValueError(f"reg must be a finite number >= 0 or None, got {reg!r}")
-        if not reg_grid or not all(isinstance(r, (int, float)) and math.isfinite(r) and r >= 0 for r in reg_grid):
+        if reg is not None:
+            reg = check_number(reg, "reg")
+        if not reg_grid:
             raise ValueError(f"reg_grid must hold finite numbers >= 0, got {reg_grid!r}")
-        self.reg, self.reg_grid = reg, tuple(float(r) for r in reg_grid)
-        self.max_iter = _check_positive_int(max_iter, "max_iter")
+        self.reg, self.reg_grid = reg, tuple(check_number(r, "each of reg_grid") for r in reg_grid)
+        self.max_iter = check_int(max_iter, "max_iter")
         self.reg_: float | None = None
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
@@ -351,7 +344,7 @@ class EnsembleTemperatureScaling(Calibrator):
         """An ensemble temperature scaling to fit."""
         super().__init__()
         self.scaling = TemperatureScaling(bounds=bounds, max_iter=max_iter)
-        self.max_iter = _check_positive_int(max_iter, "max_iter")
+        self.max_iter = check_int(max_iter, "max_iter")
         self.weights: Tensor | None = None
 
     @property

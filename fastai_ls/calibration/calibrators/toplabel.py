@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastai_ls.calibration.calibrators.base import Calibrator
+from fastai_ls.calibration.calibrators.base import Calibrator, check_int
 
 __all__ = ["TopLabelCalibrator", "spread_rest", "MARGIN"]
 
@@ -89,9 +89,7 @@ class TopLabelCalibrator(Calibrator):
     def __init__(self, min_rows: int = 50):
         """A top-label calibrator to fit."""
         super().__init__()
-        if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
-            raise ValueError(f"min_rows must be an int >= 1, got {min_rows!r}")
-        self.min_rows = min_rows
+        self.min_rows = check_int(min_rows, "min_rows")
         self.pooled = None
         self.curves: list | None = None
 
@@ -108,7 +106,9 @@ class TopLabelCalibrator(Calibrator):
                        if counts[k] >= self.min_rows else None for k in range(z.shape[1])]
 
     def _probs(self, z: Tensor) -> Tensor:
-        probs = z.softmax(1)
+        # In float64, as the curves were fitted: float32 confidences near 1 would round to 1.0 and lose the curves'
+        # resolution there, where an over-confident model puts most of its rows.
+        probs = z.double().softmax(1)
         confidence, predicted = probs.amax(1), probs.argmax(1)
         calibrated = self.pooled(confidence)
         for k, curve in enumerate(self.curves):
