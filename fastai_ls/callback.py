@@ -264,6 +264,7 @@ class CalibrationCallback(Callback):
         # its after_fit; validate/get_preds hold `learn.lock`, so a before_fit without it is a new outermost fit.
         if not validating:
             self._depth = 0
+            _warn_if_calibrated(self.learn)
         self._depth += 1
         if self._depth == 1:
             self._new_fit, self._in_fit = True, False
@@ -468,6 +469,16 @@ class CalibrationCallback(Callback):
         except ValueError as e:
             raise ValueError(f"CalibrationCallback {e}") from None
         return probs, target, probs.shape[0] // max(pred.shape[0], 1)
+
+
+def _warn_if_calibrated(learn: Learner) -> None:
+    """Warn that a fit changes the model under a calibrator fitted to it (`apply_calibrator`)."""
+    # Duck-typed (`posthoc.CalibratedActivation` holds `.calibrator`) so that the callback needs no post-hoc module.
+    if getattr(vars(learn.loss_func).get("activation"), "calibrator", None) is not None:
+        warnings.warn("a calibrator is applied to this learner (apply_calibrator): it was fitted to the model before "
+                      "this fit, so CalibrationCallback scores, and get_preds returns, probabilities of a calibrator "
+                      "that no longer fits the model. Fit it again after training, or call remove_calibrator(learn) "
+                      "before training", stacklevel=3)
 
 
 def _in_validation_context(learn) -> bool:

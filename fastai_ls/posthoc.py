@@ -206,6 +206,10 @@ def apply_calibrator(learn: Learner, calibrator: Calibrator) -> Learner:
         raise TypeError(f"calibrator must be a Calibrator (see fit_calibrator), got {type(calibrator).__name__}")
     if not calibrator.fitted:
         raise ValueError(f"{type(calibrator).__name__} is not fitted: fit it first (fit_calibrator)")
+    n_classes = getattr(getattr(learn, "dls", None), "c", None)
+    if isinstance(n_classes, int) and n_classes != calibrator.n_classes:
+        raise ValueError(f"the calibrator was fitted on {calibrator.n_classes} classes, but the learner's data has "
+                         f"{n_classes} (learn.dls.c): fit it on this learner's held-out data (fit_calibrator)")
     loss_func = learn.loss_func
     check_softmax_loss(loss_func)
     if isinstance(loss_func, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):

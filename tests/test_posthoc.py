@@ -265,6 +265,29 @@ def test_a_calibrator_for_another_class_count_fails_in_get_preds_and_leaves_the_
     assert probs.shape == (N_CLASSES,)
 
 
+def test_apply_calibrator_refuses_a_calibrator_for_another_class_count_than_the_learners_data():
+    learn = logit_learner(2.0, n=100)
+    learn.dls.c = N_CLASSES  # what a CategoryBlock's DataLoaders say
+    three = torch.arange(60) % 3
+    wrong = TemperatureScaling().fit(2 * F.one_hot(three, 3) + torch.randn(60, 3), three)
+    with pytest.raises(ValueError, match=r"fitted on 3 classes, but the learner's data has 4 \(learn.dls.c\)"):
+        apply_calibrator(learn, wrong)
+    assert applied_calibrator(learn) is None
+
+
+def test_training_under_an_applied_calibrator_warns_that_it_no_longer_fits():
+    learn = logit_learner(2.0, n=100)
+    with learn.no_bar():
+        apply_calibrator(learn, fit_calibrator(learn, "temperature"))
+        with pytest.warns(UserWarning, match="no longer fits the model"):
+            learn.fit(1, 1e-3)
+        remove_calibrator(learn)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            learn.fit(1, 1e-3)
+            learn.validate()
+
+
 def test_calibrators_refuse_a_loss_whose_activation_is_not_a_softmax():
     learn = logit_learner(1.0, n=50)
     learn.loss_func = BCEWithLogitsLossFlat()
