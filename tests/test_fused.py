@@ -315,6 +315,15 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 torch.testing.assert_close(got, expected, equal_nan=True)
                 assert got[0][6].isfinite() == (eps == 0)
                 assert not with_grad or got[1].dtype == dtype
+# Ids and weights that are views with strides (a column of a 2-D target; a strided or an expanded weight): the
+# kernels index them with unit stride, so they must be handed contiguous copies (found in review: wrong gradients).
+x = torch.randn(6, 37, generator=gen)
+for y in (torch.randint(0, 37, (6, 2), generator=gen)[:, 1], torch.tensor([3]).expand(6)):
+    for w in (None, torch.rand(74, generator=gen)[::2], torch.rand(1, generator=gen).expand(37)):
+        for with_grad in (True, False):
+            got = loss_and_grad(triton_kernel.loss_and_grad, x, y, w, 0.1, 0.25, False, with_grad)
+            expected = loss_and_grad(fused._blockwise_loss_and_grad, x, y, w, 0.1, 0.25, False, with_grad)
+            torch.testing.assert_close(got, expected)
 print("triton kernels match")
 """
 

@@ -238,6 +238,24 @@ def test_mean_over_only_zero_weight_classes_is_nan_like_torch(path, eps):
         torch.testing.assert_close(loss, torch_loss(x, t, loss.dtype, eps=eps, weight=w, reduction=reduction)[0])
 
 
+@ALL_PATHS
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_a_non_contiguous_weight_is_read_through_its_strides_on_every_path(path, layout):
+    # Found in review: the C kernel read a float32 weight from its data pointer as if contiguous, so every other
+    # entry of a strided weight was silently wrong, and an expanded one (stride 0, one stored number) was read past
+    # its end (AddressSanitizer: heap-buffer-overflow); the Triton kernels did the same.
+    dtype = PATHS[path][0]
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, -100, 1])
+    stored = torch.tensor([1.0, 9.0, 2.0, 9.0, 0.5, 9.0, 3.0, 9.0], dtype=dtype)
+    w = stored[::2] if layout == "strided" else stored[:1].expand(4)
+    for reduction in ("mean", "none"):
+        loss, grad = run(path, x, y, weight=w, reduction=reduction)
+        expected, expected_grad = torch_loss(x, y, dtype, weight=w.contiguous(), reduction=reduction)
+        torch.testing.assert_close(loss, expected)
+        if grad is not None:
+            torch.testing.assert_close(grad, expected_grad)
+
+
 # --- targets and ignore_index -------------------------------------------------------------------------------------
 
 

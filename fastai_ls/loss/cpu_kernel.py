@@ -96,8 +96,11 @@ def loss_and_grad(x: Tensor, t: Tensor, ignore_index: int, w: Tensor | None, eps
     The kernel checks the float32 weights `w` and the ids, reading each id once: a negative or non-finite weight, or
     an id that is neither a class nor `ignore_index`, raises ValueError before anything is written."""
     n_rows, n_classes = x.shape
+    # The kernel indexes the ids and weights with unit stride: a strided or expanded (stride 0) view is copied, or
+    # it would be read wrong, and past its end.
     x = x if x.stride(1) == 1 else x.contiguous()
     t = t if t.is_contiguous() else t.contiguous()
+    w = w if w is None or w.is_contiguous() else w.contiguous()
     out = x.new_empty(n_rows if per_row else ())
     n_threads = torch.get_num_threads() if x.numel() >= PARALLEL_NUMEL else 1
     code = _kernel(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,
