@@ -63,7 +63,7 @@ class LabelSmoothingCrossEntropy(nn.Module):
     ):
         """Check and store the options (see the class's Parameters)."""
         super().__init__()
-        check_options(eps, reduction, smoothing, ignore_index)
+        check_options(eps, reduction, smoothing, ignore_index, fused)
         check_weight(weight)
         check_weight_values(weight)
         self.eps, self.reduction, self.ignore_index, self.smoothing = eps, reduction, ignore_index, smoothing

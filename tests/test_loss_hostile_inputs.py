@@ -14,13 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastai_ls import label_smoothing_cross_entropy
+from fastai_ls import LabelSmoothingCrossEntropy, label_smoothing_cross_entropy
 from fastai_ls.loss import cpu_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def torch_loss(x, y, dtype, grad_output=None, **kwargs):
 
 RACE = """
 import threading, time, torch
-from fastai_ls import label_smoothing_cross_entropy
+from fastai_ls import LabelSmoothingCrossEntropy, label_smoothing_cross_entropy
 
 x = torch.randn(4096, 256, requires_grad=True)
 y = torch.randint(0, 256, (4096,))
@@ -109,7 +110,7 @@ import warnings
 warnings.simplefilter("always")
 import torch
 with warnings.catch_warnings(record=True) as caught:
-    from fastai_ls import label_smoothing_cross_entropy
+    from fastai_ls import LabelSmoothingCrossEntropy, label_smoothing_cross_entropy
     from fastai_ls.loss import cpu_kernel
     assert not cpu_kernel.AVAILABLE
     y = torch.tensor([0, 2, 1])
@@ -347,6 +348,69 @@ def test_torch_func_transforms_still_check_the_ids():
         torch.func.vmap(lambda x, y: label_smoothing_cross_entropy(x, y))(x, y)
     with pytest.raises(ValueError, match=r"found \[9\]"):
         torch.func.grad(lambda x: label_smoothing_cross_entropy(x, y[1]))(x[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_forward_mode_ad_gives_torch_tangent(dtype, reduction):
+    # Found in review: under forward-mode AD (dual tensors) the float32 loss came back without a tangent (the C
+    # kernel reads the data pointer: a silent 0 derivative), and float64 raised "forward AD with aten::softmax".
+    x, y = torch.randn(5, 4, dtype=dtype), torch.tensor([0, 3, -100, 1, 2])
+    w, tangent = torch.rand(4, dtype=dtype), torch.randn(5, 4, dtype=dtype)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, tangent)
+        got = torch.autograd.forward_ad.unpack_dual(label_smoothing_cross_entropy(dual, y, weight=w,
+                                                                                 reduction=reduction))
+        expected = torch.autograd.forward_ad.unpack_dual(F.cross_entropy(dual, y, w, reduction=reduction,
+                                                                         label_smoothing=0.1))
+    torch.testing.assert_close(got.primal, expected.primal)
+    assert got.tangent is not None
+    torch.testing.assert_close(got.tangent, expected.tangent)
+    jvp = torch.func.jvp(lambda x: label_smoothing_cross_entropy(x, y, weight=w, reduction=reduction), (x,),
+                         (tangent,))[1]
+    torch.testing.assert_close(jvp, expected.tangent)
+
+
+@pytest.mark.parametrize("path", ["C kernel", "fused torch", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_batched_grad_outputs_give_torch_jacobian(path, reduction):
+    # Found in review: `torch.autograd.grad(..., is_grads_batched=True)`, which `torch.autograd.functional.jacobian`
+    # and `hessian` use with vectorize=True, failed on the fused path ("vmap: aten::mul_ ... is not possible",
+    # "Batching rule not implemented for aten::item"): its backward scaled the stored gradient in place.
+    dtype = PATHS[path][0]
+    x = torch.randn(4, 3, dtype=dtype)
+    y = torch.tensor([0, 2, -100, 1])
+    loss, _ = run(path, x, y, reduction=reduction)
+    batch = torch.randn(3, *loss.shape, dtype=loss.dtype)
+    batch[0] = NAN  # an ignored row's gradient stays 0 whatever it receives, in each batch entry too
+    x_ref = x.to(dtype).requires_grad_()
+    expected = torch.stack([torch.autograd.grad(F.cross_entropy(x_ref, y, reduction=reduction, label_smoothing=0.1),
+                                                x_ref, g)[0] for g in batch])
+    expected[:, 2] = 0
+    dtype, _, fused = PATHS[path]
+    x = x.to(dtype).requires_grad_()
+    loss = label_smoothing_cross_entropy(x, y, reduction=reduction, fused=fused)
+    got = torch.autograd.grad(loss, x, batch, is_grads_batched=True, retain_graph=True)[0]
+    torch.testing.assert_close(got, expected, equal_nan=True)
+    got = torch.autograd.grad(loss, x, batch[1:], is_grads_batched=True)[0]  # the stored gradient, reused
+    torch.testing.assert_close(got, expected[1:])
+    if reduction == "none":
+        jacobian = torch.autograd.functional.jacobian(
+            lambda x: label_smoothing_cross_entropy(x, y, reduction=reduction, fused=fused), x, vectorize=True)
+        torch.testing.assert_close(jacobian, torch.autograd.functional.jacobian(
+            lambda x: F.cross_entropy(x, y, reduction=reduction, label_smoothing=0.1), x).index_fill(1, y.eq(-100)
+                                                                                                .nonzero()[0], 0.0))
+
+
+@pytest.mark.parametrize("fused", [0, 1, "no", np.bool_(False)])
+def test_fused_must_be_a_bool_or_none(fused):
+    # Found in review: `fused` was read by truthiness and identity, so fused=0 took the fused path (not the
+    # reference one that fused=False selects) and fused="no" the fused path too.
+    x, y = torch.randn(3, 4, requires_grad=True), torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError, match="fused must be True, False or None"):
+        label_smoothing_cross_entropy(x, y, fused=fused)
+    with pytest.raises(TypeError, match="fused must be True, False or None"):
+        LabelSmoothingCrossEntropy(fused=fused)
 
 
 # --- the differential fuzz ----------------------------------------------------------------------------------------

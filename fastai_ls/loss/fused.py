@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fastai_ls.loss import cpu_kernel, triton_kernel
-from fastai_ls.loss.checks import check_ids, weight_in
+from fastai_ls.loss.checks import check_ids, is_batched, weight_in
 from fastai_ls.loss.formula import (
     cross_entropy,
     hard_target_mix,
@@ -148,24 +148,27 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 cpu_kernel.loss_and_grad(x, y, ctx.ignore_index, w, ctx.eps, ctx.reduction == "mean", grad, False)
             else:
                 _loss_and_grad(x, y, ignored, w, ctx.scale, ctx.eps, grad)
-        _scale_gradient(ctx, grad, grad_loss, y, ignored)
+        grad = _scale_gradient(ctx, grad, grad_loss, y, ignored)
         shape = ctx.input_shape
         if len(shape) > 2:  # back to the input's layout, as a view of the same buffer
             grad = grad.view(*shape[:1], *shape[2:], shape[1]).movedim(-1, 1)
         return grad, None, None, None, None, None, None, None
 
 
-def _scale_gradient(ctx, grad: Tensor, grad_loss: Tensor, y: Tensor, ignored: Tensor | None) -> None:
-    """Multiply the stored gradient by what backward received, leaving ignored rows 0 whatever it holds: a NaN or
-    infinite `grad_loss` must not turn their zeros into NaN (PyTorch's gradient there is 0 too)."""
+def _scale_gradient(ctx, grad: Tensor, grad_loss: Tensor, y: Tensor, ignored: Tensor | None) -> Tensor:
+    """The stored gradient times what backward received, leaving ignored rows 0 whatever it holds: a NaN or
+    infinite `grad_loss` must not turn their zeros into NaN (PyTorch's gradient there is 0 too).
+
+    In place, except for a batch of `grad_loss`es (`autograd.grad(..., is_grads_batched=True)`, which `jacobian`
+    and `hessian` use with vectorize=True): their product has a batch dimension that the buffer has not."""
     per_row = ctx.reduction == "none"
-    if not per_row and ctx.divisor is None and grad_loss.is_cpu:
+    batched = is_batched(grad_loss)
+    if not per_row and ctx.divisor is None and grad_loss.is_cpu and not batched:
         value = grad_loss.item()
         if value == 1:  # `loss.backward()` passes 1: skip a pass
-            return
+            return grad
         if math.isfinite(value):  # ignored rows stay 0 * value = 0
-            grad.mul_(value)
-            return
+            return grad.mul_(value)
     factor = grad_loss.reshape(-1) if per_row else grad_loss
     if ctx.divisor is not None:
         factor = factor / mean_divisor(ctx.divisor)
@@ -173,7 +176,8 @@ def _scale_gradient(ctx, grad: Tensor, grad_loss: Tensor, y: Tensor, ignored: Te
         ignored = y == ctx.ignore_index
     if ignored is not None:
         factor = factor.expand(grad.shape[0]).masked_fill(ignored, 0.0)
-    grad.mul_(factor[:, None] if factor.dim() else factor)
+    factor = factor[:, None] if factor.dim() else factor
+    return grad * factor if batched else grad.mul_(factor)
 
 
 def _loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None, scale: float, eps: float,
