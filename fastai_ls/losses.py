@@ -40,7 +40,7 @@ class LabelSmoothingCrossEntropy(nn.Module):
         (fairseq), the same as uniform smoothing with eps*C/(C-1).
     fused : bool or None, default None
         None: the fused kernels for integer targets (loss and gradient in one sweep during training, the loss
-        alone under `torch.no_grad()`); False: the reference path of torch operations (second derivatives);
+        alone under `torch.no_grad()`; twice differentiable too); False: the reference path of torch operations;
         True: the fused kernels, an error for probability targets. See `label_smoothing_cross_entropy`.
 
     Examples
@@ -114,7 +114,7 @@ class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
         (fairseq), the same as uniform smoothing with eps*C/(C-1).
     fused : bool or None, default None
         None: the fused kernels for integer targets (loss and gradient in one sweep during training, the loss
-        alone under `torch.no_grad()`); False: the reference path of torch operations (second derivatives);
+        alone under `torch.no_grad()`; twice differentiable too); False: the reference path of torch operations;
         True: the fused kernels, an error for probability targets. See `label_smoothing_cross_entropy`.
     axis : int, default -1
         The class axis of the model's output: -1 for (N, C) and (N, T, C) text outputs, 1 for (N, C, H, W) masks.

@@ -61,8 +61,9 @@ def label_smoothing_cross_entropy(
     fused : bool or None, default None
         None: the fastest path for integer targets, the fused kernels (`fused.py`), which compute the gradient
         together with the loss when one will be taken, and the loss alone otherwise (under `torch.no_grad()`, as
-        in fastai's validation and `get_preds`). False: the reference path of torch operations, differentiable
-        to any order (second derivatives). True: the fused kernels; an error for probability targets. Under
+        in fastai's validation and `get_preds`); backward with create_graph=True (second derivatives) gets the
+        reference path's gradient. False: the reference path of torch operations, differentiable to any order.
+        True: the fused kernels; an error for probability targets. Under
         `torch.func` transforms (grad, vmap...) and for forward-mode AD's dual tensors the reference path runs
         whatever `fused` says.
 

@@ -33,6 +33,7 @@ from fastai_ls.loss.formula import (
     mean_divisor,
     nan_for_infinite_logits,
     reduce_loss,
+    reference_cross_entropy,
     weighted_row_sum,
 )
 from fastai_ls.tensor_input import compute_dtype, upcast
@@ -136,9 +137,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            raise RuntimeError("the fused label-smoothing loss does not support create_graph=True (higher-order "
-                               "gradients); compute the loss with fused=False")
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable in its turn
+            ctx.grad = None
+            return (_differentiable_gradient(ctx, grad_loss),) + (None,) * 7
         grad, ctx.grad = ctx.grad, None  # handed out below: holding on to it would keep a second N x C buffer alive
         input, y, ignored, w = ctx.saved_tensors
         if grad is None:  # a later backward of a retained graph: the first one gave the buffer away
@@ -153,6 +154,16 @@ class _FusedCrossEntropy(torch.autograd.Function):
         if len(shape) > 2:  # back to the input's layout, as a view of the same buffer
             grad = grad.view(*shape[:1], *shape[2:], shape[1]).movedim(-1, 1)
         return grad, None, None, None, None, None, None, None
+
+
+def _differentiable_gradient(ctx, grad_loss: Tensor) -> Tensor:
+    """The gradient as a function of the saved logits and of `grad_loss` that autograd can differentiate again
+    (backward with create_graph=True: second derivatives, gradient penalties, MAML's inner steps): the reference
+    path's, recomputed from the logits, so the kernels need no derivative of their own."""
+    input, y, ignored, w = ctx.saved_tensors
+    ids = y if ignored is None else y.masked_fill(ignored, ctx.ignore_index)  # back to the ids the caller gave
+    loss = reference_cross_entropy(input, ids, ctx.eps, w, ctx.reduction, ctx.ignore_index)
+    return torch.autograd.grad(loss, input, grad_loss, create_graph=True)[0]
 
 
 def _scale_gradient(ctx, grad: Tensor, grad_loss: Tensor, y: Tensor, ignored: Tensor | None) -> Tensor:
