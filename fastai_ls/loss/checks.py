@@ -193,10 +193,12 @@ def is_batched(t: Tensor) -> bool:
 _legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
-def has_forward_tangent(t: Tensor) -> bool:
-    """Whether `t` is a dual tensor of forward-mode AD (`torch.autograd.forward_ad`), whose tangent a kernel that
-    reads the data pointer would drop. Outside a `dual_level` this costs one attribute read."""
-    return getattr(forward_ad, "_current_level", 0) >= 0 and forward_ad.unpack_dual(t).tangent is not None
+def has_forward_tangent(*tensors: Tensor | None) -> bool:
+    """Whether one of `tensors` is a dual tensor of forward-mode AD (`torch.autograd.forward_ad`), whose tangent a
+    kernel that reads the data pointer would drop. Outside a `dual_level` this costs one attribute read."""
+    if getattr(forward_ad, "_current_level", 0) < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _unwrapped(t: Tensor) -> Tensor:

@@ -94,7 +94,7 @@ def label_smoothing_cross_entropy(
             raise ValueError("fused=True needs integer class-id targets; probability targets use fused=False")
         return reference_cross_entropy(input, target, eps, weight, reduction, ignore_index)
     # The fused Function has no functorch rules and no forward derivative (its kernels read data pointers).
-    if fused is False or under_functorch_transform() or has_forward_tangent(input):
+    if fused is False or under_functorch_transform() or has_forward_tangent(input, weight):
         return reference_cross_entropy(input, target, eps, weight, reduction, ignore_index)
     t = class_ids(target)
     if input.requires_grad and torch.is_grad_enabled():
