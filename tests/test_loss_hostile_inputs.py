@@ -7,6 +7,7 @@ the reference path (`fused=False`)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -151,6 +152,31 @@ def test_a_kernel_file_that_is_not_a_library_is_refused_with_a_warning(tmp_path,
     library.write_bytes(content)
     with pytest.warns(RuntimeWarning, match="cannot be loaded.*torch path"):
         assert cpu_kernel.load(str(library)) is None
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_a_kernel_built_from_other_sources_than_those_beside_it_is_refused_with_a_warning(tmp_path):
+    # Found in review: a library built from the previous version of fused_cpu.c (an editable install after a pull,
+    # without a rebuild) was loaded and called with the current signature: the first call killed the process
+    # (SIGSEGV). The library now records the SHA-256 of its source, and one that does not match the fused_cpu.c
+    # beside it, or records none (built before the hash existed), is refused like an unloadable one.
+    source = Path(cpu_kernel.__file__).with_name("fused_cpu.c")
+    (tmp_path / "fused_cpu.c").write_bytes(source.read_bytes())
+
+    def build(name: str, text: str, digest: str | None) -> str:
+        (tmp_path / f"{name}.c").write_text(text)
+        defines = [] if digest is None else [f'-DFUSED_CPU_SOURCE_SHA256="{digest}"']
+        subprocess.run(["cc", "-O0", "-fopenmp", "-fPIC", "-shared", "-DVECTOR_CLONES=", *defines, "-o",
+                        str(tmp_path / f"{name}.so"), str(tmp_path / f"{name}.c"), "-lm"], check=True)
+        return str(tmp_path / f"{name}.so")
+
+    text = source.read_text()
+    assert cpu_kernel.load(build("current", text, hashlib.sha256(source.read_bytes()).hexdigest())) is not None
+    for library, reason in [(build("other", text, "0" * 64), "another version of fused_cpu.c"),
+                            (build("unhashed", text, None), "another version of fused_cpu.c"),
+                            (build("old", text.replace("fused_cpu_source_sha256", "renamed"), None), "no source hash")]:
+        with pytest.warns(RuntimeWarning, match=f"cannot be loaded .*{reason}.*torch path"):
+            assert cpu_kernel.load(library) is None
 
 
 # --- eps = 0 ------------------------------------------------------------------------------------------------------
