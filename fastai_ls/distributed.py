@@ -34,6 +34,8 @@ loop), the others wait that long before failing; `distrib_ctx(learn, timeout=120
 from __future__ import annotations
 
 import atexit
+import math
+import numbers
 import os
 import warnings
 from collections.abc import Iterator
@@ -130,11 +132,23 @@ def setup_distrib(backend: str | None = None, timeout: timedelta | float | None 
 
 
 def _as_timedelta(timeout: timedelta | float | None) -> timedelta | None:
-    if timeout is None or isinstance(timeout, timedelta):
-        return timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds or a timedelta, got {timeout!r}")
-    return timedelta(seconds=timeout)
+    """`timeout` as a timedelta of at least a millisecond (torch's unit for it), or None; raises naming the problem
+    for anything else: a zero one would fail every collective at once, and inf or 1e300 seconds are no timedelta."""
+    if timeout is None:
+        return None
+    if not isinstance(timeout, timedelta):
+        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+            raise TypeError(f"timeout must be a number of seconds or a timedelta, got {type(timeout).__name__}")
+        seconds = float(timeout)
+        if not math.isfinite(seconds) or seconds > timedelta.max.total_seconds():
+            raise ValueError(f"timeout must be a positive, finite number of seconds (at most "
+                             f"{timedelta.max.total_seconds():.3g}), got {timeout!r}")
+        if seconds <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        timeout = timedelta(seconds=seconds)
+    if timeout < timedelta(milliseconds=1):
+        raise ValueError(f"timeout must be a positive duration of at least 1 ms, got {timeout!r}")
+    return timeout
 
 
 @contextmanager

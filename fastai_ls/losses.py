@@ -4,6 +4,8 @@ The arithmetic is `fastai_ls.loss`'s."""
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, nn
 
@@ -38,7 +40,7 @@ class LabelSmoothingCrossEntropy(nn.Module):
         (fairseq), the same as uniform smoothing with eps*C/(C-1).
     fused : bool or None, default None
         None: the fused kernels for integer targets (loss and gradient in one sweep during training, the loss
-        alone under `torch.no_grad()`); False: the reference path of torch operations (second derivatives);
+        alone under `torch.no_grad()`; twice differentiable too); False: the reference path of torch operations;
         True: the fused kernels, an error for probability targets. See `label_smoothing_cross_entropy`.
 
     Examples
@@ -63,7 +65,7 @@ class LabelSmoothingCrossEntropy(nn.Module):
     ):
         """Check and store the options (see the class's Parameters)."""
         super().__init__()
-        check_options(eps, reduction, smoothing, ignore_index)
+        check_options(eps, reduction, smoothing, ignore_index, fused)
         check_weight(weight)
         check_weight_values(weight)
         self.eps, self.reduction, self.ignore_index, self.smoothing = eps, reduction, ignore_index, smoothing
@@ -112,7 +114,7 @@ class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
         (fairseq), the same as uniform smoothing with eps*C/(C-1).
     fused : bool or None, default None
         None: the fused kernels for integer targets (loss and gradient in one sweep during training, the loss
-        alone under `torch.no_grad()`); False: the reference path of torch operations (second derivatives);
+        alone under `torch.no_grad()`; twice differentiable too); False: the reference path of torch operations;
         True: the fused kernels, an error for probability targets. See `label_smoothing_cross_entropy`.
     axis : int, default -1
         The class axis of the model's output: -1 for (N, C) and (N, T, C) text outputs, 1 for (N, C, H, W) masks.
@@ -144,7 +146,12 @@ class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
     ):
         """Check and store the options (see the class's Parameters)."""
         super().__init__(eps, weight, reduction, ignore_index, smoothing, fused=fused)
-        self.axis, self.flatten, self.floatify = axis, flatten, floatify
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        for name, value in (("flatten", flatten), ("floatify", floatify)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        self.axis, self.flatten, self.floatify = int(axis), flatten, floatify
 
     @property
     def class_axis(self) -> int:
@@ -152,8 +159,10 @@ class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
 
     def forward(self, input: Tensor, target: Tensor, reduction: str | None = None) -> Tensor:
         """The loss of logits `input` (classes on `axis`) against `target`."""
-        if isinstance(input, Tensor) and isinstance(target, Tensor):
-            input, target = plain(input), plain(target)
+        for name, value in (("input", input), ("target", target)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        input, target = plain(input), plain(target)
         if self.floatify and target.dtype != torch.float16:
             target = target.float()
         loss = super().forward(*self._class_axis_first(input, target), reduction)
@@ -162,8 +171,10 @@ class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
     def _class_axis_first(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """`input` with the class axis moved to 1 (a view: no copy for autograd to undo) and the matching
         `target`, after checking that their layouts agree."""
-        if not isinstance(input, Tensor) or input.dim() < 2:
-            raise ValueError(f"input must have a batch and a class axis, got {getattr(input, 'shape', input)!r}")
+        if input.dim() < 2:
+            raise ValueError(f"input must have a batch and a class axis, got shape {tuple(input.shape)}")
+        if not -input.dim() <= self.axis < input.dim():
+            raise ValueError(f"axis={self.axis} is not an axis of the input (shape {tuple(input.shape)})")
         x = input.movedim(self.axis, 1)
         if target.is_floating_point():
             if target.shape != input.shape:

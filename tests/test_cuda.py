@@ -97,6 +97,28 @@ def test_cuda_empty_and_fully_ignored_batches(reduction):
         assert torch.equal(torch.autograd.grad(loss.sum(), x)[0], torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("with_grad", [True, False], ids=["fused", "no grad"])
+def test_cuda_strided_ids_and_weights_equal_the_cpu_paths(with_grad):
+    # Found in review (in Triton's interpreter): the kernels indexed ids and weights with unit stride, so a column of
+    # a 2-D target and a strided or expanded weight were read wrong, and an expanded one past its end. The views
+    # are made on each device (`.to` would hand over contiguous copies).
+    x, y, _ = hostile_case(40, 300, weighted=False)
+    stored = torch.rand(600) + 0.1
+
+    def cases(device):
+        targets = torch.stack([y, y.flip(0)], 1).to(device)[:, 0]  # a column: stride 2
+        weights = stored.to(device)
+        return [(targets, None), (targets, weights[::2]), (targets, weights[:1].expand(300))]
+
+    for (y_cpu, w_cpu), (y_cuda, w_cuda) in zip(cases("cpu"), cases("cuda")):
+        assert y_cuda.stride() == (2,)
+        expected = on("cpu", x, y_cpu, w_cpu, torch.float32, 0.1, "none", with_grad)
+        got = on("cuda", x, y_cuda, w_cuda, torch.float32, 0.1, "none", with_grad)
+        torch.testing.assert_close(got[0].cpu(), expected[0], equal_nan=True, rtol=1e-5, atol=1e-5)
+        if with_grad:
+            torch.testing.assert_close(got[1].cpu(), expected[1], equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
 @contextlib.contextmanager
 def synchronization_is_an_error():
     torch.cuda.synchronize()

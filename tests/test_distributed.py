@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 from datetime import timedelta
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,6 +198,36 @@ def test_setup_distrib_starts_the_process_group_with_the_timeout(monkeypatch, ti
     assert started == {"backend": "gloo", "init_method": "env://", "timeout": expected}
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1e300, 10**30, 1e-9, timedelta(0),
+                                 timedelta(seconds=-1), "5", [5]])
+def test_a_timeout_that_is_no_positive_finite_duration_raises_a_clear_error(monkeypatch, bad):
+    # Found in review: inf and 1e300 raised OverflowError ("cannot convert float infinity to integer"), 1e-9 became
+    # a zero timeout, and a zero or negative timedelta was passed on to the process group.
+    import fastai_ls.distributed as distributed
+
+    monkeypatch.setattr(distributed, "num_distrib", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: pytest.fail("group started"))
+    error = TypeError if isinstance(bad, (str, list)) else ValueError
+    with pytest.raises(error, match="timeout must be"):
+        distributed.setup_distrib(timeout=bad)
+
+
+@pytest.mark.parametrize("timeout, seconds", [(np.int64(5), 5), (np.float32(2.5), 2.5), (Fraction(1, 2), 0.5)])
+def test_a_timeout_may_be_any_real_number_of_seconds(monkeypatch, timeout, seconds):
+    # Found in review: np.int64(5) was refused as "not a positive number of seconds".
+    import fastai_ls.distributed as distributed
+
+    started = {}
+    monkeypatch.setattr(distributed, "num_distrib", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: started.update(kwargs))
+    monkeypatch.setattr(distributed.atexit, "register", lambda func: None)
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    assert distributed.setup_distrib(timeout=timeout)
+    assert started["timeout"] == timedelta(seconds=seconds)
+
+
 def test_a_timeout_for_a_group_already_up_warns_and_a_bad_one_raises(monkeypatch):
     import fastai_ls.distributed as distributed
 
@@ -203,6 +235,9 @@ def test_a_timeout_for_a_group_already_up_warns_and_a_bad_one_raises(monkeypatch
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
     with pytest.warns(RuntimeWarning, match="timeout is unchanged"):
         assert distributed.setup_distrib(timeout=5)
-    for bad in (0, -1, "5", True):
-        with pytest.raises(ValueError, match="timeout must be a positive number"):
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="timeout must be a positive"):
+            distributed.setup_distrib(timeout=bad)
+    for bad in ("5", True):
+        with pytest.raises(TypeError, match="timeout must be a number of seconds or a timedelta"):
             distributed.setup_distrib(timeout=bad)

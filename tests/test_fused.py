@@ -151,14 +151,28 @@ def test_backward_accumulates_into_grad_like_torch(dtype):
 
 
 @ROUTES
-def test_create_graph_raises_naming_the_workaround(dtype):
-    x, y, _ = make_case((4, 3), weighted=False, ignored=False, dtype=dtype)
-    loss = label_smoothing_cross_entropy(x, y)
-    with pytest.raises(RuntimeError, match="fused=False"):
-        torch.autograd.grad(loss, x, create_graph=True)
-    loss = label_smoothing_cross_entropy(x, y, fused=False)  # the workaround gives second derivatives
-    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
-    assert grad.requires_grad
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(6, 5), (2, 5, 3)])
+def test_create_graph_gives_torch_second_derivatives(dtype, reduction, shape):
+    # Found in review: backward with create_graph=True (second derivatives, gradient penalties, MAML's inner
+    # steps; `hessian`, `gradgradcheck`) raised on the fused path where PyTorch's loss works. The fused backward
+    # now hands autograd the reference path's differentiable gradient in that case.
+    x, y, w = make_case(shape, weighted=True, ignored=True, dtype=dtype)
+    loss = label_smoothing_cross_entropy(x, y, 0.1, w, reduction)
+    assert FUSED_NODE in graph_nodes(loss)
+    g = torch.randn(loss.shape, dtype=dtype, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss, x, g, create_graph=True)
+    penalty = grad.pow(2).sum()  # a gradient penalty: differentiated in x (the Hessian) and in g
+    x_ref, g_ref = x.detach().requires_grad_(), g.detach().requires_grad_()
+    expected = F.cross_entropy(x_ref, y, w, reduction=reduction, label_smoothing=0.1)
+    (expected_grad,) = torch.autograd.grad(expected, x_ref, g_ref, create_graph=True)
+    expected_grad = expected_grad.masked_fill((y == -100).unsqueeze(1), 0.0)  # ignored rows: 0, as in forward
+    torch.testing.assert_close(grad, expected_grad)
+    got = torch.autograd.grad(penalty, (x, g))
+    torch.testing.assert_close(got, torch.autograd.grad(expected_grad.pow(2).sum(), (x_ref, g_ref)))
+    if dtype == torch.float64:
+        assert torch.autograd.gradgradcheck(lambda x: label_smoothing_cross_entropy(x, y, 0.1, w, reduction),
+                                            (x.detach().requires_grad_(),))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -315,6 +329,15 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 torch.testing.assert_close(got, expected, equal_nan=True)
                 assert got[0][6].isfinite() == (eps == 0)
                 assert not with_grad or got[1].dtype == dtype
+# Ids and weights that are views with strides (a column of a 2-D target; a strided or an expanded weight): the
+# kernels index them with unit stride, so they must be handed contiguous copies (found in review: wrong gradients).
+x = torch.randn(6, 37, generator=gen)
+for y in (torch.randint(0, 37, (6, 2), generator=gen)[:, 1], torch.tensor([3]).expand(6)):
+    for w in (None, torch.rand(74, generator=gen)[::2], torch.rand(1, generator=gen).expand(37)):
+        for with_grad in (True, False):
+            got = loss_and_grad(triton_kernel.loss_and_grad, x, y, w, 0.1, 0.25, False, with_grad)
+            expected = loss_and_grad(fused._blockwise_loss_and_grad, x, y, w, 0.1, 0.25, False, with_grad)
+            torch.testing.assert_close(got, expected)
 print("triton kernels match")
 """
 

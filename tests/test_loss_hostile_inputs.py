@@ -7,6 +7,7 @@ the reference path (`fused=False`)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -14,13 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastai_ls import label_smoothing_cross_entropy
+from fastai_ls import LabelSmoothingCrossEntropy, label_smoothing_cross_entropy
 from fastai_ls.loss import cpu_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +65,7 @@ def torch_loss(x, y, dtype, grad_output=None, **kwargs):
 
 RACE = """
 import threading, time, torch
-from fastai_ls import label_smoothing_cross_entropy
+from fastai_ls import LabelSmoothingCrossEntropy, label_smoothing_cross_entropy
 
 x = torch.randn(4096, 256, requires_grad=True)
 y = torch.randint(0, 256, (4096,))
@@ -109,7 +111,7 @@ import warnings
 warnings.simplefilter("always")
 import torch
 with warnings.catch_warnings(record=True) as caught:
-    from fastai_ls import label_smoothing_cross_entropy
+    from fastai_ls import LabelSmoothingCrossEntropy, label_smoothing_cross_entropy
     from fastai_ls.loss import cpu_kernel
     assert not cpu_kernel.AVAILABLE
     y = torch.tensor([0, 2, 1])
@@ -150,6 +152,31 @@ def test_a_kernel_file_that_is_not_a_library_is_refused_with_a_warning(tmp_path,
     library.write_bytes(content)
     with pytest.warns(RuntimeWarning, match="cannot be loaded.*torch path"):
         assert cpu_kernel.load(str(library)) is None
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_a_kernel_built_from_other_sources_than_those_beside_it_is_refused_with_a_warning(tmp_path):
+    # Found in review: a library built from the previous version of fused_cpu.c (an editable install after a pull,
+    # without a rebuild) was loaded and called with the current signature: the first call killed the process
+    # (SIGSEGV). The library now records the SHA-256 of its source, and one that does not match the fused_cpu.c
+    # beside it, or records none (built before the hash existed), is refused like an unloadable one.
+    source = Path(cpu_kernel.__file__).with_name("fused_cpu.c")
+    (tmp_path / "fused_cpu.c").write_bytes(source.read_bytes())
+
+    def build(name: str, text: str, digest: str | None) -> str:
+        (tmp_path / f"{name}.c").write_text(text)
+        defines = [] if digest is None else [f'-DFUSED_CPU_SOURCE_SHA256="{digest}"']
+        subprocess.run(["cc", "-O0", "-fopenmp", "-fPIC", "-shared", "-DVECTOR_CLONES=", *defines, "-o",
+                        str(tmp_path / f"{name}.so"), str(tmp_path / f"{name}.c"), "-lm"], check=True)
+        return str(tmp_path / f"{name}.so")
+
+    text = source.read_text()
+    assert cpu_kernel.load(build("current", text, hashlib.sha256(source.read_bytes()).hexdigest())) is not None
+    for library, reason in [(build("other", text, "0" * 64), "another version of fused_cpu.c"),
+                            (build("unhashed", text, None), "another version of fused_cpu.c"),
+                            (build("old", text.replace("fused_cpu_source_sha256", "renamed"), None), "no source hash")]:
+        with pytest.warns(RuntimeWarning, match=f"cannot be loaded .*{reason}.*torch path"):
+            assert cpu_kernel.load(library) is None
 
 
 # --- eps = 0 ------------------------------------------------------------------------------------------------------
@@ -236,6 +263,24 @@ def test_mean_over_only_zero_weight_classes_is_nan_like_torch(path, eps):
     for reduction in ("sum", "none"):  # finite, as in PyTorch
         loss, _ = run(path, x, t, eps=eps, weight=w, reduction=reduction)
         torch.testing.assert_close(loss, torch_loss(x, t, loss.dtype, eps=eps, weight=w, reduction=reduction)[0])
+
+
+@ALL_PATHS
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_a_non_contiguous_weight_is_read_through_its_strides_on_every_path(path, layout):
+    # Found in review: the C kernel read a float32 weight from its data pointer as if contiguous, so every other
+    # entry of a strided weight was silently wrong, and an expanded one (stride 0, one stored number) was read past
+    # its end (AddressSanitizer: heap-buffer-overflow); the Triton kernels did the same.
+    dtype = PATHS[path][0]
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, -100, 1])
+    stored = torch.tensor([1.0, 9.0, 2.0, 9.0, 0.5, 9.0, 3.0, 9.0], dtype=dtype)
+    w = stored[::2] if layout == "strided" else stored[:1].expand(4)
+    for reduction in ("mean", "none"):
+        loss, grad = run(path, x, y, weight=w, reduction=reduction)
+        expected, expected_grad = torch_loss(x, y, dtype, weight=w.contiguous(), reduction=reduction)
+        torch.testing.assert_close(loss, expected)
+        if grad is not None:
+            torch.testing.assert_close(grad, expected_grad)
 
 
 # --- targets and ignore_index -------------------------------------------------------------------------------------
@@ -329,6 +374,87 @@ def test_torch_func_transforms_still_check_the_ids():
         torch.func.vmap(lambda x, y: label_smoothing_cross_entropy(x, y))(x, y)
     with pytest.raises(ValueError, match=r"found \[9\]"):
         torch.func.grad(lambda x: label_smoothing_cross_entropy(x, y[1]))(x[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_forward_mode_ad_gives_torch_tangent(dtype, reduction):
+    # Found in review: under forward-mode AD (dual tensors) the float32 loss came back without a tangent (the C
+    # kernel reads the data pointer: a silent 0 derivative), and float64 raised "forward AD with aten::softmax".
+    x, y = torch.randn(5, 4, dtype=dtype), torch.tensor([0, 3, -100, 1, 2])
+    w, tangent = torch.rand(4, dtype=dtype), torch.randn(5, 4, dtype=dtype)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, tangent)
+        got = torch.autograd.forward_ad.unpack_dual(label_smoothing_cross_entropy(dual, y, weight=w,
+                                                                                 reduction=reduction))
+        expected = torch.autograd.forward_ad.unpack_dual(F.cross_entropy(dual, y, w, reduction=reduction,
+                                                                         label_smoothing=0.1))
+    torch.testing.assert_close(got.primal, expected.primal)
+    assert got.tangent is not None
+    torch.testing.assert_close(got.tangent, expected.tangent)
+    jvp = torch.func.jvp(lambda x: label_smoothing_cross_entropy(x, y, weight=w, reduction=reduction), (x,),
+                         (tangent,))[1]
+    torch.testing.assert_close(jvp, expected.tangent)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_forward_mode_ad_through_the_weight_gives_the_finite_difference(dtype, reduction):
+    # Found in review: a dual class weight's tangent was dropped on the fused path (tangent None). The reference
+    # path's tangent is the derivative; PyTorch's own (torch 2.14) is not: it disagrees with finite differences.
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 3, -100, 1, 2])
+    w, direction, h = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64), 1e-6
+    expected = (label_smoothing_cross_entropy(x, y, weight=w + h * direction, reduction=reduction)
+                - label_smoothing_cross_entropy(x, y, weight=w - h * direction, reduction=reduction)) / (2 * h)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(w.to(dtype), direction.to(dtype))
+        loss = label_smoothing_cross_entropy(x.to(dtype), y, weight=dual, reduction=reduction)
+        tangent = torch.autograd.forward_ad.unpack_dual(loss).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent.double(), expected, rtol=1e-4 if dtype == torch.float32 else 1e-6,
+                               atol=1e-5 if dtype == torch.float32 else 1e-8)
+
+
+@pytest.mark.parametrize("path", ["C kernel", "fused torch", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_batched_grad_outputs_give_torch_jacobian(path, reduction):
+    # Found in review: `torch.autograd.grad(..., is_grads_batched=True)`, which `torch.autograd.functional.jacobian`
+    # and `hessian` use with vectorize=True, failed on the fused path ("vmap: aten::mul_ ... is not possible",
+    # "Batching rule not implemented for aten::item"): its backward scaled the stored gradient in place.
+    dtype = PATHS[path][0]
+    x = torch.randn(4, 3, dtype=dtype)
+    y = torch.tensor([0, 2, -100, 1])
+    loss, _ = run(path, x, y, reduction=reduction)
+    batch = torch.randn(3, *loss.shape, dtype=loss.dtype)
+    batch[0] = NAN  # an ignored row's gradient stays 0 whatever it receives, in each batch entry too
+    x_ref = x.to(dtype).requires_grad_()
+    expected = torch.stack([torch.autograd.grad(F.cross_entropy(x_ref, y, reduction=reduction, label_smoothing=0.1),
+                                                x_ref, g)[0] for g in batch])
+    expected[:, 2] = 0
+    dtype, _, fused = PATHS[path]
+    x = x.to(dtype).requires_grad_()
+    loss = label_smoothing_cross_entropy(x, y, reduction=reduction, fused=fused)
+    got = torch.autograd.grad(loss, x, batch, is_grads_batched=True, retain_graph=True)[0]
+    torch.testing.assert_close(got, expected, equal_nan=True)
+    got = torch.autograd.grad(loss, x, batch[1:], is_grads_batched=True)[0]  # the stored gradient, reused
+    torch.testing.assert_close(got, expected[1:])
+    if reduction == "none":
+        jacobian = torch.autograd.functional.jacobian(
+            lambda x: label_smoothing_cross_entropy(x, y, reduction=reduction, fused=fused), x, vectorize=True)
+        torch.testing.assert_close(jacobian, torch.autograd.functional.jacobian(
+            lambda x: F.cross_entropy(x, y, reduction=reduction, label_smoothing=0.1), x).index_fill(1, y.eq(-100)
+                                                                                                .nonzero()[0], 0.0))
+
+
+@pytest.mark.parametrize("fused", [0, 1, "no", np.bool_(False)])
+def test_fused_must_be_a_bool_or_none(fused):
+    # Found in review: `fused` was read by truthiness and identity, so fused=0 took the fused path (not the
+    # reference one that fused=False selects) and fused="no" the fused path too.
+    x, y = torch.randn(3, 4, requires_grad=True), torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError, match="fused must be True, False or None"):
+        label_smoothing_cross_entropy(x, y, fused=fused)
+    with pytest.raises(TypeError, match="fused must be True, False or None"):
+        LabelSmoothingCrossEntropy(fused=fused)
 
 
 # --- the differential fuzz ----------------------------------------------------------------------------------------

@@ -288,6 +288,29 @@ def test_flat_rejects_a_target_laid_out_for_another_axis():
         LabelSmoothingCrossEntropyFlat(axis=1)(torch.randn(2, 4, 3, 5), torch.randint(0, 4, (2, 5, 3)))
 
 
+@pytest.mark.parametrize("input, target, error, match", [
+    ([[0.1, 0.9]], torch.tensor([1]), TypeError, "input must be a torch.Tensor, got list"),
+    (torch.randn(1, 2), [1], TypeError, "target must be a torch.Tensor, got list"),
+    (torch.randn(2, 3), torch.tensor([0, 1]), ValueError, r"axis=2 is not an axis of the input \(shape \(2, 3\)\)"),
+], ids=["list input", "list target", "axis out of range"])
+@pytest.mark.parametrize("floatify", [False, True])
+def test_flat_rejects_what_it_cannot_read_with_a_clear_error(input, target, error, match, floatify):
+    # Found in review: a list target gave AttributeError ('list' object has no attribute 'is_floating_point'), a
+    # numpy input "input must have a batch and a class axis, got (4, 3)", an axis beyond the input's an IndexError.
+    axis = 2 if error is ValueError else -1
+    with pytest.raises(error, match=match):
+        LabelSmoothingCrossEntropyFlat(axis=axis, floatify=floatify)(input, target)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(axis="1"), "axis must be an int"),
+                                           (dict(axis=1.0), "axis must be an int"),
+                                           (dict(flatten="no"), "flatten must be True or False"),
+                                           (dict(floatify=None), "floatify must be True or False")])
+def test_flat_rejects_bad_layout_options_at_construction(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        LabelSmoothingCrossEntropyFlat(**kwargs)
+
+
 def test_weight_is_a_buffer_that_moves_and_is_a_copy():
     w = torch.tensor([1.0, 2.0, 3.0])
     loss_func = LabelSmoothingCrossEntropy(weight=w)

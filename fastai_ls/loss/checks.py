@@ -12,10 +12,11 @@ import numbers
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 __all__ = ["REDUCTIONS", "SMOOTHINGS", "check_eps", "check_options", "check_input", "check_weight",
            "check_weight_needs_no_grad", "check_weight_values", "weight_in", "check_target", "class_ids", "check_ids",
-           "under_functorch_transform"]
+           "under_functorch_transform", "is_batched", "has_forward_tangent"]
 
 REDUCTIONS = ("mean", "sum", "none")
 SMOOTHINGS = ("uniform", "others")
@@ -30,9 +31,11 @@ def check_eps(eps: float) -> None:
         raise ValueError(f"eps must be in [0, 1), got {eps}")
 
 
-def check_options(eps: float, reduction: str, smoothing: str, ignore_index: int) -> None:
+def check_options(eps: float, reduction: str, smoothing: str, ignore_index: int, fused: bool | None = None) -> None:
     """Raise if a scalar option of the loss is invalid."""
     check_eps(eps)
+    if fused is not None and fused is not True and fused is not False:  # 0 or "no" must not pick a path by truth
+        raise TypeError(f"fused must be True, False or None, got {fused!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if smoothing not in SMOOTHINGS:
@@ -179,6 +182,23 @@ def under_functorch_transform() -> bool:
 
 
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def is_batched(t: Tensor) -> bool:
+    """Whether `t` stands for a batch of tensors: under a `torch.func` transform, or the legacy vmap that backward
+    runs under for `torch.autograd.grad(..., is_grads_batched=True)` (which `jacobian(vectorize=True)` uses)."""
+    return _transforms_active() or _legacy_batched(t)
+
+
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
+def has_forward_tangent(*tensors: Tensor | None) -> bool:
+    """Whether one of `tensors` is a dual tensor of forward-mode AD (`torch.autograd.forward_ad`), whose tangent a
+    kernel that reads the data pointer would drop. Outside a `dual_level` this costs one attribute read."""
+    if getattr(forward_ad, "_current_level", 0) < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _unwrapped(t: Tensor) -> Tensor:

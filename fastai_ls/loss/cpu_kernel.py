@@ -8,6 +8,7 @@ cannot be loaded (truncated, built for another machine, a missing OpenMP runtime
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.util
 import os
 import struct
@@ -33,12 +34,33 @@ def load(path: str | None) -> ctypes._CFuncPtr | None:
         return None
     try:
         _check_not_truncated(path)
-        return bind(ctypes.CDLL(path))
+        library = ctypes.CDLL(path)
+        _check_built_from_the_source_beside_it(library, path)
+        return bind(library)
     except (OSError, AttributeError) as err:  # not a loadable library for this machine, or not ours
         warnings.warn(f"fastai_ls: the compiled loss kernel {path} cannot be loaded ({err}); the loss runs its torch "
-                      f"path instead (same results, slower on float32 CPU logits). Reinstall fastai_ls to rebuild it.",
-                      RuntimeWarning, stacklevel=2)
+                      f"path instead (same results, slower on float32 CPU logits). Reinstall fastai_ls to rebuild it "
+                      f"(in a source checkout: python setup.py build_ext --inplace).", RuntimeWarning, stacklevel=2)
         return None
+
+
+def _check_built_from_the_source_beside_it(library: ctypes.CDLL, path: str) -> None:
+    """Raise OSError if `fused_cpu.c` lies beside the library (a source checkout, an editable install) and the library
+    was built from another version of it: after a pull without a rebuild, the previous version's library would be
+    called with the current signature (one such build wrote past its output and crashed the process). An installed
+    package carries no source, and its library was built with the rest of it."""
+    source = os.path.join(os.path.dirname(path), "fused_cpu.c")
+    if not os.path.exists(source):
+        return
+    with open(source, "rb") as file:
+        expected = hashlib.sha256(file.read()).hexdigest()
+    try:
+        built_from = library.fused_cpu_source_sha256
+    except AttributeError:
+        raise OSError("it was built from an older fused_cpu.c, which recorded no source hash") from None
+    built_from.restype, built_from.argtypes = ctypes.c_char_p, []
+    if built_from().decode() != expected:
+        raise OSError("it was built from another version of fused_cpu.c than the one beside it")
 
 
 def _check_not_truncated(path: str) -> None:
@@ -96,8 +118,11 @@ def loss_and_grad(x: Tensor, t: Tensor, ignore_index: int, w: Tensor | None, eps
     The kernel checks the float32 weights `w` and the ids, reading each id once: a negative or non-finite weight, or
     an id that is neither a class nor `ignore_index`, raises ValueError before anything is written."""
     n_rows, n_classes = x.shape
+    # The kernel indexes the ids and weights with unit stride: a strided or expanded (stride 0) view is copied, or
+    # it would be read wrong, and past its end.
     x = x if x.stride(1) == 1 else x.contiguous()
     t = t if t.is_contiguous() else t.contiguous()
+    w = w if w is None or w.is_contiguous() else w.contiguous()
     out = x.new_empty(n_rows if per_row else ())
     n_threads = torch.get_num_threads() if x.numel() >= PARALLEL_NUMEL else 1
     code = _kernel(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,

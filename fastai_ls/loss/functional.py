@@ -13,6 +13,7 @@ from fastai_ls.loss.checks import (
     check_weight,
     check_weight_needs_no_grad,
     class_ids,
+    has_forward_tangent,
     under_functorch_transform,
 )
 from fastai_ls.loss.formula import reference_cross_entropy, uniform_eps
@@ -60,9 +61,11 @@ def label_smoothing_cross_entropy(
     fused : bool or None, default None
         None: the fastest path for integer targets, the fused kernels (`fused.py`), which compute the gradient
         together with the loss when one will be taken, and the loss alone otherwise (under `torch.no_grad()`, as
-        in fastai's validation and `get_preds`). False: the reference path of torch operations, differentiable
-        to any order (second derivatives). True: the fused kernels; an error for probability targets. Under
-        `torch.func` transforms (grad, vmap...) the reference path runs whatever `fused` says.
+        in fastai's validation and `get_preds`); backward with create_graph=True (second derivatives) gets the
+        reference path's gradient. False: the reference path of torch operations, differentiable to any order.
+        True: the fused kernels; an error for probability targets. Under
+        `torch.func` transforms (grad, vmap...) and for forward-mode AD's dual tensors the reference path runs
+        whatever `fused` says.
 
     Returns
     -------
@@ -77,7 +80,7 @@ def label_smoothing_cross_entropy(
     >>> round(label_smoothing_cross_entropy(x, y, eps=0.05, smoothing='others').item(), 4)
     0.3518
     """
-    check_options(eps, reduction, smoothing, ignore_index)
+    check_options(eps, reduction, smoothing, ignore_index, fused)
     check_input(input)
     input = plain(input)
     target = plain(target) if isinstance(target, Tensor) else target
@@ -90,7 +93,8 @@ def label_smoothing_cross_entropy(
         if fused:
             raise ValueError("fused=True needs integer class-id targets; probability targets use fused=False")
         return reference_cross_entropy(input, target, eps, weight, reduction, ignore_index)
-    if fused is False or under_functorch_transform():  # the fused Function has no functorch rules
+    # The fused Function has no functorch rules and no forward derivative (its kernels read data pointers).
+    if fused is False or under_functorch_transform() or has_forward_tangent(input, weight):
         return reference_cross_entropy(input, target, eps, weight, reduction, ignore_index)
     t = class_ids(target)
     if input.requires_grad and torch.is_grad_enabled():

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fastai_ls.loss import cpu_kernel, triton_kernel
-from fastai_ls.loss.checks import check_ids, weight_in
+from fastai_ls.loss.checks import check_ids, is_batched, weight_in
 from fastai_ls.loss.formula import (
     cross_entropy,
     hard_target_mix,
@@ -33,6 +33,7 @@ from fastai_ls.loss.formula import (
     mean_divisor,
     nan_for_infinite_logits,
     reduce_loss,
+    reference_cross_entropy,
     weighted_row_sum,
 )
 from fastai_ls.tensor_input import compute_dtype, upcast
@@ -136,9 +137,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            raise RuntimeError("the fused label-smoothing loss does not support create_graph=True (higher-order "
-                               "gradients); compute the loss with fused=False")
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable in its turn
+            ctx.grad = None
+            return (_differentiable_gradient(ctx, grad_loss),) + (None,) * 7
         grad, ctx.grad = ctx.grad, None  # handed out below: holding on to it would keep a second N x C buffer alive
         input, y, ignored, w = ctx.saved_tensors
         if grad is None:  # a later backward of a retained graph: the first one gave the buffer away
@@ -148,24 +149,37 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 cpu_kernel.loss_and_grad(x, y, ctx.ignore_index, w, ctx.eps, ctx.reduction == "mean", grad, False)
             else:
                 _loss_and_grad(x, y, ignored, w, ctx.scale, ctx.eps, grad)
-        _scale_gradient(ctx, grad, grad_loss, y, ignored)
+        grad = _scale_gradient(ctx, grad, grad_loss, y, ignored)
         shape = ctx.input_shape
         if len(shape) > 2:  # back to the input's layout, as a view of the same buffer
             grad = grad.view(*shape[:1], *shape[2:], shape[1]).movedim(-1, 1)
         return grad, None, None, None, None, None, None, None
 
 
-def _scale_gradient(ctx, grad: Tensor, grad_loss: Tensor, y: Tensor, ignored: Tensor | None) -> None:
-    """Multiply the stored gradient by what backward received, leaving ignored rows 0 whatever it holds: a NaN or
-    infinite `grad_loss` must not turn their zeros into NaN (PyTorch's gradient there is 0 too)."""
+def _differentiable_gradient(ctx, grad_loss: Tensor) -> Tensor:
+    """The gradient as a function of the saved logits and of `grad_loss` that autograd can differentiate again
+    (backward with create_graph=True: second derivatives, gradient penalties, MAML's inner steps): the reference
+    path's, recomputed from the logits, so the kernels need no derivative of their own."""
+    input, y, ignored, w = ctx.saved_tensors
+    ids = y if ignored is None else y.masked_fill(ignored, ctx.ignore_index)  # back to the ids the caller gave
+    loss = reference_cross_entropy(input, ids, ctx.eps, w, ctx.reduction, ctx.ignore_index)
+    return torch.autograd.grad(loss, input, grad_loss, create_graph=True)[0]
+
+
+def _scale_gradient(ctx, grad: Tensor, grad_loss: Tensor, y: Tensor, ignored: Tensor | None) -> Tensor:
+    """The stored gradient times what backward received, leaving ignored rows 0 whatever it holds: a NaN or
+    infinite `grad_loss` must not turn their zeros into NaN (PyTorch's gradient there is 0 too).
+
+    In place, except for a batch of `grad_loss`es (`autograd.grad(..., is_grads_batched=True)`, which `jacobian`
+    and `hessian` use with vectorize=True): their product has a batch dimension that the buffer has not."""
     per_row = ctx.reduction == "none"
-    if not per_row and ctx.divisor is None and grad_loss.is_cpu:
+    batched = is_batched(grad_loss)
+    if not per_row and ctx.divisor is None and grad_loss.is_cpu and not batched:
         value = grad_loss.item()
         if value == 1:  # `loss.backward()` passes 1: skip a pass
-            return
+            return grad
         if math.isfinite(value):  # ignored rows stay 0 * value = 0
-            grad.mul_(value)
-            return
+            return grad.mul_(value)
     factor = grad_loss.reshape(-1) if per_row else grad_loss
     if ctx.divisor is not None:
         factor = factor / mean_divisor(ctx.divisor)
@@ -173,7 +187,8 @@ def _scale_gradient(ctx, grad: Tensor, grad_loss: Tensor, y: Tensor, ignored: Te
         ignored = y == ctx.ignore_index
     if ignored is not None:
         factor = factor.expand(grad.shape[0]).masked_fill(ignored, 0.0)
-    grad.mul_(factor[:, None] if factor.dim() else factor)
+    factor = factor[:, None] if factor.dim() else factor
+    return grad * factor if batched else grad.mul_(factor)
 
 
 def _loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None, scale: float, eps: float,

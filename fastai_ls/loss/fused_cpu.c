@@ -18,6 +18,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The SHA-256 of this file as it was when the library was built (setup.py defines it). cpu_kernel.py compares it
+ * with the file beside the library, where there is one (a source checkout, an editable install), and refuses a
+ * library built from other sources, whose arguments may mean something else: after a pull without a rebuild, a
+ * library built from the previous version of this file would otherwise be called with the current signature. */
+#ifndef FUSED_CPU_SOURCE_SHA256
+#define FUSED_CPU_SOURCE_SHA256 "unknown"
+#endif
+const char *fused_cpu_source_sha256(void)
+{
+    return FUSED_CPU_SOURCE_SHA256;
+}
+
 /* Compiled for AVX-512, AVX2 and baseline x86-64, chosen when the library loads: torch does the same for its own
  * kernels, so the floor it is compared with uses the widest vectors too. */
 #ifndef VECTOR_CLONES /* -DVECTOR_CLONES= builds the baseline version only */

@@ -32,7 +32,11 @@ def loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None
     n_rows, n_classes = x.shape
     if n_rows == 0:  # no program to launch
         return x.new_zeros(0, dtype=torch.float32)
-    x = x if x.stride(1) == 1 else x.contiguous()  # the kernels walk each row with unit stride
+    # The kernels walk each row, the ids and the weights with unit stride: a column of a 2-D target, or a strided
+    # or expanded weight, would be read wrong (and past its end) without a contiguous copy.
+    x = x if x.stride(1) == 1 else x.contiguous()
+    y = y if y.is_contiguous() else y.contiguous()
+    w = w if w is None or w.is_contiguous() else w.contiguous()
     block = min(MAX_BLOCK, triton.next_power_of_2(n_classes))
     row_max = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     log_sum, wx = torch.empty_like(row_max), torch.empty_like(row_max)
@@ -48,6 +52,7 @@ def loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None
         return loss
     if ignored is None:  # no row is ignored
         ignored = torch.zeros(n_rows, dtype=torch.bool, device=x.device)
+    ignored = ignored if ignored.is_contiguous() else ignored.contiguous()
     lse = row_max + log_sum
     row_coef, true_coef = (_per_row(value, n_rows, x.device) for value in (mass * scale, true_class))
     smooth_value = 0.0 if w is not None else float(smooth)
