@@ -134,10 +134,11 @@ def synchronization_is_an_error():
 @pytest.mark.parametrize("with_grad", [True, False], ids=["fused", "no grad"])
 def test_cuda_loss_synchronizes_only_to_check_its_arguments(monkeypatch, reduction, weighted, with_grad):
     # The ids' range and the weights' validity are read on the host once per call (a clear error instead of a
-    # device-side assert); everything after that check, forward and backward, runs with a synchronization an error.
+    # device-side assert); everything before that read is queued without one, and everything after it, the rest of
+    # forward and backward, runs with a synchronization an error.
     x, y, w = hostile_case(64, 1000, weighted)
     x, y, w = x.cuda().requires_grad_(with_grad), y.cuda(), None if w is None else w.cuda()
-    checks, check = [], fused_module._checked_targets
+    checks, check = [], fused_module._raise_if_flagged
 
     def check_then_forbid_synchronization(*args):
         result = check(*args)
@@ -146,7 +147,7 @@ def test_cuda_loss_synchronizes_only_to_check_its_arguments(monkeypatch, reducti
         torch.cuda.set_sync_debug_mode("error")
         return result
 
-    monkeypatch.setattr(fused_module, "_checked_targets", check_then_forbid_synchronization)
+    monkeypatch.setattr(fused_module, "_raise_if_flagged", check_then_forbid_synchronization)
     try:
         with torch.set_grad_enabled(with_grad):
             loss = label_smoothing_cross_entropy(x, y, 0.1, w, reduction)
@@ -176,3 +177,39 @@ def test_cuda_loss_makes_exactly_one_synchronizing_call(with_grad):
             torch.cuda.set_sync_debug_mode("default")
     synchronizing = [str(c.message) for c in caught if "synchroniz" in str(c.message).lower()]
     assert len(synchronizing) == 1, synchronizing
+
+
+@pytest.mark.parametrize("with_grad", [True, False], ids=["fused", "no grad"])
+def test_cuda_bad_ids_and_weights_raise_and_leave_the_device_usable(with_grad):
+    # PyTorch's CUDA cross-entropy stops the process's CUDA context with a device-side assert on such ids; the check
+    # kernel finds them first, and the message names them.
+    x = torch.randn(64, 37, device="cuda", requires_grad=with_grad)
+    cases = [(torch.full((64,), 3, device="cuda").index_fill_(0, torch.tensor([5], device="cuda"), 37), None,
+              r"found \[37\]"),
+             (torch.full((64,), -1, device="cuda"), None, r"found \[-1\]"),
+             (torch.zeros(64, dtype=torch.long, device="cuda"), torch.full((37,), NAN, device="cuda"), "weight must"),
+             (torch.zeros(64, dtype=torch.long, device="cuda"), -torch.ones(37, device="cuda"), "weight must")]
+    for y, w, message in cases:
+        with torch.set_grad_enabled(with_grad), pytest.raises(ValueError, match=message):
+            label_smoothing_cross_entropy(x, y, 0.1, w)
+    y = torch.randint(0, 37, (64,), device="cuda")
+    with torch.set_grad_enabled(with_grad):
+        loss = label_smoothing_cross_entropy(x, y, 0.1)
+    torch.testing.assert_close(loss, F.cross_entropy(x, y, label_smoothing=0.1))
+
+
+def test_cuda_backward_of_a_retained_graph_and_a_scaled_loss():
+    # backward(retain_graph=True) twice: the second recomputes the gradient the first handed out; a loss scaled
+    # before backward (AMP's GradScaler, gradient accumulation) gets the scaling kernel's product.
+    x, y, w = hostile_case(40, 5000, weighted=True)
+    for reduction in ("mean", "sum", "none"):
+        xc = x.cuda().requires_grad_()
+        loss = label_smoothing_cross_entropy(xc, y.cuda(), 0.1, w.cuda(), reduction)
+        g = torch.full_like(loss, 2.5)
+        first = torch.autograd.grad(loss, xc, g, retain_graph=True)[0]
+        second = torch.autograd.grad(loss, xc, g)[0]
+        xr = x.clone().requires_grad_()
+        expected = label_smoothing_cross_entropy(xr, y, 0.1, w, reduction)
+        expected_grad = torch.autograd.grad(expected, xr, torch.full_like(expected, 2.5))[0]
+        for got in (first, second):
+            torch.testing.assert_close(got.cpu(), expected_grad, rtol=1e-5, atol=1e-7, equal_nan=True)

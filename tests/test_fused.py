@@ -295,27 +295,35 @@ def test_fused_true_forces_the_fused_loss_and_refuses_soft_targets():
 
 
 # Triton's interpreter runs the kernels on CPU tensors; it must be switched on before triton is imported, hence a
-# fresh interpreter. The kernels' loss and gradient are compared with the blockwise torch path's.
+# fresh interpreter. The public loss routed through the Triton kernels (check, loss and gradient, backward's scaling)
+# must equal the same call on the CPU paths, on the rows that break naive kernels.
 TRITON_INTERPRETER_CHECK = """
 import torch
-from fastai_ls.loss import fused, triton_kernel
-from fastai_ls.loss.formula import kept_targets
+from fastai_ls import label_smoothing_cross_entropy
+from fastai_ls.loss import cpu_kernel, fused, triton_kernel
 
-def loss_and_grad(run, x, y, w, eps, scale, masked, with_grad):
-    # masked=False is the fused path's common case: no row ignored, no mask passed; with_grad=False: the loss alone
-    y, ignored, _ = kept_targets(y, -100, w, torch.float32) if masked else (y, None, None)
-    n_classes, grad = x.shape[1], torch.empty_like(x) if with_grad else None
-    smooth = (eps / n_classes) * scale if w is None else w * ((eps / n_classes) * scale)
-    true_class = (1 - eps) * scale if w is None else w[y] * ((1 - eps) * scale)
-    loss = run(x, y, ignored, w, scale, eps, smooth, true_class, grad)
-    return (loss.masked_fill(ignored, 0.0) if masked else loss), grad
+def run(x, y, w, eps, reduction, with_grad, g, triton):
+    saved = fused._uses_triton, cpu_kernel.AVAILABLE
+    if triton:  # CPU tensors through the Triton kernels: the interpreter runs them
+        fused._uses_triton, cpu_kernel.AVAILABLE = (lambda x: x.dtype != torch.float64), False
+    try:
+        x = x.detach().clone().requires_grad_(with_grad)
+        with torch.set_grad_enabled(with_grad):
+            loss = label_smoothing_cross_entropy(x, y, eps, w, reduction)
+        grad = torch.autograd.grad(loss, x, g if reduction == "none" else g[0])[0] if with_grad else None
+        return loss.detach(), grad
+    finally:
+        fused._uses_triton, cpu_kernel.AVAILABLE = saved
 
-triton_kernel.MAX_BLOCK = 8  # several column blocks per row, the last one ragged
+triton_kernel.MAX_BLOCK = 8  # several column blocks per row, the last one ragged (5 classes: a single block)
+triton_kernel.CHECK_BLOCK = 4  # several programs of the check
 gen = torch.Generator().manual_seed(0)
+n_cases = 0
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     for n_classes in (5, 37):
         for weighted, masked in ((False, True), (True, True), (False, False), (True, False)):
-            for eps, with_grad in ((0.1, True), (0.1, False), (0.0, True)):
+            for eps, with_grad, reduction in ((0.1, True, "mean"), (0.1, False, "none"), (0.0, True, "sum"),
+                                              (0.1, True, "none"), (0.0, False, "mean")):
                 x = torch.randn(7, n_classes, generator=gen).to(dtype)
                 x[4, :7] = float("-inf")  # a row whose first block is all -inf (and, with 5 classes, the whole row)
                 x[5, 1] = float("nan")
@@ -323,27 +331,54 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 x[6, (y[6] + 1) % n_classes] = float("-inf")  # a wrong class: a finite loss for eps = 0
                 if masked:
                     y[2] = -100
-                w = torch.rand(n_classes, generator=gen) if weighted else None
-                got = loss_and_grad(triton_kernel.loss_and_grad, x, y, w, eps, 0.25, masked, with_grad)
-                expected = loss_and_grad(fused._blockwise_loss_and_grad, x, y, w, eps, 0.25, masked, with_grad)
-                torch.testing.assert_close(got, expected, equal_nan=True)
-                assert got[0][6].isfinite() == (eps == 0)
-                assert not with_grad or got[1].dtype == dtype
+                    x[2] = float("nan")  # an ignored row: loss and gradient 0 whatever it holds
+                w = torch.rand(n_classes, generator=gen) + 0.1 if weighted else None
+                g = torch.randn(7, generator=gen)
+                g[3] = 1.0  # a row the scaling kernel skips
+                g[2] = float("nan")  # an ignored row keeps its zeros
+                got = run(x, y, w, eps, reduction, with_grad, g, triton=True)
+                expected = run(x.float(), y, w, eps, reduction, with_grad, g, triton=False)
+                torch.testing.assert_close(got[0], expected[0], equal_nan=True)
+                if with_grad:
+                    assert got[1].dtype == dtype
+                    tolerance = {} if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+                    torch.testing.assert_close(got[1].float(), expected[1], equal_nan=True, **tolerance)
+                if reduction == "none":
+                    assert got[0][6].isfinite() == (eps == 0)
+                n_cases += 1
 # Ids and weights that are views with strides (a column of a 2-D target; a strided or an expanded weight): the
 # kernels index them with unit stride, so they must be handed contiguous copies (found in review: wrong gradients).
 x = torch.randn(6, 37, generator=gen)
 for y in (torch.randint(0, 37, (6, 2), generator=gen)[:, 1], torch.tensor([3]).expand(6)):
     for w in (None, torch.rand(74, generator=gen)[::2], torch.rand(1, generator=gen).expand(37)):
         for with_grad in (True, False):
-            got = loss_and_grad(triton_kernel.loss_and_grad, x, y, w, 0.1, 0.25, False, with_grad)
-            expected = loss_and_grad(fused._blockwise_loss_and_grad, x, y, w, 0.1, 0.25, False, with_grad)
+            g = torch.ones(1)
+            got = run(x, y, w, 0.1, "mean", with_grad, g, triton=True)
+            expected = run(x, y, w, 0.1, "mean", with_grad, g, triton=False)
             torch.testing.assert_close(got, expected)
-print("triton kernels match")
+# Every row ignored, a zero-weight class as the only target: 'mean' is NaN, its gradient NaN on kept rows.
+for y, w in ((torch.full((6,), -100), None), (torch.zeros(6, dtype=torch.long), torch.tensor([0.0] + [1.0] * 36))):
+    got = run(x, y, w, 0.1, "mean", True, torch.ones(1), triton=True)
+    expected = run(x, y, w, 0.1, "mean", True, torch.ones(1), triton=False)
+    torch.testing.assert_close(got, expected, equal_nan=True)
+# Bad ids and weights raise check_ids' errors, found by the check kernel.
+for y, w, message in ((torch.tensor([0, 37, 1, 2, 3, 4]), None, "target ids must be in"),
+                      (torch.tensor([0, -1, 1, 2, 3, 4]), None, "target ids must be in"),
+                      (torch.zeros(6, dtype=torch.long), torch.tensor([1.0] * 36 + [float("nan")]), "weight must"),
+                      (torch.zeros(6, dtype=torch.long), torch.tensor([-1.0] + [1.0] * 36), "weight must")):
+    for with_grad in (True, False):
+        try:
+            run(x, y, w, 0.1, "mean", with_grad, torch.ones(1), triton=True)
+        except ValueError as err:
+            assert message in str(err), err
+        else:
+            raise AssertionError(f"no error for {y}, {w}")
+print(f"triton kernels match in {n_cases} cases")
 """
 
 
 @pytest.mark.skipif(not triton_kernel.AVAILABLE, reason="triton is not installed")
-def test_triton_kernels_equal_the_blockwise_path_in_the_interpreter():
+def test_triton_kernels_equal_the_cpu_paths_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", TRITON_INTERPRETER_CHECK], cwd=Path(__file__).resolve().parents[1],
                             env=env, capture_output=True, text=True, timeout=120)

@@ -10,7 +10,9 @@ nothing at all). Three implementations of this arithmetic, chosen by where the l
 
 - float32 on the CPU: a compiled C kernel (`fused_cpu.c`, via `cpu_kernel.py`) that reads each row once and finishes
   its gradient while the row is in cache; it checks the ids and weights itself as it reads them;
-- CUDA: two Triton kernels (`triton_kernel.py`), the first alone without a gradient;
+- CUDA: Triton kernels (`triton_kernel.py`): one launch checks the ids and weights (the loss's one host read), one
+  computes the loss and, when a gradient will be taken, writes it, 'mean' divisor included; backward's product with
+  what autograd hands in touches no row after `loss.backward()`;
 - anything else (float64, half precision, or an install without a C compiler): torch operations on blocks of rows
   that stay in cache, one fused softmax per block, then a scale and shift in place.
 
@@ -54,7 +56,9 @@ def fused_cross_entropy(input: Tensor, t: Tensor, eps: float, weight: Tensor | N
     loss is computed."""
     if cpu_kernel.accepts(input):  # the kernel also finds the ignored rows and the 'mean' divisor itself
         w = weight_in(weight, torch.float32, input.device)
-        return _FusedCrossEntropy.apply(input, t, None, w, None, eps, reduction, ignore_index)
+        return _FusedCrossEntropy.apply(input, t, None, w, C_KERNEL, eps, reduction, ignore_index)
+    if _uses_triton(input):  # weights are checked and converted in forward
+        return _FusedCrossEntropy.apply(input, t, None, weight, TRITON, eps, reduction, ignore_index)
     w, y, ignored, divisor = _checked_targets(input, t, weight, ignore_index)
     return _FusedCrossEntropy.apply(input, y, ignored, w, divisor, eps, reduction, ignore_index)
 
@@ -67,6 +71,8 @@ def fused_loss(input: Tensor, t: Tensor, eps: float, weight: Tensor | None, redu
         w = weight_in(weight, torch.float32, input.device)
         loss = cpu_kernel.loss_and_grad(x, t, ignore_index, w, eps, reduction == "mean", None, reduction == "none")
         return _per_position(loss, input.shape) if reduction == "none" else loss
+    if _uses_triton(input):
+        return _triton_loss(input, x, t, weight, eps, reduction, ignore_index, None)
     w, y, ignored, divisor = _checked_targets(input, t, weight, ignore_index)
     loss = _loss_and_grad(x, y, ignored, w, 1.0, eps, None)
     return reduce_loss(loss, divisor, reduction, input.shape[:1] + input.shape[2:])
@@ -75,6 +81,35 @@ def fused_loss(input: Tensor, t: Tensor, eps: float, weight: Tensor | None, redu
 def _per_position(loss: Tensor, input_shape: torch.Size) -> Tensor:
     """Per-row losses in the target's shape (N, d1, ...); for (N, C) logits already so (a reshape costs ~1 us)."""
     return loss if len(input_shape) == 2 else loss.reshape(input_shape[:1] + input_shape[2:])
+
+
+C_KERNEL, TRITON = "C kernel", "Triton"  # `_FusedCrossEntropy`'s divisor argument for the kernels' paths
+
+
+def _triton_loss(input: Tensor, x: Tensor, t: Tensor, weight: Tensor | None, eps: float, reduction: str,
+                 ignore_index: int, grad: Tensor | None) -> Tensor:
+    """The loss of `input` (its rows `x`) from the Triton kernels, and its gradient written into `grad` unless
+    None. The check and the loss are queued together; then one host read of the check's counters (the loss's one
+    synchronization) raises `check_ids`' errors for bad ids or weights before anything is returned."""
+    w = weight_in(weight, torch.float32, input.device)
+    counters, divisor = triton_kernel.check(t, w, input.shape[1], ignore_index)
+    loss = triton_kernel.loss_and_grad(x, t, w, eps, ignore_index, grad, divisor if reduction == "mean" else None)
+    if reduction == "none":
+        loss = loss.reshape(input.shape[:1] + input.shape[2:])
+    elif reduction == "mean" and x.shape[0] == 0:  # no row to carry the kernel's NaN for a zero divisor
+        loss = torch.full((), math.nan, device=x.device)
+    else:
+        loss = loss.sum()
+    _raise_if_flagged(counters, t, input.shape[1], ignore_index, weight)
+    return loss
+
+
+def _raise_if_flagged(counters: Tensor, t: Tensor, n_classes: int, ignore_index: int,
+                      weight: Tensor | None) -> None:
+    flags = int(counters[0])  # the host read
+    if flags:
+        check_ids(t, n_classes, ignore_index, weight)  # the message names the bad ids (or weights)
+        raise RuntimeError(f"the GPU check found bad ids or weights (flags {flags}) that check_ids did not")
 
 
 def _checked_targets(input: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int):
@@ -110,8 +145,9 @@ def _rows(input: Tensor) -> Tensor:
 class _FusedCrossEntropy(torch.autograd.Function):
     """Loss and gradient in forward; backward scales the stored gradient in place and hands the buffer out.
 
-    `divisor` None selects the C kernel: `y` holds the raw ids, `ignored` is None. Otherwise `y`, `ignored` and
-    `divisor` come from `kept_targets`."""
+    `divisor` `C_KERNEL` selects the C kernel and `TRITON` the Triton kernels: `y` holds the raw ids, `ignored` is
+    None (and for Triton `w` the weights as given). Otherwise `y`, `ignored` and `divisor` come from `kept_targets`
+    (the blockwise torch path)."""
 
     @staticmethod
     def forward(ctx, input: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None,
@@ -123,11 +159,15 @@ class _FusedCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(input, y, ignored, w)
         ctx.eps, ctx.reduction, ctx.ignore_index, ctx.grad = eps, reduction, ignore_index, grad
         ctx.input_shape = input.shape  # backward reads the saved tensors only to recompute
-        if divisor is None:  # the kernel also reduces the loss (in double precision) and applies the 'mean'
-            ctx.scale = ctx.divisor = None
+        ctx.path = "torch"
+        if divisor is C_KERNEL:  # the kernel also reduces the loss (in double precision) and applies the 'mean'
+            ctx.path, ctx.scale, ctx.divisor = "c", None, None
             loss = cpu_kernel.loss_and_grad(x, y, ignore_index, w, eps, reduction == "mean", grad,
                                             reduction == "none")
             return _per_position(loss, input.shape) if reduction == "none" else loss
+        if divisor is TRITON:  # the gradient is written with the 'mean' divisor applied
+            ctx.path, ctx.scale, ctx.divisor = "triton", None, None
+            return _triton_loss(input, x, y, w, eps, reduction, ignore_index, grad)
         # 'mean' divides every row by the divisor. On the host, fold it into the gradient now, as a Python number
         # (cheapest in the per-block arithmetic); on a GPU reading it would stall the device, so backward applies it.
         ctx.scale = 1 / mean_divisor(float(divisor)) if reduction == "mean" and x.is_cpu else 1.0
@@ -145,8 +185,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
         if grad is None:  # a later backward of a retained graph: the first one gave the buffer away
             x = _rows(input)
             grad = _gradient_buffer(x)
-            if ctx.scale is None:
+            if ctx.path == "c":
                 cpu_kernel.loss_and_grad(x, y, ctx.ignore_index, w, ctx.eps, ctx.reduction == "mean", grad, False)
+            elif ctx.path == "triton":
+                _triton_loss(input, x, y, w, ctx.eps, ctx.reduction, ctx.ignore_index, grad)
             else:
                 _loss_and_grad(x, y, ignored, w, ctx.scale, ctx.eps, grad)
         grad = _scale_gradient(ctx, grad, grad_loss, y, ignored)
@@ -174,6 +216,8 @@ def _scale_gradient(ctx, grad: Tensor, grad_loss: Tensor, y: Tensor, ignored: Te
     and `hessian` use with vectorize=True): their product has a batch dimension that the buffer has not."""
     per_row = ctx.reduction == "none"
     batched = is_batched(grad_loss)
+    if ctx.path == "triton" and not batched:  # no host read: the kernel skips the rows whose factor is 1
+        return triton_kernel.scale_rows(grad, y, ctx.ignore_index, grad_loss.detach())
     if not per_row and ctx.divisor is None and grad_loss.is_cpu and not batched:
         value = grad_loss.item()
         if value == 1:  # `loss.backward()` passes 1: skip a pass
@@ -181,9 +225,9 @@ def _scale_gradient(ctx, grad: Tensor, grad_loss: Tensor, y: Tensor, ignored: Te
         if math.isfinite(value):  # ignored rows stay 0 * value = 0
             return grad.mul_(value)
     factor = grad_loss.reshape(-1) if per_row else grad_loss
-    if ctx.divisor is not None:
+    if ctx.divisor is not None and ctx.path == "torch":
         factor = factor / mean_divisor(ctx.divisor)
-    if ctx.scale is None:  # the C kernel's raw ids: the ignored rows are found here, only when needed
+    if ctx.path != "torch":  # the kernels' raw ids: the ignored rows are found here, only when needed
         ignored = y == ctx.ignore_index
     if ignored is not None:
         factor = factor.expand(grad.shape[0]).masked_fill(ignored, 0.0)
@@ -199,10 +243,6 @@ def _loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | Non
     # The gradient's target part w q: (eps/C) w_c on every class, plus (1 - eps) w_y on the true class.
     smooth = (eps / n_classes) * scale if w is None else w * ((eps / n_classes) * scale)
     true_class = (1 - eps) * scale if w is None else w[y] * ((1 - eps) * scale)
-    if _uses_triton(x):
-        # No host reads on a GPU: fixing up the N row losses unconditionally is cheaper than stalling the device.
-        loss = triton_kernel.loss_and_grad(x, y, ignored, w, scale, eps, smooth, true_class, grad)
-        return nan_for_infinite_logits(loss if ignored is None else loss.masked_fill_(ignored, 0.0))
     loss = _blockwise_loss_and_grad(x, y, ignored, w, scale, eps, smooth, true_class, grad)
     if ignored is not None:
         loss.masked_fill_(ignored, 0.0)
@@ -210,7 +250,7 @@ def _loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | Non
 
 
 def _uses_triton(x: Tensor) -> bool:
-    """Whether the Triton kernels take these rows: CUDA, computed in float32 (so not float64)."""
+    """Whether the Triton kernels take these logits: CUDA, computed in float32 (so not float64)."""
     return x.is_cuda and triton_kernel.AVAILABLE and x.dtype != torch.float64
 
 
