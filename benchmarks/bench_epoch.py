@@ -25,6 +25,7 @@ import time
 import warnings
 from functools import partial
 
+import fastai.callback.progress  # noqa: F401  (Learner.no_bar, as `from fastai.vision.all import *` brings it)
 import torch
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner

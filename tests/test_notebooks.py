@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -27,3 +28,20 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     client.execute()
     errors = [out for cell in notebook.cells for out in cell.get("outputs", []) if out.get("output_type") == "error"]
     assert not errors
+
+
+MACHINE_PATH = re.compile(r"(/work/|/root/|/home/|/tmp/|/Users/|/private/var/|[A-Za-z]:\\\\Users)")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebook_shows_its_outputs_and_no_machine_path(path):
+    # Users read the notebooks on GitHub: each is committed with the outputs of a run, every code cell but
+    # imports showing something, none an error, and none naming a folder of the machine it ran on.
+    notebook = nbformat.read(path, as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert sum(bool(cell.outputs) for cell in code) >= len(code) // 2, "run the notebook and commit its outputs"
+    for cell in code:
+        assert all(out.get("output_type") != "error" for out in cell.outputs), cell.source[:80]
+        text = nbformat.writes(nbformat.v4.new_notebook(cells=[cell]))
+        found = MACHINE_PATH.search(text)
+        assert found is None, f"{path.name}: a machine path {found.group(0)!r} in the outputs of {cell.source[:80]!r}"
