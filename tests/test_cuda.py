@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -213,3 +214,37 @@ def test_cuda_backward_of_a_retained_graph_and_a_scaled_loss():
         expected_grad = torch.autograd.grad(expected, xr, torch.full_like(expected, 2.5))[0]
         for got in (first, second):
             torch.testing.assert_close(got.cpu(), expected_grad, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("with_grad", [True, False], ids=["fused", "no grad"])
+def test_cuda_loss_on_a_device_that_is_not_the_current_one(with_grad):
+    # Found in review: Triton launches on the current device, not the tensors' one, so logits on cuda:1 while
+    # cuda:0 is current (a model moved with .to("cuda:1"), no set_device) were refused where F.cross_entropy works.
+    x, y, w = hostile_case(40, 300, weighted=True)
+    with torch.cuda.device(0):
+        got = on("cuda:1", x, y, w, torch.float32, 0.1, "none", with_grad, torch.randn(40))
+    expected = on("cpu", x, y, w, torch.float32, 0.1, "none", with_grad, torch.randn(40))
+    torch.testing.assert_close(got[0].cpu(), expected[0], equal_nan=True, rtol=1e-5, atol=1e-5)
+    if with_grad:
+        torch.testing.assert_close(got[1].cpu(), expected[1], equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_classes", [1, 2, 3])
+@pytest.mark.parametrize("ignore_index", [-100, 0, 2**40, np.int64(-100)], ids=["-100", "0", "2**40", "np.int64"])
+def test_cuda_few_classes_and_any_ignore_index_equal_the_cpu_paths(n_classes, ignore_index):
+    # Compiled, not interpreted: Triton specializes an int argument equal to 1 (one class) into a constant and passes
+    # one outside int32 as int64; a numpy integer ignore_index was refused by its launcher (found in review).
+    gen = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(9, n_classes, generator=gen)
+    y = torch.randint(0, n_classes, (9,), generator=gen)
+    y[::4] = int(ignore_index) if int(ignore_index) != 2**40 else 0
+    g = torch.randn(9, generator=gen)
+    for reduction in ("mean", "none"):
+        results = []
+        for device in ("cuda", "cpu"):
+            xd = x.to(device).requires_grad_()
+            loss = label_smoothing_cross_entropy(xd, y.to(device), 0.1, None, reduction, ignore_index)
+            grad = torch.autograd.grad(loss, xd, g.to(device) if reduction == "none" else None)[0]
+            results.append((loss.detach().cpu(), grad.cpu()))
+        torch.testing.assert_close(results[0], results[1], equal_nan=True, rtol=1e-5, atol=1e-6)

@@ -302,14 +302,14 @@ import torch
 from fastai_ls import label_smoothing_cross_entropy
 from fastai_ls.loss import cpu_kernel, fused, triton_kernel
 
-def run(x, y, w, eps, reduction, with_grad, g, triton):
+def run(x, y, w, eps, reduction, with_grad, g, triton, ignore_index=-100):
     saved = fused._uses_triton, cpu_kernel.AVAILABLE
     if triton:  # CPU tensors through the Triton kernels: the interpreter runs them
         fused._uses_triton, cpu_kernel.AVAILABLE = (lambda x: x.dtype != torch.float64), False
     try:
         x = x.detach().clone().requires_grad_(with_grad)
         with torch.set_grad_enabled(with_grad):
-            loss = label_smoothing_cross_entropy(x, y, eps, w, reduction)
+            loss = label_smoothing_cross_entropy(x, y, eps, w, reduction, ignore_index)
         grad = torch.autograd.grad(loss, x, g if reduction == "none" else g[0])[0] if with_grad else None
         return loss.detach(), grad
     finally:
@@ -373,6 +373,13 @@ for y, w, message in ((torch.tensor([0, 37, 1, 2, 3, 4]), None, "target ids must
             assert message in str(err), err
         else:
             raise AssertionError(f"no error for {y}, {w}")
+# A numpy integer ignore_index passes check_options, but Triton's launcher refused it (found in review: an error
+# on CUDA only, where the CPU paths take it).
+import numpy as np
+y = torch.tensor([0, 5, -100, 7, -100, 3])
+for with_grad in (True, False):
+    got = run(x, y, None, 0.1, "mean", with_grad, torch.ones(1), triton=True, ignore_index=np.int64(-100))
+    torch.testing.assert_close(got, run(x, y, None, 0.1, "mean", with_grad, torch.ones(1), triton=False))
 print(f"triton kernels match in {n_cases} cases")
 """
 

@@ -81,6 +81,7 @@ def label_smoothing_cross_entropy(
     0.3518
     """
     check_options(eps, reduction, smoothing, ignore_index, fused)
+    ignore_index = int(ignore_index)  # a numpy integer passes the check, but Triton's kernels take only Python ints
     check_input(input)
     input = plain(input)
     target = plain(target) if isinstance(target, Tensor) else target

@@ -92,8 +92,13 @@ def _triton_loss(input: Tensor, x: Tensor, t: Tensor, weight: Tensor | None, eps
     None. The check and the loss are queued together; then one host read of the check's counters (the loss's one
     synchronization) raises `check_ids`' errors for bad ids or weights before anything is returned."""
     w = weight_in(weight, torch.float32, input.device)
-    counters, divisor = triton_kernel.check(t, w, input.shape[1], ignore_index)
-    loss = triton_kernel.loss_and_grad(x, t, w, eps, ignore_index, grad, divisor if reduction == "mean" else None)
+    # Triton launches on the current device, not the tensors' one: logits on cuda:1 while cuda:0 is current would be
+    # refused (or read through the wrong context). Backward needs no guard: autograd runs it on the device's thread.
+    # (-1, a no-op, for the CPU tensors that Triton's interpreter runs in the tests.)
+    with torch.cuda.device(x.device.index if x.is_cuda else -1):
+        counters, divisor = triton_kernel.check(t, w, input.shape[1], ignore_index)
+        loss = triton_kernel.loss_and_grad(x, t, w, eps, ignore_index, grad,
+                                           divisor if reduction == "mean" else None)
     if reduction == "none":
         loss = loss.reshape(input.shape[:1] + input.shape[2:])
     elif reduction == "mean" and x.shape[0] == 0:  # no row to carry the kernel's NaN for a zero divisor
