@@ -248,3 +248,16 @@ def test_cuda_few_classes_and_any_ignore_index_equal_the_cpu_paths(n_classes, ig
             grad = torch.autograd.grad(loss, xd, g.to(device) if reduction == "none" else None)[0]
             results.append((loss.detach().cpu(), grad.cpu()))
         torch.testing.assert_close(results[0], results[1], equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_more_rows_than_the_kernels_count_take_the_blockwise_path(monkeypatch):
+    # The Triton kernels launch one program per row and index ids with 32-bit offsets: from MAX_ROWS positions (2**31
+    # in practice; 10 here) the loss takes the blockwise torch path instead of failing at launch.
+    monkeypatch.setattr(triton_kernel, "MAX_ROWS", 10)
+    x, y, w = hostile_case(40, 300, weighted=True)
+    for with_grad in (True, False):
+        got = on("cuda", x, y, w, torch.float32, 0.1, "mean", with_grad)
+        expected = on("cpu", x, y, w, torch.float32, 0.1, "mean", with_grad)
+        torch.testing.assert_close(got[0].cpu(), expected[0], equal_nan=True, rtol=1e-5, atol=1e-5)
+        if with_grad:
+            torch.testing.assert_close(got[1].cpu(), expected[1], equal_nan=True, rtol=1e-5, atol=1e-6)

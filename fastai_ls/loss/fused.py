@@ -255,8 +255,10 @@ def _loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | Non
 
 
 def _uses_triton(x: Tensor) -> bool:
-    """Whether the Triton kernels take these logits: CUDA, computed in float32 (so not float64)."""
-    return x.is_cuda and triton_kernel.AVAILABLE and x.dtype != torch.float64
+    """Whether the Triton kernels take these logits: CUDA, computed in float32 (so not float64), and fewer rows
+    (positions) than the kernels' 32-bit grid and id offsets can count; more go to the blockwise path."""
+    return (x.is_cuda and triton_kernel.AVAILABLE and x.dtype != torch.float64
+            and x.numel() < triton_kernel.MAX_ROWS * max(1, x.shape[1]))
 
 
 def _blockwise_loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None, scale: float,

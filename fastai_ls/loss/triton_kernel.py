@@ -30,9 +30,10 @@ except ImportError:  # the package works without Triton: the blockwise torch pat
 AVAILABLE = triton is not None
 MAX_BLOCK = 4096  # columns per step: large enough to stream, small enough for registers
 CHECK_BLOCK = 1024  # ids (and weights) per program of the check
+MAX_ROWS = 2**31 - CHECK_BLOCK  # one program per row (CUDA's grid), and the check's offsets are 32-bit
 BAD_IDS, BAD_WEIGHTS = 1, 2  # bits of `check`'s flags
 
-__all__ = ["AVAILABLE", "BAD_IDS", "BAD_WEIGHTS", "check", "loss_and_grad", "scale_rows"]
+__all__ = ["AVAILABLE", "BAD_IDS", "BAD_WEIGHTS", "MAX_ROWS", "check", "loss_and_grad", "scale_rows"]
 
 
 def check(t: Tensor, w: Tensor | None, n_classes: int, ignore_index: int) -> tuple[Tensor, Tensor]:
