@@ -257,7 +257,7 @@ def test_cuda_more_rows_than_the_kernels_count_take_the_blockwise_path(monkeypat
     x, y, w = hostile_case(40, 300, weighted=True)
     for with_grad in (True, False):
         got = on("cuda", x, y, w, torch.float32, 0.1, "mean", with_grad)
-        expected = on("cpu", x, y, w, torch.float32, 0.1, "mean", with_grad)
+        expected = on("cpu", x.clone(), y, w, torch.float32, 0.1, "mean", with_grad)  # `on` sets requires_grad
         torch.testing.assert_close(got[0].cpu(), expected[0], equal_nan=True, rtol=1e-5, atol=1e-5)
         if with_grad:
             torch.testing.assert_close(got[1].cpu(), expected[1], equal_nan=True, rtol=1e-5, atol=1e-6)
