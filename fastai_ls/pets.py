@@ -66,8 +66,8 @@ def pets_images(path: str | Path | None = None) -> Path:
     path = Path(path).expanduser()
     images = path / "images" if (path / "images").is_dir() else path
     if not images.is_dir() or not get_image_files(images):
-        raise FileNotFoundError(f"no Pets images in {images}: pass path= the extracted oxford-iiit-pet folder "
-                                f"(holding images/) or its images/ folder")
+        raise FileNotFoundError(f"no Pets images in {images}: pass path= (fastai-ls pets --path) the extracted "
+                                f"oxford-iiit-pet folder (holding images/) or its images/ folder")
     return images
 
 
@@ -86,7 +86,8 @@ def _untar_pets() -> Path:
     except OSError as err:  # offline: no extracted copy, and the archive could not be downloaded
         raise FileNotFoundError(
             f"Oxford-IIIT Pets is not in {expected} and could not be downloaded from {URLs.PETS} ({err}). "
-            "Download and extract that archive there, or pass path= the extracted folder (holding images/)."
+            "Download and extract that archive there, or pass path= (fastai-ls pets --path) the extracted folder "
+            "(holding images/)."
         ) from err
 
 
@@ -338,7 +339,8 @@ def pets_learner(
         where = f"the cache file {cached}" if cached else "torch's cache"
         name = getattr(arch, "__name__", arch)
         raise FileNotFoundError(f"pretrained weights for {name!r} are not in {where} and could not be downloaded "
-                                f"({err}). Put them there, or pass pretrained=False to train from scratch.") from err
+                                f"({err}). Put them there, or pass pretrained=False (fastai-ls pets "
+                                f"--no-pretrained) to train from scratch.") from err
 
 
 def make_pets_like_tree(

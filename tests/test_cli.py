@@ -126,7 +126,8 @@ def test_pets_options_reach_pets_learner(monkeypatch):
     assert make.keywords == dict(path="P", arch="resnet18", pretrained=False, bs=16, presize=300, size=160,
                                  num_workers=0, seed=7)
     assert runs == {"label smoothing 0.2": 0.2}
-    assert kwargs == dict(epochs=2, out="fastai_ls_out", seed=7, methods=list(METHODS), folds=5)
+    # its own default folder: a pets run must not replace the demo's files (found in review)
+    assert kwargs == dict(epochs=2, out="fastai_ls_pets", seed=7, methods=list(METHODS), folds=5)
 
 
 def non_pets_photos(folder):
@@ -173,7 +174,11 @@ def test_missing_pets_offline_is_one_line_with_no_progress_bar_before_it(tmp_pat
     (["demo", "--epochs", "abc"], "fastai-ls demo: error: --epochs: expected a positive integer, got 'abc'"),
     (["demo", "--epochs", "0"], "fastai-ls demo: error: --epochs: expected a positive integer, got '0'"),
     (["demo", "--bs", "2.5"], "fastai-ls demo: error: --bs: expected a positive integer, got '2.5'"),
-    (["demo", "--max-items", "-3"], "fastai-ls demo: error: --max-items: expected a positive integer, got '-3'"),
+    (["demo", "--max-items", "-3"],
+     "fastai-ls demo: error: --max-items: expected an integer of at least 20 (two images of each digit), got '-3'"),
+    # below 20 is a bad option value (status 2), not an error after startup (status 1; found in review)
+    (["demo", "--max-items", "10"],
+     "fastai-ls demo: error: --max-items: expected an integer of at least 20 (two images of each digit), got '10'"),
     (["demo", "--seed", "x"], "fastai-ls demo: error: --seed: expected an integer from 0 to 4294967295, got 'x'"),
     (["demo", "--eps", "1.5"], "fastai-ls demo: error: --eps: expected a number in [0, 1), got '1.5'"),
     (["pets", "--eps", "nan"], "fastai-ls pets: error: --eps: expected a number in [0, 1), got 'nan'"),

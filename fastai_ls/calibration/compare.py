@@ -24,7 +24,7 @@ __all__ = ["compare_calibrators", "cross_fit", "DEFAULT_METHODS", "COLUMNS"]
 DEFAULT_METHODS = tuple(CALIBRATORS)
 # The metrics of `CalibrationState.metrics()` in the table, in order; `error_rate` is 1 - accuracy. With `ci`, the
 # interval columns `<name>_lo`, `<name>_hi` follow their metric (classwise ECE has none).
-COLUMNS = ("error_rate", "ece", "smece", "classwise_ece", "nll", "brier", "aurc")
+COLUMNS = ("error_rate", "ece", "smece", "classwise_ece", "nll", "brier", "aurc", "augrc")
 
 
 class _Softmax(Calibrator):
@@ -137,7 +137,7 @@ def compare_calibrators(
     one fitted on all of them. Deterministic for a seed.
 
     Columns: `error_rate`, `ece` (top-label, `n_bins` equal-width bins), `smece` (smooth ECE), `classwise_ece` (NaN
-    above `CLASSWISE_MAX_CLASSES` classes), `nll`, `brier`, `aurc` (from `CalibrationState`), each but
+    above `CLASSWISE_MAX_CLASSES` classes), `nll`, `brier`, `aurc`, `augrc` (from `CalibrationState`), each but
     `classwise_ece` followed by `<name>_lo` and `<name>_hi` when `ci` is given, then `fit_s` (mean seconds of one
     fit) and `may_change_prediction`. A method whose fits warned gets one `CalibrationWarning` summing them up.
 

@@ -130,6 +130,10 @@ def _positive_int(text: str) -> int:
     return _integer(text, 1, math.inf, "a positive integer")
 
 
+def _digit_count(text: str) -> int:  # two of each of the ten digits: one to train on, one to validate
+    return _integer(text, 20, math.inf, "an integer of at least 20 (two images of each digit)")
+
+
 def _non_negative_int(text: str) -> int:
     return _integer(text, 0, math.inf, "a non-negative integer")
 
@@ -228,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bs", type=_positive_int, default=64, help="batch size (default 64)")
     demo.add_argument("--seed", type=_seed, default=42,
                       help="seed of the split, the label noise, both trainings and the folds (default 42)")
-    demo.add_argument("--max-items", type=_positive_int, default=None,
-                      help="use only this many images, each digit in its share (at least 20; quick runs)")
+    demo.add_argument("--max-items", type=_digit_count, default=None,
+                      help="use only this many images, each digit in its share (at least 20); the training gets "
+                           "quicker, the calibrators' comparison much less so (see --methods)")
     demo.add_argument("--label-noise", type=_eps, default=0.0, metavar="FRACTION",
                       help="replace this share of the training labels by a random wrong digit (seeded); the "
                            "validation labels stay clean (default 0)")
@@ -240,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     pets = commands.add_parser(
         "pets", help="the Oxford-IIIT Pets example (resnet34) with label smoothing",
         description="Train fastai's Oxford-IIIT Pets example with label smoothing (and a cross-entropy baseline "
-                    "with --baseline), print the calibration report and write calibration.csv and reliability.png "
-                    "into --out. Images are named <breed>_<n>.jpg. Offline, pass --path an extracted copy.")
+                    "with --baseline), print the calibration report, compare post-hoc calibrators, and write the "
+                    "tables (calibration.csv, calibrators.csv, differences.csv) and reliability diagrams (PNG) into "
+                    "--out. Images are named <breed>_<n>.jpg. Offline, pass --path an extracted copy.")
     pets.add_argument("--path", type=_path, default=None, help="extracted Pets folder or its images/ (default: "
                       "untar_data(URLs.PETS), ~/.fastai/data/oxford-iiit-pet)")
     pets.add_argument("--epochs", type=_positive_int, default=4, help="fit_one_cycle epochs (default 4)")
@@ -258,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     pets.add_argument("--seed", type=_seed, default=42, help="seed of the split and of training (default 42)")
     pets.add_argument("--baseline", action="store_true", help="also train a cross-entropy baseline and compare")
     _calibration_options(pets)
-    pets.add_argument("--out", type=_path, default="fastai_ls_out", help="output folder (default ./fastai_ls_out)")
+    pets.add_argument("--out", type=_path, default="fastai_ls_pets", help="output folder (default ./fastai_ls_pets)")
     pets.set_defaults(run=_pets)
 
     calibrate = commands.add_parser(
