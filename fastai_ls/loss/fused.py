@@ -57,8 +57,8 @@ def fused_cross_entropy(input: Tensor, t: Tensor, eps: float, weight: Tensor | N
     if cpu_kernel.accepts(input):  # the kernel also finds the ignored rows and the 'mean' divisor itself
         w = weight_in(weight, torch.float32, input.device)
         return _FusedCrossEntropy.apply(input, t, None, w, C_KERNEL, eps, reduction, ignore_index)
-    if _uses_triton(input):  # weights are checked and converted in forward
-        return _FusedCrossEntropy.apply(input, t, None, weight, TRITON, eps, reduction, ignore_index)
+    if _uses_triton(input):  # weights are checked and converted in forward; backward's kernel reads the ids too
+        return _FusedCrossEntropy.apply(input, t.contiguous(), None, weight, TRITON, eps, reduction, ignore_index)
     w, y, ignored, divisor = _checked_targets(input, t, weight, ignore_index)
     return _FusedCrossEntropy.apply(input, y, ignored, w, divisor, eps, reduction, ignore_index)
 
@@ -91,7 +91,11 @@ def _triton_loss(input: Tensor, x: Tensor, t: Tensor, weight: Tensor | None, eps
     """The loss of `input` (its rows `x`) from the Triton kernels, and its gradient written into `grad` unless
     None. The check and the loss are queued together; then one host read of the check's counters (the loss's one
     synchronization) raises `check_ids`' errors for bad ids or weights before anything is returned."""
+    # The kernels index the ids and weights with unit stride: a column of a 2-D target, or a strided or expanded
+    # weight, would be read wrong (and past its end) without a contiguous copy, made once here for both kernels.
+    t = t.contiguous()
     w = weight_in(weight, torch.float32, input.device)
+    w = None if w is None else w.contiguous()
     # Triton launches on the current device, not the tensors' one: logits on cuda:1 while cuda:0 is current would be
     # refused (or read through the wrong context). Backward needs no guard: autograd runs it on the device's thread.
     # (-1, a no-op, for the CPU tensors that Triton's interpreter runs in the tests.)
@@ -100,7 +104,7 @@ def _triton_loss(input: Tensor, x: Tensor, t: Tensor, weight: Tensor | None, eps
         loss = triton_kernel.loss_and_grad(x, t, w, eps, ignore_index, grad,
                                            divisor if reduction == "mean" else None)
     if reduction == "none":
-        loss = loss.reshape(input.shape[:1] + input.shape[2:])
+        loss = _per_position(loss, input.shape)
     elif reduction == "mean" and x.shape[0] == 0:  # no row to carry the kernel's NaN for a zero divisor
         loss = torch.full((), math.nan, device=x.device)
     else:
@@ -118,9 +122,9 @@ def _raise_if_flagged(counters: Tensor, t: Tensor, n_classes: int, ignore_index:
 
 
 def _checked_targets(input: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int):
-    """For the torch and Triton paths: the weights in the compute dtype, and `kept_targets`' ids, ignored-row mask
-    and 'mean' divisor, after checking the weights' and ids' values (one host read for both; on a GPU the only
-    synchronization of the loss, forward and backward)."""
+    """For the blockwise torch path: the weights in the compute dtype, and `kept_targets`' ids, ignored-row mask
+    and 'mean' divisor, after checking the weights' and ids' values (one host read for both; on a GPU, for float64
+    logits or without Triton, the only synchronization of the loss, forward and backward)."""
     id_range = check_ids(t, input.shape[1], ignore_index, weight)
     dtype = compute_dtype(input.dtype)
     w = weight_in(weight, dtype, input.device)

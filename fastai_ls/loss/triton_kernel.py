@@ -37,12 +37,11 @@ __all__ = ["AVAILABLE", "BAD_IDS", "BAD_WEIGHTS", "MAX_ROWS", "check", "loss_and
 
 
 def check(t: Tensor, w: Tensor | None, n_classes: int, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Launches the check of int64 ids `t` (and float32 weights `w`) and returns, on the device, without waiting:
+    """Launches the check of contiguous int64 ids `t` (and float32 weights `w`, contiguous) and returns, on the
+    device, without waiting:
     the counters (int64: the flags, `BAD_IDS` for an id neither in [0, n_classes) nor `ignore_index` and
     `BAD_WEIGHTS` for a negative or non-finite weight; then the number of kept rows) and the 'mean' divisor (a 0-d
     view of that count, or with weights the sum of the kept rows' weights)."""
-    t = t if t.is_contiguous() else t.contiguous()  # unit strides, as in `loss_and_grad`
-    w = w if w is None or w.is_contiguous() else w.contiguous()
     n_programs = max(1, triton.cdiv(t.numel(), CHECK_BLOCK), triton.cdiv(n_classes, CHECK_BLOCK) if w is not None
                      else 0)
     # One program (a batch of up to CHECK_BLOCK ids) stores its counts; several add theirs to zeroed counters.
@@ -56,7 +55,8 @@ def check(t: Tensor, w: Tensor | None, n_classes: int, ignore_index: int) -> tup
 
 def loss_and_grad(x: Tensor, t: Tensor, w: Tensor | None, eps: float, ignore_index: int, grad: Tensor | None,
                   divisor: Tensor | None = None) -> Tensor:
-    """Per-row float32 losses of `x` (M, C) against int64 ids `t`, ignored rows 0, a row's +-inf loss NaN; with a
+    """Per-row float32 losses of `x` (M, C) against contiguous int64 ids `t` (contiguous float32 weights `w`),
+    ignored rows 0, a row's +-inf loss NaN; with a
     `divisor` (0-d, on the device: 'mean') each divided by it, so that their sum is the mean (NaN where the divisor
     is not positive, as PyTorch's). With `grad` (contiguous, M x C) writes the gradient of their sum into it.
 
@@ -66,32 +66,34 @@ def loss_and_grad(x: Tensor, t: Tensor, w: Tensor | None, eps: float, ignore_ind
     loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:  # no program to launch
         return loss
-    # The kernels walk each row, the ids and the weights with unit stride: a column of a 2-D target, or a strided
-    # or expanded weight, would be read wrong (and past its end) without a contiguous copy.
-    x = x if x.stride(1) == 1 else x.contiguous()
-    t = t if t.is_contiguous() else t.contiguous()
-    w = w if w is None or w.is_contiguous() else w.contiguous()
-    block = min(MAX_BLOCK, triton.next_power_of_2(n_classes))
+    x = x if x.stride(1) == 1 else x.contiguous()  # the kernel walks each row with unit stride
+    block, num_warps = _launch_shape(n_classes)
     _loss_kernel[(n_rows,)](
         x, t, loss if w is None else w, loss, x if grad is None else grad, loss if divisor is None else divisor,
         x.stride(0), 0 if grad is None else grad.stride(0), n_classes, ignore_index, float(eps),
         HAS_WEIGHT=w is not None, SMOOTH=eps != 0, WRITE_GRAD=grad is not None, HAS_DIVISOR=divisor is not None,
-        SINGLE_BLOCK=n_classes <= block, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+        SINGLE_BLOCK=n_classes <= block, BLOCK=block, num_warps=num_warps)
     return loss
 
 
 def scale_rows(grad: Tensor, t: Tensor, ignore_index: int, factor: Tensor) -> Tensor:
-    """`grad` (M, C, contiguous) times `factor` (0-d, or one per row) in place; rows whose factor is 1 are not
-    touched, ignored rows stay 0 whatever their factor (a NaN must not turn their zeros into NaN)."""
+    """`grad` (M, C, contiguous) times `factor` (0-d, or one per row) in place, `t` the contiguous ids; rows whose
+    factor is 1 are not touched, ignored rows stay 0 whatever their factor (a NaN must not turn their zeros into
+    NaN)."""
     n_rows, n_classes = grad.shape
     if n_rows == 0:
         return grad
     factor = factor.reshape(-1)  # 0-d: one element; per row: a view where possible (an expanded 1 has stride 0)
-    t = t if t.is_contiguous() else t.contiguous()
-    block = min(MAX_BLOCK, triton.next_power_of_2(n_classes))
+    block, num_warps = _launch_shape(n_classes)
     _scale_kernel[(n_rows,)](grad, t, factor, grad.stride(0), factor.stride(0) if factor.numel() > 1 else 0,
-                             n_classes, ignore_index, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+                             n_classes, ignore_index, BLOCK=block, num_warps=num_warps)
     return grad
+
+
+def _launch_shape(n_classes: int) -> tuple[int, int]:
+    """Columns per step and warps per program of the row kernels."""
+    block = min(MAX_BLOCK, triton.next_power_of_2(n_classes))
+    return block, 8 if block >= 2048 else 4
 
 
 if AVAILABLE:
