@@ -6,7 +6,6 @@ test_loss_hostile_inputs.py); here the GPU's loss and gradient must equal theirs
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import numpy as np
@@ -118,16 +117,6 @@ def test_cuda_strided_ids_and_weights_equal_the_cpu_paths(with_grad):
         torch.testing.assert_close(got[0].cpu(), expected[0], equal_nan=True, rtol=1e-5, atol=1e-5)
         if with_grad:
             torch.testing.assert_close(got[1].cpu(), expected[1], equal_nan=True, rtol=1e-5, atol=1e-6)
-
-
-@contextlib.contextmanager
-def synchronization_is_an_error():
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

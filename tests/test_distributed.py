@@ -183,9 +183,10 @@ def test_a_rank_whose_peer_stays_alive_fails_after_the_timeout_not_30_minutes(tm
     assert float(seconds) < 60, seconds  # 2 s of timeout (measured: 2.1 s), plus the start of DDP
 
 
-@pytest.mark.parametrize("timeout, expected", [(2.5, timedelta(seconds=2.5)), (timedelta(minutes=3),
-                                                                                 timedelta(minutes=3)), (None, None)])
-def test_setup_distrib_starts_the_process_group_with_the_timeout(monkeypatch, timeout, expected):
+@pytest.fixture
+def group_started(monkeypatch):
+    """`setup_distrib` as two CPU processes would see it, with the process group's start recorded (its keyword
+    arguments, in the dict returned) instead of made."""
     import fastai_ls.distributed as distributed
 
     started = {}
@@ -194,6 +195,15 @@ def test_setup_distrib_starts_the_process_group_with_the_timeout(monkeypatch, ti
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: started.update(kwargs))
     monkeypatch.setattr(distributed.atexit, "register", lambda func: None)
     monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    return started
+
+
+@pytest.mark.parametrize("timeout, expected", [(2.5, timedelta(seconds=2.5)), (timedelta(minutes=3),
+                                                                                 timedelta(minutes=3)), (None, None)])
+def test_setup_distrib_starts_the_process_group_with_the_timeout(group_started, timeout, expected):
+    import fastai_ls.distributed as distributed
+
+    started = group_started
     assert distributed.setup_distrib(timeout=timeout)
     assert started == {"backend": "gloo", "init_method": "env://", "timeout": expected}
 
@@ -214,16 +224,11 @@ def test_a_timeout_that_is_no_positive_finite_duration_raises_a_clear_error(monk
 
 
 @pytest.mark.parametrize("timeout, seconds", [(np.int64(5), 5), (np.float32(2.5), 2.5), (Fraction(1, 2), 0.5)])
-def test_a_timeout_may_be_any_real_number_of_seconds(monkeypatch, timeout, seconds):
+def test_a_timeout_may_be_any_real_number_of_seconds(group_started, timeout, seconds):
     # Found in review: np.int64(5) was refused as "not a positive number of seconds".
     import fastai_ls.distributed as distributed
 
-    started = {}
-    monkeypatch.setattr(distributed, "num_distrib", lambda: 2)
-    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: started.update(kwargs))
-    monkeypatch.setattr(distributed.atexit, "register", lambda func: None)
-    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    started = group_started
     assert distributed.setup_distrib(timeout=timeout)
     assert started["timeout"] == timedelta(seconds=seconds)
 
