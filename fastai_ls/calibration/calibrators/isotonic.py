@@ -49,9 +49,16 @@ class IsotonicCurve:
         unique_x, start = np.unique(x, return_index=True)
         count = np.diff(np.append(start, len(x))).astype(np.float64)
         total = np.add.reduceat(y, start)
+        # A block of the solution can only end where the next score's mean outcome is higher (the last score of a
+        # block is at most its mean, the first of the next at least that one's, which is higher): each maximal run
+        # of non-increasing means lies within one block, and is pooled before the stack loop, which then runs
+        # once per rise (at most once per positive outcome) rather than once per score.
+        rises = np.flatnonzero(total[1:] * count[:-1] > total[:-1] * count[1:]) + 1
+        run_start = np.concatenate([[0], rises])
         # Blocks as parallel stacks: sum of outcomes, number of rows, index of the first unique score.
         sums, sizes, firsts = [], [], []
-        for i, (s, n) in enumerate(zip(total.tolist(), count.tolist())):
+        for i, s, n in zip(run_start.tolist(), np.add.reduceat(total, run_start).tolist(),
+                           np.add.reduceat(count, run_start).tolist()):
             sums.append(s)
             sizes.append(n)
             firsts.append(i)
