@@ -188,8 +188,11 @@ class TemperatureScaling(Calibrator):
         low, high = self.bounds
         z_target = z.gather(1, y[:, None]).squeeze(1)
         left, right = 1 / high, 1 / low  # the bracket of beta = 1 / T
+        beta = min(max(1.0, left), right)
+        slope, curvature = _temperature_moments(z, z_target, beta)
+        # Only the bound on the side of the minimum is checked (one pass, not two).
         self.at_bound = True
-        if _temperature_moments(z, z_target, left)[0] >= 0:
+        if slope > 0 and _temperature_moments(z, z_target, left)[0] >= 0:
             self.temperature = high
             warnings.warn(
                 f"temperature: the held-out NLL is lowest at T >= {high:g}, the bound where T is kept. Such a T "
@@ -197,7 +200,7 @@ class TemperatureScaling(Calibrator):
                 "targets (a model that never learned these classes, held-out rows from elsewhere, or targets that "
                 "do not match the model's outputs)", CalibrationWarning, stacklevel=3)
             return
-        if _temperature_moments(z, z_target, right)[0] <= 0:
+        if slope < 0 and _temperature_moments(z, z_target, right)[0] <= 0:
             self.temperature = low
             warnings.warn(
                 f"temperature: the held-out NLL is lowest at T <= {low:g}, the bound where T is kept. Such a T "
@@ -205,9 +208,9 @@ class TemperatureScaling(Calibrator):
                 "so these rows cannot say how confident it should be (too few, too easy, or seen in training)",
                 CalibrationWarning, stacklevel=3)
             return
-        beta = min(max(1.0, left), right)
-        for _ in range(self.max_iter):
-            slope, curvature = _temperature_moments(z, z_target, beta)
+        for step_number in range(self.max_iter):
+            if step_number:
+                slope, curvature = _temperature_moments(z, z_target, beta)
             if slope == 0:
                 break
             left, right = (beta, right) if slope < 0 else (left, beta)
