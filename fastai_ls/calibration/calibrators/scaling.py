@@ -27,6 +27,8 @@ BLOCK_ELEMENTS = 2**22
 # FLOAT64_REFINE iterations) from there.
 FLOAT32_FIRST = 2**18
 FLOAT64_REFINE = 10
+# Rows of the sample that gives the temperature's Newton steps their start.
+TEMPERATURE_SAMPLE = 4096
 # Log-probabilities are kept above log(float64's smallest normal number), so that a weight times a feature stays
 # finite when a probability underflows to 0 (a -inf log).
 LOG_FLOOR = math.log(torch.finfo(torch.float64).tiny)
@@ -51,12 +53,12 @@ def _scaled_softmax(z: Tensor, linear: Callable[[Tensor], Tensor], bias: Tensor 
 
 
 def _minimise(params: list[Tensor], objective: Callable[[], Tensor], max_iter: int,
-              tolerance_grad: float = 1e-9) -> None:
+              tolerance_grad: float = 1e-9, tolerance_change: float = 1e-12) -> None:
     """Minimise `objective()` over `params` (leaf tensors, updated in place) with LBFGS and a strong-Wolfe search,
     keeping 10 steps of history (memory: 20 copies of the parameters), until no gradient entry exceeds
-    `tolerance_grad`."""
+    `tolerance_grad` or a step changes the loss by less than `tolerance_change`."""
     optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=tolerance_grad,
-                                  tolerance_change=1e-12, history_size=10, line_search_fn="strong_wolfe")
+                                  tolerance_change=tolerance_change, history_size=10, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         optimizer.zero_grad()
@@ -79,7 +81,8 @@ def _fit_parameters(loss: Callable[[list[Tensor], Tensor, Tensor], Tensor], star
     if work > FLOAT32_FIRST and x.dtype == torch.float64:
         x32 = x.float()
         single = [t.float().requires_grad_() for t in params]
-        _minimise(single, lambda: loss(single, x32, y), max_iter, tolerance_grad=1e-5)
+        # float32 resolves a loss of a few nats to about 1e-6: smaller changes are rounding
+        _minimise(single, lambda: loss(single, x32, y), max_iter, tolerance_grad=1e-5, tolerance_change=1e-6)
         params = [t.detach().double() for t in single]
         max_iter, tolerance_grad = min(max_iter, FLOAT64_REFINE), 1e-5
     double = [t.requires_grad_() for t in params]
@@ -113,8 +116,9 @@ class TemperatureScaling(Calibrator):
 
     The NLL is convex in beta = 1/T, so its minimum within `bounds` is found by safeguarded Newton steps on its
     derivative (the curvature is the mean variance of the logits under p): each step is one pass over the logits,
-    a step that would leave the bracket around the minimum bisects it instead, and a handful of passes reach the
-    minimum to 1e-10 (Guo et al. run LBFGS on the same NLL; a gradient method stalls where the NLL flattens out).
+    a step that would leave the bracket around the minimum bisects it instead, and the steps start from the minimum
+    of a seeded sample of 4096 rows, so that a few passes over all rows reach it to 1e-9 (Guo et al. run LBFGS on
+    the same NLL; a gradient method stalls where the NLL flattens out).
     When the minimum lies at or beyond a bound, the fit is degenerate: T is kept at the bound (`at_bound`) and a
     `CalibrationWarning` says which case it is.
 
@@ -187,41 +191,51 @@ class TemperatureScaling(Calibrator):
             return
         low, high = self.bounds
         z_target = z.gather(1, y[:, None]).squeeze(1)
-        left, right = 1 / high, 1 / low  # the bracket of beta = 1 / T
-        beta = min(max(1.0, left), right)
-        slope, curvature = _temperature_moments(z, z_target, beta)
-        # Only the bound on the side of the minimum is checked (one pass, not two).
-        self.at_bound = True
-        if slope > 0 and _temperature_moments(z, z_target, left)[0] >= 0:
-            self.temperature = high
+        beta = min(max(1.0, 1 / high), 1 / low)
+        if len(z) > TEMPERATURE_SAMPLE:
+            # A start from a seeded sample of the rows: Newton's steps on all rows then start next to the minimum.
+            generator = torch.Generator().manual_seed(0)
+            rows = torch.randperm(len(z), generator=generator)[:TEMPERATURE_SAMPLE].to(z.device)
+            beta = self._solve(z[rows], z_target[rows], beta)[0]
+        beta, bound = self._solve(z, z_target, beta)
+        self.temperature, self.at_bound = 1 / beta, bound is not None
+        if bound == "high":
             warnings.warn(
                 f"temperature: the held-out NLL is lowest at T >= {high:g}, the bound where T is kept. Such a T "
                 "makes every prediction nearly uniform: the logits carry almost no information about these "
                 "targets (a model that never learned these classes, held-out rows from elsewhere, or targets that "
                 "do not match the model's outputs)", CalibrationWarning, stacklevel=3)
-            return
-        if slope < 0 and _temperature_moments(z, z_target, right)[0] <= 0:
-            self.temperature = low
+        elif bound == "low":
             warnings.warn(
                 f"temperature: the held-out NLL is lowest at T <= {low:g}, the bound where T is kept. Such a T "
                 "makes every prediction certain: the model is right with a margin on (almost) every held-out row, "
                 "so these rows cannot say how confident it should be (too few, too easy, or seen in training)",
                 CalibrationWarning, stacklevel=3)
-            return
+
+    def _solve(self, z: Tensor, z_target: Tensor, beta: float) -> tuple[float, str | None]:
+        """(beta, bound): the minimum of the NLL in beta = 1 / T from `beta`, and 'low' or 'high' when it lies at
+        or beyond that bound of T (only the bound on the side of the minimum is checked: one pass, not two; Newton's
+        steps towards a minimum beyond a bound would creep there until the slope rounds to 0)."""
+        low, high = self.bounds
+        left, right = 1 / high, 1 / low  # the bracket of the minimum
+        slope, curvature = _temperature_moments(z, z_target, beta)
+        if slope > 0 and _temperature_moments(z, z_target, left)[0] >= 0:
+            return left, "high"
+        if slope < 0 and _temperature_moments(z, z_target, right)[0] <= 0:
+            return right, "low"
         for step_number in range(self.max_iter):
             if step_number:
                 slope, curvature = _temperature_moments(z, z_target, beta)
             if slope == 0:
-                break
+                return beta, None
             left, right = (beta, right) if slope < 0 else (left, beta)
             step = beta - slope / curvature if curvature > 0 else math.nan
-            beta_next = step if left < step < right else math.sqrt(left * right)
-            if abs(beta_next - beta) <= 1e-10 * beta or right - left <= 1e-12 * right:
-                beta = beta_next
-                break
-            beta = beta_next
-        self.temperature = 1 / beta
-        self.at_bound = False
+            if not left < step < right:
+                step = math.sqrt(left * right)
+            if abs(step - beta) <= 1e-9 * beta or right - left <= 1e-9 * right:
+                return step, None
+            beta = step
+        return beta, None
 
     def _probs(self, z: Tensor) -> Tensor:
         return _scaled_softmax(z, lambda x: x / self.temperature)
@@ -250,7 +264,7 @@ class VectorScaling(Calibrator):
 
     Multiclass form: full, p = softmax(w * z + b) with a weight w_k and a bias b_k per class, fitted by the mean NLL
     of held-out rows, unregularised as in the paper. LBFGS starts from the fitted temperature (w = 1 / T, b = 0),
-    so the fit is never worse on its rows than temperature scaling; large problems (more than 2^20 logits) are
+    so the fit is never worse on its rows than temperature scaling; large problems (more than 2^18 logits) are
     solved in float32 first and refined in float64. It may change the predicted class (per-class weights and
     biases reorder the logits).
 
