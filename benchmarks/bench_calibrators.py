@@ -13,7 +13,7 @@ the first 80% of the rows and scored on the other 20%.
     python benchmarks/bench_calibrators.py                                  # all sizes, all methods
     python benchmarks/bench_calibrators.py --sizes 10000x100 --methods temperature,vector --previous
     python benchmarks/bench_calibrators.py --sizes 10000x100 --compare      # 5 folds with intervals
-    python benchmarks/bench_calibrators.py --sizes 50000x1000 --compare --ci none
+    python benchmarks/bench_calibrators.py --sizes 50000x1000 --compare-only --ci none
 
 The previous solvers take minutes per fit at 100 classes (matrix, Dirichlet: 6 strengths x 3 folds x 500 LBFGS
 iterations) and hours at 1,000: `--previous` runs them up to `--previous-max-classes` (default 10; isotonic's
@@ -202,7 +202,7 @@ def bench_size(n: int, n_classes: int, methods: list[str], args, device: torch.d
               f"{'prev ECE':>10}{'speed-up':>10}")
     print(header)
     print("-" * len(header))
-    for method in methods:
+    for method in methods if not args.compare_only else []:
         ours = time_ours(method, z, y, z_test, y_test, device)
         if "skipped" in ours:
             print(f"{method:<20}skipped: {ours['skipped']}")
@@ -215,7 +215,7 @@ def bench_size(n: int, n_classes: int, methods: list[str], args, device: torch.d
         print(f"{method:<20}{ours['fit_s']:>9.2f}{ours['apply_s']:>9.2f}{ours['nll']:>9.4f}{ours['ece']:>9.4f}   |"
               f"{fmt(previous.get('fit_s'), '11.2f'):>11}{fmt(previous.get('nll'), '10.4f'):>10}"
               f"{fmt(previous.get('ece'), '10.4f'):>10}{fmt(speed_up, '9.1f') + ('x' if speed_up else ''):>10}")
-    if args.compare:
+    if args.compare or args.compare_only:
         ci = None if args.ci == "none" else float(args.ci)
         start = time.perf_counter()
         with warnings.catch_warnings():
@@ -236,6 +236,7 @@ def main() -> None:
     parser.add_argument("--previous-max-classes", type=int, default=10,
                         help="the most classes the previous matrix/Dirichlet solvers run at (default: %(default)s)")
     parser.add_argument("--compare", action="store_true", help="also time compare_calibrators on all rows")
+    parser.add_argument("--compare-only", action="store_true", help="time compare_calibrators only")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--ci", default="0.95", help="interval level of --compare, or 'none' (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
