@@ -326,7 +326,7 @@ def test_a_progress_bar_runs_over_methods_times_folds_unless_asked_not_to(monkey
                 self.comments.append(self.comment)
 
     monkeypatch.setattr(compare, "progress_bar", Bar)
-    monkeypatch.setattr(compare, "printing", lambda: True)
+    monkeypatch.setattr(compare, "_bar_visible", lambda: True)
     logits, target = over_confident(300, seed=25)
     table = compare_calibrators(logits, target, methods=["temperature", "histogram"], folds=3, ci=None)
     assert len(bars) == 1 and list(bars[0]) == [(m, f) for m in ("temperature", "histogram") for f in range(3)]

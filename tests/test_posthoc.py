@@ -377,7 +377,7 @@ def test_the_learner_level_comparison_shows_its_progress_bar_only_where_the_lear
             shown.append(len(jobs))
 
     monkeypatch.setattr(compare, "progress_bar", Bar)
-    monkeypatch.setattr(compare, "printing", lambda: True)
+    monkeypatch.setattr(compare, "_bar_visible", lambda: True)
     learn = logit_learner(sharpen=2.5, seed=41)
     with learn.no_bar():
         compare_calibrators(learn, methods=["temperature"], folds=3, ci=None)

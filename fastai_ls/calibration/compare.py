@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 
+import fastprogress.fastprogress as fastprogress
 import numpy as np
 import pandas as pd
 import torch
-from fastprogress.fastprogress import printing, progress_bar
+from fastprogress.fastprogress import progress_bar
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, Calibrator, get_calibrator
@@ -130,6 +132,12 @@ def _score(probs: Tensor, target: Tensor, n_bins: int, ci: float | None, n_boot:
     return {key: metrics[key] for name in COLUMNS for key in (name, f"{name}_lo", f"{name}_hi") if key in metrics}
 
 
+def _bar_visible() -> bool:
+    """Whether a progress bar would be seen: in a notebook or a terminal, unless fastprogress's bars are off
+    (fastprogress's own test counts any stdout, so a bar would fill a log file or a pipe)."""
+    return not fastprogress.NO_BAR and (fastprogress.IN_NOTEBOOK or sys.stdout.isatty())
+
+
 def _check_not_probabilities(logits: Tensor) -> None:
     """A ValueError naming probabilities when every row of `logits` is non-negative and sums to 1."""
     if bool((logits >= 0).all()) and bool(((logits.double().sum(1) - 1).abs() <= PROBABILITY_SUM_TOLERANCE).all()):
@@ -203,8 +211,8 @@ def compare_calibrators(
     n_boot : int
         Bootstrap replicates per row of the table.
     progress : bool
-        Show a progress bar (fastprogress, as fastai's) over the fits, methods x folds, where fastai would show
-        one (a terminal or a notebook).
+        Show a progress bar (fastprogress, as fastai's) over the fits, methods x folds, in a notebook or a
+        terminal (not into a pipe or a file).
 
     >>> _ = torch.manual_seed(0); z = torch.randn(600, 3); y = torch.distributions.Categorical(logits=z).sample()
     >>> table = compare_calibrators(3 * z, y, methods=["temperature"], folds=3, progress=False)
@@ -240,7 +248,7 @@ def compare_calibrators(
     score = dict(n_bins=n_bins, ci=ci, n_boot=n_boot, seed=seed)
     rows = {"uncalibrated": _row(_Softmax()(logits), target, score, [0.0], False)}
     jobs = [(label, fold) for label in templates if label not in skipped for fold in range(folds)]
-    bar = progress_bar(jobs, leave=False) if progress and jobs and printing() else None
+    bar = progress_bar(jobs, leave=False) if progress and jobs and _bar_visible() else None
     probs, seconds, caught = None, [], []
     for label, fold in bar if bar is not None else jobs:
         template = templates[label]
