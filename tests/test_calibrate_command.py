@@ -336,6 +336,19 @@ def test_declared_shapes_are_checked_before_any_data_is_decompressed(tmp_path, c
     assert spy.shapes == []
 
 
+def test_arrays_larger_than_the_memory_are_refused_from_their_headers(tmp_path, capsys, monkeypatch):
+    import fastai_ls.cli.calibrate
+
+    logits, targets = over_confident(100)
+    np.savez(tmp_path / "p.npz", logits=logits, targets=targets)
+    spy = ReadSpy(monkeypatch)
+    monkeypatch.setattr(fastai_ls.cli.calibrate, "_physical_memory", lambda: 1024)
+    err = one_error_line(["calibrate", str(tmp_path / "p.npz")], capsys)
+    assert err == f"fastai-ls: error: {tmp_path / 'p.npz'} declares 2,400 bytes of arrays ('logits' (100, 4) " \
+        "float32), more than this machine's 1,024 bytes of memory\n"
+    assert spy.shapes == []
+
+
 def test_an_archive_of_many_arrays_gives_a_short_error(tmp_path, capsys):
     # 20,000 members gave a ~200 KB "one-line" error listing every name.
     data = npy_bytes(np.zeros(1))

@@ -145,8 +145,13 @@ def _check_declared(path: Path, source: str, scores: tuple[tuple, np.dtype], tar
     memory = _physical_memory()
     declared = math.prod(shape) * dtype.itemsize + n * target_dtype.itemsize
     if memory is not None and declared > memory:
-        raise MemoryError(f"{path} declares {declared / 2**30:.1f} GiB of arrays ('{source}' {shape} {dtype}), more "
-                          f"than this machine's {memory / 2**30:.1f} GiB of memory")
+        raise ValueError(f"{path} declares {_size(declared)} of arrays ('{source}' {shape} {dtype}), more than this "
+                         f"machine's {_size(memory)} of memory")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else \
+        f"{nbytes:,} bytes"
 
 
 def _physical_memory() -> int | None:

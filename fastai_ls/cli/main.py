@@ -323,9 +323,13 @@ INTERRUPTED = "\nfastai-ls: interrupted\n"
 _OUT_OF_MEMORY = re.compile(r"out of memory|not enough memory|can't allocate memory|failed to allocate", re.IGNORECASE)
 
 
+_main_pid = None  # the process that runs the command: DataLoader workers inherit its handler
+
+
 def _exit_interrupted(signum, frame) -> None:
-    sys.stderr.write(INTERRUPTED)
-    sys.stderr.flush()
+    if os.getpid() == _main_pid:
+        sys.stderr.write(INTERRUPTED)
+        sys.stderr.flush()
     os._exit(130)
 
 
@@ -342,6 +346,8 @@ def _sigint_handler():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _main_pid
+    _main_pid = os.getpid()
     previous = signal.signal(signal.SIGINT, _interrupt)
     try:
         yield
