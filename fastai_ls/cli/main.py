@@ -189,9 +189,8 @@ def _calibration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=_folds, default=5, help="cross-fitting folds (default 5)")
 
 
-def _output_options(parser: argparse.ArgumentParser, written: str) -> None:
-    parser.add_argument("--force", action="store_true",
-                        help=f"replace {written} if it exists (default: refuse, before anything runs)")
+def _output_options(parser: argparse.ArgumentParser, force_help: str) -> None:
+    parser.add_argument("--force", action="store_true", help=force_help)
     parser.add_argument("--quiet", action="store_true", help="no progress bars (the tables are printed as usual)")
 
 
@@ -272,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "validation labels stay clean (default 0)")
     _calibration_options(demo)
     demo.add_argument("--out", type=_path, default="fastai_ls_out", help="output folder (default ./fastai_ls_out)")
-    _output_options(demo, "the report's files in --out")
+    _output_options(demo, "replace the files of an earlier report in --out (default: refused, before any training)")
     demo.set_defaults(run=_demo)
 
     pets = commands.add_parser(
@@ -298,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     pets.add_argument("--baseline", action="store_true", help="also train a cross-entropy baseline and compare")
     _calibration_options(pets)
     pets.add_argument("--out", type=_path, default="fastai_ls_pets", help="output folder (default ./fastai_ls_pets)")
-    _output_options(pets, "the report's files in --out")
+    _output_options(pets, "replace the files of an earlier report in --out (default: refused, before any training)")
     pets.set_defaults(run=_pets)
 
     calibrate = commands.add_parser(
@@ -313,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--seed", type=_seed, default=0, help="seed of the folds and intervals (default 0)")
     calibrate.add_argument("--out", type=_path, default=None, metavar="FILE.csv",
                            help="also write the table to this CSV file (never the predictions file itself)")
-    _output_options(calibrate, "the --out file")
+    _output_options(calibrate, "replace the --out file if it exists (default: refused, before the comparison)")
     calibrate.set_defaults(run=_calibrate)
     return parser
 
