@@ -466,7 +466,7 @@ class Flushed(io.StringIO):
 
 
 def test_what_is_known_before_the_comparison_is_printed_before_it(tmp_path, monkeypatch):
-    # The header waited for the comparison, and nothing was flushed before the end.
+    # The explanation waited for the comparison; what is printed before it is flushed, for a pipe or a log.
     logits, targets = over_confident()
     np.savez(tmp_path / "p.npz", logits=logits, targets=targets)
     stdout = Flushed()
