@@ -382,6 +382,11 @@ def test_a_fifo_is_refused_at_once_instead_of_blocking(tmp_path, capsys):
     finally:
         finished.set()
     assert f"{fifo} is a FIFO (named pipe), not an .npz file" in err
+    # as --out, it would have blocked when the table was written, after the comparison
+    logits, targets = over_confident(100)
+    np.savez(tmp_path / "q.npz", logits=logits, targets=targets)
+    err = one_error_line(["calibrate", str(tmp_path / "q.npz"), "--out", str(fifo), "--force"], capsys)
+    assert f"cannot write {fifo}: it is not a regular file" in err
 
 
 def test_running_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
