@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 import fastai_ls
@@ -127,7 +129,8 @@ def test_pets_options_reach_pets_learner(monkeypatch):
                                  num_workers=0, seed=7)
     assert runs == {"label smoothing 0.2": 0.2}
     # its own default folder: a pets run must not replace the demo's files (found in review)
-    assert kwargs == dict(epochs=2, out="fastai_ls_pets", seed=7, methods=list(METHODS), folds=5)
+    assert kwargs == dict(epochs=2, out="fastai_ls_pets", seed=7, methods=list(METHODS), folds=5, force=False,
+                          quiet=False)
 
 
 def non_pets_photos(folder):
@@ -252,3 +255,128 @@ def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(cli_main, "_demo", interrupted)
     assert main(["demo", "--out", str(tmp_path)]) == 130
     assert capsys.readouterr().err == "\nfastai-ls: interrupted\n"
+
+
+def test_ctrl_c_while_the_arguments_are_read_is_one_line_too(monkeypatch, capsys):
+    # Ctrl-C in the first tenth of a second (before the subcommand ran) printed a traceback.
+    cli_main = sys.modules[main.__module__]
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main, "build_parser", interrupted)
+    try:
+        status = main(["demo"])
+    except KeyboardInterrupt:
+        status = "a traceback"
+    assert status == 130 and capsys.readouterr().err == "\nfastai-ls: interrupted\n"
+
+
+def test_the_sigint_handler_is_ours_while_a_command_runs_and_restored_after(monkeypatch):
+    cli_main = sys.modules[main.__module__]
+    seen = []
+    monkeypatch.setattr(cli_main, "_article", lambda args: seen.append(signal.getsignal(signal.SIGINT)))
+    before = signal.getsignal(signal.SIGINT)
+    assert main(["article"]) == 0
+    assert seen == [cli_main._interrupt] and signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("command", ["demo", "pets", "calibrate"])
+def test_help_never_breaks_a_method_name_or_an_option_across_lines(command, monkeypatch, capsys):
+    # argparse wrapped the --methods list mid-word ("iso tonic", "top_lab el_isotonic"): copied, a wrong name.
+    for columns in range(40, 121, 4):
+        monkeypatch.setenv("COLUMNS", str(columns))
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # the lines joined: a name cut in two stays cut
+        default = text[text.index("(default: all"):]
+        for name in METHODS:
+            assert re.search(rf"(?<!\w){name}(?!\w)", default), (columns, name, default[:200])
+        for option in re.findall(r"--[a-z-]+", text):
+            assert option.rstrip("-") in {"--help", "--methods", "--folds", "--force", "--quiet", "--out", "--seed",
+                                          "--epochs", "--eps", "--bs", "--max-items", "--label-noise", "--path",
+                                          "--arch", "--no-pretrained", "--presize", "--size", "--num-workers",
+                                          "--baseline"}, (columns, option)
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """`compare` with the training replaced: each run's held-out rows are over-confident random logits, and its
+    callback's state is their softmax."""
+    import fastai_ls.cli.demo as demo
+    from fastai_ls.calibration import CalibrationState
+
+    def held_out(n=120, n_classes=4):
+        g = torch.Generator().manual_seed(0)
+        logits = 2 * torch.randn(n, n_classes, generator=g)
+        target = torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)
+        return 3 * logits, target
+
+    class Callback:
+        def __init__(self, logits, target):
+            self.state = CalibrationState(logits.shape[1])
+            self.state.update(logits.softmax(1), target)
+
+        def state_of(self, i):
+            return self.state
+
+    rows = {"n": 120, "n_classes": 4}
+    monkeypatch.setattr(demo, "train", lambda make, eps, epochs, seed, label="": eps)
+    monkeypatch.setattr(demo, "validation_logits", lambda learn: held_out(**rows))
+    monkeypatch.setattr(demo, "calibration_callback", lambda learn: Callback(*held_out(**rows)))
+    monkeypatch.setattr(demo, "reliability_figure", lambda *a, **k: type("Figure", (), {
+        "savefig": lambda self, path, **k: Path(path).write_bytes(b"png")})())
+    return rows
+
+
+def test_the_demo_prints_the_models_calibration_before_comparing_calibrators(fake_runs, tmp_path, monkeypatch):
+    # The calibration table waited about 5 minutes for the calibrators' comparison.
+    import fastai_ls.cli.demo as demo
+    from tests.test_calibrate_command import Flushed
+
+    stdout = Flushed()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    seen, real = [], demo.calibrate_learner
+
+    def calibrate_learner(*args):
+        seen.append(stdout.flushed)
+        return real(*args)
+
+    monkeypatch.setattr(demo, "calibrate_learner", calibrate_learner)
+    assert main(["demo", "--methods", "temperature", "--out", str(tmp_path / "report")]) == 0
+    first, second = seen
+    assert "calibration on the 120 validation images" in first and "\nECE  " in first
+    assert "post-hoc calibrators" not in first
+    # the first model's comparison is shown before the second one's starts
+    assert "cross-entropy: post-hoc calibrators" in second and "label smoothing 0.1: post-hoc" not in second
+
+
+def test_the_demo_names_the_folds_option_when_the_rows_are_too_few(fake_runs, tmp_path, capsys):
+    fake_runs.update(n=12, n_classes=10)
+    assert main(["demo", "--methods", "temperature", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "calibrators not compared: --folds 5 fits each calibrator on 4 of the 5 folds, 9 of the 12 rows" in out
+
+
+def test_the_demo_replaces_an_earlier_report_only_with_force(fake_runs, tmp_path, capsys):
+    (tmp_path / "calibration.csv").write_text("earlier\n")
+    (tmp_path / "notes.txt").write_text("mine\n")
+    assert main(["demo", "--methods", "temperature", "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"fastai-ls: error: {tmp_path} already holds calibration.csv (an earlier " \
+        "report?): pass --force to replace them, or give another --out\n"
+    assert (tmp_path / "calibration.csv").read_text() == "earlier\n"
+    assert main(["demo", "--methods", "temperature", "--out", str(tmp_path), "--force"]) == 0
+    assert pd.read_csv(tmp_path / "calibration.csv").shape[0] == 2 * len(METRICS)
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"  # not a file of the report: never touched
+
+
+def test_quiet_turns_the_training_bars_off(fake_runs, tmp_path, monkeypatch):
+    import fastprogress.fastprogress as fastprogress
+
+    import fastai_ls.cli.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "train", lambda *a, **k: seen.append(fastprogress.NO_BAR))
+    for args in ([], ["--quiet"]):
+        assert main(["demo", "--methods", "temperature", "--out", str(tmp_path / str(len(seen))), *args]) == 0
+    assert seen == [False, False, True, True] and fastprogress.NO_BAR is False
