@@ -1,9 +1,11 @@
 """Streaming calibration statistics: tensors in, tensors out, no fastai needed.
 
 A `CalibrationState` is one flat float64 vector of counters on the predictions' device, seen through named views.
-Updating it from a batch launches a fixed sequence of kernels and never waits for the device, merging two states is
-`+`, and a distributed reduction is one `all_reduce` of `state.data`. Every metric is then computed from the
-counters, so a metric has exactly one implementation whether it is asked for by a test, the callback or the CLI.
+Updating it from a batch checks the input as the functions do (`checks.py`, which reads values); without those
+checks (`check=False`, the callback's per-batch path) it launches a fixed sequence of kernels and never waits for
+the device. Merging two states is `+`, and a distributed reduction is one `all_reduce` of `state.data`. Every
+metric is then computed from the counters, so a metric has exactly one implementation whether it is asked for by a
+test, the callback or the CLI.
 
 Bins of top-label confidence are equal-width and closed on the right, ((m-1)/M, m/M], as in Guo et al. 2017;
 a confidence of exactly 0 goes to the first bin and exactly 1 to the last. Besides the M bins the state keeps a
