@@ -45,6 +45,23 @@ def test_tabular_targets_of_shape_n_by_1_score_as_their_flat_ids(dtype):
     assert state_of(probs, column).metrics() == want
 
 
+def test_calibration_metrics_of_a_tabular_learners_get_preds():
+    # The reported call: `calibration_metrics(*learn.get_preds())` on fastai's (bs, 1) int8 tabular targets.
+    import pandas as pd
+    from fastai.data.block import CategoryBlock
+    from fastai.tabular.all import TabularDataLoaders, tabular_learner
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"a": rng.normal(size=120), "b": rng.normal(size=120), "y": rng.choice(["x", "y", "z"], 120)})
+    dls = TabularDataLoaders.from_df(df, cont_names=["a", "b"], y_names="y", y_block=CategoryBlock(), bs=16,
+                                     valid_idx=list(range(100, 120)), num_workers=0)
+    learn = tabular_learner(dls, layers=[8])
+    with learn.no_bar():
+        probs, target = learn.get_preds()
+    assert target.shape == (20, 1) and target.dtype == torch.int8
+    assert calibration_metrics(probs, target) == calibration_metrics(probs, target[:, 0].long())
+
+
 @pytest.mark.parametrize("target, match", [
     (torch.eye(3, dtype=torch.long)[torch.tensor([0, 1, 2, 0])], r"one-hot targets\? pass target\.argmax\(1\)"),
     (torch.eye(3)[torch.tensor([0, 1, 2, 0])], r"for one-hot or soft targets pass target\.argmax\(1\)"),
