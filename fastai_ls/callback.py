@@ -300,7 +300,7 @@ class CalibrationCallback(Callback):
                                           classwise=classwise)
         weight = _padding_weight(self.learn.dl, target.shape[0] // rows_per_item, rows_per_item, probs.device)
         self._pass.update(probs, target, weight=weight, ignore_index=getattr(self.learn.loss_func, "ignore_index",
-                                                                             None), check_weight=False)
+                                                                             None), check=False)
 
     def after_validate(self):
         """Bring the pass's counters to the CPU (summed over processes if sharded): `state`, `last_metrics`, a row."""

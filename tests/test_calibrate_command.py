@@ -170,9 +170,9 @@ BAD_FILES = {
     "nan-probability": (dict(probabilities=np.array([[0.5, 0.5], [np.nan, 1]]), targets=np.array([0, 1])),
                         "'probabilities' hold NaN or inf in 1 of 2 rows (first: row 1)"),
     "negative-probability": (dict(probabilities=np.array([[0.5, 0.5], [-0.5, 1.5]]), targets=np.array([0, 1])),
-                             "'probabilities' must lie in [0, 1], but 1 of 2 rows do not (first: row 1"),
+                             "'probabilities' must hold probabilities in [0, 1], but 1 of 2 rows do not (first: row 1"),
     "rows-not-summing-to-1": (dict(probabilities=np.array([[0.5, 0.5], [0.3, 0.3]]), targets=np.array([0, 1])),
-                              "1 of 2 rows of 'probabilities' do not sum to 1 (first: row 1 sums to 0.6)"),
+                              "rows summing to 1 within 0.02, but 1 of 2 rows do not (first: row 1 sums to 0.6)"),
     "logits-saved-as-probabilities": (dict(probabilities=np.array([[0.2, 0.7], [0.6, 0.3]]) * 3,
                                            targets=np.array([0, 1])), "save them as 'logits'"),
 }
@@ -259,7 +259,8 @@ def test_a_bad_file_prints_no_traceback_from_the_installed_command(tmp_path):
                             text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("fastai-ls: error: bad.npz: 1 of 1 rows of 'probabilities' do not sum to 1")
+    assert result.stderr.startswith("fastai-ls: error: bad.npz: 'probabilities' must hold probabilities, rows summing "
+                                    "to 1 within 0.02, but 1 of 1 rows do not")
 
 
 # --- issue 20: what a hostile or mistaken file does ---------------------------------------------------------------

@@ -100,7 +100,9 @@ def test_confidence_on_an_edge_goes_to_the_bin_it_closes_and_one_to_the_last():
 
 
 def test_a_row_of_zeros_has_confidence_zero_and_lands_in_the_first_bin():
-    state = state_of(torch.zeros(1, 3), torch.tensor([1]), n_bins=4)
+    # Not probabilities (the check refuses them); unchecked, as the callback's per-batch path counts them.
+    state = CalibrationState(3, n_bins=4)
+    state.update(torch.zeros(1, 3), torch.tensor([1]), check=False)
     assert state.bins[:, 0].tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
@@ -166,7 +168,7 @@ def test_logits_with_an_activation_give_the_state_of_their_probabilities():
 def test_without_classwise_bins_the_state_keeps_no_class_counters_and_the_rest_is_unchanged():
     probs, target = random_probs(80, 6, seed=13)
     full, lean = state_of(probs, target), state_of(probs, target, classwise=False)
-    n_counters = 9 + 3 * 15 + 3 * 1000  # scalars, coarse bins, fine bins
+    n_counters = 10 + 3 * 15 + 3 * 1000  # scalars, coarse bins, fine bins
     assert lean.data.numel() == n_counters and full.data.numel() == n_counters + 3 * 6 * 15
     assert lean.class_bins.numel() == 0
     lean_metrics, full_metrics = lean.metrics(), full.metrics()

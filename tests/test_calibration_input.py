@@ -174,8 +174,9 @@ def test_probabilities_without_classes_get_a_clear_error():
 
 def test_a_refused_row_sum_is_shown_with_the_digits_that_miss_one():
     # The message said the row sums ranged over "[1, 1]" for a row summing to 1.002 (3 significant digits).
-    with pytest.raises(ValueError, match=r"sum to 1 within 0\.001\), .* row sums over \[1\.002, 1\.002\]"):
-        calibration_metrics(torch.tensor([[0.5, 0.502]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"summing to 1 within 0\.02, but 1 of 1 rows do not \(first: row 0 sums to "
+                                         r"1\.0205\)"):
+        calibration_metrics(torch.tensor([[0.5, 0.5205]], dtype=torch.float64), torch.tensor([0]))
 
 
 def test_states_with_different_counters_cannot_be_added_and_the_error_says_which_differ():

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fastai_ls.calibration.metrics import TOP_LABEL_NAMES, top_label_metrics
 
-__all__ = ["BOOTSTRAP_NAMES", "check_ci", "check_seed", "check_interval_grid",
+__all__ = ["BOOTSTRAP_NAMES", "MAX_ROWS", "check_ci", "check_seed", "check_interval_grid",
            "joint_cells", "bootstrap_histograms", "bootstrap_metrics",
            "percentile_intervals",
            "normal_interval", "wilson_interval"]
@@ -158,10 +158,22 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-# Replicates are drawn and summarised this many at a time, so that a bootstrap's memory stays bounded (about 130 MB at
-# 1000 fine cells) whatever `n_boot`: all at once, 10,000 replicates took 0.7 GB and 100,000 would take 7 GB. Draws
-# made in chunks from one generator are the draws made at once, so the chunk size changes no interval.
+# Replicates are drawn and summarised at most this many at a time, so that a bootstrap's memory stays bounded (about
+# 130 MB at 1000 fine cells) whatever `n_boot`: all at once, 10,000 replicates took 0.7 GB and 100,000 would take
+# 7 GB. Draws made in chunks from one generator are the draws made at once, so the chunk size changes no interval.
 CHUNK = 1000
+# ... and at most this many replicate cells at a time (replicates times the cells of the fine grid, or of the
+# refined cells, whichever is more): a fine grid of 200,000 cells took 8.3 GB in chunks of 1000 replicates. It
+# leaves the chunk at CHUNK up to 1100 cells (the default 1000 fine cells split by up to 100 bins).
+CHUNK_CELLS = 1_100_000
+# A replicate draws at most this many rows (the multinomial sampler takes int64 counts; a count above 2**53 cannot
+# be told from its neighbours in float64): weights of 1e19 per row were an OverflowError.
+MAX_ROWS = 2**53
+
+
+def _chunk_size(n_cells: int) -> int:
+    """How many replicates of `n_cells` cells each one chunk holds: CHUNK, or fewer for a large grid (at least 1)."""
+    return max(1, min(CHUNK, CHUNK_CELLS // max(n_cells, 1)))
 
 
 def _resample(cells: Tensor, n_boot: int, seed: int | None,
@@ -207,7 +219,12 @@ def bootstrap_histograms(bins: Tensor, fine: Tensor, n_boot: int = 1000,
 
 def _replicate_chunks(bins: Tensor, fine: Tensor, n_boot: int,
                       seed: int | None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """The replicates of `bootstrap_histograms`, `CHUNK` at a time (run it under `_one_thread`)."""
+    """The replicates of `bootstrap_histograms`, `_chunk_size` at a time (run it under `_one_thread`)."""
+    n_rows = float(bins[:, 0].sum())
+    if not 0 <= n_rows <= MAX_ROWS:
+        raise ValueError(f"a bootstrap replicate draws as many rows as the histograms count, at most 2**53, but they "
+                         f"count {n_rows:.6g}: pass counts of rows (for weighted rows, scaled to the effective number "
+                         "of rows, as `CalibrationState` does)")
     cells, fine_of, bin_of = joint_cells(bins, fine)
     keep = cells[:, 0] > 0
     cells, fine_of, bin_of = cells[keep], fine_of[keep], bin_of[keep]
@@ -216,24 +233,25 @@ def _replicate_chunks(bins: Tensor, fine: Tensor, n_boot: int,
     fine_index = used.nonzero().squeeze(1)
     compact_of = torch.cumsum(used.long(), 0)[fine_of] - 1
     mean_conf = cells[:, 1] / cells[:, 0]
-    membership = torch.zeros(len(cells), bins.shape[0], dtype=torch.float64)  # the replicates are float64
-    membership[torch.arange(len(cells)), bin_of] = 1.0
     rng = np.random.default_rng(seed)
-    for start in range(0, n_boot, CHUNK):
-        size = min(CHUNK, n_boot - start)
+    # The metrics of a replicate work on the whole fine grid (smooth ECE's), the draws on the refined cells.
+    chunk = _chunk_size(max(len(cells), fine.shape[0] + 1, bins.shape[0]))
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
         rep_count, rep_correct = _resample(cells, size, seed, rng)
         # Counters stored channel by channel, (3, size, cells), and seen as (size, cells, 3): each channel the
         # formulas read is then one contiguous block.
         replicates = torch.stack([rep_count, rep_count * mean_conf, rep_correct])
         rep_fine = replicates.new_zeros(3, size, len(fine_index)).index_add_(2, compact_of, replicates)
-        rep_bins = replicates @ membership
+        rep_bins = replicates.new_zeros(3, size, bins.shape[0]).index_add_(2, bin_of, replicates)
         yield rep_bins.permute(1, 2, 0), rep_fine.permute(1, 2, 0), fine_index
 
 
 def bootstrap_metrics(bins: Tensor, fine: Tensor, n_boot: int = 1000, seed: int | None = 0) -> dict[str, Tensor]:
     """Every metric of `BOOTSTRAP_NAMES` on `n_boot` bootstrap replicates of the rows behind the histograms
     `bins` `(M, 3)` and `fine` `(K, 3)` (`bootstrap_histograms`): a dict of `(n_boot,)` float64 tensors. The
-    replicates are made and summarised `CHUNK` at a time, so memory does not grow with `n_boot`.
+    replicates are made and summarised a chunk at a time (at most `CHUNK` replicates and `CHUNK_CELLS` replicate
+    cells), so memory grows neither with `n_boot` nor with the size of the fine grid.
 
     Parameters
     ----------
@@ -248,11 +266,12 @@ def bootstrap_metrics(bins: Tensor, fine: Tensor, n_boot: int = 1000, seed: int 
     # Written into tensors made before any chunk: small results kept from chunk to chunk would pin the memory of
     # each chunk's freed temporaries (glibc's heap), and the process would grow with n_boot after all.
     out = {name: torch.empty(n_boot, dtype=torch.float64) for name in BOOTSTRAP_NAMES}
+    start = 0
     with _one_thread():
-        for start, (rep_bins, rep_fine, fine_index) in zip(range(0, n_boot, CHUNK),
-                                                            _replicate_chunks(bins, fine, n_boot, seed)):
+        for rep_bins, rep_fine, fine_index in _replicate_chunks(bins, fine, n_boot, seed):
             for name, values in top_label_metrics(rep_bins, rep_fine, fine_index, fine.shape[0]).items():
                 out[name][start:start + len(values)] = values
+            start += rep_bins.shape[0]
     return out
 
 

@@ -4,9 +4,11 @@ comparison of `compare_calibrators`, on outputs saved by any framework.
 The file is a numpy `.npz` archive (`numpy.savez`) holding two arrays:
 
 - `logits`: (N, C) floats, the raw scores before the softmax (a -inf logit rules a class out; NaN and +inf are
-  refused), **or** `probabilities`: (N, C) rows of softmax probabilities, each in [0, 1] and summing to 1 (within
-  1e-3). Probabilities are turned into logits by their log: a probability of exactly 0 becomes a -inf logit, which
-  the calibrators accept (see `fastai_ls.calibration.calibrators.base`). Give one of the two, not both.
+  refused), **or** `probabilities`: (N, C) rows of softmax probabilities, each in [0, 1] and summing to 1 within
+  2% (`fastai_ls.calibration.checks.SUM_TOLERANCE`, as everywhere in fastai_ls; rows that miss 1 by more than
+  1e-3, e.g. saved in half precision or with a few decimals, are divided by their sums, with a warning).
+  Probabilities are turned into logits by their log: a probability of exactly 0 becomes a -inf logit, which the
+  calibrators accept (see `fastai_ls.calibration.calibrators.base`). Give one of the two, not both.
 - `targets`: (N,) integer class ids in [0, C) (floats holding whole numbers are accepted).
 
 From fastai: `fastai_ls.save_predictions(learn, "valid.npz")` writes the raw logits and targets of the validation
@@ -33,8 +35,6 @@ import pandas as pd
 __all__ = ["Predictions", "read_predictions", "check_csv_path", "check_folds", "quiet_bars", "comparison_text",
            "best_method", "calibrate"]
 
-# Rows of probabilities may miss 1 by this much (float32 softmax output is well inside it).
-SUM_TOLERANCE = 1e-3
 WIDTH = 110  # explanatory lines are wrapped to this many characters
 # The columns of a comparison table shown on the console, with their headers.
 SHOWN = {"error_rate": "error rate", "ece": "ECE", "smece": "smooth ECE", "nll": "NLL", "brier": "Brier",
@@ -264,7 +264,15 @@ def read_predictions(path: str | Path) -> Predictions:
                          f"are not (first: {targets[i].item()!r} in row {i}); {hint}")
     targets = targets.astype(np.int64)
 
-    dtype = np.float64 if scores.dtype == np.float64 else np.float32  # float16 and integers: float32
+    if scores.dtype.kind == "f" and scores.dtype.itemsize > 8:  # np.longdouble: float64 holds all but its extremes
+        with np.errstate(invalid="ignore"):
+            beyond = np.isfinite(scores) & (np.abs(scores) > np.finfo(np.float64).max)
+        if beyond.any():
+            i = _first_row(beyond.any(1))
+            raise ValueError(f"{path}: '{source}' are {scores.dtype} with values beyond float64's range in "
+                             f"{int(beyond.any(1).sum())} of {n} rows (first: row {i}); save them as float64")
+    # float16 and integers: float32; float64 and wider: float64
+    dtype = np.float64 if scores.dtype.kind == "f" and scores.dtype.itemsize >= 8 else np.float32
     scores = scores.astype(dtype, copy=False)
     if source == "logits":
         bad = np.isnan(scores).any(1) | (scores == np.inf).any(1) | ~np.isfinite(scores).any(1)
@@ -279,18 +287,14 @@ def read_predictions(path: str | Path) -> Predictions:
         i = _first_row(~finite)
         raise ValueError(f"{path}: 'probabilities' hold NaN or inf in {int((~finite).sum())} of {n} rows (first: "
                          f"row {i}); drop those rows")
-    outside = ((scores < 0) | (scores > 1)).any(1)
-    if outside.any():
-        i = _first_row(outside)
-        raise ValueError(f"{path}: 'probabilities' must lie in [0, 1], but {int(outside.sum())} of {n} rows do not "
-                         f"(first: row {i}, values from {scores[i].min():.4g} to {scores[i].max():.4g}); for scores "
-                         "before the softmax, save them as 'logits'")
-    sums = scores.sum(1, dtype=np.float64)
-    off = np.abs(sums - 1) > SUM_TOLERANCE
-    if off.any():
-        i = _first_row(off)
-        raise ValueError(f"{path}: {int(off.sum())} of {n} rows of 'probabilities' do not sum to 1 (first: row {i} "
-                         f"sums to {sums[i]:.6g}); save softmax outputs, or the logits as 'logits'")
+    import torch  # here, not at the top: a file that fails the checks above is refused without loading torch
+
+    from fastai_ls.calibration.checks import checked_probabilities
+
+    # The check of every entry point, with its one tolerance (its warning points at the caller of this function).
+    scores = checked_probabilities(torch.from_numpy(scores if scores.flags.writeable else scores.copy()),
+                                   f"{path}: 'probabilities'", "for scores before the softmax, save them as 'logits'",
+                                   stacklevel=3).numpy()
     zero = scores == 0
     with np.errstate(divide="ignore"):
         logits = np.log(scores)
