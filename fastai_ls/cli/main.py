@@ -112,6 +112,12 @@ def _calibrate(args: argparse.Namespace) -> None:
     calibrate(args.predictions, methods=args.methods, folds=args.folds, seed=args.seed, out=args.out)
 
 
+def _selective(args: argparse.Namespace) -> None:
+    from fastai_ls.cli.selective import selective
+
+    selective(args.predictions, folds=args.folds, seed=args.seed, out=args.out, plot=args.plot)
+
+
 # Argument types. Their messages follow `--option: ` in the error line: `--epochs: expected a positive integer,
 # got 'abc'`.
 
@@ -280,6 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", type=_path, default=None, metavar="FILE.csv",
                            help="also write the table to this CSV file")
     calibrate.set_defaults(run=_calibrate)
+
+    selective = commands.add_parser(
+        "selective", help="compare confidence scores for abstaining on saved predictions (.npz)",
+        description="Rank held-out predictions by each confidence score (softmax response, max logit, margin, "
+                    "energy, negative entropy, DOCTOR, MaxLogit-pNorm, p-NormSoftmax) and print exact AURC and AUGRC "
+                    "with 95% intervals, paired differences from the softmax response, and a cross-fitted choice of "
+                    "score that keeps the softmax response unless another is better beyond its interval. "
+                    "PREDICTIONS.npz: the files of 'fastai-ls calibrate' ('logits' or 'probabilities', and "
+                    "'targets').")
+    selective.add_argument("predictions", type=_path, metavar="PREDICTIONS.npz", help="the saved predictions")
+    selective.add_argument("--folds", type=_folds, default=5, help="folds of the cross-fitted choice (default 5)")
+    selective.add_argument("--seed", type=_seed, default=0, help="seed of the folds and intervals (default 0)")
+    selective.add_argument("--out", type=_path, default=None, metavar="FILE.csv",
+                           help="also write the table to this CSV file")
+    selective.add_argument("--plot", type=_path, default=None, metavar="FILE.png",
+                           help="also draw the risk-coverage curves of every score into this PNG file")
+    selective.set_defaults(run=_selective)
     return parser
 
 
