@@ -152,8 +152,7 @@ def selective_section(held_out: dict, out: str | Path, folds: int = 5, seed: int
 
     Examples
     --------
-    >>> selective_section({"cross-entropy": (ce_logits, y), "label smoothing 0.1": (ls_logits, y)}, "report")
-    ... # doctest: +SKIP
+    >>> selective_section({"cross-entropy": (ce_z, y), "label smoothing": (ls_z, y)}, "out")  # doctest: +SKIP
     'selective.csv'
     """
     from fastai_ls.calibration.compare_scores import compare_confidence_scores
