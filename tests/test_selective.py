@@ -359,3 +359,18 @@ def test_the_plot_labels_its_axes_and_has_a_legend_entry_per_curve():
         labels = [t.get_text() for t in ax.get_legend().get_texts()]
         assert [label.split()[0] for label in labels[:3]] == ["msp", "pnorm", "energy"]
         assert "bootstrap band" in labels[3]
+
+
+def test_the_demo_section_prints_both_models_and_writes_one_table(tmp_path, capsys):
+    from fastai_ls.cli.selective import selective_section
+
+    z, y = realistic_logits(n=300, seed=16)
+    held_out = {"cross-entropy": (z, y), "label smoothing 0.1": (0.5 * z, y)}
+    assert selective_section(held_out, tmp_path, folds=3) == ["selective.csv"]
+    out = capsys.readouterr().out
+    assert out.count("selective classification on the 300 validation images") == 2
+    table = __import__("pandas").read_csv(tmp_path / "selective.csv", index_col=[0, 1])
+    assert set(table.index.get_level_values(0)) == set(held_out)
+    assert len(table) == 2 * (len(SCORE_NAMES) + 1)
+    assert selective_section({"tiny": (z[:2], y[:2])}, tmp_path, folds=3) == []
+    assert "not compared" in capsys.readouterr().out

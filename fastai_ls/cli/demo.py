@@ -26,6 +26,7 @@ from fastai_ls.calibration.report import format_interval, report_frame
 from fastai_ls.calibration.state import NLL_FLOOR, CalibrationState
 from fastai_ls.callback import CalibrationCallback
 from fastai_ls.cli.calibrate import best_method, comparison_text
+from fastai_ls.cli.selective import selective_section
 from fastai_ls.distributed import distrib_ctx
 from fastai_ls.posthoc import holdout_logits
 
@@ -457,6 +458,7 @@ def compare(
     if differences is not None:
         differences.to_csv(out / "differences.csv")
         written.append("differences.csv")
+    written += selective_section(held_out, out, folds, seed)
     figures = {"reliability.png": reliability_figure(states),
                "smooth_reliability.png": reliability_figure(states, smooth=True, seed=seed)}
     if calibrated:

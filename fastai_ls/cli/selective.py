@@ -129,10 +129,11 @@ def selective(
     return table
 
 
-def selective_section(held_out: dict, out: str | Path, folds: int = 5, seed: int = 0) -> str:
+def selective_section(held_out: dict, out: str | Path, folds: int = 5, seed: int = 0) -> list[str]:
     """The demo's selective-classification section: `compare_confidence_scores` for each model's held-out logits,
     printed one table after the other with the softmax response's note, and written together to
-    `out`/selective.csv (columns model, score, then the table's).
+    `out`/selective.csv (columns model, score, then the table's). Too few rows for the folds: one line saying so,
+    nothing written.
 
     Parameters
     ----------
@@ -147,19 +148,24 @@ def selective_section(held_out: dict, out: str | Path, folds: int = 5, seed: int
 
     Returns
     -------
-    str
-        The file written, 'selective.csv'.
+    list of str
+        The files written: ['selective.csv'], or [].
 
     Examples
     --------
     >>> selective_section({"cross-entropy": (ce_z, y), "label smoothing": (ls_z, y)}, "out")  # doctest: +SKIP
-    'selective.csv'
+    ['selective.csv']
     """
     from fastai_ls.calibration.compare_scores import compare_confidence_scores
 
     tables = {}
     for title, (logits, targets) in held_out.items():
-        table = compare_confidence_scores(logits.detach().cpu(), targets.detach().cpu(), folds=folds, seed=seed)
+        try:
+            table = compare_confidence_scores(logits.detach().cpu(), targets.detach().cpu(), folds=folds, seed=seed)
+        except ValueError as err:  # e.g. fewer rows than folds: the rest of the report stands
+            print()
+            _say(f"selective classification not compared: {err}")
+            return []
         print()
         _say(f"{title}: selective classification on the {table.attrs['n']} validation images (abstain on the "
              "least confident first), exact AURC and AUGRC with 95% intervals:")
@@ -167,4 +173,4 @@ def selective_section(held_out: dict, out: str | Path, folds: int = 5, seed: int
         _explain(table)
         tables[title] = table
     pd.concat(tables, names=["model", "score"]).to_csv(Path(out) / "selective.csv")
-    return "selective.csv"
+    return ["selective.csv"]
