@@ -42,11 +42,10 @@ def _label(key: tuple[str, float | None]) -> str:
     return name if p is None else f"{name} p={p:g}"
 
 
-def _best(candidates: dict, errors: Tensor, rows: Tensor, family: Sequence[str] | None) -> tuple[str, float | None]:
-    """The candidate (of `family`'s names; None: any) with the lowest AURC on `rows`, the first of equal values
+def _best(values: dict, family: Sequence[str] | None) -> tuple[str, float | None]:
+    """The candidate (of `family`'s names; None: any) with the lowest AURC in `values`, the first of equal values
     (the grid's smallest p; the softmax response before the others)."""
-    keys = [k for k in candidates if family is None or k[0] in family]
-    values = {k: _aurc(candidates[k][rows], errors[rows]) for k in keys}
+    keys = [k for k in values if family is None or k[0] in family]
     return min(keys, key=lambda k: values[k])
 
 
@@ -166,7 +165,8 @@ def _compare(z: Tensor, targets: Tensor, fold_of: Tensor, folds: int, seed: int,
     errors = 1.0 - correct.double()
     candidates = _scores(z, SCORE_NAMES, grid)
     train = [torch.nonzero(fold_of != f).squeeze(1) for f in range(folds)]
-    choices = {row: [_best(candidates, errors, rows, family) for rows in train]
+    values = [{key: _aurc(s[rows], errors[rows]) for key, s in candidates.items()} for rows in train]
+    choices = {row: [_best(v, family) for v in values]
                for row, family in (("pnorm", ("pnorm",)), ("pnorm_softmax", ("pnorm_softmax",)), ("selected", None))}
     choices["selected"] = _fall_back(candidates, correct, choices["selected"], train, ci, n_boot, seed)
 

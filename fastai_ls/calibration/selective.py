@@ -200,7 +200,9 @@ def confidence_scores(
     p = _check_p(p)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    computed = _scores(_check_logits(logits), names, [p], float(temperature))
+    logits = _check_logits(logits)
+    with _one_thread():  # ~70 passes over small blocks: a second thread saves little and waits on busy cores
+        computed = _scores(logits, names, [p], float(temperature))
     return {name: computed[(name, p if name in NORMALISED else None)] for name in names}
 
 
@@ -280,7 +282,8 @@ def expected_errors(scores: Tensor, correct: Tensor) -> Tensor:
     [0.0, 0.5, 1.0]
     """
     scores, errors = check_selective_input(scores, correct)
-    return _expected_errors(_Ranking(scores), errors)
+    with _one_thread():
+        return _expected_errors(_Ranking(scores), errors)
 
 
 def aurc(scores: Tensor, correct: Tensor) -> float:
@@ -726,6 +729,13 @@ def selective_table(
                 paired_baseline[key] = fold_of
     replicates = bootstrap_selective(compared, correct, n_boot, seed, folds=folds)
     errors = check_selective_input(next(iter(scores.values())), correct)[1]
+    with _one_thread():
+        return _table(scores, errors, replicates, ci, baseline, folds, paired_baseline)
+
+
+def _table(scores: dict, errors: Tensor, replicates: dict, ci: float, baseline: str | None, folds: dict,
+           paired_baseline: dict) -> pd.DataFrame:
+    """`selective_table`'s rows from its replicates."""
     rows = {}
     for name, s in scores.items():
         row = {}
