@@ -263,10 +263,14 @@ def test_a_normalised_score_is_chosen_when_the_logit_scale_misleads_the_softmax_
     assert note.startswith("the softmax response ranks worse than pnorm") and "paired" in note
 
 
-def test_compare_leaves_its_inputs_as_they_were():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compare_and_the_scores_leave_their_inputs_as_they_were(dtype):
     z, y = realistic_logits(n=300, seed=13)
+    z = z.to(dtype)
+    z[0, 1] = -math.inf
     z_before, y_before = z.clone(), y.clone()
     compare_confidence_scores(z, y, folds=2, n_boot=20)
+    confidence_scores(z, p=1.5)
     assert torch.equal(z, z_before) and torch.equal(y, y_before)
 
 
