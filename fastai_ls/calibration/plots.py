@@ -319,3 +319,84 @@ def plot_history(source) -> Figure:
         ax.set(xlabel="epoch", title=label)
     fig.tight_layout()
     return fig
+
+
+def plot_selective(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    scores: list[str] | None = None,
+    p: float = 2,
+    ci: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+    coverages: int = 100,
+) -> Figure:
+    """Risk-coverage and generalised risk-coverage curves of confidence scores on held-out logits, one curve per
+    score (`fastai_ls.calibration.selective.confidence_scores`), each with its percentile bootstrap band: accept the
+    highest-scoring rows first; the selective risk (errors among the accepted, whose mean over coverage is AURC)
+    and the generalised risk (accepted errors over all rows: AUGRC), exact with ties sharing their errors.
+
+    Parameters
+    ----------
+    logits : Tensor
+        (N, C) held-out logits.
+    targets : Tensor
+        (N,) class ids.
+    scores : list of str, optional
+        Score names (default: all of `SCORE_NAMES`).
+    p : float
+        The norm of `pnorm` and `pnorm_softmax`.
+    ci : float
+        Level of the bands.
+    n_boot : int
+        Bootstrap replicates of the bands.
+    seed : int
+        Seed of the bootstrap.
+    coverages : int
+        Coverages at which the bands are computed (evenly spaced in (0, 1]).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    >>> fig = plot_selective(logits, targets, scores=["msp", "pnorm"])  # doctest: +SKIP
+    """
+    import matplotlib.pyplot as plt
+
+    from fastai_ls.calibration.selective import bootstrap_selective, confidence_scores, expected_errors
+
+    check_ci(ci)
+    values = confidence_scores(logits, scores, p=p)
+    if not isinstance(targets, torch.Tensor) or targets.shape != (logits.shape[0],) or targets.is_floating_point():
+        raise ValueError(f"targets must be a tensor of {logits.shape[0]} integer class ids")
+    correct = logits.detach().cpu().argmax(1) == targets.detach().cpu()
+    n = len(correct)
+    grid = np.linspace(1 / coverages, 1, coverages)
+    replicates = bootstrap_selective(values, correct, n_boot=n_boot, seed=seed, coverages=grid.tolist())
+    kept = np.clip(np.ceil(grid * n - 1e-9), 1, n)
+    q = [(1 - ci) / 2, (1 + ci) / 2]
+    fig, (risk_ax, general_ax) = plt.subplots(1, 2, figsize=(11, 5))
+    k = np.arange(1, n + 1)
+    colours = plt.get_cmap("tab10")
+    for i, (name, s) in enumerate(values.items()):
+        e = expected_errors(s, correct).numpy()
+        risk_reps = replicates[name]["risk"].numpy()
+        band = np.quantile(risk_reps, q, axis=0)
+        colour = colours(i % 10)
+        risk_ax.plot(k / n, e / k, color=colour, lw=1.5, label=f"{name} (AURC {float(np.mean(e / k)):.4f})")
+        risk_ax.fill_between(grid, band[0], band[1], color=colour, alpha=0.2, lw=0)
+        general_ax.plot(k / n, e / n, color=colour, lw=1.5, label=f"{name} (AUGRC {float(e.sum()) / n / n:.4f})")
+        general_ax.fill_between(grid, band[0] * kept / n, band[1] * kept / n, color=colour, alpha=0.2, lw=0)
+    from matplotlib.patches import Patch
+
+    for ax, ylabel, title in ((risk_ax, "selective risk (errors / accepted rows)", "risk-coverage (area: AURC)"),
+                              (general_ax, "generalised risk (accepted errors / all rows)",
+                               "generalised risk-coverage (area: AUGRC)")):
+        ax.set(xlim=(0, 1), xlabel="coverage (share of rows accepted, highest score first)", ylabel=ylabel,
+               title=title)
+        handles, _ = ax.get_legend_handles_labels()
+        handles.append(Patch(color="grey", alpha=0.3, label=f"{ci:.0%} bootstrap band ({n_boot} replicates)"))
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize="small", frameon=False,
+                  ncol=2)
+    fig.tight_layout()
+    return fig

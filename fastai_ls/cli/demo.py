@@ -27,6 +27,7 @@ from fastai_ls.calibration.report import format_interval, report_frame
 from fastai_ls.calibration.state import NLL_FLOOR, CalibrationState
 from fastai_ls.callback import CalibrationCallback
 from fastai_ls.cli.calibrate import best_method, check_folds, comparison_text, quiet_bars
+from fastai_ls.cli.selective import selective_section
 from fastai_ls.distributed import distrib_ctx
 from fastai_ls.posthoc import holdout_logits
 
@@ -72,8 +73,8 @@ def calibration_callback(learn: Learner) -> CalibrationCallback:
 
 
 # Every file `compare` may write into its folder.
-OUTPUT_FILES = ("calibration.csv", "calibrators.csv", "differences.csv", "reliability.png", "smooth_reliability.png",
-                "calibrated_reliability.png")
+OUTPUT_FILES = ("calibration.csv", "calibrators.csv", "differences.csv", "selective.csv", "reliability.png",
+                "smooth_reliability.png", "calibrated_reliability.png")
 
 
 def writable_folder(out: str | Path, force: bool = False) -> Path:
@@ -483,6 +484,7 @@ def compare(
     if differences is not None:
         differences.to_csv(out / "differences.csv")
         written.append("differences.csv")
+    written += selective_section(held_out, out, folds, seed)
     figures = {"reliability.png": reliability_figure(states),
                "smooth_reliability.png": reliability_figure(states, smooth=True, seed=seed)}
     if calibrated:

@@ -117,6 +117,12 @@ def _calibrate(args: argparse.Namespace) -> None:
               force=args.force, quiet=args.quiet)
 
 
+def _selective(args: argparse.Namespace) -> None:
+    from fastai_ls.cli.selective import selective
+
+    selective(args.predictions, folds=args.folds, seed=args.seed, out=args.out, plot=args.plot, force=args.force)
+
+
 # Argument types. Their messages follow `--option: ` in the error line: `--epochs: expected a positive integer,
 # got 'abc'`.
 
@@ -314,6 +320,26 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also write the table to this CSV file (never the predictions file itself)")
     _output_options(calibrate, "replace the --out file if it exists (default: refused, before the comparison)")
     calibrate.set_defaults(run=_calibrate)
+
+    selective = commands.add_parser(
+        "selective", help="compare confidence scores for abstaining on saved predictions (.npz)",
+        description="Rank held-out predictions by each confidence score (softmax response, max logit, margin, "
+                    "energy, negative entropy, DOCTOR, MaxLogit-pNorm, p-NormSoftmax) and print exact AURC and AUGRC "
+                    "with 95% intervals, paired differences from the softmax response, and a cross-fitted choice of "
+                    "score that keeps the softmax response unless another is better beyond its interval. "
+                    "PREDICTIONS.npz: the files of 'fastai-ls calibrate' ('logits' or 'probabilities', and "
+                    "'targets').")
+    selective.add_argument("predictions", type=_path, metavar="PREDICTIONS.npz", help="the saved predictions")
+    selective.add_argument("--folds", type=_folds, default=5, help="folds of the cross-fitted choice (default 5)")
+    selective.add_argument("--seed", type=_seed, default=0, help="seed of the folds and intervals (default 0)")
+    selective.add_argument("--out", type=_path, default=None, metavar="FILE.csv",
+                           help="also write the table to this CSV file (never the predictions file itself)")
+    selective.add_argument("--plot", type=_path, default=None, metavar="FILE.png",
+                           help="also draw the risk-coverage curves of every score into this PNG file")
+    selective.add_argument("--force", action="store_true",
+                           help="replace the --out and --plot files if they exist (default: refused, before the "
+                                "comparison)")
+    selective.set_defaults(run=_selective)
     return parser
 
 
