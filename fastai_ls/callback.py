@@ -145,7 +145,8 @@ class CalibrationCallback(Callback):
     Passes: in `fit`, each epoch's validation pass adds one row to `history` and one state to `states`; both restart
     with every `fit`, like `learn.recorder.values`. Any other validation pass (`learn.validate()`,
     `learn.get_preds()`, on any `dl`, also when another callback runs one inside a fit) only replaces `state` and
-    `last_metrics`, so it never adds to, resets or double counts in the history. A pass without labels
+    `last_metrics`, so it never adds to, resets or double counts in the history, and the rows keep the fit's epoch
+    (fastai sets `learn.epoch` to 0 for such a pass). A pass without labels
     (`learn.predict(item)`, `get_preds` on an unlabelled `test_dl`) has nothing to score: `state` and `last_metrics`
     both keep the last scored pass, and that pass's columns are NaN. Only validation batches are seen, with hard
     labels, so MixUp/CutMix in training do not matter.
@@ -214,6 +215,9 @@ class CalibrationCallback(Callback):
         self._scored = False  # whether the validation pass that just ended had labels to score
         self._deferred: Exception | None = None  # an error of before_fit inside validate()/get_preds(), raised later
         self._depth = 0  # how many fits (fastai's own or those around validate/get_preds) are running
+        self._outer: list[tuple] = []  # the passes of the fits around a nested validate/get_preds, innermost last
+        self._epoch: int | None = None  # the epoch of the outermost fit, which `learn.epoch` loses to nested passes
+        self._nested = False  # whether a nested pass ran since the fit's last after_epoch
 
     @property
     def learn(self) -> Learner | None:
@@ -263,11 +267,24 @@ class CalibrationCallback(Callback):
         # those inside a fit: only the outermost fit may start or end the recording. A fit that raised never fired
         # its after_fit; validate/get_preds hold `learn.lock`, so a before_fit without it is a new outermost fit.
         if not validating:
-            self._depth = 0
+            self._depth, self._outer, self._epoch, self._nested = 0, [], None, False
             _warn_if_calibrated(self.learn)
+        elif self._depth:
+            # A pass inside a fit: fastai's TrainEvalCallback has just set `learn.epoch` to 0, and this pass's
+            # before_validate will start counters of its own. Keep the fit's pass (a callback may validate between its
+            # last batch and its after_validate) for after_fit to put back.
+            self._outer.append((self._pass, self._scored, self._sharded))
+            self._nested = True
         self._depth += 1
         if self._depth == 1:
             self._new_fit, self._in_fit = True, False
+
+    def before_epoch(self):
+        """Note the fit's epoch, which the rows are labelled with."""
+        if self._depth == 1:
+            # A pass run by a callback before this one in this event has already set `learn.epoch` to 0.
+            self._epoch = self._epoch + 1 if self._nested and self._epoch is not None else self.learn.epoch
+            self._nested = False
 
     def before_train(self):
         """Start a new history at a fit's first training phase."""
@@ -318,12 +335,20 @@ class CalibrationCallback(Callback):
                           "they are left out of the calibration metrics and counted in `n_invalid`", stacklevel=2)
         if self._in_fit and self._depth == 1:
             self.states.append(state)
-            self._rows.append({"epoch": self.epoch, **self.last_metrics})
+            self._rows.append({"epoch": self._epoch, **self.last_metrics})
+
+    def after_epoch(self):
+        """A pass run after this point (in after_epoch) still belongs to this epoch: `learn.epoch` is right again at
+        the next before_epoch."""
+        if self._depth == 1:
+            self._nested = False
 
     def after_fit(self):
         """End the recording at the end of the outermost fit."""
         # Not also in after_cancel_fit: fastai fires after_fit after it.
         self._deferred = None
+        if self._depth > 1 and self._outer:
+            self._pass, self._scored, self._sharded = self._outer.pop()
         self._depth = max(self._depth - 1, 0)
         if self._depth == 0:
             self._in_fit = False

@@ -268,6 +268,43 @@ def test_validate_inside_fit_neither_resets_nor_adds_to_the_history():
     assert float(cb.state.scalar("n")) == 30  # the nested pass still replaced the last state
 
 
+def validating_callback(event: str, order: int) -> Callback:
+    """A callback that runs `learn.validate()` once in `event` of every epoch, ordered before or after ours."""
+
+    class ValidateIn(Callback):
+        def __init__(self):
+            self.order, self.running = order, False
+
+        def validate_once(self):
+            if not self.running and not self.training:
+                self.running = True
+                try:
+                    self.learn.validate()
+                finally:
+                    self.running = False
+
+    setattr(ValidateIn, event, ValidateIn.validate_once)
+    return ValidateIn()
+
+
+@pytest.mark.parametrize("order", [0, 100])
+@pytest.mark.parametrize("event", ["before_epoch", "before_validate", "after_validate", "after_epoch"])
+def test_history_rows_keep_their_epoch_when_another_callback_validates_inside_the_fit(event, order):
+    # Issue 20: fastai's TrainEvalCallback sets learn.epoch to 0 at the nested pass's before_fit, and every row was
+    # labelled epoch 0; a pass run in after_validate before ours replaced the fit's own counters (no rows at all).
+    set_seed(0)
+    plain_cb = CalibrationCallback(ci=None)
+    with quiet(plain_learn := make_learner(plain_cb)):
+        plain_learn.fit(3, 1e-2)
+    set_seed(0)
+    cb = CalibrationCallback(ci=None)
+    learn = make_learner(cb)
+    with quiet(learn):
+        learn.fit(3, 1e-2, cbs=validating_callback(event, order))
+    assert cb.history["epoch"].tolist() == [0, 1, 2]
+    pd.testing.assert_frame_equal(cb.history, plain_cb.history)
+
+
 class FailInSecondEpoch(Callback):
     def after_epoch(self):
         if self.epoch == 1:
