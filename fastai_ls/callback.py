@@ -157,6 +157,10 @@ class CalibrationCallback(Callback):
     at `before_fit` in `fit`; inside `validate()`/`get_preds()` at the first labelled batch, so that fastai releases
     `learn.lock` and the learner stays usable (`predict` still works).
 
+    One per learner: a second CalibrationCallback (say `fit(cbs=...)` on `pets_learner()`, which has one) replaces
+    the first while it is attached, with a warning, and puts it back when it leaves (at the end of that fit), so no
+    column is there twice and `learn.calibration` is always the callback in `learn.cbs`.
+
     Columns: they sit in `learn.metrics` while the callback is attached and leave with it (after
     `learn.fit(n, cbs=cb)`, `learn.validate(cbs=cb)`, `learn.remove_cb(cb)`, also when a fit raised), so no later fit
     records a frozen value.
@@ -233,7 +237,44 @@ class CalibrationCallback(Callback):
         old = self.__dict__.get("learn")
         if old is not None and old is not learn:
             _remove_columns(old, self)
+            self._put_back_replaced(old)
         self.__dict__["learn"] = learn
+        if learn is not None and learn is not old:
+            self.__dict__.pop("_leaving_name", None)
+            self._replace_others(learn)
+
+    @property
+    def name(self) -> str:
+        """'calibration': fastai makes the attached callback `learn.calibration`."""
+        # Read once by fastai's `remove_cb`, right after `learn` is cleared, to delete `learn.calibration`: after
+        # putting back the callback this one replaced, that read gets a name the learner lacks, so that it stays.
+        return self.__dict__.pop("_leaving_name", "calibration")
+
+    def _replace_others(self, learn: Learner) -> None:
+        """Take the learner's other CalibrationCallbacks out while this one is attached: two would add every column
+        twice, and `learn.calibration` would name only one of them."""
+        others = [cb for cb in getattr(learn, "cbs", ()) if isinstance(cb, CalibrationCallback) and cb is not self]
+        if not others:
+            return
+        warnings.warn(f"this learner already has a CalibrationCallback (metrics {others[0].metric_names}): the new "
+                      f"one (metrics {self.metric_names}) replaces it, and puts it back when it is removed (as "
+                      "fit(cbs=...) does at the end of the fit); learn.calibration is the new one meanwhile",
+                      stacklevel=4)
+        for cb in others:
+            learn.remove_cb(cb)
+        self.__dict__["_replaced"] = others
+
+    def _put_back_replaced(self, learn: Learner) -> None:
+        """Attach again the callbacks this one replaced, now that it leaves `learn`."""
+        replaced = self.__dict__.pop("_replaced", [])
+        if not replaced:
+            return
+        for cb in replaced:
+            if cb.learn is None and cb not in learn.cbs:
+                cb.__dict__["learn"] = learn  # not through `learn.add_cb`: that would find this one and replace it
+                learn.cbs.append(cb)
+        setattr(learn, "calibration", replaced[-1])
+        self.__dict__["_leaving_name"] = "_calibration_left"
 
     # --- events --------------------------------------------------------------------------------------------------
 

@@ -156,6 +156,41 @@ def test_a_callback_passed_to_fit_takes_its_columns_away_and_later_fits_record_n
     assert [m.name for m in learn.metrics] == ["accuracy"]
 
 
+class RecordCalibrationAttribute(Callback):
+    def after_epoch(self):
+        self.seen = self.learn.calibration
+
+
+def test_a_second_callback_passed_to_fit_replaces_the_first_with_a_warning_and_puts_it_back_after():
+    # Issue 20: `ece` was a column twice, and after the fit learn.calibration raised AttributeError ('Sequential'
+    # object has no attribute 'calibration') with the first callback still in learn.cbs.
+    first, second, probe = CalibrationCallback(ci=None), CalibrationCallback(metrics=("ece", "nll"), ci=None), \
+        RecordCalibrationAttribute()
+    learn = make_learner(first)
+    with quiet(learn), pytest.warns(UserWarning, match=r"already has a CalibrationCallback \(metrics \('ece',\)\): "
+                                                       r"the new one .* replaces it"):
+        learn.fit(2, 1e-2, cbs=[second, probe])
+    assert learn.recorder.metric_names.filter(lambda n: n == "ece") == ["ece"]
+    assert probe.seen is second and second.history["epoch"].tolist() == [0, 1]
+    assert learn.calibration is first and first in learn.cbs and second not in learn.cbs
+    assert len(first.history) == 0 and second.name == "calibration"
+    with quiet(learn):
+        learn.fit(1, 1e-2)  # the first one records again, alone
+    assert first.history["epoch"].tolist() == [0] and learn.recorder.metric_names.filter(lambda n: n == "ece") == \
+        ["ece"]
+
+
+def test_a_second_callback_added_for_good_replaces_the_first():
+    first, second = CalibrationCallback(ci=None), CalibrationCallback(ci=None)
+    with pytest.warns(UserWarning, match="replaces it"):
+        learn = make_learner([first, second])
+    assert learn.calibration is second and first not in learn.cbs and first.learn is None
+    with quiet(learn):
+        learn.fit(1, 1e-2)
+    assert [type(m) for m in learn.metrics].count(type(second._metrics[0])) == 1
+    assert second.history["epoch"].tolist() == [0] and len(first.history) == 0
+
+
 def test_history_has_the_documented_columns_one_row_per_epoch_and_restarts_with_fit():
     cb = CalibrationCallback()
     learn = make_learner(cb)
