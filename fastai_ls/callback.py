@@ -6,6 +6,7 @@ batch on the model's device, one `all_reduce` and one read-back per validation p
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import warnings
@@ -35,6 +36,7 @@ from fastai_ls.calibration.report import report_frame
 from fastai_ls.calibration.state import (
     CLASSWISE_MAX_CLASSES,
     INTERVAL_COLUMNS,
+    INTERVAL_NAMES,
     METRIC_NAMES,
     CalibrationState,
     check_n_bins,
@@ -103,9 +105,17 @@ class CalibrationCallback(Callback):
         Equal-width confidence bins for ECE, MCE, RMSCE, classwise ECE and the reliability diagram.
     metrics : str or sequence of str, default ('ece',)
         The metrics to add as columns to fastai's progress table, and so to `CSVLogger` and to what
-        `SaveModelCallback`, `EarlyStoppingCallback` and `ReduceLROnPlateau` can monitor: any of `METRIC_NAMES`,
-        or an interval limit of `INTERVAL_COLUMNS` (e.g. 'ece_hi'). Every metric is computed either way and lands
-        in `history` and `last_metrics`.
+        `SaveModelCallback`, `EarlyStoppingCallback` and `ReduceLROnPlateau` can monitor. Every metric is computed
+        either way and lands in `history` and `last_metrics`. The names (`METRIC_NAMES`):
+
+        - n (rows scored), n_invalid (rows left out: NaN/inf), accuracy, confidence (mean top-label probability);
+        - ece, mce, rmsce (equal-width bins, L1/max/L2), ece_debiased, adaptive_ece (equal-mass bins), smece
+          (smooth ECE), ks_error, classwise_ece, overconfidence, underconfidence;
+        - nll, nll_se, brier, brier_se (with standard errors), aurc, augrc (selective classification).
+
+        and the interval limits `<metric>_lo`, `<metric>_hi` (`INTERVAL_COLUMNS`, e.g. 'ece_hi', with `ci` set) of
+        accuracy, confidence, ece, mce, rmsce, ece_debiased, adaptive_ece, smece, ks_error, overconfidence,
+        underconfidence, nll, brier, aurc, augrc.
     n_fine : int, default 1000
         Fine equal-width bins behind adaptive and smooth ECE, the KS error, AURC and AUGRC: their resolution in
         confidence, and the cells the bootstrap resamples.
@@ -202,9 +212,9 @@ class CalibrationCallback(Callback):
             check_interval_grid(self.n_bins, self.n_fine)  # else every epoch's intervals, and `history`, would fail
         self.ci, self.n_boot, self.seed = ci, n_boot, check_seed(seed)
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-        unknown = [m for m in metrics if m not in METRIC_NAMES + INTERVAL_COLUMNS]
-        if unknown:
-            raise ValueError(f"unknown calibration metrics {unknown}; choose from {METRIC_NAMES + INTERVAL_COLUMNS}")
+        for m in metrics:
+            if m not in METRIC_NAMES + INTERVAL_COLUMNS:
+                raise ValueError(_unknown_metric_message(m))
         if ci is None and any(m in INTERVAL_COLUMNS for m in metrics):
             raise ValueError("interval columns need a confidence level: pass ci=0.95 (or another level)")
         self._eager_intervals = any(m in INTERVAL_COLUMNS for m in metrics)
@@ -535,6 +545,14 @@ class CalibrationCallback(Callback):
         except ValueError as e:
             raise ValueError(f"CalibrationCallback {e}") from None
         return probs, target, probs.shape[0] // max(pred.shape[0], 1)
+
+
+def _unknown_metric_message(name: object) -> str:
+    """Why `name` is no column of the callback, with the closest name (case aside) and the names there are."""
+    close = difflib.get_close_matches(str(name).lower(), METRIC_NAMES + INTERVAL_COLUMNS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (f"unknown calibration metric {name!r}{hint}; the metrics are {', '.join(METRIC_NAMES)}, and the interval "
+            f"limits <metric>_lo and <metric>_hi of {', '.join(INTERVAL_NAMES)}")
 
 
 def _warn_if_calibrated(learn: Learner) -> None:

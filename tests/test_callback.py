@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import re
 import threading
 import warnings
 
@@ -549,6 +550,26 @@ def test_invalid_n_bins_is_rejected_at_construction(n_bins):
 def test_unknown_metric_names_are_rejected_at_construction():
     with pytest.raises(ValueError, match="unknown"):
         CalibrationCallback(metrics=("ece", "accuracy_top5"))
+
+
+@pytest.mark.parametrize("name, meant", [("ECE", "ece"), ("smECE", "smece"), ("Ece_Hi", "ece_hi"), ("nnl", "nll")])
+def test_a_misspelt_metric_name_gets_the_closest_name(name, meant):
+    # Issue 20: metrics=('ECE',) listed 50 names without "did you mean 'ece'".
+    with pytest.raises(ValueError, match=rf"unknown calibration metric '{name}' \(did you mean '{meant}'\?\)"):
+        CalibrationCallback(metrics=(name,))
+
+
+def test_the_docstring_lists_every_metric_name_the_callback_accepts():
+    # Issue 20: help(CalibrationCallback) did not list the metric names.
+    doc = CalibrationCallback.__doc__
+    section = doc[doc.index("metrics : "):doc.index("n_fine : ")]
+    listed = set(re.findall(r"\b[a-z][a-z_]*\b", section))
+    assert set(METRIC_NAMES) <= listed
+    intervals = section[section.index("<metric>_lo"):]
+    named = [m for m in METRIC_NAMES if re.search(rf"\b{m}\b", intervals)]
+    assert [f"{m}_{end}" for m in named for end in ("lo", "hi")] == list(INTERVAL_COLUMNS)
+    for name in set(METRIC_NAMES) | set(INTERVAL_COLUMNS):
+        CalibrationCallback(metrics=(name,))  # each listed name is accepted
 
 
 @pytest.mark.parametrize("seed", [-1, 0.5, "42"])
