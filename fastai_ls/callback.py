@@ -283,7 +283,7 @@ class CalibrationCallback(Callback):
             if cb.learn is None and cb not in learn.cbs:
                 cb.__dict__["learn"] = learn  # not through `learn.add_cb`: that would find this one and replace it
                 learn.cbs.append(cb)
-        setattr(learn, "calibration", replaced[-1])
+        learn.calibration = replaced[-1]
         self.__dict__["_leaving_name"] = "_calibration_left"
 
     # --- events --------------------------------------------------------------------------------------------------
