@@ -477,8 +477,9 @@ class CalibrationCallback(Callback):
         ----------
         epoch : int, default -1
             Index into the epochs of the last fit (-1: the last); outside a fit's history, the last scored pass.
-        ax : matplotlib Axes, optional
-            Axes to draw on; None makes a figure with the count histogram on its own axes below.
+        ax : matplotlib Axes or pair of Axes, optional
+            None makes a figure with the counts in a panel below; a pair (diagram, panel) draws the same onto the
+            caller's axes; one Axes gets the counts as an outline on a right-hand axis.
         title : str, optional
             Shown before the ECE in the title: "<title>: ECE x.xx%".
 
@@ -489,9 +490,10 @@ class CalibrationCallback(Callback):
         return plot_reliability(self.state_of(epoch), ax=ax, title=title, ci=self.ci or 0.95)
 
     def plot_smooth_reliability(self, epoch: int = -1, ax: Axes | None = None, title: str | None = None) -> Figure:
-        """Smooth reliability diagram with bootstrap band and confidence density; returns the figure."""
-        return plot_smooth_reliability(self.state_of(epoch), ax=ax, title=title, ci=self.ci or 0.95,
-                                       n_boot=self.n_boot, seed=self.seed)
+        """Smooth reliability diagram with bootstrap band (none with `ci=None`) and confidence density; returns the
+        figure. `ax` as for `plot_reliability`."""
+        return plot_smooth_reliability(self.state_of(epoch), ax=ax, title=title, ci=self.ci, n_boot=self.n_boot,
+                                       seed=self.seed)
 
     def plot_risk_coverage(self, epoch: int = -1, ax: Axes | None = None, title: str | None = None) -> Figure:
         """Risk-coverage plot of an epoch (default the last); returns the figure."""

@@ -391,6 +391,16 @@ def test_plots_return_figures_headless_also_for_a_bare_state_on_given_axes():
 # --- training tricks ---------------------------------------------------------------------------------------------
 
 
+def test_plot_smooth_reliability_of_a_callback_without_intervals_draws_without_a_band():
+    # Issue 20 (19): with ci=None and n_fine < n_bins the callback's smooth diagram said to pass ci=None.
+    cb = CalibrationCallback(ci=None, n_bins=15, n_fine=10)
+    with quiet(learn := make_learner(cb)):
+        learn.fit(1, 1e-2)
+    fig = cb.plot_smooth_reliability()
+    assert fig.axes[0].get_title().startswith("smECE") and "[" not in fig.axes[0].get_title()
+    matplotlib.pyplot.close(fig)
+
+
 class HalfOutput(nn.Module):
     """A model whose predictions arrive in half precision, as with `.half()` and no MixedPrecision."""
 
