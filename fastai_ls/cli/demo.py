@@ -527,12 +527,14 @@ def reliability_figure(
     """
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(states), figsize=(5 * len(states), 5.4), squeeze=False)
-    for ax, (title, state) in zip(axes[0], states.items()):
+    # The counts (or density) in a panel below each diagram, as `cb.plot_reliability()` draws them.
+    fig, axes = plt.subplots(2, len(states), figsize=(5 * len(states), 7.6), squeeze=False, sharex="col",
+                             gridspec_kw={"height_ratios": [3, 1]})
+    for top, panel, (title, state) in zip(axes[0], axes[1], states.items()):
         if smooth:
-            plot_smooth_reliability(state, ax=ax, title=title, ci=CI, seed=seed)
+            plot_smooth_reliability(state, ax=(top, panel), title=title, ci=CI, seed=seed)
         else:
-            plot_reliability(state, ax=ax, title=title, ci=CI)
+            plot_reliability(state, ax=(top, panel), title=title, ci=CI)
     if suptitle:
         fig.suptitle(suptitle)
     fig.tight_layout()
