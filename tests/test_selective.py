@@ -331,6 +331,73 @@ def test_bad_input_is_a_clear_error(call, message):
         call()
 
 
+def test_scores_at_both_infinities_and_signed_zeros_tie_as_the_plain_loop_says():
+    scores = torch.tensor([math.inf, 0.0, -0.0, -math.inf, math.inf, 0.0, -math.inf, 1.0], dtype=torch.float64)
+    correct = torch.tensor([1, 0, 1, 0, 0, 1, 1, 1])
+    want = reference_metrics(scores, correct)
+    assert aurc(scores, correct) == pytest.approx(want["aurc"], abs=1e-12)
+    assert augrc(scores, correct) == pytest.approx(want["augrc"], abs=1e-12)
+    assert expected_errors(scores, correct).tolist() == pytest.approx(reference_expected_errors(scores, correct))
+
+
+def test_logits_so_large_that_float64_overflows_are_refused_not_scored_as_nan():
+    # Regression: [1e308, -1e308, 0] gave a NaN entropy; [1e308, 1e308, -1e308] NaN normalised scores.
+    for row in ([1e308, -1e308, 0.0], [1e308, 1e308, -1e308]):
+        with pytest.raises(ValueError, match="beyond \\+-1e\\+300"):
+            confidence_scores(torch.tensor([row, [0.0, 1.0, 2.0]], dtype=torch.float64))
+    finite = confidence_scores(torch.tensor([[1e300, -1e300, -math.inf]], dtype=torch.float64))
+    assert all(bool(v.isfinite().all()) for v in finite.values())
+
+
+def test_a_p_so_small_that_the_norm_overflows_is_refused_rather_than_tying_every_row():
+    # Regression: p=1e-3 made ||c||_p overflow, so pnorm was 0 (and pnorm_softmax 1/C) on every row, and
+    # compare_confidence_scores could pick that all-tied ranking.
+    z, y = realistic_logits(n=60, c=3, seed=20)
+    with pytest.raises(ValueError, match="p=0.001 is too small"):
+        confidence_scores(z, ["pnorm"], p=1e-3)
+    with pytest.raises(ValueError, match="p=0.001 is too small"):
+        compare_confidence_scores(z, y, grid=[1e-3, 2], n_boot=20)
+    small = confidence_scores(z, ["pnorm"], p=0.05)["pnorm"]
+    assert bool((small > 0).all()) and len(torch.unique(small)) == len(small)
+
+
+def test_coverage_and_risk_take_numbers_arrays_and_tensors_and_refuse_bools_and_strings():
+    scores, correct = tied_data(n=50, seed=21)
+    want = risk_at_coverage(scores, correct, 0.5)
+    assert risk_at_coverage(scores, correct, torch.tensor(0.5)) == want
+    assert risk_at_coverage(scores, correct, np.float32(0.5)) == want
+    assert risk_at_coverage(scores, correct, np.array([0.5, 1.0])).tolist() == \
+        risk_at_coverage(scores, correct, [0.5, 1.0]).tolist()
+    assert coverage_at_risk(scores, correct, torch.tensor([0.2])).tolist() == [coverage_at_risk(scores, correct, 0.2)]
+    for bad in (True, "0.5", [[0.5]], None):
+        with pytest.raises(ValueError, match="coverage must be in"):
+            risk_at_coverage(scores, correct, bad)
+    with pytest.raises(ValueError, match="risk must be in"):
+        coverage_at_risk(scores, correct, False)
+
+
+def test_the_bootstrap_refuses_folds_and_subsets_that_do_not_fit_the_rows():
+    # Regression: folds of the wrong length or for an unknown score were ignored or misread silently, and a
+    # subset with an out-of-range row id raised an IndexError.
+    s, c = {"a": torch.tensor([0.9, 0.8, 0.1, 0.5])}, torch.tensor([1, 1, 0, 1])
+    for kwargs, message in (({"folds": {"a": torch.tensor([0, 1])}}, "folds\\['a'\\] must be an \\(4,\\)"),
+                            ({"folds": {"b": torch.tensor([0, 1, 0, 1])}}, "folds name scores that are not given"),
+                            ({"subsets": {"a": torch.tensor([0, 9])}}, "integer row ids in \\[0, 4\\)"),
+                            ({"subsets": {"a": torch.tensor([0, -1])}}, "integer row ids in \\[0, 4\\)"),
+                            ({"subsets": {"a": torch.tensor([0.0, 1.0])}}, "integer row ids")):
+        with pytest.raises(ValueError, match=message):
+            bootstrap_selective(s, c, n_boot=5, **kwargs)
+
+
+def test_the_streamed_bound_of_no_rows_is_a_clear_error():
+    # Regression: empty counters raised ZeroDivisionError.
+    for fine in (torch.zeros(0, 3), torch.zeros(5, 3)):
+        with pytest.raises(ValueError, match="counts no rows"):
+            streamed_error_bound(fine)
+    with pytest.raises(ValueError, match="\\(K, 3\\)"):
+        streamed_error_bound(torch.zeros(5))
+
+
 # --- the command, the plot ----------------------------------------------------------------------------------------
 
 

@@ -38,6 +38,8 @@ NORMALISED = ("pnorm", "pnorm_softmax")
 # Replicates are drawn and scored this many rows x replicates at a time, so that memory stays bounded (about 30 MB
 # per array) whatever N and `n_boot`.
 _CHUNK_ELEMENTS = 4_000_000
+# The largest finite |logit| scored: differences and sums of C such values stay finite in float64.
+_LARGEST_LOGIT = 1e300
 
 
 # --- confidence scores --------------------------------------------------------------------------------------------
@@ -65,6 +67,12 @@ def _check_logits(logits: Tensor) -> Tensor:
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"logits hold NaN or +inf (or no finite value) in {int(bad.sum())} of {len(logits)} rows "
                          f"(first: row {i}); drop those rows")
+    # Differences and sums of logits past this overflow float64 and give NaN scores.
+    huge = (logits.isfinite() & (logits.abs() > _LARGEST_LOGIT)).any(1)
+    if bool(huge.any()):
+        i = int(huge.nonzero()[0, 0])
+        raise ValueError(f"logits hold finite values beyond +-{_LARGEST_LOGIT:g} in {int(huge.sum())} of "
+                         f"{len(logits)} rows (first: row {i}), which overflow float64 in the scores")
     return logits
 
 
@@ -126,6 +134,11 @@ def _block_scores(logits: Tensor, names: Sequence[str], grid: Sequence[float],
             root = power.sum(1).pow(1 / p)
         else:
             root = ratio.pow(p).sum(1).pow(1 / p)
+        overflow = ~constant & ~root.isfinite()
+        if bool(overflow.any()):
+            raise ValueError(f"p={p:g} is too small for these logits: ||z - mean z||_p overflows float64 in "
+                             f"{int(overflow.sum())} rows, so every such row would tie at the lowest score; use a "
+                             "larger p (e.g. 1 to 9)")
         norm = scale * root
         if "pnorm" in normalised:
             out[("pnorm", p)] = torch.where(constant, 0.0, top / norm)
@@ -333,12 +346,26 @@ def augrc(scores: Tensor, correct: Tensor) -> float:
     return float(e.sum() / (len(e) * len(e)))
 
 
+def _shares(values: float | Sequence[float], name: str, meaning: str, lowest_allowed: bool) -> tuple[Tensor, bool]:
+    """`values` (a number, or a sequence, array or tensor of numbers) as an (M,) float64 tensor in (0, 1] (in [0, 1]
+    where `lowest_allowed`), and whether it was one number; else a ValueError naming `name`."""
+    interval = "[0, 1]" if lowest_allowed else "(0, 1]"
+    error = ValueError(f"{name} must be in {interval} ({meaning}), got {values!r}")
+    if isinstance(values, (bool, str, bytes)):
+        raise error
+    try:
+        shares = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise error from None
+    low = shares < 0 if lowest_allowed else shares <= 0
+    if shares.dim() > 1 or shares.numel() == 0 or bool((low | (shares > 1) | shares.isnan()).any()):
+        raise error
+    return shares.reshape(-1), shares.dim() == 0
+
+
 def _positions(coverage: float | Sequence[float], n: int) -> tuple[Tensor, bool]:
     """The number of rows kept at each coverage: ceil(coverage N), at least 1."""
-    scalar = isinstance(coverage, numbers.Real)
-    values = torch.as_tensor([coverage] if scalar else list(coverage), dtype=torch.float64)
-    if values.dim() != 1 or len(values) == 0 or bool(((values <= 0) | (values > 1) | values.isnan()).any()):
-        raise ValueError(f"coverage must be in (0, 1] (a share of the rows), got {coverage!r}")
+    values, scalar = _shares(coverage, "coverage", "a share of the rows", lowest_allowed=False)
     return (values * n - 1e-9).ceil().clamp(1, n).long(), scalar
 
 
@@ -416,10 +443,7 @@ def coverage_at_risk(scores: Tensor, correct: Tensor, risk: float | Sequence[flo
     >>> coverage_at_risk(torch.tensor([0.9, 0.5, 0.1, 0.3]), torch.tensor([1, 1, 0, 1]), 0.0)
     0.75
     """
-    scalar = isinstance(risk, numbers.Real)
-    bounds = torch.as_tensor([risk] if scalar else list(risk), dtype=torch.float64)
-    if bounds.dim() != 1 or len(bounds) == 0 or bool(((bounds < 0) | (bounds > 1) | bounds.isnan()).any()):
-        raise ValueError(f"risk must be in [0, 1] (an error rate), got {risk!r}")
+    bounds, scalar = _shares(risk, "risk", "an error rate", lowest_allowed=True)
     e = expected_errors(scores, correct)
     k = torch.arange(1, len(e) + 1, dtype=torch.float64)
     # E(k)/k <= r as E(k) <= r k, with a relative slack for the rounding of E(k) (a tie's e i / c).
@@ -598,6 +622,7 @@ def bootstrap_selective(
     folds, subsets = folds or {}, subsets or {}
     if set(folds) & set(subsets):
         raise ValueError("a score is ranked within folds or on a subset of the rows, not both")
+    _check_rows(folds, subsets, checked, n)
     plans, same_as = {}, {}
 
     def same(a: dict, x: str, y: str) -> bool:
@@ -631,6 +656,23 @@ def bootstrap_selective(
     for name, twin in same_as.items():
         out[name] = {metric: values.clone() for metric, values in out[twin].items()}
     return out
+
+
+def _check_rows(folds: dict, subsets: dict, scores: dict, n: int) -> None:
+    """A ValueError unless `folds` and `subsets` name given scores, each fold assignment is (N,) and each subset
+    holds integer row ids in [0, N)."""
+    for label, given in (("folds", folds), ("subsets", subsets)):
+        unknown = [name for name in given if name not in scores]
+        if unknown:
+            raise ValueError(f"{label} name scores that are not given: {', '.join(map(repr, unknown))}")
+    for name, fold_of in folds.items():
+        if not isinstance(fold_of, Tensor) or fold_of.shape != (n,):
+            raise ValueError(f"folds[{name!r}] must be an ({n},) tensor of fold ids, one per row, got "
+                             f"{tuple(getattr(fold_of, 'shape', ()))}")
+    for name, idx in subsets.items():
+        if not isinstance(idx, Tensor) or idx.dim() != 1 or len(idx) == 0 or idx.is_floating_point() or \
+                idx.is_complex() or idx.dtype == torch.bool or bool(((idx < 0) | (idx >= n)).any()):
+            raise ValueError(f"subsets[{name!r}] must be a non-empty 1-d tensor of integer row ids in [0, {n})")
 
 
 def _fill(out: dict, plans: dict, n: int, n_boot: int, seed: int | None, tables: tuple[Tensor, Tensor],
@@ -792,7 +834,11 @@ def streamed_error_bound(fine: Tensor) -> dict[str, float]:
     >>> streamed_error_bound(torch.tensor([[2., 1.8, 1.], [2., 0.4, 2.]]))["augrc"]  # 1 * 1 / 2 / 4^2
     0.03125
     """
+    if not isinstance(fine, Tensor) or fine.dim() != 2 or fine.shape[1] != 3:
+        raise ValueError(f"fine must be a state's (K, 3) fine counters, got {getattr(fine, 'shape', type(fine))}")
     fine = fine.detach().cpu().double()
+    if not float(fine[:, 0].sum()) > 0:
+        raise ValueError("fine counts no rows: there is no AURC or AUGRC to bound")
     count = fine[:, 0].flip(0)  # most confident first
     errors = (fine[:, 0] - fine[:, 2]).clamp_min(0).flip(0)
     errors = torch.minimum(errors, count)
