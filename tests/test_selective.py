@@ -449,6 +449,23 @@ def test_the_plot_labels_its_axes_and_has_a_legend_entry_per_curve():
         assert "bootstrap band" in labels[3]
 
 
+def test_the_plot_checks_its_targets_as_the_comparison_does_and_takes_numpy():
+    # Regression: out-of-range, ignored (-100) and bool targets were drawn as wrong rows without a word, numpy
+    # inputs refused, coverages=0 a ZeroDivisionError.
+    pytest.importorskip("matplotlib")
+    from fastai_ls import plot_selective
+
+    z, y = realistic_logits(n=60, c=3, seed=22)
+    for targets, message in ((y + 3, "outside \\[0, 3\\)"), (torch.where(y == 0, -100, y), "outside"),
+                             (y > 0, "integer class ids")):
+        with pytest.raises(ValueError, match=message):
+            plot_selective(z, targets, scores=["msp"], n_boot=20)
+    with pytest.raises(ValueError, match="coverages must be an int >= 1"):
+        plot_selective(z, y, scores=["msp"], n_boot=20, coverages=0)
+    fig = plot_selective(z.numpy(), y.numpy(), scores=["msp"], n_boot=20)
+    assert fig.axes[0].get_legend().get_texts()[0].get_text().startswith("msp")
+
+
 def test_the_demo_section_prints_both_models_and_writes_one_table(tmp_path, capsys):
     from fastai_ls.cli.selective import selective_section
 

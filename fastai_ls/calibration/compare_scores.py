@@ -26,7 +26,7 @@ from fastai_ls.calibration.selective import (
     selective_table,
 )
 
-__all__ = ["P_GRID", "compare_confidence_scores", "softmax_response_note"]
+__all__ = ["P_GRID", "check_held_out", "compare_confidence_scores", "softmax_response_note"]
 
 # The norms tried for `pnorm` and `pnorm_softmax` (Cattelan & Silva try p = 0..9, where p = 0 is no normalisation).
 P_GRID = tuple(range(1, 10))
@@ -67,6 +67,50 @@ def _fall_back(candidates: dict, correct: Tensor, best: list, train: list, ci: f
         if not percentile_intervals({"d": difference}, ci)["d"][1] < 0:
             chosen[f] = msp
     return chosen
+
+
+def check_held_out(logits: Tensor | np.ndarray, targets: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
+    """Held-out `logits` (detached, on the CPU) and `targets` (int64), or an error naming the problem: logits as
+    `confidence_scores` refuses them, targets that are not one integer class id in [0, C) per row (bool, float,
+    (N, 1), ignored rows such as -100).
+
+    Parameters
+    ----------
+    logits : Tensor | np.ndarray
+        (N, C) logits.
+    targets : Tensor | np.ndarray
+        (N,) class ids.
+
+    Returns
+    -------
+    tuple of Tensor
+        The logits and the int64 targets (the caller's own are left as they were).
+
+    Examples
+    --------
+    >>> check_held_out(torch.zeros(2, 3), torch.tensor([0, 3]))
+    Traceback (most recent call last):
+    ...
+    ValueError: targets hold 1 class ids outside [0, 3) (first: 3 in row 1); drop ignored rows
+    """
+    if isinstance(logits, np.ndarray):
+        logits = torch.from_numpy(logits)
+    if isinstance(targets, np.ndarray):
+        targets = torch.from_numpy(targets)
+    z = _check_logits(logits)
+    n, n_classes = z.shape
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a torch.Tensor or a numpy array, got {type(targets).__name__}")
+    if targets.shape != (n,) or targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must hold {n} integer class ids (one per row of logits), got {targets.dtype} "
+                         f"{tuple(targets.shape)}")
+    targets = targets.detach().cpu().long()
+    outside = (targets < 0) | (targets >= n_classes)
+    if bool(outside.any()):
+        i = int(outside.nonzero()[0, 0])
+        raise ValueError(f"targets hold {int(outside.sum())} class ids outside [0, {n_classes}) (first: "
+                         f"{int(targets[i])} in row {i}); drop ignored rows")
+    return z, targets
 
 
 def compare_confidence_scores(
@@ -126,23 +170,7 @@ def compare_confidence_scores(
     >>> list(table.index)[-1], table.loc["selected", "choice"]
     ('selected', 'msp')
     """
-    if isinstance(logits, np.ndarray):
-        logits = torch.from_numpy(logits)
-    if isinstance(targets, np.ndarray):
-        targets = torch.from_numpy(targets)
-    z = _check_logits(logits)
-    n, n_classes = z.shape
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"targets must be a torch.Tensor or a numpy array, got {type(targets).__name__}")
-    if targets.shape != (n,) or targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise ValueError(f"targets must hold {n} integer class ids (one per row of logits), got {targets.dtype} "
-                         f"{tuple(targets.shape)}")
-    targets = targets.detach().cpu().long()
-    outside = (targets < 0) | (targets >= n_classes)
-    if bool(outside.any()):
-        i = int(outside.nonzero()[0, 0])
-        raise ValueError(f"targets hold {int(outside.sum())} class ids outside [0, {n_classes}) (first: "
-                         f"{int(targets[i])} in row {i}); drop ignored rows")
+    z, targets = check_held_out(logits, targets)
     check_ci(ci, n_boot)
     seed = check_seed(seed, allow_none=False)
     grid = list(grid)
