@@ -15,17 +15,19 @@ import torch
 
 from fastai_ls import CalibrationState, augrc, aurc, compare_confidence_scores, confidence_scores
 from fastai_ls.calibration.compare_scores import softmax_response_note
+from fastai_ls.calibration.confidence_scores import SCORE_NAMES
 from fastai_ls.calibration.selective import (
-    SCORE_NAMES,
-    _generator,
-    _replicate_weights,
-    bootstrap_selective,
     coverage_at_risk,
     expected_errors,
     risk_at_coverage,
     selective_accuracy,
-    selective_table,
     streamed_error_bound,
+)
+from fastai_ls.calibration.selective_bootstrap import (
+    _generator,
+    _replicate_weights,
+    bootstrap_selective,
+    selective_table,
 )
 from fastai_ls.cli import main
 
@@ -211,7 +213,7 @@ def test_the_bootstrap_is_seeded_pairs_scores_and_does_not_depend_on_the_chunk_s
     scores, correct = tied_data(n=300, seed=8)
     a = bootstrap_selective({"x": scores, "y": scores.clone()}, correct, n_boot=50, seed=3)
     assert torch.equal(a["x"]["aurc"], a["y"]["aurc"])  # the same rows: a paired difference of exactly 0
-    monkeypatch.setattr("fastai_ls.calibration.selective._CHUNK_ELEMENTS", 300 * 7)  # chunks of 7 replicates
+    monkeypatch.setattr("fastai_ls.calibration.selective_bootstrap._CHUNK_ELEMENTS", 300 * 7)  # chunks of 7 replicates
     b = bootstrap_selective({"x": scores}, correct, n_boot=50, seed=3)
     assert not torch.equal(a["x"]["aurc"], bootstrap_selective({"x": scores}, correct, n_boot=50, seed=4)["x"]["aurc"])
     # Chunks draw other numbers than one draw of all replicates; the distributions agree.

@@ -1,7 +1,7 @@
-"""Which confidence score should decide when to abstain? Every score of `selective.py` scored on held-out logits,
-and a cross-fitted choice among them that keeps the softmax response unless another score is better beyond its
-interval (Cattelan & Silva, UAI 2024, who tune p on held-out data and fall back to the softmax response when no p
-helps)."""
+"""Which confidence score should decide when to abstain? Every score of `confidence_scores.py` scored on held-out
+logits, and a cross-fitted choice among them that keeps the softmax response unless another score is better beyond
+its interval (Cattelan & Silva, UAI 2024, who tune p on held-out data and fall back to the softmax response when no
+p helps)."""
 
 from __future__ import annotations
 
@@ -14,17 +14,10 @@ import torch
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators.folds import stratified_folds
+from fastai_ls.calibration.confidence_scores import NORMALISED, SCORE_NAMES, _check_logits, _scores
 from fastai_ls.calibration.intervals import _one_thread, check_ci, check_seed, percentile_intervals
-from fastai_ls.calibration.selective import (
-    NORMALISED,
-    SCORE_NAMES,
-    _check_logits,
-    _expected_errors,
-    _Ranking,
-    _scores,
-    bootstrap_selective,
-    selective_table,
-)
+from fastai_ls.calibration.selective import _aurc_sum, _expected_errors, _Ranking
+from fastai_ls.calibration.selective_bootstrap import bootstrap_selective, selective_table
 
 __all__ = ["P_GRID", "check_held_out", "compare_confidence_scores", "softmax_response_note"]
 
@@ -33,8 +26,7 @@ P_GRID = tuple(range(1, 10))
 
 
 def _aurc(scores: Tensor, errors: Tensor) -> float:
-    e = _expected_errors(_Ranking(scores), errors)
-    return float((e / torch.arange(1, len(e) + 1, dtype=torch.float64)).mean())
+    return _aurc_sum(_expected_errors(_Ranking(scores), errors)) / len(scores)
 
 
 def _label(key: tuple[str, float | None]) -> str:

@@ -333,9 +333,9 @@ def plot_selective(
     coverages: int = 100,
 ) -> Figure:
     """Risk-coverage and generalised risk-coverage curves of confidence scores on held-out logits, one curve per
-    score (`fastai_ls.calibration.selective.confidence_scores`), each with its percentile bootstrap band: accept the
-    highest-scoring rows first; the selective risk (errors among the accepted, whose mean over coverage is AURC)
-    and the generalised risk (accepted errors over all rows: AUGRC), exact with ties sharing their errors.
+    score (`fastai_ls.confidence_scores`), each with its percentile bootstrap band: accept the highest-scoring rows
+    first; the selective risk (errors among the accepted, whose mean over coverage is AURC) and the generalised risk
+    (accepted errors over all rows: AUGRC), exact with ties sharing their errors.
 
     Parameters
     ----------
@@ -365,7 +365,9 @@ def plot_selective(
     import matplotlib.pyplot as plt
 
     from fastai_ls.calibration.compare_scores import check_held_out
-    from fastai_ls.calibration.selective import bootstrap_selective, confidence_scores, expected_errors
+    from fastai_ls.calibration.confidence_scores import confidence_scores
+    from fastai_ls.calibration.selective import expected_errors
+    from fastai_ls.calibration.selective_bootstrap import bootstrap_selective
 
     check_ci(ci, n_boot)
     check_seed(seed)
