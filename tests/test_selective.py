@@ -363,6 +363,19 @@ def test_a_p_so_small_that_the_norm_overflows_is_refused_rather_than_tying_every
     assert bool((small > 0).all()) and len(torch.unique(small)) == len(small)
 
 
+def test_the_grid_takes_numpy_numbers_and_refuses_ints_beyond_float64_with_a_clear_error():
+    # Regression: grid=np.arange(1, 10) was refused (np.int64 is not an int), and p=10**400 raised an OverflowError.
+    z, y = realistic_logits(n=60, c=3, seed=23)
+    by_numpy = compare_confidence_scores(z, y, grid=np.arange(1, 4), n_boot=20)
+    assert by_numpy.equals(compare_confidence_scores(z, y, grid=[1, 2, 3], n_boot=20))
+    with pytest.raises(ValueError, match="every p of grid must be a positive number"):
+        compare_confidence_scores(z, y, grid=[2, 10**400], n_boot=20)
+    with pytest.raises(ValueError, match="p must be a positive number"):
+        confidence_scores(z, ["pnorm"], p=10**400)
+    big = confidence_scores(z, ["pnorm"], p=2**70)["pnorm"]
+    assert torch.equal(big, confidence_scores(z, ["pnorm"], p=2.0**70)["pnorm"])
+
+
 def test_coverage_and_risk_take_numbers_arrays_and_tensors_and_refuse_bools_and_strings():
     scores, correct = tied_data(n=50, seed=21)
     want = risk_at_coverage(scores, correct, 0.5)

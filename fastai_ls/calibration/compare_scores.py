@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators.folds import stratified_folds
-from fastai_ls.calibration.confidence_scores import NORMALISED, SCORE_NAMES, _check_logits, _scores
+from fastai_ls.calibration.confidence_scores import NORMALISED, SCORE_NAMES, _check_logits, _check_p, _scores
 from fastai_ls.calibration.intervals import _one_thread, check_ci, check_seed, percentile_intervals
 from fastai_ls.calibration.selective import _aurc_sum, _expected_errors, _Ranking
 from fastai_ls.calibration.selective_bootstrap import bootstrap_selective, selective_table
@@ -165,12 +165,9 @@ def compare_confidence_scores(
     z, targets = check_held_out(logits, targets)
     check_ci(ci, n_boot)
     seed = check_seed(seed, allow_none=False)
-    grid = list(grid)
+    grid = [_check_p(p, "every p of grid") for p in grid]
     if not grid:
         raise ValueError("grid is empty: give the p to try, e.g. range(1, 10)")
-    for p in grid:
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
-            raise ValueError(f"every p of grid must be a positive number, got {p!r}")
     fold_of = stratified_folds(targets, folds, seed)
     # One thread: these are many passes over arrays of a few MB, which a second thread hardly speeds up and, on cores
     # other work keeps busy, slows down (2.5x on 2 busy cores).

@@ -25,10 +25,15 @@ _LARGEST_LOGIT = 1e300
 
 
 def _check_p(p: float, name: str = "p") -> float:
+    """`p` as a float, or a ValueError naming `name`: bools, NaN, p <= 0 and ints beyond float64 are refused."""
+    error = ValueError(f"{name} must be a positive number (the norm's order, e.g. 2; math.inf for the max norm), "
+                       f"got {p!r}")
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not p > 0:  # also refuses NaN
-        raise ValueError(f"{name} must be a positive number (the norm's order, e.g. 2; inf for the max norm), got "
-                         f"{p!r}")
-    return float(p)
+        raise error
+    try:
+        return float(p)
+    except OverflowError:
+        raise error from None
 
 
 def _check_logits(logits: Tensor) -> Tensor:
