@@ -376,6 +376,19 @@ def test_the_grid_takes_numpy_numbers_and_refuses_ints_beyond_float64_with_a_cle
     assert torch.equal(big, confidence_scores(z, ["pnorm"], p=2.0**70)["pnorm"])
 
 
+def test_integer_and_low_precision_scores_rank_as_their_values_and_inexact_ones_are_refused():
+    # Regression: complex scores lost their imaginary part with only a warning, and int64 scores beyond 2**53 became
+    # false ties in float64.
+    correct = torch.tensor([1, 0, 1, 1, 0])
+    ints = torch.tensor([3, 1, 2, 2, 0])
+    want = reference_metrics(ints, correct)
+    for scores in (ints, ints.int(), ints.half(), ints.bfloat16(), ints.double()):
+        assert aurc(scores, correct) == pytest.approx(want["aurc"], abs=1e-12)
+    with pytest.raises(ValueError, match="beyond 2\\*\\*53"):
+        aurc(torch.tensor([2**53 + 1, 2**53, 0, 1, 2]), correct)
+    with pytest.raises(ValueError, match="real numbers"):
+        augrc(ints.to(torch.complex64), correct)
+
 def test_coverage_and_risk_take_numbers_arrays_and_tensors_and_refuse_bools_and_strings():
     scores, correct = tied_data(n=50, seed=21)
     want = risk_at_coverage(scores, correct, 0.5)

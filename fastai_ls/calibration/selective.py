@@ -42,7 +42,12 @@ def check_selective_input(scores: Tensor, correct: Tensor) -> tuple[Tensor, Tens
     if scores.dim() != 1 or scores.shape[0] < 1 or correct.shape != scores.shape:
         raise ValueError(f"scores and correct must both be (N,) with N >= 1, got {tuple(scores.shape)} and "
                          f"{tuple(correct.shape)}")
+    if scores.is_complex():
+        raise ValueError(f"scores must be real numbers, got {scores.dtype}")
     if not scores.is_floating_point():
+        # Ranked in float64, where integers beyond 2**53 would round into false ties.
+        if scores.dtype == torch.int64 and bool(((scores > 2**53) | (scores < -2**53)).any()):
+            raise ValueError("integer scores beyond 2**53 in magnitude are not exact in float64; rescale them")
         scores = scores.double()
     if bool(scores.isnan().any()):
         raise ValueError(f"scores hold NaN in {int(scores.isnan().sum())} of {len(scores)} rows")
