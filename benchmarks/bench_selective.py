@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from fastai_ls import CalibrationState, augrc, aurc, compare_confidence_scores, confidence_scores
-from fastai_ls.calibration.selective import selective_table, streamed_error_bound
+from fastai_ls.calibration.selective import streamed_error_bound
+from fastai_ls.calibration.selective_bootstrap import selective_table
 
 TARGET_S = 30.0
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # for IDEs and type checkers; at run time `__getattr__` below
     from fastai_ls import distributed
     from fastai_ls.calibration import CalibrationState, calibration_error, calibration_metrics
     from fastai_ls.calibration.compare_scores import compare_confidence_scores
+    from fastai_ls.calibration.confidence_scores import confidence_scores
     from fastai_ls.calibration.plots import (
         plot_history,
         plot_reliability,
@@ -22,7 +23,7 @@ if TYPE_CHECKING:  # for IDEs and type checkers; at run time `__getattr__` below
         plot_selective,
         plot_smooth_reliability,
     )
-    from fastai_ls.calibration.selective import augrc, aurc, confidence_scores
+    from fastai_ls.calibration.selective import augrc, aurc
     from fastai_ls.callback import CalibrationCallback
     from fastai_ls.digits import digits_learner
     from fastai_ls.losses import (
@@ -59,7 +60,7 @@ _SOURCES = {
     "plot_smooth_reliability": "fastai_ls.calibration.plots",
     "plot_risk_coverage": "fastai_ls.calibration.plots",
     "plot_selective": "fastai_ls.calibration.plots",
-    "confidence_scores": "fastai_ls.calibration.selective",
+    "confidence_scores": "fastai_ls.calibration.confidence_scores",
     "aurc": "fastai_ls.calibration.selective",
     "augrc": "fastai_ls.calibration.selective",
     "compare_confidence_scores": "fastai_ls.calibration.compare_scores",

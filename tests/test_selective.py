@@ -15,17 +15,19 @@ import torch
 
 from fastai_ls import CalibrationState, augrc, aurc, compare_confidence_scores, confidence_scores
 from fastai_ls.calibration.compare_scores import softmax_response_note
+from fastai_ls.calibration.confidence_scores import SCORE_NAMES
 from fastai_ls.calibration.selective import (
-    SCORE_NAMES,
-    _generator,
-    _replicate_weights,
-    bootstrap_selective,
     coverage_at_risk,
     expected_errors,
     risk_at_coverage,
     selective_accuracy,
-    selective_table,
     streamed_error_bound,
+)
+from fastai_ls.calibration.selective_bootstrap import (
+    _generator,
+    _replicate_weights,
+    bootstrap_selective,
+    selective_table,
 )
 from fastai_ls.cli import main
 
@@ -211,7 +213,7 @@ def test_the_bootstrap_is_seeded_pairs_scores_and_does_not_depend_on_the_chunk_s
     scores, correct = tied_data(n=300, seed=8)
     a = bootstrap_selective({"x": scores, "y": scores.clone()}, correct, n_boot=50, seed=3)
     assert torch.equal(a["x"]["aurc"], a["y"]["aurc"])  # the same rows: a paired difference of exactly 0
-    monkeypatch.setattr("fastai_ls.calibration.selective._CHUNK_ELEMENTS", 300 * 7)  # chunks of 7 replicates
+    monkeypatch.setattr("fastai_ls.calibration.selective_bootstrap._CHUNK_ELEMENTS", 300 * 7)  # chunks of 7 replicates
     b = bootstrap_selective({"x": scores}, correct, n_boot=50, seed=3)
     assert not torch.equal(a["x"]["aurc"], bootstrap_selective({"x": scores}, correct, n_boot=50, seed=4)["x"]["aurc"])
     # Chunks draw other numbers than one draw of all replicates; the distributions agree.
@@ -331,6 +333,99 @@ def test_bad_input_is_a_clear_error(call, message):
         call()
 
 
+def test_scores_at_both_infinities_and_signed_zeros_tie_as_the_plain_loop_says():
+    scores = torch.tensor([math.inf, 0.0, -0.0, -math.inf, math.inf, 0.0, -math.inf, 1.0], dtype=torch.float64)
+    correct = torch.tensor([1, 0, 1, 0, 0, 1, 1, 1])
+    want = reference_metrics(scores, correct)
+    assert aurc(scores, correct) == pytest.approx(want["aurc"], abs=1e-12)
+    assert augrc(scores, correct) == pytest.approx(want["augrc"], abs=1e-12)
+    assert expected_errors(scores, correct).tolist() == pytest.approx(reference_expected_errors(scores, correct))
+
+
+def test_logits_so_large_that_float64_overflows_are_refused_not_scored_as_nan():
+    # Regression: [1e308, -1e308, 0] gave a NaN entropy; [1e308, 1e308, -1e308] NaN normalised scores.
+    for row in ([1e308, -1e308, 0.0], [1e308, 1e308, -1e308]):
+        with pytest.raises(ValueError, match="beyond \\+-1e\\+300"):
+            confidence_scores(torch.tensor([row, [0.0, 1.0, 2.0]], dtype=torch.float64))
+    finite = confidence_scores(torch.tensor([[1e300, -1e300, -math.inf]], dtype=torch.float64))
+    assert all(bool(v.isfinite().all()) for v in finite.values())
+
+
+def test_a_p_so_small_that_the_norm_overflows_is_refused_rather_than_tying_every_row():
+    # Regression: p=1e-3 made ||c||_p overflow, so pnorm was 0 (and pnorm_softmax 1/C) on every row, and
+    # compare_confidence_scores could pick that all-tied ranking.
+    z, y = realistic_logits(n=60, c=3, seed=20)
+    with pytest.raises(ValueError, match="p=0.001 is too small"):
+        confidence_scores(z, ["pnorm"], p=1e-3)
+    with pytest.raises(ValueError, match="p=0.001 is too small"):
+        compare_confidence_scores(z, y, grid=[1e-3, 2], n_boot=20)
+    small = confidence_scores(z, ["pnorm"], p=0.05)["pnorm"]
+    assert bool((small > 0).all()) and len(torch.unique(small)) == len(small)
+
+
+def test_the_grid_takes_numpy_numbers_and_refuses_ints_beyond_float64_with_a_clear_error():
+    # Regression: grid=np.arange(1, 10) was refused (np.int64 is not an int), and p=10**400 raised an OverflowError.
+    z, y = realistic_logits(n=60, c=3, seed=23)
+    by_numpy = compare_confidence_scores(z, y, grid=np.arange(1, 4), n_boot=20)
+    assert by_numpy.equals(compare_confidence_scores(z, y, grid=[1, 2, 3], n_boot=20))
+    with pytest.raises(ValueError, match="every p of grid must be a positive number"):
+        compare_confidence_scores(z, y, grid=[2, 10**400], n_boot=20)
+    with pytest.raises(ValueError, match="p must be a positive number"):
+        confidence_scores(z, ["pnorm"], p=10**400)
+    big = confidence_scores(z, ["pnorm"], p=2**70)["pnorm"]
+    assert torch.equal(big, confidence_scores(z, ["pnorm"], p=2.0**70)["pnorm"])
+
+
+def test_integer_and_low_precision_scores_rank_as_their_values_and_inexact_ones_are_refused():
+    # Regression: complex scores lost their imaginary part with only a warning, and int64 scores beyond 2**53 became
+    # false ties in float64.
+    correct = torch.tensor([1, 0, 1, 1, 0])
+    ints = torch.tensor([3, 1, 2, 2, 0])
+    want = reference_metrics(ints, correct)
+    for scores in (ints, ints.int(), ints.half(), ints.bfloat16(), ints.double()):
+        assert aurc(scores, correct) == pytest.approx(want["aurc"], abs=1e-12)
+    with pytest.raises(ValueError, match="beyond 2\\*\\*53"):
+        aurc(torch.tensor([2**53 + 1, 2**53, 0, 1, 2]), correct)
+    with pytest.raises(ValueError, match="real numbers"):
+        augrc(ints.to(torch.complex64), correct)
+
+def test_coverage_and_risk_take_numbers_arrays_and_tensors_and_refuse_bools_and_strings():
+    scores, correct = tied_data(n=50, seed=21)
+    want = risk_at_coverage(scores, correct, 0.5)
+    assert risk_at_coverage(scores, correct, torch.tensor(0.5)) == want
+    assert risk_at_coverage(scores, correct, np.float32(0.5)) == want
+    assert risk_at_coverage(scores, correct, np.array([0.5, 1.0])).tolist() == \
+        risk_at_coverage(scores, correct, [0.5, 1.0]).tolist()
+    assert coverage_at_risk(scores, correct, torch.tensor([0.2])).tolist() == [coverage_at_risk(scores, correct, 0.2)]
+    for bad in (True, "0.5", [[0.5]], None):
+        with pytest.raises(ValueError, match="coverage must be in"):
+            risk_at_coverage(scores, correct, bad)
+    with pytest.raises(ValueError, match="risk must be in"):
+        coverage_at_risk(scores, correct, False)
+
+
+def test_the_bootstrap_refuses_folds_and_subsets_that_do_not_fit_the_rows():
+    # Regression: folds of the wrong length or for an unknown score were ignored or misread silently, and a
+    # subset with an out-of-range row id raised an IndexError.
+    s, c = {"a": torch.tensor([0.9, 0.8, 0.1, 0.5])}, torch.tensor([1, 1, 0, 1])
+    for kwargs, message in (({"folds": {"a": torch.tensor([0, 1])}}, "folds\\['a'\\] must be an \\(4,\\)"),
+                            ({"folds": {"b": torch.tensor([0, 1, 0, 1])}}, "folds name scores that are not given"),
+                            ({"subsets": {"a": torch.tensor([0, 9])}}, "integer row ids in \\[0, 4\\)"),
+                            ({"subsets": {"a": torch.tensor([0, -1])}}, "integer row ids in \\[0, 4\\)"),
+                            ({"subsets": {"a": torch.tensor([0.0, 1.0])}}, "integer row ids")):
+        with pytest.raises(ValueError, match=message):
+            bootstrap_selective(s, c, n_boot=5, **kwargs)
+
+
+def test_the_streamed_bound_of_no_rows_is_a_clear_error():
+    # Regression: empty counters raised ZeroDivisionError.
+    for fine in (torch.zeros(0, 3), torch.zeros(5, 3)):
+        with pytest.raises(ValueError, match="counts no rows"):
+            streamed_error_bound(fine)
+    with pytest.raises(ValueError, match="\\(K, 3\\)"):
+        streamed_error_bound(torch.zeros(5))
+
+
 # --- the command, the plot ----------------------------------------------------------------------------------------
 
 
@@ -380,6 +475,23 @@ def test_the_plot_labels_its_axes_and_has_a_legend_entry_per_curve():
         labels = [t.get_text() for t in ax.get_legend().get_texts()]
         assert [label.split()[0] for label in labels[:3]] == ["msp", "pnorm", "energy"]
         assert "bootstrap band" in labels[3]
+
+
+def test_the_plot_checks_its_targets_as_the_comparison_does_and_takes_numpy():
+    # Regression: out-of-range, ignored (-100) and bool targets were drawn as wrong rows without a word, numpy
+    # inputs refused, coverages=0 a ZeroDivisionError.
+    pytest.importorskip("matplotlib")
+    from fastai_ls import plot_selective
+
+    z, y = realistic_logits(n=60, c=3, seed=22)
+    for targets, message in ((y + 3, "outside \\[0, 3\\)"), (torch.where(y == 0, -100, y), "outside"),
+                             (y > 0, "integer class ids")):
+        with pytest.raises(ValueError, match=message):
+            plot_selective(z, targets, scores=["msp"], n_boot=20)
+    with pytest.raises(ValueError, match="coverages must be an int >= 1"):
+        plot_selective(z, y, scores=["msp"], n_boot=20, coverages=0)
+    fig = plot_selective(z.numpy(), y.numpy(), scores=["msp"], n_boot=20)
+    assert fig.axes[0].get_legend().get_texts()[0].get_text().startswith("msp")
 
 
 def test_the_demo_section_prints_both_models_and_writes_one_table(tmp_path, capsys):

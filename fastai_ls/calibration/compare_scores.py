@@ -1,7 +1,7 @@
-"""Which confidence score should decide when to abstain? Every score of `selective.py` scored on held-out logits,
-and a cross-fitted choice among them that keeps the softmax response unless another score is better beyond its
-interval (Cattelan & Silva, UAI 2024, who tune p on held-out data and fall back to the softmax response when no p
-helps)."""
+"""Which confidence score should decide when to abstain? Every score of `confidence_scores.py` scored on held-out
+logits, and a cross-fitted choice among them that keeps the softmax response unless another score is better beyond
+its interval (Cattelan & Silva, UAI 2024, who tune p on held-out data and fall back to the softmax response when no
+p helps)."""
 
 from __future__ import annotations
 
@@ -14,27 +14,19 @@ import torch
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators.folds import stratified_folds
+from fastai_ls.calibration.confidence_scores import NORMALISED, SCORE_NAMES, _check_logits, _check_p, _scores
 from fastai_ls.calibration.intervals import _one_thread, check_ci, check_seed, percentile_intervals
-from fastai_ls.calibration.selective import (
-    NORMALISED,
-    SCORE_NAMES,
-    _check_logits,
-    _expected_errors,
-    _Ranking,
-    _scores,
-    bootstrap_selective,
-    selective_table,
-)
+from fastai_ls.calibration.selective import _aurc_sum, _expected_errors, _Ranking
+from fastai_ls.calibration.selective_bootstrap import bootstrap_selective, selective_table
 
-__all__ = ["P_GRID", "compare_confidence_scores", "softmax_response_note"]
+__all__ = ["P_GRID", "check_held_out", "compare_confidence_scores", "softmax_response_note"]
 
 # The norms tried for `pnorm` and `pnorm_softmax` (Cattelan & Silva try p = 0..9, where p = 0 is no normalisation).
 P_GRID = tuple(range(1, 10))
 
 
 def _aurc(scores: Tensor, errors: Tensor) -> float:
-    e = _expected_errors(_Ranking(scores), errors)
-    return float((e / torch.arange(1, len(e) + 1, dtype=torch.float64)).mean())
+    return _aurc_sum(_expected_errors(_Ranking(scores), errors)) / len(scores)
 
 
 def _label(key: tuple[str, float | None]) -> str:
@@ -67,6 +59,50 @@ def _fall_back(candidates: dict, correct: Tensor, best: list, train: list, ci: f
         if not percentile_intervals({"d": difference}, ci)["d"][1] < 0:
             chosen[f] = msp
     return chosen
+
+
+def check_held_out(logits: Tensor | np.ndarray, targets: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
+    """Held-out `logits` (detached, on the CPU) and `targets` (int64), or an error naming the problem: logits as
+    `confidence_scores` refuses them, targets that are not one integer class id in [0, C) per row (bool, float,
+    (N, 1), ignored rows such as -100).
+
+    Parameters
+    ----------
+    logits : Tensor | np.ndarray
+        (N, C) logits.
+    targets : Tensor | np.ndarray
+        (N,) class ids.
+
+    Returns
+    -------
+    tuple of Tensor
+        The logits and the int64 targets (the caller's own are left as they were).
+
+    Examples
+    --------
+    >>> check_held_out(torch.zeros(2, 3), torch.tensor([0, 3]))
+    Traceback (most recent call last):
+    ...
+    ValueError: targets hold 1 class ids outside [0, 3) (first: 3 in row 1); drop ignored rows
+    """
+    if isinstance(logits, np.ndarray):
+        logits = torch.from_numpy(logits)
+    if isinstance(targets, np.ndarray):
+        targets = torch.from_numpy(targets)
+    z = _check_logits(logits)
+    n, n_classes = z.shape
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a torch.Tensor or a numpy array, got {type(targets).__name__}")
+    if targets.shape != (n,) or targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must hold {n} integer class ids (one per row of logits), got {targets.dtype} "
+                         f"{tuple(targets.shape)}")
+    targets = targets.detach().cpu().long()
+    outside = (targets < 0) | (targets >= n_classes)
+    if bool(outside.any()):
+        i = int(outside.nonzero()[0, 0])
+        raise ValueError(f"targets hold {int(outside.sum())} class ids outside [0, {n_classes}) (first: "
+                         f"{int(targets[i])} in row {i}); drop ignored rows")
+    return z, targets
 
 
 def compare_confidence_scores(
@@ -126,31 +162,12 @@ def compare_confidence_scores(
     >>> list(table.index)[-1], table.loc["selected", "choice"]
     ('selected', 'msp')
     """
-    if isinstance(logits, np.ndarray):
-        logits = torch.from_numpy(logits)
-    if isinstance(targets, np.ndarray):
-        targets = torch.from_numpy(targets)
-    z = _check_logits(logits)
-    n, n_classes = z.shape
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"targets must be a torch.Tensor or a numpy array, got {type(targets).__name__}")
-    if targets.shape != (n,) or targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise ValueError(f"targets must hold {n} integer class ids (one per row of logits), got {targets.dtype} "
-                         f"{tuple(targets.shape)}")
-    targets = targets.detach().cpu().long()
-    outside = (targets < 0) | (targets >= n_classes)
-    if bool(outside.any()):
-        i = int(outside.nonzero()[0, 0])
-        raise ValueError(f"targets hold {int(outside.sum())} class ids outside [0, {n_classes}) (first: "
-                         f"{int(targets[i])} in row {i}); drop ignored rows")
+    z, targets = check_held_out(logits, targets)
     check_ci(ci, n_boot)
     seed = check_seed(seed, allow_none=False)
-    grid = list(grid)
+    grid = [_check_p(p, "every p of grid") for p in grid]
     if not grid:
         raise ValueError("grid is empty: give the p to try, e.g. range(1, 10)")
-    for p in grid:
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
-            raise ValueError(f"every p of grid must be a positive number, got {p!r}")
     fold_of = stratified_folds(targets, folds, seed)
     # One thread: these are many passes over arrays of a few MB, which a second thread hardly speeds up and, on cores
     # other work keeps busy, slows down (2.5x on 2 busy cores).

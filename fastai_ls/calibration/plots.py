@@ -10,13 +10,14 @@ hides no data.
 
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from fastai_ls.calibration.intervals import bootstrap_histograms, check_ci, percentile_intervals
+from fastai_ls.calibration.intervals import bootstrap_histograms, check_ci, check_seed, percentile_intervals
 from fastai_ls.calibration.smooth import smooth_curve, smooth_ece
 from fastai_ls.calibration.state import CalibrationState
 
@@ -367,8 +368,8 @@ def plot_history(source) -> Figure:
 
 
 def plot_selective(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
+    logits: torch.Tensor | np.ndarray,
+    targets: torch.Tensor | np.ndarray,
     scores: list[str] | None = None,
     p: float = 2,
     ci: float = 0.95,
@@ -377,16 +378,16 @@ def plot_selective(
     coverages: int = 100,
 ) -> Figure:
     """Risk-coverage and generalised risk-coverage curves of confidence scores on held-out logits, one curve per
-    score (`fastai_ls.calibration.selective.confidence_scores`), each with its percentile bootstrap band: accept the
-    highest-scoring rows first; the selective risk (errors among the accepted, whose mean over coverage is AURC)
-    and the generalised risk (accepted errors over all rows: AUGRC), exact with ties sharing their errors.
+    score (`fastai_ls.confidence_scores`), each with its percentile bootstrap band: accept the highest-scoring rows
+    first; the selective risk (errors among the accepted, whose mean over coverage is AURC) and the generalised risk
+    (accepted errors over all rows: AUGRC), exact with ties sharing their errors.
 
     Parameters
     ----------
-    logits : Tensor
+    logits : Tensor | np.ndarray
         (N, C) held-out logits.
-    targets : Tensor
-        (N,) class ids.
+    targets : Tensor | np.ndarray
+        (N,) class ids in [0, C).
     scores : list of str, optional
         Score names (default: all of `SCORE_NAMES`).
     p : float
@@ -398,7 +399,7 @@ def plot_selective(
     seed : int
         Seed of the bootstrap.
     coverages : int
-        Coverages at which the bands are computed (evenly spaced in (0, 1]).
+        How many coverages the bands are computed at (evenly spaced in (0, 1]), >= 1.
 
     Returns
     -------
@@ -408,13 +409,19 @@ def plot_selective(
     """
     import matplotlib.pyplot as plt
 
-    from fastai_ls.calibration.selective import bootstrap_selective, confidence_scores, expected_errors
+    from fastai_ls.calibration.compare_scores import check_held_out
+    from fastai_ls.calibration.confidence_scores import confidence_scores
+    from fastai_ls.calibration.selective import expected_errors
+    from fastai_ls.calibration.selective_bootstrap import bootstrap_selective
 
-    check_ci(ci)
+    check_ci(ci, n_boot)
+    check_seed(seed)
+    if isinstance(coverages, bool) or not isinstance(coverages, numbers.Integral) or coverages < 1:
+        raise ValueError(f"coverages must be an int >= 1 (how many coverages the bands are computed at), got "
+                         f"{coverages!r}")
+    logits, targets = check_held_out(logits, targets)
     values = confidence_scores(logits, scores, p=p)
-    if not isinstance(targets, torch.Tensor) or targets.shape != (logits.shape[0],) or targets.is_floating_point():
-        raise ValueError(f"targets must be a tensor of {logits.shape[0]} integer class ids")
-    correct = logits.detach().cpu().argmax(1) == targets.detach().cpu()
+    correct = logits.argmax(1) == targets
     n = len(correct)
     grid = np.linspace(1 / coverages, 1, coverages)
     replicates = bootstrap_selective(values, correct, n_boot=n_boot, seed=seed, coverages=grid.tolist())
