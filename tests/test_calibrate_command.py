@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 import zipfile
 
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
@@ -517,3 +518,18 @@ def test_ctrl_c_while_torch_loads_or_the_comparison_runs_is_one_line(tmp_path):
     out, err = process.communicate(timeout=120)
     assert first.startswith("p.npz: 2000 rows, 4 classes, logits")
     assert process.returncode == 130 and err == "\nfastai-ls: interrupted\n", err
+
+
+@pytest.mark.parametrize("names", [("logits.npy", "logits.npy"), ("logits", "logits.npy")])
+def test_an_array_stored_twice_in_the_archive_is_refused(tmp_path, capsys, names):
+    # Two members named logits.npy (or logits and logits.npy): the command read the first, np.load reads another,
+    # so one file gave two different tables without a word.
+    logits, targets = over_confident(100)
+    path = tmp_path / "p.npz"
+    with zipfile.ZipFile(path, "w") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile's "Duplicate name" warning
+        archive.writestr(names[0], npy_bytes(logits))
+        archive.writestr(names[1], npy_bytes(np.zeros_like(logits)))
+        archive.writestr("targets.npy", npy_bytes(targets))
+    err = one_error_line(["calibrate", str(path), "--methods", "temperature"], capsys)
+    assert f"{path} holds 2 arrays named 'logits' ({names[0]}, {names[1]}): save the archive again" in err

@@ -193,9 +193,16 @@ def _load(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
                              "here (unpickling can run code). Save the predictions with np.savez(path, "
                              "logits=logits.numpy(), targets=targets.numpy()), or from fastai with "
                              "fastai_ls.save_predictions(learn, 'valid.npz')")
-        members = {}
+        stored = {}
         for info in infos:  # np.savez names each member <name>.npy; np.load drops the suffix, and so do we
-            members.setdefault(info.filename.removesuffix(".npy"), info)
+            stored.setdefault(info.filename.removesuffix(".npy"), []).append(info)
+        for name in ("logits", "probabilities", "targets"):
+            # np.load reads one of them, and which depends on how it is asked: the file has no single meaning
+            if len(stored.get(name, [])) > 1:
+                raise ValueError(f"{path} holds {len(stored[name])} arrays named {name!r} ("
+                                 f"{_names([info.filename for info in stored[name]])}): save the archive again "
+                                 "with one of each; " + _SAVE_HINT)
+        members = {name: found[0] for name, found in stored.items()}
         names = list(members)
         present = [name for name in ("logits", "probabilities") if name in members]
         if len(present) == 2:
