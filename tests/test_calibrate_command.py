@@ -533,3 +533,17 @@ def test_an_array_stored_twice_in_the_archive_is_refused(tmp_path, capsys, names
         archive.writestr("targets.npy", npy_bytes(targets))
     err = one_error_line(["calibrate", str(path), "--methods", "temperature"], capsys)
     assert f"{path} holds 2 arrays named 'logits' ({names[0]}, {names[1]}): save the archive again" in err
+
+
+@pytest.mark.parametrize("target", ["missing/t.csv", "t.csv"])
+def test_an_out_that_is_a_dangling_link_is_refused_before_the_comparison(tmp_path, capsys, target):
+    # It passed the check, and the write failed after the whole comparison ("[Errno 17] File exists").
+    logits, targets = over_confident(100)
+    np.savez(tmp_path / "p.npz", logits=logits, targets=targets)
+    (tmp_path / "link.csv").symlink_to(tmp_path / target)
+    for force in ([], ["--force"]):
+        err = one_error_line(["calibrate", str(tmp_path / "p.npz"), "--methods", "temperature", "--out",
+                              str(tmp_path / "link.csv"), *force], capsys)
+        assert f"cannot write {tmp_path / 'link.csv'}: it is a link to {tmp_path / target}, which does not exist" \
+            in err
+    assert not (tmp_path / target).exists()

@@ -334,6 +334,8 @@ def check_csv_path(out: str | Path, force: bool = False, source: str | Path | No
         raise OSError(f"cannot write {out}: it is a folder (give a file name, e.g. {out / 'calibrators.csv'})")
     if not folder.is_dir():
         raise OSError(f"cannot write {out}: no folder {folder}")
+    if out.is_symlink() and not out.exists():  # the write would fail after the run, or create the link's target
+        raise OSError(f"cannot write {out}: it is a link to {os.readlink(out)}, which does not exist")
     if out.exists():
         if source is not None and _same_file(out, Path(source)):
             raise OSError(f"--out {out} is the predictions file {source}: the table would replace the predictions; "
