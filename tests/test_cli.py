@@ -380,3 +380,30 @@ def test_quiet_turns_the_training_bars_off(fake_runs, tmp_path, monkeypatch):
     for args in ([], ["--quiet"]):
         assert main(["demo", "--methods", "temperature", "--out", str(tmp_path / str(len(seen))), *args]) == 0
     assert seen == [False, False, True, True] and fastprogress.NO_BAR is False
+
+
+@pytest.mark.parametrize("kind", ["folder", "link", "fifo"])
+def test_with_force_a_report_name_that_is_no_regular_file_is_refused_before_training(fake_runs, tmp_path, capsys,
+                                                                                   monkeypatch, kind):
+    # --force accepted them: a folder named calibrators.csv failed after the training, a FIFO blocked the write
+    # forever, and a link had the file it points to (outside the report) overwritten.
+    import fastai_ls.cli.demo as demo
+
+    if kind == "fifo" and not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    other = tmp_path / "mine.csv"
+    other.write_text("mine\n")
+    report = tmp_path / "report"
+    report.mkdir()
+    name = report / "calibrators.csv"
+    {"folder": name.mkdir, "link": lambda: name.symlink_to(other), "fifo": lambda: os.mkfifo(name)}[kind]()
+
+    def train(*args, **kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(demo, "train", train)
+    assert main(["demo", "--methods", "temperature", "--out", str(report), "--force"]) == 1
+    what = {"folder": "a folder", "link": f"a link to {other}", "fifo": "a FIFO (named pipe)"}[kind]
+    assert capsys.readouterr().err == f"fastai-ls: error: cannot replace {name}: it is {what}, not a file of an " \
+        "earlier report: remove it, or give another --out\n"
+    assert other.read_text() == "mine\n"
