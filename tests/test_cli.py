@@ -407,3 +407,20 @@ def test_with_force_a_report_name_that_is_no_regular_file_is_refused_before_trai
     assert capsys.readouterr().err == f"fastai-ls: error: cannot replace {name}: it is {what}, not a file of an " \
         "earlier report: remove it, or give another --out\n"
     assert other.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    # The help lists the methods as "temperature, vector, ...": pasted as is, the shell splits the list and the error
+    # blamed "vector" under the top-level command, without saying why.
+    (["demo", "--methods", "temperature,", "vector"],
+     "fastai-ls demo: error: unrecognized arguments: vector; --methods takes one word, the names separated by "
+     "commas without spaces: --methods temperature,vector (see fastai-ls demo --help)\n"),
+    (["calibrate", "p.npz", "--methods", "temperature", "histogram"],
+     "fastai-ls calibrate: error: unrecognized arguments: histogram; --methods takes one word, the names separated "
+     "by commas without spaces: --methods temperature,histogram (see fastai-ls calibrate --help)\n"),
+    (["demo", "extra"], "fastai-ls demo: error: unrecognized arguments: extra (see fastai-ls demo --help)\n"),
+])
+def test_unrecognized_arguments_are_told_by_their_command_with_a_hint_for_split_methods(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert exit.value.code == 2 and capsys.readouterr().err == message

@@ -224,6 +224,20 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        """argparse's, with arguments it does not know told by the subcommand's parser, not the top-level one."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = getattr(self, "commands", {}).get(getattr(parsed, "command", None), self)
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            split = [name for name in (extra.strip(",") for extra in extras) if name in METHODS]
+            if split and getattr(parsed, "methods", None) is not None:  # "--methods temperature, vector", pasted
+                names = ",".join(dict.fromkeys([*parsed.methods, *split]))
+                message += ("; --methods takes one word, the names separated by commas without spaces: --methods "
+                            f"{names}")
+            parser.error(message)
+        return parsed
+
     def error(self, message: str) -> None:
         """Bad arguments: one line on stderr, exit status 2, no usage dump."""
         message = message.removeprefix("argument ")  # argparse's "argument --epochs: ..." reads "--epochs: ..."
@@ -314,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also write the table to this CSV file (never the predictions file itself)")
     _output_options(calibrate, "replace the --out file if it exists (default: refused, before the comparison)")
     calibrate.set_defaults(run=_calibrate)
+    parser.commands = commands.choices  # the subcommands' parsers, which `parse_args` has tell unknown arguments
     return parser
 
 
