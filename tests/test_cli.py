@@ -424,3 +424,10 @@ def test_unrecognized_arguments_are_told_by_their_command_with_a_hint_for_split_
     with pytest.raises(SystemExit) as exit:
         main(args)
     assert exit.value.code == 2 and capsys.readouterr().err == message
+
+
+def test_a_method_name_in_capitals_gets_the_did_you_mean_hint(capsys):
+    # `--methods TEMPERATURE` listed the known names without "did you mean 'temperature'".
+    with pytest.raises(SystemExit):
+        main(["demo", "--methods", "histogram,TEMPERATURE"])
+    assert "unknown method 'TEMPERATURE' (did you mean 'temperature'?)" in capsys.readouterr().err

@@ -174,7 +174,7 @@ def _methods(text: str) -> list[str]:
         if name not in METHODS:
             import difflib
 
-            close = difflib.get_close_matches(name, METHODS, n=1)
+            close = difflib.get_close_matches(name.lower(), METHODS, n=1)  # the names are lower case
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise argparse.ArgumentTypeError(f"unknown method {name!r}{hint}; known: {','.join(METHODS)}")
     if not names or len(set(names)) < len(names):
