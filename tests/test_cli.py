@@ -431,3 +431,12 @@ def test_a_method_name_in_capitals_gets_the_did_you_mean_hint(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--methods", "histogram,TEMPERATURE"])
     assert "unknown method 'TEMPERATURE' (did you mean 'temperature'?)" in capsys.readouterr().err
+
+
+def test_a_demo_out_that_is_a_file_is_said_to_be_no_folder(tmp_path, capsys):
+    # It said "[Errno 17] File exists: '...'", which reads as if the folder were taken.
+    (tmp_path / "notes.txt").write_text("mine\n")
+    assert main(["demo", "--out", str(tmp_path / "notes.txt")]) == 1
+    assert capsys.readouterr().err == f"fastai-ls: error: cannot write the report into {tmp_path / 'notes.txt'}: " \
+        "it is a file, not a folder (give a folder, e.g. fastai_ls_out)\n"
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"

@@ -102,6 +102,9 @@ def writable_folder(out: str | Path, force: bool = False) -> Path:
     True
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():  # mkdir's own message, "File exists", reads as if the folder were taken
+        raise OSError(f"cannot write the report into {out}: it is a file, not a folder (give a folder, e.g. "
+                      "fastai_ls_out)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
