@@ -547,3 +547,21 @@ def test_an_out_that_is_a_dangling_link_is_refused_before_the_comparison(tmp_pat
         assert f"cannot write {tmp_path / 'link.csv'}: it is a link to {tmp_path / target}, which does not exist" \
             in err
     assert not (tmp_path / target).exists()
+
+
+class ClosedAfterTheHeader(io.StringIO):
+    """A stdout whose reader went away (`fastai-ls calibrate ... | head -3`) once the header was read."""
+
+    def write(self, text):
+        if "uncalibrated" in self.getvalue() + text:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+def test_the_out_table_is_written_even_when_the_console_reader_went_away(tmp_path, monkeypatch, capsys):
+    # With `| head -3`, printing the table failed (Broken pipe) before --out was written: the comparison was lost.
+    logits, targets = over_confident(100)
+    np.savez(tmp_path / "p.npz", logits=logits, targets=targets)
+    monkeypatch.setattr(sys, "stdout", ClosedAfterTheHeader())
+    main(["calibrate", str(tmp_path / "p.npz"), "--methods", "temperature", "--out", str(tmp_path / "t.csv")])
+    assert pd.read_csv(tmp_path / "t.csv", index_col="method").index.tolist() == ["uncalibrated", "temperature"]

@@ -558,6 +558,8 @@ def calibrate(
     with warnings.catch_warnings(record=True) as caught, quiet_bars(quiet):
         warnings.simplefilter("always", CalibrationWarning)
         table = compare_calibrators(logits, targets, methods=methods, folds=folds, seed=seed)
+    if out is not None:  # before the console output, which fails once its reader went away (`| head`)
+        table.to_csv(out, mode="w" if force else "x")  # "x": a file that appeared since the check is not replaced
     print(comparison_text(table))
     best = best_method(table)
     _say(f"lowest NLL: {best}" + (" (no method beats the model's own probabilities)" if best == "uncalibrated"
@@ -568,6 +570,5 @@ def calibrate(
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if out is not None:
-        table.to_csv(out, mode="w" if force else "x")  # "x": a file that appeared since the check is not replaced
         print(f"wrote {out}")
     return table
