@@ -532,7 +532,8 @@ def test_an_array_stored_twice_in_the_archive_is_refused(tmp_path, capsys, names
         archive.writestr(names[1], npy_bytes(np.zeros_like(logits)))
         archive.writestr("targets.npy", npy_bytes(targets))
     err = one_error_line(["calibrate", str(path), "--methods", "temperature"], capsys)
-    assert f"{path} holds 2 arrays named 'logits' ({names[0]}, {names[1]}): save the archive again" in err
+    assert f"{path} holds 2 arrays named 'logits' ({names[0]}, {names[1]}), of which np.load reads one and this " \
+        "command another; save one with np.savez(" in err
 
 
 @pytest.mark.parametrize("target", ["missing/t.csv", "t.csv"])

@@ -200,8 +200,8 @@ def _load(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
             # np.load reads one of them, and which depends on how it is asked: the file has no single meaning
             if len(stored.get(name, [])) > 1:
                 raise ValueError(f"{path} holds {len(stored[name])} arrays named {name!r} ("
-                                 f"{_names([info.filename for info in stored[name]])}): save the archive again "
-                                 "with one of each; " + _SAVE_HINT)
+                                 f"{_names([info.filename for info in stored[name]])}), of which np.load reads "
+                                 f"one and this command another; {_SAVE_HINT}")
         members = {name: found[0] for name, found in stored.items()}
         names = list(members)
         present = [name for name in ("logits", "probabilities") if name in members]
