@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 import zipfile
 
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
@@ -518,3 +519,51 @@ def test_ctrl_c_while_torch_loads_or_the_comparison_runs_is_one_line(tmp_path):
     out, err = process.communicate(timeout=120)
     assert first.startswith("p.npz: 2000 rows, 4 classes, logits")
     assert process.returncode == 130 and err == "\nfastai-ls: interrupted\n", err
+
+
+@pytest.mark.parametrize("names", [("logits.npy", "logits.npy"), ("logits", "logits.npy")])
+def test_an_array_stored_twice_in_the_archive_is_refused(tmp_path, capsys, names):
+    # Two members named logits.npy (or logits and logits.npy): the command read the first, np.load reads another,
+    # so one file gave two different tables without a word.
+    logits, targets = over_confident(100)
+    path = tmp_path / "p.npz"
+    with zipfile.ZipFile(path, "w") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile's "Duplicate name" warning
+        archive.writestr(names[0], npy_bytes(logits))
+        archive.writestr(names[1], npy_bytes(np.zeros_like(logits)))
+        archive.writestr("targets.npy", npy_bytes(targets))
+    err = one_error_line(["calibrate", str(path), "--methods", "temperature"], capsys)
+    assert f"{path} holds 2 arrays named 'logits' ({names[0]}, {names[1]}), of which np.load reads one and this " \
+        "command another; save one with np.savez(" in err
+
+
+@pytest.mark.parametrize("target", ["missing/t.csv", "t.csv"])
+def test_an_out_that_is_a_dangling_link_is_refused_before_the_comparison(tmp_path, capsys, target):
+    # It passed the check, and the write failed after the whole comparison ("[Errno 17] File exists").
+    logits, targets = over_confident(100)
+    np.savez(tmp_path / "p.npz", logits=logits, targets=targets)
+    (tmp_path / "link.csv").symlink_to(tmp_path / target)
+    for force in ([], ["--force"]):
+        err = one_error_line(["calibrate", str(tmp_path / "p.npz"), "--methods", "temperature", "--out",
+                              str(tmp_path / "link.csv"), *force], capsys)
+        assert f"cannot write {tmp_path / 'link.csv'}: it is a link to {tmp_path / target}, which does not exist" \
+            in err
+    assert not (tmp_path / target).exists()
+
+
+class ClosedAfterTheHeader(io.StringIO):
+    """A stdout whose reader went away (`fastai-ls calibrate ... | head -3`) once the header was read."""
+
+    def write(self, text):
+        if "uncalibrated" in self.getvalue() + text:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+def test_the_out_table_is_written_even_when_the_console_reader_went_away(tmp_path, monkeypatch, capsys):
+    # With `| head -3`, printing the table failed (Broken pipe) before --out was written: the comparison was lost.
+    logits, targets = over_confident(100)
+    np.savez(tmp_path / "p.npz", logits=logits, targets=targets)
+    monkeypatch.setattr(sys, "stdout", ClosedAfterTheHeader())
+    main(["calibrate", str(tmp_path / "p.npz"), "--methods", "temperature", "--out", str(tmp_path / "t.csv")])
+    assert pd.read_csv(tmp_path / "t.csv", index_col="method").index.tolist() == ["uncalibrated", "temperature"]

@@ -380,3 +380,63 @@ def test_quiet_turns_the_training_bars_off(fake_runs, tmp_path, monkeypatch):
     for args in ([], ["--quiet"]):
         assert main(["demo", "--methods", "temperature", "--out", str(tmp_path / str(len(seen))), *args]) == 0
     assert seen == [False, False, True, True] and fastprogress.NO_BAR is False
+
+
+@pytest.mark.parametrize("kind", ["folder", "link", "fifo"])
+def test_with_force_a_report_name_that_is_no_regular_file_is_refused_before_training(fake_runs, tmp_path, capsys,
+                                                                                   monkeypatch, kind):
+    # --force accepted them: a folder named calibrators.csv failed after the training, a FIFO blocked the write
+    # forever, and a link had the file it points to (outside the report) overwritten.
+    import fastai_ls.cli.demo as demo
+
+    if kind == "fifo" and not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    other = tmp_path / "mine.csv"
+    other.write_text("mine\n")
+    report = tmp_path / "report"
+    report.mkdir()
+    name = report / "calibrators.csv"
+    {"folder": name.mkdir, "link": lambda: name.symlink_to(other), "fifo": lambda: os.mkfifo(name)}[kind]()
+
+    def train(*args, **kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(demo, "train", train)
+    assert main(["demo", "--methods", "temperature", "--out", str(report), "--force"]) == 1
+    what = {"folder": "a folder", "link": f"a link to {other}", "fifo": "a FIFO (named pipe)"}[kind]
+    assert capsys.readouterr().err == f"fastai-ls: error: cannot replace {name}: it is {what}, not a file of an " \
+        "earlier report: remove it, or give another --out\n"
+    assert other.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    # The help lists the methods as "temperature, vector, ...": pasted as is, the shell splits the list and the error
+    # blamed "vector" under the top-level command, without saying why.
+    (["demo", "--methods", "temperature,", "vector"],
+     "fastai-ls demo: error: unrecognized arguments: vector; --methods takes one word, the names separated by "
+     "commas without spaces: --methods temperature,vector (see fastai-ls demo --help)\n"),
+    (["calibrate", "p.npz", "--methods", "temperature", "histogram"],
+     "fastai-ls calibrate: error: unrecognized arguments: histogram; --methods takes one word, the names separated "
+     "by commas without spaces: --methods temperature,histogram (see fastai-ls calibrate --help)\n"),
+    (["demo", "extra"], "fastai-ls demo: error: unrecognized arguments: extra (see fastai-ls demo --help)\n"),
+])
+def test_unrecognized_arguments_are_told_by_their_command_with_a_hint_for_split_methods(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert exit.value.code == 2 and capsys.readouterr().err == message
+
+
+def test_a_method_name_in_capitals_gets_the_did_you_mean_hint(capsys):
+    # `--methods TEMPERATURE` listed the known names without "did you mean 'temperature'".
+    with pytest.raises(SystemExit):
+        main(["demo", "--methods", "histogram,TEMPERATURE"])
+    assert "unknown method 'TEMPERATURE' (did you mean 'temperature'?)" in capsys.readouterr().err
+
+
+def test_a_demo_out_that_is_a_file_is_said_to_be_no_folder(tmp_path, capsys):
+    # It said "[Errno 17] File exists: '...'", which reads as if the folder were taken.
+    (tmp_path / "notes.txt").write_text("mine\n")
+    assert main(["demo", "--out", str(tmp_path / "notes.txt")]) == 1
+    assert capsys.readouterr().err == f"fastai-ls: error: cannot write the report into {tmp_path / 'notes.txt'}: " \
+        "it is a file, not a folder (give a folder, e.g. fastai_ls_out)\n"
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"

@@ -193,9 +193,16 @@ def _load(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
                              "here (unpickling can run code). Save the predictions with np.savez(path, "
                              "logits=logits.numpy(), targets=targets.numpy()), or from fastai with "
                              "fastai_ls.save_predictions(learn, 'valid.npz')")
-        members = {}
+        stored = {}
         for info in infos:  # np.savez names each member <name>.npy; np.load drops the suffix, and so do we
-            members.setdefault(info.filename.removesuffix(".npy"), info)
+            stored.setdefault(info.filename.removesuffix(".npy"), []).append(info)
+        for name in ("logits", "probabilities", "targets"):
+            # np.load reads one of them, and which depends on how it is asked: the file has no single meaning
+            if len(stored.get(name, [])) > 1:
+                raise ValueError(f"{path} holds {len(stored[name])} arrays named {name!r} ("
+                                 f"{_names([info.filename for info in stored[name]])}), of which np.load reads "
+                                 f"one and this command another; {_SAVE_HINT}")
+        members = {name: found[0] for name, found in stored.items()}
         names = list(members)
         present = [name for name in ("logits", "probabilities") if name in members]
         if len(present) == 2:
@@ -331,6 +338,8 @@ def check_csv_path(out: str | Path, force: bool = False, source: str | Path | No
         raise OSError(f"cannot write {out}: it is a folder (give a file name, e.g. {out / 'calibrators.csv'})")
     if not folder.is_dir():
         raise OSError(f"cannot write {out}: no folder {folder}")
+    if out.is_symlink() and not out.exists():  # the write would fail after the run, or create the link's target
+        raise OSError(f"cannot write {out}: it is a link to {os.readlink(out)}, which does not exist")
     if out.exists():
         if source is not None and _same_file(out, Path(source)):
             raise OSError(f"--out {out} is the predictions file {source}: the table would replace the predictions; "
@@ -553,6 +562,8 @@ def calibrate(
     with warnings.catch_warnings(record=True) as caught, quiet_bars(quiet):
         warnings.simplefilter("always", CalibrationWarning)
         table = compare_calibrators(logits, targets, methods=methods, folds=folds, seed=seed)
+    if out is not None:  # before the console output, which fails once its reader went away (`| head`)
+        table.to_csv(out, mode="w" if force else "x")  # "x": a file that appeared since the check is not replaced
     print(comparison_text(table))
     best = best_method(table)
     _say(f"lowest NLL: {best}" + (" (no method beats the model's own probabilities)" if best == "uncalibrated"
@@ -563,6 +574,5 @@ def calibrate(
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if out is not None:
-        table.to_csv(out, mode="w" if force else "x")  # "x": a file that appeared since the check is not replaced
         print(f"wrote {out}")
     return table

@@ -4,6 +4,8 @@ intervals, and the cross-fitted comparison of post-hoc calibrators for each."""
 from __future__ import annotations
 
 import math
+import os
+import stat
 import sys
 import tempfile
 import textwrap
@@ -79,8 +81,8 @@ OUTPUT_FILES = ("calibration.csv", "calibrators.csv", "differences.csv", "select
 
 def writable_folder(out: str | Path, force: bool = False) -> Path:
     """`out`, created if needed, once a file could be written into it and it holds none of `OUTPUT_FILES` (unless
-    `force`): checked before any training, so that a report that cannot be written, or would replace an earlier
-    one, fails at once, not after the runs.
+    `force`; even then each must be a regular file, not a link, folder or FIFO): checked before any training, so
+    that a report that cannot be written, or would replace an earlier one, fails at once, not after the runs.
 
     Parameters
     ----------
@@ -101,6 +103,9 @@ def writable_folder(out: str | Path, force: bool = False) -> Path:
     True
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():  # mkdir's own message, "File exists", reads as if the folder were taken
+        raise OSError(f"cannot write the report into {out}: it is a file, not a folder (give a folder, e.g. "
+                      "fastai_ls_out)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -108,6 +113,14 @@ def writable_folder(out: str | Path, force: bool = False) -> Path:
     except OSError as err:
         raise OSError(f"cannot write the report into {out}: {err}") from err
     existing = [name for name in OUTPUT_FILES if (out / name).exists() or (out / name).is_symlink()]
+    for name in existing:  # --force replaces the report's own files, never what a link points to
+        path = out / name
+        what = f"a link to {os.readlink(path)}" if path.is_symlink() else "a folder" if path.is_dir() else \
+            None if path.is_file() else "a FIFO (named pipe)" if stat.S_ISFIFO(path.stat().st_mode) else \
+            "not a regular file"
+        if what is not None:  # a folder fails the write after the training; a FIFO blocks it forever
+            raise OSError(f"cannot replace {path}: it is {what}, not a file of an earlier report: remove it, or "
+                          "give another --out")
     if existing and not force:
         raise OSError(f"{out} already holds {', '.join(existing)} (an earlier report?): pass --force to replace them, "
                       "or give another --out")

@@ -180,7 +180,7 @@ def _methods(text: str) -> list[str]:
         if name not in METHODS:
             import difflib
 
-            close = difflib.get_close_matches(name, METHODS, n=1)
+            close = difflib.get_close_matches(name.lower(), METHODS, n=1)  # the names are lower case
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise argparse.ArgumentTypeError(f"unknown method {name!r}{hint}; known: {','.join(METHODS)}")
     if not names or len(set(names)) < len(names):
@@ -230,6 +230,20 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        """argparse's, with arguments it does not know told by the subcommand's parser, not the top-level one."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = getattr(self, "commands", {}).get(getattr(parsed, "command", None), self)
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            split = [name for name in (extra.strip(",") for extra in extras) if name in METHODS]
+            if split and getattr(parsed, "methods", None) is not None:  # "--methods temperature, vector", pasted
+                names = ",".join(dict.fromkeys([*parsed.methods, *split]))
+                message += ("; --methods takes one word, the names separated by commas without spaces: --methods "
+                            f"{names}")
+            parser.error(message)
+        return parsed
+
     def error(self, message: str) -> None:
         """Bad arguments: one line on stderr, exit status 2, no usage dump."""
         message = message.removeprefix("argument ")  # argparse's "argument --epochs: ..." reads "--epochs: ..."
@@ -237,7 +251,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `fastai-ls` command's parser: subcommands `article`, `demo`, `pets` and `calibrate`.
+    """The `fastai-ls` command's parser: subcommands `article`, `demo`, `pets`, `calibrate` and `selective`.
 
     Returns
     -------
@@ -340,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="replace the --out and --plot files if they exist (default: refused, before the "
                                 "comparison)")
     selective.set_defaults(run=_selective)
+    parser.commands = commands.choices  # the subcommands' parsers, which `parse_args` has tell unknown arguments
     return parser
 
 
