@@ -279,3 +279,52 @@ def test_ignored_targets_are_skipped_silently():
 def test_calibration_error_rejects_unknown_norms():
     with pytest.raises(ValueError, match="norm"):
         calibration_error(*random_probs(4, 2, seed=0), norm="l3")
+
+
+# --- reading a state while other threads update it -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("read", [lambda s: s.metrics(), lambda s: s.intervals(n_boot=20),
+                                  lambda s: (s + CalibrationState(s.n_classes)).metrics(), lambda s: s.bin_table()])
+def test_a_state_read_while_another_thread_updates_it_sees_whole_updates_only(monkeypatch, read):
+    # Reviewed: `metrics()` during an update from another thread read the scalars of a batch whose class bins were
+    # not added yet and raised "these calibration counters cannot come from any predictions".
+    import threading
+
+    probs, target = random_probs(500, 4, seed=0)
+    state = CalibrationState(4)
+    inside, release = threading.Event(), threading.Event()
+    add_class_bins = CalibrationState._add_class_bins
+
+    def paused(self, *args):  # the update stops half-way: its scalars and top-label bins are in, its class bins not
+        inside.set()
+        release.wait(10)
+        add_class_bins(self, *args)
+
+    monkeypatch.setattr(CalibrationState, "_add_class_bins", paused)
+    writer = threading.Thread(target=state.update, args=(probs, target))
+    writer.start()
+    assert inside.wait(10)
+    result = {}
+
+    def reader():
+        try:
+            result["value"] = read(state)
+        except Exception as e:  # noqa: BLE001  (the test reports it)
+            result["error"] = e
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    thread.join(0.3)
+    release.set()
+    writer.join(10)
+    thread.join(10)
+    assert "error" not in result, result.get("error")
+    monkeypatch.undo()
+    if isinstance(result["value"], dict) and "n" in result["value"]:
+        assert result["value"] == read(state_of(probs, target))
+
+
+def test_moving_a_state_to_its_own_device_gives_the_state_itself_not_a_second_lock_over_its_counters():
+    state = state_of(*random_probs(50, 3, seed=0))
+    assert state.to("cpu") is state

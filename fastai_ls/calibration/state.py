@@ -223,17 +223,28 @@ class CalibrationState:
             differ = ", ".join(f"{name} {a!r} and {b!r}" for name, a, b in zip(names, self._layout(), other._layout())
                                if a != b)
             raise ValueError(f"cannot add calibration states with different counters: {differ}")
-        return self._with_data(self.data + other.data.to(self.device))
+        return self._with_data(self._frozen(self.device).data + other._frozen(self.device).data)
 
     def to(self, device: torch.device | str) -> CalibrationState:
-        """The same counters on `device` (a copy unless they are there already)."""
-        return self._with_data(self.data.to(device))
+        """The same counters on `device`: a copy, or this state itself if they are there already."""
+        with self._lock:
+            data = self.data.to(device)
+        # Not a second state over the same `data`: it would have a lock of its own, and updates through the two
+        # could race.
+        return self if data is self.data else self._with_data(data)
+
+    def _frozen(self, device: torch.device | str = "cpu") -> CalibrationState:
+        """A copy of the counters on `device`, taken under the lock: every reading (metrics, `+`) sees whole updates
+        only, never the scalars of a batch whose bins another thread is still adding."""
+        with self._lock:
+            return self._with_data(self.data.to(device, copy=True))
 
     def all_reduce(self) -> CalibrationState:
         """Sum the state over all processes in place (one collective); a no-op unless torch.distributed runs."""
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(self.data, op=dist.ReduceOp.SUM)
+            with self._lock:
+                dist.all_reduce(self.data, op=dist.ReduceOp.SUM)
         return self
 
     def __repr__(self) -> str:
@@ -367,8 +378,8 @@ class CalibrationState:
         float64 CPU tensors. For weighted rows the intervals take each bin's weight in effective rows (`n_eff`
         of `metrics`), so scaling every weight changes none of them."""
         check_ci(ci)
-        s, rows, _ = self._counters()
-        bins = self.bins.detach().cpu()
+        s, rows, _, frozen = self._counters()
+        bins = frozen.bins
         count, conf_sum, correct = bins.unbind(1)
         nonempty = count > 0
         conf = torch.where(nonempty, conf_sum / count.clamp_min(1e-300), math.nan)
@@ -402,13 +413,13 @@ class CalibrationState:
         >>> m['accuracy'], m['accuracy_lo'] <= m['accuracy'] <= m['accuracy_hi']
         (0.6666666666666666, True)
         """
-        s, bins, fine = self._counters()  # in effective rows: the same ratios as the weighted sums
+        s, bins, fine, frozen = self._counters()  # in effective rows: the same ratios as the weighted sums
         n = s["n"]
         out = dict.fromkeys(METRIC_NAMES, math.nan) | {"n": n, "n_invalid": s["n_invalid"]}
         if n > 0:
             top = top_label_metrics(bins, fine)
             out.update({name: float(value) for name, value in top.items()})
-            out.update(classwise_ece=self._classwise_ece(n), nll=s["nll"] / n, brier=s["brier"] / n,
+            out.update(classwise_ece=frozen._classwise_ece(n), nll=s["nll"] / n, brier=s["brier"] / n,
                        nll_se=_standard_error(s["nll_sq"], s["nll"], n, s["n_eff"]),
                        brier_se=_standard_error(s["brier_sq"], s["brier"], n, s["n_eff"]))
         if ci is not None:
@@ -437,8 +448,8 @@ class CalibrationState:
         seed : int, optional
             Seed of numpy's generator: the same seed gives the same intervals; None draws a fresh one.
         """
-        point = self.metrics()
-        _, bins, fine = self._counters()
+        _, bins, fine, frozen = self._counters()
+        point = frozen.metrics()  # of the same counters as the bootstrap's, whatever other threads add meanwhile
         return self._intervals(ci, n_boot, seed, point, bins, fine)
 
     def _intervals(self, ci: float, n_boot: int, seed: int | None, point: dict[str, float], bins: Tensor,
@@ -458,7 +469,7 @@ class CalibrationState:
     def risk_coverage(self) -> dict[str, Tensor]:
         """The risk-coverage curve read from the fine grid, one point per non-empty cell, most confident first:
         threshold, coverage, risk (errors / accepted) and generalized_risk (errors / n); see `risk_coverage.py`."""
-        s, _, fine = self._counters()
+        s, _, fine, _ = self._counters()
         if s["n"] <= 0:
             raise ValueError("no rows counted: the risk-coverage curve is empty")
         return risk_coverage_curve(fine)
@@ -467,7 +478,7 @@ class CalibrationState:
         """Top-label calibration error over the equal-width bins: 'l1' (ECE), 'l2' (RMSCE) or 'max' (MCE)."""
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        s, bins, _ = self._counters()
+        s, bins, _, _ = self._counters()
         if s["n"] <= 0:
             return math.nan
         return float({"l1": lambda: binned_errors(bins)[0], "l2": lambda: rms_error(bins),
@@ -476,18 +487,19 @@ class CalibrationState:
     def _classwise_ece(self, n: float) -> float:
         if not self.classwise:
             return math.nan
-        per_class = self.class_bins.detach().cpu()  # (C, M, 3)
+        per_class = self.class_bins.cpu()  # (C, M, 3)
         return float((per_class[..., 2] - per_class[..., 1]).abs().sum((1,)).mean() / n)
 
-    def _counters(self) -> tuple[dict[str, float], Tensor, Tensor]:
-        """The running sums by name, with `n_eff`, and the bins and fine cells in effective rows, on the CPU; a
-        ValueError if no predictions could have given these counters.
+    def _counters(self) -> tuple[dict[str, float], Tensor, Tensor, CalibrationState]:
+        """The running sums by name, with `n_eff`, the bins and fine cells in effective rows, and the copy of the
+        state they were read from (`_frozen`), on the CPU; a ValueError if no predictions could have given these
+        counters.
 
         Weighted rows count as Kish's effective number of rows n_eff = (sum w)^2 / sum w^2: the histograms are
         scaled by n_eff / sum w, which no ratio of them notices, but the row counts behind the debiased ECE, the
         bootstrap and the Wilson intervals do. n_eff is the number of rows for unweighted rows and 0/1 weights
         (the scale is then exactly 1), and scaling every weight changes neither it nor any metric."""
-        state = self.to("cpu")
+        state = self._frozen()
         bad = int((~state.data.isfinite()).sum())
         wrong = f"{bad} of them are NaN or infinite (row weights above about 1e150 overflow when squared: only " \
             "their ratios matter, so scale them down)" if bad else None
@@ -503,8 +515,8 @@ class CalibrationState:
             raise ValueError(f"these calibration counters cannot come from any predictions: their effective number "
                              f"of rows is {s['n_eff']:.6g}, more than 2**53")
         if scale == 1.0:
-            return s, state.bins, state.fine
-        return s, state.bins * scale, state.fine * scale
+            return s, state.bins, state.fine, state
+        return s, state.bins * scale, state.fine * scale, state
 
 
 # Per row of weight 1, the most that each running sum can add (NLL is capped at -log(NLL_FLOOR); a row may sum to
