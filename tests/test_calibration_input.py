@@ -11,6 +11,7 @@ import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from fastai_ls import CalibrationState, calibration_error, calibration_metrics
+from fastai_ls.calibration.checks import SUM_TOLERANCE
 from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES
 
 
@@ -216,3 +217,25 @@ def test_a_true_class_probability_of_zero_costs_the_same_capped_nll_in_every_dty
     probs, target = torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([1, 0])
     nll = calibration_metrics(probs.to(dtype), target)["nll"]
     assert nll == pytest.approx((-math.log(torch.finfo(torch.float32).tiny) + math.log(2)) / 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("row", [[0.34, 0.34, 0.34], [0.33, 0.33, 0.32], [0.52, 0.5, 0.0], [0.48, 0.5, 0.0]])
+def test_rows_summing_to_one_plus_or_minus_the_tolerance_exactly_are_accepted_in_every_dtype(dtype, row):
+    # Reviewed: a row written as summing to exactly 1.02 or 0.98 was accepted or refused depending on how the dtype
+    # rounded its values (three 0.34s: accepted in float32, refused in float64 and float16).
+    assert abs(abs(sum(row) - 1) - SUM_TOLERANCE) < 1e-12
+    probs = torch.tensor([row, [0.2, 0.3, 0.5]], dtype=dtype)
+    with pytest.warns(UserWarning, match="divided by its sum"):
+        got = calibration_metrics(probs, torch.tensor([0, 2]))
+    assert got["n"] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_rows_beyond_the_tolerance_by_more_than_the_dtypes_rounding_are_refused(dtype):
+    step = max(torch.finfo(dtype).eps, 1e-9) * 2
+    for total in (1 + SUM_TOLERANCE + step, 1 - SUM_TOLERANCE - step):
+        probs = torch.tensor([[total - 0.5, 0.5]], dtype=torch.float64).to(dtype)
+        assert abs(float(probs.double().sum()) - 1) > SUM_TOLERANCE + step / 4
+        with pytest.raises(ValueError, match="rows summing to 1 within 0.02"):
+            calibration_metrics(probs, torch.tensor([0]))
