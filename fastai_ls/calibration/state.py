@@ -83,7 +83,11 @@ def _checked_weight(weight: Tensor, n_rows: int, check_values: bool) -> Tensor:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"weight must be a real tensor of {n_rows} row weights, got {shape}")
     weight = weight.detach()
-    if check_values and weight.is_floating_point():
+    if not weight.is_floating_point():
+        # float64 for integer and bool weights: uint16/32/64 have no comparison kernels on the CPU, and they are
+        # counted in float64 anyway.
+        weight = weight.to(torch.float64)
+    if check_values:
         bad = ~weight.isfinite()
         if bool(bad.any()):
             raise ValueError(f"weight must be finite: {int(bad.sum())} of {n_rows} row weights are NaN or infinite")
@@ -279,7 +283,8 @@ class CalibrationState:
         target : Tensor
             (N,) or (N, 1) class ids, any integer dtype.
         weight : Tensor, optional
-            (N,) finite, non-negative row weights (e.g. 0/1 to drop padding duplicates); a row counts as its weight.
+            (N,) finite, non-negative row weights of any real dtype (e.g. 0/1 to drop padding duplicates); a row counts
+        as its weight.
         activation : callable, optional
             Maps `preds` to probabilities over axis 1 (e.g. ``lambda z: z.softmax(1)``).
         ignore_index : int, optional
