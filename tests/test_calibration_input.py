@@ -253,3 +253,16 @@ def test_row_weights_of_every_real_dtype_count_like_their_float_values(dtype):
         state = CalibrationState(4)
         state.update(probs, target, weight=weight, check=check)
         assert torch.equal(state.data, want.data)
+
+
+def test_uint64_targets_beyond_int64_are_out_of_range_never_an_ignored_or_negative_id():
+    # Reviewed: uint64 class ids from 2**63 on wrapped around to negative int64s: 2**64 - 100 was skipped silently
+    # as ignore_index=-100, and 2**63 was reported as the target -9223372036854775808.
+    probs, _ = probs_and_target(3)
+    for value in (2**64 - 100, 2**63):
+        target = torch.tensor([0, 1, value], dtype=torch.uint64)
+        with pytest.raises(ValueError, match=r"1 targets are not class ids in \[0, 4\) \(e.g. one >= 2\*\*63 - 1\)"):
+            calibration_metrics(probs, target, ignore_index=-100)
+        state = CalibrationState(4)
+        state.update(probs, target, ignore_index=-100)
+        assert float(state.scalar("n_bad_target")) == 1 and float(state.scalar("n")) == 2

@@ -28,6 +28,8 @@ SUM_TOLERANCE = 0.02
 # warning. float32 softmax outputs miss by 4e-5 at 500,000 classes, float16 ones by 5e-4.
 SUM_ROUNDING = 1e-3
 _LOGITS_HINT = "for logits pass `logits.softmax(1)`"
+# What a uint64 class id beyond int64's range becomes (`class_ids`).
+_BEYOND_INT64 = torch.iinfo(torch.int64).max
 
 
 def checked_probabilities(probs: Tensor, name: str = "probs", hint: str = _LOGITS_HINT,
@@ -135,7 +137,12 @@ def class_ids(target: Tensor, n_rows: int, name: str = "probs") -> Tensor:
         raise ValueError(f"target must hold {n_rows} integer class ids, shape ({n_rows},) or ({n_rows}, 1), got "
                          f"{target.dtype} {shape}: {what}")
     # int64 for every integer dtype: gather takes no other, and uint16/32/64 have no comparison kernels on the CPU.
-    return target.reshape(-1).long()
+    ids = target.reshape(-1).long()
+    if target.dtype == torch.uint64:
+        # uint64 values from 2**63 on wrap around to negative int64s, where an ignore_index of -100 would skip
+        # 2**64 - 100 silently: they become int64's largest value, which is out of range for any C.
+        ids = torch.where(ids < 0, _BEYOND_INT64, ids)
+    return ids
 
 
 def check_class_ids(target: Tensor, n_classes: int, ignore_index: int | None = None) -> None:
@@ -158,5 +165,6 @@ def check_class_ids(target: Tensor, n_classes: int, ignore_index: int | None = N
     listed = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
     bad = listed & ((target < 0) | (target >= n_classes))
     if bool(bad.any()):
+        first = int(target[bad][0])
         raise ValueError(f"{int(bad.sum())} targets are not class ids in [0, {n_classes}) (e.g. "
-                         f"{int(target[bad][0])})")
+                         f"{'one >= 2**63 - 1' if first == _BEYOND_INT64 else first})")
