@@ -266,3 +266,21 @@ def test_uint64_targets_beyond_int64_are_out_of_range_never_an_ignored_or_negati
         state = CalibrationState(4)
         state.update(probs, target, ignore_index=-100)
         assert float(state.scalar("n_bad_target")) == 1 and float(state.scalar("n")) == 2
+
+
+@pytest.mark.parametrize("ignore_index,match", [(True, "must be an int "), (1.5, "must be an int "),
+                                                (2**70, "must be an int64 value"),
+                                                (-2**63 - 1, "must be an int64 value")])
+def test_an_ignore_index_no_class_id_can_equal_as_meant_is_a_clear_error(ignore_index, match):
+    # Reviewed: 2**70 was an OverflowError "int too big to convert"; True skipped class 1 silently.
+    probs, target = probs_and_target()
+    with pytest.raises(ValueError, match=f"ignore_index {match}"):
+        calibration_metrics(probs, target, ignore_index=ignore_index)
+    with pytest.raises(ValueError, match=f"ignore_index {match}"):
+        CalibrationState(4).update(probs, target, ignore_index=ignore_index)
+
+
+def test_an_integer_ignore_index_may_be_a_zero_dimensional_tensor():
+    probs, target = probs_and_target()
+    assert calibration_metrics(probs, target, ignore_index=torch.tensor(1)) == \
+        calibration_metrics(probs, target, ignore_index=1)

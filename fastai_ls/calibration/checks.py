@@ -13,6 +13,7 @@ whatever the dtype's rounding of 0.34 makes of its sum.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import torch
@@ -20,7 +21,8 @@ from torch import Tensor
 
 from fastai_ls.tensor_input import upcast
 
-__all__ = ["SUM_TOLERANCE", "SUM_ROUNDING", "checked_probabilities", "class_ids", "check_class_ids"]
+__all__ = ["SUM_TOLERANCE", "SUM_ROUNDING", "checked_probabilities", "class_ids", "check_class_ids",
+           "checked_ignore_index"]
 
 # How far from 1 a row of probabilities may sum; beyond it the input is refused.
 SUM_TOLERANCE = 0.02
@@ -145,6 +147,30 @@ def class_ids(target: Tensor, n_rows: int, name: str = "probs") -> Tensor:
     return ids
 
 
+def checked_ignore_index(ignore_index: int | None) -> int | None:
+    """`ignore_index` as a Python int (None stays None), after a ValueError unless it is an integer that an int64
+    class id can equal: a bool or a float would match ids silently (True is class 1), and one beyond int64 was an
+    OverflowError from the comparison.
+
+    >>> checked_ignore_index(-100)
+    -100
+    >>> checked_ignore_index(1.5)
+    Traceback (most recent call last):
+    ValueError: ignore_index must be an int (a target value that marks rows to skip), got 1.5
+    """
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, Tensor) and ignore_index.dim() == 0 and not ignore_index.is_floating_point() \
+            and not ignore_index.is_complex() and ignore_index.dtype != torch.bool:
+        ignore_index = int(ignore_index)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"ignore_index must be an int (a target value that marks rows to skip), got {ignore_index!r}")
+    info = torch.iinfo(torch.int64)
+    if not info.min <= ignore_index <= info.max:
+        raise ValueError(f"ignore_index must be an int64 value, in [-2**63, 2**63), got {ignore_index}")
+    return int(ignore_index)
+
+
 def check_class_ids(target: Tensor, n_classes: int, ignore_index: int | None = None) -> None:
     """A ValueError unless every value of the (N,) int64 `target` is a class id in [0, `n_classes`) or
     `ignore_index`. Reads the values: a host synchronisation on a GPU.
@@ -162,6 +188,7 @@ def check_class_ids(target: Tensor, n_classes: int, ignore_index: int | None = N
     Traceback (most recent call last):
     ValueError: 1 targets are not class ids in [0, 3) (e.g. 3)
     """
+    ignore_index = checked_ignore_index(ignore_index)
     listed = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
     bad = listed & ((target < 0) | (target >= n_classes))
     if bool(bad.any()):

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastai_ls.calibration.checks import checked_probabilities, class_ids
+from fastai_ls.calibration.checks import checked_ignore_index, checked_probabilities, class_ids
 from fastai_ls.calibration.intervals import (
     BOOTSTRAP_NAMES,
     MAX_ROWS,
@@ -303,6 +303,7 @@ class CalibrationState:
         if preds.dim() != 2 or preds.shape[1] != self.n_classes:
             raise ValueError(f"preds must be (N, {self.n_classes}), got {tuple(preds.shape)}")
         target = class_ids(target, preds.shape[0], "preds")
+        ignore_index = checked_ignore_index(ignore_index)
         if weight is not None:
             weight = _checked_weight(weight, preds.shape[0], check)
         preds = preds.detach()  # a graph would keep every batch's activations alive through the counters
