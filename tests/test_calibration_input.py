@@ -284,3 +284,15 @@ def test_an_integer_ignore_index_may_be_a_zero_dimensional_tensor():
     probs, target = probs_and_target()
     assert calibration_metrics(probs, target, ignore_index=torch.tensor(1)) == \
         calibration_metrics(probs, target, ignore_index=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.complex64])
+@pytest.mark.parametrize("check", [True, False])
+def test_predictions_that_are_not_floating_point_are_refused_also_without_the_value_checks(dtype, check):
+    # Reviewed: with check=False, integer and bool predictions were counted as probabilities and complex ones failed
+    # with NotImplementedError "max_values_cpu"; the dtype costs no look at the values.
+    probs, target = probs_and_target()
+    state = CalibrationState(4)
+    with pytest.raises(ValueError, match=f"preds must be floating point probabilities, got {dtype}"):
+        state.update(probs.round().to(dtype), target, check=check)
+    assert float(state.scalar("n")) == 0

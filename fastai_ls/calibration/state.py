@@ -308,6 +308,9 @@ class CalibrationState:
             weight = _checked_weight(weight, preds.shape[0], check)
         preds = preds.detach()  # a graph would keep every batch's activations alive through the counters
         probs = activation(preds) if activation is not None else preds
+        if not probs.is_floating_point():  # a dtype, not a value: checked also without `check`
+            raise ValueError(f"{'preds' if activation is None else 'activation(preds)'} must be floating point "
+                             f"probabilities, got {probs.dtype}")
         if check:  # stacklevel 3: the warning points at the caller of update
             probs = checked_probabilities(probs, "preds" if activation is None else "activation(preds)",
                                           _LOGITS_HINT, stacklevel=3)
