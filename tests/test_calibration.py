@@ -328,3 +328,14 @@ def test_a_state_read_while_another_thread_updates_it_sees_whole_updates_only(mo
 def test_moving_a_state_to_its_own_device_gives_the_state_itself_not_a_second_lock_over_its_counters():
     state = state_of(*random_probs(50, 3, seed=0))
     assert state.to("cpu") is state
+
+
+@pytest.mark.parametrize("scores", [lambda z: 3 * z, lambda z: (3 * z).exp()])
+def test_scores_counted_without_checks_that_are_not_probabilities_are_named_when_read(scores):
+    # Reviewed: a learner whose loss's `activation` returned logits stopped CalibrationCallback (which updates with
+    # check=False) with "a count is negative; a `data` vector must be a state's own", naming neither.
+    g = torch.Generator().manual_seed(0)
+    state = CalibrationState(4)
+    state.update(scores(torch.randn(200, 4, generator=g)), torch.randint(0, 4, (200,), generator=g), check=False)
+    with pytest.raises(ValueError, match=r"what `update\(check=False\)` counts .* must be probabilities.* not logits"):
+        state.metrics()

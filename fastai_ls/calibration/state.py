@@ -515,8 +515,13 @@ class CalibrationState:
         s = {name: float(v) for name, v in zip(_SCALARS, state.scalars.tolist())}
         wrong = wrong or _inconsistency(s, state.bins, state.fine, state.class_bins)
         if wrong:
+            # Besides a spoiled `data` vector, what `update(check=False)` (the callback's per-batch path) counts
+            # unchecked gives such counters: scores that are not probabilities, e.g. from a loss whose
+            # `activation` returns logits.
             raise ValueError(f"these calibration counters cannot come from any predictions: {wrong}; a `data` vector "
-                             "must be a state's own (`state.data`), unchanged")
+                             "must be a state's own (`state.data`), unchanged, and what `update(check=False)` counts "
+                             "(as `CalibrationCallback` does) must be probabilities, rows of non-negative values "
+                             "summing to 1, not logits (a loss's `activation` must return probabilities)")
         n, weight_sq = s["n"], s["weight_sq"]
         scale = n / weight_sq if n > 0 else 1.0  # exactly 1 for 0/1 weights: then sum w^2 = sum w, term by term
         s["n_eff"] = n * scale
@@ -541,7 +546,7 @@ def _inconsistency(s: dict[str, float], bins: Tensor, fine: Tensor, class_bins: 
     n, tiny = s["n"], 1e-300
     grids = {"bins": bins, "fine cells": fine, "class bins": class_bins.reshape(-1, 3)}
     if min(n, s["weight_sq"], *(float(g.min()) for g in grids.values() if g.numel())) < 0:
-        return "a count is negative"
+        return "a count or a sum of confidences is negative"
     if n > 0 and s["weight_sq"] <= 0:
         return "the squared row weights sum to 0 (weights below about 1e-150 underflow when squared: scale them up)"
     if s["weight_sq"] > n * n * (1 + _SLACK) + tiny:
