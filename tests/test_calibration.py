@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -285,7 +287,9 @@ def test_calibration_error_rejects_unknown_norms():
 
 
 @pytest.mark.parametrize("read", [lambda s: s.metrics(), lambda s: s.intervals(n_boot=20),
-                                  lambda s: (s + CalibrationState(s.n_classes)).metrics(), lambda s: s.bin_table()])
+                                  lambda s: (s + CalibrationState(s.n_classes)).metrics(), lambda s: s.bin_table(),
+                                  lambda s: pickle.loads(pickle.dumps(s)).metrics(),
+                                  lambda s: copy.deepcopy(s).metrics()])
 def test_a_state_read_while_another_thread_updates_it_sees_whole_updates_only(monkeypatch, read):
     # Reviewed: `metrics()` during an update from another thread read the scalars of a batch whose class bins were
     # not added yet and raised "these calibration counters cannot come from any predictions".

@@ -165,8 +165,10 @@ class CalibrationState:
 
     def __getstate__(self) -> dict:
         """Everything but the lock, which cannot be pickled or copied (a saved learner holds its callback's
-        states)."""
-        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+        states), with a copy of the counters taken under the lock: whole updates only, as for `metrics`."""
+        with self._lock:
+            data = self.data.clone()
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"} | {"data": data}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
