@@ -296,3 +296,24 @@ def test_predictions_that_are_not_floating_point_are_refused_also_without_the_va
     with pytest.raises(ValueError, match=f"preds must be floating point probabilities, got {dtype}"):
         state.update(probs.round().to(dtype), target, check=check)
     assert float(state.scalar("n")) == 0
+
+
+def test_predictions_that_are_not_a_tensor_are_a_type_error_naming_them():
+    # Reviewed: CalibrationState.update of a numpy array or a list failed with "'list' object has no attribute 'dim'".
+    probs, target = probs_and_target()
+    for preds in (probs.numpy(), probs.tolist()):
+        with pytest.raises(TypeError, match="preds must be a tensor, got"):
+            CalibrationState(4).update(preds, target)
+
+
+@pytest.mark.parametrize("activation,got", [(lambda z: z[:, 0], r"\(50,\)"), (lambda z: z[:10], r"\(10, 4\)"),
+                                            (lambda z: torch.cat([z, z], 1) / 2, r"\(50, 8\)"),
+                                            (lambda z: z.numpy(), "ndarray")])
+@pytest.mark.parametrize("check", [True, False])
+def test_an_activation_that_does_not_give_one_row_per_row_of_preds_is_named(activation, got, check):
+    # Reviewed: such activations failed inside the counting with RuntimeError/IndexError about tensors "a" and "b".
+    probs, target = probs_and_target()
+    state = CalibrationState(4)
+    with pytest.raises(ValueError, match=rf"activation\(preds\) must be a tensor of preds' shape \(50, 4\).*got {got}"):
+        state.update(probs, target, activation=activation, check=check)
+    assert float(state.scalar("n")) == 0

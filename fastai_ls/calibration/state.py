@@ -302,6 +302,8 @@ class CalibrationState:
         >>> float(state.scalar('n')), float(state.scalar('correct'))
         (3.0, 1.0)
         """
+        if not isinstance(preds, Tensor):
+            raise TypeError(f"preds must be a tensor, got {type(preds).__name__}")
         if preds.dim() != 2 or preds.shape[1] != self.n_classes:
             raise ValueError(f"preds must be (N, {self.n_classes}), got {tuple(preds.shape)}")
         target = class_ids(target, preds.shape[0], "preds")
@@ -310,12 +312,16 @@ class CalibrationState:
             weight = _checked_weight(weight, preds.shape[0], check)
         preds = preds.detach()  # a graph would keep every batch's activations alive through the counters
         probs = activation(preds) if activation is not None else preds
-        if not probs.is_floating_point():  # a dtype, not a value: checked also without `check`
-            raise ValueError(f"{'preds' if activation is None else 'activation(preds)'} must be floating point "
-                             f"probabilities, got {probs.dtype}")
+        name = "preds" if activation is None else "activation(preds)"
+        # Shapes and dtypes, not values: checked also without `check`.
+        if not isinstance(probs, Tensor) or probs.shape != preds.shape:
+            got = tuple(probs.shape) if isinstance(probs, Tensor) else type(probs).__name__
+            raise ValueError(f"{name} must be a tensor of preds' shape {tuple(preds.shape)}, one row of class "
+                             f"probabilities per row of preds, got {got}")
+        if not probs.is_floating_point():
+            raise ValueError(f"{name} must be floating point probabilities, got {probs.dtype}")
         if check:  # stacklevel 3: the warning points at the caller of update
-            probs = checked_probabilities(probs, "preds" if activation is None else "activation(preds)",
-                                          _LOGITS_HINT, stacklevel=3)
+            probs = checked_probabilities(probs, name, _LOGITS_HINT, stacklevel=3)
         probs = upcast(probs)
         dev, f64 = self.device, torch.float64
         probs = probs if probs.device == dev else probs.to(dev)
