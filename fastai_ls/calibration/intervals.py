@@ -124,6 +124,12 @@ def joint_cells(bins: Tensor, fine: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     in_bins_below = bins.cumsum(0)[torch.tensor(split_edges, dtype=torch.long) - 1]
     lower = in_bins_below - (fine.cumsum(0) - fine)[split_cells]
     whole = fine[split_cells]
+    # Weighted counts are not whole numbers, and the difference of the two sums leaves a rounding error (up to about
+    # K float64 epsilons of all the rows) where a part is empty: within it, the part is empty. Else it would be a
+    # bootstrap category of its own, and weights of 0.1 drew other replicates than weights of 1.
+    noise = n_cells * torch.finfo(torch.float64).eps * float(bins[:, 0].sum())
+    lower = torch.where(lower.abs() <= noise, 0.0, lower)
+    lower = torch.where((whole - lower).abs() <= noise, whole, lower)
     # Float sums can leave a split a rounding error outside its cell: keep 0 <= correct <= count <= the cell's.
     lower = torch.minimum(lower.clamp_min(0), whole)
     lower[:, 2] = torch.minimum(lower[:, 2], lower[:, 0])
