@@ -189,7 +189,11 @@ def _resample(cells: Tensor, n_boot: int, seed: int | None,
     a new generator seeded with `seed`)."""
     count, correct = cells[:, 0].numpy(), cells[:, 2].numpy()
     weights = np.concatenate([correct, np.clip(count - correct, 0, None)])
-    used = np.flatnonzero(weights > 0)  # empty categories cost a binomial draw each: leave them out
+    # Empty categories cost a binomial draw each: leave them out. Weighted counts are not whole numbers, and where
+    # every row of a split cell is correct, its count and correct parts differ by their sums' rounding (about
+    # 1e-13 rows): such a category is empty too, else weights of 0.1 drew other replicates than weights of 1.
+    noise = len(weights) * np.finfo(np.float64).eps * float(weights.sum())
+    used = np.flatnonzero(weights > noise)
     n_rows = int(round(float(weights.sum())))
     rng = np.random.default_rng(seed) if rng is None else rng
     draws = rng.multinomial(n_rows, weights[used] / weights[used].sum(), size=n_boot)
