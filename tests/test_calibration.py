@@ -343,3 +343,23 @@ def test_scores_counted_without_checks_that_are_not_probabilities_are_named_when
     state.update(scores(torch.randn(200, 4, generator=g)), torch.randint(0, 4, (200,), generator=g), check=False)
     with pytest.raises(ValueError, match=r"what `update\(check=False\)` counts .* must be probabilities.* not logits"):
         state.metrics()
+
+
+def test_a_state_pickled_before_squared_weights_were_counted_loads_with_its_counters():
+    # Reviewed: a state saved with the layout of nine running sums (a learner exported with the callback before
+    # `weight_sq` was added) failed after loading: metrics() with "data must be a float64 vector of length 3190",
+    # update() with a RuntimeError.
+    from fastai_ls.calibration.state import _SCALARS
+
+    state = state_of(*random_probs(60, 3, seed=0))
+    saved = state.__getstate__()
+    i = _SCALARS.index("weight_sq")
+    assert i == len(_SCALARS) - 1
+    saved["data"] = torch.cat([saved["data"][:i], saved["data"][i + 1:]])
+    saved["_slices"] = {name: slice(part.start - (part.start > i), part.stop - 1) for name, part in
+                        saved["_slices"].items()}
+    loaded = CalibrationState.__new__(CalibrationState)
+    loaded.__setstate__(saved)
+    assert torch.equal(loaded.data, state.data) and loaded.metrics() == state.metrics()
+    loaded.update(*random_probs(10, 3, seed=1))
+    assert loaded.metrics()["n"] == 70

@@ -171,8 +171,16 @@ class CalibrationState:
         return {k: v for k, v in self.__dict__.items() if k != "_lock"} | {"data": data}
 
     def __setstate__(self, state: dict) -> None:
+        """The pickled counters with a new lock; a state saved before `weight_sq` was counted (a learner exported
+        with an earlier version) gets it as n, which it is for unweighted rows and the callback's 0/1 weights."""
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        n_old = self._slices["scalars"].stop
+        if n_old == len(_SCALARS) - 1:  # weight_sq, the last scalar, is missing
+            old = self.data
+            self.__init__(self.n_classes, self.n_bins, self.n_fine, device=old.device, classwise=self.classwise)
+            self.data[:n_old], self.data[n_old + 1:] = old[:n_old], old[n_old:]
+            self.data[n_old] = old[_SCALARS.index("n")]
 
     # --- named views of `data` (writes through them update the state) ---------------------------------------------
 
