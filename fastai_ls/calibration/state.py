@@ -281,7 +281,8 @@ class CalibrationState:
         Rows with a non-finite probability count in `n_invalid`, rows whose target is out of range (and not
         `ignore_index`) in `n_bad_target`; neither enters any other counter. The counters never join an autograd
         graph: predictions that require grad (a live model's outputs) are read detached. Updates from several
-        threads at once are safe: each adds its whole batch under the state's lock.
+        threads at once are safe: each adds its whole batch under the state's lock, and what reads the state
+        meanwhile (`metrics`, `+`, pickling) sees whole batches only.
 
         Parameters
         ----------
