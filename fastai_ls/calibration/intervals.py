@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from statistics import NormalDist
@@ -151,17 +152,30 @@ def joint_cells(bins: Tensor, fine: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return refined, refined_fine_of, bin_of
 
 
+_threads_lock = threading.Lock()
+_bootstraps_running, _threads_saved = 0, 1
+
+
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """Run torch on one intra-op thread, then restore the caller's setting. A bootstrap is ~100 operations on
     arrays of a few MB each: a second thread saves little on them, and on cores that other work keeps busy it waits
     for them (1000 replicates at 900 cells: 0.27 s on one thread, 0.44 s on two, measured on 2 busy cores)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
+    global _bootstraps_running, _threads_saved
+    # torch's setting is the process's: with bootstraps in several threads, the first to start saves it and the
+    # last to end restores it. Each saving and restoring its own, two overlapping ones left torch on one thread.
+    with _threads_lock:
+        if _bootstraps_running == 0:
+            _threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _bootstraps_running += 1
     try:
         yield
     finally:
-        torch.set_num_threads(saved)
+        with _threads_lock:
+            _bootstraps_running -= 1
+            if _bootstraps_running == 0:
+                torch.set_num_threads(_threads_saved)
 
 
 # Replicates are drawn and summarised at most this many at a time, so that a bootstrap's memory stays bounded (about
