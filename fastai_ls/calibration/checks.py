@@ -7,11 +7,13 @@ float16 softmax outputs by less than `SUM_ROUNDING` (1e-3), bfloat16 ones by abo
 a few decimals (a CSV export, torchmetrics' own test inputs) by up to 1%. Rows within `SUM_TOLERANCE` (2%) of 1 are
 accepted; where one misses by more than `SUM_ROUNDING`, every row is divided by its sum, with one warning giving
 the largest miss. Beyond `SUM_TOLERANCE` a row is not a probability distribution (logits, scores, one class's
-column) and the input is refused.
+column) and the input is refused. The tolerance is of the values as written: a row of three 0.34s sums to 1.02,
+whatever the dtype's rounding of 0.34 makes of its sum.
 """
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import torch
@@ -19,7 +21,8 @@ from torch import Tensor
 
 from fastai_ls.tensor_input import upcast
 
-__all__ = ["SUM_TOLERANCE", "SUM_ROUNDING", "checked_probabilities", "class_ids", "check_class_ids"]
+__all__ = ["SUM_TOLERANCE", "SUM_ROUNDING", "checked_probabilities", "class_ids", "check_class_ids",
+           "checked_ignore_index"]
 
 # How far from 1 a row of probabilities may sum; beyond it the input is refused.
 SUM_TOLERANCE = 0.02
@@ -27,6 +30,8 @@ SUM_TOLERANCE = 0.02
 # warning. float32 softmax outputs miss by 4e-5 at 500,000 classes, float16 ones by 5e-4.
 SUM_ROUNDING = 1e-3
 _LOGITS_HINT = "for logits pass `logits.softmax(1)`"
+# What a uint64 class id beyond int64's range becomes (`class_ids`).
+_BEYOND_INT64 = torch.iinfo(torch.int64).max
 
 
 def checked_probabilities(probs: Tensor, name: str = "probs", hint: str = _LOGITS_HINT,
@@ -80,7 +85,11 @@ def checked_probabilities(probs: Tensor, name: str = "probs", hint: str = _LOGIT
         raise ValueError(f"{name} must hold probabilities in [0, 1], but {int(negative.sum())} of {len(rows)} rows "
                          f"do not (first: row {i}, values from {float(rows[i].min()):.6g} to "
                          f"{float(rows[i].max()):.6g}); {hint}")
-    off = miss > SUM_TOLERANCE
+    # The sum of the values as stored may miss that of the values as written by their rounding to the dtype, at most
+    # half its epsilon per unit of the sum (and the float64 sum's own rounding): without this slack a row of three
+    # 0.34s was accepted in float32 and refused in float64 and float16.
+    slack = max(torch.finfo(rows.dtype).eps / 2, 1e-12) * (1 + SUM_TOLERANCE)
+    off = miss > SUM_TOLERANCE + slack
     if bool(off.any()):
         i = int(off.nonzero()[0, 0])
         # Enough digits to show what is wrong: a row summing to 1.0205 must not read as "1".
@@ -130,7 +139,36 @@ def class_ids(target: Tensor, n_rows: int, name: str = "probs") -> Tensor:
         raise ValueError(f"target must hold {n_rows} integer class ids, shape ({n_rows},) or ({n_rows}, 1), got "
                          f"{target.dtype} {shape}: {what}")
     # int64 for every integer dtype: gather takes no other, and uint16/32/64 have no comparison kernels on the CPU.
-    return target.reshape(-1).long()
+    ids = target.reshape(-1).long()
+    if target.dtype == torch.uint64:
+        # uint64 values from 2**63 on wrap around to negative int64s, where an ignore_index of -100 would skip
+        # 2**64 - 100 silently: they become int64's largest value, which is out of range for any C.
+        ids = torch.where(ids < 0, _BEYOND_INT64, ids)
+    return ids
+
+
+def checked_ignore_index(ignore_index: int | None) -> int | None:
+    """`ignore_index` as a Python int (None stays None), after a ValueError unless it is an integer that an int64
+    class id can equal: a bool or a float would match ids silently (True is class 1), and one beyond int64 was an
+    OverflowError from the comparison.
+
+    >>> checked_ignore_index(-100)
+    -100
+    >>> checked_ignore_index(1.5)
+    Traceback (most recent call last):
+    ValueError: ignore_index must be an int (a target value that marks rows to skip), got 1.5
+    """
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, Tensor) and ignore_index.dim() == 0 and not ignore_index.is_floating_point() \
+            and not ignore_index.is_complex() and ignore_index.dtype != torch.bool:
+        ignore_index = int(ignore_index)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"ignore_index must be an int (a target value that marks rows to skip), got {ignore_index!r}")
+    info = torch.iinfo(torch.int64)
+    if not info.min <= ignore_index <= info.max:
+        raise ValueError(f"ignore_index must be an int64 value, in [-2**63, 2**63), got {ignore_index}")
+    return int(ignore_index)
 
 
 def check_class_ids(target: Tensor, n_classes: int, ignore_index: int | None = None) -> None:
@@ -150,8 +188,10 @@ def check_class_ids(target: Tensor, n_classes: int, ignore_index: int | None = N
     Traceback (most recent call last):
     ValueError: 1 targets are not class ids in [0, 3) (e.g. 3)
     """
+    ignore_index = checked_ignore_index(ignore_index)
     listed = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
     bad = listed & ((target < 0) | (target >= n_classes))
     if bool(bad.any()):
+        first = int(target[bad][0])
         raise ValueError(f"{int(bad.sum())} targets are not class ids in [0, {n_classes}) (e.g. "
-                         f"{int(target[bad][0])})")
+                         f"{'one >= 2**63 - 1' if first == _BEYOND_INT64 else first})")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from statistics import NormalDist
@@ -124,6 +125,12 @@ def joint_cells(bins: Tensor, fine: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     in_bins_below = bins.cumsum(0)[torch.tensor(split_edges, dtype=torch.long) - 1]
     lower = in_bins_below - (fine.cumsum(0) - fine)[split_cells]
     whole = fine[split_cells]
+    # Weighted counts are not whole numbers, and the difference of the two sums leaves a rounding error (up to about
+    # K float64 epsilons of all the rows) where a part is empty: within it, the part is empty. Else it would be a
+    # bootstrap category of its own, and weights of 0.1 drew other replicates than weights of 1.
+    noise = n_cells * torch.finfo(torch.float64).eps * float(bins[:, 0].sum())
+    lower = torch.where(lower.abs() <= noise, 0.0, lower)
+    lower = torch.where((whole - lower).abs() <= noise, whole, lower)
     # Float sums can leave a split a rounding error outside its cell: keep 0 <= correct <= count <= the cell's.
     lower = torch.minimum(lower.clamp_min(0), whole)
     lower[:, 2] = torch.minimum(lower[:, 2], lower[:, 0])
@@ -145,17 +152,30 @@ def joint_cells(bins: Tensor, fine: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return refined, refined_fine_of, bin_of
 
 
+_threads_lock = threading.Lock()
+_bootstraps_running, _threads_saved = 0, 1
+
+
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """Run torch on one intra-op thread, then restore the caller's setting. A bootstrap is ~100 operations on
     arrays of a few MB each: a second thread saves little on them, and on cores that other work keeps busy it waits
     for them (1000 replicates at 900 cells: 0.27 s on one thread, 0.44 s on two, measured on 2 busy cores)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
+    global _bootstraps_running, _threads_saved
+    # torch's setting is the process's: with bootstraps in several threads, the first to start saves it and the
+    # last to end restores it. Each saving and restoring its own, two overlapping ones left torch on one thread.
+    with _threads_lock:
+        if _bootstraps_running == 0:
+            _threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _bootstraps_running += 1
     try:
         yield
     finally:
-        torch.set_num_threads(saved)
+        with _threads_lock:
+            _bootstraps_running -= 1
+            if _bootstraps_running == 0:
+                torch.set_num_threads(_threads_saved)
 
 
 # Replicates are drawn and summarised at most this many at a time, so that a bootstrap's memory stays bounded (about
@@ -183,7 +203,11 @@ def _resample(cells: Tensor, n_boot: int, seed: int | None,
     a new generator seeded with `seed`)."""
     count, correct = cells[:, 0].numpy(), cells[:, 2].numpy()
     weights = np.concatenate([correct, np.clip(count - correct, 0, None)])
-    used = np.flatnonzero(weights > 0)  # empty categories cost a binomial draw each: leave them out
+    # Empty categories cost a binomial draw each: leave them out. Weighted counts are not whole numbers, and where
+    # every row of a split cell is correct, its count and correct parts differ by their sums' rounding (about
+    # 1e-13 rows): such a category is empty too, else weights of 0.1 drew other replicates than weights of 1.
+    noise = len(weights) * np.finfo(np.float64).eps * float(weights.sum())
+    used = np.flatnonzero(weights > noise)
     n_rows = int(round(float(weights.sum())))
     rng = np.random.default_rng(seed) if rng is None else rng
     draws = rng.multinomial(n_rows, weights[used] / weights[used].sum(), size=n_boot)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastai_ls.calibration.checks import checked_probabilities, class_ids
+from fastai_ls.calibration.checks import checked_ignore_index, checked_probabilities, class_ids
 from fastai_ls.calibration.intervals import (
     BOOTSTRAP_NAMES,
     MAX_ROWS,
@@ -83,7 +83,11 @@ def _checked_weight(weight: Tensor, n_rows: int, check_values: bool) -> Tensor:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"weight must be a real tensor of {n_rows} row weights, got {shape}")
     weight = weight.detach()
-    if check_values and weight.is_floating_point():
+    if not weight.is_floating_point():
+        # float64 for integer and bool weights: uint16/32/64 have no comparison kernels on the CPU, and they are
+        # counted in float64 anyway.
+        weight = weight.to(torch.float64)
+    if check_values:
         bad = ~weight.isfinite()
         if bool(bad.any()):
             raise ValueError(f"weight must be finite: {int(bad.sum())} of {n_rows} row weights are NaN or infinite")
@@ -161,12 +165,22 @@ class CalibrationState:
 
     def __getstate__(self) -> dict:
         """Everything but the lock, which cannot be pickled or copied (a saved learner holds its callback's
-        states)."""
-        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+        states), with a copy of the counters taken under the lock: whole updates only, as for `metrics`."""
+        with self._lock:
+            data = self.data.clone()
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"} | {"data": data}
 
     def __setstate__(self, state: dict) -> None:
+        """The pickled counters with a new lock; a state saved before `weight_sq` was counted (a learner exported
+        with an earlier version) gets it as n, which it is for unweighted rows and the callback's 0/1 weights."""
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        n_old = self._slices["scalars"].stop
+        if n_old == len(_SCALARS) - 1:  # weight_sq, the last scalar, is missing
+            old = self.data
+            self.__init__(self.n_classes, self.n_bins, self.n_fine, device=old.device, classwise=self.classwise)
+            self.data[:n_old], self.data[n_old + 1:] = old[:n_old], old[n_old:]
+            self.data[n_old] = old[_SCALARS.index("n")]
 
     # --- named views of `data` (writes through them update the state) ---------------------------------------------
 
@@ -223,17 +237,28 @@ class CalibrationState:
             differ = ", ".join(f"{name} {a!r} and {b!r}" for name, a, b in zip(names, self._layout(), other._layout())
                                if a != b)
             raise ValueError(f"cannot add calibration states with different counters: {differ}")
-        return self._with_data(self.data + other.data.to(self.device))
+        return self._with_data(self._frozen(self.device).data + other._frozen(self.device).data)
 
     def to(self, device: torch.device | str) -> CalibrationState:
-        """The same counters on `device` (a copy unless they are there already)."""
-        return self._with_data(self.data.to(device))
+        """The same counters on `device`: a copy, or this state itself if they are there already."""
+        with self._lock:
+            data = self.data.to(device)
+        # Not a second state over the same `data`: it would have a lock of its own, and updates through the two
+        # could race.
+        return self if data is self.data else self._with_data(data)
+
+    def _frozen(self, device: torch.device | str = "cpu") -> CalibrationState:
+        """A copy of the counters on `device`, taken under the lock: every reading (metrics, `+`) sees whole updates
+        only, never the scalars of a batch whose bins another thread is still adding."""
+        with self._lock:
+            return self._with_data(self.data.to(device, copy=True))
 
     def all_reduce(self) -> CalibrationState:
         """Sum the state over all processes in place (one collective); a no-op unless torch.distributed runs."""
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(self.data, op=dist.ReduceOp.SUM)
+            with self._lock:
+                dist.all_reduce(self.data, op=dist.ReduceOp.SUM)
         return self
 
     def __repr__(self) -> str:
@@ -256,7 +281,8 @@ class CalibrationState:
         Rows with a non-finite probability count in `n_invalid`, rows whose target is out of range (and not
         `ignore_index`) in `n_bad_target`; neither enters any other counter. The counters never join an autograd
         graph: predictions that require grad (a live model's outputs) are read detached. Updates from several
-        threads at once are safe: each adds its whole batch under the state's lock.
+        threads at once are safe: each adds its whole batch under the state's lock, and what reads the state
+        meanwhile (`metrics`, `+`, pickling) sees whole batches only.
 
         Parameters
         ----------
@@ -268,7 +294,8 @@ class CalibrationState:
         target : Tensor
             (N,) or (N, 1) class ids, any integer dtype.
         weight : Tensor, optional
-            (N,) finite, non-negative row weights (e.g. 0/1 to drop padding duplicates); a row counts as its weight.
+            (N,) finite, non-negative row weights of any real dtype (e.g. 0/1 to drop padding duplicates); a row counts
+        as its weight.
         activation : callable, optional
             Maps `preds` to probabilities over axis 1 (e.g. ``lambda z: z.softmax(1)``).
         ignore_index : int, optional
@@ -277,23 +304,40 @@ class CalibrationState:
             Check the values of the probabilities (see `preds`) and of `weight` (a ValueError for a negative or
             non-finite one). The checks read the values on the host, a synchronisation on a GPU;
             `CalibrationCallback` turns them off in its per-batch path, for the softmax outputs and the 0/1
-            weights it makes itself.
+            weights it makes itself. Unchecked bfloat16 rows are divided by their sums.
 
         >>> state = CalibrationState(n_classes=2)
         >>> state.update(torch.tensor([[.8, .2], [.3, .7]]), torch.tensor([0, 0]), weight=torch.tensor([1., 2.]))
         >>> float(state.scalar('n')), float(state.scalar('correct'))
         (3.0, 1.0)
         """
+        if not isinstance(preds, Tensor):
+            raise TypeError(f"preds must be a tensor, got {type(preds).__name__}")
         if preds.dim() != 2 or preds.shape[1] != self.n_classes:
             raise ValueError(f"preds must be (N, {self.n_classes}), got {tuple(preds.shape)}")
         target = class_ids(target, preds.shape[0], "preds")
+        ignore_index = checked_ignore_index(ignore_index)
         if weight is not None:
             weight = _checked_weight(weight, preds.shape[0], check)
         preds = preds.detach()  # a graph would keep every batch's activations alive through the counters
         probs = activation(preds) if activation is not None else preds
+        name = "preds" if activation is None else "activation(preds)"
+        # Shapes and dtypes, not values: checked also without `check`.
+        if not isinstance(probs, Tensor) or probs.shape != preds.shape:
+            got = tuple(probs.shape) if isinstance(probs, Tensor) else type(probs).__name__
+            raise ValueError(f"{name} must be a tensor of preds' shape {tuple(preds.shape)}, one row of class "
+                             f"probabilities per row of preds, got {got}")
+        if not probs.is_floating_point():
+            raise ValueError(f"{name} must be floating point probabilities, got {probs.dtype}")
         if check:  # stacklevel 3: the warning points at the caller of update
-            probs = checked_probabilities(probs, "preds" if activation is None else "activation(preds)",
-                                          _LOGITS_HINT, stacklevel=3)
+            probs = checked_probabilities(probs, name, _LOGITS_HINT, stacklevel=3)
+        elif probs.dtype == torch.bfloat16:
+            # bfloat16 softmax outputs (a bfloat16 model's) miss 1 by up to about 3e-3, and the check divides them
+            # by their sums: unchecked, so is every bfloat16 row, without reading a value (and so without the check's
+            # warning). Other dtypes' softmax outputs miss by less than SUM_ROUNDING and are taken as they are.
+            probs = upcast(probs)
+            sums = probs.sum(1, keepdim=True)
+            probs = probs / torch.where(sums > 0, sums, 1.0)
         probs = upcast(probs)
         dev, f64 = self.device, torch.float64
         probs = probs if probs.device == dev else probs.to(dev)
@@ -367,8 +411,8 @@ class CalibrationState:
         float64 CPU tensors. For weighted rows the intervals take each bin's weight in effective rows (`n_eff`
         of `metrics`), so scaling every weight changes none of them."""
         check_ci(ci)
-        s, rows, _ = self._counters()
-        bins = self.bins.detach().cpu()
+        s, rows, _, frozen = self._counters()
+        bins = frozen.bins
         count, conf_sum, correct = bins.unbind(1)
         nonempty = count > 0
         conf = torch.where(nonempty, conf_sum / count.clamp_min(1e-300), math.nan)
@@ -402,13 +446,13 @@ class CalibrationState:
         >>> m['accuracy'], m['accuracy_lo'] <= m['accuracy'] <= m['accuracy_hi']
         (0.6666666666666666, True)
         """
-        s, bins, fine = self._counters()  # in effective rows: the same ratios as the weighted sums
+        s, bins, fine, frozen = self._counters()  # in effective rows: the same ratios as the weighted sums
         n = s["n"]
         out = dict.fromkeys(METRIC_NAMES, math.nan) | {"n": n, "n_invalid": s["n_invalid"]}
         if n > 0:
             top = top_label_metrics(bins, fine)
             out.update({name: float(value) for name, value in top.items()})
-            out.update(classwise_ece=self._classwise_ece(n), nll=s["nll"] / n, brier=s["brier"] / n,
+            out.update(classwise_ece=frozen._classwise_ece(n), nll=s["nll"] / n, brier=s["brier"] / n,
                        nll_se=_standard_error(s["nll_sq"], s["nll"], n, s["n_eff"]),
                        brier_se=_standard_error(s["brier_sq"], s["brier"], n, s["n_eff"]))
         if ci is not None:
@@ -437,8 +481,8 @@ class CalibrationState:
         seed : int, optional
             Seed of numpy's generator: the same seed gives the same intervals; None draws a fresh one.
         """
-        point = self.metrics()
-        _, bins, fine = self._counters()
+        _, bins, fine, frozen = self._counters()
+        point = frozen.metrics()  # of the same counters as the bootstrap's, whatever other threads add meanwhile
         return self._intervals(ci, n_boot, seed, point, bins, fine)
 
     def _intervals(self, ci: float, n_boot: int, seed: int | None, point: dict[str, float], bins: Tensor,
@@ -458,7 +502,7 @@ class CalibrationState:
     def risk_coverage(self) -> dict[str, Tensor]:
         """The risk-coverage curve read from the fine grid, one point per non-empty cell, most confident first:
         threshold, coverage, risk (errors / accepted) and generalized_risk (errors / n); see `risk_coverage.py`."""
-        s, _, fine = self._counters()
+        s, _, fine, _ = self._counters()
         if s["n"] <= 0:
             raise ValueError("no rows counted: the risk-coverage curve is empty")
         return risk_coverage_curve(fine)
@@ -467,7 +511,7 @@ class CalibrationState:
         """Top-label calibration error over the equal-width bins: 'l1' (ECE), 'l2' (RMSCE) or 'max' (MCE)."""
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        s, bins, _ = self._counters()
+        s, bins, _, _ = self._counters()
         if s["n"] <= 0:
             return math.nan
         return float({"l1": lambda: binned_errors(bins)[0], "l2": lambda: rms_error(bins),
@@ -476,26 +520,32 @@ class CalibrationState:
     def _classwise_ece(self, n: float) -> float:
         if not self.classwise:
             return math.nan
-        per_class = self.class_bins.detach().cpu()  # (C, M, 3)
+        per_class = self.class_bins.cpu()  # (C, M, 3)
         return float((per_class[..., 2] - per_class[..., 1]).abs().sum((1,)).mean() / n)
 
-    def _counters(self) -> tuple[dict[str, float], Tensor, Tensor]:
-        """The running sums by name, with `n_eff`, and the bins and fine cells in effective rows, on the CPU; a
-        ValueError if no predictions could have given these counters.
+    def _counters(self) -> tuple[dict[str, float], Tensor, Tensor, CalibrationState]:
+        """The running sums by name, with `n_eff`, the bins and fine cells in effective rows, and the copy of the
+        state they were read from (`_frozen`), on the CPU; a ValueError if no predictions could have given these
+        counters.
 
         Weighted rows count as Kish's effective number of rows n_eff = (sum w)^2 / sum w^2: the histograms are
         scaled by n_eff / sum w, which no ratio of them notices, but the row counts behind the debiased ECE, the
         bootstrap and the Wilson intervals do. n_eff is the number of rows for unweighted rows and 0/1 weights
         (the scale is then exactly 1), and scaling every weight changes neither it nor any metric."""
-        state = self.to("cpu")
+        state = self._frozen()
         bad = int((~state.data.isfinite()).sum())
         wrong = f"{bad} of them are NaN or infinite (row weights above about 1e150 overflow when squared: only " \
             "their ratios matter, so scale them down)" if bad else None
         s = {name: float(v) for name, v in zip(_SCALARS, state.scalars.tolist())}
         wrong = wrong or _inconsistency(s, state.bins, state.fine, state.class_bins)
         if wrong:
+            # Besides a spoiled `data` vector, what `update(check=False)` (the callback's per-batch path) counts
+            # unchecked gives such counters: scores that are not probabilities, e.g. from a loss whose
+            # `activation` returns logits.
             raise ValueError(f"these calibration counters cannot come from any predictions: {wrong}; a `data` vector "
-                             "must be a state's own (`state.data`), unchanged")
+                             "must be a state's own (`state.data`), unchanged, and what `update(check=False)` counts "
+                             "(as `CalibrationCallback` does) must be probabilities, rows of non-negative values "
+                             "summing to 1, not logits (a loss's `activation` must return probabilities)")
         n, weight_sq = s["n"], s["weight_sq"]
         scale = n / weight_sq if n > 0 else 1.0  # exactly 1 for 0/1 weights: then sum w^2 = sum w, term by term
         s["n_eff"] = n * scale
@@ -503,8 +553,8 @@ class CalibrationState:
             raise ValueError(f"these calibration counters cannot come from any predictions: their effective number "
                              f"of rows is {s['n_eff']:.6g}, more than 2**53")
         if scale == 1.0:
-            return s, state.bins, state.fine
-        return s, state.bins * scale, state.fine * scale
+            return s, state.bins, state.fine, state
+        return s, state.bins * scale, state.fine * scale, state
 
 
 # Per row of weight 1, the most that each running sum can add (NLL is capped at -log(NLL_FLOOR); a row may sum to
@@ -520,7 +570,7 @@ def _inconsistency(s: dict[str, float], bins: Tensor, fine: Tensor, class_bins: 
     n, tiny = s["n"], 1e-300
     grids = {"bins": bins, "fine cells": fine, "class bins": class_bins.reshape(-1, 3)}
     if min(n, s["weight_sq"], *(float(g.min()) for g in grids.values() if g.numel())) < 0:
-        return "a count is negative"
+        return "a count or a sum of confidences is negative"
     if n > 0 and s["weight_sq"] <= 0:
         return "the squared row weights sum to 0 (weights below about 1e-150 underflow when squared: scale them up)"
     if s["weight_sq"] > n * n * (1 + _SLACK) + tiny:
