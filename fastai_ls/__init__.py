@@ -14,12 +14,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # for IDEs and type checkers; at run time `__getattr__` below imports each name on first use
     from fastai_ls import distributed
     from fastai_ls.calibration import CalibrationState, calibration_error, calibration_metrics
+    from fastai_ls.calibration.compare_scores import compare_confidence_scores
+    from fastai_ls.calibration.confidence_scores import confidence_scores
     from fastai_ls.calibration.plots import (
         plot_history,
         plot_reliability,
         plot_risk_coverage,
+        plot_selective,
         plot_smooth_reliability,
     )
+    from fastai_ls.calibration.selective import augrc, aurc
     from fastai_ls.callback import CalibrationCallback
     from fastai_ls.digits import digits_learner
     from fastai_ls.losses import (
@@ -55,6 +59,11 @@ _SOURCES = {
     "plot_reliability": "fastai_ls.calibration.plots",
     "plot_smooth_reliability": "fastai_ls.calibration.plots",
     "plot_risk_coverage": "fastai_ls.calibration.plots",
+    "plot_selective": "fastai_ls.calibration.plots",
+    "confidence_scores": "fastai_ls.calibration.confidence_scores",
+    "aurc": "fastai_ls.calibration.selective",
+    "augrc": "fastai_ls.calibration.selective",
+    "compare_confidence_scores": "fastai_ls.calibration.compare_scores",
     "TemperatureFit": "fastai_ls.posthoc",
     "apply_temperature": "fastai_ls.posthoc",
     "fit_temperature": "fastai_ls.posthoc",
@@ -73,6 +82,7 @@ __all__ = [
     "LabelSmoothingCrossEntropy", "LabelSmoothingCrossEntropyFlat", "label_smoothing_cross_entropy",
     "CalibrationState", "calibration_error", "calibration_metrics",
     "CalibrationCallback", "plot_history", "plot_reliability", "plot_smooth_reliability", "plot_risk_coverage",
+    "plot_selective", "confidence_scores", "aurc", "augrc", "compare_confidence_scores",
     "TemperatureFit", "apply_temperature", "fit_temperature", "remove_temperature",
     "fit_calibrator", "apply_calibrator", "remove_calibrator", "compare_calibrators", "save_predictions",
     "pets_learner", "make_pets_like_tree", "digits_learner", "distributed",

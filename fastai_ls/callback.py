@@ -6,6 +6,7 @@ batch on the model's device, one `all_reduce` and one read-back per validation p
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import warnings
@@ -35,6 +36,7 @@ from fastai_ls.calibration.report import report_frame
 from fastai_ls.calibration.state import (
     CLASSWISE_MAX_CLASSES,
     INTERVAL_COLUMNS,
+    INTERVAL_NAMES,
     METRIC_NAMES,
     CalibrationState,
     check_n_bins,
@@ -103,9 +105,17 @@ class CalibrationCallback(Callback):
         Equal-width confidence bins for ECE, MCE, RMSCE, classwise ECE and the reliability diagram.
     metrics : str or sequence of str, default ('ece',)
         The metrics to add as columns to fastai's progress table, and so to `CSVLogger` and to what
-        `SaveModelCallback`, `EarlyStoppingCallback` and `ReduceLROnPlateau` can monitor: any of `METRIC_NAMES`,
-        or an interval limit of `INTERVAL_COLUMNS` (e.g. 'ece_hi'). Every metric is computed either way and lands
-        in `history` and `last_metrics`.
+        `SaveModelCallback`, `EarlyStoppingCallback` and `ReduceLROnPlateau` can monitor. Every metric is computed
+        either way and lands in `history` and `last_metrics`. The names (`METRIC_NAMES`):
+
+        - n (rows scored), n_invalid (rows left out: NaN/inf), accuracy, confidence (mean top-label probability);
+        - ece, mce, rmsce (equal-width bins, L1/max/L2), ece_debiased, adaptive_ece (equal-mass bins), smece
+          (smooth ECE), ks_error, classwise_ece, overconfidence, underconfidence;
+        - nll, nll_se, brier, brier_se (with standard errors), aurc, augrc (selective classification).
+
+        and the interval limits `<metric>_lo`, `<metric>_hi` (`INTERVAL_COLUMNS`, e.g. 'ece_hi', with `ci` set) of
+        accuracy, confidence, ece, mce, rmsce, ece_debiased, adaptive_ece, smece, ks_error, overconfidence,
+        underconfidence, nll, brier, aurc, augrc.
     n_fine : int, default 1000
         Fine equal-width bins behind adaptive and smooth ECE, the KS error, AURC and AUGRC: their resolution in
         confidence, and the cells the bootstrap resamples.
@@ -145,7 +155,8 @@ class CalibrationCallback(Callback):
     Passes: in `fit`, each epoch's validation pass adds one row to `history` and one state to `states`; both restart
     with every `fit`, like `learn.recorder.values`. Any other validation pass (`learn.validate()`,
     `learn.get_preds()`, on any `dl`, also when another callback runs one inside a fit) only replaces `state` and
-    `last_metrics`, so it never adds to, resets or double counts in the history. A pass without labels
+    `last_metrics`, so it never adds to, resets or double counts in the history, and the rows keep the fit's epoch
+    (fastai sets `learn.epoch` to 0 for such a pass). A pass without labels
     (`learn.predict(item)`, `get_preds` on an unlabelled `test_dl`) has nothing to score: `state` and `last_metrics`
     both keep the last scored pass, and that pass's columns are NaN. Only validation batches are seen, with hard
     labels, so MixUp/CutMix in training do not matter.
@@ -155,6 +166,10 @@ class CalibrationCallback(Callback):
     to the loss's `ignore_index` are left out. Multi-label, soft or regression targets are refused with a ValueError:
     at `before_fit` in `fit`; inside `validate()`/`get_preds()` at the first labelled batch, so that fastai releases
     `learn.lock` and the learner stays usable (`predict` still works).
+
+    One per learner: a second CalibrationCallback (say `fit(cbs=...)` on `pets_learner()`, which has one) replaces
+    the first while it is attached, with a warning, and puts it back when it leaves (at the end of that fit), so no
+    column is there twice and `learn.calibration` is always the callback in `learn.cbs`.
 
     Columns: they sit in `learn.metrics` while the callback is attached and leave with it (after
     `learn.fit(n, cbs=cb)`, `learn.validate(cbs=cb)`, `learn.remove_cb(cb)`, also when a fit raised), so no later fit
@@ -197,9 +212,9 @@ class CalibrationCallback(Callback):
             check_interval_grid(self.n_bins, self.n_fine)  # else every epoch's intervals, and `history`, would fail
         self.ci, self.n_boot, self.seed = ci, n_boot, check_seed(seed)
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-        unknown = [m for m in metrics if m not in METRIC_NAMES + INTERVAL_COLUMNS]
-        if unknown:
-            raise ValueError(f"unknown calibration metrics {unknown}; choose from {METRIC_NAMES + INTERVAL_COLUMNS}")
+        for m in metrics:
+            if m not in METRIC_NAMES + INTERVAL_COLUMNS:
+                raise ValueError(_unknown_metric_message(m))
         if ci is None and any(m in INTERVAL_COLUMNS for m in metrics):
             raise ValueError("interval columns need a confidence level: pass ci=0.95 (or another level)")
         self._eager_intervals = any(m in INTERVAL_COLUMNS for m in metrics)
@@ -214,6 +229,9 @@ class CalibrationCallback(Callback):
         self._scored = False  # whether the validation pass that just ended had labels to score
         self._deferred: Exception | None = None  # an error of before_fit inside validate()/get_preds(), raised later
         self._depth = 0  # how many fits (fastai's own or those around validate/get_preds) are running
+        self._outer: list[tuple] = []  # the passes of the fits around a nested validate/get_preds, innermost last
+        self._epoch: int | None = None  # the epoch of the outermost fit, which `learn.epoch` loses to nested passes
+        self._nested = False  # whether a nested pass ran since the fit's last after_epoch
 
     @property
     def learn(self) -> Learner | None:
@@ -229,7 +247,44 @@ class CalibrationCallback(Callback):
         old = self.__dict__.get("learn")
         if old is not None and old is not learn:
             _remove_columns(old, self)
+            self._put_back_replaced(old)
         self.__dict__["learn"] = learn
+        if learn is not None and learn is not old:
+            self.__dict__.pop("_leaving_name", None)
+            self._replace_others(learn)
+
+    @property
+    def name(self) -> str:
+        """'calibration': fastai makes the attached callback `learn.calibration`."""
+        # Read once by fastai's `remove_cb`, right after `learn` is cleared, to delete `learn.calibration`: after
+        # putting back the callback this one replaced, that read gets a name the learner lacks, so that it stays.
+        return self.__dict__.pop("_leaving_name", "calibration")
+
+    def _replace_others(self, learn: Learner) -> None:
+        """Take the learner's other CalibrationCallbacks out while this one is attached: two would add every column
+        twice, and `learn.calibration` would name only one of them."""
+        others = [cb for cb in getattr(learn, "cbs", ()) if isinstance(cb, CalibrationCallback) and cb is not self]
+        if not others:
+            return
+        warnings.warn(f"this learner already has a CalibrationCallback (metrics {others[0].metric_names}): the new "
+                      f"one (metrics {self.metric_names}) replaces it, and puts it back when it is removed (as "
+                      "fit(cbs=...) does at the end of the fit); learn.calibration is the new one meanwhile",
+                      stacklevel=4)
+        for cb in others:
+            learn.remove_cb(cb)
+        self.__dict__["_replaced"] = others
+
+    def _put_back_replaced(self, learn: Learner) -> None:
+        """Attach again the callbacks this one replaced, now that it leaves `learn`."""
+        replaced = self.__dict__.pop("_replaced", [])
+        if not replaced:
+            return
+        for cb in replaced:
+            if cb.learn is None and cb not in learn.cbs:
+                cb.__dict__["learn"] = learn  # not through `learn.add_cb`: that would find this one and replace it
+                learn.cbs.append(cb)
+        learn.calibration = replaced[-1]
+        self.__dict__["_leaving_name"] = "_calibration_left"
 
     # --- events --------------------------------------------------------------------------------------------------
 
@@ -263,11 +318,24 @@ class CalibrationCallback(Callback):
         # those inside a fit: only the outermost fit may start or end the recording. A fit that raised never fired
         # its after_fit; validate/get_preds hold `learn.lock`, so a before_fit without it is a new outermost fit.
         if not validating:
-            self._depth = 0
+            self._depth, self._outer, self._epoch, self._nested = 0, [], None, False
             _warn_if_calibrated(self.learn)
+        elif self._depth:
+            # A pass inside a fit: fastai's TrainEvalCallback has just set `learn.epoch` to 0, and this pass's
+            # before_validate will start counters of its own. Keep the fit's pass (a callback may validate between its
+            # last batch and its after_validate) for after_fit to put back.
+            self._outer.append((self._pass, self._scored, self._sharded))
+            self._nested = True
         self._depth += 1
         if self._depth == 1:
             self._new_fit, self._in_fit = True, False
+
+    def before_epoch(self):
+        """Note the fit's epoch, which the rows are labelled with."""
+        if self._depth == 1:
+            # A pass run by a callback before this one in this event has already set `learn.epoch` to 0.
+            self._epoch = self._epoch + 1 if self._nested and self._epoch is not None else self.learn.epoch
+            self._nested = False
 
     def before_train(self):
         """Start a new history at a fit's first training phase."""
@@ -300,7 +368,7 @@ class CalibrationCallback(Callback):
                                           classwise=classwise)
         weight = _padding_weight(self.learn.dl, target.shape[0] // rows_per_item, rows_per_item, probs.device)
         self._pass.update(probs, target, weight=weight, ignore_index=getattr(self.learn.loss_func, "ignore_index",
-                                                                             None), check_weight=False)
+                                                                             None), check=False)
 
     def after_validate(self):
         """Bring the pass's counters to the CPU (summed over processes if sharded): `state`, `last_metrics`, a row."""
@@ -318,12 +386,20 @@ class CalibrationCallback(Callback):
                           "they are left out of the calibration metrics and counted in `n_invalid`", stacklevel=2)
         if self._in_fit and self._depth == 1:
             self.states.append(state)
-            self._rows.append({"epoch": self.epoch, **self.last_metrics})
+            self._rows.append({"epoch": self._epoch, **self.last_metrics})
+
+    def after_epoch(self):
+        """A pass run after this point (in after_epoch) still belongs to this epoch: `learn.epoch` is right again at
+        the next before_epoch."""
+        if self._depth == 1:
+            self._nested = False
 
     def after_fit(self):
         """End the recording at the end of the outermost fit."""
         # Not also in after_cancel_fit: fastai fires after_fit after it.
         self._deferred = None
+        if self._depth > 1 and self._outer:
+            self._pass, self._scored, self._sharded = self._outer.pop()
         self._depth = max(self._depth - 1, 0)
         if self._depth == 0:
             self._in_fit = False
@@ -401,8 +477,9 @@ class CalibrationCallback(Callback):
         ----------
         epoch : int, default -1
             Index into the epochs of the last fit (-1: the last); outside a fit's history, the last scored pass.
-        ax : matplotlib Axes, optional
-            Axes to draw on; None makes a figure with the count histogram on its own axes below.
+        ax : matplotlib Axes or pair of Axes, optional
+            None makes a figure with the counts in a panel below; a pair (diagram, panel) draws the same onto the
+            caller's axes; one Axes gets the counts as an outline on a right-hand axis.
         title : str, optional
             Shown before the ECE in the title: "<title>: ECE x.xx%".
 
@@ -413,9 +490,10 @@ class CalibrationCallback(Callback):
         return plot_reliability(self.state_of(epoch), ax=ax, title=title, ci=self.ci or 0.95)
 
     def plot_smooth_reliability(self, epoch: int = -1, ax: Axes | None = None, title: str | None = None) -> Figure:
-        """Smooth reliability diagram with bootstrap band and confidence density; returns the figure."""
-        return plot_smooth_reliability(self.state_of(epoch), ax=ax, title=title, ci=self.ci or 0.95,
-                                       n_boot=self.n_boot, seed=self.seed)
+        """Smooth reliability diagram with bootstrap band (none with `ci=None`) and confidence density; returns the
+        figure. `ax` as for `plot_reliability`."""
+        return plot_smooth_reliability(self.state_of(epoch), ax=ax, title=title, ci=self.ci, n_boot=self.n_boot,
+                                       seed=self.seed)
 
     def plot_risk_coverage(self, epoch: int = -1, ax: Axes | None = None, title: str | None = None) -> Figure:
         """Risk-coverage plot of an epoch (default the last); returns the figure."""
@@ -469,6 +547,14 @@ class CalibrationCallback(Callback):
         except ValueError as e:
             raise ValueError(f"CalibrationCallback {e}") from None
         return probs, target, probs.shape[0] // max(pred.shape[0], 1)
+
+
+def _unknown_metric_message(name: object) -> str:
+    """Why `name` is no column of the callback, with the closest name (case aside) and the names there are."""
+    close = difflib.get_close_matches(str(name).lower(), METRIC_NAMES + INTERVAL_COLUMNS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (f"unknown calibration metric {name!r}{hint}; the metrics are {', '.join(METRIC_NAMES)}, and the interval "
+            f"limits <metric>_lo and <metric>_hi of {', '.join(INTERVAL_NAMES)}")
 
 
 def _warn_if_calibrated(learn: Learner) -> None:

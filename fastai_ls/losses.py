@@ -9,7 +9,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from fastai_ls.loss.checks import check_options, check_weight, check_weight_values
+from fastai_ls.loss.checks import check_options, check_weight, check_weight_values, target_shape_message
 from fastai_ls.loss.functional import label_smoothing_cross_entropy
 from fastai_ls.tensor_input import plain, upcast
 
@@ -94,7 +94,8 @@ class LabelSmoothingCrossEntropy(nn.Module):
 class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
     """`LabelSmoothingCrossEntropy` with fastai's `BaseLoss` conventions: the class axis is `axis` (default
     last, as for fastai's `CrossEntropyLossFlat`), inputs and targets are flattened to rows, so 'none' gives one loss
-    per flattened position, in the target's order.
+    per flattened position, in the target's order. Integer targets may come flattened, or with trailing size-1 axes:
+    the (bs, 1) class ids of fastai's `TabularDataLoaders`.
 
     Parameters
     ----------
@@ -184,7 +185,9 @@ class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
         positions = x.shape[:1] + x.shape[2:]
         if target.shape == positions:
             return x, target
-        if self.flatten and target.dim() == 1 and target.numel() == positions.numel():  # already flattened
+        if self.flatten and target.numel() == positions.numel() and (
+                target.dim() == 1  # already flattened
+                or target.shape[:len(positions)] == positions and all(s == 1 for s in target.shape[len(positions):])):
+            # (bs, 1) from fastai's tabular loaders: fastai's `BaseLoss` flattens these as well. A view, never a copy.
             return x, target.reshape(positions)
-        raise ValueError(f"integer target must have shape {tuple(positions)} for input {tuple(input.shape)} "
-                         f"with axis={self.axis}, got {tuple(target.shape)}")
+        raise ValueError(target_shape_message(input.shape, positions, target.shape, f" with axis={self.axis}"))

@@ -15,6 +15,7 @@ import torch
 from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
+from fastai.metrics import error_rate
 from torch import nn
 
 from fastai_ls import CalibrationCallback, LabelSmoothingCrossEntropy
@@ -45,8 +46,8 @@ def make_learner() -> tuple[Learner, CalibrationCallback]:
     dls = DataLoaders.from_dsets(synthetic_items(96, 1), synthetic_items(N_VALID, 2), bs=VALID_BS, num_workers=0,
                                  device="cpu")
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, N_CLASSES), Float32()).double()
-    cb = CalibrationCallback(metrics=("ece", "nll"))
-    return Learner(dls, model, loss_func=LabelSmoothingCrossEntropy(0.1), cbs=cb), cb
+    cb = CalibrationCallback(metrics=("ece", "nll", "accuracy"))
+    return Learner(dls, model, loss_func=LabelSmoothingCrossEntropy(0.1), metrics=error_rate, cbs=cb), cb
 
 
 class RecordWrappers(Callback):
@@ -59,9 +60,15 @@ class RecordWrappers(Callback):
         self.seen |= {f"{type(o).__module__}.{type(o).__name__}" for o in (self.learn.dl, self.learn.model)}
 
 
-def results(learn: Learner, cb: CalibrationCallback, wrappers: RecordWrappers) -> dict:
+def results(learn: Learner, cb: CalibrationCallback, wrappers: RecordWrappers, values: list) -> dict:
     return {"states": [s.data for s in cb.states], "history": cb.history.to_dict("list"),
-            "weights": learn.model.state_dict(), "wrappers": sorted(wrappers.seen)}
+            "weights": learn.model.state_dict(), "wrappers": sorted(wrappers.seen),
+            "columns": list(learn.recorder.metric_names), "values": values}
+
+
+def table(learn: Learner) -> list[list[float]]:
+    """The progress table's rows of the fit (without epoch and time): fastai's error_rate beside our columns."""
+    return [list(map(float, row)) for row in learn.recorder.values]
 
 
 def main(out: Path) -> None:
@@ -72,15 +79,18 @@ def main(out: Path) -> None:
     fastai_wrappers = RecordWrappers()
     with fastai_learn.distrib_ctx(sync_bn=False, cpu=True), fastai_learn.no_logging(), fastai_learn.no_bar():
         fastai_learn.fit(2, lr=1e-2, cbs=fastai_wrappers)
+    fastai_values = table(fastai_learn)
 
     learn, cb = make_learner()
     wrappers = RecordWrappers()
     with distrib_ctx(learn), learn.no_logging(), learn.no_bar():
         learn.fit(2, lr=1e-2, cbs=wrappers)
+    values = table(learn)  # before get_preds, whose before_fit makes the Recorder start afresh
     with learn.no_bar():
         learn.get_preds()  # after the context: the whole validation set on each rank, process group still up
     rank = torch.distributed.get_rank()
-    torch.save({**results(learn, cb, wrappers), "fastai": results(fastai_learn, fastai_cb, fastai_wrappers),
+    torch.save({**results(learn, cb, wrappers, values),
+                "fastai": results(fastai_learn, fastai_cb, fastai_wrappers, fastai_values),
                 "n_after": float(cb.state.scalar("n")), "world_size": torch.distributed.get_world_size()},
                out / f"rank{rank}.pt")
     teardown_distrib()  # this script joined the group itself, so it leaves it too

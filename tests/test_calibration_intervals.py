@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from calibration_data import sample, state_from
+from calibration_data import rows, sample, state_from
 from scipy.stats import binomtest
 
 from fastai_ls import CalibrationState, calibration_metrics
@@ -150,9 +150,9 @@ def test_a_large_bootstrap_is_drawn_in_chunks_with_the_replicates_of_one_draw(mo
     sizes = []
     real = intervals_module._resample
 
-    def recorded(cells, n_boot, seed, rng=None):
+    def recorded(cells, n_boot, *args):
         sizes.append(n_boot)
-        return real(cells, n_boot, seed, rng)
+        return real(cells, n_boot, *args)
 
     monkeypatch.setattr(intervals_module, "_resample", recorded)
     monkeypatch.setattr(intervals_module, "CHUNK", 300)
@@ -166,3 +166,51 @@ def test_a_large_bootstrap_is_drawn_in_chunks_with_the_replicates_of_one_draw(mo
         torch.testing.assert_close(chunked[name], at_once[name], rtol=1e-12, atol=0, equal_nan=True, msg=name)
     _, rep_fine, _ = intervals_module.bootstrap_histograms(state.bins, state.fine, n_boot=700, seed=3)
     assert rep_fine.shape[0] == 700
+
+
+@pytest.mark.parametrize("scale", [0.1, 1 / 3, 0.7, 1e-3])
+def test_weights_scaled_by_any_factor_give_the_intervals_of_the_unscaled_weights(scale):
+    # Reviewed: weights of 0.1 (or 1/3) drew other bootstrap replicates than weights of 1: a bin edge inside a fine
+    # cell left a rounding error (1e-14 rows) as a bootstrap category of its own, and intervals moved by up to 25%.
+    probs, target = rows(*sample("skewed, under-confident", 600, seed=1))
+    weight = torch.rand(600, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
+    for unit_weight in (torch.ones(600, dtype=torch.float64), weight):
+        unit, scaled = CalibrationState(probs.shape[1]), CalibrationState(probs.shape[1])
+        unit.update(probs, target, weight=unit_weight)
+        scaled.update(probs, target, weight=unit_weight * scale)
+        want, got = unit.metrics(ci=0.95, n_boot=200), scaled.metrics(ci=0.95, n_boot=200)
+        want.pop("n"), got.pop("n")
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("case", ["uniform, over-confident", "uniform, calibrated", "skewed to 1, over-confident"])
+def test_weighted_split_cells_whose_rows_are_all_correct_draw_no_category_of_rounding_errors(case):
+    # Reviewed: where every row of a cell split by a bin edge was correct, its count and correct parts differed by
+    # ~1e-13 weighted rows, drawn as a category of its own: weights x0.1 moved intervals by up to 165% (a near-0
+    # underconfidence by far more).
+    probs, target = rows(*sample(case, 3000, seed=1))
+    weight = torch.rand(3000, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    unit, scaled = CalibrationState(probs.shape[1]), CalibrationState(probs.shape[1])
+    unit.update(probs, target, weight=weight)
+    scaled.update(probs, target, weight=weight * 0.1)
+    want, got = unit.metrics(ci=0.95, n_boot=100), scaled.metrics(ci=0.95, n_boot=100)
+    want.pop("n"), got.pop("n")
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_bootstraps_overlapping_in_two_threads_restore_torchs_thread_setting():
+    # Reviewed: each bootstrap saved torch's (process-wide) thread count, set 1 and restored its saved value; when
+    # two overlapped (thread A starts, B starts, A ends, B ends), B restored A's 1 and torch stayed on one thread.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, second = intervals_module._one_thread(), intervals_module._one_thread()
+        first.__enter__()
+        second.__enter__()
+        assert torch.get_num_threads() == 1
+        first.__exit__(None, None, None)
+        assert torch.get_num_threads() == 1  # the second still runs
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

@@ -9,17 +9,22 @@ import warnings
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 from calibration_data import sample, state_from
 from matplotlib.colors import to_rgb
 from matplotlib.patches import Rectangle
 
+from fastai_ls.calibration import CalibrationState
 from fastai_ls.calibration.plots import (
     bin_frame,
+    plot_history,
     plot_reliability,
     plot_risk_coverage,
     plot_smooth_reliability,
 )
+from fastai_ls.cli.demo import reliability_figure
 
 matplotlib.use("Agg")
 WHITE = (1.0, 1.0, 1.0)
@@ -64,9 +69,12 @@ def drawn_colours(ax) -> set:
 
 
 def draw(plot, states, layout):
-    """Each model on a figure of its own, or both side by side on a caller's axes."""
+    """Each model on a figure of its own, both side by side on a caller's axes, or (`fastai-ls demo`'s figures) side
+    by side with their panels."""
     if layout == "own figure":
         return [plot(state, title=name) for name, state in states.items()]
+    if layout == "demo":
+        return [reliability_figure(states, smooth=plot is plot_smooth_reliability)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 5))
     for ax, (name, state) in zip(axes, states.items()):
         assert plot(state, ax=ax, title=name) is fig
@@ -74,8 +82,10 @@ def draw(plot, states, layout):
     return [fig]
 
 
-@pytest.mark.parametrize("layout", ["own figure", "side by side"])
-@pytest.mark.parametrize("plot", [plot_reliability, plot_smooth_reliability, plot_risk_coverage])
+@pytest.mark.parametrize("plot, layout", [
+    (plot, layout) for plot in (plot_reliability, plot_smooth_reliability, plot_risk_coverage)
+    for layout in ("own figure", "side by side", "demo") if not (layout == "demo" and plot is plot_risk_coverage)
+])  # the demo draws no risk-coverage figure
 def test_every_colour_drawn_is_explained_in_a_legend_and_every_axis_is_labelled(plot, layout, states):
     for fig in draw(plot, states, layout):
         explained = legend_colours(fig)
@@ -156,10 +166,6 @@ def test_the_risk_coverage_plot_draws_the_curve_of_the_state(states):
 def test_the_smooth_diagram_of_confidences_bunched_near_one_draws_without_a_warning():
     # Regression (found on `fastai-ls demo`'s cross-entropy model): where no confidence falls the smoothed density
     # came out a few 1e-15 below 0, and the line width sqrt(share) warned "invalid value encountered in sqrt".
-    import torch
-
-    from fastai_ls.calibration import CalibrationState
-
     g = torch.Generator().manual_seed(0)
     confidence = 0.97 + 0.03 * torch.rand(359, generator=g)
     probs = torch.cat([confidence[:, None], ((1 - confidence) / 9)[:, None].expand(-1, 9)], 1)
@@ -171,3 +177,89 @@ def test_the_smooth_diagram_of_confidences_bunched_near_one_draws_without_a_warn
     widths = np.concatenate([c.get_linewidths() for c in fig.axes[0].collections if len(c.get_linewidths()) > 1])
     assert np.isfinite(widths).all() and widths.min() >= 0.5
     plt.close(fig)
+
+
+def panel_layout(fig) -> list[tuple[str, str]]:
+    """(y label, kind of what is drawn) of each axes, left to right, top to bottom."""
+    axes = sorted(fig.axes, key=lambda ax: (-round(ax.get_position().y0, 2), ax.get_position().x0))
+    return [(ax.get_ylabel(), "bars" if ax.patches else "fill" if ax.collections else "lines") for ax in axes]
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_the_demo_figure_draws_counts_in_a_panel_below_as_plot_reliability_does(states, smooth):
+    # Issue 20: the demo drew counts as an outline on a right-hand axis, cb.plot_reliability() as bars in a panel.
+    plot = plot_smooth_reliability if smooth else plot_reliability
+    own = [panel_layout(plot(state, n_boot=50) if smooth else plot(state)) for state in states.values()]
+    demo = panel_layout(reliability_figure(states, smooth=smooth))
+    assert demo == [own[0][0], own[1][0], own[0][1], own[1][1]]  # two diagrams above, their panels below
+    plt.close("all")
+
+
+def one_epoch_history(state, ci=0.95) -> pd.DataFrame:
+    return pd.DataFrame([{"epoch": 0, **state.metrics(ci=ci, n_boot=100)}])
+
+
+def test_plot_history_after_one_epoch_draws_the_interval_its_legend_names(states):
+    # Issue 20: after one epoch the legend listed a confidence interval, and the band over one epoch drew nothing.
+    history = one_epoch_history(states["over-confident"])
+    fig = plot_history(history)
+    for ax, column in zip(fig.axes, ("ece", "nll", "accuracy")):
+        assert "confidence interval" in [t.get_text() for t in ax.get_legend().get_texts()]
+        bars = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+        assert len(bars) == 1
+        (segment,) = bars[0].lines[2][0].get_segments()
+        np.testing.assert_allclose(segment[:, 1], [history[f"{column}_lo"][0], history[f"{column}_hi"][0]])
+    plt.close(fig)
+    two = pd.concat([history, history.assign(epoch=1)], ignore_index=True)
+    fig = plot_history(two)
+    assert all(not ax.containers and ax.collections for ax in fig.axes)  # a band from epoch 0 to 1
+    plt.close(fig)
+
+
+def test_plot_history_without_intervals_has_no_interval_in_its_legend(states):
+    fig = plot_history(one_epoch_history(states["over-confident"], ci=None))
+    assert all(ax.get_legend() is None and not ax.containers and not ax.collections for ax in fig.axes)
+    plt.close(fig)
+
+
+def test_plot_history_of_a_state_is_a_type_error_saying_what_it_takes(states):
+    # Issue 20: plot_history(state) raised AttributeError.
+    with pytest.raises(TypeError, match=r"takes a CalibrationCallback or its history DataFrame .* got "
+                                        r"CalibrationState: .* plot_reliability\(state\)"):
+        plot_history(states["over-confident"])
+
+
+def band_opacities(fig) -> tuple[np.ndarray, np.ndarray]:
+    """The opacity of each step of the smooth diagram's band, and where each step starts."""
+    ax = fig.axes[0]
+    bands = [c for c in ax.collections if type(c).__name__ != "LineCollection"]
+    assert len(bands) == 1
+    colours = bands[0].get_facecolors()
+    assert {rgb(c[:3]) for c in colours} == {rgb("tab:red")}
+    return colours[:, 3], np.array([path.vertices[0, 0] for path in bands[0].get_paths()])
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_the_smooth_band_fades_with_the_density_instead_of_starting_with_a_sharp_edge(states, model):
+    # Issue 20: the band was drawn at full opacity only where the density passed 1% of its peak: a sharp edge.
+    fig = plot_smooth_reliability(states[model], n_boot=100)
+    opacity, starts = band_opacities(fig)
+    assert opacity.max() == pytest.approx(0.2) and np.abs(np.diff(opacity)).max() < 0.02
+    assert starts[0] == 0 or opacity[0] < 0.01  # the band starts at the axis, or faded out
+    assert starts[-1] >= 0.99 or opacity[-1] < 0.01
+    legend = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
+    assert "95% bootstrap band\n(fades where fewer rows)" in legend
+    plt.close(fig)
+
+
+def test_the_smooth_diagram_without_intervals_draws_no_band_even_on_a_coarse_fine_grid():
+    # Issue 19: with ci=None and n_fine < n_bins the diagram told the user to pass ci=None.
+    state = state_from(*sample("uniform, over-confident", 200, seed=0), n_bins=15, n_fine=10)
+    fig = plot_smooth_reliability(state, ci=None)
+    assert [c for c in fig.axes[0].collections if type(c).__name__ != "LineCollection"] == []
+    assert "[" not in fig.axes[0].get_title()
+    assert "bootstrap band" not in str([t.get_text() for t in legends(fig)[0].get_texts()])
+    plt.close(fig)
+    with pytest.raises(ValueError, match=r"need n_fine >= n_bins, got n_fine=10 < n_bins=15: draw it without them "
+                                         r"\(plot_smooth_reliability\(..., ci=None\)\)"):
+        plot_smooth_reliability(state, ci=0.95)

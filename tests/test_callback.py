@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import re
 import threading
 import warnings
 
@@ -156,6 +157,41 @@ def test_a_callback_passed_to_fit_takes_its_columns_away_and_later_fits_record_n
     assert [m.name for m in learn.metrics] == ["accuracy"]
 
 
+class RecordCalibrationAttribute(Callback):
+    def after_epoch(self):
+        self.seen = self.learn.calibration
+
+
+def test_a_second_callback_passed_to_fit_replaces_the_first_with_a_warning_and_puts_it_back_after():
+    # Issue 20: `ece` was a column twice, and after the fit learn.calibration raised AttributeError ('Sequential'
+    # object has no attribute 'calibration') with the first callback still in learn.cbs.
+    first, second, probe = CalibrationCallback(ci=None), CalibrationCallback(metrics=("ece", "nll"), ci=None), \
+        RecordCalibrationAttribute()
+    learn = make_learner(first)
+    with quiet(learn), pytest.warns(UserWarning, match=r"already has a CalibrationCallback \(metrics \('ece',\)\): "
+                                                       r"the new one .* replaces it"):
+        learn.fit(2, 1e-2, cbs=[second, probe])
+    assert learn.recorder.metric_names.filter(lambda n: n == "ece") == ["ece"]
+    assert probe.seen is second and second.history["epoch"].tolist() == [0, 1]
+    assert learn.calibration is first and first in learn.cbs and second not in learn.cbs
+    assert len(first.history) == 0 and second.name == "calibration"
+    with quiet(learn):
+        learn.fit(1, 1e-2)  # the first one records again, alone
+    assert first.history["epoch"].tolist() == [0] and learn.recorder.metric_names.filter(lambda n: n == "ece") == \
+        ["ece"]
+
+
+def test_a_second_callback_added_for_good_replaces_the_first():
+    first, second = CalibrationCallback(ci=None), CalibrationCallback(ci=None)
+    with pytest.warns(UserWarning, match="replaces it"):
+        learn = make_learner([first, second])
+    assert learn.calibration is second and first not in learn.cbs and first.learn is None
+    with quiet(learn):
+        learn.fit(1, 1e-2)
+    assert [type(m) for m in learn.metrics].count(type(second._metrics[0])) == 1
+    assert second.history["epoch"].tolist() == [0] and len(first.history) == 0
+
+
 def test_history_has_the_documented_columns_one_row_per_epoch_and_restarts_with_fit():
     cb = CalibrationCallback()
     learn = make_learner(cb)
@@ -268,6 +304,43 @@ def test_validate_inside_fit_neither_resets_nor_adds_to_the_history():
     assert float(cb.state.scalar("n")) == 30  # the nested pass still replaced the last state
 
 
+def validating_callback(event: str, order: int) -> Callback:
+    """A callback that runs `learn.validate()` once in `event` of every epoch, ordered before or after ours."""
+
+    class ValidateIn(Callback):
+        def __init__(self):
+            self.order, self.running = order, False
+
+        def validate_once(self):
+            if not self.running and not self.training:
+                self.running = True
+                try:
+                    self.learn.validate()
+                finally:
+                    self.running = False
+
+    setattr(ValidateIn, event, ValidateIn.validate_once)
+    return ValidateIn()
+
+
+@pytest.mark.parametrize("order", [0, 100])
+@pytest.mark.parametrize("event", ["before_epoch", "before_validate", "after_validate", "after_epoch"])
+def test_history_rows_keep_their_epoch_when_another_callback_validates_inside_the_fit(event, order):
+    # Issue 20: fastai's TrainEvalCallback sets learn.epoch to 0 at the nested pass's before_fit, and every row was
+    # labelled epoch 0; a pass run in after_validate before ours replaced the fit's own counters (no rows at all).
+    set_seed(0)
+    plain_cb = CalibrationCallback(ci=None)
+    with quiet(plain_learn := make_learner(plain_cb)):
+        plain_learn.fit(3, 1e-2)
+    set_seed(0)
+    cb = CalibrationCallback(ci=None)
+    learn = make_learner(cb)
+    with quiet(learn):
+        learn.fit(3, 1e-2, cbs=validating_callback(event, order))
+    assert cb.history["epoch"].tolist() == [0, 1, 2]
+    pd.testing.assert_frame_equal(cb.history, plain_cb.history)
+
+
 class FailInSecondEpoch(Callback):
     def after_epoch(self):
         if self.epoch == 1:
@@ -316,6 +389,16 @@ def test_plots_return_figures_headless_also_for_a_bare_state_on_given_axes():
 
 
 # --- training tricks ---------------------------------------------------------------------------------------------
+
+
+def test_plot_smooth_reliability_of_a_callback_without_intervals_draws_without_a_band():
+    # Issue 20 (19): with ci=None and n_fine < n_bins the callback's smooth diagram said to pass ci=None.
+    cb = CalibrationCallback(ci=None, n_bins=15, n_fine=10)
+    with quiet(learn := make_learner(cb)):
+        learn.fit(1, 1e-2)
+    fig = cb.plot_smooth_reliability()
+    assert fig.axes[0].get_title().startswith("smECE") and "[" not in fig.axes[0].get_title()
+    matplotlib.pyplot.close(fig)
 
 
 class HalfOutput(nn.Module):
@@ -477,6 +560,26 @@ def test_invalid_n_bins_is_rejected_at_construction(n_bins):
 def test_unknown_metric_names_are_rejected_at_construction():
     with pytest.raises(ValueError, match="unknown"):
         CalibrationCallback(metrics=("ece", "accuracy_top5"))
+
+
+@pytest.mark.parametrize("name, meant", [("ECE", "ece"), ("smECE", "smece"), ("Ece_Hi", "ece_hi"), ("nnl", "nll")])
+def test_a_misspelt_metric_name_gets_the_closest_name(name, meant):
+    # Issue 20: metrics=('ECE',) listed 50 names without "did you mean 'ece'".
+    with pytest.raises(ValueError, match=rf"unknown calibration metric '{name}' \(did you mean '{meant}'\?\)"):
+        CalibrationCallback(metrics=(name,))
+
+
+def test_the_docstring_lists_every_metric_name_the_callback_accepts():
+    # Issue 20: help(CalibrationCallback) did not list the metric names.
+    doc = CalibrationCallback.__doc__
+    section = doc[doc.index("metrics : "):doc.index("n_fine : ")]
+    listed = set(re.findall(r"\b[a-z][a-z_]*\b", section))
+    assert set(METRIC_NAMES) <= listed
+    intervals = section[section.index("<metric>_lo"):]
+    named = [m for m in METRIC_NAMES if re.search(rf"\b{m}\b", intervals)]
+    assert [f"{m}_{end}" for m in named for end in ("lo", "hi")] == list(INTERVAL_COLUMNS)
+    for name in set(METRIC_NAMES) | set(INTERVAL_COLUMNS):
+        CalibrationCallback(metrics=(name,))  # each listed name is accepted
 
 
 @pytest.mark.parametrize("seed", [-1, 0.5, "42"])

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 import fastai_ls
@@ -127,7 +129,8 @@ def test_pets_options_reach_pets_learner(monkeypatch):
                                  num_workers=0, seed=7)
     assert runs == {"label smoothing 0.2": 0.2}
     # its own default folder: a pets run must not replace the demo's files (found in review)
-    assert kwargs == dict(epochs=2, out="fastai_ls_pets", seed=7, methods=list(METHODS), folds=5)
+    assert kwargs == dict(epochs=2, out="fastai_ls_pets", seed=7, methods=list(METHODS), folds=5, force=False,
+                          quiet=False)
 
 
 def non_pets_photos(folder):
@@ -252,3 +255,188 @@ def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(cli_main, "_demo", interrupted)
     assert main(["demo", "--out", str(tmp_path)]) == 130
     assert capsys.readouterr().err == "\nfastai-ls: interrupted\n"
+
+
+def test_ctrl_c_while_the_arguments_are_read_is_one_line_too(monkeypatch, capsys):
+    # Ctrl-C in the first tenth of a second (before the subcommand ran) printed a traceback.
+    cli_main = sys.modules[main.__module__]
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main, "build_parser", interrupted)
+    try:
+        status = main(["demo"])
+    except KeyboardInterrupt:
+        status = "a traceback"
+    assert status == 130 and capsys.readouterr().err == "\nfastai-ls: interrupted\n"
+
+
+def test_the_sigint_handler_is_ours_while_a_command_runs_and_restored_after(monkeypatch):
+    cli_main = sys.modules[main.__module__]
+    seen = []
+    monkeypatch.setattr(cli_main, "_article", lambda args: seen.append(signal.getsignal(signal.SIGINT)))
+    before = signal.getsignal(signal.SIGINT)
+    assert main(["article"]) == 0
+    assert seen == [cli_main._interrupt] and signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("command", ["demo", "pets", "calibrate"])
+def test_help_never_breaks_a_method_name_or_an_option_across_lines(command, monkeypatch, capsys):
+    # argparse wrapped the --methods list mid-word ("iso tonic", "top_lab el_isotonic"): copied, a wrong name.
+    for columns in range(40, 121, 4):
+        monkeypatch.setenv("COLUMNS", str(columns))
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # the lines joined: a name cut in two stays cut
+        default = text[text.index("(default: all"):]
+        for name in METHODS:
+            assert re.search(rf"(?<!\w){name}(?!\w)", default), (columns, name, default[:200])
+        for option in re.findall(r"--[a-z-]+", text):
+            assert option.rstrip("-") in {"--help", "--methods", "--folds", "--force", "--quiet", "--out", "--seed",
+                                          "--epochs", "--eps", "--bs", "--max-items", "--label-noise", "--path",
+                                          "--arch", "--no-pretrained", "--presize", "--size", "--num-workers",
+                                          "--baseline"}, (columns, option)
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """`compare` with the training replaced: each run's held-out rows are over-confident random logits, and its
+    callback's state is their softmax."""
+    import fastai_ls.cli.demo as demo
+    from fastai_ls.calibration import CalibrationState
+
+    def held_out(n=120, n_classes=4):
+        g = torch.Generator().manual_seed(0)
+        logits = 2 * torch.randn(n, n_classes, generator=g)
+        target = torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)
+        return 3 * logits, target
+
+    class Callback:
+        def __init__(self, logits, target):
+            self.state = CalibrationState(logits.shape[1])
+            self.state.update(logits.softmax(1), target)
+
+        def state_of(self, i):
+            return self.state
+
+    rows = {"n": 120, "n_classes": 4}
+    monkeypatch.setattr(demo, "train", lambda make, eps, epochs, seed, label="": eps)
+    monkeypatch.setattr(demo, "validation_logits", lambda learn: held_out(**rows))
+    monkeypatch.setattr(demo, "calibration_callback", lambda learn: Callback(*held_out(**rows)))
+    monkeypatch.setattr(demo, "reliability_figure", lambda *a, **k: type("Figure", (), {
+        "savefig": lambda self, path, **k: Path(path).write_bytes(b"png")})())
+    return rows
+
+
+def test_the_demo_prints_the_models_calibration_before_comparing_calibrators(fake_runs, tmp_path, monkeypatch):
+    # The calibration table waited about 5 minutes for the calibrators' comparison.
+    import fastai_ls.cli.demo as demo
+    from tests.test_calibrate_command import Flushed
+
+    stdout = Flushed()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    seen, real = [], demo.calibrate_learner
+
+    def calibrate_learner(*args):
+        seen.append(stdout.flushed)
+        return real(*args)
+
+    monkeypatch.setattr(demo, "calibrate_learner", calibrate_learner)
+    assert main(["demo", "--methods", "temperature", "--out", str(tmp_path / "report")]) == 0
+    first, second = seen
+    assert "calibration on the 120 validation images" in first and "\nECE  " in first
+    assert "post-hoc calibrators" not in first
+    # the first model's comparison is shown before the second one's starts
+    assert "cross-entropy: post-hoc calibrators" in second and "label smoothing 0.1: post-hoc" not in second
+
+
+def test_the_demo_names_the_folds_option_when_the_rows_are_too_few(fake_runs, tmp_path, capsys):
+    fake_runs.update(n=12, n_classes=10)
+    assert main(["demo", "--methods", "temperature", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "calibrators not compared: --folds 5 fits each calibrator on 4 of the 5 folds, 9 of the 12 rows" in out
+
+
+def test_the_demo_replaces_an_earlier_report_only_with_force(fake_runs, tmp_path, capsys):
+    (tmp_path / "calibration.csv").write_text("earlier\n")
+    (tmp_path / "notes.txt").write_text("mine\n")
+    assert main(["demo", "--methods", "temperature", "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"fastai-ls: error: {tmp_path} already holds calibration.csv (an earlier " \
+        "report?): pass --force to replace them, or give another --out\n"
+    assert (tmp_path / "calibration.csv").read_text() == "earlier\n"
+    assert main(["demo", "--methods", "temperature", "--out", str(tmp_path), "--force"]) == 0
+    assert pd.read_csv(tmp_path / "calibration.csv").shape[0] == 2 * len(METRICS)
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"  # not a file of the report: never touched
+
+
+def test_quiet_turns_the_training_bars_off(fake_runs, tmp_path, monkeypatch):
+    import fastprogress.fastprogress as fastprogress
+
+    import fastai_ls.cli.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "train", lambda *a, **k: seen.append(fastprogress.NO_BAR))
+    for args in ([], ["--quiet"]):
+        assert main(["demo", "--methods", "temperature", "--out", str(tmp_path / str(len(seen))), *args]) == 0
+    assert seen == [False, False, True, True] and fastprogress.NO_BAR is False
+
+
+@pytest.mark.parametrize("kind", ["folder", "link", "fifo"])
+def test_with_force_a_report_name_that_is_no_regular_file_is_refused_before_training(fake_runs, tmp_path, capsys,
+                                                                                   monkeypatch, kind):
+    # --force accepted them: a folder named calibrators.csv failed after the training, a FIFO blocked the write
+    # forever, and a link had the file it points to (outside the report) overwritten.
+    import fastai_ls.cli.demo as demo
+
+    if kind == "fifo" and not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    other = tmp_path / "mine.csv"
+    other.write_text("mine\n")
+    report = tmp_path / "report"
+    report.mkdir()
+    name = report / "calibrators.csv"
+    {"folder": name.mkdir, "link": lambda: name.symlink_to(other), "fifo": lambda: os.mkfifo(name)}[kind]()
+
+    def train(*args, **kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(demo, "train", train)
+    assert main(["demo", "--methods", "temperature", "--out", str(report), "--force"]) == 1
+    what = {"folder": "a folder", "link": f"a link to {other}", "fifo": "a FIFO (named pipe)"}[kind]
+    assert capsys.readouterr().err == f"fastai-ls: error: cannot replace {name}: it is {what}, not a file of an " \
+        "earlier report: remove it, or give another --out\n"
+    assert other.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    # The help lists the methods as "temperature, vector, ...": pasted as is, the shell splits the list and the error
+    # blamed "vector" under the top-level command, without saying why.
+    (["demo", "--methods", "temperature,", "vector"],
+     "fastai-ls demo: error: unrecognized arguments: vector; --methods takes one word, the names separated by "
+     "commas without spaces: --methods temperature,vector (see fastai-ls demo --help)\n"),
+    (["calibrate", "p.npz", "--methods", "temperature", "histogram"],
+     "fastai-ls calibrate: error: unrecognized arguments: histogram; --methods takes one word, the names separated "
+     "by commas without spaces: --methods temperature,histogram (see fastai-ls calibrate --help)\n"),
+    (["demo", "extra"], "fastai-ls demo: error: unrecognized arguments: extra (see fastai-ls demo --help)\n"),
+])
+def test_unrecognized_arguments_are_told_by_their_command_with_a_hint_for_split_methods(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert exit.value.code == 2 and capsys.readouterr().err == message
+
+
+def test_a_method_name_in_capitals_gets_the_did_you_mean_hint(capsys):
+    # `--methods TEMPERATURE` listed the known names without "did you mean 'temperature'".
+    with pytest.raises(SystemExit):
+        main(["demo", "--methods", "histogram,TEMPERATURE"])
+    assert "unknown method 'TEMPERATURE' (did you mean 'temperature'?)" in capsys.readouterr().err
+
+
+def test_a_demo_out_that_is_a_file_is_said_to_be_no_folder(tmp_path, capsys):
+    # It said "[Errno 17] File exists: '...'", which reads as if the folder were taken.
+    (tmp_path / "notes.txt").write_text("mine\n")
+    assert main(["demo", "--out", str(tmp_path / "notes.txt")]) == 1
+    assert capsys.readouterr().err == f"fastai-ls: error: cannot write the report into {tmp_path / 'notes.txt'}: " \
+        "it is a file, not a folder (give a folder, e.g. fastai_ls_out)\n"
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"

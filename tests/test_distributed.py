@@ -93,6 +93,25 @@ def test_two_processes_count_each_validation_item_once(two_process_run, entry):
     assert run["history"]["n"] == [N_VALID, N_VALID]  # the padding duplicate is not counted
 
 
+@ENTRIES
+def test_fastai_error_rate_counts_the_padding_duplicate_and_the_callbacks_accuracy_does_not(two_process_run, entry):
+    # Issue 20: under two processes fastai's error_rate divides by the padded count (54 rows for 53 items: the
+    # first item again), while the callback's columns count each item once. README's "Several processes" says
+    # which column to read; this is what it states.
+    from distributed_worker import N_VALID, make_learner
+
+    run = run_of(two_process_run / "rank0.pt", entry)
+    last = dict(zip(run["columns"][1:], run["values"][-1]))
+    learn, _ = make_learner()
+    learn.model.load_state_dict(run["weights"])
+    with learn.no_logging(), learn.no_bar():
+        probs, target = learn.get_preds()
+    wrong = (probs.argmax(1) != target).double()
+    assert len(wrong) == N_VALID and N_VALID % 2 == 1
+    assert last["accuracy"] == pytest.approx(1 - float(wrong.mean()), abs=1e-12)
+    assert last["error_rate"] == pytest.approx(float(wrong.sum() + wrong[0]) / (N_VALID + 1), abs=1e-6)
+
+
 def test_get_preds_after_the_distributed_fit_is_not_summed_over_ranks(two_process_run):
     from distributed_worker import N_VALID
 

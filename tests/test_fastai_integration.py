@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,11 +18,14 @@ from fastai.data.transforms import RandomSplitter, get_image_files, parent_label
 from fastai.interpret import ClassificationInterpretation
 from fastai.learner import Learner, load_learner
 from fastai.metrics import error_rate
+from fastai.tabular.core import Categorify, Normalize
+from fastai.tabular.data import TabularDataLoaders
+from fastai.tabular.learner import tabular_learner
 from fastai.vision.data import ImageBlock, MaskBlock
 from PIL import Image
 from torch import nn
 
-from fastai_ls import LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat
+from fastai_ls import LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat, calibration_metrics
 from fastai_ls.loss import cpu_kernel
 
 warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
@@ -218,3 +222,24 @@ def test_flat_trains_on_text_outputs():
     assert probs.shape == (32, 8, 11) and decoded.shape == targs.shape == (32, 8)
     torch.testing.assert_close(probs.sum(-1), torch.ones(32, 8))
     assert torch.equal(decoded, probs.argmax(-1))
+
+
+def test_tabular_learner_trains_with_the_flat_loss_on_its_bs_by_1_targets():
+    # Issue 20: TabularDataLoaders give (bs, 1) int8 class ids; the flat loss refused them at the first batch.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 2))
+    df = pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "c": rng.choice(["p", "q"], 120),
+                       "y": np.where(x[:, 0] > 0.5, "hi", np.where(x[:, 0] < -0.5, "lo", "mid"))})
+    dls = TabularDataLoaders.from_df(df, procs=[Categorify, Normalize], cat_names=["c"], cont_names=["a", "b"],
+                                     y_names="y", y_block=CategoryBlock,
+                                     valid_idx=list(range(90, 120)), bs=16, num_workers=0, device="cpu")
+    # n_out given: this fastai's `dls.c` under pandas 3 is [cat vocab, 3] rather than 3.
+    learn = tabular_learner(dls, layers=[8], n_out=len(dls.vocab), loss_func=LabelSmoothingCrossEntropyFlat())
+    assert dls.one_batch()[-1].shape == (16, 1)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(2, 1e-2)
+        probs, targets = learn.get_preds()
+    assert targets.shape == (30, 1) and probs.shape == (30, 3)
+    torch.testing.assert_close(probs.sum(1), torch.ones(30))
+    metrics = calibration_metrics(probs, targets.reshape(-1))
+    assert metrics["n"] == 30 and 0 <= metrics["ece"] <= 1

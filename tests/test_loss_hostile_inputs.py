@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,71 @@ def test_a_truncated_kernel_file_falls_back_to_torch_with_one_warning(tmp_path):
     assert "is truncated" in result.stdout and library.name in result.stdout
 
 
+def text_section(library: bytes) -> tuple[int, int]:
+    """Offset and size of the `.text` section (the code) of a 64-bit little-endian ELF library."""
+    sh_offset, = struct.unpack_from("<Q", library, 40)
+    sh_size, sh_count, names_index = struct.unpack_from("<HHH", library, 58)
+    sections = [struct.unpack_from("<IIQQQQ", library, sh_offset + i * sh_size) for i in range(sh_count)]
+    names_at = sections[names_index][4]
+    for name, _, _, _, offset, size in sections:
+        if library[names_at + name:].startswith(b".text\0"):
+            return offset, size
+    raise AssertionError("no .text section")
+
+
+def run_with_kernel(tmp_path, damage) -> subprocess.CompletedProcess:
+    """Run UNLOADABLE on a copy of the package whose kernel `damage(library_path)` has changed."""
+    package = tmp_path / "fastai_ls"
+    shutil.copytree(ROOT / "fastai_ls", package, ignore=shutil.ignore_patterns("__pycache__"), symlinks=True)
+    (library,) = package.glob("loss/_fused_cpu*.so")
+    damage(library)
+    return subprocess.run([sys.executable, "-c", UNLOADABLE], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+
+
+@pytest.mark.skipif(not cpu_kernel.AVAILABLE, reason="the C kernel is not built")
+def test_a_kernel_whose_code_was_damaged_falls_back_to_torch_with_one_warning(tmp_path):
+    # Issue 20: a library whose code (not its headers) was corrupted passed every check, and its first call killed
+    # the process (SIGILL). setup.py records the SHA-256 of the library's bytes beside it; load() compares them.
+    def damage(library: Path) -> None:
+        assert library.with_name(library.name + ".sha256").is_file(), "rebuild: python setup.py build_ext --inplace"
+        data = bytearray(library.read_bytes())
+        offset, size = text_section(bytes(data))
+        data[offset:offset + size] = b"\x0f\x0b" * (size // 2) + b"\x0f" * (size % 2)  # ud2: an illegal instruction
+        library.write_bytes(bytes(data))
+
+    result = run_with_kernel(tmp_path, damage)
+    assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
+    assert "do not have the SHA-256 recorded" in result.stdout and "torch path" in result.stdout
+
+
+@pytest.mark.skipif(not cpu_kernel.AVAILABLE, reason="the C kernel is not built")
+@pytest.mark.parametrize("case, reason", [
+    ("folder", "Is a directory"),
+    ("symlink loop", "Too many levels of symbolic links"),
+    ("dangling symlink", "No such file or directory"),
+    ("no hash recorded", "no record of its SHA-256"),
+])
+def test_what_cannot_be_the_kernel_in_its_place_falls_back_with_the_same_warning(tmp_path, case, reason):
+    # Issue 20: a folder or a symlink loop where the library should be gave the torch path without the warning the
+    # other cases give (the import system passes over what it cannot read as a file).
+    def damage(library: Path) -> None:
+        if case == "no hash recorded":
+            library.with_name(library.name + ".sha256").unlink(missing_ok=True)
+            return
+        library.unlink()
+        if case == "folder":
+            library.mkdir()
+        elif case == "symlink loop":
+            library.symlink_to(library.name)
+        else:
+            library.symlink_to(library.name + ".gone")
+
+    result = run_with_kernel(tmp_path, damage)
+    assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
+    assert "cannot be loaded" in result.stdout and reason in result.stdout and "torch path" in result.stdout
+
+
 @pytest.mark.parametrize("content", [b"#!/bin/sh\n", b"\x7fELF\x02\x01\x01" + bytes(57), b""],
                          ids=["not a library", "an ELF header alone", "empty"])
 def test_a_kernel_file_that_is_not_a_library_is_refused_with_a_warning(tmp_path, content):
@@ -166,9 +232,13 @@ def test_a_kernel_built_from_other_sources_than_those_beside_it_is_refused_with_
     def build(name: str, text: str, digest: str | None) -> str:
         (tmp_path / f"{name}.c").write_text(text)
         defines = [] if digest is None else [f'-DFUSED_CPU_SOURCE_SHA256="{digest}"']
+        library = tmp_path / f"{name}.so"
         subprocess.run(["cc", "-O0", "-fopenmp", "-fPIC", "-shared", "-DVECTOR_CLONES=", *defines, "-o",
-                        str(tmp_path / f"{name}.so"), str(tmp_path / f"{name}.c"), "-lm"], check=True)
-        return str(tmp_path / f"{name}.so")
+                        str(library), str(tmp_path / f"{name}.c"), "-lm"], check=True)
+        # The record of the library's own bytes, as setup.py writes it: only the source hash is tested here.
+        library.with_name(library.name + cpu_kernel.RECORD_SUFFIX).write_text(
+            hashlib.sha256(library.read_bytes()).hexdigest())
+        return str(library)
 
     text = source.read_text()
     assert cpu_kernel.load(build("current", text, hashlib.sha256(source.read_bytes()).hexdigest())) is not None

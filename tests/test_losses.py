@@ -284,8 +284,32 @@ def test_flat_probability_target_on_class_axis():
 
 
 def test_flat_rejects_a_target_laid_out_for_another_axis():
-    with pytest.raises(ValueError, match="target must have shape"):
+    with pytest.raises(ValueError, match="target must have shape .*: pass one class id per position"):
         LabelSmoothingCrossEntropyFlat(axis=1)(torch.randn(2, 4, 3, 5), torch.randint(0, 4, (2, 5, 3)))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8])
+def test_flat_takes_the_bs_by_1_targets_of_tabular_loaders_as_fastai_cross_entropy_loss_flat_does(reduction, dtype):
+    # Issue 20: fastai's TabularDataLoaders give (bs, 1) class ids; the loss refused them at the first batch.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, generator=g, requires_grad=True), torch.randint(0, 3, (16, 1), generator=g).to(dtype)
+    y_before = y.clone()
+    actual = LabelSmoothingCrossEntropyFlat(eps=0.1, reduction=reduction)(x, y)
+    expected = CrossEntropyLossFlat(label_smoothing=0.1, reduction=reduction)(x, y.long())
+    assert_close_rel(actual, expected)
+    grad, = torch.autograd.grad(actual.sum(), x)
+    expected_grad, = torch.autograd.grad(expected.sum(), x)
+    assert_close_rel(grad, expected_grad)
+    assert torch.equal(y, y_before)
+
+
+def test_a_bs_by_1_target_for_the_unflattened_loss_says_what_to_pass():
+    with pytest.raises(ValueError, match=r"got \(16, 1\): pass target.reshape\(16\), or use "
+                                         r"LabelSmoothingCrossEntropyFlat"):
+        LabelSmoothingCrossEntropy()(torch.randn(16, 3), torch.randint(0, 3, (16, 1)))
+    with pytest.raises(ValueError, match=r"got \(16, 2\): pass one class id per position"):
+        LabelSmoothingCrossEntropyFlat()(torch.randn(16, 3), torch.randint(0, 3, (16, 2)))
 
 
 @pytest.mark.parametrize("input, target, error, match", [

@@ -1,8 +1,10 @@
-"""Calibration's math, tensors in and tensors out (no fastai): the streamed counters (`state.py`), the metrics
-computed from them (`metrics.py`, with smooth ECE in `smooth.py` and the risk-coverage curve in
-`risk_coverage.py`), their confidence intervals (`intervals.py`), one-call functions on predictions in memory
-(`functional.py`), the tables (`report.py`) and figures (`plots.py`), and the post-hoc calibrators (`calibrators/`)
-with their cross-fitted comparison (`compare.py`)."""
+"""Calibration's math, tensors in and tensors out (no fastai): what every entry point accepts as input
+(`checks.py`), the streamed counters (`state.py`), the metrics computed from them (`metrics.py`, with smooth ECE in
+`smooth.py` and the risk-coverage curve in `risk_coverage.py`), their confidence intervals (`intervals.py`),
+one-call functions on predictions in memory (`functional.py`), the tables (`report.py`) and figures (`plots.py`),
+the post-hoc calibrators (`calibrators/`) with their cross-fitted comparison (`compare.py`), and selective
+classification: confidence scores (`confidence_scores.py`), their exact risk-coverage metrics (`selective.py`) with
+bootstrap intervals (`selective_bootstrap.py`), and the cross-fitted choice of a score (`compare_scores.py`)."""
 
 from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, Calibrator, get_calibrator
 from fastai_ls.calibration.compare import compare_calibrators

@@ -1,89 +1,36 @@
 """Calibration metrics of predictions held in memory: one call, one `CalibrationState` behind it.
 
-The functions check their input the way `CalibrationCallback` does, before anything is counted: probabilities
-must be (N, C) rows that sum to 1 (logits are refused, not silently scored), a target out of range is an error,
-and rows with a NaN or infinite probability are left out with a warning and counted in `n_invalid`.
+The functions check their input as `CalibrationState.update` does (`checks.py`), before anything is counted:
+probabilities must be (N, C) rows of non-negative values that sum to 1 within `SUM_TOLERANCE` (2%; logits are
+refused, not silently scored; rows that miss 1 by more than rounding are renormalised with a warning), a target out
+of range is an error, and rows with a NaN or infinite probability are left out with a warning and counted in
+`n_invalid`.
 """
 
 from __future__ import annotations
 
 import warnings
 
-import torch
+import torch  # noqa: F401  (the examples in the docstrings use it)
 from torch import Tensor
 
+from fastai_ls.calibration.checks import check_class_ids, checked_probabilities, class_ids
 from fastai_ls.calibration.intervals import check_ci, check_interval_grid, check_seed
 from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, N_FINE, CalibrationState, check_n_bins
 
-__all__ = ["calibration_error", "calibration_metrics", "check_probabilities"]
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    """How far from 1 a row of softmax output in `dtype` may sum: 1e-3, or 8 units in the last place of 1."""
-    return max(1e-3, 8 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-3
-
-
-def check_probabilities(probs: Tensor, target: Tensor, name: str = "probs",
-                        ignore_index: int | None = None) -> None:
-    """A ValueError unless `probs` is (N, C) with rows of probabilities (each in [0, 1], summing to 1 within the
-    dtype's rounding; non-finite rows are left to the caller) and `target` holds N class ids in [0, C)
-    (or `ignore_index`).
-
-    Parameters
-    ----------
-    probs : Tensor
-        (N, C) class probabilities.
-    target : Tensor
-        (N,) integer class ids.
-    name : str
-        What to call `probs` in the error message.
-    ignore_index : int, optional
-        A target value that marks rows to skip; it need not be a class id.
-
-    >>> check_probabilities(torch.tensor([[2.0, -1.0]]), torch.tensor([0]))  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ValueError: probs must hold probabilities (rows in [0, 1] that sum to 1 within 0.001), but the values range...
-    """
-    if not isinstance(probs, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(f"{name} and target must be tensors, got {type(probs).__name__} and {type(target).__name__}")
-    if probs.dim() != 2 or probs.shape[1] == 0:
-        hint = " (for binary positive-class probabilities p pass torch.stack([1 - p, p], 1))" \
-            if probs.dim() == 1 else ""
-        raise ValueError(f"{name} must be (N, C) class probabilities with C >= 1, got shape {tuple(probs.shape)}"
-                         f"{hint}")
-    if not probs.is_floating_point():
-        raise ValueError(f"{name} must be floating point probabilities, got {probs.dtype}")
-    if target.dim() != 1 or target.shape[0] != probs.shape[0] or target.is_floating_point() \
-            or target.dtype == torch.bool or target.is_complex():
-        raise ValueError(f"target must hold {probs.shape[0]} integer class ids, got {target.dtype} "
-                         f"{tuple(target.shape)}")
-    rows = probs.detach()
-    finite = rows.isfinite().all(1)
-    if bool(finite.any()):
-        valid = rows[finite].double()
-        sums = valid.sum(1)
-        tol = _tolerance(probs.dtype)
-        if float(valid.min()) < -tol or float(valid.max()) > 1 + tol or float((sums - 1).abs().max()) > tol:
-            # Enough digits to show what is wrong: a row summing to 1.002 must not read as "1".
-            raise ValueError(
-                f"{name} must hold probabilities (rows in [0, 1] that sum to 1 within {tol:.2g}), but the values "
-                f"range over [{float(valid.min()):.6g}, {float(valid.max()):.6g}] and row sums over "
-                f"[{float(sums.min()):.6g}, {float(sums.max()):.6g}]; for logits pass `logits.softmax(1)`")
-    listed = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
-    bad = listed & ((target < 0) | (target >= probs.shape[1]))
-    if bool(bad.any()):
-        raise ValueError(f"{int(bad.sum())} targets are not class ids in [0, {probs.shape[1]}) (e.g. "
-                         f"{int(target[bad][0])})")
+__all__ = ["calibration_error", "calibration_metrics"]
 
 
 def _state_of(probs: Tensor, target: Tensor, n_bins: int, ignore_index: int | None, classwise: bool | None,
               **kwargs) -> CalibrationState:
     check_n_bins(n_bins)
-    check_probabilities(probs, target, ignore_index=ignore_index)
+    probs = checked_probabilities(probs, stacklevel=4)  # the warning points at the caller's line
+    target = class_ids(target, probs.shape[0])
+    check_class_ids(target, probs.shape[1], ignore_index)
     if classwise is None:
         classwise = probs.shape[1] <= CLASSWISE_MAX_CLASSES
     state = CalibrationState(probs.shape[1], n_bins, device=probs.device, classwise=classwise, **kwargs)
-    state.update(probs, target, ignore_index=ignore_index)
+    state.update(probs, target, ignore_index=ignore_index, check=False)  # checked above
     n_invalid = float(state.scalar("n_invalid"))
     if n_invalid:
         warnings.warn(f"{n_invalid:.0f} of {probs.shape[0]} predictions were not finite (NaN/inf); they are left out "
@@ -106,10 +53,11 @@ def calibration_metrics(
     Parameters
     ----------
     probs : Tensor
-        (N, C) probabilities: rows in [0, 1] summing to 1 (a ValueError otherwise; pass ``logits.softmax(1)``).
+        (N, C) probabilities: rows of non-negative values summing to 1 within 2% (a ValueError otherwise; pass
+        ``logits.softmax(1)``); rows that miss 1 by more than 1e-3 are divided by their sums, with a warning.
         Rows with a NaN or infinite value are left out with a warning and counted in ``n_invalid``.
     target : Tensor
-        (N,) class ids in [0, C), any integer dtype; one out of range is a ValueError.
+        (N,) or (N, 1) class ids in [0, C), any integer dtype; one out of range is a ValueError.
     n_bins : int
         Equal-width bins ((m-1)/M, m/M] for ECE, MCE, RMSCE, debiased and classwise ECE.
     ci : float, optional
@@ -152,9 +100,9 @@ def calibration_error(
     Parameters
     ----------
     probs : Tensor
-        (N, C) probabilities (rows in [0, 1] summing to 1).
+        (N, C) probabilities, checked as by `calibration_metrics`.
     target : Tensor
-        (N,) class ids.
+        (N,) or (N, 1) class ids, any integer dtype.
     n_bins : int
         Equal-width bins.
     norm : str

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from statistics import NormalDist
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from fastai_ls.calibration.metrics import TOP_LABEL_NAMES, top_label_metrics
 
-__all__ = ["BOOTSTRAP_NAMES", "check_ci", "check_seed", "check_interval_grid",
+__all__ = ["BOOTSTRAP_NAMES", "MAX_ROWS", "check_ci", "check_seed", "check_interval_grid",
            "joint_cells", "bootstrap_histograms", "bootstrap_metrics",
            "percentile_intervals",
            "normal_interval", "wilson_interval"]
@@ -124,6 +125,12 @@ def joint_cells(bins: Tensor, fine: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     in_bins_below = bins.cumsum(0)[torch.tensor(split_edges, dtype=torch.long) - 1]
     lower = in_bins_below - (fine.cumsum(0) - fine)[split_cells]
     whole = fine[split_cells]
+    # Weighted counts are not whole numbers, and the difference of the two sums leaves a rounding error (up to about
+    # K float64 epsilons of all the rows) where a part is empty: within it, the part is empty. Else it would be a
+    # bootstrap category of its own, and weights of 0.1 drew other replicates than weights of 1.
+    noise = n_cells * torch.finfo(torch.float64).eps * float(bins[:, 0].sum())
+    lower = torch.where(lower.abs() <= noise, 0.0, lower)
+    lower = torch.where((whole - lower).abs() <= noise, whole, lower)
     # Float sums can leave a split a rounding error outside its cell: keep 0 <= correct <= count <= the cell's.
     lower = torch.minimum(lower.clamp_min(0), whole)
     lower[:, 2] = torch.minimum(lower[:, 2], lower[:, 0])
@@ -145,23 +152,48 @@ def joint_cells(bins: Tensor, fine: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return refined, refined_fine_of, bin_of
 
 
+_threads_lock = threading.Lock()
+_bootstraps_running, _threads_saved = 0, 1
+
+
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """Run torch on one intra-op thread, then restore the caller's setting. A bootstrap is ~100 operations on
     arrays of a few MB each: a second thread saves little on them, and on cores that other work keeps busy it waits
     for them (1000 replicates at 900 cells: 0.27 s on one thread, 0.44 s on two, measured on 2 busy cores)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
+    global _bootstraps_running, _threads_saved
+    # torch's setting is the process's: with bootstraps in several threads, the first to start saves it and the
+    # last to end restores it. Each saving and restoring its own, two overlapping ones left torch on one thread.
+    with _threads_lock:
+        if _bootstraps_running == 0:
+            _threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _bootstraps_running += 1
     try:
         yield
     finally:
-        torch.set_num_threads(saved)
+        with _threads_lock:
+            _bootstraps_running -= 1
+            if _bootstraps_running == 0:
+                torch.set_num_threads(_threads_saved)
 
 
-# Replicates are drawn and summarised this many at a time, so that a bootstrap's memory stays bounded (about 130 MB at
-# 1000 fine cells) whatever `n_boot`: all at once, 10,000 replicates took 0.7 GB and 100,000 would take 7 GB. Draws
-# made in chunks from one generator are the draws made at once, so the chunk size changes no interval.
+# Replicates are drawn and summarised at most this many at a time, so that a bootstrap's memory stays bounded (about
+# 130 MB at 1000 fine cells) whatever `n_boot`: all at once, 10,000 replicates took 0.7 GB and 100,000 would take
+# 7 GB. Draws made in chunks from one generator are the draws made at once, so the chunk size changes no interval.
 CHUNK = 1000
+# ... and at most this many replicate cells at a time (replicates times the cells of the fine grid, or of the
+# refined cells, whichever is more): a fine grid of 200,000 cells took 8.3 GB in chunks of 1000 replicates. It
+# leaves the chunk at CHUNK up to 1100 cells (the default 1000 fine cells split by up to 100 bins).
+CHUNK_CELLS = 1_100_000
+# A replicate draws at most this many rows (the multinomial sampler takes int64 counts; a count above 2**53 cannot
+# be told from its neighbours in float64): weights of 1e19 per row were an OverflowError.
+MAX_ROWS = 2**53
+
+
+def _chunk_size(n_cells: int) -> int:
+    """How many replicates of `n_cells` cells each one chunk holds: CHUNK, or fewer for a large grid (at least 1)."""
+    return max(1, min(CHUNK, CHUNK_CELLS // max(n_cells, 1)))
 
 
 def _resample(cells: Tensor, n_boot: int, seed: int | None,
@@ -171,7 +203,11 @@ def _resample(cells: Tensor, n_boot: int, seed: int | None,
     a new generator seeded with `seed`)."""
     count, correct = cells[:, 0].numpy(), cells[:, 2].numpy()
     weights = np.concatenate([correct, np.clip(count - correct, 0, None)])
-    used = np.flatnonzero(weights > 0)  # empty categories cost a binomial draw each: leave them out
+    # Empty categories cost a binomial draw each: leave them out. Weighted counts are not whole numbers, and where
+    # every row of a split cell is correct, its count and correct parts differ by their sums' rounding (about
+    # 1e-13 rows): such a category is empty too, else weights of 0.1 drew other replicates than weights of 1.
+    noise = len(weights) * np.finfo(np.float64).eps * float(weights.sum())
+    used = np.flatnonzero(weights > noise)
     n_rows = int(round(float(weights.sum())))
     rng = np.random.default_rng(seed) if rng is None else rng
     draws = rng.multinomial(n_rows, weights[used] / weights[used].sum(), size=n_boot)
@@ -207,7 +243,12 @@ def bootstrap_histograms(bins: Tensor, fine: Tensor, n_boot: int = 1000,
 
 def _replicate_chunks(bins: Tensor, fine: Tensor, n_boot: int,
                       seed: int | None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """The replicates of `bootstrap_histograms`, `CHUNK` at a time (run it under `_one_thread`)."""
+    """The replicates of `bootstrap_histograms`, `_chunk_size` at a time (run it under `_one_thread`)."""
+    n_rows = float(bins[:, 0].sum())
+    if not 0 <= n_rows <= MAX_ROWS:
+        raise ValueError(f"a bootstrap replicate draws as many rows as the histograms count, at most 2**53, but they "
+                         f"count {n_rows:.6g}: pass counts of rows (for weighted rows, scaled to the effective number "
+                         "of rows, as `CalibrationState` does)")
     cells, fine_of, bin_of = joint_cells(bins, fine)
     keep = cells[:, 0] > 0
     cells, fine_of, bin_of = cells[keep], fine_of[keep], bin_of[keep]
@@ -216,24 +257,25 @@ def _replicate_chunks(bins: Tensor, fine: Tensor, n_boot: int,
     fine_index = used.nonzero().squeeze(1)
     compact_of = torch.cumsum(used.long(), 0)[fine_of] - 1
     mean_conf = cells[:, 1] / cells[:, 0]
-    membership = torch.zeros(len(cells), bins.shape[0], dtype=torch.float64)  # the replicates are float64
-    membership[torch.arange(len(cells)), bin_of] = 1.0
     rng = np.random.default_rng(seed)
-    for start in range(0, n_boot, CHUNK):
-        size = min(CHUNK, n_boot - start)
+    # The metrics of a replicate work on the whole fine grid (smooth ECE's), the draws on the refined cells.
+    chunk = _chunk_size(max(len(cells), fine.shape[0] + 1, bins.shape[0]))
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
         rep_count, rep_correct = _resample(cells, size, seed, rng)
         # Counters stored channel by channel, (3, size, cells), and seen as (size, cells, 3): each channel the
         # formulas read is then one contiguous block.
         replicates = torch.stack([rep_count, rep_count * mean_conf, rep_correct])
         rep_fine = replicates.new_zeros(3, size, len(fine_index)).index_add_(2, compact_of, replicates)
-        rep_bins = replicates @ membership
+        rep_bins = replicates.new_zeros(3, size, bins.shape[0]).index_add_(2, bin_of, replicates)
         yield rep_bins.permute(1, 2, 0), rep_fine.permute(1, 2, 0), fine_index
 
 
 def bootstrap_metrics(bins: Tensor, fine: Tensor, n_boot: int = 1000, seed: int | None = 0) -> dict[str, Tensor]:
     """Every metric of `BOOTSTRAP_NAMES` on `n_boot` bootstrap replicates of the rows behind the histograms
     `bins` `(M, 3)` and `fine` `(K, 3)` (`bootstrap_histograms`): a dict of `(n_boot,)` float64 tensors. The
-    replicates are made and summarised `CHUNK` at a time, so memory does not grow with `n_boot`.
+    replicates are made and summarised a chunk at a time (at most `CHUNK` replicates and `CHUNK_CELLS` replicate
+    cells), so memory grows neither with `n_boot` nor with the size of the fine grid.
 
     Parameters
     ----------
@@ -248,11 +290,12 @@ def bootstrap_metrics(bins: Tensor, fine: Tensor, n_boot: int = 1000, seed: int 
     # Written into tensors made before any chunk: small results kept from chunk to chunk would pin the memory of
     # each chunk's freed temporaries (glibc's heap), and the process would grow with n_boot after all.
     out = {name: torch.empty(n_boot, dtype=torch.float64) for name in BOOTSTRAP_NAMES}
+    start = 0
     with _one_thread():
-        for start, (rep_bins, rep_fine, fine_index) in zip(range(0, n_boot, CHUNK),
-                                                            _replicate_chunks(bins, fine, n_boot, seed)):
+        for rep_bins, rep_fine, fine_index in _replicate_chunks(bins, fine, n_boot, seed):
             for name, values in top_label_metrics(rep_bins, rep_fine, fine_index, fine.shape[0]).items():
                 out[name][start:start + len(values)] = values
+            start += rep_bins.shape[0]
     return out
 
 

@@ -1,9 +1,11 @@
 """Streaming calibration statistics: tensors in, tensors out, no fastai needed.
 
 A `CalibrationState` is one flat float64 vector of counters on the predictions' device, seen through named views.
-Updating it from a batch launches a fixed sequence of kernels and never waits for the device, merging two states is
-`+`, and a distributed reduction is one `all_reduce` of `state.data`. Every metric is then computed from the
-counters, so a metric has exactly one implementation whether it is asked for by a test, the callback or the CLI.
+Updating it from a batch checks the input as the functions do (`checks.py`, which reads values); without those
+checks (`check=False`, the callback's per-batch path) it launches a fixed sequence of kernels and never waits for
+the device. Merging two states is `+`, and a distributed reduction is one `all_reduce` of `state.data`. Every
+metric is then computed from the counters, so a metric has exactly one implementation whether it is asked for by a
+test, the callback or the CLI.
 
 Bins of top-label confidence are equal-width and closed on the right, ((m-1)/M, m/M], as in Guo et al. 2017;
 a confidence of exactly 0 goes to the first bin and exactly 1 to the last. Besides the M bins the state keeps a
@@ -15,13 +17,16 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from fastai_ls.calibration.checks import checked_ignore_index, checked_probabilities, class_ids
 from fastai_ls.calibration.intervals import (
     BOOTSTRAP_NAMES,
+    MAX_ROWS,
     bootstrap_metrics,
     check_ci,
     check_interval_grid,
@@ -46,11 +51,14 @@ METRIC_NAMES = ("n", "n_invalid", "accuracy", "confidence", "ece", "mce", "rmsce
 # interval for NLL and Brier. Classwise ECE has none: the state keeps no per-row link between its class bins.
 INTERVAL_NAMES = tuple(m for m in METRIC_NAMES if m in BOOTSTRAP_NAMES or m in ("nll", "brier"))
 INTERVAL_COLUMNS = tuple(f"{m}_{end}" for m in INTERVAL_NAMES for end in ("lo", "hi"))
-# Running sums; the squares give NLL's and Brier's standard errors.
-_SCALARS = ("n", "confidence", "correct", "nll", "brier", "n_invalid", "n_bad_target", "nll_sq", "brier_sq")
+# Running sums; the squares give NLL's and Brier's standard errors, and the sum of squared row weights the
+# effective number of rows of weighted data (Kish), which scales the intervals.
+_SCALARS = ("n", "confidence", "correct", "nll", "brier", "n_invalid", "n_bad_target", "nll_sq", "brier_sq",
+            "weight_sq")
 # Above this many classes `CalibrationCallback` leaves classwise ECE out by default: its counters and per-batch work
 # grow with C, and at large C it mostly measures how well p ~ 0 is calibrated (REFERENCE.md §3.1).
 CLASSWISE_MAX_CLASSES = 1000
+_LOGITS_HINT = "for logits pass `activation=lambda z: z.softmax(1)` (or `logits.softmax(1)`)"
 # The fine grid's cells by default: a resolution of 0.001 in confidence.
 N_FINE = 1000
 # A true-class probability below this (float32's smallest normal number, 1.2e-38) counts as this in the NLL: at most
@@ -75,7 +83,11 @@ def _checked_weight(weight: Tensor, n_rows: int, check_values: bool) -> Tensor:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"weight must be a real tensor of {n_rows} row weights, got {shape}")
     weight = weight.detach()
-    if check_values and weight.is_floating_point():
+    if not weight.is_floating_point():
+        # float64 for integer and bool weights: uint16/32/64 have no comparison kernels on the CPU, and they are
+        # counted in float64 anyway.
+        weight = weight.to(torch.float64)
+    if check_values:
         bad = ~weight.isfinite()
         if bool(bad.any()):
             raise ValueError(f"weight must be finite: {int(bad.sum())} of {n_rows} row weights are NaN or infinite")
@@ -149,6 +161,26 @@ class CalibrationState:
         self.data = data
         # Made on the device (a factory, not a copy of Python data): a state may be created in the per-batch path.
         self._class_offset = torch.arange(self.n_classes, device=data.device) * self.n_bins if self.classwise else None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        """Everything but the lock, which cannot be pickled or copied (a saved learner holds its callback's
+        states), with a copy of the counters taken under the lock: whole updates only, as for `metrics`."""
+        with self._lock:
+            data = self.data.clone()
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"} | {"data": data}
+
+    def __setstate__(self, state: dict) -> None:
+        """The pickled counters with a new lock; a state saved before `weight_sq` was counted (a learner exported
+        with an earlier version) gets it as n, which it is for unweighted rows and the callback's 0/1 weights."""
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        n_old = self._slices["scalars"].stop
+        if n_old == len(_SCALARS) - 1:  # weight_sq, the last scalar, is missing
+            old = self.data
+            self.__init__(self.n_classes, self.n_bins, self.n_fine, device=old.device, classwise=self.classwise)
+            self.data[:n_old], self.data[n_old + 1:] = old[:n_old], old[n_old:]
+            self.data[n_old] = old[_SCALARS.index("n")]
 
     # --- named views of `data` (writes through them update the state) ---------------------------------------------
 
@@ -205,17 +237,28 @@ class CalibrationState:
             differ = ", ".join(f"{name} {a!r} and {b!r}" for name, a, b in zip(names, self._layout(), other._layout())
                                if a != b)
             raise ValueError(f"cannot add calibration states with different counters: {differ}")
-        return self._with_data(self.data + other.data.to(self.device))
+        return self._with_data(self._frozen(self.device).data + other._frozen(self.device).data)
 
     def to(self, device: torch.device | str) -> CalibrationState:
-        """The same counters on `device` (a copy unless they are there already)."""
-        return self._with_data(self.data.to(device))
+        """The same counters on `device`: a copy, or this state itself if they are there already."""
+        with self._lock:
+            data = self.data.to(device)
+        # Not a second state over the same `data`: it would have a lock of its own, and updates through the two
+        # could race.
+        return self if data is self.data else self._with_data(data)
+
+    def _frozen(self, device: torch.device | str = "cpu") -> CalibrationState:
+        """A copy of the counters on `device`, taken under the lock: every reading (metrics, `+`) sees whole updates
+        only, never the scalars of a batch whose bins another thread is still adding."""
+        with self._lock:
+            return self._with_data(self.data.to(device, copy=True))
 
     def all_reduce(self) -> CalibrationState:
         """Sum the state over all processes in place (one collective); a no-op unless torch.distributed runs."""
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(self.data, op=dist.ReduceOp.SUM)
+            with self._lock:
+                dist.all_reduce(self.data, op=dist.ReduceOp.SUM)
         return self
 
     def __repr__(self) -> str:
@@ -231,49 +274,74 @@ class CalibrationState:
         weight: Tensor | None = None,
         activation: Callable[[Tensor], Tensor] | None = None,
         ignore_index: int | None = None,
-        check_weight: bool = True,
+        check: bool = True,
     ) -> None:
-        """Add a batch to the counters, without waiting for the device (unless `weight` is checked).
+        """Add a batch to the counters; without `check`, without waiting for the device.
 
         Rows with a non-finite probability count in `n_invalid`, rows whose target is out of range (and not
         `ignore_index`) in `n_bad_target`; neither enters any other counter. The counters never join an autograd
-        graph: predictions that require grad (a live model's outputs) are read detached.
+        graph: predictions that require grad (a live model's outputs) are read detached. Updates from several
+        threads at once are safe: each adds its whole batch under the state's lock, and what reads the state
+        meanwhile (`metrics`, `+`, pickling) sees whole batches only.
 
         Parameters
         ----------
         preds : Tensor
-            (N, C) probabilities, or logits if `activation` is given.
+            (N, C) probabilities, or logits if `activation` is given. With `check`, the probabilities must be rows
+            of non-negative values summing to 1 within 2% (a ValueError otherwise: logits are refused), and rows
+            that miss 1 by more than 1e-3 are divided by their sums, with a warning (`checks.py`, as for
+            `calibration_metrics`).
         target : Tensor
-            (N,) class ids, any integer dtype.
+            (N,) or (N, 1) class ids, any integer dtype.
         weight : Tensor, optional
-            (N,) finite, non-negative row weights (e.g. 0/1 to drop padding duplicates); a row counts as its weight.
+            (N,) finite, non-negative row weights of any real dtype (e.g. 0/1 to drop padding duplicates); a row counts
+        as its weight.
         activation : callable, optional
             Maps `preds` to probabilities over axis 1 (e.g. ``lambda z: z.softmax(1)``).
         ignore_index : int, optional
             Rows whose target equals this are skipped silently.
-        check_weight : bool
-            Raise a ValueError for a negative or non-finite weight. The check reads the weights on the host, a
-            synchronisation on a GPU; `CalibrationCallback` turns it off for the 0/1 weights it makes itself.
+        check : bool
+            Check the values of the probabilities (see `preds`) and of `weight` (a ValueError for a negative or
+            non-finite one). The checks read the values on the host, a synchronisation on a GPU;
+            `CalibrationCallback` turns them off in its per-batch path, for the softmax outputs and the 0/1
+            weights it makes itself. Unchecked bfloat16 rows are divided by their sums.
 
         >>> state = CalibrationState(n_classes=2)
         >>> state.update(torch.tensor([[.8, .2], [.3, .7]]), torch.tensor([0, 0]), weight=torch.tensor([1., 2.]))
         >>> float(state.scalar('n')), float(state.scalar('correct'))
         (3.0, 1.0)
         """
+        if not isinstance(preds, Tensor):
+            raise TypeError(f"preds must be a tensor, got {type(preds).__name__}")
         if preds.dim() != 2 or preds.shape[1] != self.n_classes:
             raise ValueError(f"preds must be (N, {self.n_classes}), got {tuple(preds.shape)}")
-        if target.shape != preds.shape[:1] or target.is_floating_point() or target.dtype == torch.bool \
-                or target.is_complex():
-            raise ValueError(f"target must hold {preds.shape[0]} integer class ids, got {target.dtype} "
-                             f"{tuple(target.shape)}")
+        target = class_ids(target, preds.shape[0], "preds")
+        ignore_index = checked_ignore_index(ignore_index)
         if weight is not None:
-            weight = _checked_weight(weight, preds.shape[0], check_weight)
+            weight = _checked_weight(weight, preds.shape[0], check)
         preds = preds.detach()  # a graph would keep every batch's activations alive through the counters
-        probs = upcast(activation(preds) if activation is not None else preds)
+        probs = activation(preds) if activation is not None else preds
+        name = "preds" if activation is None else "activation(preds)"
+        # Shapes and dtypes, not values: checked also without `check`.
+        if not isinstance(probs, Tensor) or probs.shape != preds.shape:
+            got = tuple(probs.shape) if isinstance(probs, Tensor) else type(probs).__name__
+            raise ValueError(f"{name} must be a tensor of preds' shape {tuple(preds.shape)}, one row of class "
+                             f"probabilities per row of preds, got {got}")
+        if not probs.is_floating_point():
+            raise ValueError(f"{name} must be floating point probabilities, got {probs.dtype}")
+        if check:  # stacklevel 3: the warning points at the caller of update
+            probs = checked_probabilities(probs, name, _LOGITS_HINT, stacklevel=3)
+        elif probs.dtype == torch.bfloat16:
+            # bfloat16 softmax outputs (a bfloat16 model's) miss 1 by up to about 3e-3, and the check divides them
+            # by their sums: unchecked, so is every bfloat16 row, without reading a value (and so without the check's
+            # warning). Other dtypes' softmax outputs miss by less than SUM_ROUNDING and are taken as they are.
+            probs = upcast(probs)
+            sums = probs.sum(1, keepdim=True)
+            probs = probs / torch.where(sums > 0, sums, 1.0)
+        probs = upcast(probs)
         dev, f64 = self.device, torch.float64
         probs = probs if probs.device == dev else probs.to(dev)
         target = target if target.device == dev else target.to(dev)
-        target = target if target.dtype == torch.long else target.long()  # gather takes int64 ids only
 
         # Row flags. Every step below is a fixed sequence of kernels whatever the values: nothing waits for the device.
         finite = probs.isfinite().all(1)
@@ -297,27 +365,38 @@ class CalibrationState:
         flags = torch.stack([invalid, bad_target], 1).to(f64)
         if weight is not None:
             flags = flags * weight.to(dev, f64)[:, None]
-        squares = per_row[:, 3:] * per_row[:, 3:]  # nll^2, brier^2
+        squares = torch.cat([per_row[:, 3:], keep[:, None]], 1)  # nll, brier and the weight, to be squared
+        squares = squares * squares
+        squares[:, :2] *= keep[:, None]  # nll^2 and brier^2 weighted; weight^2 as it is
         # Weighted sums in the order of _SCALARS: n, confidence, correct, nll, brier, n_invalid, n_bad_target,
-        # nll_sq, brier_sq.
-        self.scalars.add_(torch.cat([per_row * keep[:, None], flags, squares * keep[:, None]], 1).sum(0))
+        # nll_sq, brier_sq, weight_sq.
+        scalars = torch.cat([per_row * keep[:, None], flags, squares], 1).sum(0)
         # Top-label confidence against correctness on the coarse and the fine grid: the two histograms sit side by
         # side in `data`, so one index_add_ fills both (each kernel launch counts on a CPU).
         conf64 = conf.to(f64)
         cells = torch.stack([_bin_of(conf64, self.n_bins), _bin_of(conf64, self.n_fine) + self.n_bins], 1)
         counters = per_row[:, :3] * keep[:, None]  # count, confidence, correct
         top = self.data[self._slices["bins"].start:self._slices["fine"].stop].view(-1, 3)
-        top.index_add_(0, cells.reshape(-1), counters.repeat_interleave(2, 0))
-        if self.classwise:
-            self._add_class_bins(p, y, keep)
+        p64, class_cells = self._class_cells(p) if self.classwise else (None, None)
+        # The in-place additions, and only they, under the lock: two threads adding into the same counters at once
+        # lose counts (index_add_ reads, adds and writes back without atomics on a CPU).
+        with self._lock:
+            self.scalars.add_(scalars)
+            top.index_add_(0, cells.reshape(-1), counters.repeat_interleave(2, 0))
+            if self.classwise:
+                self._add_class_bins(p64, class_cells, y, keep)
 
-    def _add_class_bins(self, p: Tensor, y: Tensor, keep: Tensor) -> None:
-        """Bin every p_ik against 1[y_i = k] (Kull et al. 2019), one counter at a time: a stacked (rows, C, 3)
-        float64 source would take 24 bytes per probability, 6.6 GB for a batch of 4608 tokens over 60k classes."""
-        # Contiguous, so that the flattening below is a view: predictions may come transposed or sliced (a
-        # column-major array from numpy, a model's `x.T`), and elementwise results keep their input's strides.
+    def _class_cells(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """Each p_ik in float64 and the index of its class bin in the flattened (C * M) class bins, (rows, C) both."""
+        # Contiguous, so that the flattening in `_add_class_bins` is a view: predictions may come transposed or
+        # sliced (a column-major array from numpy, a model's `x.T`), and elementwise results keep their strides.
         p64 = p.to(torch.float64).contiguous()
-        cells = _bin_of(p64, self.n_bins).add_(self._class_offset)  # (rows, C) into the flattened (C * M) bins
+        return p64, _bin_of(p64, self.n_bins).add_(self._class_offset)
+
+    def _add_class_bins(self, p64: Tensor, cells: Tensor, y: Tensor, keep: Tensor) -> None:
+        """Bin every p_ik against 1[y_i = k] (Kull et al. 2019), one counter at a time: a stacked (rows, C, 3)
+        float64 source would take 24 bytes per probability, 6.6 GB for a batch of 4608 tokens over 60k classes.
+        Changes `p64` in place."""
         bins = self.class_bins.view(-1, 3)
         bins[:, 0].index_add_(0, cells.view(-1), keep[:, None].expand_as(p64).reshape(-1))
         bins[:, 1].index_add_(0, cells.view(-1), p64.mul_(keep[:, None]).view(-1))
@@ -329,15 +408,17 @@ class CalibrationState:
     def bin_table(self, ci: float = 0.95) -> dict[str, Tensor]:
         """Per equal-width bin: lo, hi, count, mean confidence, accuracy, gap = confidence - accuracy and
         accuracy_lo/accuracy_hi, the Wilson interval of the accuracy at level `ci` (all NaN for empty bins), as
-        float64 CPU tensors."""
+        float64 CPU tensors. For weighted rows the intervals take each bin's weight in effective rows (`n_eff`
+        of `metrics`), so scaling every weight changes none of them."""
         check_ci(ci)
-        bins = self.bins.detach().cpu()
+        s, rows, _, frozen = self._counters()
+        bins = frozen.bins
         count, conf_sum, correct = bins.unbind(1)
         nonempty = count > 0
         conf = torch.where(nonempty, conf_sum / count.clamp_min(1e-300), math.nan)
         acc = torch.where(nonempty, correct / count.clamp_min(1e-300), math.nan)
         edges = torch.linspace(0, 1, self.n_bins + 1, dtype=torch.float64)
-        acc_lo, acc_hi = wilson_interval(correct, count, ci)
+        acc_lo, acc_hi = wilson_interval(rows[:, 2], rows[:, 0], ci)
         return {"lo": edges[:-1], "hi": edges[1:], "count": count, "confidence": conf, "accuracy": acc,
                 "gap": conf - acc, "accuracy_lo": acc_lo, "accuracy_hi": acc_hi}
 
@@ -346,7 +427,9 @@ class CalibrationState:
         `<name>_lo` and `<name>_hi` for every metric of `INTERVAL_NAMES` (see `intervals`).
 
         Without `ci` this is cheap (about a millisecond at 1000 fine cells); with it, it costs the bootstrap
-        (at most about 0.5 s for 1000 replicates, benchmarks/bench_intervals.py).
+        (at most about 0.5 s for 1000 replicates, benchmarks/bench_intervals.py). A ValueError if the counters
+        cannot be those of any predictions (NaN, infinity, counts that disagree: a `data` vector that is not a
+        state's, or row weights whose squares overflow).
 
         Parameters
         ----------
@@ -363,17 +446,17 @@ class CalibrationState:
         >>> m['accuracy'], m['accuracy_lo'] <= m['accuracy'] <= m['accuracy_hi']
         (0.6666666666666666, True)
         """
-        s = {name: float(v) for name, v in zip(_SCALARS, self.scalars.detach().cpu().tolist())}
+        s, bins, fine, frozen = self._counters()  # in effective rows: the same ratios as the weighted sums
         n = s["n"]
         out = dict.fromkeys(METRIC_NAMES, math.nan) | {"n": n, "n_invalid": s["n_invalid"]}
         if n > 0:
-            top = top_label_metrics(self.bins.detach().cpu(), self.fine.detach().cpu())
+            top = top_label_metrics(bins, fine)
             out.update({name: float(value) for name, value in top.items()})
-            out.update(classwise_ece=self._classwise_ece(n), nll=s["nll"] / n, brier=s["brier"] / n,
-                       nll_se=_standard_error(s["nll_sq"], s["nll"], n),
-                       brier_se=_standard_error(s["brier_sq"], s["brier"], n))
+            out.update(classwise_ece=frozen._classwise_ece(n), nll=s["nll"] / n, brier=s["brier"] / n,
+                       nll_se=_standard_error(s["nll_sq"], s["nll"], n, s["n_eff"]),
+                       brier_se=_standard_error(s["brier_sq"], s["brier"], n, s["n_eff"]))
         if ci is not None:
-            for name, (lo, hi) in self._intervals(ci, n_boot, seed, out).items():
+            for name, (lo, hi) in self._intervals(ci, n_boot, seed, out, bins, fine).items():
                 out[f"{name}_lo"], out[f"{name}_hi"] = lo, hi
         return out
 
@@ -386,6 +469,9 @@ class CalibrationState:
         mean -+ z * standard error for NLL and Brier. Percentile intervals are for the metric as estimated: where
         the estimator is biased (binned ECE of a calibrated model) they do not cover 0. NaN without rows.
 
+        Weighted rows count as Kish's effective number of rows, (sum of weights)^2 / sum of squared weights: the
+        number of rows for 0/1 weights, and the same whatever scale the weights have.
+
         Parameters
         ----------
         ci : float
@@ -395,16 +481,19 @@ class CalibrationState:
         seed : int, optional
             Seed of numpy's generator: the same seed gives the same intervals; None draws a fresh one.
         """
-        return self._intervals(ci, n_boot, seed, self.metrics())
+        _, bins, fine, frozen = self._counters()
+        point = frozen.metrics()  # of the same counters as the bootstrap's, whatever other threads add meanwhile
+        return self._intervals(ci, n_boot, seed, point, bins, fine)
 
-    def _intervals(self, ci: float, n_boot: int, seed: int | None,
-                   point: dict[str, float]) -> dict[str, tuple[float, float]]:
+    def _intervals(self, ci: float, n_boot: int, seed: int | None, point: dict[str, float], bins: Tensor,
+                   fine: Tensor) -> dict[str, tuple[float, float]]:
+        """The intervals from the point estimates and the histograms in effective rows (`_counters`)."""
         check_ci(ci, n_boot)
         check_seed(seed)
         check_interval_grid(self.n_bins, self.n_fine)
-        if not point["n"] >= 1:
+        if not float(bins[:, 0].sum()) >= 1:
             return dict.fromkeys(INTERVAL_NAMES, (math.nan, math.nan))
-        replicates = bootstrap_metrics(self.bins.detach().cpu(), self.fine.detach().cpu(), n_boot, seed)
+        replicates = bootstrap_metrics(bins, fine, n_boot, seed)
         limits = percentile_intervals(replicates, ci)
         for name, high in (("nll", math.inf), ("brier", 2.0)):  # NLL >= 0; Brier's sum over classes is in [0, 2]
             limits[name] = normal_interval(point[name], point[f"{name}_se"], ci, low=0.0, high=high)
@@ -413,16 +502,17 @@ class CalibrationState:
     def risk_coverage(self) -> dict[str, Tensor]:
         """The risk-coverage curve read from the fine grid, one point per non-empty cell, most confident first:
         threshold, coverage, risk (errors / accepted) and generalized_risk (errors / n); see `risk_coverage.py`."""
-        if float(self.scalar("n")) <= 0:
+        s, _, fine, _ = self._counters()
+        if s["n"] <= 0:
             raise ValueError("no rows counted: the risk-coverage curve is empty")
-        return risk_coverage_curve(self.fine.detach().cpu())
+        return risk_coverage_curve(fine)
 
     def ece(self, norm: str = "l1") -> float:
         """Top-label calibration error over the equal-width bins: 'l1' (ECE), 'l2' (RMSCE) or 'max' (MCE)."""
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        bins = self.bins.detach().cpu()
-        if float(self.scalar("n")) <= 0:
+        s, bins, _, _ = self._counters()
+        if s["n"] <= 0:
             return math.nan
         return float({"l1": lambda: binned_errors(bins)[0], "l2": lambda: rms_error(bins),
                       "max": lambda: max_error(bins)}[norm]())
@@ -430,14 +520,82 @@ class CalibrationState:
     def _classwise_ece(self, n: float) -> float:
         if not self.classwise:
             return math.nan
-        per_class = self.class_bins.detach().cpu()  # (C, M, 3)
+        per_class = self.class_bins.cpu()  # (C, M, 3)
         return float((per_class[..., 2] - per_class[..., 1]).abs().sum((1,)).mean() / n)
 
+    def _counters(self) -> tuple[dict[str, float], Tensor, Tensor, CalibrationState]:
+        """The running sums by name, with `n_eff`, the bins and fine cells in effective rows, and the copy of the
+        state they were read from (`_frozen`), on the CPU; a ValueError if no predictions could have given these
+        counters.
 
-def _standard_error(sum_sq: float, total: float, n: float) -> float:
-    """Standard error of a mean from the running sums of the values and of their squares (NaN for n < 2)."""
-    if n < 2:
+        Weighted rows count as Kish's effective number of rows n_eff = (sum w)^2 / sum w^2: the histograms are
+        scaled by n_eff / sum w, which no ratio of them notices, but the row counts behind the debiased ECE, the
+        bootstrap and the Wilson intervals do. n_eff is the number of rows for unweighted rows and 0/1 weights
+        (the scale is then exactly 1), and scaling every weight changes neither it nor any metric."""
+        state = self._frozen()
+        bad = int((~state.data.isfinite()).sum())
+        wrong = f"{bad} of them are NaN or infinite (row weights above about 1e150 overflow when squared: only " \
+            "their ratios matter, so scale them down)" if bad else None
+        s = {name: float(v) for name, v in zip(_SCALARS, state.scalars.tolist())}
+        wrong = wrong or _inconsistency(s, state.bins, state.fine, state.class_bins)
+        if wrong:
+            # Besides a spoiled `data` vector, what `update(check=False)` (the callback's per-batch path) counts
+            # unchecked gives such counters: scores that are not probabilities, e.g. from a loss whose
+            # `activation` returns logits.
+            raise ValueError(f"these calibration counters cannot come from any predictions: {wrong}; a `data` vector "
+                             "must be a state's own (`state.data`), unchanged, and what `update(check=False)` counts "
+                             "(as `CalibrationCallback` does) must be probabilities, rows of non-negative values "
+                             "summing to 1, not logits (a loss's `activation` must return probabilities)")
+        n, weight_sq = s["n"], s["weight_sq"]
+        scale = n / weight_sq if n > 0 else 1.0  # exactly 1 for 0/1 weights: then sum w^2 = sum w, term by term
+        s["n_eff"] = n * scale
+        if s["n_eff"] > MAX_ROWS:
+            raise ValueError(f"these calibration counters cannot come from any predictions: their effective number "
+                             f"of rows is {s['n_eff']:.6g}, more than 2**53")
+        if scale == 1.0:
+            return s, state.bins, state.fine, state
+        return s, state.bins * scale, state.fine * scale, state
+
+
+# Per row of weight 1, the most that each running sum can add (NLL is capped at -log(NLL_FLOOR); a row may sum to
+# 1 + SUM_ROUNDING, which the bounds leave room for).
+_MOST_PER_ROW = {"confidence": 1.01, "correct": 1.0, "nll": -math.log(NLL_FLOOR), "brier": 2.01,
+                 "nll_sq": math.log(NLL_FLOOR) ** 2, "brier_sq": 4.05}
+_SLACK = 1e-6  # relative: sums of the same values in another order differ by far less
+
+
+def _inconsistency(s: dict[str, float], bins: Tensor, fine: Tensor, class_bins: Tensor) -> str | None:
+    """What makes these counters impossible (None if nothing does): negative counts, sums beyond what the counted
+    rows can add, histograms that do not hold the n rows (e.g. a count of 1e300 put into a saved state)."""
+    n, tiny = s["n"], 1e-300
+    grids = {"bins": bins, "fine cells": fine, "class bins": class_bins.reshape(-1, 3)}
+    if min(n, s["weight_sq"], *(float(g.min()) for g in grids.values() if g.numel())) < 0:
+        return "a count or a sum of confidences is negative"
+    if n > 0 and s["weight_sq"] <= 0:
+        return "the squared row weights sum to 0 (weights below about 1e-150 underflow when squared: scale them up)"
+    if s["weight_sq"] > n * n * (1 + _SLACK) + tiny:
+        return f"the squared row weights sum to {s['weight_sq']:.6g}, more than the weights' sum squared ({n * n:.6g})"
+    for name, most in _MOST_PER_ROW.items():
+        if s[name] > most * n * (1 + _SLACK) + tiny:
+            return f"{name} sums to {s[name]:.6g} over {n:.6g} rows, more than {most:.4g} per row"
+    # Every counted row is in one bin, one fine cell and, for each class, one of that class's bins.
+    totals = {"bins": bins[:, 0].sum().reshape(1), "fine cells": fine[:, 0].sum().reshape(1),
+              "class bins": class_bins[..., 0].sum(1)}
+    for name, grid in grids.items():
+        far = (totals[name] - n).abs() > _SLACK * n + tiny
+        if bool(far.any()):
+            return f"the {name} hold {float(totals[name][far][0]):.6g} rows where n is {n:.6g}"
+        if bool((grid[:, 1:] > grid[:, :1] * _MOST_PER_ROW["confidence"] + tiny).any()):
+            return f"one of the {name} sums more confidence or correct rows than it holds rows"
+    return None
+
+
+def _standard_error(sum_sq: float, total: float, n: float, n_eff: float) -> float:
+    """Standard error of a weighted mean from the running sums of the weighted values and squared values, the
+    weights' sum `n` and the effective number of rows `n_eff` (NaN for n_eff < 2); for unweighted rows
+    n_eff = n, and this is the standard error of a mean."""
+    if not n_eff >= 2:
         return math.nan
     mean = total / n
-    variance = max(sum_sq / n - mean * mean, 0.0) * n / (n - 1)
-    return math.sqrt(variance / n)
+    variance = max(sum_sq / n - mean * mean, 0.0) * n_eff / (n_eff - 1)
+    return math.sqrt(variance / n_eff)

@@ -4,9 +4,11 @@ comparison of `compare_calibrators`, on outputs saved by any framework.
 The file is a numpy `.npz` archive (`numpy.savez`) holding two arrays:
 
 - `logits`: (N, C) floats, the raw scores before the softmax (a -inf logit rules a class out; NaN and +inf are
-  refused), **or** `probabilities`: (N, C) rows of softmax probabilities, each in [0, 1] and summing to 1 (within
-  1e-3). Probabilities are turned into logits by their log: a probability of exactly 0 becomes a -inf logit, which
-  the calibrators accept (see `fastai_ls.calibration.calibrators.base`). Give one of the two, not both.
+  refused), **or** `probabilities`: (N, C) rows of softmax probabilities, each in [0, 1] and summing to 1 within
+  2% (`fastai_ls.calibration.checks.SUM_TOLERANCE`, as everywhere in fastai_ls; rows that miss 1 by more than
+  1e-3, e.g. saved in half precision or with a few decimals, are divided by their sums, with a warning).
+  Probabilities are turned into logits by their log: a probability of exactly 0 becomes a -inf logit, which the
+  calibrators accept (see `fastai_ls.calibration.calibrators.base`). Give one of the two, not both.
 - `targets`: (N,) integer class ids in [0, C) (floats holding whole numbers are accepted).
 
 From fastai: `fastai_ls.save_predictions(learn, "valid.npz")` writes the raw logits and targets of the validation
@@ -15,19 +17,24 @@ set (or of `dl=`). Anywhere else: `np.savez("valid.npz", logits=logits, targets=
 
 from __future__ import annotations
 
+import math
 import os
+import stat
+import sys
 import textwrap
 import warnings
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["Predictions", "read_predictions", "check_csv_path", "comparison_text", "best_method", "calibrate"]
+__all__ = ["Predictions", "read_predictions", "check_csv_path", "check_folds", "quiet_bars", "comparison_text",
+           "best_method", "calibrate"]
 
-# Rows of probabilities may miss 1 by this much (float32 softmax output is well inside it).
-SUM_TOLERANCE = 1e-3
 WIDTH = 110  # explanatory lines are wrapped to this many characters
 # The columns of a comparison table shown on the console, with their headers.
 SHOWN = {"error_rate": "error rate", "ece": "ECE", "smece": "smooth ECE", "nll": "NLL", "brier": "Brier",
@@ -61,49 +68,164 @@ class Predictions:
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip file's first bytes (the second: an empty archive)
 _NPY_MAGIC = b"\x93NUMPY"  # a single array saved by np.save
+_SAVE_HINT = "save one with np.savez(path, logits=..., targets=...)"
+_SHOWN_NAMES = 5  # an error lists at most this many of an archive's names
+# deflate cannot shrink data more than about 1032 to 1: a member whose header declares more bytes than that is damaged
+# or forged, and is refused before it is decompressed
+_MAX_DEFLATE_RATIO = 1032
 
 
 def _first_row(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def _load(path: Path) -> dict[str, np.ndarray]:
-    if not path.exists():
-        raise OSError(f"{path}: no such file")
-    if path.is_dir():
+def _names(names: list[str]) -> str:
+    """An archive's array names for an error message: all of a few, the first few of many."""
+    if not names:
+        return "no arrays"
+    shown = ", ".join(names[:_SHOWN_NAMES])
+    return shown if len(names) <= _SHOWN_NAMES else f"{len(names)} arrays: {shown}, ..."
+
+
+def _check_file(path: Path) -> None:
+    """A regular file, or an OSError saying what it is instead (a FIFO would block the read forever)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise OSError(f"{path}: no such file") from None
+    if stat.S_ISDIR(mode):
         raise OSError(f"{path} is a folder, not an .npz file")
+    if not stat.S_ISREG(mode):
+        what = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+        raise OSError(f"{path} is {what}, not an .npz file: save the predictions to a file")
+
+
+def _header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, name: str) -> tuple[tuple, np.dtype]:
+    """The shape and dtype that a member's .npy header declares, read without decompressing the data."""
+    try:
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+            else:
+                raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+    except Exception as err:  # a wrong magic string, a damaged header, a damaged zip entry
+        raise ValueError(f"{path}: array {name!r} is not .npy data ({err}); {_SAVE_HINT}") from None
+    if dtype.hasobject:  # object arrays need pickle, which is refused: a file can run code
+        raise ValueError(f"{path}: cannot read array {name!r}: it holds Python objects (dtype object), which only "
+                         "pickle can load, and a pickle can run code, so it is never loaded here; save numeric "
+                         "arrays")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > info.file_size or declared > _MAX_DEFLATE_RATIO * max(info.compress_size, 1) + 1024:
+        raise ValueError(f"{path}: array {name!r} declares shape {shape} ({dtype}, {declared:,} bytes), more than its "
+                         f"{info.compress_size:,} bytes in the archive can hold: the file is damaged; {_SAVE_HINT}")
+    return shape, dtype
+
+
+def _check_declared(path: Path, source: str, scores: tuple[tuple, np.dtype], targets: tuple[tuple, np.dtype]) -> None:
+    """The shapes and dtypes of the two arrays, from their headers: checked before any data is decompressed."""
+    (shape, dtype), (target_shape, target_dtype) = scores, targets
+    if dtype.kind not in "fiu":
+        raise ValueError(f"{path}: '{source}' must hold real numbers, got dtype {dtype}")
+    if len(shape) != 2 or shape[1] < 2 or shape[0] < 1:
+        raise ValueError(f"{path}: '{source}' must be (N, C) with one row per prediction and C >= 2 classes, got "
+                         f"shape {shape}")
+    n = shape[0]
+    if target_shape == shape:
+        raise ValueError(f"{path}: 'targets' must be ({n},) class ids, got shape {target_shape} (one-hot? save "
+                         "targets.argmax(1))")
+    if target_shape != (n,):
+        raise ValueError(f"{path}: 'targets' must be ({n},) class ids, one per row of '{source}', got shape "
+                         f"{target_shape}")
+    if target_dtype.kind not in "fiu":
+        raise ValueError(f"{path}: 'targets' must be integer class ids, got dtype {target_dtype}")
+    memory = _physical_memory()
+    declared = math.prod(shape) * dtype.itemsize + n * target_dtype.itemsize
+    if memory is not None and declared > memory:
+        raise ValueError(f"{path} declares {_size(declared)} of arrays ('{source}' {shape} {dtype}), more than this "
+                         f"machine's {_size(memory)} of memory")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else \
+        f"{nbytes:,} bytes"
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not on every platform
+        return None
+
+
+def _torch_file(names: list[str]) -> bool:
+    """torch.save's zip format: a folder holding data.pkl (the pickled object) and the tensors' storages."""
+    return any(name == "data.pkl" or name.endswith("/data.pkl") for name in names)
+
+
+def _load(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    """The file's source ('logits' or 'probabilities'), its scores and its targets: only those two members are
+    decompressed, once their headers passed `_check_declared`."""
+    _check_file(path)
     # Tell what the file is before numpy does: for anything that is neither a zip nor an .npy file, numpy's own
     # message says "pickled (object) data" and suggests loading it with pickle, which can run code.
     with open(path, "rb") as file:
         head = file.read(len(_NPY_MAGIC))
-    if not head.startswith(_ZIP_MAGIC + (_NPY_MAGIC,)):
+    if head.startswith(_NPY_MAGIC):
+        raise ValueError(f"{path} holds a single array, not an .npz archive of named arrays; {_SAVE_HINT}")
+    if not head.startswith(_ZIP_MAGIC):
         what = "the file is empty" if not head else \
             "a pickle, which is never loaded here: it can run code" if head.startswith(b"\x80") else \
             f"it starts with {head!r}, where an .npz archive, a zip file, starts with b'PK'"
-        raise ValueError(f"{path} is not a numpy .npz archive ({what}); save one with "
-                         "np.savez(path, logits=..., targets=...)")
+        raise ValueError(f"{path} is not a numpy .npz archive ({what}); {_SAVE_HINT}")
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except Exception as err:  # numpy raises ValueError, OSError, EOFError or zipfile's errors for what it cannot read
-        raise ValueError(f"cannot read {path} as a numpy .npz archive ({type(err).__name__}: {err}); save one "
-                         "with np.savez(path, logits=..., targets=...)") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} holds a single array, not an .npz archive of named arrays; save one with "
-                         "np.savez(path, logits=..., targets=...)")
-    with loaded:
+        archive = zipfile.ZipFile(path)
+    except Exception as err:  # zipfile.BadZipFile, or OSError/EOFError from a truncated file
+        raise ValueError(f"cannot read {path} as a numpy .npz archive ({type(err).__name__}: {err}); "
+                         f"{_SAVE_HINT}") from None
+    with archive:
+        infos = archive.infolist()
+        if _torch_file([info.filename for info in infos]):
+            raise ValueError(f"{path} is a PyTorch file (torch.save), not a numpy .npz archive; it is never loaded "
+                             "here (unpickling can run code). Save the predictions with np.savez(path, "
+                             "logits=logits.numpy(), targets=targets.numpy()), or from fastai with "
+                             "fastai_ls.save_predictions(learn, 'valid.npz')")
+        stored = {}
+        for info in infos:  # np.savez names each member <name>.npy; np.load drops the suffix, and so do we
+            stored.setdefault(info.filename.removesuffix(".npy"), []).append(info)
+        for name in ("logits", "probabilities", "targets"):
+            # np.load reads one of them, and which depends on how it is asked: the file has no single meaning
+            if len(stored.get(name, [])) > 1:
+                raise ValueError(f"{path} holds {len(stored[name])} arrays named {name!r} ("
+                                 f"{_names([info.filename for info in stored[name]])}), of which np.load reads "
+                                 f"one and this command another; {_SAVE_HINT}")
+        members = {name: found[0] for name, found in stored.items()}
+        names = list(members)
+        present = [name for name in ("logits", "probabilities") if name in members]
+        if len(present) == 2:
+            raise ValueError(f"{path} holds both 'logits' and 'probabilities': keep one (logits if you have them: a "
+                             "softmax rounds small probabilities to 0)")
+        if not present:
+            raise ValueError(f"{path} needs an array 'logits' or 'probabilities' beside 'targets' (it holds: "
+                             f"{_names(names)})")
+        if "targets" not in members:
+            raise ValueError(f"{path} needs an array 'targets' of class ids (it holds: {_names(names)})")
+        source = present[0]
+        headers = {name: _header(archive, members[name], path, name) for name in (source, "targets")}
+        _check_declared(path, source, headers[source], headers["targets"])
         arrays = {}
-        for name in loaded.files:
+        for name in (source, "targets"):
             try:
-                arrays[name] = loaded[name]
-            except ValueError as err:  # object arrays need pickle, which is refused: a file can run code
-                if "Object arrays" not in str(err):
-                    raise ValueError(f"{path}: cannot read array {name!r} ({err})") from None
-                raise ValueError(f"{path}: cannot read array {name!r}: it holds Python objects (dtype object), which "
-                                 "only pickle can load, and a pickle can run code, so it is never loaded here; save "
-                                 "numeric arrays") from None
-            except Exception as err:
-                raise ValueError(f"{path}: cannot read array {name!r} ({err})") from None
-    return arrays
+                with archive.open(members[name]) as member:
+                    arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+            except MemoryError:
+                raise
+            except Exception as err:  # the data ends early, or the zip entry is damaged
+                raise ValueError(f"{path}: cannot read array {name!r} ({type(err).__name__}: {err})") from None
+    return source, arrays[source], arrays["targets"]
 
 
 def read_predictions(path: str | Path) -> Predictions:
@@ -129,46 +251,35 @@ def read_predictions(path: str | Path) -> Predictions:
     ('probabilities', [-inf, 0.0], 1, 1)
     """
     path = Path(path)
-    arrays = _load(path)
-    found = ", ".join(arrays) or "no arrays"
-    present = [name for name in ("logits", "probabilities") if name in arrays]
-    if len(present) == 2:
-        raise ValueError(f"{path} holds both 'logits' and 'probabilities': keep one (logits if you have them: a "
-                         "softmax rounds small probabilities to 0)")
-    if not present:
-        raise ValueError(f"{path} needs an array 'logits' or 'probabilities' beside 'targets' (it holds: {found})")
-    if "targets" not in arrays:
-        raise ValueError(f"{path} needs an array 'targets' of class ids (it holds: {found})")
-    source = present[0]
-    scores, targets = arrays[source], arrays["targets"]
-
-    if scores.dtype.kind not in "fiu":
-        raise ValueError(f"{path}: '{source}' must hold real numbers, got dtype {scores.dtype}")
-    if scores.ndim != 2 or scores.shape[1] < 2 or scores.shape[0] < 1:
-        raise ValueError(f"{path}: '{source}' must be (N, C) with one row per prediction and C >= 2 classes, got "
-                         f"shape {scores.shape}")
+    source, scores, targets = _load(path)
     n, n_classes = scores.shape
-    if targets.ndim == 2 and targets.shape == scores.shape:
-        raise ValueError(f"{path}: 'targets' must be ({n},) class ids, got shape {targets.shape} (one-hot? save "
-                         "targets.argmax(1))")
-    if targets.shape != (n,):
-        raise ValueError(f"{path}: 'targets' must be ({n},) class ids, one per row of '{source}', got shape "
-                         f"{targets.shape}")
     if targets.dtype.kind == "f":
         whole = np.isfinite(targets) & (targets == np.round(targets))
         if not whole.all():
             i = _first_row(~whole)
             raise ValueError(f"{path}: 'targets' must be integer class ids, got {targets[i].item()!r} in row {i}")
-    elif targets.dtype.kind not in "iu":
-        raise ValueError(f"{path}: 'targets' must be integer class ids, got dtype {targets.dtype}")
     outside = (targets < 0) | (targets >= n_classes)
     if outside.any():
         i = _first_row(outside)
-        raise ValueError(f"{path}: {int(outside.sum())} of {n} targets are not class ids in [0, {n_classes}) (first: "
-                         f"{targets[i].item()!r} in row {i}); drop ignored rows before saving")
+        low, high = targets.min().item(), targets.max().item()
+        if low >= 1 and high == n_classes:  # e.g. class ids counted from 1
+            hint = f"they look 1-based (from {low!r} to {high!r}): save targets - 1"
+        else:
+            hint = "; ".join(([f"drop ignored rows (such as {low!r}) before saving"] if low < 0 else []) +
+                             ([f"give '{source}' one column per class"] if high >= n_classes else []))
+        raise ValueError(f"{path}: 'targets' must be class ids in [0, {n_classes}), but {int(outside.sum())} of {n} "
+                         f"are not (first: {targets[i].item()!r} in row {i}); {hint}")
     targets = targets.astype(np.int64)
 
-    dtype = np.float64 if scores.dtype == np.float64 else np.float32  # float16 and integers: float32
+    if scores.dtype.kind == "f" and scores.dtype.itemsize > 8:  # np.longdouble: float64 holds all but its extremes
+        with np.errstate(invalid="ignore"):
+            beyond = np.isfinite(scores) & (np.abs(scores) > np.finfo(np.float64).max)
+        if beyond.any():
+            i = _first_row(beyond.any(1))
+            raise ValueError(f"{path}: '{source}' are {scores.dtype} with values beyond float64's range in "
+                             f"{int(beyond.any(1).sum())} of {n} rows (first: row {i}); save them as float64")
+    # float16 and integers: float32; float64 and wider: float64
+    dtype = np.float64 if scores.dtype.kind == "f" and scores.dtype.itemsize >= 8 else np.float32
     scores = scores.astype(dtype, copy=False)
     if source == "logits":
         bad = np.isnan(scores).any(1) | (scores == np.inf).any(1) | ~np.isfinite(scores).any(1)
@@ -183,18 +294,14 @@ def read_predictions(path: str | Path) -> Predictions:
         i = _first_row(~finite)
         raise ValueError(f"{path}: 'probabilities' hold NaN or inf in {int((~finite).sum())} of {n} rows (first: "
                          f"row {i}); drop those rows")
-    outside = ((scores < 0) | (scores > 1)).any(1)
-    if outside.any():
-        i = _first_row(outside)
-        raise ValueError(f"{path}: 'probabilities' must lie in [0, 1], but {int(outside.sum())} of {n} rows do not "
-                         f"(first: row {i}, values from {scores[i].min():.4g} to {scores[i].max():.4g}); for scores "
-                         "before the softmax, save them as 'logits'")
-    sums = scores.sum(1, dtype=np.float64)
-    off = np.abs(sums - 1) > SUM_TOLERANCE
-    if off.any():
-        i = _first_row(off)
-        raise ValueError(f"{path}: {int(off.sum())} of {n} rows of 'probabilities' do not sum to 1 (first: row {i} "
-                         f"sums to {sums[i]:.6g}); save softmax outputs, or the logits as 'logits'")
+    import torch  # here, not at the top: a file that fails the checks above is refused without loading torch
+
+    from fastai_ls.calibration.checks import checked_probabilities
+
+    # The check of every entry point, with its one tolerance (its warning points at the caller of this function).
+    scores = checked_probabilities(torch.from_numpy(scores if scores.flags.writeable else scores.copy()),
+                                   f"{path}: 'probabilities'", "for scores before the softmax, save them as 'logits'",
+                                   stacklevel=3).numpy()
     zero = scores == 0
     with np.errstate(divide="ignore"):
         logits = np.log(scores)
@@ -202,13 +309,18 @@ def read_predictions(path: str | Path) -> Predictions:
                        target_zeros=int(zero[np.arange(n), targets].sum()))
 
 
-def check_csv_path(out: str | Path) -> Path:
-    """`out` if a CSV file can be written there (checked before a long run), else an OSError saying why.
+def check_csv_path(out: str | Path, force: bool = False, source: str | Path | None = None) -> Path:
+    """`out` if a CSV file can be written there (checked before a long run), else an OSError saying why. An
+    existing file is replaced only with `force`, and never when it is `source`, the input (under any name).
 
     Parameters
     ----------
     out : str or Path
         The CSV file to write.
+    force : bool, default False
+        Replace `out` if it exists (`--force`).
+    source : str or Path, optional
+        The file the command reads, which `out` must not be.
 
     Returns
     -------
@@ -226,9 +338,89 @@ def check_csv_path(out: str | Path) -> Path:
         raise OSError(f"cannot write {out}: it is a folder (give a file name, e.g. {out / 'calibrators.csv'})")
     if not folder.is_dir():
         raise OSError(f"cannot write {out}: no folder {folder}")
+    if out.is_symlink() and not out.exists():  # the write would fail after the run, or create the link's target
+        raise OSError(f"cannot write {out}: it is a link to {os.readlink(out)}, which does not exist")
+    if out.exists():
+        if source is not None and _same_file(out, Path(source)):
+            raise OSError(f"--out {out} is the predictions file {source}: the table would replace the predictions; "
+                          "give another file")
+        if not out.is_file():
+            raise OSError(f"cannot write {out}: it is not a regular file")
+        if not force:
+            raise OSError(f"{out} exists: pass --force to replace it, or give another --out")
     if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise OSError(f"cannot write {out}: permission denied")
     return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: through links, `..` and hard links too."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
+
+
+def check_folds(n: int, n_classes: int, folds: int) -> None:
+    """A ValueError naming `--folds` unless `folds` cross-fitting folds of `n` rows leave every calibrator at least
+    `n_classes` rows to fit on (all folds but the largest), checked before any fit runs.
+
+    Parameters
+    ----------
+    n : int
+        Rows of the predictions.
+    n_classes : int
+        Classes (columns of the logits).
+    folds : int
+        Cross-fitting folds (`--folds`).
+
+    Examples
+    --------
+    >>> check_folds(12, 10, 5)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: --folds 5 fits each calibrator on 4 of the 5 folds, 9 of the 12 rows, ...: use --folds 6 or more
+    """
+    if n <= n_classes:
+        raise ValueError(f"{n} rows for {n_classes} classes: each calibrator is fitted on all folds but one, which "
+                         f"needs at least as many rows as classes, so at least {n_classes + 1} rows")
+    if folds > n:
+        raise ValueError(f"--folds {folds} is more than the {n} rows: use at most --folds {n}")
+    fitted = n - -(-n // folds)  # the stratified folds differ by at most one row: all but the largest
+    if fitted < n_classes:
+        raise ValueError(f"--folds {folds} fits each calibrator on {folds - 1} of the {folds} folds, {fitted} of the "
+                         f"{n} rows, fewer than the {n_classes} classes: use --folds {-(-n // (n - n_classes))} or "
+                         "more")
+
+
+@contextmanager
+def quiet_bars(quiet: bool) -> Iterator[None]:
+    """fastprogress's bars off inside the block when `quiet` (fastai's training and long comparisons use them);
+    the tables it prints still are.
+
+    Parameters
+    ----------
+    quiet : bool
+        Turn the bars off; False leaves them as they are.
+
+    Examples
+    --------
+    >>> import fastprogress.fastprogress as fastprogress
+    >>> with quiet_bars(True):
+    ...     fastprogress.NO_BAR
+    True
+    >>> fastprogress.NO_BAR
+    False
+    """
+    if not quiet:
+        yield
+        return
+    import fastprogress.fastprogress as fastprogress
+
+    previous, fastprogress.NO_BAR = fastprogress.NO_BAR, True
+    try:
+        yield
+    finally:
+        fastprogress.NO_BAR = previous
 
 
 def _say(text: str, width: int = WIDTH, file=None) -> None:
@@ -305,6 +497,8 @@ def calibrate(
     folds: int = 5,
     seed: int = 0,
     out: str | Path | None = None,
+    force: bool = False,
+    quiet: bool = False,
 ) -> pd.DataFrame:
     """Run `compare_calibrators` on the predictions in `path`, print the table with 95% intervals and the best
     method by NLL, and write the table to `out` (CSV) if given. `CalibrationWarning`s of the fits go to stderr.
@@ -320,7 +514,11 @@ def calibrate(
     seed : int, default 0
         Seed of the folds and of the bootstrap intervals.
     out : str or Path, optional
-        CSV file for the table (checked before the comparison runs).
+        CSV file for the table (checked before the comparison runs; never `path` itself).
+    force : bool, default False
+        Replace `out` if it exists.
+    quiet : bool, default False
+        No progress bars (`quiet_bars`).
 
     Returns
     -------
@@ -331,10 +529,17 @@ def calibrate(
     --------
     >>> calibrate("valid.npz", methods=["temperature", "dirichlet"], out="calibrators.csv")  # doctest: +SKIP
     """
-    import sys
-
-    out = check_csv_path(out) if out is not None else None
+    out = check_csv_path(out, force, source=path) if out is not None else None
     predictions = read_predictions(path)
+    n, n_classes = predictions.logits.shape
+    check_folds(n, n_classes, folds)
+    # Printed (and flushed, for a log or a pipe) as soon as known: the comparison takes seconds to minutes.
+    _say(f"{path}: {n} rows, {n_classes} classes, {predictions.source}"
+         + (" (their logs taken as logits)" if predictions.source == "probabilities" else ""))
+    if predictions.zeros:
+        _say(f"{predictions.zeros} probabilities are exactly 0: each is a -inf logit (the class ruled out), which the "
+             "calibrators take as the row's lowest finite logit minus 104")
+    sys.stdout.flush()
     import torch
 
     from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, TemperatureScaling
@@ -342,12 +547,6 @@ def calibrate(
     from fastai_ls.calibration.state import NLL_FLOOR
 
     logits, targets = torch.from_numpy(predictions.logits), torch.from_numpy(predictions.targets)
-    n, n_classes = logits.shape
-    _say(f"{path}: {n} rows, {n_classes} classes, {predictions.source}"
-        + (" (their logs taken as logits)" if predictions.source == "probabilities" else ""))
-    if predictions.zeros:
-        _say(f"{predictions.zeros} probabilities are exactly 0: each is a -inf logit (the class ruled out), which the "
-            "calibrators take as the row's lowest finite logit minus 104")
     if predictions.target_zeros:
         p_y = TemperatureScaling(1.0)(logits)[torch.arange(n), targets]
         counted = float((-p_y.clamp_min(NLL_FLOOR).log()).max())  # as CalibrationState does
@@ -356,12 +555,15 @@ def calibrate(
         _say(f"{rows} target probability 0, an infinite NLL: the 'uncalibrated' row counts {counted:.1f} nats for "
              f"{'each' if k > 1 else 'it'}, so its NLL is a lower bound")
     methods = list(CALIBRATORS) if methods is None else methods
-    with warnings.catch_warnings(record=True) as caught:
+    _say(f"cross-fitted: each method is fitted on {folds - 1} of {folds} stratified folds (seed {seed}) and scored on "
+         "the other, in turn, so no row is scored by a calibrator fitted on it; 95% intervals (a bootstrap over the "
+         "rows; normal intervals for NLL and Brier):")
+    sys.stdout.flush()
+    with warnings.catch_warnings(record=True) as caught, quiet_bars(quiet):
         warnings.simplefilter("always", CalibrationWarning)
         table = compare_calibrators(logits, targets, methods=methods, folds=folds, seed=seed)
-    _say(f"cross-fitted: each method is fitted on {folds - 1} of {folds} stratified folds (seed {seed}) and scored on "
-        "the other, in turn, so no row is scored by a calibrator fitted on it; 95% intervals (a bootstrap over the "
-        "rows; normal intervals for NLL and Brier):")
+    if out is not None:  # before the console output, which fails once its reader went away (`| head`)
+        table.to_csv(out, mode="w" if force else "x")  # "x": a file that appeared since the check is not replaced
     print(comparison_text(table))
     best = best_method(table)
     _say(f"lowest NLL: {best}" + (" (no method beats the model's own probabilities)" if best == "uncalibrated"
@@ -372,6 +574,5 @@ def calibrate(
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if out is not None:
-        table.to_csv(out)
         print(f"wrote {out}")
     return table

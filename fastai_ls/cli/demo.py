@@ -4,6 +4,9 @@ intervals, and the cross-fitted comparison of post-hoc calibrators for each."""
 from __future__ import annotations
 
 import math
+import os
+import stat
+import sys
 import tempfile
 import textwrap
 import warnings
@@ -25,7 +28,8 @@ from fastai_ls.calibration.plots import plot_reliability, plot_smooth_reliabilit
 from fastai_ls.calibration.report import format_interval, report_frame
 from fastai_ls.calibration.state import NLL_FLOOR, CalibrationState
 from fastai_ls.callback import CalibrationCallback
-from fastai_ls.cli.calibrate import best_method, comparison_text
+from fastai_ls.cli.calibrate import best_method, check_folds, comparison_text, quiet_bars
+from fastai_ls.cli.selective import selective_section
 from fastai_ls.distributed import distrib_ctx
 from fastai_ls.posthoc import holdout_logits
 
@@ -70,14 +74,22 @@ def calibration_callback(learn: Learner) -> CalibrationCallback:
     raise ValueError("the learner has no CalibrationCallback: build it with calibration=True")
 
 
-def writable_folder(out: str | Path) -> Path:
-    """`out`, created if needed, once a file could be written into it: checked before any training, so that a
-    report that cannot be written fails at once, not after the runs.
+# Every file `compare` may write into its folder.
+OUTPUT_FILES = ("calibration.csv", "calibrators.csv", "differences.csv", "selective.csv", "reliability.png",
+                "smooth_reliability.png", "calibrated_reliability.png")
+
+
+def writable_folder(out: str | Path, force: bool = False) -> Path:
+    """`out`, created if needed, once a file could be written into it and it holds none of `OUTPUT_FILES` (unless
+    `force`; even then each must be a regular file, not a link, folder or FIFO): checked before any training, so
+    that a report that cannot be written, or would replace an earlier one, fails at once, not after the runs.
 
     Parameters
     ----------
     out : str or Path
         The output folder.
+    force : bool, default False
+        Replace the files of an earlier report (`--force`).
 
     Returns
     -------
@@ -91,12 +103,27 @@ def writable_folder(out: str | Path) -> Path:
     True
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():  # mkdir's own message, "File exists", reads as if the folder were taken
+        raise OSError(f"cannot write the report into {out}: it is a file, not a folder (give a folder, e.g. "
+                      "fastai_ls_out)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as err:
         raise OSError(f"cannot write the report into {out}: {err}") from err
+    existing = [name for name in OUTPUT_FILES if (out / name).exists() or (out / name).is_symlink()]
+    for name in existing:  # --force replaces the report's own files, never what a link points to
+        path = out / name
+        what = f"a link to {os.readlink(path)}" if path.is_symlink() else "a folder" if path.is_dir() else \
+            None if path.is_file() else "a FIFO (named pipe)" if stat.S_ISFIFO(path.stat().st_mode) else \
+            "not a regular file"
+        if what is not None:  # a folder fails the write after the training; a FIFO blocks it forever
+            raise OSError(f"cannot replace {path}: it is {what}, not a file of an earlier report: remove it, or "
+                          "give another --out")
+    if existing and not force:
+        raise OSError(f"{out} already holds {', '.join(existing)} (an earlier report?): pass --force to replace them, "
+                      "or give another --out")
     return out
 
 
@@ -337,11 +364,26 @@ def paired_differences(first: Calibrated, second: Calibrated) -> pd.DataFrame:
 
 def _say(text: str) -> None:
     """A blank line, then `text` wrapped to the console's usual width, and a blank line."""
-    print(f"\n{textwrap.fill(text, WIDTH)}\n")
+    print(f"\n{textwrap.fill(text, WIDTH)}\n", flush=True)
 
 
 def _text_column(report: pd.DataFrame) -> list[str]:
     return [format_interval(*row) for row in report[["estimate", "lower", "upper"]].itertuples(index=False)]
+
+
+def _print_calibrated(title: str, result: Calibrated, folds: int) -> None:
+    n_rows = result.table.attrs["n"]  # the rows of the logits, each image once (also under torchrun)
+    _say(f"{title}: post-hoc calibrators, cross-fitted on the {n_rows} validation images (each fitted on "
+         f"{folds - 1} of {folds} folds and scored on the other, in turn: no image is scored by a calibrator "
+         "fitted on it); AURC, AUGRC and classwise ECE are in calibrators.csv:")
+    print(comparison_text(result.table, shown=COMPARED))
+    T = result.temperature
+    print(textwrap.fill(
+        f"lowest NLL: {result.best}. Temperature fitted on all {n_rows} images: T = {T:.3f} (T "
+        f"{'< 1 sharpens an under-confident' if T < 1 else '> 1 softens an over-confident'} model).", WIDTH))
+    for message in result.warnings:
+        print(textwrap.fill(f"warning: {message}", WIDTH, subsequent_indent="  "))
+    sys.stdout.flush()
 
 
 def compare(
@@ -352,11 +394,14 @@ def compare(
     seed: int = 42,
     methods: list[str] | None = None,
     folds: int = 5,
+    force: bool = False,
+    quiet: bool = False,
 ) -> dict[str, pd.DataFrame] | None:
     """Train one learner per run; print and write their calibration side by side with 95% intervals, the
     cross-fitted comparison of post-hoc calibrators for each, and the reliability diagrams.
 
-    The output folder is checked first; each run is announced before its progress table. Under
+    The output folder is checked first; each run is announced before its progress table; each table is printed
+    as soon as it is ready (the models' calibration before the calibrators are compared). Under
     `torchrun`/`accelerate launch` every process trains; only rank 0 compares calibrators, prints and writes.
     Written into `out`: calibration.csv (model, metric, estimate, lower, upper), calibrators.csv (model, method,
     the `compare_calibrators` columns), for two runs differences.csv (`paired_differences`: stage, metric,
@@ -379,6 +424,10 @@ def compare(
         Calibration methods to compare (default: all of `CALIBRATORS`).
     folds : int, default 5
         Cross-fitting folds.
+    force : bool, default False
+        Replace the files of an earlier report in `out` (otherwise refused before any training).
+    quiet : bool, default False
+        No progress bars (`quiet_bars`); the tables are printed as usual.
 
     Returns
     -------
@@ -390,41 +439,32 @@ def compare(
     --------
     >>> compare(digits_learner, {"cross-entropy": 0.0, "label smoothing": 0.1}, 10, "report")  # doctest: +SKIP
     """
-    out = writable_folder(out)
+    out = writable_folder(out, force)
     methods = list(CALIBRATORS) if methods is None else methods
-    learners = {title: train(make_learner, eps, epochs, seed, label=f"training {i}/{len(runs)}: {title}")
-                for i, (title, eps) in enumerate(runs.items(), 1)}
-    held_out = {title: validation_logits(learn) for title, learn in learners.items()}  # every process takes part
+    with quiet_bars(quiet):
+        learners = {title: train(make_learner, eps, epochs, seed, label=f"training {i}/{len(runs)}: {title}")
+                    for i, (title, eps) in enumerate(runs.items(), 1)}
+        held_out = {title: validation_logits(learn) for title, learn in learners.items()}  # every process takes part
     if rank_distrib() != 0:
         return None
     states = {title: calibration_callback(learn).state_of(-1) for title, learn in learners.items()}
     reports = {title: model_report(state, seed) for title, state in states.items()}
     n_valid = int(next(iter(states.values())).metrics()["n"])
-    calibrated, skipped = {}, None
-    try:
-        calibrated = {title: calibrate_learner(*held_out[title], methods, folds, seed) for title in learners}
-    except ValueError as err:  # e.g. too few validation rows for the folds: the models' report still stands
-        skipped = str(err)
-
     shown = pd.DataFrame({title: _text_column(report) for title, report in reports.items()},
                          index=[METRICS[m] for m in METRICS])
     _say(f"calibration on the {n_valid} validation images, with 95% intervals (a bootstrap over the images; normal "
          "intervals for NLL and Brier):")
-    print(shown.to_string())
-    if skipped is not None:
-        _say(f"calibrators not compared: {skipped}")
-    for title, result in calibrated.items():
-        n_rows = result.table.attrs["n"]  # the rows of the logits, each image once (also under torchrun)
-        _say(f"{title}: post-hoc calibrators, cross-fitted on the {n_rows} validation images (each fitted on "
-             f"{folds - 1} of {folds} folds and scored on the other, in turn: no image is scored by a calibrator "
-             "fitted on it); AURC, AUGRC and classwise ECE are in calibrators.csv:")
-        print(comparison_text(result.table, shown=COMPARED))
-        T = result.temperature
-        print(textwrap.fill(
-            f"lowest NLL: {result.best}. Temperature fitted on all {n_rows} images: T = {T:.3f} (T "
-            f"{'< 1 sharpens an under-confident' if T < 1 else '> 1 softens an over-confident'} model).", WIDTH))
-        for message in result.warnings:
-            print(textwrap.fill(f"warning: {message}", WIDTH, subsequent_indent="  "))
+    print(shown.to_string(), flush=True)  # before the comparison, which takes longer than the training
+    calibrated = {}
+    try:
+        for title in learners:
+            check_folds(*held_out[title][0].shape, folds)
+            with quiet_bars(quiet):
+                result = calibrate_learner(*held_out[title], methods, folds, seed)
+            calibrated[title] = result
+            _print_calibrated(title, result, folds)
+    except ValueError as err:  # e.g. too few validation rows for the folds: the models' report still stands
+        _say(f"calibrators not compared: {err}")
     if calibrated:
         summary = {}
         for title, result in calibrated.items():
@@ -457,6 +497,7 @@ def compare(
     if differences is not None:
         differences.to_csv(out / "differences.csv")
         written.append("differences.csv")
+    written += selective_section(held_out, out, folds, seed)
     figures = {"reliability.png": reliability_figure(states),
                "smooth_reliability.png": reliability_figure(states, smooth=True, seed=seed)}
     if calibrated:
@@ -499,12 +540,14 @@ def reliability_figure(
     """
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(states), figsize=(5 * len(states), 5.4), squeeze=False)
-    for ax, (title, state) in zip(axes[0], states.items()):
+    # The counts (or density) in a panel below each diagram, as `cb.plot_reliability()` draws them.
+    fig, axes = plt.subplots(2, len(states), figsize=(5 * len(states), 7.6), squeeze=False, sharex="col",
+                             gridspec_kw={"height_ratios": [3, 1]})
+    for top, panel, (title, state) in zip(axes[0], axes[1], states.items()):
         if smooth:
-            plot_smooth_reliability(state, ax=ax, title=title, ci=CI, seed=seed)
+            plot_smooth_reliability(state, ax=(top, panel), title=title, ci=CI, seed=seed)
         else:
-            plot_reliability(state, ax=ax, title=title, ci=CI)
+            plot_reliability(state, ax=(top, panel), title=title, ci=CI)
     if suptitle:
         fig.suptitle(suptitle)
     fig.tight_layout()

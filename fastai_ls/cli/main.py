@@ -7,12 +7,16 @@ each subcommand imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
+import os
+import re
+import signal
 import sys
+import textwrap
+import threading
 import warnings
+from contextlib import contextmanager
 from functools import partial
-from importlib.metadata import PackageNotFoundError, version
 
 from fastai_ls import __version__
 
@@ -93,7 +97,7 @@ def _demo(args: argparse.Namespace) -> None:
 
     make = partial(digits_learner, bs=args.bs, max_items=args.max_items, seed=args.seed, label_noise=args.label_noise)
     compare(make, runs(args.eps, baseline=True), epochs=args.epochs, out=args.out, seed=args.seed,
-            methods=args.methods, folds=args.folds)
+            methods=args.methods, folds=args.folds, force=args.force, quiet=args.quiet)
 
 
 def _pets(args: argparse.Namespace) -> None:
@@ -103,13 +107,20 @@ def _pets(args: argparse.Namespace) -> None:
     make = partial(pets_learner, path=args.path, arch=args.arch, pretrained=args.pretrained, bs=args.bs,
                    presize=args.presize, size=args.size, num_workers=args.num_workers, seed=args.seed)
     compare(make, runs(args.eps, args.baseline), epochs=args.epochs, out=args.out, seed=args.seed,
-            methods=args.methods, folds=args.folds)
+            methods=args.methods, folds=args.folds, force=args.force, quiet=args.quiet)
 
 
 def _calibrate(args: argparse.Namespace) -> None:
     from fastai_ls.cli.calibrate import calibrate
 
-    calibrate(args.predictions, methods=args.methods, folds=args.folds, seed=args.seed, out=args.out)
+    calibrate(args.predictions, methods=args.methods, folds=args.folds, seed=args.seed, out=args.out,
+              force=args.force, quiet=args.quiet)
+
+
+def _selective(args: argparse.Namespace) -> None:
+    from fastai_ls.cli.selective import selective
+
+    selective(args.predictions, folds=args.folds, seed=args.seed, out=args.out, plot=args.plot, force=args.force)
 
 
 # Argument types. Their messages follow `--option: ` in the error line: `--epochs: expected a positive integer,
@@ -167,7 +178,9 @@ def _methods(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     for name in names:
         if name not in METHODS:
-            close = difflib.get_close_matches(name, METHODS, n=1)
+            import difflib
+
+            close = difflib.get_close_matches(name.lower(), METHODS, n=1)  # the names are lower case
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise argparse.ArgumentTypeError(f"unknown method {name!r}{hint}; known: {','.join(METHODS)}")
     if not names or len(set(names)) < len(names):
@@ -176,13 +189,21 @@ def _methods(text: str) -> list[str]:
 
 
 def _calibration_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--methods", type=_methods, default=list(METHODS),
-                        help=f"comma-separated calibration methods to compare (default: all, {','.join(METHODS)})")
+    # ", " between the names: the help is wrapped at spaces only, so each name stays whole for copy and paste
+    parser.add_argument("--methods", type=_methods, default=list(METHODS), metavar="M1,M2",
+                        help=f"comma-separated calibration methods to compare (default: all of {', '.join(METHODS)})")
     parser.add_argument("--folds", type=_folds, default=5, help="cross-fitting folds (default 5)")
+
+
+def _output_options(parser: argparse.ArgumentParser, force_help: str) -> None:
+    parser.add_argument("--force", action="store_true", help=force_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (the tables are printed as usual)")
 
 
 def _version() -> str:
     """This package's version, and fastai's and torch's as installed (read without importing them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     installed = []
     for name in ("fastai", "torch"):
         try:
@@ -192,7 +213,37 @@ def _version() -> str:
     return f"fastai-ls {__version__} ({', '.join(installed)})"
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's layout, wrapped at spaces only: a method name (`top_label_isotonic`) or an option (`--max-items`)
+    is never broken across lines, where copying it from the terminal would give a wrong name."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_long_words=False, break_on_hyphens=False)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        """argparse's, with arguments it does not know told by the subcommand's parser, not the top-level one."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = getattr(self, "commands", {}).get(getattr(parsed, "command", None), self)
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            split = [name for name in (extra.strip(",") for extra in extras) if name in METHODS]
+            if split and getattr(parsed, "methods", None) is not None:  # "--methods temperature, vector", pasted
+                names = ",".join(dict.fromkeys([*parsed.methods, *split]))
+                message += ("; --methods takes one word, the names separated by commas without spaces: --methods "
+                            f"{names}")
+            parser.error(message)
+        return parsed
+
     def error(self, message: str) -> None:
         """Bad arguments: one line on stderr, exit status 2, no usage dump."""
         message = message.removeprefix("argument ")  # argparse's "argument --epochs: ..." reads "--epochs: ..."
@@ -200,7 +251,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `fastai-ls` command's parser: subcommands `article`, `demo`, `pets` and `calibrate`.
+    """The `fastai-ls` command's parser: subcommands `article`, `demo`, `pets`, `calibrate` and `selective`.
 
     Returns
     -------
@@ -240,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "validation labels stay clean (default 0)")
     _calibration_options(demo)
     demo.add_argument("--out", type=_path, default="fastai_ls_out", help="output folder (default ./fastai_ls_out)")
+    _output_options(demo, "replace the files of an earlier report in --out (default: refused, before any training)")
     demo.set_defaults(run=_demo)
 
     pets = commands.add_parser(
@@ -265,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     pets.add_argument("--baseline", action="store_true", help="also train a cross-entropy baseline and compare")
     _calibration_options(pets)
     pets.add_argument("--out", type=_path, default="fastai_ls_pets", help="output folder (default ./fastai_ls_pets)")
+    _output_options(pets, "replace the files of an earlier report in --out (default: refused, before any training)")
     pets.set_defaults(run=_pets)
 
     calibrate = commands.add_parser(
@@ -278,9 +331,81 @@ def build_parser() -> argparse.ArgumentParser:
     _calibration_options(calibrate)
     calibrate.add_argument("--seed", type=_seed, default=0, help="seed of the folds and intervals (default 0)")
     calibrate.add_argument("--out", type=_path, default=None, metavar="FILE.csv",
-                           help="also write the table to this CSV file")
+                           help="also write the table to this CSV file (never the predictions file itself)")
+    _output_options(calibrate, "replace the --out file if it exists (default: refused, before the comparison)")
     calibrate.set_defaults(run=_calibrate)
+
+    selective = commands.add_parser(
+        "selective", help="compare confidence scores for abstaining on saved predictions (.npz)",
+        description="Rank held-out predictions by each confidence score (softmax response, max logit, margin, "
+                    "energy, negative entropy, DOCTOR, MaxLogit-pNorm, p-NormSoftmax) and print exact AURC and AUGRC "
+                    "with 95% intervals, paired differences from the softmax response, and a cross-fitted choice of "
+                    "score that keeps the softmax response unless another is better beyond its interval. "
+                    "PREDICTIONS.npz: the files of 'fastai-ls calibrate' ('logits' or 'probabilities', and "
+                    "'targets').")
+    selective.add_argument("predictions", type=_path, metavar="PREDICTIONS.npz", help="the saved predictions")
+    selective.add_argument("--folds", type=_folds, default=5, help="folds of the cross-fitted choice (default 5)")
+    selective.add_argument("--seed", type=_seed, default=0, help="seed of the folds and intervals (default 0)")
+    selective.add_argument("--out", type=_path, default=None, metavar="FILE.csv",
+                           help="also write the table to this CSV file (never the predictions file itself)")
+    selective.add_argument("--plot", type=_path, default=None, metavar="FILE.png",
+                           help="also draw the risk-coverage curves of every score into this PNG file")
+    selective.add_argument("--force", action="store_true",
+                           help="replace the --out and --plot files if they exist (default: refused, before the "
+                                "comparison)")
+    selective.set_defaults(run=_selective)
+    parser.commands = commands.choices  # the subcommands' parsers, which `parse_args` has tell unknown arguments
     return parser
+
+
+INTERRUPTED = "\nfastai-ls: interrupted\n"
+# torch's CPU and CUDA allocators raise RuntimeError (torch.OutOfMemoryError is one) when memory runs out
+_OUT_OF_MEMORY = re.compile(r"out of memory|not enough memory|can't allocate memory|failed to allocate", re.IGNORECASE)
+
+
+_main_pid = None  # the process that runs the command: DataLoader workers inherit its handler
+
+
+def _exit_interrupted(signum, frame) -> None:
+    if os.getpid() == _main_pid:
+        sys.stderr.write(INTERRUPTED)
+        sys.stderr.flush()
+    os._exit(130)
+
+
+def _interrupt(signum, frame) -> None:
+    # The first Ctrl-C unwinds (fastai's after_fit, DataLoader workers, open files) to main's one line; a second one
+    # while that runs ends the process at once, without a traceback from wherever the unwinding was.
+    signal.signal(signal.SIGINT, _exit_interrupted)
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigint_handler():
+    """`_interrupt` as the SIGINT handler while the command runs (only the main thread may set one)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    global _main_pid
+    _main_pid = os.getpid()
+    previous = signal.signal(signal.SIGINT, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    text = str(err).strip().splitlines()
+    line = text[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _out_of_memory(args: argparse.Namespace, err: BaseException) -> str:
+    if args.command == "calibrate":
+        return f"{args.predictions} is too big for this machine's memory ({_first_line(err)})"
+    return f"out of memory ({_first_line(err)}): try a smaller --bs, or --max-items" if args.command == "demo" else \
+        f"out of memory ({_first_line(err)}): try a smaller --bs or --size"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     Returns
     -------
     int
-        The exit status: 0, or 1 after a one-line error about bad values or data (2 for bad arguments, from the
-        parser; 130 after Ctrl-C).
+        The exit status: 0, or 1 after a one-line error about bad values, data or memory (2 for bad arguments,
+        from the parser; 130 after Ctrl-C, at any time).
 
     Examples
     --------
@@ -303,17 +428,27 @@ def main(argv: list[str] | None = None) -> int:
     logits ...
     0
     """
-    args = build_parser().parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            # fastai 2.8 applies torch.jit.script at import time, which torch 2.10+ deprecates: noise our users
-            # cannot act on.
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-            args.run(args)
-    except (ValueError, OSError) as err:  # bad values and missing data: one line, no traceback
-        print(f"fastai-ls: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever training was; 128 + SIGINT
-        print("\nfastai-ls: interrupted", file=sys.stderr)
-        return 130
+    with _sigint_handler():  # first: an interrupt while the subcommand imports torch and fastai is one line too
+        try:
+            args = build_parser().parse_args(argv)
+            with warnings.catch_warnings():
+                # fastai 2.8 applies torch.jit.script at import time, which torch 2.10+ deprecates: noise our users
+                # cannot act on.
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+                args.run(args)
+        except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever it came; 128 + SIGINT
+            sys.stdout.flush()
+            sys.stderr.write(INTERRUPTED)
+            return 130
+        except MemoryError as err:  # numpy's allocations
+            print(f"fastai-ls: error: {_out_of_memory(args, err)}", file=sys.stderr)
+            return 1
+        except RuntimeError as err:
+            if not _OUT_OF_MEMORY.search(str(err)):
+                raise  # a defect: its traceback is what a bug report needs
+            print(f"fastai-ls: error: {_out_of_memory(args, err)}", file=sys.stderr)
+            return 1
+        except (ValueError, OSError) as err:  # bad values and missing data: one line, no traceback
+            print(f"fastai-ls: error: {_first_line(err, limit=2000)}", file=sys.stderr)
+            return 1
     return 0

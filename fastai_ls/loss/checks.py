@@ -15,8 +15,8 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 __all__ = ["REDUCTIONS", "SMOOTHINGS", "check_eps", "check_options", "check_input", "check_weight",
-           "check_weight_needs_no_grad", "check_weight_values", "weight_in", "check_target", "class_ids", "check_ids",
-           "under_functorch_transform", "is_batched", "has_forward_tangent"]
+           "check_weight_needs_no_grad", "check_weight_values", "weight_in", "check_target", "target_shape_message",
+           "class_ids", "check_ids", "under_functorch_transform", "is_batched", "has_forward_tangent"]
 
 REDUCTIONS = ("mean", "sum", "none")
 SMOOTHINGS = ("uniform", "others")
@@ -130,8 +130,21 @@ def check_target(input: Tensor, target: Tensor, ignore_index: int) -> None:
         return
     expected = input.shape[:1] + input.shape[2:]
     if target.shape != expected:
-        raise ValueError(f"integer target must have shape {tuple(expected)} for input {tuple(input.shape)}, "
-                         f"got {tuple(target.shape)}")
+        raise ValueError(target_shape_message(input.shape, expected, target.shape))
+
+
+def target_shape_message(input_shape: torch.Size, expected: torch.Size, got: torch.Size, axis: str = "") -> str:
+    """What is wrong with an integer target of shape `got` for logits of `input_shape`, and what to pass: class ids
+    of shape `expected` (the input's shape without its class axis). `axis` describes a class axis other than 1 (the
+    flat loss's); built only when the check fails."""
+    message = f"integer target must have shape {tuple(expected)} for input {tuple(input_shape)}{axis}, got {tuple(got)}"
+    if got.numel() == expected.numel() and [s for s in got if s != 1] == [s for s in expected if s != 1]:
+        # The same ids with extra size-1 axes, as fastai's tabular loaders give ((bs, 1)): only the layout differs.
+        fix = f"pass target.reshape({', '.join(map(str, expected))})"
+        return f"{message}: {fix}" if axis else \
+            f"{message}: {fix}, or use LabelSmoothingCrossEntropyFlat, which flattens targets as fastai's " \
+            f"CrossEntropyLossFlat does"
+    return f"{message}: pass one class id per position of the input without its class axis"
 
 
 def class_ids(target: Tensor) -> Tensor:

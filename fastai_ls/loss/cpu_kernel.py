@@ -1,14 +1,17 @@
 """The compiled CPU kernel of the fused loss (`fused_cpu.c`), called through ctypes: float32 logits on the CPU.
 
-The kernel is built at install time as an optional extension (setup.py). Where it could not be built (no C compiler)
-`AVAILABLE` is False and `fused.py` runs the same arithmetic as torch operations instead; where the file is there but
-cannot be loaded (truncated, built for another machine, a missing OpenMP runtime) the same happens, with one warning.
+The kernel is built at install time as an optional extension (setup.py), which writes the SHA-256 of the library's
+bytes beside it (`<library>.sha256`). Where it could not be built (no C compiler) `AVAILABLE` is False and `fused.py`
+runs the same arithmetic as torch operations instead; where something is there but cannot be loaded (truncated,
+damaged or changed since it was built, built for another machine or from other sources, a missing OpenMP runtime, a
+folder or a broken link in its place) the same happens, with one warning.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.machinery
 import importlib.util
 import os
 import struct
@@ -25,6 +28,8 @@ __all__ = ["AVAILABLE", "accepts", "loss_and_grad"]
 PARALLEL_NUMEL = 32768
 # The kernel's return codes besides a bad row (>= 0); see fused_cpu.c.
 DONE, BAD_WEIGHT, NO_MEMORY = -1, -2, -3
+# The file beside the library, `<library><RECORD_SUFFIX>`, holding the SHA-256 of its bytes: setup.py writes it.
+RECORD_SUFFIX = ".sha256"
 
 
 def load(path: str | None) -> ctypes._CFuncPtr | None:
@@ -34,6 +39,7 @@ def load(path: str | None) -> ctypes._CFuncPtr | None:
         return None
     try:
         _check_not_truncated(path)
+        _check_recorded_hash(path)
         library = ctypes.CDLL(path)
         _check_built_from_the_source_beside_it(library, path)
         return bind(library)
@@ -61,6 +67,24 @@ def _check_built_from_the_source_beside_it(library: ctypes.CDLL, path: str) -> N
     built_from.restype, built_from.argtypes = ctypes.c_char_p, []
     if built_from().decode() != expected:
         raise OSError("it was built from another version of fused_cpu.c than the one beside it")
+
+
+def _check_recorded_hash(path: str) -> None:
+    """Raise OSError unless the library's bytes have the SHA-256 recorded beside it when it was built: a library whose
+    code was damaged or changed since would be loaded, and the first call could kill the process (SIGILL, SIGSEGV)
+    instead of raising. Opening a folder or a symlink loop raises OSError too."""
+    with open(path, "rb") as file:
+        digest = hashlib.sha256(file.read()).hexdigest()
+    record = path + RECORD_SUFFIX
+    try:
+        with open(record) as file:
+            recorded = file.read().strip()
+    except FileNotFoundError:
+        raise OSError(f"no record of its SHA-256 ({os.path.basename(record)}) lies beside it: it was built before "
+                      f"the hash was recorded, or copied without it") from None
+    if digest != recorded:
+        raise OSError(f"its bytes do not have the SHA-256 recorded in {os.path.basename(record)} when it was built: "
+                      f"it was damaged or changed since")
 
 
 def _check_not_truncated(path: str) -> None:
@@ -97,8 +121,17 @@ def bind(library: ctypes.CDLL) -> ctypes._CFuncPtr:
 
 
 def _built_library() -> str | None:
+    """The path of the built kernel, or None where there is none."""
     spec = importlib.util.find_spec("fastai_ls.loss._fused_cpu")
-    return spec.origin if spec is not None and spec.origin else None
+    if spec is not None and spec.origin:
+        return spec.origin
+    # The import system passes over an entry it cannot read as a file (a folder, a symlink loop, a dangling link):
+    # that is a damaged build, for `load` to report, rather than no build.
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(os.path.dirname(__file__), "_fused_cpu" + suffix)
+        if os.path.lexists(path):
+            return path
+    return None
 
 
 _kernel = load(_built_library())
