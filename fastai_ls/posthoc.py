@@ -277,7 +277,8 @@ def fit_calibrator(learn: Learner, method: str | Calibrator = "temperature", dl:
         A learner with a cross-entropy-style loss.
     method : str | Calibrator
         A method name ('temperature', 'vector', 'matrix', 'dirichlet', 'isotonic', 'top_label_isotonic',
-        'histogram', 'ets') or an unfitted calibrator.
+        'histogram', 'ets') or a calibrator, of which a copy is fitted and returned (the caller's object is never
+        changed; a `TemperatureScaling(2.0)` keeps its given temperature).
     dl : DataLoader | None
         The held-out data; None for `learn.dls.valid`.
     **options
@@ -285,7 +286,7 @@ def fit_calibrator(learn: Learner, method: str | Calibrator = "temperature", dl:
 
     >>> cal = fit_calibrator(learn, "isotonic", dl=learn.dls.test_dl(holdout, with_labels=True))  # doctest: +SKIP
     """
-    calibrator = get_calibrator(method, **options)
+    calibrator = copy.deepcopy(get_calibrator(method, **options))
     logits, target = holdout_logits(learn, dl)
     return calibrator.fit(logits, target)
 
@@ -300,6 +301,7 @@ def compare_calibrators(
     n_bins: int = 15,
     ci: float | None = 0.95,
     n_boot: int = 1000,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Cross-fitted comparison of calibrators on a learner's held-out predictions (or on logits): one row per
     method, the uncalibrated model first; see `fastai_ls.calibration.compare.compare_calibrators`.
@@ -324,12 +326,17 @@ def compare_calibrators(
         Level of the metrics' intervals (`<name>_lo`, `<name>_hi` columns); None for none.
     n_boot : int
         Bootstrap replicates per row.
+    progress : bool
+        Show a progress bar over the fits (methods x folds); with a learner, only where the learner shows its own
+        (none under `learn.no_bar()`).
 
     >>> compare_calibrators(learn, methods=["temperature", "dirichlet", "isotonic"])  # doctest: +SKIP
     """
     if isinstance(learn_or_logits, Learner):
         if target is not None:
             raise ValueError("pass either a learner or logits with their targets, not a learner and targets")
+        # fastai's no_bar() removes the ProgressCallback (`learn.progress`) while it lasts.
+        progress = progress and hasattr(learn_or_logits, "progress")
         logits, target = holdout_logits(learn_or_logits, dl)
     else:
         if target is None:
@@ -338,7 +345,7 @@ def compare_calibrators(
             raise ValueError("dl is for a learner; with logits, pass the held-out logits themselves")
         logits = learn_or_logits
     return compare_on_logits(logits, target, methods=methods, folds=folds, seed=seed, n_bins=n_bins, ci=ci,
-                             n_boot=n_boot)
+                             n_boot=n_boot, progress=progress)
 
 
 # --- temperature scaling, by its own names -----------------------------------------------------------------------

@@ -86,8 +86,9 @@ def test_the_table_has_the_uncalibrated_model_first_then_one_row_per_method():
     assert list(table.index) == ["uncalibrated", "temperature", "histogram"] and table.index.name == "method"
     with_intervals = [key for name in COLUMNS
                       for key in ((name,) if name == "classwise_ece" else (name, f"{name}_lo", f"{name}_hi"))]
-    assert list(table.columns) == [*with_intervals, "fit_s", "may_change_prediction"]
-    assert table.attrs == {"folds": 3, "seed": 0, "n": 600, "n_classes": 5, "ci": 0.95}
+    assert list(table.columns) == [*with_intervals, "n_unscored", "fit_s", "may_change_prediction"]
+    assert table.attrs == {"folds": 3, "seed": 0, "n": 600, "n_classes": 5, "ci": 0.95, "skipped": {}}
+    assert (table["n_unscored"] == 0).all()
     uncalibrated = calibration_metrics(logits.softmax(1), target, ci=0.95, seed=0)
     assert table.loc["uncalibrated", "error_rate"] == pytest.approx(1 - uncalibrated["accuracy"])
     # an interval on the accuracy is one on the error rate, the other way round
@@ -100,7 +101,7 @@ def test_the_table_has_the_uncalibrated_model_first_then_one_row_per_method():
         for end in ("lo", "hi"):
             assert table.loc["uncalibrated", f"{name}_{end}"] == pytest.approx(uncalibrated[f"{name}_{end}"])
     without = compare_calibrators(logits, target, methods=["temperature", "histogram"], folds=3, ci=None)
-    assert list(without.columns) == [*COLUMNS, "fit_s", "may_change_prediction"]
+    assert list(without.columns) == [*COLUMNS, "n_unscored", "fit_s", "may_change_prediction"]
     pd.testing.assert_frame_equal(without.drop(columns="fit_s"), table[without.columns].drop(columns="fit_s"))
     assert table.loc["uncalibrated", "fit_s"] == 0 and (table["fit_s"].iloc[1:] > 0).all()
     assert table["may_change_prediction"].tolist() == [False, False, False]
@@ -149,10 +150,13 @@ def test_labels_calibrator_instances_and_numpy_input():
     table = compare_calibrators(logits.numpy(), target.numpy(), folds=3, methods={
         "T": "temperature", "T from 2": given, "vector scaling": VectorScaling()})
     assert list(table.index) == ["uncalibrated", "T", "T from 2", "vector scaling"]
-    # A calibrator passed in is a template: copied and fitted on each fold, never fitted or changed itself.
+    # A calibrator passed in is a template: copied for each fold, never fitted or changed itself.
     assert given.temperature == 2.0 and given.n_classes is None
-    pd.testing.assert_series_equal(table.loc["T"].drop("fit_s"), table.loc["T from 2"].drop("fit_s"),
-                                   check_names=False)
+    # A given temperature is scored as it is (issue 20.11: it was refitted under its label).
+    at_two = calibration_metrics((logits / 2).softmax(1), target, ci=0.95, seed=0)
+    for name in ("nll", "ece", "brier"):
+        assert table.loc["T from 2", name] == pytest.approx(at_two[name], rel=1e-5)
+    assert table.loc["T from 2", "nll"] != pytest.approx(table.loc["T", "nll"], rel=1e-3)
 
 
 def test_bad_input_is_a_clear_error_before_any_fit():
@@ -216,3 +220,133 @@ def test_the_scores_do_not_depend_on_the_dtype_of_the_logits():
     # float32's rounding of the value itself decides the bin.)
     for column in ("nll", "brier", "error_rate"):
         np.testing.assert_allclose(double[column], single[column], rtol=1e-5, err_msg=column)
+
+
+# --- issue 20's defects and issue 17's progress and skip rules -----------------------------------------------------
+
+
+def test_probabilities_passed_as_logits_are_refused_naming_probabilities():
+    """Issue 20.10: a softmax of probabilities squeezes them towards uniform; the table was silently wrong."""
+    logits, target = over_confident(300, seed=20)
+    RowSpy.fitted_on.clear()
+    with pytest.raises(ValueError, match=r"look like probabilities.*log"):
+        compare_calibrators(logits.softmax(1), target, methods=[RowSpy()], folds=3)
+    assert RowSpy.fitted_on == []  # before any fit
+    # rows rounded as a CSV export rounds them are probabilities too
+    with pytest.raises(ValueError, match="probabilities"):
+        compare_calibrators(logits.softmax(1).round(decimals=3), target, methods=["temperature"], folds=3)
+    # their logs are what to pass: the uncalibrated row then scores the probabilities themselves
+    table = compare_calibrators(logits.softmax(1).log(), target, methods=["temperature"], folds=3, ci=None)
+    assert table.loc["uncalibrated", "nll"] == pytest.approx(float(F.cross_entropy(logits, target)), rel=1e-5)
+
+
+def test_a_fixed_temperature_is_scored_as_given_and_never_changed():
+    """Issue 20.11: TemperatureScaling(2.0) was refitted inside the comparison."""
+    logits, target = over_confident(400, seed=21)
+    given = TemperatureScaling(2.0)
+    table = compare_calibrators(logits, target, methods={"T = 2": given}, folds=4, ci=None)
+    assert table.loc["T = 2", "nll"] == pytest.approx(float(F.cross_entropy(logits / 2, target)), rel=1e-5)
+    assert given.temperature == 2.0 and given.fixed and given.n_classes is None
+    # fitting a fixed temperature keeps it and it still takes any number of classes
+    assert given.fit(logits, target).temperature == 2.0 and given(torch.randn(3, 7)).shape == (3, 7)
+
+
+class NaNOnOddRows(Calibrator):
+    """Softmax, but NaN on the rows whose first logit rounds to an odd number."""
+
+    name = "nan on odd rows"
+    form = "full"
+
+    def _fit(self, z, y):
+        pass
+
+    def _probs(self, z):
+        odd = z[:, 0].round().remainder(2) == 1
+        return torch.where(odd[:, None], torch.nan, z.softmax(1))
+
+
+def test_every_row_is_scored_or_the_table_says_how_many_were_not():
+    """Issue 20.18: rows whose probabilities were not finite were dropped from the metrics without a word."""
+    logits, target = over_confident(300, seed=22)
+    logits[:, 0] = torch.arange(300).float()
+    table = compare_calibrators(logits, target, methods=[NaNOnOddRows()], folds=3, ci=None)
+    assert table.loc["nan on odd rows", "n_unscored"] == 150 and table.loc["uncalibrated", "n_unscored"] == 0
+
+
+def test_finite_logits_near_the_float32_limit_give_every_row_a_score():
+    """Issue 20.18: temperature with T < 1 and Dirichlet gave NaN rows on finite logits near +-3e38."""
+    logits, target = over_confident(400, seed=23, n_classes=4)
+    logits = logits / 10  # under-confident: T < 1
+    logits[:40, 0], logits[40:80, 1] = 3e38, -3e38
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        table = compare_calibrators(logits, target, methods=["temperature", "vector", "matrix", "dirichlet", "ets"],
+                                    folds=4, ci=None)
+    assert (table["n_unscored"] == 0).all()
+    assert table.drop(columns=["classwise_ece"]).notna().all().all()
+
+
+def test_too_few_rows_per_fold_fail_before_any_fit_naming_folds():
+    """Issue 20.19: 110 rows of 100 classes with 5 folds failed after partly running ("got 88 rows")."""
+    logits, target = torch.randn(110, 100), torch.arange(110) % 100
+    RowSpy.fitted_on.clear()
+    with pytest.raises(ValueError, match=r"folds=5 leaves 88 rows .* fewer than the classes: use folds=11 or more"):
+        compare_calibrators(logits, target, methods=[RowSpy()], folds=5)
+    with pytest.raises(ValueError, match=r"folds=2 leaves 50 rows .* no number of folds works: add held-out rows"):
+        compare_calibrators(logits[:100], target[:100], methods=[RowSpy()], folds=2)
+    assert RowSpy.fitted_on == []
+    table = compare_calibrators(logits, target, methods=[RowSpy()], folds=11, ci=None)  # the advice works
+    assert len(RowSpy.fitted_on) == 11 and table.loc["spy", "n_unscored"] == 0
+
+
+def test_more_bins_than_the_intervals_resample_advise_what_compare_calibrators_takes():
+    """Issue 20.19: n_bins=2000 advised raising n_fine, which compare_calibrators does not take."""
+    logits, target = over_confident(300, seed=24)
+    with pytest.raises(ValueError, match=r"n_bins=2000 .* pass n_bins <= 1000, or ci=None"):
+        compare_calibrators(logits, target, methods=["temperature"], n_bins=2000)
+    table = compare_calibrators(logits, target, methods=["temperature"], n_bins=2000, ci=None, folds=3)
+    assert np.isfinite(table.loc["temperature", "ece"])
+
+
+def test_a_progress_bar_runs_over_methods_times_folds_unless_asked_not_to(monkeypatch):
+    """Issue 17.2 / 20.3: nothing was printed while the comparison ran."""
+    import fastai_ls.calibration.compare as compare
+
+    bars = []
+
+    class Bar(list):
+        def __init__(self, jobs, leave=True):
+            super().__init__(jobs)
+            self.comments = []
+            bars.append(self)
+
+        def __iter__(self):
+            for job in super().__iter__():
+                yield job
+                self.comments.append(self.comment)
+
+    monkeypatch.setattr(compare, "progress_bar", Bar)
+    monkeypatch.setattr(compare, "_bar_visible", lambda: True)
+    logits, target = over_confident(300, seed=25)
+    table = compare_calibrators(logits, target, methods=["temperature", "histogram"], folds=3, ci=None)
+    assert len(bars) == 1 and list(bars[0]) == [(m, f) for m in ("temperature", "histogram") for f in range(3)]
+    assert bars[0].comments[-1] == "histogram, fold 3/3"
+    assert (table.loc[["temperature", "histogram"], "fit_s"] > 0).all()
+    compare_calibrators(logits, target, methods=["temperature"], folds=3, ci=None, progress=False)
+    assert len(bars) == 1
+
+
+def test_a_method_too_costly_for_the_class_count_is_skipped_with_its_reason():
+    """Issue 17: matrix scaling at 1,000 classes ran for hours without a word."""
+    from fastai_ls.calibration.calibrators import MatrixScaling
+
+    logits, target = over_confident(300, seed=26)
+    with pytest.warns(CalibrationWarning, match=r"matrix: skipped, 5 classes are more than max_classes=4.*'vector'"):
+        table = compare_calibrators(logits, target, methods={"temperature": "temperature",
+                                                             "matrix": MatrixScaling(max_classes=4)}, folds=3)
+    assert list(table.index) == ["uncalibrated", "temperature", "matrix"]
+    assert table.loc["matrix", "n_unscored"] == 300 and np.isnan(table.loc["matrix", "nll"])
+    assert list(table.attrs["skipped"]) == ["matrix"] and "max_classes=4" in table.attrs["skipped"]["matrix"]
+    assert table.loc["temperature"].notna().all()
+    with pytest.raises(ValueError, match="dirichlet: 5 classes are more than max_classes=4"):
+        DirichletCalibration(max_classes=4).fit(logits, target)

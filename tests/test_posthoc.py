@@ -350,3 +350,39 @@ def test_held_out_data_that_is_empty_or_unlabelled_is_named_as_such():
         with pytest.raises(ValueError, match="the validation set is empty"):
             compare_calibrators(no_valid)
     assert not learn.lock.locked() and not no_valid.lock.locked()
+
+
+def test_fit_calibrator_fits_a_copy_and_never_the_callers_own_calibrator():
+    """Issue 20.11: fit_calibrator(learn, cal) fitted the caller's instance in place (T became 2.833)."""
+    learn = logit_learner(sharpen=2.5, seed=40)
+    given, fixed = TemperatureScaling(), TemperatureScaling(2.0)
+    with learn.no_bar():
+        fitted = fit_calibrator(learn, given)
+        kept = fit_calibrator(learn, fixed)
+    assert fitted is not given and not given.fitted and fitted.temperature > 1.5
+    assert kept is not fixed and kept.temperature == fixed.temperature == 2.0
+
+
+def test_the_learner_level_comparison_shows_its_progress_bar_only_where_the_learner_shows_one(monkeypatch):
+    """Issue 20.3: quiet under learn.no_bar(), as fastai's own bars are."""
+    import fastai_ls.calibration.compare as compare
+
+    shown = []
+
+    class Bar(list):
+        comment = ""
+
+        def __init__(self, jobs, leave=True):
+            super().__init__(jobs)
+            shown.append(len(jobs))
+
+    monkeypatch.setattr(compare, "progress_bar", Bar)
+    monkeypatch.setattr(compare, "_bar_visible", lambda: True)
+    learn = logit_learner(sharpen=2.5, seed=41)
+    with learn.no_bar():
+        compare_calibrators(learn, methods=["temperature"], folds=3, ci=None)
+    assert shown == []
+    compare_calibrators(learn, methods=["temperature", "histogram"], folds=3, ci=None)
+    assert shown == [6]
+    compare_calibrators(learn, methods=["temperature"], folds=3, ci=None, progress=False)
+    assert shown == [6]

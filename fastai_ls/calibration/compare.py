@@ -4,20 +4,24 @@ calibrator that was fitted on it."""
 from __future__ import annotations
 
 import copy
+import math
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 
+import fastprogress.fastprogress as fastprogress
 import numpy as np
 import pandas as pd
 import torch
+from fastprogress.fastprogress import progress_bar
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, Calibrator, get_calibrator
 from fastai_ls.calibration.calibrators.base import check_fit_input
 from fastai_ls.calibration.calibrators.folds import stratified_folds
 from fastai_ls.calibration.intervals import check_ci, check_seed
-from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, CalibrationState
+from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, N_FINE, CalibrationState
 
 __all__ = ["compare_calibrators", "cross_fit", "DEFAULT_METHODS", "COLUMNS"]
 
@@ -25,6 +29,9 @@ DEFAULT_METHODS = tuple(CALIBRATORS)
 # The metrics of `CalibrationState.metrics()` in the table, in order; `error_rate` is 1 - accuracy. With `ci`, the
 # interval columns `<name>_lo`, `<name>_hi` follow their metric (classwise ECE has none).
 COLUMNS = ("error_rate", "ece", "smece", "classwise_ece", "nll", "brier", "aurc", "augrc")
+# Rows within this distance of summing to 1, all non-negative, are probabilities rather than logits: softmax of
+# probabilities squeezes every row towards uniform, so a table on them would be silently wrong.
+PROBABILITY_SUM_TOLERANCE = 0.02
 
 
 class _Softmax(Calibrator):
@@ -66,9 +73,22 @@ def _methods(methods) -> dict[str, Calibrator]:
     return templates
 
 
+def _fit_fold(template: Calibrator, logits: Tensor, target: Tensor, held: Tensor, fold: int) -> tuple[Tensor, float]:
+    """The probabilities of the rows `held` from a copy of `template` fitted on the other rows, and the fit's
+    seconds."""
+    calibrator = copy.deepcopy(template)
+    start = time.perf_counter()
+    try:
+        calibrator.fit(logits[~held], target[~held])
+    except ValueError as e:
+        raise ValueError(f"{template.name} on the rows outside fold {fold}: {e}") from None
+    return calibrator(logits[held]), time.perf_counter() - start
+
+
 def cross_fit(method: str | Calibrator, logits: Tensor, target: Tensor, fold_of: Tensor) -> tuple[Tensor, list[float]]:
     """Out-of-fold probabilities: for each fold, a fresh copy of `method` fitted on the other folds' rows gives the
-    probabilities of this fold's rows. Returns the (N, C) probabilities and the seconds of each fit.
+    probabilities of this fold's rows. Returns the (N, C) probabilities and the seconds of each fit. A calibrator
+    with nothing to fit (e.g. `TemperatureScaling(2.0)`) is used as it is on every fold.
 
     Parameters
     ----------
@@ -93,14 +113,8 @@ def cross_fit(method: str | Calibrator, logits: Tensor, target: Tensor, fold_of:
     fold_of = fold_of.to(logits.device)
     for fold in torch.unique(fold_of).tolist():
         held = fold_of == fold
-        calibrator = copy.deepcopy(template)
-        start = time.perf_counter()
-        try:
-            calibrator.fit(logits[~held], target[~held])
-        except ValueError as e:
-            raise ValueError(f"{template.name} on the rows outside fold {fold}: {e}") from None
-        seconds.append(time.perf_counter() - start)
-        probs[held] = calibrator(logits[held]).to(probs.dtype)
+        probs[held], fit_s = _fit_fold(template, logits, target, held, fold)
+        seconds.append(fit_s)
     return probs, seconds
 
 
@@ -118,6 +132,32 @@ def _score(probs: Tensor, target: Tensor, n_bins: int, ci: float | None, n_boot:
     return {key: metrics[key] for name in COLUMNS for key in (name, f"{name}_lo", f"{name}_hi") if key in metrics}
 
 
+def _bar_visible() -> bool:
+    """Whether a progress bar would be seen: in a notebook or a terminal, unless fastprogress's bars are off
+    (fastprogress's own test counts any stdout, so a bar would fill a log file or a pipe)."""
+    return not fastprogress.NO_BAR and (fastprogress.IN_NOTEBOOK or sys.stdout.isatty())
+
+
+def _check_not_probabilities(logits: Tensor) -> None:
+    """A ValueError naming probabilities when every row of `logits` is non-negative and sums to 1."""
+    if bool((logits >= 0).all()) and bool(((logits.double().sum(1) - 1).abs() <= PROBABILITY_SUM_TOLERANCE).all()):
+        raise ValueError("logits look like probabilities (every row is non-negative and sums to 1): pass logits, "
+                         "or the log of the probabilities (probabilities.log(); a softmax of those is the "
+                         "probabilities again)")
+
+
+def _check_folds(n: int, n_classes: int, folds: int) -> None:
+    """A ValueError naming `folds` when a fit would see fewer rows than classes (each fit leaves out one fold, the
+    largest holding ceil(n / folds) rows)."""
+    fewest = n - math.ceil(n / folds)
+    if fewest < n_classes:
+        # More folds leave more rows to each fit.
+        enough = next((f for f in range(folds + 1, n + 1) if n - math.ceil(n / f) >= n_classes), None)
+        advice = f"use folds={enough} or more" if enough else "no number of folds works: add held-out rows"
+        raise ValueError(f"folds={folds} leaves {fewest} rows to fit each calibrator on ({n} rows, "
+                         f"{n_classes} classes), fewer than the classes: {advice}")
+
+
 def compare_calibrators(
     logits: Tensor | np.ndarray,
     target: Tensor | np.ndarray,
@@ -127,6 +167,7 @@ def compare_calibrators(
     n_bins: int = 15,
     ci: float | None = 0.95,
     n_boot: int = 1000,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Cross-fitted comparison of calibrators on held-out logits: one row per method, the uncalibrated model first.
 
@@ -134,12 +175,16 @@ def compare_calibrators(
     predicts the remaining fold, in turn, and the pooled out-of-fold probabilities of all rows are scored at once.
     So no row is scored by a calibrator that saw it, and every method is scored on the same rows as the
     uncalibrated model. Each calibrator is fitted on (folds - 1) / folds of the rows, so it is slightly worse than
-    one fitted on all of them. Deterministic for a seed.
+    one fitted on all of them. A calibrator with nothing to fit (`TemperatureScaling(2.0)`) is scored as it is.
+    Deterministic for a seed.
 
     Columns: `error_rate`, `ece` (top-label, `n_bins` equal-width bins), `smece` (smooth ECE), `classwise_ece` (NaN
     above `CLASSWISE_MAX_CLASSES` classes), `nll`, `brier`, `aurc`, `augrc` (from `CalibrationState`), each but
-    `classwise_ece` followed by `<name>_lo` and `<name>_hi` when `ci` is given, then `fit_s` (mean seconds of one
-    fit) and `may_change_prediction`. A method whose fits warned gets one `CalibrationWarning` summing them up.
+    `classwise_ece` followed by `<name>_lo` and `<name>_hi` when `ci` is given, then `n_unscored` (rows left out
+    of the metrics: out-of-fold probabilities that are not finite; all rows of a skipped method), `fit_s` (mean
+    seconds of one fit) and `may_change_prediction`. A method whose fits warned gets one `CalibrationWarning`
+    summing them up. A method too costly for this many classes (see `Calibrator.skip_reason`, e.g. matrix scaling
+    at 1,000 classes) is skipped before any fit, with a `CalibrationWarning` that says why, and its row is NaN.
 
     The intervals are `CalibrationState.metrics(ci=...)`'s (a percentile bootstrap over the rows, the normal
     interval for NLL and Brier) of each row's pooled out-of-fold probabilities, the same bootstrap seed for every
@@ -149,24 +194,28 @@ def compare_calibrators(
     Parameters
     ----------
     logits : Tensor | np.ndarray
-        (N, C) held-out logits (log-probabilities will do: a calibrator sees the same softmax).
+        (N, C) held-out logits (log-probabilities will do: a calibrator sees the same softmax; probabilities
+        themselves are refused with a ValueError that says to take their log).
     target : Tensor | np.ndarray
         (N,) class ids in [0, C).
     methods : sequence or mapping
         Method names (see `CALIBRATORS`), unfitted calibrators, or a mapping of row labels to either.
     folds : int
-        Number of folds, at least 2.
+        Number of folds, at least 2; each fit needs at least C rows outside its fold.
     seed : int
         Seed of the fold assignment.
     n_bins : int
-        Equal-width bins of the ECE columns.
+        Equal-width bins of the ECE columns (at most 1000 with `ci`).
     ci : float | None
         Level of the intervals (0.95); None for point estimates only (no bootstrap: faster).
     n_boot : int
         Bootstrap replicates per row of the table.
+    progress : bool
+        Show a progress bar (fastprogress, as fastai's) over the fits, methods x folds, in a notebook or a
+        terminal (not into a pipe or a file).
 
     >>> _ = torch.manual_seed(0); z = torch.randn(600, 3); y = torch.distributions.Categorical(logits=z).sample()
-    >>> table = compare_calibrators(3 * z, y, methods=["temperature"], folds=3)
+    >>> table = compare_calibrators(3 * z, y, methods=["temperature"], folds=3, progress=False)
     >>> list(table.index), bool(table.loc["temperature", "ece"] < table.loc["uncalibrated", "ece"])
     (['uncalibrated', 'temperature'], True)
     """
@@ -174,34 +223,74 @@ def compare_calibrators(
     templates = _methods(methods)
     if ci is not None:
         check_ci(ci, n_boot)
+        if isinstance(n_bins, int) and n_bins > N_FINE:
+            raise ValueError(f"n_bins={n_bins} is more than the {N_FINE} fine cells the intervals resample: pass "
+                             f"n_bins <= {N_FINE}, or ci=None for no intervals")
     seed = check_seed(seed, allow_none=False)  # of the folds and of the bootstrap
     check_fit_input(logits, target)  # the bad-input errors of a fit, before any fold runs
+    _check_not_probabilities(logits)
+    n, n_classes = logits.shape
+    fold_of = stratified_folds(target, folds, seed)  # checks folds
+    _check_folds(n, n_classes, folds)
     target = target.to(logits.device, torch.long)
-    counts = torch.bincount(target.cpu(), minlength=logits.shape[1])
+    counts = torch.bincount(target.cpu(), minlength=n_classes)
     small = [k for k, c in enumerate(counts.tolist()) if 0 < c < folds]
     if small:
         warnings.warn(f"{len(small)} classes have fewer rows than folds={folds} (first: class {small[0]} with "
                       f"{int(counts[small[0]])}): some folds are fitted without them", CalibrationWarning,
                       stacklevel=2)
-    fold_of = stratified_folds(target, folds, seed)
+    fold_of = fold_of.to(logits.device)
+    fit_rows = n - int(torch.bincount(fold_of).max())
+    skipped = {label: reason for label, template in templates.items()
+               if (reason := template.skip_reason(fit_rows, n_classes)) is not None}
+    for label, reason in skipped.items():
+        warnings.warn(f"{label}: skipped, {reason}", CalibrationWarning, stacklevel=2)
     score = dict(n_bins=n_bins, ci=ci, n_boot=n_boot, seed=seed)
-    rows = {"uncalibrated": {**_score(_Softmax()(logits), target, **score), "fit_s": 0.0,
-                             "may_change_prediction": False}}
-    for label, template in templates.items():
-        with warnings.catch_warnings(record=True) as caught:
+    rows = {"uncalibrated": _row(_Softmax()(logits), target, score, [0.0], False)}
+    jobs = [(label, fold) for label in templates if label not in skipped for fold in range(folds)]
+    bar = progress_bar(jobs, leave=False) if progress and jobs and _bar_visible() else None
+    probs, seconds, caught = None, [], []
+    for label, fold in bar if bar is not None else jobs:
+        template = templates[label]
+        if bar is not None:
+            bar.comment = f"{label}, fold {fold + 1}/{folds}"
+        if fold == 0:
+            probs = torch.empty(logits.shape, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
+                                device=logits.device)
+            seconds, caught = [], []
+        held = fold_of == fold
+        with warnings.catch_warnings(record=True) as fold_caught:
             warnings.simplefilter("always")
-            probs, seconds = cross_fit(template, logits, target, fold_of)
-        messages = [str(w.message) for w in caught if issubclass(w.category, CalibrationWarning)]
-        for w in caught:
-            if not issubclass(w.category, CalibrationWarning):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if messages:
-            warnings.warn(f"{label}: {len(messages)} warning(s) over {folds} fits, e.g. {messages[0]}",
-                          CalibrationWarning, stacklevel=2)
-        rows[label] = {**_score(probs, target, **score), "fit_s": sum(seconds) / len(seconds),
-                       "may_change_prediction": template.may_change_prediction}
-    table = pd.DataFrame.from_dict(rows, orient="index")
+            probs[held], fit_s = _fit_fold(template, logits, target, held, fold)
+        seconds.append(fit_s)
+        caught.extend(fold_caught)
+        if fold == folds - 1:
+            _rewarn(label, caught, folds)
+            rows[label] = _row(probs, target, score, seconds, template.may_change_prediction)
+    for label in templates:
+        if label in skipped:
+            rows[label] = {"n_unscored": n, "fit_s": math.nan,
+                           "may_change_prediction": templates[label].may_change_prediction}
+    table = pd.DataFrame.from_dict({label: rows[label] for label in ["uncalibrated", *templates]}, orient="index")
+    table = table[[c for c in rows["uncalibrated"]]]
     table.index.name = "method"
-    table.attrs.update(folds=folds, seed=seed, n=int(logits.shape[0]), n_classes=int(logits.shape[1]), ci=ci)
+    table.attrs.update(folds=folds, seed=seed, n=n, n_classes=n_classes, ci=ci, skipped=skipped)
     return table
 
+
+def _rewarn(label: str, caught: list[warnings.WarningMessage], folds: int) -> None:
+    """The fits' warnings of one method: other warnings as they were, CalibrationWarnings as one summary."""
+    messages = [str(w.message) for w in caught if issubclass(w.category, CalibrationWarning)]
+    for w in caught:
+        if not issubclass(w.category, CalibrationWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if messages:
+        warnings.warn(f"{label}: {len(messages)} warning(s) over {folds} fits, e.g. {messages[0]}",
+                      CalibrationWarning, stacklevel=3)
+
+
+def _row(probs: Tensor, target: Tensor, score: dict, seconds: list[float], may_change: bool) -> dict:
+    """One table row: the metrics of the rows whose probabilities are finite, how many were not, the fit time."""
+    unscored = int((~probs.isfinite().all(1)).sum())
+    return {**_score(probs, target, **score), "n_unscored": unscored, "fit_s": sum(seconds) / len(seconds),
+            "may_change_prediction": may_change}

@@ -35,17 +35,19 @@ NEG_INF_GAP = 104.0
 # A fit takes hundreds of small steps (LBFGS on (N, C) logits, matrix products of N x C by C x C). On a CPU, MKL and
 # OpenMP spread even a 1000 x 5 matrix product over every core, and on cores busy with other work each step then
 # waits for the slowest thread: on 2 busy cores a 1000 x 5 product took 16 ms on 2 threads and 0.01 ms on one, and a
-# Dirichlet fit 6-12 s against 0.4 s. CPU fits up to this much work per product (N * C * C) use one thread.
-ONE_THREAD_WORK = 2**24
+# Dirichlet fit 6-12 s against 0.4 s. CPU fits up to this much work per pass (N * C, times C for a calibrator whose
+# passes are matrix products) use one thread.
+ONE_THREAD_WORK = 2**27
 
 
 @contextlib.contextmanager
-def one_thread_for_small_cpu_fits(logits: Tensor):
-    """Within the block, one intra-op thread if `logits` is a small CPU problem (see ONE_THREAD_WORK); the
-    previous number of threads afterwards."""
+def one_thread_for_small_cpu_fits(logits: Tensor, quadratic: bool = True):
+    """Within the block, one intra-op thread if `logits` is a small CPU problem (see ONE_THREAD_WORK; `quadratic`
+    for passes of N * C * C work, else N * C); the previous number of threads afterwards."""
     n, n_classes = logits.shape
     previous = torch.get_num_threads()
-    if logits.device.type != "cpu" or previous == 1 or n * n_classes * n_classes > ONE_THREAD_WORK:
+    work = n * n_classes * (n_classes if quadratic else 1)
+    if logits.device.type != "cpu" or previous == 1 or work > ONE_THREAD_WORK:
         yield
         return
     torch.set_num_threads(1)
@@ -214,6 +216,7 @@ class Calibrator:
     form: ClassVar[str] = ""  # 'full', 'one-vs-rest' or 'top-label'
     may_change_prediction: ClassVar[bool] = True  # whether the argmax of the output can differ from the logits'
     per_class: ClassVar[bool] = False  # parameters per class: warn when a class is missing from the targets
+    quadratic_work: ClassVar[bool] = False  # whether a pass of the fit costs N * C * C (matrix products), not N * C
 
     def __init__(self) -> None:
         """An unfitted calibrator."""
@@ -235,6 +238,9 @@ class Calibrator:
             (N,) integer class ids in [0, C).
         """
         z, y = check_fit_input(logits, target)
+        reason = self.skip_reason(*z.shape)
+        if reason is not None:
+            raise ValueError(f"{self.name}: {reason}")
         if self.per_class:
             missing = sorted(set(range(z.shape[1])) - set(torch.unique(y).tolist()))
             if missing:
@@ -242,7 +248,7 @@ class Calibrator:
                 warnings.warn(f"{self.name}: {len(missing)} of {z.shape[1]} classes never occur in the held-out "
                               f"targets ({shown}); their calibrated probabilities are fitted towards 0",
                               CalibrationWarning, stacklevel=2)
-        with torch.enable_grad(), one_thread_for_small_cpu_fits(z):
+        with torch.enable_grad(), one_thread_for_small_cpu_fits(z, self.quadratic_work):
             self._fit(z, y)
         self.n_classes = z.shape[1]
         return self
@@ -279,6 +285,20 @@ class Calibrator:
         for name, value in vars(self).items():
             setattr(self, name, _moved(value, device))
         return self
+
+    def skip_reason(self, n_rows: int, n_classes: int) -> str | None:
+        """Why fitting on `n_rows` rows of `n_classes` classes would take too long for what it could learn (then
+        `fit` raises a ValueError with the reason and `compare_calibrators` skips the method with a
+        `CalibrationWarning`), or None.
+
+        Parameters
+        ----------
+        n_rows : int
+            Rows of the fit.
+        n_classes : int
+            C.
+        """
+        return None
 
     def _fit(self, z: Tensor, y: Tensor) -> None:
         raise NotImplementedError

@@ -56,8 +56,13 @@ class HistogramCurve:
         if self.equal_mass:
             n_bins = self.n_bins or max(1, len(x) // self.points_per_bin)
             ordered = x.sort().values
-            cuts = [round(j * len(x) / n_bins) - 1 for j in range(1, n_bins)]
-            edges = torch.unique(ordered[[c for c in cuts if c >= 0]]) if cuts else ordered[:0]
+            if n_bins > 2 * len(x):
+                # Cuts closer than half a row apart fall on every row: each score is an edge (no loop, no tensor
+                # of millions of cuts).
+                edges = torch.unique(ordered)
+            else:
+                cuts = (torch.arange(1, n_bins, dtype=torch.float64) * len(x) / n_bins).round().long() - 1
+                edges = torch.unique(ordered[cuts[cuts >= 0]])
         else:
             n_bins = self.n_bins or 10
             edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)[1:-1]

@@ -49,9 +49,16 @@ class IsotonicCurve:
         unique_x, start = np.unique(x, return_index=True)
         count = np.diff(np.append(start, len(x))).astype(np.float64)
         total = np.add.reduceat(y, start)
+        # A block of the solution can only end where the next score's mean outcome is higher (the last score of a
+        # block is at most its mean, the first of the next at least that one's, which is higher): each maximal run
+        # of non-increasing means lies within one block, and is pooled before the stack loop, which then runs
+        # once per rise (at most once per positive outcome) rather than once per score.
+        rises = np.flatnonzero(total[1:] * count[:-1] > total[:-1] * count[1:]) + 1
+        run_start = np.concatenate([[0], rises])
         # Blocks as parallel stacks: sum of outcomes, number of rows, index of the first unique score.
         sums, sizes, firsts = [], [], []
-        for i, (s, n) in enumerate(zip(total.tolist(), count.tolist())):
+        for i, s, n in zip(run_start.tolist(), np.add.reduceat(total, run_start).tolist(),
+                           np.add.reduceat(count, run_start).tolist()):
             sums.append(s)
             sizes.append(n)
             firsts.append(i)
@@ -127,9 +134,27 @@ class IsotonicCalibration(Calibrator):
         if q.shape[1] == 2:
             p1 = self.curves[0](q[:, 1])
             return torch.stack([1 - p1, p1], 1)
-        p = torch.stack([curve(q[:, k]) for k, curve in enumerate(self.curves)], 1)
+        p = self._all_curves(q)
         total = p.sum(1, keepdim=True)
         return torch.where(total > 0, p / total.clamp_min(torch.finfo(p.dtype).tiny), 1 / p.shape[1])
+
+    def _all_curves(self, q: Tensor) -> Tensor:
+        """(N, C): curve k at column k of `q`, every curve at once (no loop over classes): the knots padded with
+        +inf to one (C, K) table, as each `IsotonicCurve` interpolates and clips."""
+        lengths = torch.tensor([len(curve.knots_x) for curve in self.curves], device=q.device)
+        width = int(lengths.max())
+        knots_x = torch.full((len(self.curves), width + 1), torch.inf, dtype=q.dtype, device=q.device)
+        knots_y = torch.zeros_like(knots_x)
+        for k, curve in enumerate(self.curves):  # C copies of a few knots each, not C passes over the rows
+            knots_x[k, :len(curve.knots_x)] = curve.knots_x.to(q)
+            knots_y[k, :len(curve.knots_y)] = curve.knots_y.to(q)
+        score = q.T.contiguous()  # (C, N)
+        # A single-knot curve reads its knot and the +inf pad after it: t = 0 gives the knot's value.
+        right = torch.minimum(torch.searchsorted(knots_x, score).clamp_(min=1), lengths.clamp(min=2)[:, None] - 1)
+        x0, x1 = knots_x.gather(1, right - 1), knots_x.gather(1, right)
+        y0, y1 = knots_y.gather(1, right - 1), knots_y.gather(1, right)
+        t = torch.where(x1.isinf(), 0.0, (score - x0) / (x1 - x0)).clamp_(0, 1)
+        return (y0 + t * (y1 - y0)).T
 
     def _params_repr(self) -> str:
         return f"n_classes={self.n_classes}"

@@ -1,6 +1,8 @@
 """Calibrators that rescale the logits and take a softmax: temperature, vector and matrix scaling, Dirichlet
-calibration, and ensemble temperature scaling. Each is fitted by minimising the mean NLL of held-out rows in
-float64: the temperature by bisection, the others with LBFGS."""
+calibration, and ensemble temperature scaling. Each is fitted by minimising the mean NLL of held-out rows: the
+temperature by safeguarded Newton steps in float64, the others with LBFGS from the fitted temperature (in float32
+first for large problems, always finished and checked in float64). Each applies its map without overflow for any
+finite logits (`_scaled_softmax`)."""
 
 from __future__ import annotations
 
@@ -19,10 +21,44 @@ __all__ = ["TemperatureScaling", "VectorScaling", "MatrixScaling", "DirichletCal
            "EnsembleTemperatureScaling"]
 
 
-def _minimise(params: list[Tensor], objective: Callable[[], Tensor], max_iter: int) -> None:
-    """Minimise `objective()` over `params` (leaf tensors, updated in place) with LBFGS and a strong-Wolfe search."""
-    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
-                                  history_size=100, line_search_fn="strong_wolfe")
+# Row blocks of at most this many logits bound the temporaries of a pass over (N, C) logits (32 MB in float64).
+BLOCK_ELEMENTS = 2**22
+# Problems of more multiply-adds per pass than this are first solved in float32, then refined in float64 (at most
+# FLOAT64_REFINE iterations) from there.
+FLOAT32_FIRST = 2**18
+FLOAT64_REFINE = 10
+# Rows of the sample that gives the temperature's Newton steps their start.
+TEMPERATURE_SAMPLE = 4096
+# Log-probabilities are kept above log(float64's smallest normal number), so that a weight times a feature stays
+# finite when a probability underflows to 0 (a -inf log).
+LOG_FLOOR = math.log(torch.finfo(torch.float64).tiny)
+
+
+def _blocks(n: int, n_classes: int) -> list[slice]:
+    step = max(1, BLOCK_ELEMENTS // n_classes)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _scaled_softmax(z: Tensor, linear: Callable[[Tensor], Tensor], bias: Tensor | None = None) -> Tensor:
+    """softmax(linear(z) + bias) for a linear map, without overflow where the logits are huge: with s a power of
+    two such that |z| <= 2 s row by row, it is softmax(s * (u - max u)) for u = linear(z / s) + bias / s, which is
+    the same in exact arithmetic and in floating point (a power of two only moves the exponent), and finite for
+    any finite logits (finite logits near 3e38 gave NaN rows)."""
+    exponent = torch.frexp(z.abs().amax(1, keepdim=True).clamp_min(1)).exponent
+    scale = torch.ldexp(torch.ones_like(z[:, :1]), exponent - 1)
+    u = linear(z / scale)
+    if bias is not None:
+        u = u + bias / scale
+    return ((u - u.amax(1, keepdim=True)) * scale).softmax(1)
+
+
+def _minimise(params: list[Tensor], objective: Callable[[], Tensor], max_iter: int,
+              tolerance_grad: float = 1e-9, tolerance_change: float = 1e-12) -> None:
+    """Minimise `objective()` over `params` (leaf tensors, updated in place) with LBFGS and a strong-Wolfe search,
+    keeping 10 steps of history (memory: 20 copies of the parameters), until no gradient entry exceeds
+    `tolerance_grad` or a step changes the loss by less than `tolerance_change`."""
+    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=tolerance_grad,
+                                  tolerance_change=tolerance_change, history_size=10, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         optimizer.zero_grad()
@@ -33,6 +69,44 @@ def _minimise(params: list[Tensor], objective: Callable[[], Tensor], max_iter: i
     optimizer.step(closure)
 
 
+def _fit_parameters(loss: Callable[[list[Tensor], Tensor, Tensor], Tensor], start: list[Tensor], x: Tensor,
+                    y: Tensor, max_iter: int, work: int) -> list[Tensor]:
+    """The parameters minimising `loss(params, x, y)` from `start` (float64). A large problem (`work`, the
+    multiply-adds of one pass, above FLOAT32_FIRST) is solved in float32 first, then refined in float64 (at most
+    FLOAT64_REFINE more iterations, none if no float64 gradient entry exceeds 1e-5, float32's resolution of the
+    loss); the float64 loss of the result is checked against the start's, and the start is kept if the result is
+    not better (a fit never ends worse than where it began)."""
+    params = [t.detach().clone() for t in start]
+    tolerance_grad = 1e-9
+    if work > FLOAT32_FIRST and x.dtype == torch.float64:
+        x32 = x.float()
+        single = [t.float().requires_grad_() for t in params]
+        # float32 resolves a loss of a few nats to about 1e-6: smaller changes are rounding
+        _minimise(single, lambda: loss(single, x32, y), max_iter, tolerance_grad=1e-5, tolerance_change=1e-6)
+        params = [t.detach().double() for t in single]
+        max_iter, tolerance_grad = min(max_iter, FLOAT64_REFINE), 1e-5
+    double = [t.requires_grad_() for t in params]
+    _minimise(double, lambda: loss(double, x, y), max_iter, tolerance_grad)
+    with torch.no_grad():
+        if not float(loss(double, x, y)) < float(loss(start, x, y)):
+            return [t.detach().clone() for t in start]
+    return [t.detach() for t in double]
+
+
+def _temperature_moments(z: Tensor, z_target: Tensor, beta: float) -> tuple[float, float]:
+    """The first and second derivatives of the mean NLL of softmax(beta z) in beta: mean(E_p[z] - z_y) and
+    mean(Var_p[z]), computed block by block (bounded memory)."""
+    slope = z.new_zeros(())
+    curvature = z.new_zeros(())
+    for rows in _blocks(*z.shape):
+        block = z[rows]
+        p = (block * beta).softmax(1)
+        mean = (p * block).sum(1)
+        slope += (mean - z_target[rows]).sum()
+        curvature += (p * (block - mean[:, None]).square()).sum()
+    return float(slope) / len(z), float(curvature) / len(z)
+
+
 class TemperatureScaling(Calibrator):
     """Temperature scaling (Guo, Pleiss, Sun & Weinberger, "On Calibration of Modern Neural Networks", ICML 2017).
 
@@ -40,9 +114,12 @@ class TemperatureScaling(Calibrator):
     rows. It never changes the predicted class: dividing by T > 0 keeps the order of the logits. T > 1 softens
     over-confident predictions; T < 1 sharpens under-confident ones (typical after label smoothing).
 
-    The NLL is convex in 1/T, so its minimum within `bounds` is found exactly by bisection on the sign of its
-    derivative (Guo et al. run LBFGS on the same NLL; a gradient method stalls where the NLL flattens out). When
-    the minimum lies at or beyond a bound, the fit is degenerate: T is kept at the bound (`at_bound`) and a
+    The NLL is convex in beta = 1/T, so its minimum within `bounds` is found by safeguarded Newton steps on its
+    derivative (the curvature is the mean variance of the logits under p): each step is one pass over the logits,
+    a step that would leave the bracket around the minimum bisects it instead, and the steps start from the minimum
+    of a seeded sample of 4096 rows, so that a few passes over all rows reach it to 1e-9 (Guo et al. run LBFGS on
+    the same NLL; a gradient method stalls where the NLL flattens out).
+    When the minimum lies at or beyond a bound, the fit is degenerate: T is kept at the bound (`at_bound`) and a
     `CalibrationWarning` says which case it is.
 
     - T at the upper bound (default 100; unbounded fits have returned 10^5 to 10^6): the NLL falls as every
@@ -57,11 +134,12 @@ class TemperatureScaling(Calibrator):
     Parameters
     ----------
     temperature : float | None
-        A temperature to use as it is, without fitting (such a calibrator accepts any number of classes).
+        A temperature to use as it is: `fit` keeps it (it only checks its input) and `compare_calibrators` scores
+        it as given; such a calibrator accepts any number of classes.
     bounds : tuple[float, float]
         The range (low, high) a fitted T is kept in.
     max_iter : int
-        Bisection steps at most (each halves the interval of log T; 40 reach 1e-11).
+        Newton or bisection steps at most.
 
     >>> _ = torch.manual_seed(0); z = torch.randn(2000, 5); y = torch.distributions.Categorical(logits=z).sample()
     >>> 2.5 < TemperatureScaling().fit(3 * z, y).temperature < 3.5
@@ -85,52 +163,99 @@ class TemperatureScaling(Calibrator):
         self.bounds = (float(low), float(high))
         self.max_iter = check_int(max_iter, "max_iter")
         self.temperature: float | None = None if temperature is None else float(temperature)
+        self.fixed = temperature is not None  # a given temperature, kept by fit
         self.at_bound = False  # whether the last fit was degenerate and T was kept at a bound
 
     @property
     def fitted(self) -> bool:
         return self.temperature is not None
 
+    def fit(self, logits: Tensor, target: Tensor) -> TemperatureScaling:
+        """Fit T on held-out (N, C) `logits` and their (N,) class ids `target` (a given temperature is kept: only
+        the input is checked); returns the calibrator itself.
+
+        Parameters
+        ----------
+        logits : Tensor
+            (N, C) logits of held-out data (any float dtype and device; fitted in float64).
+        target : Tensor
+            (N,) integer class ids in [0, C).
+        """
+        super().fit(logits, target)
+        if self.fixed:
+            self.n_classes = None  # a given temperature stays usable with any number of classes
+        return self
+
     def _fit(self, z: Tensor, y: Tensor) -> None:
+        if self.fixed:
+            return
         low, high = self.bounds
         z_target = z.gather(1, y[:, None]).squeeze(1)
-
-        def slope(log_beta: float) -> float:
-            """d(mean NLL)/d(beta) at beta = 1 / T: E_p[z] - z_y averaged over rows, increasing in beta."""
-            p = (z * math.exp(log_beta)).softmax(1)
-            return float(((p * z).sum(1) - z_target).mean())
-
-        # Bisection on log(1 / T) for the zero of the slope, kept within the bounds.
-        left, right = -math.log(high), -math.log(low)
-        self.at_bound = True
-        if slope(left) >= 0:
-            self.temperature = high
+        beta = min(max(1.0, 1 / high), 1 / low)
+        if len(z) > TEMPERATURE_SAMPLE:
+            # A start from a seeded sample of the rows: Newton's steps on all rows then start next to the minimum.
+            generator = torch.Generator().manual_seed(0)
+            rows = torch.randperm(len(z), generator=generator)[:TEMPERATURE_SAMPLE].to(z.device)
+            beta = self._solve(z[rows], z_target[rows], beta)[0]
+        beta, bound = self._solve(z, z_target, beta)
+        self.temperature, self.at_bound = 1 / beta, bound is not None
+        if bound == "high":
             warnings.warn(
                 f"temperature: the held-out NLL is lowest at T >= {high:g}, the bound where T is kept. Such a T "
                 "makes every prediction nearly uniform: the logits carry almost no information about these "
                 "targets (a model that never learned these classes, held-out rows from elsewhere, or targets that "
                 "do not match the model's outputs)", CalibrationWarning, stacklevel=3)
-        elif slope(right) <= 0:
-            self.temperature = low
+        elif bound == "low":
             warnings.warn(
                 f"temperature: the held-out NLL is lowest at T <= {low:g}, the bound where T is kept. Such a T "
                 "makes every prediction certain: the model is right with a margin on (almost) every held-out row, "
                 "so these rows cannot say how confident it should be (too few, too easy, or seen in training)",
                 CalibrationWarning, stacklevel=3)
-        else:
-            for _ in range(self.max_iter):
-                middle = (left + right) / 2
-                left, right = (middle, right) if slope(middle) < 0 else (left, middle)
-                if right - left < 1e-12:
-                    break
-            self.temperature = math.exp(-(left + right) / 2)
-            self.at_bound = False
+
+    def _solve(self, z: Tensor, z_target: Tensor, beta: float) -> tuple[float, str | None]:
+        """(beta, bound): the minimum of the NLL in beta = 1 / T from `beta`, and 'low' or 'high' when it lies at
+        or beyond that bound of T (only the bound on the side of the minimum is checked: one pass, not two; Newton's
+        steps towards a minimum beyond a bound would creep there until the slope rounds to 0)."""
+        low, high = self.bounds
+        left, right = 1 / high, 1 / low  # the bracket of the minimum
+        slope, curvature = _temperature_moments(z, z_target, beta)
+        if slope > 0 and _temperature_moments(z, z_target, left)[0] >= 0:
+            return left, "high"
+        if slope < 0 and _temperature_moments(z, z_target, right)[0] <= 0:
+            return right, "low"
+        for step_number in range(self.max_iter):
+            if step_number:
+                slope, curvature = _temperature_moments(z, z_target, beta)
+            if slope == 0:
+                return beta, None
+            left, right = (beta, right) if slope < 0 else (left, beta)
+            step = beta - slope / curvature if curvature > 0 else math.nan
+            if not left < step < right:
+                step = math.sqrt(left * right)
+            if abs(step - beta) <= 1e-9 * beta or right - left <= 1e-9 * right:
+                return step, None
+            beta = step
+        return beta, None
 
     def _probs(self, z: Tensor) -> Tensor:
-        return (z / self.temperature).softmax(1)
+        return _scaled_softmax(z, lambda x: x / self.temperature)
 
     def _params_repr(self) -> str:
         return f"temperature={self.temperature:.4g}" + (", at_bound=True" if self.at_bound else "")
+
+
+def _quiet_temperature(z: Tensor, y: Tensor) -> float:
+    """The fitted temperature, as a starting point (its bound warnings are about temperature scaling itself)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        scaling = TemperatureScaling()
+        scaling._fit(z, y)
+    return scaling.temperature
+
+
+def _vector_nll(params: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
+    weight, bias = params
+    return F.cross_entropy(x * weight.to(x.dtype) + bias.to(x.dtype), y)
 
 
 class VectorScaling(Calibrator):
@@ -138,8 +263,10 @@ class VectorScaling(Calibrator):
     scaling.
 
     Multiclass form: full, p = softmax(w * z + b) with a weight w_k and a bias b_k per class, fitted by the mean NLL
-    of held-out rows (LBFGS, from w = 1, b = 0), unregularised as in the paper. It may change the predicted class
-    (per-class weights and biases reorder the logits).
+    of held-out rows, unregularised as in the paper. LBFGS starts from the fitted temperature (w = 1 / T, b = 0),
+    so the fit is never worse on its rows than temperature scaling; large problems (more than 2^18 logits) are
+    solved in float32 first and refined in float64. It may change the predicted class (per-class weights and
+    biases reorder the logits).
 
     Parameters
     ----------
@@ -166,16 +293,35 @@ class VectorScaling(Calibrator):
         self.bias: Tensor | None = None
 
     def _fit(self, z: Tensor, y: Tensor) -> None:
-        weight = torch.ones(z.shape[1], dtype=z.dtype, device=z.device, requires_grad=True)
-        bias = torch.zeros_like(weight, requires_grad=True)
-        _minimise([weight, bias], lambda: F.cross_entropy(z * weight + bias, y), self.max_iter)
-        self.weight, self.bias = weight.detach().cpu(), bias.detach().cpu()
+        temperature = _quiet_temperature(z, y)
+        start = [torch.full_like(z[0], 1 / temperature), torch.zeros_like(z[0])]
+        self.weight, self.bias = (t.cpu() for t in _fit_parameters(_vector_nll, start, z, y, self.max_iter,
+                                                                   z.numel()))
 
     def _probs(self, z: Tensor) -> Tensor:
-        return (z * self.weight.to(z) + self.bias.to(z)).softmax(1)
+        weight = self.weight.to(z)
+        return _scaled_softmax(z, lambda x: x * weight, self.bias.to(z))
 
     def _params_repr(self) -> str:
         return f"n_classes={self.n_classes}"
+
+
+def _matrix_nll(reg: float) -> Callable[[list[Tensor], Tensor, Tensor], Tensor]:
+    """The ODIR-regularised mean NLL of softmax(W x + b) as a function of ([W, b], x, y); for reg = inf, of
+    softmax(d * x) alone (off-diagonal weights and biases held at 0, where an infinite ODIR strength puts them)."""
+    if math.isinf(reg):
+        return lambda params, x, y: F.cross_entropy(x * params[0].to(x.dtype), y)
+
+    def loss(params: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
+        weight, bias = (t.to(x.dtype) for t in params)
+        nll = F.cross_entropy(torch.addmm(bias, x, weight.T), y)
+        if not reg:
+            return nll
+        n_classes = x.shape[1]
+        off_diagonal = weight.square().sum() - weight.diagonal().square().sum()
+        return nll + reg * (off_diagonal / (n_classes * (n_classes - 1)) + bias.square().sum() / n_classes)
+
+    return loss
 
 
 class MatrixScaling(Calibrator):
@@ -183,24 +329,37 @@ class MatrixScaling(Calibrator):
     intercept regularisation (ODIR: Kull et al., "Beyond temperature scaling: Obtaining well-calibrated multiclass
     probabilities with Dirichlet calibration", NeurIPS 2019).
 
-    Multiclass form: full, p = softmax(W x + b) with x = z, fitted from W = I, b = 0 by minimising
+    Multiclass form: full, p = softmax(W x + b) with x = z, fitted by minimising
 
         mean NLL + reg * (sum_{i != j} W_ij^2 / (C (C - 1)) + sum_j b_j^2 / C)
 
     Unregularised, its C^2 + C parameters overfit at tens of classes; ODIR pulls the off-diagonal weights and the
-    biases towards 0 but leaves the diagonal (a per-class temperature) free. With `reg=None`, reg is chosen from
-    `reg_grid` by the held-out NLL of a seeded 3-fold cross-validation on the fitting rows, as Kull et al. choose
-    theirs, then the model is refitted on all rows with it (`reg_` holds the choice). It may change the predicted
-    class.
+    biases towards 0 but leaves the diagonal (a per-class temperature) free. Its limit reg = inf, a diagonal W
+    alone (b = 0), is fitted first, from the fitted temperature (W = I / T). With `reg=None`, reg is chosen among
+    `reg_grid` and inf by the NLL of a seeded third of the fitting rows held out (Kull et al. choose theirs by
+    cross-validation), along a path from the strongest strength to the weakest, each fit starting where the
+    previous one ended and the path stopping once the held-out NLL rises; then the model is refitted on
+    all rows from there (`reg_` holds the choice). Since the diagonal is a candidate, the chosen fit is never worse
+    on the held-out third than that diagonal fit, which starts from temperature scaling. Each fit is LBFGS with a
+    short history (memory: a few copies of the C^2 weights), in float32 then float64 for large problems.
+
+    Its cost grows as N C^2 per pass: above `max_classes` classes `fit` raises a ValueError that says so and
+    `compare_calibrators` skips the method (at 1,000 classes, a million weights from tens of thousands of rows,
+    and hours of fitting); use vector scaling, temperature scaling or ETS there.
+
+    It may change the predicted class.
 
     Parameters
     ----------
     reg : float | None
-        The ODIR strength (lambda = mu in Kull et al.); None chooses it by cross-validation.
+        The ODIR strength (lambda = mu in Kull et al.; math.inf for the diagonal alone); None chooses it on
+        held-out rows.
     reg_grid : tuple[float, ...]
-        The strengths tried when `reg` is None.
+        The strengths tried when `reg` is None (besides inf, the diagonal alone).
     max_iter : int
-        LBFGS iterations per fit.
+        LBFGS iterations of the final fit (a fifth of them per strength of the path).
+    max_classes : int
+        The most classes fitted (see above).
 
     >>> _ = torch.manual_seed(0); z = torch.randn(3000, 3); y = torch.distributions.Categorical(logits=z).sample()
     >>> distorted = z @ torch.tensor([[2., 0, 0], [0, 1, 0], [0, 0, 1]])  # class 0's logit doubled
@@ -215,68 +374,86 @@ class MatrixScaling(Calibrator):
     form = "full"
     may_change_prediction = True
     per_class = True
-    cv_folds = 3
+    holdout_folds = 3  # the held-out third that chooses reg
+    quadratic_work = True
 
-    def __init__(self, reg: float | None = None, reg_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0),
-                 max_iter: int = 500):
+    def __init__(self, reg: float | None = None,
+                 reg_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4),
+                 max_iter: int = 500, max_classes: int = 200):
         """A regularised matrix scaling to fit."""
         super().__init__()
-        if reg is not None:
+        if reg is not None and not (isinstance(reg, float) and reg == math.inf):
             reg = check_number(reg, "reg")
         if not reg_grid:
             raise ValueError(f"reg_grid must hold finite numbers >= 0, got {reg_grid!r}")
         self.reg, self.reg_grid = reg, tuple(check_number(r, "each of reg_grid") for r in reg_grid)
         self.max_iter = check_int(max_iter, "max_iter")
+        self.max_classes = check_int(max_classes, "max_classes", low=2)
         self.reg_: float | None = None
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
 
+    def skip_reason(self, n_rows: int, n_classes: int) -> str | None:
+        if n_classes <= self.max_classes:
+            return None
+        return (f"{n_classes} classes are more than max_classes={self.max_classes}: W has {n_classes ** 2:,} "
+                f"weights to fit from {n_rows:,} rows, at {n_rows * n_classes ** 2:.1e} multiply-adds per pass "
+                f"over the data; use 'vector', 'temperature' or 'ets' (or raise max_classes to fit it anyway)")
+
     def _features(self, z: Tensor) -> Tensor:
         return z
 
-    def _solve(self, x: Tensor, y: Tensor, reg: float,
-               start: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """(W, b) minimising the regularised NLL, from `start` (default W = I, b = 0)."""
-        n_classes = x.shape[1]
-        if start is None:
-            start = torch.eye(n_classes, dtype=x.dtype, device=x.device), torch.zeros_like(x[0])
-        weight, bias = (t.clone().requires_grad_() for t in start)
-        off_diagonal = 1 - torch.eye(n_classes, dtype=x.dtype, device=x.device)
+    def _solve(self, x: Tensor, y: Tensor, reg: float, start: list[Tensor], max_iter: int) -> list[Tensor]:
+        """[W, b] minimising the regularised NLL from `start` ([d] for reg = inf)."""
+        work = x.numel() * (1 if math.isinf(reg) else x.shape[1])
+        return _fit_parameters(_matrix_nll(reg), start, x, y, max_iter, work)
 
-        def objective() -> Tensor:
-            loss = F.cross_entropy(x @ weight.T + bias, y)
-            if reg:
-                loss = loss + reg * ((weight * off_diagonal).square().sum() / (n_classes * (n_classes - 1))
-                                     + bias.square().sum() / n_classes)
-            return loss
+    def _full(self, params: list[Tensor]) -> list[Tensor]:
+        """[W, b] of a diagonal solution [d], or the solution itself."""
+        return [torch.diag(params[0]), torch.zeros_like(params[0])] if len(params) == 1 else params
 
-        _minimise([weight, bias], objective, self.max_iter)
-        return weight.detach(), bias.detach()
-
-    def _choose_reg(self, x: Tensor, y: Tensor) -> float:
-        """The strength in `reg_grid` with the lowest cross-validated NLL (the larger one on a tie)."""
-        if len(self.reg_grid) == 1:
-            return self.reg_grid[0]
-        fold_of = stratified_folds(y, self.cv_folds, seed=0).to(x.device)
-        grid = sorted(self.reg_grid, reverse=True)
-        held_out_nll = dict.fromkeys(grid, 0.0)
-        for k in range(self.cv_folds):
-            train, held = fold_of != k, fold_of == k
-            solution = None
-            for reg in grid:  # from the strongest, each fit starting where the previous one ended
-                solution = self._solve(x[train], y[train], reg, solution)
-                weight, bias = solution
-                held_out_nll[reg] += float(F.cross_entropy(x[held] @ weight.T + bias, y[held], reduction="sum"))
-        return min(grid, key=lambda reg: (held_out_nll[reg], -reg))
+    def _choose_reg(self, x: Tensor, y: Tensor, diagonal: list[Tensor]) -> tuple[float, list[Tensor]]:
+        """The strength (inf or one of `reg_grid`) with the lowest NLL on a held-out third of the rows (the
+        stronger one on a tie), and a starting point for the final fit."""
+        n, n_classes = x.shape
+        if n < self.holdout_folds or n - math.ceil(n / self.holdout_folds) < n_classes:
+            strongest = max(self.reg_grid)
+            warnings.warn(f"{self.name}: {n} rows are too few to hold out a third and choose reg (each of "
+                          f"{n_classes} classes needs rows in the rest); used the strongest of reg_grid, "
+                          f"{strongest:g}", CalibrationWarning, stacklevel=4)
+            return strongest, self._full(diagonal)
+        held = stratified_folds(y, self.holdout_folds, seed=0).to(x.device) == 0
+        fit_x, fit_y, held_x, held_y = x[~held], y[~held], x[held], y[held]
+        path_iter = max(1, self.max_iter // 5)
+        solution = self._solve(fit_x, fit_y, math.inf, diagonal, path_iter)
+        best_reg, best_nll = math.inf, float(_matrix_nll(math.inf)(solution, held_x, held_y))
+        best_start, last = self._full(diagonal), best_nll
+        solution = self._full(solution)
+        for reg in sorted(self.reg_grid, reverse=True):  # from the strongest, each fit from where the last ended
+            solution = self._solve(fit_x, fit_y, reg, solution, path_iter)
+            nll = float(_matrix_nll(0.0)(solution, held_x, held_y))
+            if nll < best_nll:
+                best_reg, best_nll, best_start = reg, nll, solution
+            if nll > last:  # weaker strengths only fit the noise further
+                break
+            last = nll
+        return best_reg, best_start
 
     def _fit(self, z: Tensor, y: Tensor) -> None:
         x = self._features(z)
-        self.reg_ = float(self.reg) if self.reg is not None else self._choose_reg(x, y)
-        weight, bias = self._solve(x, y, self.reg_)
+        diagonal = [torch.full_like(x[0], 1 / _quiet_temperature(x, y))]
+        if self.reg is not None:
+            self.reg_, start = float(self.reg), self._full(diagonal)
+        else:
+            self.reg_, start = self._choose_reg(x, y, diagonal)
+        if math.isinf(self.reg_):
+            start = diagonal
+        weight, bias = self._full(self._solve(x, y, self.reg_, start, self.max_iter))
         self.weight, self.bias = weight.cpu(), bias.cpu()
 
     def _probs(self, z: Tensor) -> Tensor:
-        return (self._features(z) @ self.weight.to(z).T + self.bias.to(z)).softmax(1)
+        weight = self.weight.to(z)
+        return _scaled_softmax(self._features(z), lambda x: x @ weight.T, self.bias.to(z))
 
     def _params_repr(self) -> str:
         return f"n_classes={self.n_classes}, reg={self.reg_:g}"
@@ -295,11 +472,13 @@ class DirichletCalibration(MatrixScaling):
     Parameters
     ----------
     reg : float | None
-        The ODIR strength; None chooses it by cross-validation.
+        The ODIR strength; None chooses it on held-out rows (as `MatrixScaling`).
     reg_grid : tuple[float, ...]
         The strengths tried when `reg` is None.
     max_iter : int
-        LBFGS iterations per fit.
+        LBFGS iterations of the final fit (a fifth of them per strength of the path).
+    max_classes : int
+        The most classes fitted (see `MatrixScaling`).
 
     >>> _ = torch.manual_seed(0); z = torch.randn(1000, 3); y = torch.distributions.Categorical(logits=z).sample()
     >>> DirichletCalibration(reg=0.01).fit(z, y)(z).shape
@@ -310,7 +489,7 @@ class DirichletCalibration(MatrixScaling):
     description = "softmax(W log p + b) with ODIR regularisation (Kull et al. 2019)"
 
     def _features(self, z: Tensor) -> Tensor:
-        return z.log_softmax(1)
+        return z.log_softmax(1).clamp_min(LOG_FLOOR)
 
 
 class EnsembleTemperatureScaling(Calibrator):
@@ -352,14 +531,15 @@ class EnsembleTemperatureScaling(Calibrator):
         """The fitted T of the first term."""
         return self.scaling.temperature
 
-    def _terms(self, z: Tensor) -> Tensor:
-        """(N, C, 3): softmax(z / T), softmax(z), 1 / C."""
-        return torch.stack([self.scaling._probs(z), z.softmax(1), torch.full_like(z, 1 / z.shape[1])], 2)
-
     def _fit(self, z: Tensor, y: Tensor) -> None:
         self.scaling._fit(z, y)
         self.scaling.n_classes = z.shape[1]
-        terms_of_target = self._terms(z).gather(1, y[:, None, None].expand(-1, 1, 3)).squeeze(1)  # (N, 3)
+        # Only the target's probability of each term enters the NLL: (N, 3), never an (N, C, 3) stack.
+        z_target = z.gather(1, y[:, None])
+        terms_of_target = torch.cat([
+            (z_target / self.scaling.temperature - (z / self.scaling.temperature).logsumexp(1, keepdim=True)).exp(),
+            (z_target - z.logsumexp(1, keepdim=True)).exp(),
+            torch.full_like(z_target, 1 / z.shape[1])], 1)
         logit_w = torch.tensor([2.0, 0.0, -2.0], dtype=z.dtype, device=z.device, requires_grad=True)
 
         def nll() -> Tensor:
@@ -369,7 +549,8 @@ class EnsembleTemperatureScaling(Calibrator):
         self.weights = logit_w.detach().softmax(0).cpu()
 
     def _probs(self, z: Tensor) -> Tensor:
-        return self._terms(z) @ self.weights.to(z)
+        w = self.weights.to(z)
+        return w[0] * self.scaling._probs(z) + w[1] * _scaled_softmax(z, lambda x: x) + w[2] / z.shape[1]
 
     def _params_repr(self) -> str:
         w = ", ".join(f"{float(v):.3f}" for v in self.weights)

@@ -56,16 +56,22 @@ def spread_rest(probs: Tensor, top: Tensor, confidence: Tensor) -> Tensor:
                         (~is_top).to(probs.dtype) / (n_classes - 1))
     rest = share * (1 - confidence)[:, None]
     cap = (confidence * (1 - MARGIN))[:, None]
+    # Each round works on the rows that still have mass above the cap only (at 1,000 classes a few rows can take
+    # hundreds of rounds; the others are done after the first).
+    active = torch.arange(len(rest), device=rest.device)
     for _ in range(n_classes):
-        excess = (rest - cap).clamp_min(0).sum(1, keepdim=True)
-        if not bool((excess > 0).any()):
+        row_rest, row_cap = rest[active], cap[active]
+        excess = (row_rest - row_cap).clamp_min(0).sum(1, keepdim=True)
+        over = excess[:, 0] > 0
+        if not bool(over.any()):
             break
-        rest = rest.minimum(cap)
-        free = (rest < cap) & ~is_top
-        weight = torch.where(free, rest, 0)
+        active, row_rest, row_cap, excess = active[over], row_rest[over], row_cap[over], excess[over]
+        row_rest = row_rest.minimum(row_cap)
+        free = (row_rest < row_cap) & ~is_top[active]
+        weight = torch.where(free, row_rest, 0)
         weight_sum = weight.sum(1, keepdim=True)
         even = free.to(probs.dtype) / free.sum(1, keepdim=True).clamp_min(1)
-        rest = rest + excess * torch.where(weight_sum > 0, weight / weight_sum.clamp_min(1e-300), even)
+        rest[active] = row_rest + excess * torch.where(weight_sum > 0, weight / weight_sum.clamp_min(1e-300), even)
     return torch.where(is_top, confidence[:, None], rest.minimum(cap))
 
 
