@@ -245,5 +245,6 @@ def softmax_response_note(table: pd.DataFrame) -> str:
         return (f"the softmax response ranks worse than {said}: {numbers_}; rank by {best} (label smoothing is known "
                 "to do this, Xia et al. 2025)")
     if math.isnan(row["aurc_vs_msp_hi"]) or row["aurc_vs_msp_lo"] <= 0:
-        return f"the softmax response ranks no worse than the best normalised score, {said}: {numbers_}"
+        return (f"these rows do not show the softmax response ranking worse than the best normalised score, {said} "
+                f"(the paired interval holds 0): {numbers_}")
     return f"the softmax response ranks better than the best normalised score, {said}: {numbers_}"
