@@ -331,8 +331,9 @@ def fake_runs(monkeypatch):
 
 def test_the_demo_prints_the_models_calibration_before_comparing_calibrators(fake_runs, tmp_path, monkeypatch):
     # The calibration table waited about 5 minutes for the calibrators' comparison.
-    import fastai_ls.cli.demo as demo
     from test_calibrate_command import Flushed
+
+    import fastai_ls.cli.demo as demo
 
     stdout = Flushed()
     monkeypatch.setattr(sys, "stdout", stdout)
