@@ -127,25 +127,32 @@ def cross_fit(method: str | Calibrator, logits: Tensor, target: Tensor, fold_of:
 def _out_of_fold_state(calibrators: list[Calibrator], logits: Tensor, target: Tensor, fold_of: Tensor,
                        n_bins: int) -> tuple[CalibrationState, int]:
     """The counters of the out-of-fold probabilities (row i from `calibrators[fold_of[i]]`) and the number of rows
-    whose probabilities are not finite, row block by row block in the rows' order: the memory of one block of
-    probabilities, not of all N x C (several GB at 200,000 x 1,000 rows). With a single block (small inputs) this
-    is one update with all rows, as scoring the pooled probabilities at once."""
+    whose probabilities are not finite. Inputs of one block of rows (`row_blocks`: small inputs) are scored with one
+    update of all rows in their order, as the pooled probabilities at once; larger ones fold by fold, a block of the
+    fold's rows at a time: the memory of one block of probabilities, not of all N x C (several GB at 200,000 x
+    1,000 rows), and one call of a calibrator per block (a top-label calibrator's call loops over its classes)."""
     n, n_classes = logits.shape
     state = CalibrationState(n_classes, n_bins, device=logits.device, classwise=n_classes <= CLASSWISE_MAX_CLASSES)
-    unscored = 0
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    for rows in row_blocks(n, n_classes):
-        block, block_folds = logits[rows], fold_of[rows]
+    if len(row_blocks(n, n_classes)) == 1:
         if len(calibrators) == 1:
-            probs = calibrators[0](block)
+            probs = calibrators[0](logits)
         else:
-            probs = torch.empty(block.shape, dtype=dtype, device=logits.device)
+            probs = torch.empty(logits.shape, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
+                                device=logits.device)
             for fold, calibrator in enumerate(calibrators):
-                held = block_folds == fold
-                if bool(held.any()):
-                    probs[held] = calibrator(block[held])
-        unscored += int((~probs.isfinite().all(1)).sum())
-        state.update(probs, target[rows])
+                held = fold_of == fold
+                probs[held] = calibrator(logits[held])
+        state.update(probs, target)
+        return state, int((~probs.isfinite().all(1)).sum())
+    unscored = 0
+    for fold, calibrator in enumerate(calibrators):
+        rows_of_fold = (fold_of == fold).nonzero().squeeze(1) if len(calibrators) > 1 else None
+        count = n if rows_of_fold is None else len(rows_of_fold)
+        for part in row_blocks(count, n_classes):
+            rows = part if rows_of_fold is None else rows_of_fold[part]
+            probs = calibrator(logits[rows])
+            unscored += int((~probs.isfinite().all(1)).sum())
+            state.update(probs, target[rows])
     return state, unscored
 
 
