@@ -30,11 +30,11 @@ __all__ = ["Calibrator", "CalibrationWarning", "NEG_INF_GAP", "BLOCK_ELEMENTS", 
 # exp(-104) is below float32's smallest positive number (about 1.4e-45): a logit this far below the others of its
 # row has probability 0 after softmax, as a -inf logit has.
 NEG_INF_GAP = 104.0
-# Row blocks of at most this many logits bound the temporaries of a pass over (N, C) logits (32 MB in float64): the
+# Row blocks of at most this many logits bound the temporaries of a pass over (N, C) logits (8 MB in float64): the
 # checks, the fits that upcast block by block and every call of a calibrator work through them, so that memory stays
 # a few copies of the logits in their own dtype at any N (a 200,000 x 1,000 file, 800 MB in float32, held float64
 # copies and temporaries of several GB when each step took all rows at once).
-BLOCK_ELEMENTS = 2**22
+BLOCK_ELEMENTS = 2**20
 
 
 def row_blocks(n: int, n_classes: int) -> list[slice]:
@@ -47,7 +47,7 @@ def row_blocks(n: int, n_classes: int) -> list[slice]:
     n_classes : int
         Columns per row.
 
-    >>> row_blocks(5, 2**21)
+    >>> row_blocks(5, 2**19)
     [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
     """
     step = max(1, BLOCK_ELEMENTS // max(n_classes, 1))
