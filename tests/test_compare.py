@@ -350,3 +350,44 @@ def test_a_method_too_costly_for_the_class_count_is_skipped_with_its_reason():
     assert table.loc["temperature"].notna().all()
     with pytest.raises(ValueError, match="dirichlet: 5 classes are more than max_classes=4"):
         DirichletCalibration(max_classes=4).fit(logits, target)
+
+
+class _Float64Sizes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element counts of the float64 tensors that each operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = [0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                self.sizes.append(t.numel())
+        return out
+
+
+@pytest.mark.parametrize("methods", [["temperature", "histogram", "isotonic"], ["vector"]])
+def test_the_comparison_in_row_blocks_gives_the_table_of_all_rows_at_once(monkeypatch, methods):
+    from fastai_ls.calibration.calibrators import base
+
+    logits, target = over_confident(900, n_classes=8, seed=5)
+    whole = compare_calibrators(logits, target, methods=methods, folds=3, seed=1, n_boot=200, progress=False)
+    monkeypatch.setattr(base, "BLOCK_ELEMENTS", 8 * 50)  # 50 rows a block: 18 blocks, folds mixed in each
+    blocked = compare_calibrators(logits, target, methods=methods, folds=3, seed=1, n_boot=200, progress=False)
+    pd.testing.assert_frame_equal(blocked.drop(columns="fit_s"), whole.drop(columns="fit_s"), rtol=1e-9)
+
+
+def test_temperature_and_histogram_comparisons_hold_no_float64_copy_of_the_logits(monkeypatch):
+    # The memory path of `fastai-ls calibrate --methods temperature,histogram` on big files: float64 only a block
+    # of rows at a time (the fits upcast block by block, the out-of-fold probabilities are scored block by block).
+    from fastai_ls.calibration.calibrators import base
+
+    logits, target = over_confident(3000, n_classes=10, seed=2)
+    monkeypatch.setattr(base, "BLOCK_ELEMENTS", 10 * 100)
+    with _Float64Sizes() as sizes:
+        table = compare_calibrators(logits, target, methods=["temperature", "histogram"], folds=5, ci=None,
+                                    progress=False)
+    assert table["n_unscored"].tolist() == [0, 0, 0]
+    # a block's softmax and counters (the state's fine cells: 3 x 1000), never a fold's or all rows' (30,000)
+    assert max(sizes.sizes) <= 3 * 1000 + 10 * 100 < logits.numel() // 5

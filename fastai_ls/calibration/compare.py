@@ -18,7 +18,7 @@ from fastprogress.fastprogress import progress_bar
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, Calibrator, get_calibrator
-from fastai_ls.calibration.calibrators.base import check_fit_input
+from fastai_ls.calibration.calibrators.base import check_fit_input, row_blocks
 from fastai_ls.calibration.calibrators.folds import stratified_folds
 from fastai_ls.calibration.intervals import check_ci, check_seed
 from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, N_FINE, CalibrationState
@@ -73,16 +73,22 @@ def _methods(methods) -> dict[str, Calibrator]:
     return templates
 
 
-def _fit_fold(template: Calibrator, logits: Tensor, target: Tensor, held: Tensor, fold: int) -> tuple[Tensor, float]:
-    """The probabilities of the rows `held` from a copy of `template` fitted on the other rows, and the fit's
-    seconds."""
+def _fitted(template: Calibrator, logits: Tensor, target: Tensor, held: Tensor, fold: int) -> tuple[Calibrator, float]:
+    """A copy of `template` fitted on the rows outside `held`, and the fit's seconds."""
     calibrator = copy.deepcopy(template)
     start = time.perf_counter()
     try:
         calibrator.fit(logits[~held], target[~held])
     except ValueError as e:
         raise ValueError(f"{template.name} on the rows outside fold {fold}: {e}") from None
-    return calibrator(logits[held]), time.perf_counter() - start
+    return calibrator, time.perf_counter() - start
+
+
+def _fit_fold(template: Calibrator, logits: Tensor, target: Tensor, held: Tensor, fold: int) -> tuple[Tensor, float]:
+    """The probabilities of the rows `held` from a copy of `template` fitted on the other rows, and the fit's
+    seconds."""
+    calibrator, seconds = _fitted(template, logits, target, held, fold)
+    return calibrator(logits[held]), seconds
 
 
 def cross_fit(method: str | Calibrator, logits: Tensor, target: Tensor, fold_of: Tensor) -> tuple[Tensor, list[float]]:
@@ -118,12 +124,40 @@ def cross_fit(method: str | Calibrator, logits: Tensor, target: Tensor, fold_of:
     return probs, seconds
 
 
-def _score(probs: Tensor, target: Tensor, n_bins: int, ci: float | None, n_boot: int,
-           seed: int) -> dict[str, float]:
+def _out_of_fold_state(calibrators: list[Calibrator], logits: Tensor, target: Tensor, fold_of: Tensor,
+                       n_bins: int) -> tuple[CalibrationState, int]:
+    """The counters of the out-of-fold probabilities (row i from `calibrators[fold_of[i]]`) and the number of rows
+    whose probabilities are not finite. Inputs of one block of rows (`row_blocks`: small inputs) are scored with one
+    update of all rows in their order, as the pooled probabilities at once; larger ones fold by fold, a block of the
+    fold's rows at a time: the memory of one block of probabilities, not of all N x C (several GB at 200,000 x
+    1,000 rows), and one call of a calibrator per block (a top-label calibrator's call loops over its classes)."""
+    n, n_classes = logits.shape
+    state = CalibrationState(n_classes, n_bins, device=logits.device, classwise=n_classes <= CLASSWISE_MAX_CLASSES)
+    if len(row_blocks(n, n_classes)) == 1:
+        if len(calibrators) == 1:
+            probs = calibrators[0](logits)
+        else:
+            probs = torch.empty(logits.shape, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
+                                device=logits.device)
+            for fold, calibrator in enumerate(calibrators):
+                held = fold_of == fold
+                probs[held] = calibrator(logits[held])
+        state.update(probs, target)
+        return state, int((~probs.isfinite().all(1)).sum())
+    unscored = 0
+    for fold, calibrator in enumerate(calibrators):
+        rows_of_fold = (fold_of == fold).nonzero().squeeze(1) if len(calibrators) > 1 else None
+        count = n if rows_of_fold is None else len(rows_of_fold)
+        for part in row_blocks(count, n_classes):
+            rows = part if rows_of_fold is None else rows_of_fold[part]
+            probs = calibrator(logits[rows])
+            unscored += int((~probs.isfinite().all(1)).sum())
+            state.update(probs, target[rows])
+    return state, unscored
+
+
+def _score(state: CalibrationState, ci: float | None, n_boot: int, seed: int) -> dict[str, float]:
     """One table row: each of `COLUMNS`, with its interval columns when `ci` is given."""
-    n_classes = probs.shape[1]
-    state = CalibrationState(n_classes, n_bins, device=probs.device, classwise=n_classes <= CLASSWISE_MAX_CLASSES)
-    state.update(probs, target)
     metrics = state.metrics(ci=ci, n_boot=n_boot, seed=seed)
     metrics["error_rate"] = 1 - metrics["accuracy"]
     for bound in ("lo", "hi"):  # an interval on accuracy is one on the error rate, reversed
@@ -227,7 +261,7 @@ def compare_calibrators(
             raise ValueError(f"n_bins={n_bins} is more than the {N_FINE} fine cells the intervals resample: pass "
                              f"n_bins <= {N_FINE}, or ci=None for no intervals")
     seed = check_seed(seed, allow_none=False)  # of the folds and of the bootstrap
-    check_fit_input(logits, target)  # the bad-input errors of a fit, before any fold runs
+    check_fit_input(logits, target, upcast=False)  # the bad-input errors of a fit, before any fold runs
     _check_not_probabilities(logits)
     n, n_classes = logits.shape
     fold_of = stratified_folds(target, folds, seed)  # checks folds
@@ -245,28 +279,32 @@ def compare_calibrators(
                if (reason := template.skip_reason(fit_rows, n_classes)) is not None}
     for label, reason in skipped.items():
         warnings.warn(f"{label}: skipped, {reason}", CalibrationWarning, stacklevel=2)
-    score = dict(n_bins=n_bins, ci=ci, n_boot=n_boot, seed=seed)
-    rows = {"uncalibrated": _row(_Softmax()(logits), target, score, [0.0], False)}
+    score = dict(ci=ci, n_boot=n_boot, seed=seed)
+    rows = {"uncalibrated": _row([_Softmax()], logits, target, fold_of, n_bins, score, [0.0], False)}
     jobs = [(label, fold) for label in templates if label not in skipped for fold in range(folds)]
     bar = progress_bar(jobs, leave=False) if progress and jobs and _bar_visible() else None
-    probs, seconds, caught = None, [], []
+    fitted, seconds, caught = [], [], []
     for label, fold in bar if bar is not None else jobs:
         template = templates[label]
         if bar is not None:
             bar.comment = f"{label}, fold {fold + 1}/{folds}"
         if fold == 0:
-            probs = torch.empty(logits.shape, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
-                                device=logits.device)
-            seconds, caught = [], []
-        held = fold_of == fold
+            fitted, seconds, caught = [], [], []
         with warnings.catch_warnings(record=True) as fold_caught:
             warnings.simplefilter("always")
-            probs[held], fit_s = _fit_fold(template, logits, target, held, fold)
+            calibrator, fit_s = _fitted(template, logits, target, fold_of == fold, fold)
+        fitted.append(calibrator)
         seconds.append(fit_s)
         caught.extend(fold_caught)
         if fold == folds - 1:
+            # Scored once all folds are fitted, in the rows' order (see `_out_of_fold_state`); the calibrators'
+            # warnings while scoring go with the fits'.
+            with warnings.catch_warnings(record=True) as scoring_caught:
+                warnings.simplefilter("always")
+                rows[label] = _row(fitted, logits, target, fold_of, n_bins, score, seconds,
+                                   template.may_change_prediction)
+            caught.extend(scoring_caught)
             _rewarn(label, caught, folds)
-            rows[label] = _row(probs, target, score, seconds, template.may_change_prediction)
     for label in templates:
         if label in skipped:
             rows[label] = {"n_unscored": n, "fit_s": math.nan,
@@ -289,8 +327,10 @@ def _rewarn(label: str, caught: list[warnings.WarningMessage], folds: int) -> No
                       CalibrationWarning, stacklevel=3)
 
 
-def _row(probs: Tensor, target: Tensor, score: dict, seconds: list[float], may_change: bool) -> dict:
-    """One table row: the metrics of the rows whose probabilities are finite, how many were not, the fit time."""
-    unscored = int((~probs.isfinite().all(1)).sum())
-    return {**_score(probs, target, **score), "n_unscored": unscored, "fit_s": sum(seconds) / len(seconds),
+def _row(calibrators: list[Calibrator], logits: Tensor, target: Tensor, fold_of: Tensor, n_bins: int, score: dict,
+         seconds: list[float], may_change: bool) -> dict:
+    """One table row: the metrics of the rows whose out-of-fold probabilities are finite, how many were not, the
+    fit time."""
+    state, unscored = _out_of_fold_state(calibrators, logits, target, fold_of, n_bins)
+    return {**_score(state, **score), "n_unscored": unscored, "fit_s": sum(seconds) / len(seconds),
             "may_change_prediction": may_change}

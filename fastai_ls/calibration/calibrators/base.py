@@ -24,12 +24,34 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["Calibrator", "CalibrationWarning", "NEG_INF_GAP", "check_fit_input", "clean_logits", "check_int",
-           "check_number"]
+__all__ = ["Calibrator", "CalibrationWarning", "NEG_INF_GAP", "BLOCK_ELEMENTS", "row_blocks", "check_fit_input",
+           "clean_logits", "check_int", "check_number"]
 
 # exp(-104) is below float32's smallest positive number (about 1.4e-45): a logit this far below the others of its
 # row has probability 0 after softmax, as a -inf logit has.
 NEG_INF_GAP = 104.0
+# Row blocks of at most this many logits bound the temporaries of a pass over (N, C) logits (8 MB in float64): the
+# checks, the fits that upcast block by block and every call of a calibrator work through them, so that memory stays
+# a few copies of the logits in their own dtype at any N (a 200,000 x 1,000 file, 800 MB in float32, held float64
+# copies and temporaries of several GB when each step took all rows at once).
+BLOCK_ELEMENTS = 2**20
+
+
+def row_blocks(n: int, n_classes: int) -> list[slice]:
+    """Consecutive row slices covering `n` rows, each of at most `BLOCK_ELEMENTS` logits (one row at least).
+
+    Parameters
+    ----------
+    n : int
+        Rows.
+    n_classes : int
+        Columns per row.
+
+    >>> row_blocks(5, 2**19)
+    [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
+    """
+    step = max(1, BLOCK_ELEMENTS // max(n_classes, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 # A fit takes hundreds of small steps (LBFGS on (N, C) logits, matrix products of N x C by C x C). On a CPU, MKL and
@@ -147,9 +169,11 @@ def _call_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def check_fit_input(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """float64 logits (-inf replaced) and int64 targets on the logits' device, or a ValueError naming the problem
-    (the checks of `Calibrator.fit`, listed in the module docstring).
+def check_fit_input(logits: Tensor, target: Tensor, upcast: bool = True) -> tuple[Tensor, Tensor]:
+    """Clean logits (-inf replaced) and int64 targets on the logits' device, or a ValueError naming the problem
+    (the checks of `Calibrator.fit`, listed in the module docstring). The logits come in float64 with `upcast`,
+    else in the dtype that calling a calibrator uses (float32, or float64 for float64 logits): the logits
+    themselves (detached, never to be written) when they need no cleaning.
 
     Parameters
     ----------
@@ -157,6 +181,8 @@ def check_fit_input(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         (N, C) held-out logits.
     target : Tensor
         (N,) class ids.
+    upcast : bool
+        Return the logits in float64 (a copy of float32 logits; False: checks without a float64 copy).
     """
     _check_logits(logits)
     if not isinstance(target, Tensor):
@@ -176,14 +202,29 @@ def check_fit_input(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
                          f"{int(target[i])} in row {i}); drop ignored rows before fitting")
     # -inf is replaced in the dtype that calling the calibrator uses (float64 or float32), then the fit runs in
     # float64: the calibrator then sees the same substitute logits when it is fitted and when it is called.
-    z, bad = clean_logits(logits, _call_dtype(logits))
-    z = z.double()
+    z, bad = _clean_in_blocks(logits, _call_dtype(logits))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"logits hold NaN or +inf (or no finite value) in {int(bad.sum())} of {n} rows (first: "
                          f"row {i}); a calibrator cannot be fitted on them: drop those rows (the loss reports them "
                          "as NaN)")
-    return z, target
+    return (z.double() if upcast else z), target
+
+
+def _clean_in_blocks(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """`clean_logits` row block by row block (it works row by row: the same values), with temporaries of one
+    block only; the logits themselves, detached, when they are in `dtype` and all finite (nothing to clean)."""
+    logits = logits.detach()
+    blocks = row_blocks(*logits.shape)
+    if logits.dtype == dtype and all(bool(logits[rows].isfinite().all()) for rows in blocks):
+        return logits, torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+    if len(blocks) == 1:
+        return clean_logits(logits, dtype)
+    z = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+    bad = torch.empty(len(logits), dtype=torch.bool, device=logits.device)
+    for rows in blocks:
+        z[rows], bad[rows] = clean_logits(logits[rows], dtype)
+    return z, bad
 
 
 def _moved(value, device: torch.device | str):
@@ -201,8 +242,9 @@ def _moved(value, device: torch.device | str):
 class Calibrator:
     """A post-hoc calibrator: `fit(logits, target)` on held-out data, then `calibrator(logits)` gives probabilities.
 
-    Subclasses set the class attributes below and implement `_fit(z, y)` (float64 logits, int64 ids, both checked)
-    and `_probs(z)` (clean logits in float32 or float64 on the caller's device).
+    Subclasses set the class attributes below and implement `_fit(z, y)` (float64 logits, or with
+    `upcasts_in_blocks` the clean logits in their call dtype; int64 ids; both checked and never to be written) and
+    `_probs(z)` (clean logits in float32 or float64 on the caller's device, a block of rows at a time).
 
     >>> from fastai_ls.calibration.calibrators import TemperatureScaling
     >>> _ = torch.manual_seed(0); z = torch.randn(500, 4); y = torch.distributions.Categorical(logits=z).sample()
@@ -217,6 +259,9 @@ class Calibrator:
     may_change_prediction: ClassVar[bool] = True  # whether the argmax of the output can differ from the logits'
     per_class: ClassVar[bool] = False  # parameters per class: warn when a class is missing from the targets
     quadratic_work: ClassVar[bool] = False  # whether a pass of the fit costs N * C * C (matrix products), not N * C
+    # whether `_fit` takes the clean logits in their call dtype and upcasts them to float64 row block by row block
+    # (the same numbers without a float64 copy of all rows)
+    upcasts_in_blocks: ClassVar[bool] = False
 
     def __init__(self) -> None:
         """An unfitted calibrator."""
@@ -237,7 +282,7 @@ class Calibrator:
         target : Tensor
             (N,) integer class ids in [0, C).
         """
-        z, y = check_fit_input(logits, target)
+        z, y = check_fit_input(logits, target, upcast=not self.upcasts_in_blocks)
         reason = self.skip_reason(*z.shape)
         if reason is not None:
             raise ValueError(f"{self.name}: {reason}")
@@ -268,6 +313,17 @@ class Calibrator:
             raise ValueError(f"{type(self).__name__} was fitted on {self.n_classes} classes, got logits with "
                              f"{logits.shape[1]}")
         dtype = _call_dtype(logits)
+        blocks = row_blocks(*logits.shape)
+        if len(blocks) == 1:
+            return self._block_probs(logits, dtype)
+        # Row by row (every calibrator maps each row on its own), so in blocks: the float64 temporaries of a block,
+        # not of all rows.
+        probs = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+        for rows in blocks:
+            probs[rows] = self._block_probs(logits[rows], dtype)
+        return probs
+
+    def _block_probs(self, logits: Tensor, dtype: torch.dtype) -> Tensor:
         z, bad = clean_logits(logits, dtype)
         with torch.no_grad():
             probs = self._probs(z).to(dtype)

@@ -14,15 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastai_ls.calibration.calibrators.base import CalibrationWarning, Calibrator, check_int, check_number
+from fastai_ls.calibration.calibrators.base import CalibrationWarning, Calibrator, check_int, check_number, row_blocks
 from fastai_ls.calibration.calibrators.folds import stratified_folds
 
 __all__ = ["TemperatureScaling", "VectorScaling", "MatrixScaling", "DirichletCalibration",
            "EnsembleTemperatureScaling"]
 
 
-# Row blocks of at most this many logits bound the temporaries of a pass over (N, C) logits (32 MB in float64).
-BLOCK_ELEMENTS = 2**22
 # Problems of more multiply-adds per pass than this are first solved in float32, then refined in float64 (at most
 # FLOAT64_REFINE iterations) from there.
 FLOAT32_FIRST = 2**18
@@ -32,11 +30,6 @@ TEMPERATURE_SAMPLE = 4096
 # Log-probabilities are kept above log(float64's smallest normal number), so that a weight times a feature stays
 # finite when a probability underflows to 0 (a -inf log).
 LOG_FLOOR = math.log(torch.finfo(torch.float64).tiny)
-
-
-def _blocks(n: int, n_classes: int) -> list[slice]:
-    step = max(1, BLOCK_ELEMENTS // n_classes)
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def _scaled_softmax(z: Tensor, linear: Callable[[Tensor], Tensor], bias: Tensor | None = None) -> Tensor:
@@ -95,11 +88,11 @@ def _fit_parameters(loss: Callable[[list[Tensor], Tensor, Tensor], Tensor], star
 
 def _temperature_moments(z: Tensor, z_target: Tensor, beta: float) -> tuple[float, float]:
     """The first and second derivatives of the mean NLL of softmax(beta z) in beta: mean(E_p[z] - z_y) and
-    mean(Var_p[z]), computed block by block (bounded memory)."""
-    slope = z.new_zeros(())
-    curvature = z.new_zeros(())
-    for rows in _blocks(*z.shape):
-        block = z[rows]
+    mean(Var_p[z]), computed in float64 block by block (bounded memory: `z` may be float32)."""
+    slope = z.new_zeros((), dtype=torch.float64)
+    curvature = z.new_zeros((), dtype=torch.float64)
+    for rows in row_blocks(*z.shape):
+        block = z[rows].double()
         p = (block * beta).softmax(1)
         mean = (p * block).sum(1)
         slope += (mean - z_target[rows]).sum()
@@ -150,6 +143,7 @@ class TemperatureScaling(Calibrator):
     description = "softmax(z / T): one temperature T fitted by NLL (Guo et al. 2017)"
     form = "full"
     may_change_prediction = False
+    upcasts_in_blocks = True
 
     def __init__(self, temperature: float | None = None, bounds: tuple[float, float] = (0.01, 100.0),
                  max_iter: int = 100):
@@ -190,7 +184,7 @@ class TemperatureScaling(Calibrator):
         if self.fixed:
             return
         low, high = self.bounds
-        z_target = z.gather(1, y[:, None]).squeeze(1)
+        z_target = z.gather(1, y[:, None]).squeeze(1).double()
         beta = min(max(1.0, 1 / high), 1 / low)
         if len(z) > TEMPERATURE_SAMPLE:
             # A start from a seeded sample of the rows: Newton's steps on all rows then start next to the minimum.

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastai_ls.calibration.calibrators.base import Calibrator, check_int
+from fastai_ls.calibration.calibrators.base import Calibrator, check_int, row_blocks
 
 __all__ = ["TopLabelCalibrator", "spread_rest", "MARGIN"]
 
@@ -91,6 +91,7 @@ class TopLabelCalibrator(Calibrator):
 
     form = "top-label"
     may_change_prediction = False
+    upcasts_in_blocks = True
 
     def __init__(self, min_rows: int = 50):
         """A top-label calibrator to fit."""
@@ -103,8 +104,12 @@ class TopLabelCalibrator(Calibrator):
         raise NotImplementedError
 
     def _fit(self, z: Tensor, y: Tensor) -> None:
-        probs = z.softmax(1)
-        confidence, predicted = probs.amax(1), probs.argmax(1)
+        # The curves see (N,) confidences only: the float64 softmax is taken block by block, never of all rows.
+        confidence = torch.empty(len(z), dtype=torch.float64, device=z.device)
+        predicted = torch.empty(len(z), dtype=torch.long, device=z.device)
+        for rows in row_blocks(*z.shape):
+            probs = z[rows].double().softmax(1)
+            confidence[rows], predicted[rows] = probs.amax(1), probs.argmax(1)
         correct = (predicted == y).double()
         self.pooled = self._new_curve().fit(confidence, correct)
         counts = torch.bincount(predicted, minlength=z.shape[1]).tolist()
