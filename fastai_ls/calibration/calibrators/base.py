@@ -24,6 +24,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from fastai_ls.calibration.intervals import _one_thread
+
 __all__ = ["Calibrator", "CalibrationWarning", "NEG_INF_GAP", "BLOCK_ELEMENTS", "row_blocks", "check_fit_input",
            "clean_logits", "check_int", "check_number"]
 
@@ -67,16 +69,12 @@ def one_thread_for_small_cpu_fits(logits: Tensor, quadratic: bool = True):
     """Within the block, one intra-op thread if `logits` is a small CPU problem (see ONE_THREAD_WORK; `quadratic`
     for passes of N * C * C work, else N * C); the previous number of threads afterwards."""
     n, n_classes = logits.shape
-    previous = torch.get_num_threads()
     work = n * n_classes * (n_classes if quadratic else 1)
-    if logits.device.type != "cpu" or previous == 1 or work > ONE_THREAD_WORK:
+    if logits.device.type != "cpu" or torch.get_num_threads() == 1 or work > ONE_THREAD_WORK:
         yield
         return
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():  # the process's thread count, saved and restored once however many threads fit at a time
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def check_int(value: int, name: str, low: int = 1) -> int:
