@@ -111,9 +111,9 @@ def imports(wheels: str | None, dry_run: bool) -> str:
     import hypothesis  # noqa: F401
     import pytest  # noqa: F401
 
-    import fastai_ls.callback  # noqa: F401
     import fastai_ls.cli.main  # noqa: F401
-    import fastai_ls.distributed  # noqa: F401
+    import fastai_ls.integration.callback  # noqa: F401
+    import fastai_ls.integration.distributed  # noqa: F401
     import fastai_ls.pets  # noqa: F401
 
     by_module = importlib.metadata.packages_distributions()

@@ -12,7 +12,6 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for IDEs and type checkers; at run time `__getattr__` below imports each name on first use
-    from fastai_ls import distributed
     from fastai_ls.calibration import CalibrationState, calibration_error, calibration_metrics
     from fastai_ls.calibration.compare_scores import compare_confidence_scores
     from fastai_ls.calibration.confidence_scores import confidence_scores
@@ -24,15 +23,10 @@ if TYPE_CHECKING:  # for IDEs and type checkers; at run time `__getattr__` below
         plot_smooth_reliability,
     )
     from fastai_ls.calibration.selective import augrc, aurc
-    from fastai_ls.callback import CalibrationCallback
     from fastai_ls.digits import digits_learner
-    from fastai_ls.losses import (
-        LabelSmoothingCrossEntropy,
-        LabelSmoothingCrossEntropyFlat,
-        label_smoothing_cross_entropy,
-    )
-    from fastai_ls.pets import make_pets_like_tree, pets_learner
-    from fastai_ls.posthoc import (
+    from fastai_ls.integration import distributed
+    from fastai_ls.integration.callback import CalibrationCallback
+    from fastai_ls.integration.posthoc import (
         TemperatureFit,
         apply_calibrator,
         apply_temperature,
@@ -43,18 +37,24 @@ if TYPE_CHECKING:  # for IDEs and type checkers; at run time `__getattr__` below
         remove_temperature,
         save_predictions,
     )
+    from fastai_ls.loss.modules import (
+        LabelSmoothingCrossEntropy,
+        LabelSmoothingCrossEntropyFlat,
+        label_smoothing_cross_entropy,
+    )
+    from fastai_ls.pets import make_pets_like_tree, pets_learner
 
 __version__ = "0.1.0"
 
-# Each public name and the module that defines it; a submodule is named by itself.
+# Each public name and the module that defines it; a submodule (in `_SUBMODULES`) is named by itself.
 _SOURCES = {
-    "LabelSmoothingCrossEntropy": "fastai_ls.losses",
-    "LabelSmoothingCrossEntropyFlat": "fastai_ls.losses",
-    "label_smoothing_cross_entropy": "fastai_ls.losses",
+    "LabelSmoothingCrossEntropy": "fastai_ls.loss.modules",
+    "LabelSmoothingCrossEntropyFlat": "fastai_ls.loss.modules",
+    "label_smoothing_cross_entropy": "fastai_ls.loss.modules",
     "CalibrationState": "fastai_ls.calibration",
     "calibration_error": "fastai_ls.calibration",
     "calibration_metrics": "fastai_ls.calibration",
-    "CalibrationCallback": "fastai_ls.callback",
+    "CalibrationCallback": "fastai_ls.integration.callback",
     "plot_history": "fastai_ls.calibration.plots",
     "plot_reliability": "fastai_ls.calibration.plots",
     "plot_smooth_reliability": "fastai_ls.calibration.plots",
@@ -64,20 +64,21 @@ _SOURCES = {
     "aurc": "fastai_ls.calibration.selective",
     "augrc": "fastai_ls.calibration.selective",
     "compare_confidence_scores": "fastai_ls.calibration.compare_scores",
-    "TemperatureFit": "fastai_ls.posthoc",
-    "apply_temperature": "fastai_ls.posthoc",
-    "fit_temperature": "fastai_ls.posthoc",
-    "remove_temperature": "fastai_ls.posthoc",
-    "fit_calibrator": "fastai_ls.posthoc",
-    "apply_calibrator": "fastai_ls.posthoc",
-    "remove_calibrator": "fastai_ls.posthoc",
-    "compare_calibrators": "fastai_ls.posthoc",
-    "save_predictions": "fastai_ls.posthoc",
+    "TemperatureFit": "fastai_ls.integration.posthoc",
+    "apply_temperature": "fastai_ls.integration.posthoc",
+    "fit_temperature": "fastai_ls.integration.posthoc",
+    "remove_temperature": "fastai_ls.integration.posthoc",
+    "fit_calibrator": "fastai_ls.integration.posthoc",
+    "apply_calibrator": "fastai_ls.integration.posthoc",
+    "remove_calibrator": "fastai_ls.integration.posthoc",
+    "compare_calibrators": "fastai_ls.integration.posthoc",
+    "save_predictions": "fastai_ls.integration.posthoc",
     "pets_learner": "fastai_ls.pets",
     "make_pets_like_tree": "fastai_ls.pets",
     "digits_learner": "fastai_ls.digits",
-    "distributed": "fastai_ls.distributed",
+    "distributed": "fastai_ls.integration.distributed",
 }
+_SUBMODULES = {"distributed"}
 __all__ = [
     "LabelSmoothingCrossEntropy", "LabelSmoothingCrossEntropyFlat", "label_smoothing_cross_entropy",
     "CalibrationState", "calibration_error", "calibration_metrics",
@@ -99,7 +100,7 @@ def __getattr__(name: str) -> Any:
         # act on. (A module imported directly, `from fastai_ls.pets import ...`, shows it as `import fastai` does.)
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
         module = importlib.import_module(source)
-    value = module if source == f"{__name__}.{name}" else getattr(module, name)
+    value = module if name in _SUBMODULES else getattr(module, name)
     globals()[name] = value
     return value
 

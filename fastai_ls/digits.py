@@ -26,9 +26,9 @@ from fastcore.basics import using_attr
 from PIL import Image
 from torch import nn
 
-from fastai_ls.callback import CalibrationCallback
-from fastai_ls.dataloaders import check_split
-from fastai_ls.losses import LabelSmoothingCrossEntropy
+from fastai_ls.integration.callback import CalibrationCallback
+from fastai_ls.integration.splits import check_split
+from fastai_ls.loss.modules import LabelSmoothingCrossEntropy
 
 DIGITS_PATTERN = r"^digit(\d)_\d+\.png$"
 N_DIGITS = 1797

@@ -26,9 +26,9 @@ from fastai.vision.learner import vision_learner
 from fastcore.basics import using_attr
 from PIL import Image
 
-from fastai_ls.callback import CalibrationCallback
-from fastai_ls.dataloaders import check_classes_trained, check_split
-from fastai_ls.losses import LabelSmoothingCrossEntropy
+from fastai_ls.integration.callback import CalibrationCallback
+from fastai_ls.integration.splits import check_classes_trained, check_split
+from fastai_ls.loss.modules import LabelSmoothingCrossEntropy
 
 # The breed is the file name up to the last `_<digits>.jpg`: breeds contain underscores (american_pit_bull_terrier).
 PETS_PATTERN = r"^(.+)_\d+\.jpg$"

@@ -2,8 +2,9 @@
 
 Run as `python distributed_worker.py OUT_DIR` with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT). It trains twice, each time from the same start: once through fastai's own
-`learn.distrib_ctx()` (after `patch_fastai_for_gloo`) and once through `fastai_ls.distributed.distrib_ctx`; each rank
-saves, per run, the calibration state of every epoch and the trained weights to OUT_DIR.
+`learn.distrib_ctx()` (after `patch_fastai_for_gloo`) and once through
+`fastai_ls.integration.distributed.distrib_ctx`; each rank saves, per run, the calibration state of every epoch
+and the trained weights to OUT_DIR.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fastai.metrics import error_rate
 from torch import nn
 
 from fastai_ls import CalibrationCallback, LabelSmoothingCrossEntropy
-from fastai_ls.distributed import distrib_ctx, patch_fastai_for_gloo, teardown_distrib
+from fastai_ls.integration.distributed import distrib_ctx, patch_fastai_for_gloo, teardown_distrib
 
 N_CLASSES, N_VALID = 5, 53  # an odd validation set: DistributedDL pads the last shard with a repeated item
 VALID_BS = 8

@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from fastai_ls.tensor_input import upcast
+from fastai_ls.validation import upcast
 
 __all__ = ["SUM_TOLERANCE", "SUM_ROUNDING", "checked_probabilities", "class_ids", "check_class_ids",
            "checked_ignore_index"]

@@ -37,7 +37,7 @@ from fastai_ls.calibration.intervals import (
 )
 from fastai_ls.calibration.metrics import binned_errors, max_error, rms_error, top_label_metrics
 from fastai_ls.calibration.risk_coverage import risk_coverage_curve
-from fastai_ls.tensor_input import upcast
+from fastai_ls.validation import upcast
 
 __all__ = ["CalibrationState", "check_n_bins", "METRIC_NAMES", "INTERVAL_NAMES", "INTERVAL_COLUMNS", "NORMS",
            "CLASSWISE_MAX_CLASSES", "N_FINE", "NLL_FLOOR"]

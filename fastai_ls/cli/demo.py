@@ -27,11 +27,11 @@ from fastai_ls.calibration.intervals import normal_interval
 from fastai_ls.calibration.plots import plot_reliability, plot_smooth_reliability
 from fastai_ls.calibration.report import format_interval, report_frame
 from fastai_ls.calibration.state import NLL_FLOOR, CalibrationState
-from fastai_ls.callback import CalibrationCallback
 from fastai_ls.cli.calibrate import best_method, check_folds, comparison_text, quiet_bars
 from fastai_ls.cli.selective import selective_section
-from fastai_ls.distributed import distrib_ctx
-from fastai_ls.posthoc import holdout_logits
+from fastai_ls.integration.callback import CalibrationCallback
+from fastai_ls.integration.distributed import distrib_ctx
+from fastai_ls.integration.posthoc import holdout_logits
 
 if TYPE_CHECKING:  # matplotlib is imported only when the figure is drawn
     from matplotlib.figure import Figure

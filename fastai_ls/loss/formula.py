@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fastai_ls.loss.checks import check_ids, check_weight_values, class_ids, weight_in
-from fastai_ls.tensor_input import compute_dtype, upcast
+from fastai_ls.validation import compute_dtype, upcast
 
 __all__ = ["uniform_eps", "hard_target_terms", "hard_target_mix", "soft_target_terms", "kept_targets",
            "cross_entropy", "reduce_loss", "mean_divisor", "reference_cross_entropy"]

@@ -18,7 +18,7 @@ from fastai_ls.loss.checks import (
 )
 from fastai_ls.loss.formula import reference_cross_entropy, uniform_eps
 from fastai_ls.loss.fused import fused_cross_entropy, fused_loss
-from fastai_ls.tensor_input import plain
+from fastai_ls.validation import plain
 
 __all__ = ["label_smoothing_cross_entropy"]
 

@@ -38,7 +38,7 @@ from fastai_ls.loss.formula import (
     reference_cross_entropy,
     weighted_row_sum,
 )
-from fastai_ls.tensor_input import compute_dtype, upcast
+from fastai_ls.validation import compute_dtype, upcast
 
 __all__ = ["fused_cross_entropy", "fused_loss"]
 

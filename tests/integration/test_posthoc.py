@@ -31,7 +31,12 @@ from fastai_ls import (
 )
 from fastai_ls.calibration.calibrators import CalibrationWarning, DirichletCalibration, TemperatureScaling
 from fastai_ls.calibration.compare import compare_calibrators as compare_on_logits
-from fastai_ls.posthoc import CalibratedActivation, applied_calibrator, holdout_logits, temperature_from_logits
+from fastai_ls.integration.posthoc import (
+    CalibratedActivation,
+    applied_calibrator,
+    holdout_logits,
+    temperature_from_logits,
+)
 
 N_CLASSES = 4
 

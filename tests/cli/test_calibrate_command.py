@@ -31,7 +31,7 @@ from fastai_ls.calibration.compare import compare_calibrators
 from fastai_ls.cli import main
 from fastai_ls.cli.calibrate import best_method, read_predictions
 from fastai_ls.cli.main import METHODS
-from fastai_ls.posthoc import holdout_logits
+from fastai_ls.integration.posthoc import holdout_logits
 
 N_CLASSES = 4
 

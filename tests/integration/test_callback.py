@@ -41,7 +41,7 @@ from fastai_ls import (
 )
 from fastai_ls.calibration.plots import BIN_COLUMNS
 from fastai_ls.calibration.state import INTERVAL_COLUMNS, METRIC_NAMES
-from fastai_ls.callback import HISTORY_COLUMNS, METRIC_COMPARISONS, check_class_id_targets
+from fastai_ls.integration.callback import HISTORY_COLUMNS, METRIC_COMPARISONS, check_class_id_targets
 
 matplotlib.use("Agg")
 N_CLASSES, N_VALID = 4, 70

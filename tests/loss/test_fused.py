@@ -387,7 +387,7 @@ print(f"triton kernels match in {n_cases} cases")
 @pytest.mark.skipif(not triton_kernel.AVAILABLE, reason="triton is not installed")
 def test_triton_kernels_equal_the_cpu_paths_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", TRITON_INTERPRETER_CHECK], cwd=Path(__file__).resolve().parents[1],
+    result = subprocess.run([sys.executable, "-c", TRITON_INTERPRETER_CHECK], cwd=Path(__file__).resolve().parents[2],
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "triton kernels match" in result.stdout

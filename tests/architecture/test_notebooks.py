@@ -1,6 +1,6 @@
 """Every notebook in nbs/ runs top to bottom in its CI-sized mode (FASTAI_LS_SMALL=1: small data, no network), and is
-committed with the outputs of a full run, which `python tests/test_notebooks.py nbs/NAME.ipynb ...` makes (the
-prelude below included, as in the tests)."""
+committed with the outputs of a full run, which `python tests/architecture/test_notebooks.py nbs/NAME.ipynb ...`
+makes (the prelude below included, as in the tests)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "nbs").glob("*.ipynb"))
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "nbs").glob("*.ipynb"))
 # Run before a notebook's first cell by this harness, not shown to users: warnings print their category and message
 # alone, so that saved outputs name no file of the machine that ran them, and fastai 2.8's torch.jit.script call at
 # import, which torch 2.10+ deprecates, prints nothing (fastai_ls filters it the same way).

@@ -7,8 +7,8 @@ import ast
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "fastai_ls"
-MATH = ("fastai_ls.loss", "fastai_ls.calibration", "fastai_ls.tensor_input")
+PACKAGE = Path(__file__).resolve().parents[2] / "fastai_ls"
+MATH = ("fastai_ls.loss", "fastai_ls.calibration", "fastai_ls.validation")
 
 
 def module_name(path: Path) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fastai_ls.tensor_input import plain
+from fastai_ls.validation import plain
 
 __all__ = ["class_axis_of", "class_rows"]
 

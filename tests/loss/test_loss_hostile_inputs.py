@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from fastai_ls import LabelSmoothingCrossEntropy, label_smoothing_cross_entropy
 from fastai_ls.loss import cpu_kernel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INF, NAN = float("inf"), float("nan")
 
 # name -> (logits dtype, requires grad, fused); every path that a call can take on the CPU.

@@ -13,15 +13,15 @@ never calls `setup_distrib` unless `in_notebook=True`, and accelerate joins a pr
 after the patch this works on CPUs too:
 
     torch.distributed.init_process_group("gloo")  # from torchrun's environment
-    fastai_ls.distributed.patch_fastai_for_gloo()
+    fastai_ls.integration.distributed.patch_fastai_for_gloo()
     with learn.distrib_ctx(sync_bn=False, cpu=True):  # SyncBatchNorm is GPU-only; cpu=True: accelerate wraps in DDP
         learn.fit(3)
-    fastai_ls.distributed.teardown_distrib()  # leave the group before Python exits
+    fastai_ls.integration.distributed.teardown_distrib()  # leave the group before Python exits
 
 Or, doing all of that itself (gloo without a GPU, nccl with one), launched one process per worker with
 `torchrun --nproc_per_node 2 train.py` or `accelerate launch`:
 
-    with fastai_ls.distributed.distrib_ctx(learn):
+    with fastai_ls.integration.distributed.distrib_ctx(learn):
         learn.fit(3)
 
 With a single process (no WORLD_SIZE > 1) `distrib_ctx` does nothing, so the same script runs unchanged.

@@ -19,7 +19,7 @@ from fastai_ls import CalibrationCallback, LabelSmoothingCrossEntropy
 from fastai_ls.calibration import intervals as intervals_module
 from fastai_ls.calibration.report import REPORT_COLUMNS, format_interval
 from fastai_ls.calibration.state import INTERVAL_COLUMNS, INTERVAL_NAMES, METRIC_NAMES
-from fastai_ls.callback import HISTORY_COLUMNS
+from fastai_ls.integration.callback import HISTORY_COLUMNS
 
 matplotlib.use("Agg")
 N_CLASSES, N_VALID = 4, 90

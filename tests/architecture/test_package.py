@@ -52,7 +52,10 @@ def type_checking_imports() -> dict[str, str]:
     names = {}
     for node in block.body:
         for alias in node.names:
-            names[alias.name] = node.module if node.module != "fastai_ls" else f"fastai_ls.{alias.name}"
+            # `from fastai_ls.integration import distributed` imports a submodule: the table names the submodule.
+            is_submodule = (INIT.parent / node.module.removeprefix("fastai_ls.").replace(".", "/")
+                            / f"{alias.name}.py").is_file()
+            names[alias.name] = f"{node.module}.{alias.name}" if is_submodule else node.module
     return names
 
 
@@ -64,7 +67,7 @@ def test_the_lazy_map_the_ide_imports_and_all_list_the_same_names():
 @pytest.mark.parametrize("name", fastai_ls.__all__)
 def test_every_public_name_imports_from_the_package(name):
     module = importlib.import_module(fastai_ls._SOURCES[name])
-    expected = module if module.__name__ == f"fastai_ls.{name}" else getattr(module, name)
+    expected = module if name in fastai_ls._SUBMODULES else getattr(module, name)
     assert getattr(fastai_ls, name) is expected
     namespace = {}
     exec(f"from fastai_ls import {name}", namespace)
@@ -80,7 +83,8 @@ def test_an_unknown_name_is_an_attribute_error():
 
 
 def test_a_public_name_imports_fastai_without_its_torch_jit_warning():
-    # (`from fastai_ls.callback import CalibrationCallback`, straight from the module, records it four times.)
+    # (`from fastai_ls.integration.callback import CalibrationCallback`, straight from the module, records it four
+    # times.)
     code = ("import warnings\n"
             "with warnings.catch_warnings(record=True) as caught:\n"
             "    warnings.simplefilter('always')\n"
@@ -95,7 +99,7 @@ def test_a_public_name_imports_fastai_without_its_torch_jit_warning():
 # numpy-style `Parameters` section (`name : type`) and shows an example, which `help()` and IDEs display.
 DOCUMENTED = ["fastai_ls.cli.main", "fastai_ls.cli.demo", "fastai_ls.cli.calibrate", "fastai_ls.cli.selective",
               "fastai_ls.pets",
-              "fastai_ls.digits", "fastai_ls.dataloaders"]
+              "fastai_ls.digits", "fastai_ls.integration.splits"]
 
 
 def public_functions():
@@ -122,3 +126,27 @@ def test_public_functions_document_every_parameter_and_show_an_example(function)
     assert documented == expected
     assert all(" : " in line for line, p in zip(lines, parameters) if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
     assert "#" not in inspect.getsource(function).split(")", 1)[0], "a parameter comment in the signature"
+
+
+@pytest.mark.parametrize("old, new, name", [
+    ("fastai_ls.losses", "fastai_ls.loss.modules", "LabelSmoothingCrossEntropy"),
+    ("fastai_ls.callback", "fastai_ls.integration.callback", "CalibrationCallback"),
+    ("fastai_ls.posthoc", "fastai_ls.integration.posthoc", "fit_calibrator"),
+])
+def test_a_moved_module_still_gives_its_names_with_a_future_warning_naming_the_new_one(old, new, name):
+    with pytest.warns(FutureWarning, match=f"{old}.{name} is deprecated.*use {new}.{name}"):
+        value = getattr(importlib.import_module(old), name)
+    assert value is getattr(importlib.import_module(new), name)
+
+
+def test_a_loss_pickled_under_its_old_module_path_still_loads():
+    # Learners exported before the move name the loss class `fastai_ls.losses.LabelSmoothingCrossEntropy`.
+    import pickle
+
+    from fastai_ls.loss.modules import LabelSmoothingCrossEntropy
+    data = pickle.dumps(LabelSmoothingCrossEntropy(eps=0.2), protocol=0)  # text: module names can be replaced
+    data = data.replace(b"fastai_ls.loss.modules", b"fastai_ls.losses")
+    assert b"fastai_ls.losses" in data
+    with pytest.warns(FutureWarning, match="fastai_ls.losses.LabelSmoothingCrossEntropy is deprecated"):
+        loss = pickle.loads(data)
+    assert type(loss) is LabelSmoothingCrossEntropy and loss.eps == 0.2

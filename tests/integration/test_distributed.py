@@ -1,5 +1,6 @@
 """Two CPU processes (gloo) under fastai's DistributedTrainer give the calibration state of one process, both through
-fastai's own `learn.distrib_ctx()` (after `patch_fastai_for_gloo`) and through `fastai_ls.distributed.distrib_ctx`."""
+fastai's own `learn.distrib_ctx()` (after `patch_fastai_for_gloo`) and through
+`fastai_ls.integration.distributed.distrib_ctx`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from fastai_ls.calibration import CalibrationState
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/, where the worker scripts live
 pytest.importorskip("accelerate")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -136,7 +137,7 @@ def test_two_processes_equal_a_single_process_run(two_process_run, entry):
 EXIT_WITH_COLLECTIVES_IN_FLIGHT = """
 import torch
 import torch.distributed as dist
-from fastai_ls.distributed import setup_distrib
+from fastai_ls.integration.distributed import setup_distrib
 
 setup_distrib()
 for _ in range(1000):
@@ -161,7 +162,7 @@ import os, sys, time
 from pathlib import Path
 import torch
 out = Path(sys.argv[1])
-from fastai_ls.distributed import distrib_ctx, setup_distrib
+from fastai_ls.integration.distributed import distrib_ctx, setup_distrib
 if os.environ["RANK"] == "1":  # joins, then fails without leaving (a notebook, a retry loop): it stays alive
     setup_distrib(timeout=2)
     deadline = time.monotonic() + 90
@@ -206,7 +207,7 @@ def test_a_rank_whose_peer_stays_alive_fails_after_the_timeout_not_30_minutes(tm
 def group_started(monkeypatch):
     """`setup_distrib` as two CPU processes would see it, with the process group's start recorded (its keyword
     arguments, in the dict returned) instead of made."""
-    import fastai_ls.distributed as distributed
+    import fastai_ls.integration.distributed as distributed
 
     started = {}
     monkeypatch.setattr(distributed, "num_distrib", lambda: 2)
@@ -220,7 +221,7 @@ def group_started(monkeypatch):
 @pytest.mark.parametrize("timeout, expected", [(2.5, timedelta(seconds=2.5)), (timedelta(minutes=3),
                                                                                  timedelta(minutes=3)), (None, None)])
 def test_setup_distrib_starts_the_process_group_with_the_timeout(group_started, timeout, expected):
-    import fastai_ls.distributed as distributed
+    import fastai_ls.integration.distributed as distributed
 
     started = group_started
     assert distributed.setup_distrib(timeout=timeout)
@@ -232,7 +233,7 @@ def test_setup_distrib_starts_the_process_group_with_the_timeout(group_started, 
 def test_a_timeout_that_is_no_positive_finite_duration_raises_a_clear_error(monkeypatch, bad):
     # Found in review: inf and 1e300 raised OverflowError ("cannot convert float infinity to integer"), 1e-9 became
     # a zero timeout, and a zero or negative timedelta was passed on to the process group.
-    import fastai_ls.distributed as distributed
+    import fastai_ls.integration.distributed as distributed
 
     monkeypatch.setattr(distributed, "num_distrib", lambda: 2)
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
@@ -245,7 +246,7 @@ def test_a_timeout_that_is_no_positive_finite_duration_raises_a_clear_error(monk
 @pytest.mark.parametrize("timeout, seconds", [(np.int64(5), 5), (np.float32(2.5), 2.5), (Fraction(1, 2), 0.5)])
 def test_a_timeout_may_be_any_real_number_of_seconds(group_started, timeout, seconds):
     # Found in review: np.int64(5) was refused as "not a positive number of seconds".
-    import fastai_ls.distributed as distributed
+    import fastai_ls.integration.distributed as distributed
 
     started = group_started
     assert distributed.setup_distrib(timeout=timeout)
@@ -253,7 +254,7 @@ def test_a_timeout_may_be_any_real_number_of_seconds(group_started, timeout, sec
 
 
 def test_a_timeout_for_a_group_already_up_warns_and_a_bad_one_raises(monkeypatch):
-    import fastai_ls.distributed as distributed
+    import fastai_ls.integration.distributed as distributed
 
     monkeypatch.setattr(distributed, "num_distrib", lambda: 2)
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)

@@ -1,0 +1,193 @@
+"""The loss as fastai modules: `LabelSmoothingCrossEntropy` (PyTorch's layout) and `LabelSmoothingCrossEntropyFlat`
+(fastai's `BaseLoss` conventions), with the `activation`/`decodes` hooks that fastai's `get_preds` and `predict` call.
+The arithmetic is `fastai_ls.loss`'s."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor, nn
+
+from fastai_ls.loss.checks import check_options, check_weight, check_weight_values, target_shape_message
+from fastai_ls.loss.functional import label_smoothing_cross_entropy
+from fastai_ls.validation import plain, upcast
+
+__all__ = ["label_smoothing_cross_entropy", "LabelSmoothingCrossEntropy", "LabelSmoothingCrossEntropyFlat"]
+
+
+class LabelSmoothingCrossEntropy(nn.Module):
+    """Label-smoothing cross-entropy for fastai with PyTorch's semantics (class axis 1): logits (N, C) or
+    (N, C, d1, ..., dk), targets as class ids (N,) / (N, d1, ..., dk) or probabilities with the logits' shape.
+    Equals `F.cross_entropy(..., label_smoothing=eps)` for `smoothing='uniform'`; `activation` (softmax) and
+    `decodes` (argmax) over the class axis serve fastai's `get_preds` and `predict`.
+
+    Parameters
+    ----------
+    eps : float, default 0.1
+        Smoothing, in [0, 1): the share of the target mass spread over the classes. 0 is plain cross-entropy.
+    weight : Tensor or None, default None
+        Per-class weights (C,), finite and non-negative, PyTorch's convention (`w_c` in both terms, 'mean' divides
+        by the sum of `w_y` over the kept rows). Kept as a copy in a buffer, so it moves with `.to()` and is saved
+        with the model; never differentiated.
+    reduction : str, default 'mean'
+        'mean', 'sum' or 'none'. A plain attribute read at call time: fastai's `NoneReduce` (MixUp, CutMix,
+        `get_preds(with_loss=True)`, `Interpretation`) sets it to 'none'.
+    ignore_index : int, default -100
+        Integer targets equal to this contribute nothing (loss, divisor, gradient). Must fit in int64.
+    smoothing : str, default 'uniform'
+        'uniform': eps/C on every class (PyTorch, fastai, timm); 'others': eps/(C-1) on each wrong class
+        (fairseq), the same as uniform smoothing with eps*C/(C-1).
+    fused : bool or None, default None
+        None: the fused kernels for integer targets (loss and gradient in one sweep during training, the loss
+        alone under `torch.no_grad()`; twice differentiable too); False: the reference path of torch operations;
+        True: the fused kernels, an error for probability targets. See `label_smoothing_cross_entropy`.
+
+    Examples
+    --------
+    >>> loss_func = LabelSmoothingCrossEntropy(eps=0.1)
+    >>> loss_func(torch.randn(4, 3), torch.tensor([0, 2, 1, 0])).shape
+    torch.Size([])
+    """
+
+    y_int = True  # MixUp/CutMix mix the losses of integer targets instead of mixing the targets
+    class_axis = 1
+
+    def __init__(
+        self,
+        eps: float = 0.1,
+        weight: Tensor | None = None,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        smoothing: str = "uniform",
+        *,
+        fused: bool | None = None,
+    ):
+        """Check and store the options (see the class's Parameters)."""
+        super().__init__()
+        check_options(eps, reduction, smoothing, ignore_index, fused)
+        check_weight(weight)
+        check_weight_values(weight)
+        self.eps, self.reduction, self.ignore_index, self.smoothing = eps, reduction, ignore_index, smoothing
+        self.fused = fused
+        # A copy, so that moving or loading the module never writes into the caller's tensor.
+        self.register_buffer("weight", None if weight is None else weight.detach().clone())
+
+    def forward(self, input: Tensor, target: Tensor, reduction: str | None = None) -> Tensor:
+        """The loss of logits `input` against `target`."""
+        return label_smoothing_cross_entropy(input, target, self.eps, self.weight, reduction or self.reduction,
+                                             self.ignore_index, self.smoothing, fused=self.fused)
+
+    def activation(self, out: Tensor) -> Tensor:
+        """The probabilities the loss scores: softmax over the class axis (fastai's `get_preds` calls this)."""
+        return upcast(out).softmax(self.class_axis)
+
+    def decodes(self, out: Tensor) -> Tensor:
+        """Class ids from (activated) predictions: argmax over the class axis."""
+        return out.argmax(self.class_axis)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, smoothing={self.smoothing!r}, reduction={self.reduction!r}, " \
+               f"ignore_index={self.ignore_index}"
+
+
+class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
+    """`LabelSmoothingCrossEntropy` with fastai's `BaseLoss` conventions: the class axis is `axis` (default
+    last, as for fastai's `CrossEntropyLossFlat`), inputs and targets are flattened to rows, so 'none' gives one loss
+    per flattened position, in the target's order. Integer targets may come flattened, or with trailing size-1 axes:
+    the (bs, 1) class ids of fastai's `TabularDataLoaders`.
+
+    Parameters
+    ----------
+    eps : float, default 0.1
+        Smoothing, in [0, 1): the share of the target mass spread over the classes. 0 is plain cross-entropy.
+    weight : Tensor or None, default None
+        Per-class weights (C,), finite and non-negative, PyTorch's convention (`w_c` in both terms, 'mean' divides
+        by the sum of `w_y` over the kept rows). Kept as a copy in a buffer, so it moves with `.to()` and is saved
+        with the model; never differentiated.
+    reduction : str, default 'mean'
+        'mean', 'sum' or 'none'. A plain attribute read at call time: fastai's `NoneReduce` (MixUp, CutMix,
+        `get_preds(with_loss=True)`, `Interpretation`) sets it to 'none'.
+    ignore_index : int, default -100
+        Integer targets equal to this contribute nothing (loss, divisor, gradient). Must fit in int64.
+    smoothing : str, default 'uniform'
+        'uniform': eps/C on every class (PyTorch, fastai, timm); 'others': eps/(C-1) on each wrong class
+        (fairseq), the same as uniform smoothing with eps*C/(C-1).
+    fused : bool or None, default None
+        None: the fused kernels for integer targets (loss and gradient in one sweep during training, the loss
+        alone under `torch.no_grad()`; twice differentiable too); False: the reference path of torch operations;
+        True: the fused kernels, an error for probability targets. See `label_smoothing_cross_entropy`.
+    axis : int, default -1
+        The class axis of the model's output: -1 for (N, C) and (N, T, C) text outputs, 1 for (N, C, H, W) masks.
+        `activation` and `decodes` use it too.
+    flatten : bool, default True
+        Flatten 'none' losses to one dimension, as fastai's `BaseLoss` does; False keeps the target's shape.
+    floatify : bool, default False
+        Cast the target to float: a probability target laid out like the input.
+
+    Examples
+    --------
+    >>> loss_func = LabelSmoothingCrossEntropyFlat()
+    >>> loss_func(torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5)), reduction='none').shape
+    torch.Size([10])
+    """
+
+    def __init__(
+        self,
+        eps: float = 0.1,
+        weight: Tensor | None = None,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        smoothing: str = "uniform",
+        *,
+        fused: bool | None = None,
+        axis: int = -1,
+        flatten: bool = True,
+        floatify: bool = False,
+    ):
+        """Check and store the options (see the class's Parameters)."""
+        super().__init__(eps, weight, reduction, ignore_index, smoothing, fused=fused)
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        for name, value in (("flatten", flatten), ("floatify", floatify)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        self.axis, self.flatten, self.floatify = int(axis), flatten, floatify
+
+    @property
+    def class_axis(self) -> int:
+        return self.axis
+
+    def forward(self, input: Tensor, target: Tensor, reduction: str | None = None) -> Tensor:
+        """The loss of logits `input` (classes on `axis`) against `target`."""
+        for name, value in (("input", input), ("target", target)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        input, target = plain(input), plain(target)
+        if self.floatify and target.dtype != torch.float16:
+            target = target.float()
+        loss = super().forward(*self._class_axis_first(input, target), reduction)
+        return loss.reshape(-1) if self.flatten and loss.dim() else loss
+
+    def _class_axis_first(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """`input` with the class axis moved to 1 (a view: no copy for autograd to undo) and the matching
+        `target`, after checking that their layouts agree."""
+        if input.dim() < 2:
+            raise ValueError(f"input must have a batch and a class axis, got shape {tuple(input.shape)}")
+        if not -input.dim() <= self.axis < input.dim():
+            raise ValueError(f"axis={self.axis} is not an axis of the input (shape {tuple(input.shape)})")
+        x = input.movedim(self.axis, 1)
+        if target.is_floating_point():
+            if target.shape != input.shape:
+                raise ValueError(f"a probability target must have the input's shape {tuple(input.shape)}, "
+                                 f"got {tuple(target.shape)}")
+            return x, target.movedim(self.axis, 1)
+        positions = x.shape[:1] + x.shape[2:]
+        if target.shape == positions:
+            return x, target
+        if self.flatten and target.numel() == positions.numel() and (
+                target.dim() == 1  # already flattened
+                or target.shape[:len(positions)] == positions and all(s == 1 for s in target.shape[len(positions):])):
+            # (bs, 1) from fastai's tabular loaders: fastai's `BaseLoss` flattens these as well. A view, never a copy.
+            return x, target.reshape(positions)
+        raise ValueError(target_shape_message(input.shape, positions, target.shape, f" with axis={self.axis}"))
