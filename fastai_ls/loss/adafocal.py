@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, check_parameter, family_loss
-from fastai_ls.loss.focal import modulated_cross_entropy
+from fastai_ls.loss.focal import complement_pow, modulated_cross_entropy
 
 __all__ = ["ada_focal_loss", "ada_focal_update", "equal_mass_bins", "AdaFocalLoss", "AdaFocalLossFlat"]
 
@@ -89,7 +89,7 @@ def ada_focal_loss(
         focal = gamma >= switch
         # Each branch's exponent is 0 where the other applies: pow(., 0) is 1 with a zero gradient, so the unused
         # branch never adds a 0 * inf gradient.
-        return (-log_p.expm1()).pow(gamma.where(focal, 0.0)) * (1 + log_p.exp()).pow(gamma.abs().where(~focal, 0.0))
+        return complement_pow(log_p, gamma.where(focal, 0.0)) * (1 + log_p.exp()).pow(gamma.abs().where(~focal, 0.0))
 
     return family_loss(input, target, weight, reduction, ignore_index, lambda rows: modulated_cross_entropy(rows, 0.0,
                                                                                                              factor))

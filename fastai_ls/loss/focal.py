@@ -9,13 +9,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, Rows, check_parameter, family_loss, log_softmax_rows
 from fastai_ls.loss.checks import check_eps
 
 __all__ = ["focal_loss", "FocalLoss", "FocalLossFlat", "adaptive_focal_loss", "AdaptiveFocalLoss",
-           "AdaptiveFocalLossFlat", "modulated_cross_entropy"]
+           "AdaptiveFocalLossFlat", "complement_pow", "modulated_cross_entropy"]
+
+
+def complement_pow(log_p: Tensor, gamma: float | Tensor) -> Tensor:
+    """(1 - p)^gamma from log p. Where p rounds to 1 the factor is its value 0^gamma with a zero gradient: the
+    derivative of (1 - p)^gamma is infinite there for gamma < 1, while the focal term's own limit is 0."""
+    base = -log_p.expm1()
+    certain = base <= 0
+    at_certainty = torch.zeros((), dtype=base.dtype, device=base.device).pow(gamma)  # 1 for gamma = 0, else 0
+    return torch.where(certain, at_certainty, base.masked_fill(certain, 1.0).pow(gamma))
 
 
 def modulated_cross_entropy(rows: Rows, eps: float, factor: Callable[[Tensor], Tensor | None]) -> Tensor:
@@ -78,7 +88,7 @@ def focal_loss(
     """
     gamma = check_parameter("gamma", gamma)
     check_eps(eps)
-    factor = (lambda log_p: (-log_p.expm1()).pow(gamma)) if gamma else (lambda log_p: None)
+    factor = (lambda log_p: complement_pow(log_p, gamma)) if gamma else (lambda log_p: None)
     return family_loss(input, target, weight, reduction, ignore_index,
                        lambda rows: modulated_cross_entropy(rows, eps, factor))
 
@@ -137,7 +147,7 @@ def adaptive_focal_loss(
 
     def factor(log_p: Tensor) -> Tensor:
         gamma = (log_p.detach() < log_threshold).to(log_p.dtype) * (below - above) + above
-        return (-log_p.expm1()).pow(gamma)
+        return complement_pow(log_p, gamma)
 
     return family_loss(input, target, weight, reduction, ignore_index,
                        lambda rows: modulated_cross_entropy(rows, eps, factor))
