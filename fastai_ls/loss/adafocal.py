@@ -38,6 +38,8 @@ def ada_focal_loss(
     weight: Tensor | None = None,
     reduction: str = "mean",
     ignore_index: int = -100,
+    *,
+    z_loss: float = 0.0,
 ) -> Tensor:
     """AdaFocal: per row -(1 - p_y)^g log p_y where g = gammas[b] >= `switch`, else -(1 + p_y)^|g| log p_y, b the
     bin of p_y. g is chosen without a gradient; the factor is differentiated, as in the focal loss.
@@ -62,6 +64,9 @@ def ada_focal_loss(
         'mean', 'sum' or 'none' (one loss per position, the target's shape).
     ignore_index : int, default -100
         Integer targets equal to this contribute nothing, to the loss, the divisor or the gradient.
+    z_loss : float, default 0.0
+        lambda >= 0 of the z-loss: lambda * logsumexp(z)^2 added to each row's loss and weighted like it (w_y), which
+        keeps the log-partition near 0 (Chowdhery et al. 2022, PaLM; Liger's `lse_square_scale`). 0 leaves it out.
 
     Returns
     -------
@@ -91,8 +96,8 @@ def ada_focal_loss(
         # branch never adds a 0 * inf gradient.
         return complement_pow(log_p, gamma.where(focal, 0.0)) * (1 + log_p.exp()).pow(gamma.abs().where(~focal, 0.0))
 
-    return family_loss(input, target, weight, reduction, ignore_index, lambda rows: modulated_cross_entropy(rows, 0.0,
-                                                                                                             factor))
+    return family_loss(input, target, weight, reduction, ignore_index, z_loss,
+                       lambda rows: modulated_cross_entropy(rows, 0.0, factor))
 
 
 def equal_mass_bins(fine: Tensor, n_bins: int) -> tuple[Tensor, Tensor]:
@@ -154,6 +159,8 @@ class AdaFocalLoss(FamilyLoss):
         'mean', 'sum' or 'none'; a plain attribute that fastai's `NoneReduce` sets.
     ignore_index : int, default -100
         Integer targets equal to this contribute nothing.
+    z_loss : float, default 0.0
+        lambda >= 0 of the z-loss, lambda * logsumexp(z)^2 per row, weighted like the row; 0 leaves it out.
 
     Examples
     --------
@@ -164,9 +171,9 @@ class AdaFocalLoss(FamilyLoss):
 
     def __init__(self, n_bins: int = 15, gamma_init: float = 1.0, lam: float = 1.0, switch: float = 0.2,
                  gamma_min: float = -2.0, gamma_max: float = 20.0, weight: Tensor | None = None,
-                 reduction: str = "mean", ignore_index: int = -100):
+                 reduction: str = "mean", ignore_index: int = -100, *, z_loss: float = 0.0):
         """Check and store the options (see the class's Parameters)."""
-        super().__init__(weight, reduction, ignore_index)
+        super().__init__(weight, reduction, ignore_index, z_loss=z_loss)
         if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
             raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
         self.lam = check_parameter("lam", lam, inclusive=False)
@@ -179,7 +186,7 @@ class AdaFocalLoss(FamilyLoss):
 
     def loss(self, input: Tensor, target: Tensor, reduction: str) -> Tensor:
         return ada_focal_loss(input, target, self.gammas, self.edges, self.switch, self.weight, reduction,
-                              self.ignore_index)
+                              self.ignore_index, z_loss=self.z_loss)
 
     @torch.no_grad()
     def update(self, fine: Tensor) -> None:
@@ -204,7 +211,7 @@ class AdaFocalLossFlat(FlatFamilyLoss, AdaFocalLoss):
 
     Parameters
     ----------
-    n_bins, gamma_init, lam, switch, gamma_min, gamma_max, weight, reduction, ignore_index
+    n_bins, gamma_init, lam, switch, gamma_min, gamma_max, weight, reduction, ignore_index, z_loss
         As for `AdaFocalLoss`.
     axis : int, default -1
         The class axis of the model's output; `activation` and `decodes` use it too.
@@ -222,8 +229,9 @@ class AdaFocalLossFlat(FlatFamilyLoss, AdaFocalLoss):
 
     def __init__(self, n_bins: int = 15, gamma_init: float = 1.0, lam: float = 1.0, switch: float = 0.2,
                  gamma_min: float = -2.0, gamma_max: float = 20.0, weight: Tensor | None = None,
-                 reduction: str = "mean", ignore_index: int = -100, *, axis: int = -1, flatten: bool = True,
-                 floatify: bool = False):
+                 reduction: str = "mean", ignore_index: int = -100, *, z_loss: float = 0.0, axis: int = -1,
+                 flatten: bool = True, floatify: bool = False):
         """Check and store the options (see the class's Parameters)."""
-        super().__init__(n_bins, gamma_init, lam, switch, gamma_min, gamma_max, weight, reduction, ignore_index)
+        super().__init__(n_bins, gamma_init, lam, switch, gamma_min, gamma_max, weight, reduction, ignore_index,
+                         z_loss=z_loss)
         self._flat_options(axis, flatten, floatify)

@@ -6,9 +6,10 @@ Every loss of the family is computed row by row on (M, C) logits with the class 
     loss_row = sum_c w_c q_c f_c(x) + (sum_c w_c q_c) * R(x)
 
 with q the target (one-hot for class ids), w the class weights (1 without `weight`), f_c a per-class term (-log p_c
-for cross-entropy) and R a per-row penalty. For class ids this is w_y (f_y + R), and 'mean' divides by the sum of
-w_y over the kept rows, as PyTorch's cross-entropy does; for probability targets 'mean' divides by the number of
-rows. A row whose target equals `ignore_index` contributes nothing to the loss, the divisor or the gradient.
+for cross-entropy) and R a per-row penalty (plus the optional z-loss, lambda logsumexp(x)^2). For class ids this is
+w_y (f_y + R), and 'mean' divides by the sum of w_y over the kept rows, as PyTorch's cross-entropy does; for
+probability targets 'mean' divides by the number of rows. A row whose target equals `ignore_index` contributes
+nothing to the loss, the divisor or the gradient.
 """
 
 from __future__ import annotations
@@ -136,11 +137,16 @@ def rows_of(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: 
 
 
 def family_loss(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
-                row_loss) -> Tensor:
-    """Check the common arguments, lay the batch out as `Rows` and reduce `row_loss(rows)`, the (M,) row losses."""
+                z_loss: float, row_loss: Callable[[Rows], Tensor]) -> Tensor:
+    """Check the common arguments, lay the batch out as `Rows` and reduce `row_loss(rows)`, the (M,) row losses,
+    plus the z-loss z_loss * logsumexp(x)^2 times the row's target mass when `z_loss` is not 0."""
     check_common(reduction, ignore_index)
+    z_loss = check_parameter("z_loss", z_loss)
     rows = rows_of(input, target, weight, ignore_index)
-    return rows.reduce(row_loss(rows), reduction)
+    loss = row_loss(rows)
+    if z_loss:
+        loss = loss + rows.mass * z_loss * rows.x.logsumexp(1).square()
+    return rows.reduce(loss, reduction)
 
 
 def log_softmax_rows(x: Tensor) -> Tensor:
@@ -166,10 +172,12 @@ class FamilyLoss(nn.Module):
     y_int = True  # MixUp/CutMix mix the losses of integer targets instead of mixing the targets
     class_axis = 1
 
-    def __init__(self, weight: Tensor | None = None, reduction: str = "mean", ignore_index: int = -100):
+    def __init__(self, weight: Tensor | None = None, reduction: str = "mean", ignore_index: int = -100, *,
+                 z_loss: float = 0.0):
         """Check and store the common options."""
         super().__init__()
         check_common(reduction, ignore_index)
+        self.z_loss = check_parameter("z_loss", z_loss)
         check_weight(weight)
         check_weight_values(weight)
         self.reduction, self.ignore_index = reduction, ignore_index
@@ -192,7 +200,8 @@ class FamilyLoss(nn.Module):
         return out.argmax(self.class_axis)
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+        z_loss = f", z_loss={self.z_loss}" if self.z_loss else ""
+        return f"reduction={self.reduction!r}, ignore_index={self.ignore_index}{z_loss}"
 
 
 class FlatFamilyLoss:

@@ -18,6 +18,8 @@ def confidence_penalty_loss(
     weight: Tensor | None = None,
     reduction: str = "mean",
     ignore_index: int = -100,
+    *,
+    z_loss: float = 0.0,
 ) -> Tensor:
     """CE - beta * H(p) per row, H(p) = -sum_c p_c log p_c, differentiated; cross-entropy at beta = 0.
 
@@ -39,6 +41,9 @@ def confidence_penalty_loss(
         'mean', 'sum' or 'none' (one loss per position, the target's shape).
     ignore_index : int, default -100
         Integer targets equal to this contribute nothing, to the loss, the divisor or the gradient.
+    z_loss : float, default 0.0
+        lambda >= 0 of the z-loss: lambda * logsumexp(z)^2 added to each row's loss and weighted like it (w_y), which
+        keeps the log-partition near 0 (Chowdhery et al. 2022, PaLM; Liger's `lse_square_scale`). 0 leaves it out.
 
     Returns
     -------
@@ -57,7 +62,8 @@ def confidence_penalty_loss(
     def penalty(x: Tensor, log_p: Tensor) -> Tensor:
         return beta * (log_p.exp() * log_p).sum(1)  # -beta * H(p)
 
-    return family_loss(input, target, weight, reduction, ignore_index, lambda rows: cross_entropy_plus(rows, penalty))
+    return family_loss(input, target, weight, reduction, ignore_index, z_loss,
+                       lambda rows: cross_entropy_plus(rows, penalty))
 
 
 class ConfidencePenaltyLoss(FamilyLoss):
@@ -74,6 +80,8 @@ class ConfidencePenaltyLoss(FamilyLoss):
         'mean', 'sum' or 'none'; a plain attribute that fastai's `NoneReduce` sets.
     ignore_index : int, default -100
         Integer targets equal to this contribute nothing.
+    z_loss : float, default 0.0
+        lambda >= 0 of the z-loss, lambda * logsumexp(z)^2 per row, weighted like the row; 0 leaves it out.
 
     Examples
     --------
@@ -83,13 +91,14 @@ class ConfidencePenaltyLoss(FamilyLoss):
     """
 
     def __init__(self, beta: float = 0.1, weight: Tensor | None = None, reduction: str = "mean",
-                 ignore_index: int = -100):
+                 ignore_index: int = -100, *, z_loss: float = 0.0):
         """Check and store the options (see the class's Parameters)."""
-        super().__init__(weight, reduction, ignore_index)
+        super().__init__(weight, reduction, ignore_index, z_loss=z_loss)
         self.beta = check_parameter("beta", beta)
 
     def loss(self, input: Tensor, target: Tensor, reduction: str) -> Tensor:
-        return confidence_penalty_loss(input, target, self.beta, self.weight, reduction, self.ignore_index)
+        return confidence_penalty_loss(input, target, self.beta, self.weight, reduction, self.ignore_index,
+                                       z_loss=self.z_loss)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, {super().extra_repr()}"
@@ -101,7 +110,7 @@ class ConfidencePenaltyLossFlat(FlatFamilyLoss, ConfidencePenaltyLoss):
 
     Parameters
     ----------
-    beta, weight, reduction, ignore_index
+    beta, weight, reduction, ignore_index, z_loss
         As for `ConfidencePenaltyLoss`.
     axis : int, default -1
         The class axis of the model's output; `activation` and `decodes` use it too.
@@ -118,7 +127,8 @@ class ConfidencePenaltyLossFlat(FlatFamilyLoss, ConfidencePenaltyLoss):
     """
 
     def __init__(self, beta: float = 0.1, weight: Tensor | None = None, reduction: str = "mean",
-                 ignore_index: int = -100, *, axis: int = -1, flatten: bool = True, floatify: bool = False):
+                 ignore_index: int = -100, *, z_loss: float = 0.0, axis: int = -1,
+                 flatten: bool = True, floatify: bool = False):
         """Check and store the options (see the class's Parameters)."""
-        super().__init__(beta, weight, reduction, ignore_index)
+        super().__init__(beta, weight, reduction, ignore_index, z_loss=z_loss)
         self._flat_options(axis, flatten, floatify)

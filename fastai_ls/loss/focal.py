@@ -48,6 +48,8 @@ def focal_loss(
     weight: Tensor | None = None,
     reduction: str = "mean",
     ignore_index: int = -100,
+    *,
+    z_loss: float = 0.0,
 ) -> Tensor:
     """Softmax focal loss, -(1 - p_y)^gamma log p_y per row; cross-entropy at gamma = 0 (then equal to
     `F.cross_entropy(..., label_smoothing=eps)`). The factor (1 - p_y)^gamma is differentiated.
@@ -73,6 +75,9 @@ def focal_loss(
         'mean', 'sum' or 'none' (one loss per position, the target's shape).
     ignore_index : int, default -100
         Integer targets equal to this contribute nothing, to the loss, the divisor or the gradient.
+    z_loss : float, default 0.0
+        lambda >= 0 of the z-loss: lambda * logsumexp(z)^2 added to each row's loss and weighted like it (w_y), which
+        keeps the log-partition near 0 (Chowdhery et al. 2022, PaLM; Liger's `lse_square_scale`). 0 leaves it out.
 
     Returns
     -------
@@ -89,7 +94,7 @@ def focal_loss(
     gamma = check_parameter("gamma", gamma)
     check_eps(eps)
     factor = (lambda log_p: complement_pow(log_p, gamma)) if gamma else (lambda log_p: None)
-    return family_loss(input, target, weight, reduction, ignore_index,
+    return family_loss(input, target, weight, reduction, ignore_index, z_loss,
                        lambda rows: modulated_cross_entropy(rows, eps, factor))
 
 
@@ -103,6 +108,8 @@ def adaptive_focal_loss(
     weight: Tensor | None = None,
     reduction: str = "mean",
     ignore_index: int = -100,
+    *,
+    z_loss: float = 0.0,
 ) -> Tensor:
     """FLSD-53 (sample-dependent focal loss): -(1 - p_y)^gamma log p_y with gamma = 5 where p_y < 0.2 and 3
     elsewhere. gamma is chosen from p without a gradient (it is a step function of p).
@@ -127,6 +134,8 @@ def adaptive_focal_loss(
         'mean', 'sum' or 'none'.
     ignore_index : int, default -100
         Integer targets equal to this contribute nothing.
+    z_loss : float, default 0.0
+        lambda >= 0 of the z-loss, lambda * logsumexp(z)^2 per row, weighted like the row; 0 leaves it out.
 
     Returns
     -------
@@ -149,7 +158,7 @@ def adaptive_focal_loss(
         gamma = (log_p.detach() < log_threshold).to(log_p.dtype) * (below - above) + above
         return complement_pow(log_p, gamma)
 
-    return family_loss(input, target, weight, reduction, ignore_index,
+    return family_loss(input, target, weight, reduction, ignore_index, z_loss,
                        lambda rows: modulated_cross_entropy(rows, eps, factor))
 
 
@@ -169,6 +178,8 @@ class FocalLoss(FamilyLoss):
         'mean', 'sum' or 'none'; a plain attribute that fastai's `NoneReduce` sets.
     ignore_index : int, default -100
         Integer targets equal to this contribute nothing.
+    z_loss : float, default 0.0
+        lambda >= 0 of the z-loss, lambda * logsumexp(z)^2 per row, weighted like the row; 0 leaves it out.
 
     Examples
     --------
@@ -178,14 +189,15 @@ class FocalLoss(FamilyLoss):
     """
 
     def __init__(self, gamma: float = 3.0, eps: float = 0.0, weight: Tensor | None = None, reduction: str = "mean",
-                 ignore_index: int = -100):
+                 ignore_index: int = -100, *, z_loss: float = 0.0):
         """Check and store the options (see the class's Parameters)."""
-        super().__init__(weight, reduction, ignore_index)
+        super().__init__(weight, reduction, ignore_index, z_loss=z_loss)
         check_eps(eps)
         self.gamma, self.eps = check_parameter("gamma", gamma), eps
 
     def loss(self, input: Tensor, target: Tensor, reduction: str) -> Tensor:
-        return focal_loss(input, target, self.gamma, self.eps, self.weight, reduction, self.ignore_index)
+        return focal_loss(input, target, self.gamma, self.eps, self.weight, reduction, self.ignore_index,
+                          z_loss=self.z_loss)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, eps={self.eps}, {super().extra_repr()}"
@@ -196,7 +208,7 @@ class FocalLossFlat(FlatFamilyLoss, FocalLoss):
 
     Parameters
     ----------
-    gamma, eps, weight, reduction, ignore_index
+    gamma, eps, weight, reduction, ignore_index, z_loss
         As for `FocalLoss`.
     axis : int, default -1
         The class axis of the model's output; `activation` and `decodes` use it too.
@@ -213,9 +225,10 @@ class FocalLossFlat(FlatFamilyLoss, FocalLoss):
     """
 
     def __init__(self, gamma: float = 3.0, eps: float = 0.0, weight: Tensor | None = None, reduction: str = "mean",
-                 ignore_index: int = -100, *, axis: int = -1, flatten: bool = True, floatify: bool = False):
+                 ignore_index: int = -100, *, z_loss: float = 0.0, axis: int = -1,
+                 flatten: bool = True, floatify: bool = False):
         """Check and store the options (see the class's Parameters)."""
-        super().__init__(gamma, eps, weight, reduction, ignore_index)
+        super().__init__(gamma, eps, weight, reduction, ignore_index, z_loss=z_loss)
         self._flat_options(axis, flatten, floatify)
 
 
@@ -237,6 +250,8 @@ class AdaptiveFocalLoss(FamilyLoss):
         'mean', 'sum' or 'none'.
     ignore_index : int, default -100
         Integer targets equal to this contribute nothing.
+    z_loss : float, default 0.0
+        lambda >= 0 of the z-loss, lambda * logsumexp(z)^2 per row, weighted like the row; 0 leaves it out.
 
     Examples
     --------
@@ -246,9 +261,10 @@ class AdaptiveFocalLoss(FamilyLoss):
     """
 
     def __init__(self, threshold: float = 0.2, gamma_below: float = 5.0, gamma_above: float = 3.0, eps: float = 0.0,
-                 weight: Tensor | None = None, reduction: str = "mean", ignore_index: int = -100):
+                 weight: Tensor | None = None, reduction: str = "mean", ignore_index: int = -100, *,
+                 z_loss: float = 0.0):
         """Check and store the options (see the class's Parameters)."""
-        super().__init__(weight, reduction, ignore_index)
+        super().__init__(weight, reduction, ignore_index, z_loss=z_loss)
         check_eps(eps)
         self.threshold = check_parameter("threshold", threshold, high=1.0)
         self.gamma_below = check_parameter("gamma_below", gamma_below)
@@ -257,7 +273,7 @@ class AdaptiveFocalLoss(FamilyLoss):
 
     def loss(self, input: Tensor, target: Tensor, reduction: str) -> Tensor:
         return adaptive_focal_loss(input, target, self.threshold, self.gamma_below, self.gamma_above, self.eps,
-                                   self.weight, reduction, self.ignore_index)
+                                   self.weight, reduction, self.ignore_index, z_loss=self.z_loss)
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold}, gamma_below={self.gamma_below}, gamma_above={self.gamma_above}, " \
@@ -269,7 +285,7 @@ class AdaptiveFocalLossFlat(FlatFamilyLoss, AdaptiveFocalLoss):
 
     Parameters
     ----------
-    threshold, gamma_below, gamma_above, eps, weight, reduction, ignore_index
+    threshold, gamma_below, gamma_above, eps, weight, reduction, ignore_index, z_loss
         As for `AdaptiveFocalLoss`.
     axis : int, default -1
         The class axis of the model's output; `activation` and `decodes` use it too.
@@ -286,8 +302,8 @@ class AdaptiveFocalLossFlat(FlatFamilyLoss, AdaptiveFocalLoss):
     """
 
     def __init__(self, threshold: float = 0.2, gamma_below: float = 5.0, gamma_above: float = 3.0, eps: float = 0.0,
-                 weight: Tensor | None = None, reduction: str = "mean", ignore_index: int = -100, *, axis: int = -1,
-                 flatten: bool = True, floatify: bool = False):
+                 weight: Tensor | None = None, reduction: str = "mean", ignore_index: int = -100, *,
+                 z_loss: float = 0.0, axis: int = -1, flatten: bool = True, floatify: bool = False):
         """Check and store the options (see the class's Parameters)."""
-        super().__init__(threshold, gamma_below, gamma_above, eps, weight, reduction, ignore_index)
+        super().__init__(threshold, gamma_below, gamma_above, eps, weight, reduction, ignore_index, z_loss=z_loss)
         self._flat_options(axis, flatten, floatify)

@@ -20,6 +20,8 @@ def logitnorm_loss(
     weight: Tensor | None = None,
     reduction: str = "mean",
     ignore_index: int = -100,
+    *,
+    z_loss: float = 0.0,
 ) -> Tensor:
     """LogitNorm: the cross-entropy of z / (tau (||z||_2 + 1e-7)) per row, the norm over the class axis and
     differentiated. At tau = 1 / (||z|| + 1e-7) (a row of norm 1 / tau - 1e-7) it is the cross-entropy of z.
@@ -40,6 +42,9 @@ def logitnorm_loss(
         'mean', 'sum' or 'none' (one loss per position, the target's shape).
     ignore_index : int, default -100
         Integer targets equal to this contribute nothing, to the loss, the divisor or the gradient.
+    z_loss : float, default 0.0
+        lambda >= 0 of the z-loss: lambda * logsumexp(z)^2 added to each row's loss and weighted like it (w_y), which
+        keeps the log-partition near 0 (Chowdhery et al. 2022, PaLM; Liger's `lse_square_scale`). 0 leaves it out.
 
     Returns
     -------
@@ -59,7 +64,7 @@ def logitnorm_loss(
         x = rows.x / (tau * (rows.x.norm(dim=1, keepdim=True) + NORM_EPS))
         return rows.cross_entropy(log_softmax_rows(x))
 
-    return family_loss(input, target, weight, reduction, ignore_index, row_loss)
+    return family_loss(input, target, weight, reduction, ignore_index, z_loss, row_loss)
 
 
 class LogitNormLoss(FamilyLoss):
@@ -77,6 +82,8 @@ class LogitNormLoss(FamilyLoss):
         'mean', 'sum' or 'none'; a plain attribute that fastai's `NoneReduce` sets.
     ignore_index : int, default -100
         Integer targets equal to this contribute nothing.
+    z_loss : float, default 0.0
+        lambda >= 0 of the z-loss, lambda * logsumexp(z)^2 per row, weighted like the row; 0 leaves it out.
 
     Examples
     --------
@@ -86,13 +93,13 @@ class LogitNormLoss(FamilyLoss):
     """
 
     def __init__(self, tau: float = 0.04, weight: Tensor | None = None, reduction: str = "mean",
-                 ignore_index: int = -100):
+                 ignore_index: int = -100, *, z_loss: float = 0.0):
         """Check and store the options (see the class's Parameters)."""
-        super().__init__(weight, reduction, ignore_index)
+        super().__init__(weight, reduction, ignore_index, z_loss=z_loss)
         self.tau = check_parameter("tau", tau, inclusive=False)
 
     def loss(self, input: Tensor, target: Tensor, reduction: str) -> Tensor:
-        return logitnorm_loss(input, target, self.tau, self.weight, reduction, self.ignore_index)
+        return logitnorm_loss(input, target, self.tau, self.weight, reduction, self.ignore_index, z_loss=self.z_loss)
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, {super().extra_repr()}"
@@ -103,7 +110,7 @@ class LogitNormLossFlat(FlatFamilyLoss, LogitNormLoss):
 
     Parameters
     ----------
-    tau, weight, reduction, ignore_index
+    tau, weight, reduction, ignore_index, z_loss
         As for `LogitNormLoss`.
     axis : int, default -1
         The class axis of the model's output; `activation` and `decodes` use it too.
@@ -120,7 +127,8 @@ class LogitNormLossFlat(FlatFamilyLoss, LogitNormLoss):
     """
 
     def __init__(self, tau: float = 0.04, weight: Tensor | None = None, reduction: str = "mean",
-                 ignore_index: int = -100, *, axis: int = -1, flatten: bool = True, floatify: bool = False):
+                 ignore_index: int = -100, *, z_loss: float = 0.0, axis: int = -1,
+                 flatten: bool = True, floatify: bool = False):
         """Check and store the options (see the class's Parameters)."""
-        super().__init__(tau, weight, reduction, ignore_index)
+        super().__init__(tau, weight, reduction, ignore_index, z_loss=z_loss)
         self._flat_options(axis, flatten, floatify)

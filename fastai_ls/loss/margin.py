@@ -19,6 +19,8 @@ def margin_label_smoothing(
     weight: Tensor | None = None,
     reduction: str = "mean",
     ignore_index: int = -100,
+    *,
+    z_loss: float = 0.0,
 ) -> Tensor:
     """MbLS: CE + alpha * (1/C) sum_k relu(z_max - z_k - margin) per row; cross-entropy at alpha = 0. z_max is
     differentiated (its gradient goes to the largest logit), as in the paper's code.
@@ -42,6 +44,9 @@ def margin_label_smoothing(
         'mean', 'sum' or 'none' (one loss per position, the target's shape).
     ignore_index : int, default -100
         Integer targets equal to this contribute nothing, to the loss, the divisor or the gradient.
+    z_loss : float, default 0.0
+        lambda >= 0 of the z-loss: lambda * logsumexp(z)^2 added to each row's loss and weighted like it (w_y), which
+        keeps the log-partition near 0 (Chowdhery et al. 2022, PaLM; Liger's `lse_square_scale`). 0 leaves it out.
 
     Returns
     -------
@@ -60,7 +65,8 @@ def margin_label_smoothing(
     def penalty(x: Tensor, log_p: Tensor) -> Tensor:
         return alpha * (x.amax(1, keepdim=True) - x - margin).relu().mean(1)
 
-    return family_loss(input, target, weight, reduction, ignore_index, lambda rows: cross_entropy_plus(rows, penalty))
+    return family_loss(input, target, weight, reduction, ignore_index, z_loss,
+                       lambda rows: cross_entropy_plus(rows, penalty))
 
 
 class MarginLabelSmoothing(FamilyLoss):
@@ -79,6 +85,8 @@ class MarginLabelSmoothing(FamilyLoss):
         'mean', 'sum' or 'none'; a plain attribute that fastai's `NoneReduce` sets.
     ignore_index : int, default -100
         Integer targets equal to this contribute nothing.
+    z_loss : float, default 0.0
+        lambda >= 0 of the z-loss, lambda * logsumexp(z)^2 per row, weighted like the row; 0 leaves it out.
 
     Examples
     --------
@@ -88,14 +96,14 @@ class MarginLabelSmoothing(FamilyLoss):
     """
 
     def __init__(self, margin: float = 10.0, alpha: float = 0.1, weight: Tensor | None = None,
-                 reduction: str = "mean", ignore_index: int = -100):
+                 reduction: str = "mean", ignore_index: int = -100, *, z_loss: float = 0.0):
         """Check and store the options (see the class's Parameters)."""
-        super().__init__(weight, reduction, ignore_index)
+        super().__init__(weight, reduction, ignore_index, z_loss=z_loss)
         self.margin, self.alpha = check_parameter("margin", margin), check_parameter("alpha", alpha)
 
     def loss(self, input: Tensor, target: Tensor, reduction: str) -> Tensor:
         return margin_label_smoothing(input, target, self.margin, self.alpha, self.weight, reduction,
-                                      self.ignore_index)
+                                      self.ignore_index, z_loss=self.z_loss)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, alpha={self.alpha}, {super().extra_repr()}"
@@ -107,7 +115,7 @@ class MarginLabelSmoothingFlat(FlatFamilyLoss, MarginLabelSmoothing):
 
     Parameters
     ----------
-    margin, alpha, weight, reduction, ignore_index
+    margin, alpha, weight, reduction, ignore_index, z_loss
         As for `MarginLabelSmoothing`.
     axis : int, default -1
         The class axis of the model's output; `activation` and `decodes` use it too.
@@ -124,8 +132,8 @@ class MarginLabelSmoothingFlat(FlatFamilyLoss, MarginLabelSmoothing):
     """
 
     def __init__(self, margin: float = 10.0, alpha: float = 0.1, weight: Tensor | None = None,
-                 reduction: str = "mean", ignore_index: int = -100, *, axis: int = -1, flatten: bool = True,
-                 floatify: bool = False):
+                 reduction: str = "mean", ignore_index: int = -100, *, z_loss: float = 0.0, axis: int = -1,
+                 flatten: bool = True, floatify: bool = False):
         """Check and store the options (see the class's Parameters)."""
-        super().__init__(margin, alpha, weight, reduction, ignore_index)
+        super().__init__(margin, alpha, weight, reduction, ignore_index, z_loss=z_loss)
         self._flat_options(axis, flatten, floatify)

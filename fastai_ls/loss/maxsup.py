@@ -19,6 +19,8 @@ def maxsup_loss(
     weight: Tensor | None = None,
     reduction: str = "mean",
     ignore_index: int = -100,
+    *,
+    z_loss: float = 0.0,
 ) -> Tensor:
     """MaxSup: CE + alpha * (z_max - (1/C) sum_k z_k) per row; cross-entropy at alpha = 0. z_max is differentiated.
 
@@ -39,6 +41,9 @@ def maxsup_loss(
         'mean', 'sum' or 'none' (one loss per position, the target's shape).
     ignore_index : int, default -100
         Integer targets equal to this contribute nothing, to the loss, the divisor or the gradient.
+    z_loss : float, default 0.0
+        lambda >= 0 of the z-loss: lambda * logsumexp(z)^2 added to each row's loss and weighted like it (w_y), which
+        keeps the log-partition near 0 (Chowdhery et al. 2022, PaLM; Liger's `lse_square_scale`). 0 leaves it out.
 
     Returns
     -------
@@ -57,7 +62,8 @@ def maxsup_loss(
     def penalty(x: Tensor, log_p: Tensor) -> Tensor:
         return alpha * (x.amax(1) - x.mean(1))
 
-    return family_loss(input, target, weight, reduction, ignore_index, lambda rows: cross_entropy_plus(rows, penalty))
+    return family_loss(input, target, weight, reduction, ignore_index, z_loss,
+                       lambda rows: cross_entropy_plus(rows, penalty))
 
 
 class MaxSupLoss(FamilyLoss):
@@ -75,6 +81,8 @@ class MaxSupLoss(FamilyLoss):
         'mean', 'sum' or 'none'; a plain attribute that fastai's `NoneReduce` sets.
     ignore_index : int, default -100
         Integer targets equal to this contribute nothing.
+    z_loss : float, default 0.0
+        lambda >= 0 of the z-loss, lambda * logsumexp(z)^2 per row, weighted like the row; 0 leaves it out.
 
     Examples
     --------
@@ -84,13 +92,13 @@ class MaxSupLoss(FamilyLoss):
     """
 
     def __init__(self, alpha: float = 0.1, weight: Tensor | None = None, reduction: str = "mean",
-                 ignore_index: int = -100):
+                 ignore_index: int = -100, *, z_loss: float = 0.0):
         """Check and store the options (see the class's Parameters)."""
-        super().__init__(weight, reduction, ignore_index)
+        super().__init__(weight, reduction, ignore_index, z_loss=z_loss)
         self.alpha = check_parameter("alpha", alpha)
 
     def loss(self, input: Tensor, target: Tensor, reduction: str) -> Tensor:
-        return maxsup_loss(input, target, self.alpha, self.weight, reduction, self.ignore_index)
+        return maxsup_loss(input, target, self.alpha, self.weight, reduction, self.ignore_index, z_loss=self.z_loss)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, {super().extra_repr()}"
@@ -101,7 +109,7 @@ class MaxSupLossFlat(FlatFamilyLoss, MaxSupLoss):
 
     Parameters
     ----------
-    alpha, weight, reduction, ignore_index
+    alpha, weight, reduction, ignore_index, z_loss
         As for `MaxSupLoss`.
     axis : int, default -1
         The class axis of the model's output; `activation` and `decodes` use it too.
@@ -118,7 +126,8 @@ class MaxSupLossFlat(FlatFamilyLoss, MaxSupLoss):
     """
 
     def __init__(self, alpha: float = 0.1, weight: Tensor | None = None, reduction: str = "mean",
-                 ignore_index: int = -100, *, axis: int = -1, flatten: bool = True, floatify: bool = False):
+                 ignore_index: int = -100, *, z_loss: float = 0.0, axis: int = -1,
+                 flatten: bool = True, floatify: bool = False):
         """Check and store the options (see the class's Parameters)."""
-        super().__init__(alpha, weight, reduction, ignore_index)
+        super().__init__(alpha, weight, reduction, ignore_index, z_loss=z_loss)
         self._flat_options(axis, flatten, floatify)

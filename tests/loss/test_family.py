@@ -93,8 +93,9 @@ def confidence_penalty_terms(beta):
     return terms
 
 
-def reference(terms, x, target, weight=None, reduction="mean", ignore_index=-100, eps=0.0):
-    """The loss from the row formula, with PyTorch's weight / ignore_index / reduction conventions."""
+def reference(terms, x, target, weight=None, reduction="mean", ignore_index=-100, eps=0.0, z_loss=0.0):
+    """The loss from the row formula (plus the z-loss z_loss * logsumexp(z)^2 in the row penalty), with PyTorch's
+    weight / ignore_index / reduction conventions."""
     c = x.shape[1]
     rows = x.movedim(1, -1).reshape(-1, c)
     soft = target.is_floating_point()
@@ -108,6 +109,7 @@ def reference(terms, x, target, weight=None, reduction="mean", ignore_index=-100
         q = t if soft else F.one_hot(t, c).to(x.dtype)
         q = (1 - eps) * q + eps / c
         f, r = terms(z)
+        r = r + z_loss * torch.logsumexp(z, 0) ** 2
         losses.append((w * q * f).sum() + (w * q).sum() * r)
         divisor += 1.0 if soft else w[t].item()
     loss = torch.stack(losses)
@@ -171,6 +173,25 @@ def test_each_loss_equals_its_formula_and_gradient(name, reduction, weighted, sh
     loss = func(x, y, weight=weight, reduction=reduction)
     expected = reference(terms, x, y, weight, reduction)
     assert_same_value_and_gradient(loss, expected, x)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_each_loss_with_a_z_loss_equals_its_formula(name, reduction):
+    func, terms, _ = LOSSES[name]
+    x, y = batch((3, 5, 2), seed=15)
+    weight = torch.rand(5, dtype=torch.float64) + 0.2
+    loss = func(x, y, weight=weight, reduction=reduction, z_loss=0.01)
+    assert_same_value_and_gradient(loss, reference(terms, x, y, weight, reduction, z_loss=0.01), x)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_the_class_passes_its_z_loss_on(cls):
+    x, y = batch((6, 4), seed=16)
+    plain, with_z = cls()(x, y, reduction="none"), cls(z_loss=0.1)(x, y, reduction="none")
+    kept = y != -100
+    torch.testing.assert_close((with_z - plain)[kept], 0.1 * torch.logsumexp(x, 1)[kept].detach() ** 2)
+    assert "z_loss=0.1" in repr(cls(z_loss=0.1))
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -374,6 +395,7 @@ def test_weight_is_a_buffer_that_moves_with_the_module():
     (lambda: MaxSupLoss(ignore_index=1.5), "ignore_index must be an int"),
     (lambda: FocalLoss(weight=torch.tensor([1.0, -1.0])), "weight must be finite and non-negative"),
     (lambda: MaxSupLossFlat(axis=1.0), "axis must be an int"),
+    (lambda: MarginLabelSmoothing(z_loss=-1e-4), "z_loss must be >= 0"),
 ])
 def test_bad_arguments_raise_a_clear_error(make, message):
     with pytest.raises((ValueError, TypeError), match=message):
