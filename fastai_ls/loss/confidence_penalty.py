@@ -4,6 +4,8 @@ minus beta times the entropy of the prediction: confident (low-entropy) outputs 
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, check_parameter, cross_entropy_plus, family_loss
@@ -60,7 +62,8 @@ def confidence_penalty_loss(
     beta = check_parameter("beta", beta)
 
     def penalty(x: Tensor, log_p: Tensor) -> Tensor:
-        return beta * (log_p.exp() * log_p).sum(1)  # -beta * H(p)
+        # -beta * H(p), with 0 log 0 = 0 for a -inf logit (a masked class): its p is 0, and so is its term.
+        return beta * (log_p.exp() * log_p.masked_fill(log_p == -math.inf, 0.0)).sum(1)
 
     return family_loss(input, target, weight, reduction, ignore_index, z_loss,
                        lambda rows: cross_entropy_plus(rows, penalty))

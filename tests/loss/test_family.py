@@ -282,6 +282,18 @@ def test_one_class_gives_zero_loss_and_gradient(cls):
     assert loss.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("cls", [FocalLoss, AdaptiveFocalLoss, AdaFocalLoss, ConfidencePenaltyLoss])
+def test_a_minus_inf_logit_on_a_wrong_class_gives_a_finite_loss_and_gradient(cls):
+    # A masked class (logit -inf) has p = 0: the focal terms read only p_y, and the entropy's 0 log 0 is 0.
+    x = torch.tensor([[1.0, 2.0, -math.inf], [0.0, 3.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1])
+    loss = cls()(x, y)
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+    far = torch.tensor([[1.0, 2.0, -1e4], [0.0, 3.0, 1.0]], dtype=torch.float64)  # p = 0 in float64 as well
+    torch.testing.assert_close(loss, cls()(far, y), rtol=0, atol=1e-12)
+
+
 def test_focal_is_finite_for_a_certain_prediction():
     x = torch.tensor([[0.0, 800.0, 0.0]], dtype=torch.float64, requires_grad=True)
     loss = focal_loss(x, torch.tensor([1]))
