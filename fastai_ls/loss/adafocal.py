@@ -169,6 +169,9 @@ class AdaFocalLoss(FamilyLoss):
     torch.Size([])
     """
 
+    function = staticmethod(ada_focal_loss)
+    parameters = ("gammas", "edges", "switch")
+
     def __init__(self, n_bins: int = 15, gamma_init: float = 1.0, lam: float = 1.0, switch: float = 0.2,
                  gamma_min: float = -2.0, gamma_max: float = 20.0, weight: Tensor | None = None,
                  reduction: str = "mean", ignore_index: int = -100, *, z_loss: float = 0.0):
@@ -183,10 +186,6 @@ class AdaFocalLoss(FamilyLoss):
         gamma_init = check_parameter("gamma_init", gamma_init, self.gamma_min, high=self.gamma_max)
         self.register_buffer("gammas", torch.full((n_bins,), gamma_init, dtype=torch.float64))
         self.register_buffer("edges", torch.linspace(0, 1, n_bins + 1, dtype=torch.float64))
-
-    def loss(self, input: Tensor, target: Tensor, reduction: str) -> Tensor:
-        return ada_focal_loss(input, target, self.gammas, self.edges, self.switch, self.weight, reduction,
-                              self.ignore_index, z_loss=self.z_loss)
 
     @torch.no_grad()
     def update(self, fine: Tensor) -> None:
@@ -203,7 +202,7 @@ class AdaFocalLoss(FamilyLoss):
 
     def extra_repr(self) -> str:
         return f"n_bins={self.gammas.numel()}, lam={self.lam}, switch={self.switch}, " \
-               f"gamma_range=({self.gamma_min}, {self.gamma_max}), {super().extra_repr()}"
+               f"gamma_range=({self.gamma_min}, {self.gamma_max}), {self.options_repr()}"
 
 
 class AdaFocalLossFlat(FlatFamilyLoss, AdaFocalLoss):

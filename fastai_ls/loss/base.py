@@ -164,11 +164,14 @@ def cross_entropy_plus(rows: Rows, penalty: Callable[[Tensor, Tensor], Tensor]) 
 class FamilyLoss(nn.Module):
     """The shared part of the family's fastai loss classes (PyTorch's layout, class axis 1): `weight` kept as a copy
     in a buffer, `reduction` a plain attribute read at call time (fastai's `NoneReduce` sets it), `ignore_index`,
-    and the `activation` (softmax) and `decodes` (argmax) hooks on the class axis. A subclass stores its own
-    parameters and defines `loss(input, target, reduction)`, which calls its functional form."""
+    and the `activation` (softmax) and `decodes` (argmax) hooks on the class axis. A subclass names its functional
+    form, `function(input, target, *parameters, weight, reduction, ignore_index, z_loss=...)`, and the attributes
+    that hold its own `parameters`, read at every call."""
 
     y_int = True  # MixUp/CutMix mix the losses of integer targets instead of mixing the targets
     class_axis = 1
+    function: Callable[..., Tensor]
+    parameters: tuple[str, ...] = ()
 
     def __init__(self, weight: Tensor | None = None, reduction: str = "mean", ignore_index: int = -100, *,
                  z_loss: float = 0.0):
@@ -187,7 +190,9 @@ class FamilyLoss(nn.Module):
         return self.loss(input, target, reduction or self.reduction)
 
     def loss(self, input: Tensor, target: Tensor, reduction: str) -> Tensor:
-        raise NotImplementedError  # each loss class defines its formula
+        """The functional form with this module's parameters and options."""
+        return self.function(input, target, *(getattr(self, name) for name in self.parameters), self.weight,
+                             reduction, self.ignore_index, z_loss=self.z_loss)
 
     def activation(self, out: Tensor) -> Tensor:
         """The probabilities the loss scores: softmax over the class axis (fastai's `get_preds` calls this)."""
@@ -198,6 +203,11 @@ class FamilyLoss(nn.Module):
         return out.argmax(self.class_axis)
 
     def extra_repr(self) -> str:
+        own = "".join(f"{name}={getattr(self, name)}, " for name in self.parameters)
+        return own + self.options_repr()
+
+    def options_repr(self) -> str:
+        """The common options, as `extra_repr` shows them."""
         z_loss = f", z_loss={self.z_loss}" if self.z_loss else ""
         return f"reduction={self.reduction!r}, ignore_index={self.ignore_index}{z_loss}"
 

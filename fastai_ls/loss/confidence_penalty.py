@@ -93,18 +93,14 @@ class ConfidencePenaltyLoss(FamilyLoss):
     torch.Size([])
     """
 
+    function = staticmethod(confidence_penalty_loss)
+    parameters = ("beta",)
+
     def __init__(self, beta: float = 0.1, weight: Tensor | None = None, reduction: str = "mean",
                  ignore_index: int = -100, *, z_loss: float = 0.0):
         """Check and store the options (see the class's Parameters)."""
         super().__init__(weight, reduction, ignore_index, z_loss=z_loss)
         self.beta = check_parameter("beta", beta)
-
-    def loss(self, input: Tensor, target: Tensor, reduction: str) -> Tensor:
-        return confidence_penalty_loss(input, target, self.beta, self.weight, reduction, self.ignore_index,
-                                       z_loss=self.z_loss)
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}, {super().extra_repr()}"
 
 
 class ConfidencePenaltyLossFlat(FlatFamilyLoss, ConfidencePenaltyLoss):

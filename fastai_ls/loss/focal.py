@@ -188,19 +188,15 @@ class FocalLoss(FamilyLoss):
     torch.Size([])
     """
 
+    function = staticmethod(focal_loss)
+    parameters = ("gamma", "eps")
+
     def __init__(self, gamma: float = 3.0, eps: float = 0.0, weight: Tensor | None = None, reduction: str = "mean",
                  ignore_index: int = -100, *, z_loss: float = 0.0):
         """Check and store the options (see the class's Parameters)."""
         super().__init__(weight, reduction, ignore_index, z_loss=z_loss)
         check_eps(eps)
         self.gamma, self.eps = check_parameter("gamma", gamma), eps
-
-    def loss(self, input: Tensor, target: Tensor, reduction: str) -> Tensor:
-        return focal_loss(input, target, self.gamma, self.eps, self.weight, reduction, self.ignore_index,
-                          z_loss=self.z_loss)
-
-    def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, eps={self.eps}, {super().extra_repr()}"
 
 
 class FocalLossFlat(FlatFamilyLoss, FocalLoss):
@@ -260,6 +256,9 @@ class AdaptiveFocalLoss(FamilyLoss):
     torch.Size([])
     """
 
+    function = staticmethod(adaptive_focal_loss)
+    parameters = ("threshold", "gamma_below", "gamma_above", "eps")
+
     def __init__(self, threshold: float = 0.2, gamma_below: float = 5.0, gamma_above: float = 3.0, eps: float = 0.0,
                  weight: Tensor | None = None, reduction: str = "mean", ignore_index: int = -100, *,
                  z_loss: float = 0.0):
@@ -270,14 +269,6 @@ class AdaptiveFocalLoss(FamilyLoss):
         self.gamma_below = check_parameter("gamma_below", gamma_below)
         self.gamma_above = check_parameter("gamma_above", gamma_above)
         self.eps = eps
-
-    def loss(self, input: Tensor, target: Tensor, reduction: str) -> Tensor:
-        return adaptive_focal_loss(input, target, self.threshold, self.gamma_below, self.gamma_above, self.eps,
-                                   self.weight, reduction, self.ignore_index, z_loss=self.z_loss)
-
-    def extra_repr(self) -> str:
-        return f"threshold={self.threshold}, gamma_below={self.gamma_below}, gamma_above={self.gamma_above}, " \
-               f"eps={self.eps}, {super().extra_repr()}"
 
 
 class AdaptiveFocalLossFlat(FlatFamilyLoss, AdaptiveFocalLoss):

@@ -92,17 +92,14 @@ class LogitNormLoss(FamilyLoss):
     torch.Size([])
     """
 
+    function = staticmethod(logitnorm_loss)
+    parameters = ("tau",)
+
     def __init__(self, tau: float = 0.04, weight: Tensor | None = None, reduction: str = "mean",
                  ignore_index: int = -100, *, z_loss: float = 0.0):
         """Check and store the options (see the class's Parameters)."""
         super().__init__(weight, reduction, ignore_index, z_loss=z_loss)
         self.tau = check_parameter("tau", tau, inclusive=False)
-
-    def loss(self, input: Tensor, target: Tensor, reduction: str) -> Tensor:
-        return logitnorm_loss(input, target, self.tau, self.weight, reduction, self.ignore_index, z_loss=self.z_loss)
-
-    def extra_repr(self) -> str:
-        return f"tau={self.tau}, {super().extra_repr()}"
 
 
 class LogitNormLossFlat(FlatFamilyLoss, LogitNormLoss):

@@ -95,18 +95,14 @@ class MarginLabelSmoothing(FamilyLoss):
     torch.Size([])
     """
 
+    function = staticmethod(margin_label_smoothing)
+    parameters = ("margin", "alpha")
+
     def __init__(self, margin: float = 10.0, alpha: float = 0.1, weight: Tensor | None = None,
                  reduction: str = "mean", ignore_index: int = -100, *, z_loss: float = 0.0):
         """Check and store the options (see the class's Parameters)."""
         super().__init__(weight, reduction, ignore_index, z_loss=z_loss)
         self.margin, self.alpha = check_parameter("margin", margin), check_parameter("alpha", alpha)
-
-    def loss(self, input: Tensor, target: Tensor, reduction: str) -> Tensor:
-        return margin_label_smoothing(input, target, self.margin, self.alpha, self.weight, reduction,
-                                      self.ignore_index, z_loss=self.z_loss)
-
-    def extra_repr(self) -> str:
-        return f"margin={self.margin}, alpha={self.alpha}, {super().extra_repr()}"
 
 
 class MarginLabelSmoothingFlat(FlatFamilyLoss, MarginLabelSmoothing):

@@ -91,17 +91,14 @@ class MaxSupLoss(FamilyLoss):
     torch.Size([])
     """
 
+    function = staticmethod(maxsup_loss)
+    parameters = ("alpha",)
+
     def __init__(self, alpha: float = 0.1, weight: Tensor | None = None, reduction: str = "mean",
                  ignore_index: int = -100, *, z_loss: float = 0.0):
         """Check and store the options (see the class's Parameters)."""
         super().__init__(weight, reduction, ignore_index, z_loss=z_loss)
         self.alpha = check_parameter("alpha", alpha)
-
-    def loss(self, input: Tensor, target: Tensor, reduction: str) -> Tensor:
-        return maxsup_loss(input, target, self.alpha, self.weight, reduction, self.ignore_index, z_loss=self.z_loss)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, {super().extra_repr()}"
 
 
 class MaxSupLossFlat(FlatFamilyLoss, MaxSupLoss):
