@@ -374,7 +374,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def check_folds(n: int, n_classes: int, folds: int) -> None:
     """A ValueError naming `--folds` unless `folds` cross-fitting folds of `n` rows leave every calibrator at least
-    `n_classes` rows to fit on (all folds but the largest), checked before any fit runs.
+    `n_classes` rows to fit on (`fastai_ls.validation.check_folds`, in the command's words), checked before torch
+    is imported and any fit runs.
 
     Parameters
     ----------
@@ -391,16 +392,9 @@ def check_folds(n: int, n_classes: int, folds: int) -> None:
     Traceback (most recent call last):
     ValueError: --folds 5 fits each calibrator on 4 of the 5 folds, 9 of the 12 rows, ...: use --folds 6 or more
     """
-    if n <= n_classes:
-        raise ValueError(f"{n} rows for {n_classes} classes: each calibrator is fitted on all folds but one, which "
-                         f"needs at least as many rows as classes, so at least {n_classes + 1} rows")
-    if folds > n:
-        raise ValueError(f"--folds {folds} is more than the {n} rows: use at most --folds {n}")
-    fitted = n - -(-n // folds)  # the stratified folds differ by at most one row: all but the largest
-    if fitted < n_classes:
-        raise ValueError(f"--folds {folds} fits each calibrator on {folds - 1} of the {folds} folds, {fitted} of the "
-                         f"{n} rows, fewer than the {n_classes} classes: use --folds {-(-n // (n - n_classes))} or "
-                         "more")
+    from fastai_ls.validation.scalars import check_folds as check
+
+    check(n, n_classes, folds, option="--folds")
 
 
 @contextmanager

@@ -1,6 +1,5 @@
-"""How every entry point takes its arguments in: tensors as plain `torch.Tensor`s, in a dtype that the arithmetic can
-be done in, and integer class ids by one check (`check_class_ids`), so that every layer refuses the same input with
-the same message."""
+"""The checks that need torch: tensors taken in as plain `torch.Tensor`s, in a dtype that the arithmetic can be done
+in, and integer class ids by one check (`check_class_ids`)."""
 
 from __future__ import annotations
 
