@@ -14,23 +14,55 @@ __all__ = ["plain", "compute_dtype", "upcast", "is_class_id_dtype", "checked_ign
 def plain(t: Tensor) -> Tensor:
     """`t` as a plain `torch.Tensor`: fastai's subclasses (`TensorCategory`...) send every operation through Python
     dispatch, which costs more than the whole loss at small sizes. The autograd history is kept. torch's own
-    `as_subclass`, not fastai's override of it, which also copies the subclass's metadata (3x the time)."""
+    `as_subclass`, not fastai's override of it, which also copies the subclass's metadata (3x the time).
+
+    Parameters
+    ----------
+    t : Tensor
+        A tensor, of any subclass.
+
+    >>> type(plain(torch.nn.Parameter(torch.zeros(1)))).__name__
+    'Tensor'
+    """
     return t if type(t) is Tensor else Tensor.as_subclass(t, Tensor)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision logits (the smoothing term sums C logits and overflows float16), else `dtype`."""
+    """float32 for half-precision logits (the smoothing term sums C logits and overflows float16), else `dtype`.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        The dtype of the logits.
+
+    >>> compute_dtype(torch.bfloat16), compute_dtype(torch.float64)
+    (torch.float32, torch.float64)
+    """
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def upcast(x: Tensor) -> Tensor:
-    """`x` in its `compute_dtype`."""
+    """`x` in its `compute_dtype` (`x` itself, not a copy, when that is its own dtype).
+
+    Parameters
+    ----------
+    x : Tensor
+        A floating point tensor.
+
+    >>> upcast(torch.ones(2, dtype=torch.float16)).dtype
+    torch.float32
+    """
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def is_class_id_dtype(dtype: torch.dtype) -> bool:
     """Whether tensors of `dtype` hold class ids: every integer dtype; bool (True would be class 1), floating point
     and complex ones do not.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        A tensor's dtype.
 
     >>> is_class_id_dtype(torch.uint8), is_class_id_dtype(torch.bool), is_class_id_dtype(torch.complex64)
     (True, False, False)
