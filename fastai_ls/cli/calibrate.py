@@ -17,6 +17,7 @@ import pandas as pd
 
 from fastai_ls.cli.archive import read_predictions
 from fastai_ls.cli.tables import best_method, comparison_text
+from fastai_ls.validation import scalars
 
 __all__ = ["check_csv_path", "check_folds", "quiet_bars", "calibrate"]
 
@@ -95,9 +96,7 @@ def check_folds(n: int, n_classes: int, folds: int) -> None:
     Traceback (most recent call last):
     ValueError: --folds 5 fits each calibrator on 4 of the 5 folds, 9 of the 12 rows, ...: use --folds 6 or more
     """
-    from fastai_ls.validation.scalars import check_folds as check
-
-    check(n, n_classes, folds, option="--folds")
+    scalars.check_folds(n, n_classes, folds, option="--folds")
 
 
 @contextmanager
