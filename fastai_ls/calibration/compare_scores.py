@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators.folds import stratified_folds
-from fastai_ls.calibration.confidence_scores import NORMALISED, SCORE_NAMES, _check_logits, _check_p, _scores
+from fastai_ls.calibration.confidence_scores import NORMALISED, SCORE_NAMES, _check_p, _checked_logits, _scores
 from fastai_ls.calibration.intervals import _one_thread, percentile_intervals
 from fastai_ls.calibration.selective import _aurc_sum, _expected_errors, _Ranking
 from fastai_ls.calibration.selective_bootstrap import bootstrap_selective, selective_table
@@ -90,7 +90,7 @@ def check_held_out(logits: Tensor | np.ndarray, targets: Tensor | np.ndarray) ->
         logits = torch.from_numpy(logits)
     if isinstance(targets, np.ndarray):
         targets = torch.from_numpy(targets)
-    z = _check_logits(logits)
+    z = _checked_logits(logits)
     n, n_classes = z.shape
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a torch.Tensor or a numpy array, got {type(targets).__name__}")

@@ -4,8 +4,9 @@ problem before any work is done, and none changing what it is given (scikit-lear
 
 `scalars.py` checks options (counts, bounds, confidence levels, seeds, folds) with the standard library alone: the
 `fastai-ls` command imports it before torch. `tensors.py` checks tensors: plain `torch.Tensor`s in a dtype the
-arithmetic can be done in, and integer class ids (`check_class_ids`, the one check of them). Each name is imported
-from its module on first use (PEP 562), so that `from fastai_ls.validation import check_folds` loads no torch.
+arithmetic can be done in, logits, and integer class ids (`check_class_ids`, the one check of them). Each name is
+imported from its module on first use (PEP 562), so that `from fastai_ls.validation import check_folds` loads no
+torch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ if TYPE_CHECKING:  # for IDEs and type checkers; at run time `__getattr__` below
     from fastai_ls.validation.scalars import check_ci, check_folds, check_int, check_number, check_seed
     from fastai_ls.validation.tensors import (
         check_class_ids,
+        check_logits,
         checked_ignore_index,
         compute_dtype,
         is_class_id_dtype,
@@ -25,7 +27,7 @@ if TYPE_CHECKING:  # for IDEs and type checkers; at run time `__getattr__` below
     )
 
 __all__ = ["check_int", "check_number", "check_ci", "check_seed", "check_folds", "plain", "compute_dtype", "upcast",
-           "is_class_id_dtype", "checked_ignore_index", "check_class_ids"]
+           "check_logits", "is_class_id_dtype", "checked_ignore_index", "check_class_ids"]
 # Each name and its module.
 _SOURCES = {
     **dict.fromkeys(__all__[:5], "fastai_ls.validation.scalars"),  # no torch

@@ -8,7 +8,8 @@ import numbers
 import torch
 from torch import Tensor
 
-__all__ = ["plain", "compute_dtype", "upcast", "is_class_id_dtype", "checked_ignore_index", "check_class_ids"]
+__all__ = ["plain", "compute_dtype", "upcast", "check_logits", "is_class_id_dtype", "checked_ignore_index",
+           "check_class_ids"]
 
 
 def plain(t: Tensor) -> Tensor:
@@ -53,6 +54,32 @@ def upcast(x: Tensor) -> Tensor:
     torch.float32
     """
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def check_logits(logits: Tensor, name: str = "logits", min_rows: int = 0) -> None:
+    """A TypeError unless `logits` is a tensor, a ValueError unless it is (N, C) floating point with C >= 2 classes
+    (and N >= `min_rows` rows). Reads shapes and dtypes only, never values.
+
+    Parameters
+    ----------
+    logits : Tensor
+        The logits.
+    name : str
+        What to call them in messages.
+    min_rows : int
+        The fewest rows allowed.
+
+    >>> check_logits(torch.zeros(4, 1))
+    Traceback (most recent call last):
+    ValueError: logits must be (N, C) with C >= 2 classes, got shape (4, 1)
+    """
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2 or logits.shape[1] < 2 or logits.shape[0] < min_rows:
+        rows = f" N >= {min_rows} rows and" if min_rows else ""
+        raise ValueError(f"{name} must be (N, C) with{rows} C >= 2 classes, got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {logits.dtype}")
 
 
 def is_class_id_dtype(dtype: torch.dtype) -> bool:

@@ -160,7 +160,8 @@ def test_the_option_checks_load_no_torch():
 # Each shared check and its one home. The command's `check_folds` only spells the option as typed (`--folds`).
 HOMES = {
     **dict.fromkeys(["check_int", "check_number", "check_ci", "check_seed", "check_folds"], "validation/scalars.py"),
-    **dict.fromkeys(["check_class_ids", "checked_ignore_index", "is_class_id_dtype"], "validation/tensors.py"),
+    **dict.fromkeys(["check_logits", "check_class_ids", "checked_ignore_index", "is_class_id_dtype"],
+                    "validation/tensors.py"),
 }
 
 

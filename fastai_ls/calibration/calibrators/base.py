@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fastai_ls.calibration.intervals import _one_thread
-from fastai_ls.validation import check_class_ids, check_int, check_number
+from fastai_ls.validation import check_class_ids, check_int, check_logits, check_number
 
 # check_int, check_number: `fastai_ls.validation`'s checks of the calibrators' options, also imported from here.
 __all__ = ["Calibrator", "CalibrationWarning", "NEG_INF_GAP", "BLOCK_ELEMENTS", "row_blocks", "check_fit_input",
@@ -83,15 +83,6 @@ class CalibrationWarning(UserWarning):
     held-out targets, classes too small for the folds of a comparison."""
 
 
-def _check_logits(logits: Tensor) -> None:
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"logits must be (N, C) with C >= 2 classes, got shape {tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
-
-
 def clean_logits(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(z, bad): the logits in `dtype` with each -inf replaced as the module docstring says, and the (N,) rows that
     hold NaN or +inf (or no finite logit at all), which are set to 0 in `z`. `logits` itself is never written.
@@ -137,7 +128,7 @@ def check_fit_input(logits: Tensor, target: Tensor, upcast: bool = True) -> tupl
     upcast : bool
         Return the logits in float64 (a copy of float32 logits; False: checks without a float64 copy).
     """
-    _check_logits(logits)
+    check_logits(logits)
     n, n_classes = logits.shape
     check_class_ids(target, n, rows="logits", column=False)  # shape and dtype: the values once on the logits' device
     if n < n_classes:
@@ -253,7 +244,7 @@ class Calibrator:
         """
         if not self.fitted:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(logits, target) first")
-        _check_logits(logits)
+        check_logits(logits)
         if self.n_classes is not None and logits.shape[1] != self.n_classes:
             raise ValueError(f"{type(self).__name__} was fitted on {self.n_classes} classes, got logits with "
                              f"{logits.shape[1]}")
