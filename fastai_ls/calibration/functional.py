@@ -15,9 +15,8 @@ import torch  # noqa: F401  (the examples in the docstrings use it)
 from torch import Tensor
 
 from fastai_ls.calibration.checks import checked_probabilities
-from fastai_ls.calibration.intervals import check_interval_grid
 from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, N_FINE, CalibrationState, check_n_bins
-from fastai_ls.validation import check_ci, check_class_ids, check_seed
+from fastai_ls.validation import check_ci, check_class_ids, check_interval_grid, check_seed
 
 __all__ = ["calibration_error", "calibration_metrics"]
 

@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 
 from fastai_ls.calibration.metrics import TOP_LABEL_NAMES, top_label_metrics
-from fastai_ls.validation import check_ci, check_seed
+from fastai_ls.validation import check_ci, check_interval_grid, check_seed
 
-# check_ci, check_seed: `fastai_ls.validation`'s checks of the intervals' options, which callers also import from here.
+# check_ci, check_seed, check_interval_grid: `fastai_ls.validation`'s checks of the intervals' options, which callers
+# also import from here.
 __all__ = ["BOOTSTRAP_NAMES", "MAX_ROWS", "check_ci", "check_seed", "check_interval_grid",
            "joint_cells", "bootstrap_histograms", "bootstrap_metrics",
            "percentile_intervals",
@@ -35,24 +36,6 @@ __all__ = ["BOOTSTRAP_NAMES", "MAX_ROWS", "check_ci", "check_seed", "check_inter
 
 # The metrics that get a percentile bootstrap interval: every metric the two histograms determine.
 BOOTSTRAP_NAMES = TOP_LABEL_NAMES
-
-
-def check_interval_grid(n_bins: int, n_fine: int) -> None:
-    """A ValueError unless the fine grid has at least as many cells as there are bins: the bootstrap resamples the
-    fine cells, split at the bin edges (`joint_cells`), so that its ECE uses the bins of the point estimate.
-
-    Parameters
-    ----------
-    n_bins, n_fine : int
-        The equal-width bins and the fine cells of a `CalibrationState`.
-
-    >>> check_interval_grid(n_bins=2000, n_fine=1000)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ValueError: intervals need at least as many fine cells as bins, got n_fine=1000 < n_bins=2000: pass n_fine >= ...
-    """
-    if n_fine < n_bins:
-        raise ValueError(f"intervals need at least as many fine cells as bins, got n_fine={n_fine} < n_bins={n_bins}: "
-                         f"pass n_fine >= {n_bins}, or no intervals (ci=None)")
 
 
 def _z(ci: float) -> float:

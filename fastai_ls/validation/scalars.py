@@ -1,12 +1,12 @@
-"""The checks of scalar options (counts, bounds, confidence levels, seeds, folds), in the standard library alone: the
-`fastai-ls` command runs them before it imports torch, so that a wrong option is refused at once."""
+"""The checks of scalar options (counts, bounds, confidence levels, seeds, interval grids, folds), in the standard
+library alone: the `fastai-ls` command runs them before it imports torch, so that a wrong option is refused at once."""
 
 from __future__ import annotations
 
 import math
 import numbers
 
-__all__ = ["check_int", "check_number", "check_ci", "check_seed", "check_folds"]
+__all__ = ["check_int", "check_number", "check_ci", "check_seed", "check_interval_grid", "check_folds"]
 
 
 def check_int(value: int, name: str, low: int = 1) -> int:
@@ -95,6 +95,27 @@ def check_seed(seed: int | None, allow_none: bool = True) -> int | None:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an int from 0 to 2**64 - 1{' or None' if allow_none else ''}, got {seed!r}")
     return int(seed)
+
+
+def check_interval_grid(n_bins: int, n_fine: int) -> None:
+    """A ValueError unless the fine grid has at least as many cells as there are bins: the bootstrap resamples the
+    fine cells, split at the bin edges (`fastai_ls.calibration.intervals.joint_cells`), so that its ECE uses the
+    bins of the point estimate.
+
+    Parameters
+    ----------
+    n_bins : int
+        The equal-width bins of a `CalibrationState`.
+    n_fine : int
+        The cells of its fine grid.
+
+    >>> check_interval_grid(n_bins=2000, n_fine=1000)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: intervals need at least as many fine cells as bins, got n_fine=1000 < n_bins=2000: pass n_fine >= ...
+    """
+    if n_fine < n_bins:
+        raise ValueError(f"intervals need at least as many fine cells as bins, got n_fine={n_fine} < n_bins={n_bins}: "
+                         f"pass n_fine >= {n_bins}, or no intervals (ci=None)")
 
 
 def check_folds(n: int, n_classes: int, folds: int, option: str | None = None) -> None:

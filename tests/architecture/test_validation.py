@@ -159,7 +159,8 @@ def test_the_option_checks_load_no_torch():
 
 # Each shared check and its one home. The command's `check_folds` only spells the option as typed (`--folds`).
 HOMES = {
-    **dict.fromkeys(["check_int", "check_number", "check_ci", "check_seed", "check_folds"], "validation/scalars.py"),
+    **dict.fromkeys(["check_int", "check_number", "check_ci", "check_seed", "check_interval_grid", "check_folds"],
+                    "validation/scalars.py"),
     **dict.fromkeys(["check_logits", "check_class_ids", "checked_ignore_index", "is_class_id_dtype"],
                     "validation/tensors.py"),
 }
@@ -178,5 +179,6 @@ def test_each_shared_check_is_defined_in_fastai_ls_validation_alone():
 
 def test_the_package_exports_each_check_from_its_module():
     assert sorted(validation.__all__) == sorted(set(HOMES) | {"plain", "compute_dtype", "upcast"})
-    for name in validation.__all__:
-        assert getattr(validation, name).__module__.startswith("fastai_ls.validation.")
+    for name, module in validation._SOURCES.items():
+        assert getattr(validation, name).__module__ == module
+    assert sorted(validation._SOURCES) == sorted(validation.__all__)
