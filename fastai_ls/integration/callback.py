@@ -42,7 +42,7 @@ from fastai_ls.calibration.state import (
     check_n_bins,
 )
 from fastai_ls.integration.class_axis import class_axis_of, class_rows
-from fastai_ls.validation import plain
+from fastai_ls.validation import is_class_id_dtype, plain
 
 if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
     from matplotlib.axes import Axes
@@ -534,7 +534,7 @@ class CalibrationCallback(Callback):
         """(rows, C) probabilities and (rows,) targets; `rows_per_item` > 1 for dense (N, C, d1, ...) predictions."""
         if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
             raise TypeError("CalibrationCallback needs one prediction tensor and one target tensor per batch")
-        if target.is_floating_point() or target.dtype == torch.bool:
+        if not is_class_id_dtype(target.dtype):
             raise ValueError(f"CalibrationCallback needs integer class-id targets, got {target.dtype} "
                              "(multi-label, soft or regression targets have no top-label calibration)")
         # Plain tensors: fastai's subclasses (TensorCategory, TensorImage...) cost a Python dispatch on every op.

@@ -23,12 +23,11 @@ from fastcore.basics import noop
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators import Calibrator, TemperatureScaling, get_calibrator
-from fastai_ls.calibration.calibrators.base import check_number
 from fastai_ls.calibration.compare import DEFAULT_METHODS
 from fastai_ls.calibration.compare import compare_calibrators as compare_on_logits
 from fastai_ls.calibration.state import CalibrationState
 from fastai_ls.integration.class_axis import class_axis_of, class_rows
-from fastai_ls.validation import plain
+from fastai_ls.validation import check_number, is_class_id_dtype, plain
 
 __all__ = ["fit_calibrator", "apply_calibrator", "remove_calibrator", "applied_calibrator", "compare_calibrators",
            "holdout_logits", "save_predictions", "CalibratedActivation", "TemperatureFit", "fit_temperature",
@@ -64,7 +63,7 @@ def holdout_logits(learn: Learner, dl: DataLoader | None = None) -> tuple[Tensor
     if not isinstance(target, Tensor):
         raise ValueError("post-hoc calibration needs one target tensor of class ids per item")
     logits, target = class_rows(logits, target, learn.loss_func)
-    if target.is_floating_point() or target.dtype == torch.bool:
+    if not is_class_id_dtype(target.dtype):
         raise ValueError(f"post-hoc calibration needs integer class-id targets, got {target.dtype} (multi-label or "
                          "soft targets have no softmax calibration)")
     ignore_index = getattr(learn.loss_func, "ignore_index", None)

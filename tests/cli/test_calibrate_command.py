@@ -26,11 +26,12 @@ from torch import nn
 
 import fastai_ls.calibration.compare
 from fastai_ls import LabelSmoothingCrossEntropy, save_predictions
-from fastai_ls.calibration.calibrators import CALIBRATORS
+from fastai_ls.calibration.calibrators import CALIBRATORS, Calibrator
 from fastai_ls.calibration.compare import compare_calibrators
+from fastai_ls.calibrator_names import CALIBRATOR_NAMES
 from fastai_ls.cli import main
-from fastai_ls.cli.calibrate import best_method, read_predictions
-from fastai_ls.cli.main import METHODS
+from fastai_ls.cli.archive import read_predictions
+from fastai_ls.cli.tables import best_method
 from fastai_ls.integration.posthoc import holdout_logits
 
 N_CLASSES = 4
@@ -56,9 +57,16 @@ def run(args: list[str], capsys) -> tuple[int, str, str]:
     return status, captured.out, captured.err
 
 
-def test_the_command_knows_every_calibrator():
-    # The parser lists them without importing torch; the list must stay the registry's.
-    assert METHODS == tuple(CALIBRATORS)
+def test_the_registry_is_built_from_the_names_the_command_lists_without_torch():
+    assert tuple(CALIBRATORS) == CALIBRATOR_NAMES
+    assert all(cls.name == name for name, cls in CALIBRATORS.items())
+    subclasses, found = [Calibrator], set()  # every concrete calibrator with a name is in the registry
+    while subclasses:
+        cls = subclasses.pop()
+        subclasses += cls.__subclasses__()
+        if vars(cls).get("name") and not cls.__name__.startswith("_") and cls.__module__.startswith("fastai_ls."):
+            found.add(cls.name)
+    assert found <= set(CALIBRATOR_NAMES), found - set(CALIBRATOR_NAMES)
 
 
 def test_the_table_is_the_comparison_of_the_saved_arrays_with_intervals(tmp_path, capsys):
@@ -339,12 +347,12 @@ def test_declared_shapes_are_checked_before_any_data_is_decompressed(tmp_path, c
 
 
 def test_arrays_larger_than_the_memory_are_refused_from_their_headers(tmp_path, capsys, monkeypatch):
-    import fastai_ls.cli.calibrate
+    import fastai_ls.cli.archive
 
     logits, targets = over_confident(100)
     np.savez(tmp_path / "p.npz", logits=logits, targets=targets)
     spy = ReadSpy(monkeypatch)
-    monkeypatch.setattr(fastai_ls.cli.calibrate, "_physical_memory", lambda: 1024)
+    monkeypatch.setattr(fastai_ls.cli.archive, "_physical_memory", lambda: 1024)
     err = one_error_line(["calibrate", str(tmp_path / "p.npz")], capsys)
     assert err == f"fastai-ls: error: {tmp_path / 'p.npz'} declares 2,400 bytes of arrays ('logits' (100, 4) " \
         "float32), more than this machine's 1,024 bytes of memory\n"
