@@ -27,16 +27,13 @@ if TYPE_CHECKING:  # for IDEs and type checkers; at run time `__getattr__` below
     from fastai_ls.integration import distributed
     from fastai_ls.integration.callback import CalibrationCallback
     from fastai_ls.integration.posthoc import (
-        TemperatureFit,
         apply_calibrator,
-        apply_temperature,
         compare_calibrators,
         fit_calibrator,
-        fit_temperature,
         remove_calibrator,
-        remove_temperature,
         save_predictions,
     )
+    from fastai_ls.integration.temperature import TemperatureFit, apply_temperature, fit_temperature, remove_temperature
     from fastai_ls.loss.modules import (
         LabelSmoothingCrossEntropy,
         LabelSmoothingCrossEntropyFlat,
@@ -64,10 +61,10 @@ _SOURCES = {
     "aurc": "fastai_ls.calibration.selective",
     "augrc": "fastai_ls.calibration.selective",
     "compare_confidence_scores": "fastai_ls.calibration.compare_scores",
-    "TemperatureFit": "fastai_ls.integration.posthoc",
-    "apply_temperature": "fastai_ls.integration.posthoc",
-    "fit_temperature": "fastai_ls.integration.posthoc",
-    "remove_temperature": "fastai_ls.integration.posthoc",
+    "TemperatureFit": "fastai_ls.integration.temperature",  # deprecated
+    "apply_temperature": "fastai_ls.integration.temperature",  # deprecated
+    "fit_temperature": "fastai_ls.integration.temperature",  # deprecated
+    "remove_temperature": "fastai_ls.integration.temperature",  # deprecated
     "fit_calibrator": "fastai_ls.integration.posthoc",
     "apply_calibrator": "fastai_ls.integration.posthoc",
     "remove_calibrator": "fastai_ls.integration.posthoc",
