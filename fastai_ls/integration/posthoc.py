@@ -27,6 +27,7 @@ from torch import Tensor
 from fastai_ls.calibration.calibrators import Calibrator, get_calibrator
 from fastai_ls.calibration.compare import DEFAULT_METHODS, compare_on_logits
 from fastai_ls.integration.class_axis import class_axis_of, class_rows
+from fastai_ls.integration.fastai_compat import shows_progress
 from fastai_ls.validation import plain
 
 __all__ = ["fit_calibrator", "apply_calibrator", "remove_calibrator", "applied_calibrator", "compare_calibrators",
@@ -349,7 +350,7 @@ def compare_calibrators(
         if target is not None:
             raise ValueError("pass either a learner or logits with their targets, not a learner and targets")
         # fastai's no_bar() removes the ProgressCallback (`learn.progress`) while it lasts.
-        progress = progress and hasattr(learn_or_logits, "progress")
+        progress = progress and shows_progress(learn_or_logits)
         logits, target = holdout_logits(learn_or_logits, dl)
     else:
         if target is None:
