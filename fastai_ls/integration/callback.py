@@ -16,14 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
-import torch
 from fastai.learner import Learner
-from torch import Tensor
 
 from fastai_ls.calibration.intervals import check_ci, check_interval_grid, check_seed
 from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, INTERVAL_COLUMNS, CalibrationState, check_n_bins
 from fastai_ls.integration.callback_views import DeprecatedViews
-from fastai_ls.integration.class_axis import class_axis_of, class_rows
+from fastai_ls.integration.class_axis import probability_rows
 from fastai_ls.integration.columns import (
     HISTORY_COLUMNS,
     METRIC_COMPARISONS,
@@ -37,11 +35,10 @@ from fastai_ls.integration.fastai_compat import (
     in_validation_context,
     is_sharded,
     padding_weight,
-    reattach,
 )
+from fastai_ls.integration.one_per_learner import put_back, replace_others
 from fastai_ls.integration.targets import check_class_id_targets
 from fastai_ls.integration.trackers import align_trackers, check_trackers
-from fastai_ls.validation import plain
 
 __all__ = ["CalibrationCallback", "CalibrationMetric", "Phase", "HISTORY_COLUMNS", "METRIC_COMPARISONS",
            "check_class_id_targets"]
@@ -139,16 +136,8 @@ class CalibrationCallback(DeprecatedViews, AttachAwareCallback):
     run_train = False
     attribute_name = "calibration"
 
-    def __init__(
-        self,
-        n_bins: int = 15,
-        metrics: Sequence[str] | str = ("ece",),
-        n_fine: int = 1000,
-        classwise: bool | None = None,
-        ci: float | None = 0.95,
-        n_boot: int = 1000,
-        seed: int | None = 0,
-    ):
+    def __init__(self, n_bins: int = 15, metrics: Sequence[str] | str = ("ece",), n_fine: int = 1000,
+                 classwise: bool | None = None, ci: float | None = 0.95, n_boot: int = 1000, seed: int | None = 0):
         """Check the arguments; the counters are made at the first validation batch, once C is known."""
         self.n_bins, self.n_fine = check_n_bins(n_bins), check_n_bins(n_fine, "n_fine")
         self.classwise = classwise
@@ -170,32 +159,15 @@ class CalibrationCallback(DeprecatedViews, AttachAwareCallback):
         self._deferred: Exception | None = None  # an error of before_fit inside validate()/get_preds(), raised later
         self._warned_invalid = False
 
-    # --- attached to a learner: columns, and one calibration callback per learner ------------------------------
-
     def attach(self, learn: Learner) -> None:
-        """Take the learner's other CalibrationCallbacks out while this one is attached: two would add every column
-        twice, and `learn.calibration` would name only one of them."""
-        others = [cb for cb in getattr(learn, "cbs", ()) if isinstance(cb, CalibrationCallback) and cb is not self]
-        if not others:
-            return
-        warnings.warn(f"this learner already has a CalibrationCallback (metrics {others[0].metric_names}): the new "
-                      f"one (metrics {self.metric_names}) replaces it, and puts it back when it is removed (as "
-                      "fit(cbs=...) does at the end of the fit); learn.calibration is the new one meanwhile",
-                      stacklevel=4)
-        for cb in others:
-            learn.remove_cb(cb)
-        self.__dict__["_replaced"] = others
+        """Replace the learner's other CalibrationCallbacks while this one is attached (`one_per_learner.py`)."""
+        replace_others(self, learn, CalibrationCallback)
 
     def detach(self, learn: Learner) -> None:
         """Take this callback's columns out (left, they would show a frozen value in every later fit) and put back
         the callbacks it replaced."""
         remove_columns(learn, lambda m: m.cb is self)
-        replaced = self.__dict__.pop("_replaced", [])
-        if replaced:
-            for cb in replaced:
-                reattach(cb, learn)
-            learn.calibration = replaced[-1]
-            self.keep_attribute()
+        put_back(self, learn)
 
     # --- events --------------------------------------------------------------------------------------------------
 
@@ -253,7 +225,7 @@ class CalibrationCallback(DeprecatedViews, AttachAwareCallback):
         if self._deferred is not None:
             error, self._deferred = self._deferred, None
             raise error
-        probs, target, rows_per_item = self._rows_of_batch(self.pred, self.yb[0])
+        probs, target, rows_per_item = probability_rows(self.pred, self.yb[0], self.learn.loss_func)
         if self._pass.counts is None:
             n_classes = probs.shape[1]
             classwise = n_classes <= CLASSWISE_MAX_CLASSES if self.classwise is None else self.classwise
@@ -296,7 +268,7 @@ class CalibrationCallback(DeprecatedViews, AttachAwareCallback):
             self.phase = Phase.IDLE
 
     @property
-    def _outermost(self) -> bool:
+    def _outermost(self) -> bool:  # in a fit, and not in a pass nested in it
         return self.phase is not Phase.IDLE and not self._outer
 
     # --- results -------------------------------------------------------------------------------------------------
@@ -333,8 +305,6 @@ class CalibrationCallback(DeprecatedViews, AttachAwareCallback):
         epoch : int, default -1
             Index into `states`, the epochs of the last fit (-1: the last).
 
-        Examples
-        --------
         >>> plot_reliability(cb.state_of(0))  # the first epoch's diagram  # doctest: +SKIP
         """
         if not self.states:
@@ -346,26 +316,6 @@ class CalibrationCallback(DeprecatedViews, AttachAwareCallback):
             raise ValueError(f"epoch must be an int from {-len(self.states)} to {len(self.states) - 1}: the last fit "
                              f"recorded {len(self.states)} epochs, got {epoch!r}")
         return self.states[epoch]
-
-    # --- per batch: shapes and dtypes only, never tensor values (no host synchronisation) --------------------------
-
-    def _rows_of_batch(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, int]:
-        """(rows, C) probabilities and (rows,) targets; `rows_per_item` > 1 for dense (N, C, d1, ...) predictions."""
-        if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
-            raise TypeError("CalibrationCallback needs one prediction tensor and one target tensor per batch")
-        if target.is_floating_point() or target.dtype == torch.bool:
-            raise ValueError(f"CalibrationCallback needs integer class-id targets, got {target.dtype} "
-                             "(multi-label, soft or regression targets have no top-label calibration)")
-        # Plain tensors: fastai's subclasses (TensorCategory, TensorImage...) cost a Python dispatch on every op.
-        pred, loss_func = plain(pred), self.learn.loss_func
-        activation = getattr(loss_func, "activation", None)
-        # A loss without an activation of its own is taken for cross-entropy on logits.
-        probs = activation(pred) if callable(activation) else pred.float().softmax(class_axis_of(loss_func, pred.dim()))
-        try:
-            probs, target = class_rows(probs, target, loss_func)
-        except ValueError as e:
-            raise ValueError(f"CalibrationCallback {e}") from None
-        return probs, target, probs.shape[0] // max(pred.shape[0], 1)
 
 
 def _warn_if_calibrated(learn: Learner) -> None:
