@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
+from fastai.callback.core import Callback
 from fastai.learner import Learner, ValueMetric
 
 from fastai_ls.calibration.state import INTERVAL_COLUMNS, INTERVAL_NAMES, METRIC_NAMES
-
-if TYPE_CHECKING:
-    from fastai_ls.integration.callback import CalibrationCallback
 
 __all__ = ["CalibrationMetric", "HISTORY_COLUMNS", "METRIC_COMPARISONS", "LOWER_IS_BETTER", "check_metric_names",
            "remove_columns"]
@@ -44,7 +41,7 @@ class CalibrationMetric(ValueMetric):
         The column's name, one of `METRIC_NAMES` or `INTERVAL_COLUMNS`.
     """
 
-    def __init__(self, cb: CalibrationCallback, metric_name: str):
+    def __init__(self, cb: Callback, metric_name: str):
         """Column `metric_name` of `cb`."""
         super().__init__(func=None, metric_name=metric_name)
         self.cb = cb
