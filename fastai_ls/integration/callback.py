@@ -63,6 +63,10 @@ class _Pass:
     scored: bool = False
 
 
+# The state of a callback pickled by the release before `Phase` that `Phase` and `_Pass` replace.
+_OLD_FLAGS = ("_new_fit", "_in_fit", "_depth", "_scored", "_sharded", "_eager_intervals", "_pass")
+
+
 class CalibrationCallback(DeprecatedViews, AttachAwareCallback):
     """Calibration metrics of every validation pass, counted on the model's device; `metrics` become columns.
 
@@ -168,6 +172,12 @@ class CalibrationCallback(DeprecatedViews, AttachAwareCallback):
         the callbacks it replaced."""
         remove_columns(learn, lambda m: m.cb is self)
         put_back(self, learn)
+
+    def __setstate__(self, state: dict) -> None:
+        if "phase" not in state:  # exported (`learn.export()`) by a release that kept boolean flags, between fits
+            state = {k: v for k, v in state.items() if k not in _OLD_FLAGS}
+            state.update(phase=Phase.IDLE, _pass=_Pass(), _outer=[], _epoch=None, _nested=False, _deferred=None)
+        super().__setstate__(state)
 
     # --- events --------------------------------------------------------------------------------------------------
 

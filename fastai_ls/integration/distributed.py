@@ -39,14 +39,18 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from fastai.callback.progress import ProgressCallback
-from fastai.distributed import DistributedDL as FastaiDistributedDL
 from fastai.distributed import teardown_distrib  # leaves the process group, if one is up
 from fastai.learner import Learner
 from fastai.torch_core import num_distrib, rank_distrib
 
 from fastai_ls._deprecation import warn_renamed
-from fastai_ls.integration.fastai_compat import DistributedDL, DistributedTrainer, gloo_broadcast, shows_progress
-from fastai_ls.integration.fastai_compat import _broadcast as _gloo_aware_broadcast
+from fastai_ls.integration.fastai_compat import (
+    DistributedDL,
+    DistributedTrainer,
+    gloo_broadcast,
+    gloo_broadcast_for_good,
+    shows_progress,
+)
 
 __all__ = ["DistributedDL", "DistributedTrainer", "setup_distrib", "teardown_distrib", "distrib_ctx",
            "gloo_broadcast", "patch_fastai_for_gloo"]
@@ -56,7 +60,7 @@ def patch_fastai_for_gloo() -> None:
     """Deprecated: replaced fastai's `DistributedDL._broadcast` for the whole process; use `with gloo_broadcast():`,
     which restores it after the block (and `distrib_ctx`, which needs neither)."""
     warn_renamed("patch_fastai_for_gloo()", "with gloo_broadcast(): ... (fastai's method is restored after the block)")
-    FastaiDistributedDL._broadcast = _gloo_aware_broadcast
+    gloo_broadcast_for_good()
 
 
 def setup_distrib(backend: str | None = None, timeout: timedelta | float | None = None) -> bool:

@@ -6,7 +6,8 @@ What pins fastai (`fastai>=2.8,<2.9` in setup.cfg) is this list; each is read or
 
 - `fastai.distributed.DistributedDL._broadcast` (private) sends the index list as `LongTensor(t).cuda()`, which fails
   with gloo: `DistributedDL` below overrides it, and `gloo_broadcast()` replaces it on fastai's own class only inside
-  a `with` block, restoring it after.
+  a `with` block, restoring it after (`gloo_broadcast_for_good`, for the process: the deprecated
+  `patch_fastai_for_gloo`).
 - `DistributedTrainer._wrap_dl` (private): `DistributedTrainer` below overrides it to wrap in that `DistributedDL`.
 - `DistributedDL.rank`, `.world_size`, `.n`, `.n_padded` and `.i` (undocumented: the padded contiguous shards and the
   running item count): `padding_weight`.
@@ -40,8 +41,8 @@ from fastai.distributed import DistributedTrainer as FastaiDistributedTrainer
 from fastai.learner import Learner
 from torch import Tensor
 
-__all__ = ["DistributedDL", "DistributedTrainer", "gloo_broadcast", "padding_weight", "is_sharded",
-           "in_validation_context", "finding_lr", "shows_progress", "inner_loss", "tracker_monitor",
+__all__ = ["DistributedDL", "DistributedTrainer", "gloo_broadcast", "gloo_broadcast_for_good", "padding_weight",
+           "is_sharded", "in_validation_context", "finding_lr", "shows_progress", "inner_loss", "tracker_monitor",
            "turn_tracker", "sit_out", "prefixed_columns", "AttachAwareCallback", "reattach"]
 
 
@@ -100,6 +101,12 @@ def gloo_broadcast() -> Iterator[None]:
             _patch_depth -= 1
             if _patch_depth == 0:
                 FastaiDistributedDL._broadcast = _fastai_broadcast
+
+
+def gloo_broadcast_for_good() -> None:
+    """Replace fastai's `DistributedDL._broadcast` for the rest of the process (the deprecated
+    `patch_fastai_for_gloo`; `gloo_broadcast()` restores it)."""
+    FastaiDistributedDL._broadcast = _broadcast
 
 
 def is_sharded(dl: object) -> bool:

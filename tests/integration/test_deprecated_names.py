@@ -4,6 +4,7 @@ and gives what the new spelling gives."""
 from __future__ import annotations
 
 import importlib
+import pickle
 import warnings
 
 import matplotlib
@@ -31,6 +32,7 @@ from fastai_ls.calibration.compare import compare_on_logits
 from fastai_ls.calibration.plots import bin_frame
 from fastai_ls.calibration.report import report_frame
 from fastai_ls.integration import distributed, fastai_compat, posthoc
+from fastai_ls.integration.callback import Phase
 from fastai_ls.integration.posthoc import applied_calibrator, holdout_logits
 
 matplotlib.use("Agg")
@@ -205,3 +207,25 @@ def test_an_applied_calibrator_is_unaffected_by_the_renames(fitted):
     with learn.no_bar():
         probs, _ = learn.get_preds()
     assert torch.allclose(probs.sum(1), torch.ones(len(probs)))
+
+
+def test_a_callback_exported_with_the_flags_of_the_release_before_the_phase_loads_and_records():
+    # `learn.export()` pickles the callback's attributes: those of a learner exported before issue 16 are flags.
+    cb = CalibrationCallback(ci=None)
+    learn = learner(cb)
+    with learn.no_bar():
+        learn.fit(1, 1e-2)
+    learn.logger = print  # picklable, as fastai's default
+    for name in ("phase", "_pass"):
+        del cb.__dict__[name]
+    cb.__dict__.update(_pass=None, _new_fit=False, _in_fit=False, _depth=0, _scored=True, _sharded=False,
+                       _eager_intervals=False)
+    loaded = pickle.loads(pickle.dumps(cb))
+    assert loaded.phase is Phase.IDLE and not {"_new_fit", "_depth", "_scored"} & set(vars(loaded))
+    other = learner()
+    other.add_cb(loaded)
+    with other.no_bar():
+        other.fit(2, 1e-2)
+        other.validate()
+    assert len(loaded.history) == 2 and loaded.state is not loaded.states[-1] and other.calibration is loaded
+    assert [m.name for m in other.metrics] == ["ece"] and other.recorder.values[-1][-1] == loaded.history["ece"][1]
