@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # for IDEs and type checkers; at run time `__getattr__` below
     from fastai_ls.integration import distributed
     from fastai_ls.integration.callback import CalibrationCallback
     from fastai_ls.integration.posthoc import (
+        applied_calibrator,
         apply_calibrator,
         compare_calibrators,
         fit_calibrator,
@@ -68,6 +69,7 @@ _SOURCES = {
     "fit_calibrator": "fastai_ls.integration.posthoc",
     "apply_calibrator": "fastai_ls.integration.posthoc",
     "remove_calibrator": "fastai_ls.integration.posthoc",
+    "applied_calibrator": "fastai_ls.integration.posthoc",
     "compare_calibrators": "fastai_ls.integration.posthoc",
     "save_predictions": "fastai_ls.integration.posthoc",
     "pets_learner": "fastai_ls.pets",
@@ -82,7 +84,8 @@ __all__ = [
     "CalibrationCallback", "plot_history", "plot_reliability", "plot_smooth_reliability", "plot_risk_coverage",
     "plot_selective", "confidence_scores", "aurc", "augrc", "compare_confidence_scores",
     "TemperatureFit", "apply_temperature", "fit_temperature", "remove_temperature",
-    "fit_calibrator", "apply_calibrator", "remove_calibrator", "compare_calibrators", "save_predictions",
+    "fit_calibrator", "apply_calibrator", "remove_calibrator", "applied_calibrator", "compare_calibrators",
+    "save_predictions",
     "pets_learner", "make_pets_like_tree", "digits_learner", "distributed",
 ]  # the same names as `_SOURCES` and the imports above (tests/test_package.py checks it)
 
