@@ -62,7 +62,11 @@ class CalibrationMetric(ValueMetric):
 
 
 def check_metric_names(metrics, ci: float | None) -> tuple[str, ...]:
-    """The column names, in order and without repeats; a ValueError names an unknown one (with the closest name)."""
+    """The column names, in order and without repeats; a ValueError names an unknown one (with the closest name).
+
+    >>> check_metric_names(("ece", "nll", "ece"), ci=0.95)
+    ('ece', 'nll')
+    """
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     for m in metrics:
         if m not in METRIC_NAMES + INTERVAL_COLUMNS:
@@ -76,7 +80,10 @@ def check_metric_names(metrics, ci: float | None) -> tuple[str, ...]:
 
 
 def remove_columns(learn: Learner, drop) -> None:
-    """Take the calibration columns `m` with `drop(m)` out of `learn.metrics` (the other metrics keep their order)."""
+    """Take the calibration columns `m` with `drop(m)` out of `learn.metrics` (the other metrics keep their order).
+
+    >>> remove_columns(learn, lambda m: m.cb is cb)  # doctest: +SKIP
+    """
     metrics = getattr(learn, "metrics", None)
     if metrics is not None and any(isinstance(m, CalibrationMetric) and drop(m) for m in metrics):
         learn.metrics = [m for m in metrics if not (isinstance(m, CalibrationMetric) and drop(m))]

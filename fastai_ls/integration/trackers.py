@@ -59,6 +59,8 @@ def check_trackers(learn: Learner, ours: set[str], validating: bool) -> None:
     validating : bool
         Whether this is the fit fastai runs around `validate()`/`get_preds()`: there, such trackers also sit the
         pass out (fastai's own assert in their `before_fit` would keep `learn.lock` held for good).
+
+    >>> check_trackers(learn, {"ece"}, validating=False)  # doctest: +SKIP
     """
     problems = _problems(learn, ours)
     if validating:
@@ -78,6 +80,8 @@ def align_trackers(learn: Learner, columns: Iterable[CalibrationMetric]) -> None
         The learner whose callbacks include the trackers.
     columns : iterable of CalibrationMetric
         The columns of one callback.
+
+    >>> align_trackers(learn, cb._metrics)  # SaveModelCallback(monitor='ece') keeps the lowest ECE  # doctest: +SKIP
     """
     comps = {column.name: column.comp for column in columns}
     for tracker in learn.cbs:
