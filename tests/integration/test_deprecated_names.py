@@ -20,7 +20,6 @@ import fastai_ls
 from fastai_ls import (
     CalibrationCallback,
     LabelSmoothingCrossEntropy,
-    apply_calibrator,
     fit_calibrator,
     plot_history,
     plot_reliability,
@@ -199,14 +198,6 @@ def test_patch_fastai_for_gloo_warns_and_still_patches_for_the_process(monkeypat
     with warns(r"patch_fastai_for_gloo\(\)"):
         distributed.patch_fastai_for_gloo()
     assert FastaiDistributedDL._broadcast is fastai_compat._broadcast
-
-
-def test_an_applied_calibrator_is_unaffected_by_the_renames(fitted):
-    learn = learner()
-    apply_calibrator(learn, TemperatureScaling(2.0))
-    with learn.no_bar():
-        probs, _ = learn.get_preds()
-    assert torch.allclose(probs.sum(1), torch.ones(len(probs)))
 
 
 def test_a_callback_exported_with_the_flags_of_the_release_before_the_phase_loads_and_records():
