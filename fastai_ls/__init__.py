@@ -29,16 +29,14 @@ if TYPE_CHECKING:  # for IDEs and type checkers; at run time `__getattr__` below
     from fastai_ls.integration.callback import CalibrationCallback
     from fastai_ls.integration.maxsup_schedule import MaxSupSchedule
     from fastai_ls.integration.posthoc import (
-        TemperatureFit,
+        applied_calibrator,
         apply_calibrator,
-        apply_temperature,
         compare_calibrators,
         fit_calibrator,
-        fit_temperature,
         remove_calibrator,
-        remove_temperature,
         save_predictions,
     )
+    from fastai_ls.integration.temperature import TemperatureFit, apply_temperature, fit_temperature, remove_temperature
     from fastai_ls.loss.adafocal import AdaFocalLoss, AdaFocalLossFlat, ada_focal_loss
     from fastai_ls.loss.confidence_penalty import (
         ConfidencePenaltyLoss,
@@ -106,13 +104,14 @@ _SOURCES = {
     "aurc": "fastai_ls.calibration.selective",
     "augrc": "fastai_ls.calibration.selective",
     "compare_confidence_scores": "fastai_ls.calibration.compare_scores",
-    "TemperatureFit": "fastai_ls.integration.posthoc",
-    "apply_temperature": "fastai_ls.integration.posthoc",
-    "fit_temperature": "fastai_ls.integration.posthoc",
-    "remove_temperature": "fastai_ls.integration.posthoc",
+    "TemperatureFit": "fastai_ls.integration.temperature",  # deprecated
+    "apply_temperature": "fastai_ls.integration.temperature",  # deprecated
+    "fit_temperature": "fastai_ls.integration.temperature",  # deprecated
+    "remove_temperature": "fastai_ls.integration.temperature",  # deprecated
     "fit_calibrator": "fastai_ls.integration.posthoc",
     "apply_calibrator": "fastai_ls.integration.posthoc",
     "remove_calibrator": "fastai_ls.integration.posthoc",
+    "applied_calibrator": "fastai_ls.integration.posthoc",
     "compare_calibrators": "fastai_ls.integration.posthoc",
     "save_predictions": "fastai_ls.integration.posthoc",
     "pets_learner": "fastai_ls.pets",
@@ -132,7 +131,8 @@ __all__ = [
     "CalibrationCallback", "plot_history", "plot_reliability", "plot_smooth_reliability", "plot_risk_coverage",
     "plot_selective", "confidence_scores", "aurc", "augrc", "compare_confidence_scores",
     "TemperatureFit", "apply_temperature", "fit_temperature", "remove_temperature",
-    "fit_calibrator", "apply_calibrator", "remove_calibrator", "compare_calibrators", "save_predictions",
+    "fit_calibrator", "apply_calibrator", "remove_calibrator", "applied_calibrator", "compare_calibrators",
+    "save_predictions",
     "pets_learner", "make_pets_like_tree", "digits_learner", "distributed",
 ]  # the same names as `_SOURCES` and the imports above (tests/test_package.py checks it)
 

@@ -17,6 +17,7 @@ import torch
 from fastprogress.fastprogress import progress_bar
 from torch import Tensor
 
+from fastai_ls._deprecation import warn_renamed
 from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, Calibrator, get_calibrator
 from fastai_ls.calibration.calibrators.base import check_fit_input, row_blocks
 from fastai_ls.calibration.calibrators.folds import stratified_folds
@@ -24,7 +25,7 @@ from fastai_ls.calibration.checks import SUM_TOLERANCE
 from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, N_FINE, CalibrationState
 from fastai_ls.validation import check_ci, check_folds, check_seed
 
-__all__ = ["compare_calibrators", "cross_fit", "DEFAULT_METHODS", "COLUMNS"]
+__all__ = ["compare_on_logits", "cross_fit", "DEFAULT_METHODS", "COLUMNS"]
 
 DEFAULT_METHODS = tuple(CALIBRATORS)
 # The metrics of `CalibrationState.metrics()` in the table, in order; `error_rate` is 1 - accuracy. With `ci`, the
@@ -182,7 +183,7 @@ def _check_not_probabilities(logits: Tensor) -> None:
                          "probabilities again)")
 
 
-def compare_calibrators(
+def compare_on_logits(
     logits: Tensor | np.ndarray,
     target: Tensor | np.ndarray,
     methods: Sequence[str | Calibrator] | Mapping[str, str | Calibrator] = DEFAULT_METHODS,
@@ -241,7 +242,7 @@ def compare_calibrators(
     Examples
     --------
     >>> _ = torch.manual_seed(0); z = torch.randn(600, 3); y = torch.distributions.Categorical(logits=z).sample()
-    >>> table = compare_calibrators(3 * z, y, methods=["temperature"], folds=3, progress=False)
+    >>> table = compare_on_logits(3 * z, y, methods=["temperature"], folds=3, progress=False)
     >>> list(table.index), bool(table.loc["temperature", "ece"] < table.loc["uncalibrated", "ece"])
     (['uncalibrated', 'temperature'], True)
     """
@@ -326,3 +327,12 @@ def _row(calibrators: list[Calibrator], logits: Tensor, target: Tensor, fold_of:
     state, unscored = _out_of_fold_state(calibrators, logits, target, fold_of, n_bins)
     return {**_score(state, **score), "n_unscored": unscored, "fit_s": sum(seconds) / len(seconds),
             "may_change_prediction": may_change}
+
+
+def __getattr__(name: str):
+    # The math layer's comparison had the top-level name too, with another first argument (issue 16).
+    if name == "compare_calibrators":
+        warn_renamed("fastai_ls.calibration.compare.compare_calibrators",
+                     "fastai_ls.compare_calibrators (or fastai_ls.calibration.compare.compare_on_logits)")
+        return compare_on_logits
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

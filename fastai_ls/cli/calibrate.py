@@ -186,7 +186,7 @@ def calibrate(
     import torch
 
     from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, TemperatureScaling
-    from fastai_ls.calibration.compare import compare_calibrators
+    from fastai_ls.calibration.compare import compare_on_logits
     from fastai_ls.calibration.state import NLL_FLOOR
 
     logits, targets = torch.from_numpy(predictions.logits), torch.from_numpy(predictions.targets)
@@ -204,7 +204,7 @@ def calibrate(
     sys.stdout.flush()
     with warnings.catch_warnings(record=True) as caught, quiet_bars(quiet):
         warnings.simplefilter("always", CalibrationWarning)
-        table = compare_calibrators(logits, targets, methods=methods, folds=folds, seed=seed)
+        table = compare_on_logits(logits, targets, methods=methods, folds=folds, seed=seed)
     if out is not None:  # before the console output, which fails once its reader went away (`| head`)
         table.to_csv(out, mode="w" if force else "x")  # "x": a file that appeared since the check is not replaced
     print(comparison_text(table))
