@@ -55,7 +55,7 @@ from fastai.losses import LabelSmoothingCrossEntropy as FastaiLabelSmoothingCros
 from torch import Tensor
 
 from fastai_ls import label_smoothing_cross_entropy
-from fastai_ls.loss import cpu_kernel
+from fastai_ls.loss.backends import c_kernel
 
 EPS = 0.1
 SHAPES = [(64, 37), (256, 1000), (4096, 1000), (16384, 1000), (2048, 32000), (512, 128000)]
@@ -100,11 +100,11 @@ def reference_of(name: str) -> str:
 
 def without_c_kernel(x: Tensor, y: Tensor) -> Tensor:
     """fastai_ls as installed without a C compiler: the fused path's torch operations."""
-    available, cpu_kernel.AVAILABLE = cpu_kernel.AVAILABLE, False
+    available, c_kernel.AVAILABLE = c_kernel.AVAILABLE, False
     try:
         return label_smoothing_cross_entropy(x, y, EPS)
     finally:
-        cpu_kernel.AVAILABLE = available
+        c_kernel.AVAILABLE = available
 
 
 def step(loss_func: Callable | None, x: Tensor, y: Tensor) -> None:
@@ -356,7 +356,7 @@ def breakdown(n_rows: int, n_classes: int, quick: bool) -> None:
     grad, out = torch.empty_like(xd), torch.empty_like(xd)
 
     def kernel(with_grad: bool) -> Callable:  # the kernel alone, on buffers allocated once
-        return lambda x, y: cpu_kernel.loss_and_grad(xd, y, -100, None, EPS, True, grad if with_grad else None, False)
+        return lambda x, y: c_kernel.loss_and_grad(xd, y, -100, None, EPS, True, grad if with_grad else None, False)
 
     parts = {
         "kernel, loss + gradient": kernel(True),

@@ -1,10 +1,12 @@
-"""The compiled CPU kernel of the fused loss (`fused_cpu.c`), called through ctypes: float32 logits on the CPU.
+"""The C kernel backend: the compiled CPU kernel of the fused loss (`fused_cpu.c`), called through ctypes, for
+float32 logits on the CPU. It reads each row once and finishes its gradient while the row is in cache, and checks
+the ids and weights itself as it reads them (so the loss makes no separate pass for the checks).
 
 The kernel is built at install time as an optional extension (setup.py), which writes the SHA-256 of the library's
-bytes beside it (`<library>.sha256`). Where it could not be built (no C compiler) `AVAILABLE` is False and `fused.py`
-runs the same arithmetic as torch operations instead; where something is there but cannot be loaded (truncated,
-damaged or changed since it was built, built for another machine or from other sources, a missing OpenMP runtime, a
-folder or a broken link in its place) the same happens, with one warning.
+bytes beside it (`<library>.sha256`). Where it could not be built (no C compiler) `AVAILABLE` is False and the
+blockwise backend runs the same arithmetic as torch operations instead; where something is there but cannot be
+loaded (truncated, damaged or changed since it was built, built for another machine or from other sources, a missing
+OpenMP runtime, a folder or a broken link in its place) the same happens, with one warning.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import warnings
 import torch
 from torch import Tensor
 
-from fastai_ls.loss.checks import check_ids, check_weight_values
+from fastai_ls.loss.backends.autograd import FusedBackend
+from fastai_ls.loss.backends.base import RowLoss, Targets, per_position
+from fastai_ls.loss.checks import check_ids, check_weight_values, weight_in
 
-__all__ = ["AVAILABLE", "accepts", "loss_and_grad"]
+__all__ = ["AVAILABLE", "accepts", "loss_and_grad", "CKernelBackend", "C_KERNEL"]
 
 # Below this many logits one thread is quicker than waking a second (torch's own grain size for elementwise work).
 PARALLEL_NUMEL = 32768
@@ -122,7 +126,7 @@ def bind(library: ctypes.CDLL) -> ctypes._CFuncPtr:
 
 def _built_library() -> str | None:
     """The path of the built kernel, or None where there is none."""
-    spec = importlib.util.find_spec("fastai_ls.loss._fused_cpu")
+    spec = importlib.util.find_spec("fastai_ls.loss.backends._fused_cpu")
     if spec is not None and spec.origin:
         return spec.origin
     # The import system passes over an entry it cannot read as a file (a folder, a symlink loop, a dangling link):
@@ -176,3 +180,25 @@ def _raise(code: int, t: Tensor, n_classes: int, ignore_index: int, w: Tensor | 
     check_ids(t, n_classes, ignore_index)  # raises, naming the ids
     raise ValueError(f"target ids must be in [0, {n_classes}) or equal ignore_index={ignore_index}; the id in row "
                      f"{code} was not (the target changed while the loss read it)")
+
+
+class CKernelBackend(FusedBackend):
+    """`loss_and_grad` as a backend: the kernel also finds the ignored rows and the 'mean' divisor itself, reduces the
+    loss (in double precision) and writes the gradient with the 'mean' divisor applied."""
+
+    name = "C kernel"
+
+    def accepts(self, input: Tensor) -> bool:
+        return accepts(input)
+
+    def prepare(self, input: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int) -> Targets:
+        return Targets(t, None, weight_in(weight, torch.float32, input.device))
+
+    def forward(self, input: Tensor, x: Tensor, targets: Targets, spec: RowLoss, reduction: str, ignore_index: int,
+                grad: Tensor | None) -> Tensor:
+        loss = loss_and_grad(x, targets.y, ignore_index, targets.w, spec.eps, reduction == "mean", grad,
+                             reduction == "none")
+        return per_position(loss, input.shape) if reduction == "none" else loss
+
+
+C_KERNEL = CKernelBackend()

@@ -9,7 +9,8 @@
  *
  * with w = 1 without class weights. A row is read from memory once: the max pass brings it into cache, the exp pass
  * writes exp(z) into the gradient row, and the last pass turns that into the gradient while it is still in cache
- * (without a gradient, the exp pass only sums). Plain C with no Python or torch headers: fused.py calls it through ctypes with the tensors' data pointers. The
+ * (without a gradient, the exp pass only sums). Plain C with no Python or torch headers: c_kernel.py calls it
+ * through ctypes with the tensors' data pointers. The
  * logits, ids and weights are only read; the gradient and loss buffers are the only memory written.
  */
 
@@ -18,7 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The SHA-256 of this file as it was when the library was built (setup.py defines it). cpu_kernel.py compares it
+/* The SHA-256 of this file as it was when the library was built (setup.py defines it). c_kernel.py compares it
  * with the file beside the library, where there is one (a source checkout, an editable install), and refuses a
  * library built from other sources, whose arguments may mean something else: after a pull without a rebuild, a
  * library built from the previous version of this file would otherwise be called with the current signature. */

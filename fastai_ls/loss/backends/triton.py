@@ -1,5 +1,6 @@
-"""Triton kernels for the fused loss on CUDA tensors: the same loss and gradient as `fused.py`'s blockwise path, in
-as few launches as PyTorch's own loss, so that small batches (fastai's 64 x 37 Pets) are not slower than it.
+"""The Triton backend: kernels for the fused loss on CUDA tensors, the same loss and gradient as the blockwise
+backend, in as few launches as PyTorch's own loss, so that small batches (fastai's 64 x 37 Pets) are not slower than
+it.
 
 - `check`: one launch reads the ids (and weights) and counts ids that are neither a class nor `ignore_index`, bad
   weights, and the kept rows (the 'mean' divisor). The caller launches the loss too, then reads the counters once
@@ -13,13 +14,19 @@ as few launches as PyTorch's own loss, so that small batches (fastai's 64 x 37 P
 - `scale_rows`: backward's product of that gradient with what autograd hands in. `loss.backward()` hands in 1, and
   the kernel then touches no row: no host read is needed to find that out.
 
-Tested on CPU tensors with Triton's interpreter (TRITON_INTERPRET=1), see tests/test_fused.py.
+Tested on CPU tensors with Triton's interpreter (TRITON_INTERPRET=1), see tests/loss/test_fused.py.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+from fastai_ls.loss.backends.autograd import FusedBackend
+from fastai_ls.loss.backends.base import RowLoss, Targets, per_position
+from fastai_ls.loss.checks import check_ids, is_batched, weight_in
 
 try:
     import triton
@@ -33,7 +40,77 @@ CHECK_BLOCK = 1024  # ids (and weights) per program of the check
 MAX_ROWS = 2**31 - CHECK_BLOCK  # one program per row (CUDA's grid), and the check's offsets are 32-bit
 BAD_IDS, BAD_WEIGHTS = 1, 2  # bits of `check`'s flags
 
-__all__ = ["AVAILABLE", "BAD_IDS", "BAD_WEIGHTS", "MAX_ROWS", "check", "loss_and_grad", "scale_rows"]
+__all__ = ["AVAILABLE", "BAD_IDS", "BAD_WEIGHTS", "MAX_ROWS", "accepts", "check", "loss_and_grad", "scale_rows",
+           "TritonBackend", "TRITON"]
+
+
+def accepts(x: Tensor) -> bool:
+    """Whether the Triton kernels take these logits: CUDA, computed in float32 (so not float64), and fewer rows
+    (positions) than the kernels' 32-bit grid and id offsets can count; more go to the blockwise backend."""
+    return (x.is_cuda and AVAILABLE and x.dtype != torch.float64
+            and x.numel() < MAX_ROWS * max(1, x.shape[1]))
+
+
+class TritonBackend(FusedBackend):
+    """The kernels as a backend: the ids are checked by a kernel queued with the loss (the weights are converted in
+    `forward`), and backward's kernel reads the ids too."""
+
+    name = "Triton"
+
+    def accepts(self, input: Tensor) -> bool:
+        return accepts(input)
+
+    def prepare(self, input: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int) -> Targets:
+        return Targets(t.contiguous(), None, weight)
+
+    def forward(self, input: Tensor, x: Tensor, targets: Targets, spec: RowLoss, reduction: str, ignore_index: int,
+                grad: Tensor | None) -> Tensor:
+        # the gradient is written with the 'mean' divisor applied
+        return _triton_loss(input, x, targets.y, targets.w, spec.eps, reduction, ignore_index, grad)
+
+    def backward(self, grad: Tensor, grad_loss: Tensor, targets: Targets, reduction: str,
+                 ignore_index: int) -> Tensor:
+        if is_batched(grad_loss):
+            return super().backward(grad, grad_loss, targets, reduction, ignore_index)
+        # No host read: the kernel skips the rows whose factor is 1.
+        return scale_rows(grad, targets.y, ignore_index, grad_loss.detach())
+
+
+TRITON = TritonBackend()
+
+
+def _triton_loss(input: Tensor, x: Tensor, t: Tensor, weight: Tensor | None, eps: float, reduction: str,
+                 ignore_index: int, grad: Tensor | None) -> Tensor:
+    """The loss of `input` (its rows `x`) from the Triton kernels, and its gradient written into `grad` unless
+    None. The check and the loss are queued together; then one host read of the check's counters (the loss's one
+    synchronization) raises `check_ids`' errors for bad ids or weights before anything is returned."""
+    # The kernels index the ids and weights with unit stride: a column of a 2-D target, or a strided or expanded
+    # weight, would be read wrong (and past its end) without a contiguous copy, made once here for both kernels.
+    t = t.contiguous()
+    w = weight_in(weight, torch.float32, input.device)
+    w = None if w is None else w.contiguous()
+    # Triton launches on the current device, not the tensors' one: logits on cuda:1 while cuda:0 is current would be
+    # refused (or read through the wrong context). Backward needs no guard: autograd runs it on the device's thread.
+    # (-1, a no-op, for the CPU tensors that Triton's interpreter runs in the tests.)
+    with torch.cuda.device(x.device.index if x.is_cuda else -1):
+        counters, divisor = check(t, w, input.shape[1], ignore_index)
+        loss = loss_and_grad(x, t, w, eps, ignore_index, grad, divisor if reduction == "mean" else None)
+    if reduction == "none":
+        loss = per_position(loss, input.shape)
+    elif reduction == "mean" and x.shape[0] == 0:  # no row to carry the kernel's NaN for a zero divisor
+        loss = torch.full((), math.nan, device=x.device)
+    else:
+        loss = loss.sum()
+    _raise_if_flagged(counters, t, input.shape[1], ignore_index, weight)
+    return loss
+
+
+def _raise_if_flagged(counters: Tensor, t: Tensor, n_classes: int, ignore_index: int,
+                      weight: Tensor | None) -> None:
+    flags = int(counters[0])  # the host read
+    if flags:
+        check_ids(t, n_classes, ignore_index, weight)  # the message names the bad ids (or weights)
+        raise RuntimeError(f"the GPU check found bad ids or weights (flags {flags}) that check_ids did not")
 
 
 def check(t: Tensor, w: Tensor | None, n_classes: int, ignore_index: int) -> tuple[Tensor, Tensor]:
