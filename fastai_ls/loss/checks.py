@@ -27,11 +27,12 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def check_arguments(input: Tensor, target: Tensor, eps: float, weight: Tensor | None, reduction: str,
-                    ignore_index: int, smoothing: str, fused: bool | None) -> tuple[Tensor, Tensor, float, int]:
+                    ignore_index: int, smoothing: str, fused: bool | None,
+                    z_loss: float = 0.0) -> tuple[Tensor, Tensor, float, int]:
     """Every check of a call of the loss that reads no tensor values, in one place: raises on the first problem,
     else returns the logits and target as plain tensors, the uniform eps (`formula.uniform_eps`) and ignore_index as
     a Python int. The values of the ids and weights are checked by the backend that reads them."""
-    check_options(eps, reduction, smoothing, ignore_index, fused)
+    check_options(eps, reduction, smoothing, ignore_index, fused, z_loss)
     ignore_index = int(ignore_index)  # a numpy integer passes the check, but Triton's kernels take only Python ints
     check_input(input)
     input = plain(input)
@@ -54,9 +55,14 @@ def check_eps(eps: float) -> None:
         raise ValueError(f"eps must be in [0, 1), got {eps}")
 
 
-def check_options(eps: float, reduction: str, smoothing: str, ignore_index: int, fused: bool | None = None) -> None:
+def check_options(eps: float, reduction: str, smoothing: str, ignore_index: int, fused: bool | None = None,
+                  z_loss: float = 0.0) -> None:
     """Raise if a scalar option of the loss is invalid."""
     check_eps(eps)
+    if type(z_loss) is not float and (isinstance(z_loss, bool) or not isinstance(z_loss, numbers.Real)):
+        raise TypeError(f"z_loss must be a real number, got {type(z_loss).__name__}")
+    if not 0 <= z_loss < float("inf"):
+        raise ValueError(f"z_loss must be finite and non-negative, got {z_loss}")
     if fused is not None and fused is not True and fused is not False:  # 0 or "no" must not pick a path by truth
         raise TypeError(f"fused must be True, False or None, got {fused!r}")
     if reduction not in REDUCTIONS:

@@ -22,6 +22,7 @@ def label_smoothing_cross_entropy(
     smoothing: str = "uniform",
     *,
     fused: bool | None = None,
+    z_loss: float = 0.0,
 ) -> Tensor:
     """Cross-entropy against label-smoothed targets; equals `F.cross_entropy(..., label_smoothing=eps)` for
     `smoothing='uniform'`. Half-precision logits are computed in float32 and the loss is float32.
@@ -55,6 +56,10 @@ def label_smoothing_cross_entropy(
         True: the fused kernels; an error for probability targets. Under
         `torch.func` transforms (grad, vmap...) and for forward-mode AD's dual tensors the reference path runs
         whatever `fused` says.
+    z_loss : float, default 0.0
+        The weight lambda of the z-loss lambda * lse^2 added to each row's loss (lse = log sum_c exp(x_c), as in
+        PaLM and Liger's `lse_square_scale`): it keeps the logits' scale from drifting. Class weights multiply it by
+        w_y (for probability targets by sum_c w_c q_c), like the true-class term. 0 leaves it out.
 
     Returns
     -------
@@ -70,6 +75,7 @@ def label_smoothing_cross_entropy(
     0.3518
     """
     input, target, eps, ignore_index = check_arguments(input, target, eps, weight, reduction, ignore_index, smoothing,
-                                                       fused)
-    backend = choose_backend(input, target, weight, fused)
-    return backend.loss(input, target, RowLoss(eps), weight, reduction, ignore_index)
+                                                       fused, z_loss)
+    spec = RowLoss(eps, float(z_loss))
+    return choose_backend(input, target, weight, fused, spec).loss(input, target, spec, weight, reduction,
+                                                                  ignore_index)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fastai_ls.loss.backends.base import Backend, RowLoss, Targets, gradient_buffer, rows, scale_gradient
-from fastai_ls.loss.backends.reference import reference_cross_entropy
+from fastai_ls.loss.backends.reference import REFERENCE
 from fastai_ls.loss.checks import class_ids
 
 __all__ = ["FusedBackend", "FusedLoss"]
@@ -87,5 +87,5 @@ def _differentiable_gradient(ctx, input: Tensor, targets: Targets, grad_loss: Te
     backend's, recomputed from the logits, so the kernels need no derivative of their own."""
     y, ignored = targets.y, targets.ignored
     ids = y if ignored is None else y.masked_fill(ignored, ctx.ignore_index)  # back to the ids the caller gave
-    loss = reference_cross_entropy(input, ids, ctx.spec.eps, targets.w, ctx.reduction, ctx.ignore_index)
+    loss = REFERENCE.loss(input, ids, ctx.spec, targets.w, ctx.reduction, ctx.ignore_index)
     return torch.autograd.grad(loss, input, grad_loss, create_graph=True)[0]

@@ -17,7 +17,7 @@ A backend is chosen once per call (`fastai_ls.loss.backends.choose_backend`) and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -31,10 +31,15 @@ __all__ = ["RowLoss", "Targets", "Backend", "rows", "gradient_buffer", "per_posi
 
 @dataclass(frozen=True)
 class RowLoss:
-    """The per-row loss that a backend computes, with its parameters: for now the label-smoothing cross-entropy,
-    `eps` the uniform smoothing (`formula.uniform_eps`)."""
+    """The per-row loss that a backend computes, with its parameters: `kind` 'label_smoothing' (the label-smoothing
+    cross-entropy, `eps` the uniform smoothing of `formula.uniform_eps`, `z_loss` the weight of the z-loss
+    lambda w_y lse^2), or a loss of the calibration family (`family.KINDS`), whose parameters are `params` (name ->
+    value; see `family.fused_family_loss`)."""
 
     eps: float = 0.0
+    z_loss: float = 0.0
+    kind: str = "label_smoothing"
+    params: dict = field(default_factory=dict)
 
 
 @dataclass

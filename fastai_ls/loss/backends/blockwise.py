@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fastai_ls.loss.backends.autograd import FusedBackend
 from fastai_ls.loss.backends.base import RowLoss, Targets, scale_gradient
+from fastai_ls.loss.backends.family import family_rows
 from fastai_ls.loss.checks import check_ids, weight_in
 from fastai_ls.loss.formula import (
     cross_entropy,
@@ -58,7 +59,11 @@ class BlockwiseBackend(FusedBackend):
                 targets.scale = 1 / mean_divisor(float(targets.divisor))
             else:
                 targets.divide_in_backward = True
-        loss = _loss_and_grad(x, targets.y, targets.ignored, targets.w, targets.scale, spec.eps, grad)
+        if spec.kind != "label_smoothing":
+            loss = _family_loss_and_grad(x, targets, spec, grad)
+        else:
+            loss = _loss_and_grad(x, targets.y, targets.ignored, targets.w, targets.scale, spec.eps, grad,
+                                  spec.z_loss)
         return reduce_loss(loss, targets.divisor, reduction, input.shape[:1] + input.shape[2:])
 
     def backward(self, grad: Tensor, grad_loss: Tensor, targets: Targets, reduction: str,
@@ -83,15 +88,28 @@ def _checked_targets(input: Tensor, t: Tensor, weight: Tensor | None, ignore_ind
     return w, y, ignored, divisor
 
 
+def _family_loss_and_grad(x: Tensor, targets: Targets, spec: RowLoss, grad: Tensor | None) -> Tensor:
+    """`family.family_rows` of the rows `x`, ignored rows 0 (their logits are not read: they may hold anything)."""
+    x = upcast(x)
+    if targets.ignored is not None:
+        x = x.masked_fill(targets.ignored[:, None], 0.0)
+    loss = family_rows(x, targets.y, spec, targets.w, targets.scale, grad)
+    if targets.ignored is not None:
+        loss.masked_fill_(targets.ignored, 0.0)
+        if grad is not None:
+            grad.masked_fill_(targets.ignored[:, None], 0.0)
+    return nan_for_infinite_logits(loss)
+
+
 def _loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None, scale: float, eps: float,
-                   grad: Tensor | None) -> Tensor:
+                   grad: Tensor | None, z_loss: float = 0.0) -> Tensor:
     """Per-row losses of `x` (M, C), ignored rows 0; with `grad`, writes into it the gradient of `scale` * their
     sum, ignored rows zero."""
     n_classes = x.shape[1]
     # The gradient's target part w q: (eps/C) w_c on every class, plus (1 - eps) w_y on the true class.
     smooth = (eps / n_classes) * scale if w is None else w * ((eps / n_classes) * scale)
     true_class = (1 - eps) * scale if w is None else w[y] * ((1 - eps) * scale)
-    loss = _blockwise_loss_and_grad(x, y, ignored, w, scale, eps, smooth, true_class, grad)
+    loss = _blockwise_loss_and_grad(x, y, ignored, w, scale, eps, smooth, true_class, grad, z_loss)
     if ignored is not None:
         loss.masked_fill_(ignored, 0.0)
     return nan_for_infinite_logits(loss) if bool(loss.isinf().any()) else loss
@@ -99,7 +117,7 @@ def _loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | Non
 
 def _blockwise_loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Tensor | None, scale: float,
                              eps: float, smooth: Tensor | float, true_class: Tensor | float,
-                             grad: Tensor | None) -> Tensor:
+                             grad: Tensor | None, z_loss: float = 0.0) -> Tensor:
     """`_loss_and_grad` with torch operations on blocks of rows that stay in cache; `ignored` None: no such rows;
     `grad` None: the loss alone (each block's softmax goes to a scratch block)."""
     n_rows, n_classes = x.shape
@@ -124,12 +142,25 @@ def _blockwise_loss_and_grad(x: Tensor, y: Tensor, ignored: Tensor | None, w: Te
         wz = weighted_row_sum(xb, w) - (n_classes if w is None else w.sum()) * row_max if eps else None
         mass, dot = hard_target_mix(z_y, wz, yb.squeeze(1), eps, w, n_classes)
         torch.softmax(xb, 1, out=p)
-        losses.append(cross_entropy(p.amax(1).log_().neg_(), mass, dot))
+        log_s = p.amax(1).log_().neg_()
+        loss = cross_entropy(log_s, mass, dot)
+        if z_loss:  # + z_loss w_y lse^2, whose gradient 2 z_loss w_y lse softmax joins the mass's
+            w_y = 1.0 if w is None else w[yb.squeeze(1)]
+            lse = row_max + log_s
+            loss = loss + z_loss * w_y * lse * lse
+            mass = mass + 2 * z_loss * w_y * lse
+        losses.append(loss)
         if grad is None:
             continue
         # Turn the softmax into scale * (mass * softmax - w q) without leaving the block: one pass scales and
         # subtracts the smoothing part (-smooth + scale * p, written over p), a scatter the true class's part.
-        if w is None:
+        if z_loss:  # a coefficient per row
+            torch.addcmul(p.new_tensor(-smooth) if w is None else -smooth, p, mass[:, None] * scale, out=p)
+            if w is None:
+                p.scatter_(1, yb, -true_class, reduce="add")
+            else:
+                p.scatter_add_(1, yb, -true_class[rows, None])
+        elif w is None:
             torch.add(p.new_tensor(-smooth), p, alpha=scale, out=p)
             p.scatter_(1, yb, -true_class, reduce="add")
         else:

@@ -31,7 +31,10 @@ __all__ = ["AVAILABLE", "accepts", "loss_and_grad", "CKernelBackend", "C_KERNEL"
 # Below this many logits one thread is quicker than waking a second (torch's own grain size for elementwise work).
 PARALLEL_NUMEL = 32768
 # The kernel's return codes besides a bad row (>= 0); see fused_cpu.c.
-DONE, BAD_WEIGHT, NO_MEMORY = -1, -2, -3
+DONE, BAD_WEIGHT, NO_MEMORY, BAD_KIND = -1, -2, -3, -4
+# fused_cpu.c's codes of the losses of the family (`RowLoss.kind`), and the order of their parameters.
+FAMILY_KINDS = {"focal": (1, ("gamma", "eps")), "adaptive_focal": (2, ("eps",)), "margin": (3, ("margin", "alpha")),
+                "maxsup": (4, ("alpha",)), "logitnorm": (5, ("tau",)), "confidence_penalty": (6, ("beta",))}
 # The file beside the library, `<library><RECORD_SUFFIX>`, holding the SHA-256 of its bytes: setup.py writes it.
 RECORD_SUFFIX = ".sha256"
 
@@ -115,12 +118,18 @@ def _check_not_truncated(path: str) -> None:
 
 
 def bind(library: ctypes.CDLL) -> ctypes._CFuncPtr:
-    """The kernel's function in a loaded build of `fused_cpu.c`, with its C signature declared."""
+    """The kernel's function in a loaded build of `fused_cpu.c`, with its C signature declared; the family's
+    function (`fused_cpu_family`) is its attribute `family`."""
     func = library.fused_cpu_loss_and_grad
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     func.argtypes = [pointer, size, size, size, pointer, size, pointer, ctypes.c_double, ctypes.c_int,
-                     pointer, pointer, pointer, ctypes.c_int]
+                     pointer, pointer, pointer, ctypes.c_int, ctypes.c_double]
     func.restype = ctypes.c_int64
+    family = library.fused_cpu_family
+    family.argtypes = [pointer, size, size, size, pointer, size, pointer, ctypes.c_int, pointer, ctypes.c_int,
+                       pointer, pointer, pointer, ctypes.c_int]
+    family.restype = ctypes.c_int64
+    func.family = family
     return func
 
 
@@ -148,12 +157,13 @@ def accepts(input: Tensor) -> bool:
 
 
 def loss_and_grad(x: Tensor, t: Tensor, ignore_index: int, w: Tensor | None, eps: float, mean: bool,
-                  grad: Tensor | None, per_row: bool) -> Tensor:
+                  grad: Tensor | None, per_row: bool, spec: RowLoss | None = None) -> Tensor:
     """The per-row losses of `x` (M, C) against int64 ids `t` if `per_row`, else their sum (PyTorch's 'mean' if
     `mean`) as a 0-d tensor. With `grad` (contiguous, M x C) the gradient of that sum or mean is written into it.
 
     The kernel checks the float32 weights `w` and the ids, reading each id once: a negative or non-finite weight, or
-    an id that is neither a class nor `ignore_index`, raises ValueError before anything is written."""
+    an id that is neither a class nor `ignore_index`, raises ValueError before anything is written. `spec` (default:
+    label smoothing with `eps`) picks the loss of the family and holds its parameters."""
     n_rows, n_classes = x.shape
     # The kernel indexes the ids and weights with unit stride: a strided or expanded (stride 0) view is copied, or
     # it would be read wrong, and past its end.
@@ -162,9 +172,17 @@ def loss_and_grad(x: Tensor, t: Tensor, ignore_index: int, w: Tensor | None, eps
     w = w if w is None or w.is_contiguous() else w.contiguous()
     out = x.new_empty(n_rows if per_row else ())
     n_threads = torch.get_num_threads() if x.numel() >= PARALLEL_NUMEL else 1
-    code = _kernel(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,
-                   None if w is None else w.data_ptr(), eps, mean, None if grad is None else grad.data_ptr(),
-                   out.data_ptr() if per_row else None, None if per_row else out.data_ptr(), n_threads)
+    pointers = (None if grad is None else grad.data_ptr(), out.data_ptr() if per_row else None,
+                None if per_row else out.data_ptr(), n_threads)
+    if spec is None or spec.kind == "label_smoothing":
+        z_loss = 0.0 if spec is None else spec.z_loss
+        code = _kernel(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,
+                       None if w is None else w.data_ptr(), eps, mean, *pointers, z_loss)
+    else:
+        kind, names = FAMILY_KINDS[spec.kind]
+        params = (ctypes.c_double * 2)(*(spec.params[name] for name in names))
+        code = _kernel.family(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,
+                              None if w is None else w.data_ptr(), kind, params, mean, *pointers)
     if code != DONE:
         _raise(code, t, n_classes, ignore_index, w)
     return out
@@ -172,6 +190,8 @@ def loss_and_grad(x: Tensor, t: Tensor, ignore_index: int, w: Tensor | None, eps
 
 def _raise(code: int, t: Tensor, n_classes: int, ignore_index: int, w: Tensor | None) -> None:
     """The error for the kernel's return `code`, naming the problem as the checks of the other paths do."""
+    if code == BAD_KIND:
+        raise ValueError("fastai_ls: the loss kernel does not know this loss")
     if code == NO_MEMORY:
         raise MemoryError(f"fastai_ls: no memory for the loss kernel's {t.numel()} ids")
     if code == BAD_WEIGHT:
@@ -197,7 +217,7 @@ class CKernelBackend(FusedBackend):
     def forward(self, input: Tensor, x: Tensor, targets: Targets, spec: RowLoss, reduction: str, ignore_index: int,
                 grad: Tensor | None) -> Tensor:
         loss = loss_and_grad(x, targets.y, ignore_index, targets.w, spec.eps, reduction == "mean", grad,
-                             reduction == "none")
+                             reduction == "none", spec)
         return per_position(loss, input.shape) if reduction == "none" else loss
 
 
