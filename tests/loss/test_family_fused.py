@@ -4,12 +4,18 @@ kernel to float32's precision), over weights, ignored rows, reductions, N-D inpu
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastai_ls.loss.backends import c_kernel
+from fastai_ls.loss.backends import triton as triton_backend
 from fastai_ls.loss.backends.family import KINDS, fused_family_loss
 
 PARAMS = {
@@ -196,3 +202,74 @@ def test_the_logits_and_weights_are_never_written(kind, params):
     fused_family_loss(kind, x.requires_grad_(), y, params, w).backward()
     torch.testing.assert_close(x.detach(), x_before, equal_nan=True)
     torch.testing.assert_close(w, w_before)
+
+
+# Triton's interpreter runs the kernels on CPU tensors; it must be switched on before triton is imported, hence a
+# fresh interpreter: every loss of the family, and label smoothing with z-loss, through the Triton kernels equals
+# the C kernel, with several column blocks per row, weights, ignored rows, reductions, with and without gradient.
+TRITON_INTERPRETER_CHECK = """
+import torch
+from fastai_ls import label_smoothing_cross_entropy
+from fastai_ls.loss.backends import c_kernel, triton_family
+from fastai_ls.loss.backends import triton as triton_backend
+from fastai_ls.loss.backends.family import fused_family_loss
+
+def run(loss, x, y, with_grad, g, triton):
+    saved = triton_backend.accepts, c_kernel.AVAILABLE
+    if triton:
+        triton_backend.accepts, c_kernel.AVAILABLE = (lambda x: x.dtype != torch.float64), False
+    try:
+        x = x.detach().clone().requires_grad_(with_grad)
+        with torch.set_grad_enabled(with_grad):
+            value = loss(x)
+        grad = torch.autograd.grad(value, x, g if value.dim() else g[0])[0] if with_grad else None
+        return value.detach(), grad
+    finally:
+        triton_backend.accepts, c_kernel.AVAILABLE = saved
+
+launched = []
+for name in ("family_loss_and_grad", "loss_and_grad"):
+    kernel = getattr(triton_backend, name)
+    setattr(triton_backend, name,
+            lambda *args, kernel=kernel, name=name, **kw: launched.append(name) or kernel(*args, **kw))
+triton_backend.MAX_BLOCK = triton_family.MAX_BLOCK = 8  # several column blocks, the last one ragged
+triton_backend.CHECK_BLOCK = 4
+gen = torch.Generator().manual_seed(0)
+cases = [("focal", {"gamma": 3.0, "eps": 0.0}), ("focal", {"gamma": 1.0, "eps": 0.1}), ("adaptive_focal", {"eps": 0.1}),
+         ("margin", {"margin": 1.0, "alpha": 0.1}), ("maxsup", {"alpha": 0.1}), ("logitnorm", {"tau": 0.5}),
+         ("confidence_penalty", {"beta": 0.3}), ("z_loss", {})]
+n_cases = 0
+for n_classes in (5, 37):
+    for kind, params in cases:
+        for weighted in (False, True):
+            for reduction, with_grad in (("mean", True), ("none", True), ("sum", False)):
+                x = 3 * torch.randn(7, n_classes, generator=gen)
+                y = torch.randint(0, n_classes, (7,), generator=gen)
+                y[2] = -100
+                x[2] = float("nan")
+                y[3] = x[3].argmax()  # a confident row
+                x[3, y[3]] += 30
+                w = torch.rand(n_classes, generator=gen) + 0.1 if weighted else None
+                g = torch.randn(7, generator=gen)
+                if kind == "z_loss":
+                    loss = lambda x: label_smoothing_cross_entropy(x, y, 0.1, w, reduction, z_loss=1e-2)
+                else:
+                    loss = lambda x: fused_family_loss(kind, x, y, params, w, reduction=reduction)
+                got = run(loss, x, y, with_grad, g, triton=True)
+                expected = run(loss, x, y, with_grad, g, triton=False)
+                torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-5)
+                if with_grad:
+                    torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-5)
+                n_cases += 1
+assert launched.count("family_loss_and_grad") == 2 * 7 * 6 and launched.count("loss_and_grad") == 2 * 6, launched
+print(f"triton kernels match in {n_cases} cases")
+"""
+
+
+@pytest.mark.skipif(not triton_backend.AVAILABLE, reason="triton is not installed")
+def test_triton_kernels_equal_the_c_kernel_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", TRITON_INTERPRETER_CHECK], cwd=Path(__file__).resolve().parents[2],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "triton kernels match" in result.stdout

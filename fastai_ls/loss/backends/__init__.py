@@ -32,13 +32,12 @@ def choose_backend(input: Tensor, target: Tensor, weight: Tensor | None, fused: 
     """The backend that computes the loss of `input` against `target` (checked arguments): the reference one for
     probability targets, for `fused=False`, under `torch.func` transforms and for forward-mode AD's dual tensors (the
     fused Function has no functorch rules and no forward derivative: its kernels read data pointers); else the first
-    fused backend that takes the logits (Triton's kernels compute the label-smoothing cross-entropy without z-loss
-    only)."""
+    fused backend that takes the logits."""
     if fused is False or target.is_floating_point() or under_functorch_transform() \
             or has_forward_tangent(input, weight):
         return REFERENCE
     if c_kernel.accepts(input):
         return c_kernel.C_KERNEL
-    if triton.accepts(input) and spec.kind == "label_smoothing" and not spec.z_loss:
+    if triton.accepts(input):
         return triton.TRITON
     return BLOCKWISE
