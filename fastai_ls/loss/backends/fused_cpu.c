@@ -226,6 +226,43 @@ static float row_loss(const float *restrict x, float *restrict grad, int64_t n_c
 enum { LABEL_SMOOTHING = 0, FOCAL = 1, ADAPTIVE_FOCAL = 2, MARGIN = 3, MAXSUP = 4, LOGITNORM = 5,
        CONFIDENCE_PENALTY = 6 };
 
+/* family_row's second sweep: sum_c exp(z_c), z = kf (x - row_max) (written into out with `store`), and the kind's
+ * own row sum into *extra (and MbLS's count of active classes into *n_active). Always inlined with `kind` and
+ * `store` constants, so that each copy is a plain vector loop. */
+static inline __attribute__((always_inline)) void family_sums(const float *restrict x, float *restrict out,
+                                                               int64_t n_classes, const float *restrict w,
+                                                               float row_max, float kf, float below, int kind,
+                                                               int store, double *s, double *extra, double *n_active)
+{
+    for (int64_t start = 0; start < n_classes; start += CHUNK) {
+        const int64_t stop = start + CHUNK < n_classes ? start + CHUNK : n_classes;
+        float s_part = 0.0f, e_part = 0.0f, n_part = 0.0f;
+#pragma omp simd reduction(+ : s_part, e_part, n_part)
+        for (int64_t c = start; c < stop; c++) {
+            const float z = kf * (x[c] - row_max);
+            const float e = exp_nonpositive(z);
+            if (store)
+                out[c] = e;
+            s_part += e;
+            if (kind == FOCAL) /* with weights: sum_c w_c z_c, for the smoothing term (without, MAXSUP's sum) */
+                e_part += w[c] * z;
+            else if (kind == MARGIN) {
+                const float gap = below - x[c];
+                e_part += gap > 0.0f ? gap : 0.0f;
+                n_part += gap > 0.0f ? 1.0f : 0.0f;
+            } else if (kind == MAXSUP)
+                e_part += x[c] - row_max;
+            else if (kind == LOGITNORM)
+                e_part += e * x[c];
+            else if (kind == CONFIDENCE_PENALTY)
+                e_part += e > 0.0f ? e * z : 0.0f; /* p log p -> 0 as p -> 0, also for a -inf logit */
+        }
+        *s += s_part;
+        *extra += e_part;
+        *n_active += n_part;
+    }
+}
+
 VECTOR_CLONES
 static float family_row(const float *restrict x, float *restrict grad, int64_t n_classes, int64_t y,
                         const float *restrict w, double w_sum, int kind, const double *p, double scale)
@@ -247,35 +284,27 @@ static float family_row(const float *restrict x, float *restrict grad, int64_t n
     const double margin = kind == MARGIN ? p[0] : 0.0;
     const float below = (float)(row_max - margin); /* MbLS: x_c < below is a class whose relu is positive */
 
-    /* Sweep 2: s = sum_c exp(z_c) (written into grad when there is one), and the kind's own row sum. */
+    /* Sweep 2: s = sum_c exp(z_c) (written into grad when there is one), and the kind's own row sum. Each kind, with
+     * and without a gradient, gets its own copy of the loop (kind and store are constants there), so that each
+     * vectorizes. */
     double s = 0.0, extra = 0.0, n_active = 0.0;
-    for (int64_t start = 0; start < n_classes; start += CHUNK) {
-        const int64_t stop = start + CHUNK < n_classes ? start + CHUNK : n_classes;
-        float s_part = 0.0f, e_part = 0.0f, n_part = 0.0f;
-#pragma omp simd reduction(+ : s_part, e_part, n_part)
-        for (int64_t c = start; c < stop; c++) {
-            const float z = kf * (x[c] - row_max);
-            const float e = exp_nonpositive(z);
-            if (grad)
-                grad[c] = e;
-            s_part += e;
-            if (kind == FOCAL || kind == ADAPTIVE_FOCAL)
-                e_part += w ? w[c] * z : z; /* sum_c w_c z_c, for the smoothing term */
-            else if (kind == MARGIN) {
-                const int active = x[c] < below;
-                e_part += active ? below - x[c] : 0.0f;
-                n_part += active ? 1.0f : 0.0f;
-            } else if (kind == MAXSUP)
-                e_part += x[c] - row_max;
-            else if (kind == LOGITNORM)
-                e_part += e * x[c];
-            else if (kind == CONFIDENCE_PENALTY)
-                e_part += e > 0.0f ? e * z : 0.0f; /* p log p -> 0 as p -> 0, also for a -inf logit */
-        }
-        s += s_part;
-        extra += e_part;
-        n_active += n_part;
+#define FAMILY_SUMS(KIND)                                                                                              \
+    (grad ? family_sums(x, grad, n_classes, w, row_max, kf, below, KIND, 1, &s, &extra, &n_active)                     \
+          : family_sums(x, grad, n_classes, w, row_max, kf, below, KIND, 0, &s, &extra, &n_active))
+    switch (kind) {
+    case FOCAL:
+    case ADAPTIVE_FOCAL:
+        if (w)
+            FAMILY_SUMS(FOCAL);
+        else /* sum_c z_c: with kf = 1, MaxSup's sum */
+            FAMILY_SUMS(MAXSUP);
+        break;
+    case MARGIN: FAMILY_SUMS(MARGIN); break;
+    case MAXSUP: FAMILY_SUMS(MAXSUP); break;
+    case LOGITNORM: FAMILY_SUMS(LOGITNORM); break;
+    default: FAMILY_SUMS(CONFIDENCE_PENALTY); break;
     }
+#undef FAMILY_SUMS
     const double log_s = log(s);
     const double z_y = k * ((double)x[y] - row_max);
     const double w_y = w ? w[y] : 1.0;
