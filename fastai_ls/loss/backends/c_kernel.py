@@ -24,6 +24,7 @@ from torch import Tensor
 
 from fastai_ls.loss.backends.autograd import FusedBackend
 from fastai_ls.loss.backends.base import RowLoss, Targets, per_position
+from fastai_ls.loss.backends.family import KIND_CODES, KINDS
 from fastai_ls.loss.checks import check_ids, check_weight_values, weight_in
 
 __all__ = ["AVAILABLE", "accepts", "loss_and_grad", "CKernelBackend", "C_KERNEL"]
@@ -32,9 +33,7 @@ __all__ = ["AVAILABLE", "accepts", "loss_and_grad", "CKernelBackend", "C_KERNEL"
 PARALLEL_NUMEL = 32768
 # The kernel's return codes besides a bad row (>= 0); see fused_cpu.c.
 DONE, BAD_WEIGHT, NO_MEMORY, BAD_KIND = -1, -2, -3, -4
-# fused_cpu.c's codes of the losses of the family (`RowLoss.kind`), and the order of their parameters.
-FAMILY_KINDS = {"focal": (1, ("gamma", "eps")), "adaptive_focal": (2, ("eps",)), "margin": (3, ("margin", "alpha")),
-                "maxsup": (4, ("alpha",)), "logitnorm": (5, ("tau",)), "confidence_penalty": (6, ("beta",))}
+
 # The file beside the library, `<library><RECORD_SUFFIX>`, holding the SHA-256 of its bytes: setup.py writes it.
 RECORD_SUFFIX = ".sha256"
 
@@ -179,10 +178,9 @@ def loss_and_grad(x: Tensor, t: Tensor, ignore_index: int, w: Tensor | None, eps
         code = _kernel(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,
                        None if w is None else w.data_ptr(), eps, mean, *pointers, z_loss)
     else:
-        kind, names = FAMILY_KINDS[spec.kind]
-        params = (ctypes.c_double * 2)(*(spec.params[name] for name in names))
+        params = (ctypes.c_double * 2)(*(spec.params[name] for name in KINDS[spec.kind]))
         code = _kernel.family(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,
-                              None if w is None else w.data_ptr(), kind, params, mean, *pointers)
+                              None if w is None else w.data_ptr(), KIND_CODES[spec.kind], params, mean, *pointers)
     if code != DONE:
         _raise(code, t, n_classes, ignore_index, w)
     return out

@@ -21,11 +21,13 @@ from torch import Tensor
 
 from fastai_ls.loss.backends.base import RowLoss
 
-__all__ = ["KINDS", "check_family_params", "family_rows", "family_reference_rows", "fused_family_loss"]
+__all__ = ["KINDS", "KIND_CODES", "check_family_params", "family_rows", "family_reference_rows", "fused_family_loss"]
 
 # The losses and the names of their parameters (`params`), in the order the C kernel takes them.
 KINDS = {"focal": ("gamma", "eps"), "adaptive_focal": ("eps",), "margin": ("margin", "alpha"), "maxsup": ("alpha",),
          "logitnorm": ("tau",), "confidence_penalty": ("beta",)}
+# The kernels' codes of the losses (fused_cpu.c's enum, triton_family.py's KIND).
+KIND_CODES = {"focal": 1, "adaptive_focal": 2, "margin": 3, "maxsup": 4, "logitnorm": 5, "confidence_penalty": 6}
 LOGITNORM_DELTA = 1e-7  # Wei et al.'s z / (tau (||z|| + 1e-7))
 
 

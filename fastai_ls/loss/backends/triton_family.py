@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fastai_ls.loss.backends.base import RowLoss
-from fastai_ls.loss.backends.family import KINDS
+from fastai_ls.loss.backends.family import KIND_CODES, KINDS
 
 try:
     import triton
@@ -23,8 +23,6 @@ except ImportError:
 __all__ = ["family_loss_and_grad"]
 
 MAX_BLOCK = 4096
-# fused_cpu.c's codes of the losses
-CODES = {"focal": 1, "adaptive_focal": 2, "margin": 3, "maxsup": 4, "logitnorm": 5, "confidence_penalty": 6}
 
 
 def family_loss_and_grad(x: Tensor, t: Tensor, w: Tensor | None, spec: RowLoss, ignore_index: int,
@@ -42,7 +40,7 @@ def family_loss_and_grad(x: Tensor, t: Tensor, w: Tensor | None, spec: RowLoss, 
     _family_kernel[(n_rows,)](
         x, t, loss if w is None else w, loss, x if grad is None else grad, loss if divisor is None else divisor,
         x.stride(0), 0 if grad is None else grad.stride(0), n_classes, ignore_index, float(params[0]),
-        float(params[1]), KIND=CODES[spec.kind], HAS_WEIGHT=w is not None, WRITE_GRAD=grad is not None,
+        float(params[1]), KIND=KIND_CODES[spec.kind], HAS_WEIGHT=w is not None, WRITE_GRAD=grad is not None,
         HAS_DIVISOR=divisor is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4)
     return loss
 
