@@ -59,8 +59,7 @@ from fastai.losses import LabelSmoothingCrossEntropy as FastaiLabelSmoothingCros
 from torch import Tensor
 
 from fastai_ls import label_smoothing_cross_entropy
-from fastai_ls.loss.backends import c_kernel
-from fastai_ls.loss.backends.family import fused_family_loss
+from fastai_ls.loss.backends import c_kernel, fused_family_loss
 
 EPS = 0.1
 SHAPES = [(64, 37), (256, 1000), (4096, 1000), (16384, 1000), (2048, 32000), (512, 128000)]

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastai_ls.loss.backends import c_kernel
+from fastai_ls.loss.backends import c_kernel, fused_family_loss
 from fastai_ls.loss.backends import triton as triton_backend
-from fastai_ls.loss.backends.family import KINDS, fused_family_loss
+from fastai_ls.loss.backends.family import KINDS
 
 PARAMS = {
     "focal": {"gamma": 3.0, "eps": 0.0},
@@ -212,7 +212,7 @@ import torch
 from fastai_ls import label_smoothing_cross_entropy
 from fastai_ls.loss.backends import c_kernel, triton_family
 from fastai_ls.loss.backends import triton as triton_backend
-from fastai_ls.loss.backends.family import fused_family_loss
+from fastai_ls.loss.backends import fused_family_loss
 
 def run(loss, x, y, with_grad, g, triton):
     saved = triton_backend.accepts, c_kernel.AVAILABLE

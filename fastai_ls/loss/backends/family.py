@@ -2,9 +2,10 @@
 each "a cross-entropy plus a term on a few row statistics" (lse, z_y, sum z, z_max, the MbLS margin term, the norm,
 the entropy), so one read of each logit row gives its loss and gradient.
 
-`fused_family_loss` is the entry point: it checks the arguments once, chooses a backend (the C kernel for float32 CPU
-logits, else the blockwise backend, which computes the same closed-form gradient with torch operations; the
-reference one, `family_reference_rows`, under `torch.func` transforms and forward-mode AD) and runs it.
+`fastai_ls.loss.backends.fused_family_loss` is the entry point: it checks the arguments once, chooses a backend
+(the C kernel for float32 CPU logits, Triton for CUDA, else the blockwise backend, which computes the same
+closed-form gradient with torch operations, `family_rows`; the reference one, `family_reference_rows`, under
+`torch.func` transforms and forward-mode AD, and for second derivatives) and runs it.
 
 Every loss is PyTorch's weighted mean: the row's loss is multiplied by its target's class weight w_y (for the focal
 losses with label smoothing, the smoothed cross-entropy weighs class c by w_c as `label_smoothing_cross_entropy`
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from fastai_ls.loss.backends.base import RowLoss
 
-__all__ = ["KINDS", "KIND_CODES", "check_family_params", "family_rows", "family_reference_rows", "fused_family_loss"]
+__all__ = ["KINDS", "KIND_CODES", "check_family_params", "family_rows", "family_reference_rows"]
 
 # The losses and the names of their parameters (`params`), in the order the C kernel takes them.
 KINDS = {"focal": ("gamma", "eps"), "adaptive_focal": ("eps",), "margin": ("margin", "alpha"), "maxsup": ("alpha",),
@@ -57,56 +58,6 @@ def check_family_params(kind: str, params: Mapping[str, float]) -> dict[str, flo
             raise ValueError(f"{name} must be non-negative, got {value}")
         checked[name] = value
     return checked
-
-
-def fused_family_loss(kind: str, input: Tensor, target: Tensor, params: Mapping[str, float],
-                      weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
-    """A loss of the calibration family, its gradient computed with it in one read of each logit row.
-
-    Parameters
-    ----------
-    kind : str
-        'focal' (-(1 - p_y)^gamma log p_y, label-smoothed with eps: (1 - p_y)^gamma times the smoothed
-        cross-entropy), 'adaptive_focal' (FLSD-53: gamma 5 where p_y < 0.2, else 3, not differentiated),
-        'margin' (MbLS: CE + alpha / C sum_k relu(z_max - z_k - margin)), 'maxsup' (CE + alpha (z_max - mean_k z_k)),
-        'logitnorm' (CE of z / (tau (||z||_2 + 1e-7))) or 'confidence_penalty' (CE - beta H(p)).
-    input : Tensor
-        Logits, (N, C) or (N, C, d1, ..., dk), the class axis 1. Never written to.
-    target : Tensor
-        Integer class ids with the input's shape minus the class axis.
-    params : Mapping[str, float]
-        The loss's parameters, exactly: focal {'gamma', 'eps'}, adaptive_focal {'eps'}, margin {'margin', 'alpha'},
-        maxsup {'alpha'}, logitnorm {'tau'}, confidence_penalty {'beta'}.
-    weight : Tensor or None, default None
-        Per-class weights (C,): the row's loss is multiplied by w_y (the focal losses' smoothing term weighs class
-        c by w_c), and 'mean' divides by the sum of w_y over the kept rows. Not differentiated.
-    ignore_index : int, default -100
-        Rows whose id equals this contribute nothing (loss, divisor, gradient).
-    reduction : str, default 'mean'
-        'mean', 'sum' or 'none' (one loss per position).
-
-    Returns
-    -------
-    Tensor
-        The loss, float32 for half-precision logits, else the logits' dtype.
-
-    Examples
-    --------
-    >>> x, y = torch.tensor([[1., 8., 1.], [1., 1., 8.]]), torch.tensor([1, 2])
-    >>> round(fused_family_loss('maxsup', x, y, {'alpha': 0.1}).item(), 4)
-    0.4685
-    """
-    from fastai_ls.loss.backends import choose_backend
-    from fastai_ls.loss.checks import check_arguments
-
-    params = check_family_params(kind, params)
-    input, target, _, ignore_index = check_arguments(input, target, 0.0, weight, reduction, ignore_index, "uniform",
-                                                     None)
-    if target.is_floating_point():
-        raise ValueError(f"the fused {kind} loss needs integer class-id targets, got {target.dtype}")
-    spec = RowLoss(kind=kind, params=params)
-    return choose_backend(input, target, weight, None, spec).loss(input, target, spec, weight, reduction,
-                                                                 ignore_index)
 
 
 def family_rows(x: Tensor, y: Tensor, spec: RowLoss, w: Tensor | None, scale: Tensor | float,
