@@ -10,14 +10,14 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).parent
-SOURCE = "fastai_ls/loss/fused_cpu.c"
-# The library records which source it was built from: fastai_ls/loss/cpu_kernel.py refuses one built from another
+SOURCE = "fastai_ls/loss/backends/fused_cpu.c"
+# The library records which source it was built from: fastai_ls/loss/backends/c_kernel.py refuses one built from another
 # version of the file (a build left over from before a pull), rather than call it with a signature it does not have.
 SOURCE_SHA256 = hashlib.sha256((HERE / SOURCE).read_bytes()).hexdigest()
 
 
 class BuildExtRecordingHashes(build_ext):
-    """build_ext that writes the SHA-256 of each library it built beside it (`<library>.sha256`): cpu_kernel.py loads
+    """build_ext that writes the SHA-256 of each library it built beside it (`<library>.sha256`): c_kernel.py loads
     no library whose bytes differ from it (damaged code would kill the process, SIGILL, instead of raising)."""
 
     def run(self):
@@ -40,7 +40,7 @@ setup(
     cmdclass={"build_ext": BuildExtRecordingHashes},
     ext_modules=[
         Extension(
-            "fastai_ls.loss._fused_cpu",
+            "fastai_ls.loss.backends._fused_cpu",
             sources=[SOURCE],
             define_macros=[("FUSED_CPU_SOURCE_SHA256", f'"{SOURCE_SHA256}"')],
             extra_compile_args=["-O3", "-fopenmp"],

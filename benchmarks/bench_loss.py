@@ -2,7 +2,11 @@
 `torch.no_grad()` (fastai's validation loss, `get_preds(with_loss=True)`), in both CPU allocator regimes.
 
     python benchmarks/bench_loss.py [--quick] [--device cpu|cuda] [--regime realistic|pinned|both] [--no-memory]
-                                    [--shape NxC ...] [--breakdown]
+                                    [--shape NxC ...] [--breakdown] [--family]
+
+`--family` times the calibration-loss family instead (focal, FLSD-53, MbLS, MaxSup, LogitNorm, the confidence
+penalty, label smoothing with z-loss; default shapes 4096x1000 and 2048x32000): each fused loss against the same
+formula written with torch operations and against `F.cross_entropy`, training and no-grad, interleaved as above.
 
 Every repetition runs every method in turn, the order rotated each time (so load on a shared machine hits all alike),
 and the median is reported. On the CPU, "fastai_ls, no C kernel" is this package as installed without a C compiler
@@ -55,7 +59,7 @@ from fastai.losses import LabelSmoothingCrossEntropy as FastaiLabelSmoothingCros
 from torch import Tensor
 
 from fastai_ls import label_smoothing_cross_entropy
-from fastai_ls.loss import cpu_kernel
+from fastai_ls.loss.backends import c_kernel, fused_family_loss
 
 EPS = 0.1
 SHAPES = [(64, 37), (256, 1000), (4096, 1000), (16384, 1000), (2048, 32000), (512, 128000)]
@@ -100,11 +104,11 @@ def reference_of(name: str) -> str:
 
 def without_c_kernel(x: Tensor, y: Tensor) -> Tensor:
     """fastai_ls as installed without a C compiler: the fused path's torch operations."""
-    available, cpu_kernel.AVAILABLE = cpu_kernel.AVAILABLE, False
+    available, c_kernel.AVAILABLE = c_kernel.AVAILABLE, False
     try:
         return label_smoothing_cross_entropy(x, y, EPS)
     finally:
-        cpu_kernel.AVAILABLE = available
+        c_kernel.AVAILABLE = available
 
 
 def step(loss_func: Callable | None, x: Tensor, y: Tensor) -> None:
@@ -250,14 +254,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--shape", action="append", type=_shape, help="NxC instead of the default shapes; repeatable")
     parser.add_argument("--breakdown", action="store_true", help="time the C kernel's parts instead")
+    parser.add_argument("--family", action="store_true", help="time the calibration-loss family instead")
     parser.add_argument("--threads", type=int, help="torch's (and the kernel's) threads; default: torch's. On cores "
                         "shared with other work, 1 avoids the stalls of threads spin-waiting for a busy core")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    shapes = [(n, c, torch.float32) for n, c in (args.shape or (QUICK_SHAPES if args.quick else SHAPES))]
-    if device.type == "cuda" and not (args.quick or args.shape):
+    default_shapes = FAMILY_SHAPES if args.family else QUICK_SHAPES if args.quick else SHAPES
+    shapes = [(n, c, torch.float32) for n, c in (args.shape or default_shapes)]
+    if device.type == "cuda" and not (args.quick or args.shape or args.family):
         shapes += CUDA_SHAPES
     if device.type == "cpu" and args.regime == "both":  # a fresh process per regime: no inherited allocator state
         for regime in REGIMES:
@@ -273,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.breakdown:
         for n_rows, n_classes, _ in shapes:
             breakdown(n_rows, n_classes, args.quick)
+        return
+    if args.family:
+        family_table(device, shapes, args.quick)
         return
     training_table(device, shapes, args)
     no_grad_table(device, shapes, args)
@@ -356,7 +365,7 @@ def breakdown(n_rows: int, n_classes: int, quick: bool) -> None:
     grad, out = torch.empty_like(xd), torch.empty_like(xd)
 
     def kernel(with_grad: bool) -> Callable:  # the kernel alone, on buffers allocated once
-        return lambda x, y: cpu_kernel.loss_and_grad(xd, y, -100, None, EPS, True, grad if with_grad else None, False)
+        return lambda x, y: c_kernel.loss_and_grad(xd, y, -100, None, EPS, True, grad if with_grad else None, False)
 
     parts = {
         "kernel, loss + gradient": kernel(True),
@@ -372,6 +381,63 @@ def breakdown(n_rows: int, n_classes: int, quick: bool) -> None:
     print(f"\n{n_rows}x{n_classes} float32{'time ms':>24}{'faults':>8}")
     for name in parts:
         print(f"  {name:<40}{1e3 * times[name]:>10.3f}{faults[name]:>8.0f}")
+
+
+FAMILY_SHAPES = [(4096, 1000), (2048, 32000)]
+# name: (fused loss, the same formula with torch operations), each of (logits, ids), mean over the rows
+FAMILY = {
+    "focal gamma=3": (lambda x, y: fused_family_loss("focal", x, y, {"gamma": 3.0, "eps": 0.0}),
+                      lambda x, y: ((1 - (-F.cross_entropy(x, y, reduction="none")).exp()) ** 3
+                                    * F.cross_entropy(x, y, reduction="none")).mean()),
+    "FLSD-53": (lambda x, y: fused_family_loss("adaptive_focal", x, y, {"eps": 0.0}),
+                lambda x, y: _flsd53(F.cross_entropy(x, y, reduction="none"))),
+    "MbLS m=10 a=0.1": (lambda x, y: fused_family_loss("margin", x, y, {"margin": 10.0, "alpha": 0.1}),
+                        lambda x, y: F.cross_entropy(x, y) + 0.1 * (x.max(1, keepdim=True).values - x - 10.0)
+                        .relu().mean(1).mean()),
+    "MaxSup a=0.1": (lambda x, y: fused_family_loss("maxsup", x, y, {"alpha": 0.1}),
+                     lambda x, y: F.cross_entropy(x, y) + 0.1 * (x.max(1).values - x.mean(1)).mean()),
+    "LogitNorm tau=0.04": (lambda x, y: fused_family_loss("logitnorm", x, y, {"tau": 0.04}),
+                           lambda x, y: F.cross_entropy(x / (0.04 * (x.norm(dim=1, keepdim=True) + 1e-7)), y)),
+    "conf. penalty b=0.1": (lambda x, y: fused_family_loss("confidence_penalty", x, y, {"beta": 0.1}),
+                            lambda x, y: F.cross_entropy(x, y) + 0.1 * (x.softmax(1) * x.log_softmax(1)).sum(1)
+                            .mean()),
+    "LS 0.1 + z-loss 1e-4": (lambda x, y: label_smoothing_cross_entropy(x, y, EPS, z_loss=1e-4),
+                             lambda x, y: F.cross_entropy(x, y, label_smoothing=EPS)
+                             + 1e-4 * (torch.logsumexp(x, 1) ** 2).mean()),
+}
+
+
+def _flsd53(ce: Tensor) -> Tensor:
+    p_y = (-ce).exp()
+    return ((1 - p_y) ** torch.where(p_y.detach() < 0.2, 5.0, 3.0) * ce).mean()
+
+
+def family_table(device: torch.device, shapes: list, quick: bool) -> None:
+    """Each fused loss of the family against its torch-operations formula and F.cross_entropy (no smoothing)."""
+    print("\ncalibration-loss family, integer targets, 'mean'; medians; 'xCE' = ratio to F.cross_entropy, 'xOps' "
+          "= ratio to the same formula written with torch operations (training: forward+backward)\n")
+    header = f"{'shape':<14}{'loss':<24}{'train ms':>10}{'xCE':>7}{'xOps':>7}{'no-grad ms':>12}{'xCE':>7}{'xOps':>7}"
+    print(header)
+    print("-" * len(header))
+    for n_rows, n_classes, dtype in shapes:
+        x, y = make_inputs(n_rows, n_classes, dtype, device)
+        funcs = {NATIVE: lambda x, y: F.cross_entropy(x, y)}
+        for name, (fused, ops) in FAMILY.items():
+            funcs[name], funcs[name + " (ops)"] = fused, ops
+        reps = reps_for(n_rows * n_classes, quick)
+        train, _ = time_shape(funcs, x, y, reps)
+        x.requires_grad_(False)
+        no_grad, _ = time_shape(funcs, x, y, reps, no_grad_step)
+        label = f"{n_rows}x{n_classes}"
+        for name in FAMILY:
+            cells = [f"{1e3 * train[name]:>10.2f}{train[name] / train[NATIVE]:>7.2f}"
+                     f"{train[name] / train[name + ' (ops)']:>7.2f}",
+                     f"{1e3 * no_grad[name]:>12.2f}{no_grad[name] / no_grad[NATIVE]:>7.2f}"
+                     f"{no_grad[name] / no_grad[name + ' (ops)']:>7.2f}"]
+            print(f"{label:<14}{name:<24}{''.join(cells)}")
+            label = ""
+        print(f"{'':<14}{NATIVE:<24}{1e3 * train[NATIVE]:>10.2f}{'':>14}{1e3 * no_grad[NATIVE]:>12.2f}\n")
+        del x, y
 
 
 def _shape(text: str) -> tuple[int, int]:

@@ -6,9 +6,9 @@
 Steps, each reported OK or FAIL in the summary (the exit status is 1 if any failed):
 1. environment: versions, the device, the peak memory bandwidth the shares below are taken of;
 2. imports: every third-party package the check imports comes from the carried wheels or the GPU image;
-3. tests: tests/test_cuda.py (the Triton kernels against the CPU paths; no host synchronization after the loss's one
-   argument check, with `torch.cuda.set_sync_debug_mode('error')`) and the callback's CUDA test (the same mode
-   around its per-batch work);
+3. tests: tests/loss/test_cuda.py (the Triton kernels against the CPU paths; no host synchronization after the
+   loss's one argument check, with `torch.cuda.set_sync_debug_mode('error')`) and the callback's CUDA test (the same
+   mode around its per-batch work);
 4. triton interpreter (dry run only): the public loss routed through the Triton kernels on CPU tensors;
 5. benchmark: the fused loss against `F.cross_entropy(label_smoothing=0.1)`, forward+backward and no-grad, from
    64 x 37 to Liger-style 16384 x 131072, bf16 and fp32: time, peak memory, and achieved bandwidth, the least
@@ -88,11 +88,12 @@ def environment(device: torch.device, peak_tbps: float) -> str:
     import fastai
 
     import fastai_ls
-    from fastai_ls.loss import cpu_kernel, triton_kernel
+    from fastai_ls.loss.backends import c_kernel
+    from fastai_ls.loss.backends import triton as triton_backend
 
     parts = [f"python {sys.version.split()[0]}", f"torch {torch.__version__}", f"fastai {fastai.__version__}",
-             f"fastai_ls {fastai_ls.__version__}", f"C kernel {'built' if cpu_kernel.AVAILABLE else 'absent'}"]
-    if triton_kernel.AVAILABLE:
+             f"fastai_ls {fastai_ls.__version__}", f"C kernel {'built' if c_kernel.AVAILABLE else 'absent'}"]
+    if triton_backend.AVAILABLE:
         import triton
 
         parts.append(f"triton {triton.__version__}" + (" (interpreter)" if os.environ.get("TRITON_INTERPRET") else ""))
@@ -137,10 +138,10 @@ def imports(wheels: str | None, dry_run: bool) -> str:
 
 
 def tests(dry_run: bool) -> str:
-    selected = ["tests/test_cuda.py",
-                "tests/test_callback.py::test_the_per_batch_update_never_synchronises_with_the_gpu"]
+    selected = ["tests/loss/test_cuda.py",
+                "tests/integration/test_callback.py::test_the_per_batch_update_never_synchronises_with_the_gpu"]
     if dry_run:  # the Triton kernels in the interpreter, as CI runs them
-        selected.append("tests/test_fused.py::test_triton_kernels_equal_the_cpu_paths_in_the_interpreter")
+        selected.append("tests/loss/test_fused.py::test_triton_kernels_equal_the_cpu_paths_in_the_interpreter")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                              *selected], cwd=ROOT, capture_output=True, text=True, timeout=420)
     print(result.stdout[-6000:], result.stderr[-3000:])
@@ -152,15 +153,15 @@ def tests(dry_run: bool) -> str:
 
 def triton_interpreter() -> str:
     """The public loss routed through the Triton kernels on CPU tensors (interpreter), against the C kernel."""
-    from fastai_ls.loss import triton_kernel
+    from fastai_ls.loss.backends import triton as triton_backend
 
-    if not (triton_kernel.AVAILABLE and os.environ.get("TRITON_INTERPRET")):
+    if not (triton_backend.AVAILABLE and os.environ.get("TRITON_INTERPRET")):
         raise RuntimeError("needs triton with TRITON_INTERPRET=1")
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "loss"))
     from test_cuda import hostile_case
 
-    # tests/test_cuda.py's first test, with Triton in the interpreter instead of on a GPU: 5000 classes are two column
-    # blocks (MAX_BLOCK 4096), the second ragged.
+    # tests/loss/test_cuda.py's first test, with Triton in the interpreter instead of on a GPU: 5000 classes are two
+    # column blocks (MAX_BLOCK 4096), the second ragged.
     n_checks = 0
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for weighted in (False, True):
@@ -181,18 +182,19 @@ def triton_interpreter() -> str:
     empty = _loss_on(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), None, torch.float32, 0.1, "mean", True,
                      triton=True)
     assert empty[0].isnan() and empty[1].shape == (0, 5)
-    return (f"{n_checks} cases of tests/test_cuda.py's first test (fused and no-grad, eps 0 and 0.1, fp32, bf16 and "
+    return (f"{n_checks} cases of tests/loss/test_cuda.py's first test (fused and no-grad, eps 0 and 0.1, fp32, bf16 "
+            f"and "
             f"fp16, hostile rows) and an empty batch: the Triton kernels equal the C kernel")
 
 
 def _loss_on(x, y, w, dtype, eps, reduction, with_grad, triton: bool):
-    import fastai_ls.loss.fused as fused_module
     from fastai_ls import label_smoothing_cross_entropy
-    from fastai_ls.loss import cpu_kernel
+    from fastai_ls.loss.backends import c_kernel
+    from fastai_ls.loss.backends import triton as triton_backend
 
-    saved = fused_module._uses_triton, cpu_kernel.AVAILABLE
+    saved = triton_backend.accepts, c_kernel.AVAILABLE
     if triton:  # CPU tensors through the Triton kernels: the interpreter runs them
-        fused_module._uses_triton, cpu_kernel.AVAILABLE = (lambda x: x.dtype != torch.float64), False
+        triton_backend.accepts, c_kernel.AVAILABLE = (lambda x: x.dtype != torch.float64), False
     try:
         x = x.detach().to(dtype).clone().requires_grad_(with_grad)
         with torch.set_grad_enabled(with_grad):
@@ -200,7 +202,7 @@ def _loss_on(x, y, w, dtype, eps, reduction, with_grad, triton: bool):
         grad = torch.autograd.grad(loss.sum(), x)[0] if with_grad else None
         return loss.detach(), grad
     finally:
-        fused_module._uses_triton, cpu_kernel.AVAILABLE = saved
+        triton_backend.accepts, c_kernel.AVAILABLE = saved
 
 
 def benchmark(device: torch.device, shapes: list[tuple[int, int]], peak_tbps: float, reps: int) -> str:

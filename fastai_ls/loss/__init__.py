@@ -1,6 +1,6 @@
-"""The loss's math, tensors in and tensors out (torch only, no fastai): the formula and its checks
-(`formula.py`), the public function that dispatches between the reference and the fused path (`functional.py`),
-and the fused path with its kernels (`fused.py`; `fused_cpu.c` via `cpu_kernel.py`; `triton_kernel.py`)."""
+"""The loss's math, tensors in and tensors out (torch only, no fastai): the formula (`formula.py`), the argument
+checks (`checks.py`), the public function that checks once, chooses a backend and runs it (`functional.py`), and the
+backends (`backends/`: reference, blockwise, the C kernel, Triton, and the autograd Function of the fused ones)."""
 
 from fastai_ls.loss.functional import label_smoothing_cross_entropy
 

@@ -1,8 +1,8 @@
 """The loss's argument checks: each raises a ValueError/TypeError naming the problem before any arithmetic on the
 logits, and none changes what it is given.
 
-The checks that read no tensor values run on every call (`check_options`, `check_input`, `check_weight`,
-`check_target`). Those that read values (`check_weight_values`, `check_ids`) run where the path needs them: the C
+The checks that read no tensor values run on every call, together (`check_arguments`, before a backend is
+chosen). Those that read values (`check_weight_values`, `check_ids`) run in the backend that needs them: the C
 kernel checks the same values itself as it reads them, so the CPU float32 path makes no separate pass.
 """
 
@@ -14,13 +14,37 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-__all__ = ["REDUCTIONS", "SMOOTHINGS", "check_eps", "check_options", "check_input", "check_weight",
+from fastai_ls.loss.formula import uniform_eps
+from fastai_ls.validation import plain
+
+__all__ = ["REDUCTIONS", "SMOOTHINGS", "check_arguments", "check_eps", "check_options", "check_input", "check_weight",
            "check_weight_needs_no_grad", "check_weight_values", "weight_in", "check_target", "target_shape_message",
            "class_ids", "check_ids", "under_functorch_transform", "is_batched", "has_forward_tangent"]
 
 REDUCTIONS = ("mean", "sum", "none")
 SMOOTHINGS = ("uniform", "others")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_arguments(input: Tensor, target: Tensor, eps: float, weight: Tensor | None, reduction: str,
+                    ignore_index: int, smoothing: str, fused: bool | None,
+                    z_loss: float = 0.0) -> tuple[Tensor, Tensor, float, int]:
+    """Every check of a call of the loss that reads no tensor values, in one place: raises on the first problem,
+    else returns the logits and target as plain tensors, the uniform eps (`formula.uniform_eps`) and ignore_index as
+    a Python int. The values of the ids and weights are checked by the backend that reads them."""
+    check_options(eps, reduction, smoothing, ignore_index, fused, z_loss)
+    ignore_index = int(ignore_index)  # a numpy integer passes the check, but Triton's kernels take only Python ints
+    check_input(input)
+    input = plain(input)
+    target = plain(target) if isinstance(target, Tensor) else target
+    n_classes = input.shape[1]
+    check_weight(weight, n_classes)
+    check_weight_needs_no_grad(weight)
+    check_target(input, target, ignore_index)
+    eps = uniform_eps(eps, smoothing, n_classes)
+    if fused and target.is_floating_point():
+        raise ValueError("fused=True needs integer class-id targets; probability targets use fused=False")
+    return input, target, eps, ignore_index
 
 
 def check_eps(eps: float) -> None:
@@ -31,9 +55,14 @@ def check_eps(eps: float) -> None:
         raise ValueError(f"eps must be in [0, 1), got {eps}")
 
 
-def check_options(eps: float, reduction: str, smoothing: str, ignore_index: int, fused: bool | None = None) -> None:
+def check_options(eps: float, reduction: str, smoothing: str, ignore_index: int, fused: bool | None = None,
+                  z_loss: float = 0.0) -> None:
     """Raise if a scalar option of the loss is invalid."""
     check_eps(eps)
+    if type(z_loss) is not float and (isinstance(z_loss, bool) or not isinstance(z_loss, numbers.Real)):
+        raise TypeError(f"z_loss must be a real number, got {type(z_loss).__name__}")
+    if not 0 <= z_loss < float("inf"):
+        raise ValueError(f"z_loss must be finite and non-negative, got {z_loss}")
     if fused is not None and fused is not True and fused is not False:  # 0 or "no" must not pick a path by truth
         raise TypeError(f"fused must be True, False or None, got {fused!r}")
     if reduction not in REDUCTIONS:

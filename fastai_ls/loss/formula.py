@@ -1,5 +1,6 @@
 """The label-smoothing cross-entropy's formula: the one home of the arithmetic that every path (the reference path
-here, the fused path in `fused.py`, the C and Triton kernels) computes. The argument checks are in `checks.py`.
+in `backends/`: the reference backend's torch operations, the blockwise backend, the C and Triton kernels) computes.
+The argument checks are in `checks.py`.
 
 Every variant (uniform or other-classes smoothing, integer or probability targets, with or without class
 weights) is the same cross-entropy against a smoothed target distribution q:
@@ -17,11 +18,8 @@ import math
 import torch
 from torch import Tensor
 
-from fastai_ls.loss.checks import check_ids, check_weight_values, class_ids, weight_in
-from fastai_ls.validation import compute_dtype, upcast
-
 __all__ = ["uniform_eps", "hard_target_terms", "hard_target_mix", "soft_target_terms", "kept_targets",
-           "cross_entropy", "reduce_loss", "mean_divisor", "reference_cross_entropy"]
+           "cross_entropy", "reduce_loss", "mean_divisor", "nan_for_infinite_logits"]
 
 
 # --- the formula -------------------------------------------------------------------------------------------------
@@ -87,15 +85,6 @@ def cross_entropy(log_sum_exp_z: Tensor | float, mass: Tensor | float, dot: Tens
     return mass * log_sum_exp_z - dot
 
 
-def class_rows_last(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """(M, C) logits and (M,) ids or (M, C) probabilities, with the class axis (1) moved last."""
-    n_classes = input.shape[1]
-    x = upcast(input.movedim(1, -1).reshape(-1, n_classes))
-    if target.is_floating_point():
-        return x, target.movedim(1, -1).reshape(-1, n_classes).to(x.dtype)
-    return x, class_ids(target)
-
-
 def mean_divisor(divisor: Tensor | float) -> Tensor | float:
     """The 'mean' divisor, NaN where it is 0 (nothing kept, or only zero-weight classes): PyTorch's 'mean' is NaN
     there, and so is its gradient on every kept row, even where the summed loss is positive."""
@@ -115,31 +104,3 @@ def nan_for_infinite_logits(loss: Tensor) -> Tensor:
     # A -inf logit on a class that the smoothed target covers makes the row's loss +inf; report it like any
     # other non-finite logit, as NaN, rather than as a number that an average could hide.
     return loss + torch.where(loss.isinf(), float("nan"), 0.0).detach()
-
-
-def reference_cross_entropy(input: Tensor, target: Tensor, eps: float, weight: Tensor | None, reduction: str,
-                            ignore_index: int) -> Tensor:
-    """The loss from torch operations, differentiable to any order (and under `torch.func` transforms), for
-    arguments that passed `functional`'s checks and uniform `eps`; checks the weights' and ids' values itself."""
-    n_classes = input.shape[1]
-    out_shape = input.shape[:1] + input.shape[2:]
-    x, t = class_rows_last(input, target)
-    if t.is_floating_point():
-        check_weight_values(weight)
-    else:
-        check_ids(t, n_classes, ignore_index, weight)
-    w = weight_in(weight, compute_dtype(input.dtype), input.device)
-
-    if t.is_floating_point():
-        z = x - x.detach().amax(1, keepdim=True)  # the loss does not depend on the shift: no gradient flows into it
-        loss = nan_for_infinite_logits(cross_entropy(z.exp().sum(1).log(), *soft_target_terms(z, t, eps, w)))
-        return reduce_loss(loss, t.shape[0], reduction, out_shape)
-
-    y, ignored, divisor = kept_targets(t, ignore_index, w, x.dtype)
-    # An ignored row's gradient is exactly 0, as on the fused path, even where its logits are not finite (PyTorch's
-    # is NaN there: one bad padding row would make every parameter's gradient NaN).
-    x = x.masked_fill(ignored[:, None], 0.0)
-    z = x - x.detach().amax(1, keepdim=True)
-    loss = cross_entropy(z.exp().sum(1).log(), *hard_target_terms(z, y, eps, w)).masked_fill(ignored, 0.0)
-    loss = nan_for_infinite_logits(loss)
-    return reduce_loss(loss, divisor, reduction, out_shape)

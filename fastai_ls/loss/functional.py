@@ -1,24 +1,13 @@
-"""`label_smoothing_cross_entropy`, the functional core: checks the arguments, then takes the fused path (`fused.py`)
-or the reference one (`formula.py`)."""
+"""`label_smoothing_cross_entropy`, the functional core: checks the arguments once, chooses a backend
+(`backends/`), and runs it."""
 
 from __future__ import annotations
 
-import torch
+import torch  # noqa: F401 (the doctest examples use it)
 from torch import Tensor
 
-from fastai_ls.loss.checks import (
-    check_input,
-    check_options,
-    check_target,
-    check_weight,
-    check_weight_needs_no_grad,
-    class_ids,
-    has_forward_tangent,
-    under_functorch_transform,
-)
-from fastai_ls.loss.formula import reference_cross_entropy, uniform_eps
-from fastai_ls.loss.fused import fused_cross_entropy, fused_loss
-from fastai_ls.validation import plain
+from fastai_ls.loss.backends import RowLoss, choose_backend
+from fastai_ls.loss.checks import check_arguments
 
 __all__ = ["label_smoothing_cross_entropy"]
 
@@ -33,6 +22,7 @@ def label_smoothing_cross_entropy(
     smoothing: str = "uniform",
     *,
     fused: bool | None = None,
+    z_loss: float = 0.0,
 ) -> Tensor:
     """Cross-entropy against label-smoothed targets; equals `F.cross_entropy(..., label_smoothing=eps)` for
     `smoothing='uniform'`. Half-precision logits are computed in float32 and the loss is float32.
@@ -59,13 +49,17 @@ def label_smoothing_cross_entropy(
         'uniform': eps/C on every class (PyTorch, fastai, timm); 'others': 1-eps on the true class and
         eps/(C-1) on each other one (fairseq), the same as uniform smoothing with eps*C/(C-1).
     fused : bool or None, default None
-        None: the fastest path for integer targets, the fused kernels (`fused.py`), which compute the gradient
+        None: the fastest path for integer targets, the fused backends (`backends/`), which compute the gradient
         together with the loss when one will be taken, and the loss alone otherwise (under `torch.no_grad()`, as
         in fastai's validation and `get_preds`); backward with create_graph=True (second derivatives) gets the
         reference path's gradient. False: the reference path of torch operations, differentiable to any order.
         True: the fused kernels; an error for probability targets. Under
         `torch.func` transforms (grad, vmap...) and for forward-mode AD's dual tensors the reference path runs
         whatever `fused` says.
+    z_loss : float, default 0.0
+        The weight lambda of the z-loss lambda * lse^2 added to each row's loss (lse = log sum_c exp(x_c), as in
+        PaLM and Liger's `lse_square_scale`): it keeps the logits' scale from drifting. Class weights multiply it by
+        w_y (for probability targets by sum_c w_c q_c), like the true-class term. 0 leaves it out.
 
     Returns
     -------
@@ -80,24 +74,8 @@ def label_smoothing_cross_entropy(
     >>> round(label_smoothing_cross_entropy(x, y, eps=0.05, smoothing='others').item(), 4)
     0.3518
     """
-    check_options(eps, reduction, smoothing, ignore_index, fused)
-    ignore_index = int(ignore_index)  # a numpy integer passes the check, but Triton's kernels take only Python ints
-    check_input(input)
-    input = plain(input)
-    target = plain(target) if isinstance(target, Tensor) else target
-    n_classes = input.shape[1]
-    check_weight(weight, n_classes)
-    check_weight_needs_no_grad(weight)
-    check_target(input, target, ignore_index)
-    eps = uniform_eps(eps, smoothing, n_classes)
-    if target.is_floating_point():
-        if fused:
-            raise ValueError("fused=True needs integer class-id targets; probability targets use fused=False")
-        return reference_cross_entropy(input, target, eps, weight, reduction, ignore_index)
-    # The fused Function has no functorch rules and no forward derivative (its kernels read data pointers).
-    if fused is False or under_functorch_transform() or has_forward_tangent(input, weight):
-        return reference_cross_entropy(input, target, eps, weight, reduction, ignore_index)
-    t = class_ids(target)
-    if input.requires_grad and torch.is_grad_enabled():
-        return fused_cross_entropy(input, t, eps, weight, reduction, ignore_index)
-    return fused_loss(input, t, eps, weight, reduction, ignore_index)
+    input, target, eps, ignore_index = check_arguments(input, target, eps, weight, reduction, ignore_index, smoothing,
+                                                       fused, z_loss)
+    spec = RowLoss(eps, float(z_loss))
+    return choose_backend(input, target, weight, fused, spec).loss(input, target, spec, weight, reduction,
+                                                                  ignore_index)

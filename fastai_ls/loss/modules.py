@@ -42,6 +42,9 @@ class LabelSmoothingCrossEntropy(nn.Module):
         None: the fused kernels for integer targets (loss and gradient in one sweep during training, the loss
         alone under `torch.no_grad()`; twice differentiable too); False: the reference path of torch operations;
         True: the fused kernels, an error for probability targets. See `label_smoothing_cross_entropy`.
+    z_loss : float, default 0.0
+        The weight lambda of the z-loss lambda * lse^2 added to each row's loss (lse = log sum_c exp(x_c)), times
+        w_y with class weights; computed in the same sweep as the loss. 0 leaves it out.
 
     Examples
     --------
@@ -62,21 +65,23 @@ class LabelSmoothingCrossEntropy(nn.Module):
         smoothing: str = "uniform",
         *,
         fused: bool | None = None,
+        z_loss: float = 0.0,
     ):
         """Check and store the options (see the class's Parameters)."""
         super().__init__()
-        check_options(eps, reduction, smoothing, ignore_index, fused)
+        check_options(eps, reduction, smoothing, ignore_index, fused, z_loss)
         check_weight(weight)
         check_weight_values(weight)
         self.eps, self.reduction, self.ignore_index, self.smoothing = eps, reduction, ignore_index, smoothing
-        self.fused = fused
+        self.fused, self.z_loss = fused, z_loss
         # A copy, so that moving or loading the module never writes into the caller's tensor.
         self.register_buffer("weight", None if weight is None else weight.detach().clone())
 
     def forward(self, input: Tensor, target: Tensor, reduction: str | None = None) -> Tensor:
         """The loss of logits `input` against `target`."""
         return label_smoothing_cross_entropy(input, target, self.eps, self.weight, reduction or self.reduction,
-                                             self.ignore_index, self.smoothing, fused=self.fused)
+                                             self.ignore_index, self.smoothing, fused=self.fused,
+                                             z_loss=getattr(self, "z_loss", 0.0))  # learners exported without it
 
     def activation(self, out: Tensor) -> Tensor:
         """The probabilities the loss scores: softmax over the class axis (fastai's `get_preds` calls this)."""
@@ -87,8 +92,9 @@ class LabelSmoothingCrossEntropy(nn.Module):
         return out.argmax(self.class_axis)
 
     def extra_repr(self) -> str:
+        z_loss = getattr(self, "z_loss", 0.0)
         return f"eps={self.eps}, smoothing={self.smoothing!r}, reduction={self.reduction!r}, " \
-               f"ignore_index={self.ignore_index}"
+               f"ignore_index={self.ignore_index}" + (f", z_loss={z_loss}" if z_loss else "")
 
 
 class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
@@ -117,6 +123,9 @@ class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
         None: the fused kernels for integer targets (loss and gradient in one sweep during training, the loss
         alone under `torch.no_grad()`; twice differentiable too); False: the reference path of torch operations;
         True: the fused kernels, an error for probability targets. See `label_smoothing_cross_entropy`.
+    z_loss : float, default 0.0
+        The weight lambda of the z-loss lambda * lse^2 added to each row's loss (lse = log sum_c exp(x_c)), times
+        w_y with class weights; computed in the same sweep as the loss. 0 leaves it out.
     axis : int, default -1
         The class axis of the model's output: -1 for (N, C) and (N, T, C) text outputs, 1 for (N, C, H, W) masks.
         `activation` and `decodes` use it too.
@@ -141,12 +150,13 @@ class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
         smoothing: str = "uniform",
         *,
         fused: bool | None = None,
+        z_loss: float = 0.0,
         axis: int = -1,
         flatten: bool = True,
         floatify: bool = False,
     ):
         """Check and store the options (see the class's Parameters)."""
-        super().__init__(eps, weight, reduction, ignore_index, smoothing, fused=fused)
+        super().__init__(eps, weight, reduction, ignore_index, smoothing, fused=fused, z_loss=z_loss)
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
         for name, value in (("flatten", flatten), ("floatify", floatify)):

@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 
 from fastai_ls import LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat, calibration_metrics
-from fastai_ls.loss import cpu_kernel
+from fastai_ls.loss.backends import c_kernel
 
 warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
 warnings.filterwarnings("ignore", message=".*device_type of 'cuda'.*")
@@ -136,11 +136,11 @@ def test_get_preds_gives_probabilities_decoded_ids_and_unreduced_losses(trained)
     torch.testing.assert_close(losses, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not cpu_kernel.AVAILABLE, reason="the C kernel is not built")
+@pytest.mark.skipif(not c_kernel.AVAILABLE, reason="the C kernel is not built")
 def test_validate_and_get_preds_compute_the_loss_without_a_gradient(trained, monkeypatch):
     # fastai runs both under no_grad: the kernel computes the losses alone, writing no N x C gradient.
-    gradient_pointers, run = [], cpu_kernel._kernel
-    monkeypatch.setattr(cpu_kernel, "_kernel", lambda *args: gradient_pointers.append(args[9]) or run(*args))
+    gradient_pointers, run = [], c_kernel._kernel
+    monkeypatch.setattr(c_kernel, "_kernel", lambda *args: gradient_pointers.append(args[9]) or run(*args))
     with trained.no_bar():
         trained.validate()
         trained.get_preds(with_loss=True)

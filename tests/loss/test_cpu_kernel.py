@@ -1,5 +1,5 @@
-"""The compiled CPU kernel (`fastai_ls/loss/fused_cpu.c`), which the fused path uses for float32 logits on the CPU:
-checked against PyTorch in float64, and against the torch path that runs where the kernel could not be built."""
+"""The compiled CPU kernel (`fastai_ls/loss/backends/fused_cpu.c`), the backend of float32 logits on the CPU: checked
+against PyTorch in float64, and against the torch path that runs where the kernel could not be built."""
 
 from __future__ import annotations
 
@@ -17,19 +17,19 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fastai_ls import label_smoothing_cross_entropy
-from fastai_ls.loss import cpu_kernel
+from fastai_ls.loss.backends import c_kernel
 
 
 @pytest.fixture
 def kernel_calls(monkeypatch) -> list[tuple[int, ...]]:
     """Shapes of the logits that the compiled kernel received during the test."""
-    calls, run = [], cpu_kernel.loss_and_grad
+    calls, run = [], c_kernel.loss_and_grad
 
     def spy(x, *args, **kwargs):
         calls.append(tuple(x.shape))
         return run(x, *args, **kwargs)
 
-    monkeypatch.setattr(cpu_kernel, "loss_and_grad", spy)
+    monkeypatch.setattr(c_kernel, "loss_and_grad", spy)
     return calls
 
 
@@ -46,7 +46,8 @@ def torch_float64(x, y, w, eps, reduction, g):
 
 
 def test_the_kernel_was_built_by_the_install():
-    assert cpu_kernel.AVAILABLE, "fastai_ls/loss/fused_cpu.c was not compiled: install a C compiler and reinstall"
+    assert c_kernel.AVAILABLE, \
+        "fastai_ls/loss/backends/fused_cpu.c was not compiled: install a C compiler and reinstall"
 
 
 @pytest.mark.parametrize("shape", [(12, 7), (64, 1000), (3, 5000), (4, 5, 3, 2)])
@@ -101,8 +102,8 @@ def test_exp_is_float32_accurate_down_to_underflow(kernel_calls):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_without_grad_the_kernel_computes_the_loss_alone(monkeypatch, shape, reduction, weighted):
     # fastai's validation loss and get_preds(with_loss=True): under no_grad the kernel writes no gradient.
-    passed, run = [], cpu_kernel._kernel
-    monkeypatch.setattr(cpu_kernel, "_kernel", lambda *args: passed.append(args[9]) or run(*args))
+    passed, run = [], c_kernel._kernel
+    monkeypatch.setattr(c_kernel, "_kernel", lambda *args: passed.append(args[9]) or run(*args))
     x, y, w = make_case(shape, weighted, ignored=True)
     with torch.no_grad():
         loss = label_smoothing_cross_entropy(x, y, 0.1, w, reduction)
@@ -137,7 +138,7 @@ def test_kernel_equals_the_torch_path_it_replaces(monkeypatch, kernel_calls):
     loss = label_smoothing_cross_entropy(x, y, 0.1, w, "none", smoothing="others")
     grad = torch.autograd.grad(loss, x, torch.ones(33))[0]
     assert kernel_calls
-    monkeypatch.setattr(cpu_kernel, "AVAILABLE", False)
+    monkeypatch.setattr(c_kernel, "AVAILABLE", False)
     torch_loss = label_smoothing_cross_entropy(x, y, 0.1, w, "none", smoothing="others")
     torch.testing.assert_close(loss, torch_loss)
     torch.testing.assert_close(grad, torch.autograd.grad(torch_loss, x, torch.ones(33))[0])
@@ -146,10 +147,10 @@ def test_kernel_equals_the_torch_path_it_replaces(monkeypatch, kernel_calls):
 
 def test_threads_give_the_same_bits_as_one_thread(monkeypatch, kernel_calls):
     x, y, w = make_case((256, 1000), weighted=True, ignored=True)
-    assert x.numel() >= cpu_kernel.PARALLEL_NUMEL
+    assert x.numel() >= c_kernel.PARALLEL_NUMEL
     loss = label_smoothing_cross_entropy(x, y, 0.1, w, "none")
     grad = torch.autograd.grad(loss.sum(), x)[0]
-    monkeypatch.setattr(cpu_kernel, "PARALLEL_NUMEL", 2**62)
+    monkeypatch.setattr(c_kernel, "PARALLEL_NUMEL", 2**62)
     one_thread = label_smoothing_cross_entropy(x, y, 0.1, w, "none")
     assert torch.equal(loss, one_thread)
     assert torch.equal(grad, torch.autograd.grad(one_thread.sum(), x)[0])
@@ -189,7 +190,7 @@ def test_the_kernel_checks_ids_as_it_reads_them_and_writes_nothing_on_a_bad_one(
     assert kernel_calls
     grad = torch.full_like(x, 7.0)
     with pytest.raises(ValueError, match="target ids must be in"):
-        cpu_kernel.loss_and_grad(x.detach(), y, -100, None, 0.1, True, grad, True)
+        c_kernel.loss_and_grad(x.detach(), y, -100, None, 0.1, True, grad, True)
     assert (grad == 7).all()
 
 
@@ -208,11 +209,11 @@ def test_every_instruction_set_build_is_as_precise_as_torch_float32(tmp_path, mo
     # one of them. Build the others alone (VECTOR_CLONES empty) and check them here; FMA and lane counts differ.
     if flags and not {"avx2", "fma"} <= cpu_flags():
         pytest.skip("this CPU cannot run AVX2 code")
-    source = Path(cpu_kernel.__file__).with_name("fused_cpu.c")
+    source = Path(c_kernel.__file__).with_name("fused_cpu.c")
     library = tmp_path / "fused_cpu.so"
     subprocess.run(["cc", "-O3", "-fopenmp", "-fPIC", "-shared", "-DVECTOR_CLONES=", *flags, "-o", str(library),
                     str(source), "-lm"], check=True)
-    monkeypatch.setattr(cpu_kernel, "_kernel", cpu_kernel.bind(ctypes.CDLL(str(library))))
+    monkeypatch.setattr(c_kernel, "_kernel", c_kernel.bind(ctypes.CDLL(str(library))))
     for seed in range(3):
         x, y, w = make_case((64, 1000), weighted=seed == 2, ignored=seed == 1, seed=seed)
         g = torch.randn(64, generator=torch.Generator().manual_seed(seed))

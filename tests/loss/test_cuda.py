@@ -13,12 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastai_ls.loss.fused as fused_module
 from fastai_ls import label_smoothing_cross_entropy
-from fastai_ls.loss import triton_kernel
+from fastai_ls.loss.backends import triton as triton_backend
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-              pytest.mark.skipif(not triton_kernel.AVAILABLE, reason="needs triton")]
+              pytest.mark.skipif(not triton_backend.AVAILABLE, reason="needs triton")]
 INF, NAN = float("inf"), float("nan")
 
 
@@ -128,7 +127,7 @@ def test_cuda_loss_synchronizes_only_to_check_its_arguments(monkeypatch, reducti
     # forward and backward, runs with a synchronization an error.
     x, y, w = hostile_case(64, 1000, weighted)
     x, y, w = x.cuda().requires_grad_(with_grad), y.cuda(), None if w is None else w.cuda()
-    checks, check = [], fused_module._raise_if_flagged
+    checks, check = [], triton_backend._raise_if_flagged
 
     def check_then_forbid_synchronization(*args):
         result = check(*args)
@@ -137,7 +136,7 @@ def test_cuda_loss_synchronizes_only_to_check_its_arguments(monkeypatch, reducti
         torch.cuda.set_sync_debug_mode("error")
         return result
 
-    monkeypatch.setattr(fused_module, "_raise_if_flagged", check_then_forbid_synchronization)
+    monkeypatch.setattr(triton_backend, "_raise_if_flagged", check_then_forbid_synchronization)
     try:
         with torch.set_grad_enabled(with_grad):
             loss = label_smoothing_cross_entropy(x, y, 0.1, w, reduction)
@@ -242,7 +241,7 @@ def test_cuda_few_classes_and_any_ignore_index_equal_the_cpu_paths(n_classes, ig
 def test_cuda_more_rows_than_the_kernels_count_take_the_blockwise_path(monkeypatch):
     # The Triton kernels launch one program per row and index ids with 32-bit offsets: from MAX_ROWS positions (2**31
     # in practice; 10 here) the loss takes the blockwise torch path instead of failing at launch.
-    monkeypatch.setattr(triton_kernel, "MAX_ROWS", 10)
+    monkeypatch.setattr(triton_backend, "MAX_ROWS", 10)
     x, y, w = hostile_case(40, 300, weighted=True)
     for with_grad in (True, False):
         got = on("cuda", x, y, w, torch.float32, 0.1, "mean", with_grad)

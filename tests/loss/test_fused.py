@@ -1,4 +1,5 @@
-"""The fused path (`fastai_ls/loss/fused.py`): same values and gradients as PyTorch, selected only where it applies."""
+"""The fused backends (`fastai_ls/loss/backends/`): same values and gradients as PyTorch, chosen only where they
+apply."""
 
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import fastai_ls.loss.functional as functional_module
-import fastai_ls.loss.fused as fused_module
+import fastai_ls.loss.backends.blockwise as blockwise_module
 from fastai_ls import (
     LabelSmoothingCrossEntropy,
     LabelSmoothingCrossEntropyFlat,
     label_smoothing_cross_entropy,
 )
-from fastai_ls.loss import triton_kernel
+from fastai_ls.loss.backends import triton as triton_backend
+from fastai_ls.loss.backends.autograd import FusedBackend, FusedLoss
+from fastai_ls.loss.backends.reference import ReferenceBackend
 
-FUSED_NODE = "_FusedCrossEntropyBackward"
+FUSED_NODE = "FusedLossBackward"
 
 
 def torch_eps(eps: float, smoothing: str, n_classes: int) -> float:
@@ -92,7 +94,7 @@ def test_many_blocks_and_a_ragged_last_block_give_the_same_gradient(monkeypatch,
     x, y, w = make_case((n_rows, 9), weighted=True, ignored=True)
     expected = label_smoothing_cross_entropy(x, y, 0.1, w, "none")
     expected_grad = grads(expected, x)[0]
-    monkeypatch.setattr(fused_module, "BLOCK_BYTES", 3 * 9 * 8)  # three float64 rows per block
+    monkeypatch.setattr(blockwise_module, "BLOCK_BYTES", 3 * 9 * 8)  # three float64 rows per block
     loss = label_smoothing_cross_entropy(x, y, 0.1, w, "none")
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grads(loss, x)[0], expected_grad)
@@ -119,7 +121,7 @@ def test_property_fused_matches_torch(n_rows, n_classes, eps, weighted, n_ignore
         torch.testing.assert_close(grad, torch.autograd.grad(expected, x, g)[0])
 
 
-# float32 logits on the CPU take the compiled kernel (`cpu_kernel.py`), float64 ones the torch path.
+# float32 logits on the CPU take the compiled kernel (`c_kernel.py`), float64 ones the torch path.
 ROUTES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["C kernel", "torch path"])
 
 
@@ -208,7 +210,7 @@ def test_half_precision_over_many_blocks(monkeypatch):
     x = x32.detach().half().requires_grad_()
     expected = label_smoothing_cross_entropy(x, y, 0.1, w, fused=False)
     expected_grad = torch.autograd.grad(expected, x)[0]
-    monkeypatch.setattr(fused_module, "BLOCK_BYTES", 2 * 5 * 4)  # two float32 rows per block
+    monkeypatch.setattr(blockwise_module, "BLOCK_BYTES", 2 * 5 * 4)  # two float32 rows per block
     loss = label_smoothing_cross_entropy(x, y, 0.1, w)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(torch.autograd.grad(loss, x)[0], expected_grad)
@@ -261,9 +263,9 @@ def test_without_a_gradient_integer_targets_take_the_loss_only_path(monkeypatch,
     # fastai's validation and get_preds(with_loss=True) call the loss under no_grad: no gradient is computed.
     x, y, w = make_case((6, 5, 3), weighted=True, ignored=True)
     x = x.detach().to(dtype)
-    monkeypatch.setattr(functional_module, "fused_cross_entropy", fail)
-    monkeypatch.setattr(functional_module, "reference_cross_entropy", fail)
-    monkeypatch.setattr(fused_module, "BLOCK_BYTES", 3 * 5 * 8)  # several blocks on the torch path
+    monkeypatch.setattr(FusedLoss, "apply", fail)
+    monkeypatch.setattr(ReferenceBackend, "loss", fail)
+    monkeypatch.setattr(blockwise_module, "BLOCK_BYTES", 3 * 5 * 8)  # several blocks on the torch path
     expected = F.cross_entropy(x.double(), y, w, reduction=reduction, label_smoothing=0.1)
     with torch.no_grad():
         loss = label_smoothing_cross_entropy(x, y, 0.1, w, reduction)
@@ -275,8 +277,7 @@ def test_without_a_gradient_integer_targets_take_the_loss_only_path(monkeypatch,
 
 def test_reference_path_for_soft_targets_and_when_asked(monkeypatch):
     x, y, _ = make_case((6, 4), weighted=False, ignored=False)
-    monkeypatch.setattr(functional_module, "fused_cross_entropy", fail)
-    monkeypatch.setattr(functional_module, "fused_loss", fail)
+    monkeypatch.setattr(FusedBackend, "loss", fail)
     soft = torch.softmax(torch.randn(6, 4, dtype=torch.float64), 1)
     assert FUSED_NODE not in graph_nodes(label_smoothing_cross_entropy(x, soft))
     with torch.no_grad():
@@ -300,12 +301,13 @@ def test_fused_true_forces_the_fused_loss_and_refuses_soft_targets():
 TRITON_INTERPRETER_CHECK = """
 import torch
 from fastai_ls import label_smoothing_cross_entropy
-from fastai_ls.loss import cpu_kernel, fused, triton_kernel
+from fastai_ls.loss.backends import c_kernel
+from fastai_ls.loss.backends import triton as triton_backend
 
 def run(x, y, w, eps, reduction, with_grad, g, triton, ignore_index=-100):
-    saved = fused._uses_triton, cpu_kernel.AVAILABLE
+    saved = triton_backend.accepts, c_kernel.AVAILABLE
     if triton:  # CPU tensors through the Triton kernels: the interpreter runs them
-        fused._uses_triton, cpu_kernel.AVAILABLE = (lambda x: x.dtype != torch.float64), False
+        triton_backend.accepts, c_kernel.AVAILABLE = (lambda x: x.dtype != torch.float64), False
     try:
         x = x.detach().clone().requires_grad_(with_grad)
         with torch.set_grad_enabled(with_grad):
@@ -313,10 +315,10 @@ def run(x, y, w, eps, reduction, with_grad, g, triton, ignore_index=-100):
         grad = torch.autograd.grad(loss, x, g if reduction == "none" else g[0])[0] if with_grad else None
         return loss.detach(), grad
     finally:
-        fused._uses_triton, cpu_kernel.AVAILABLE = saved
+        triton_backend.accepts, c_kernel.AVAILABLE = saved
 
-triton_kernel.MAX_BLOCK = 8  # several column blocks per row, the last one ragged (5 classes: a single block)
-triton_kernel.CHECK_BLOCK = 4  # several programs of the check
+triton_backend.MAX_BLOCK = 8  # several column blocks per row, the last one ragged (5 classes: a single block)
+triton_backend.CHECK_BLOCK = 4  # several programs of the check
 gen = torch.Generator().manual_seed(0)
 n_cases = 0
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -384,7 +386,7 @@ print(f"triton kernels match in {n_cases} cases")
 """
 
 
-@pytest.mark.skipif(not triton_kernel.AVAILABLE, reason="triton is not installed")
+@pytest.mark.skipif(not triton_backend.AVAILABLE, reason="triton is not installed")
 def test_triton_kernels_equal_the_cpu_paths_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", TRITON_INTERPRETER_CHECK], cwd=Path(__file__).resolve().parents[2],

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastai_ls import LabelSmoothingCrossEntropy, label_smoothing_cross_entropy
-from fastai_ls.loss import cpu_kernel
+from fastai_ls.loss.backends import c_kernel
 
 ROOT = Path(__file__).resolve().parents[2]
 INF, NAN = float("inf"), float("nan")
@@ -98,7 +98,7 @@ assert outcomes["raised"], "the ids never changed during a call: the race was no
 """
 
 
-@pytest.mark.skipif(not cpu_kernel.AVAILABLE, reason="the C kernel is not built")
+@pytest.mark.skipif(not c_kernel.AVAILABLE, reason="the C kernel is not built")
 def test_target_ids_rewritten_by_another_thread_never_crash_the_kernel():
     # Issue 11: the kernel checked every id, then read it again to index x, w and grad: another thread writing
     # the ids in between gave an out-of-bounds read and write (a segfault, 3 runs of 3 with this script).
@@ -113,8 +113,8 @@ warnings.simplefilter("always")
 import torch
 with warnings.catch_warnings(record=True) as caught:
     from fastai_ls import LabelSmoothingCrossEntropy, label_smoothing_cross_entropy
-    from fastai_ls.loss import cpu_kernel
-    assert not cpu_kernel.AVAILABLE
+    from fastai_ls.loss.backends import c_kernel
+    assert not c_kernel.AVAILABLE
     y = torch.tensor([0, 2, 1])
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         x = torch.randn(3, 4).to(dtype).requires_grad_()
@@ -130,7 +130,7 @@ print(mine[0].message)
 """
 
 
-@pytest.mark.skipif(not cpu_kernel.AVAILABLE, reason="the C kernel is not built")
+@pytest.mark.skipif(not c_kernel.AVAILABLE, reason="the C kernel is not built")
 def test_a_truncated_kernel_file_falls_back_to_torch_with_one_warning(tmp_path):
     # Issue 11: a kernel file that exists but cannot be loaded (truncated, wrong architecture, missing libgomp)
     # made every call raise OSError, even float64 and half-precision ones that never use the kernel. A truncated
@@ -138,7 +138,7 @@ def test_a_truncated_kernel_file_falls_back_to_torch_with_one_warning(tmp_path):
     # them, so the file is checked before it is loaded.
     package = tmp_path / "fastai_ls"
     shutil.copytree(ROOT / "fastai_ls", package, ignore=shutil.ignore_patterns("__pycache__"))
-    (library,) = package.glob("loss/_fused_cpu*.so")
+    (library,) = package.glob("loss/backends/_fused_cpu*.so")
     library.write_bytes(library.read_bytes()[: library.stat().st_size // 3])
     result = subprocess.run([sys.executable, "-c", UNLOADABLE], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
@@ -162,13 +162,13 @@ def run_with_kernel(tmp_path, damage) -> subprocess.CompletedProcess:
     """Run UNLOADABLE on a copy of the package whose kernel `damage(library_path)` has changed."""
     package = tmp_path / "fastai_ls"
     shutil.copytree(ROOT / "fastai_ls", package, ignore=shutil.ignore_patterns("__pycache__"), symlinks=True)
-    (library,) = package.glob("loss/_fused_cpu*.so")
+    (library,) = package.glob("loss/backends/_fused_cpu*.so")
     damage(library)
     return subprocess.run([sys.executable, "-c", UNLOADABLE], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
 
 
-@pytest.mark.skipif(not cpu_kernel.AVAILABLE, reason="the C kernel is not built")
+@pytest.mark.skipif(not c_kernel.AVAILABLE, reason="the C kernel is not built")
 def test_a_kernel_whose_code_was_damaged_falls_back_to_torch_with_one_warning(tmp_path):
     # Issue 20: a library whose code (not its headers) was corrupted passed every check, and its first call killed
     # the process (SIGILL). setup.py records the SHA-256 of the library's bytes beside it; load() compares them.
@@ -184,7 +184,7 @@ def test_a_kernel_whose_code_was_damaged_falls_back_to_torch_with_one_warning(tm
     assert "do not have the SHA-256 recorded" in result.stdout and "torch path" in result.stdout
 
 
-@pytest.mark.skipif(not cpu_kernel.AVAILABLE, reason="the C kernel is not built")
+@pytest.mark.skipif(not c_kernel.AVAILABLE, reason="the C kernel is not built")
 @pytest.mark.parametrize("case, reason", [
     ("folder", "Is a directory"),
     ("symlink loop", "Too many levels of symbolic links"),
@@ -217,7 +217,7 @@ def test_a_kernel_file_that_is_not_a_library_is_refused_with_a_warning(tmp_path,
     library = tmp_path / "_fused_cpu.so"
     library.write_bytes(content)
     with pytest.warns(RuntimeWarning, match="cannot be loaded.*torch path"):
-        assert cpu_kernel.load(str(library)) is None
+        assert c_kernel.load(str(library)) is None
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
@@ -226,7 +226,7 @@ def test_a_kernel_built_from_other_sources_than_those_beside_it_is_refused_with_
     # without a rebuild) was loaded and called with the current signature: the first call killed the process
     # (SIGSEGV). The library now records the SHA-256 of its source, and one that does not match the fused_cpu.c
     # beside it, or records none (built before the hash existed), is refused like an unloadable one.
-    source = Path(cpu_kernel.__file__).with_name("fused_cpu.c")
+    source = Path(c_kernel.__file__).with_name("fused_cpu.c")
     (tmp_path / "fused_cpu.c").write_bytes(source.read_bytes())
 
     def build(name: str, text: str, digest: str | None) -> str:
@@ -236,17 +236,17 @@ def test_a_kernel_built_from_other_sources_than_those_beside_it_is_refused_with_
         subprocess.run(["cc", "-O0", "-fopenmp", "-fPIC", "-shared", "-DVECTOR_CLONES=", *defines, "-o",
                         str(library), str(tmp_path / f"{name}.c"), "-lm"], check=True)
         # The record of the library's own bytes, as setup.py writes it: only the source hash is tested here.
-        library.with_name(library.name + cpu_kernel.RECORD_SUFFIX).write_text(
+        library.with_name(library.name + c_kernel.RECORD_SUFFIX).write_text(
             hashlib.sha256(library.read_bytes()).hexdigest())
         return str(library)
 
     text = source.read_text()
-    assert cpu_kernel.load(build("current", text, hashlib.sha256(source.read_bytes()).hexdigest())) is not None
+    assert c_kernel.load(build("current", text, hashlib.sha256(source.read_bytes()).hexdigest())) is not None
     for library, reason in [(build("other", text, "0" * 64), "another version of fused_cpu.c"),
                             (build("unhashed", text, None), "another version of fused_cpu.c"),
                             (build("old", text.replace("fused_cpu_source_sha256", "renamed"), None), "no source hash")]:
         with pytest.warns(RuntimeWarning, match=f"cannot be loaded .*{reason}.*torch path"):
-            assert cpu_kernel.load(library) is None
+            assert c_kernel.load(library) is None
 
 
 # --- eps = 0 ------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Triton kernels for the fused loss on CUDA tensors: the same loss and gradient as `fused.py`'s blockwise path, in
-as few launches as PyTorch's own loss, so that small batches (fastai's 64 x 37 Pets) are not slower than it.
+"""The Triton backend: kernels for the fused loss on CUDA tensors, the same loss and gradient as the blockwise
+backend, in as few launches as PyTorch's own loss, so that small batches (fastai's 64 x 37 Pets) are not slower than
+it.
 
 - `check`: one launch reads the ids (and weights) and counts ids that are neither a class nor `ignore_index`, bad
   weights, and the kept rows (the 'mean' divisor). The caller launches the loss too, then reads the counters once
@@ -13,13 +14,20 @@ as few launches as PyTorch's own loss, so that small batches (fastai's 64 x 37 P
 - `scale_rows`: backward's product of that gradient with what autograd hands in. `loss.backward()` hands in 1, and
   the kernel then touches no row: no host read is needed to find that out.
 
-Tested on CPU tensors with Triton's interpreter (TRITON_INTERPRET=1), see tests/test_fused.py.
+Tested on CPU tensors with Triton's interpreter (TRITON_INTERPRET=1), see tests/loss/test_fused.py.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+from fastai_ls.loss.backends.autograd import FusedBackend
+from fastai_ls.loss.backends.base import RowLoss, Targets, per_position
+from fastai_ls.loss.backends.triton_family import family_loss_and_grad
+from fastai_ls.loss.checks import check_ids, is_batched, weight_in
 
 try:
     import triton
@@ -33,7 +41,81 @@ CHECK_BLOCK = 1024  # ids (and weights) per program of the check
 MAX_ROWS = 2**31 - CHECK_BLOCK  # one program per row (CUDA's grid), and the check's offsets are 32-bit
 BAD_IDS, BAD_WEIGHTS = 1, 2  # bits of `check`'s flags
 
-__all__ = ["AVAILABLE", "BAD_IDS", "BAD_WEIGHTS", "MAX_ROWS", "check", "loss_and_grad", "scale_rows"]
+__all__ = ["AVAILABLE", "BAD_IDS", "BAD_WEIGHTS", "MAX_ROWS", "accepts", "check", "loss_and_grad", "scale_rows",
+           "TritonBackend", "TRITON"]
+
+
+def accepts(x: Tensor) -> bool:
+    """Whether the Triton kernels take these logits: CUDA, computed in float32 (so not float64), and fewer rows
+    (positions) than the kernels' 32-bit grid and id offsets can count; more go to the blockwise backend."""
+    return (x.is_cuda and AVAILABLE and x.dtype != torch.float64
+            and x.numel() < MAX_ROWS * max(1, x.shape[1]))
+
+
+class TritonBackend(FusedBackend):
+    """The kernels as a backend: the ids are checked by a kernel queued with the loss (the weights are converted in
+    `forward`), and backward's kernel reads the ids too."""
+
+    name = "Triton"
+
+    def accepts(self, input: Tensor) -> bool:
+        return accepts(input)
+
+    def prepare(self, input: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int) -> Targets:
+        return Targets(t.contiguous(), None, weight)
+
+    def forward(self, input: Tensor, x: Tensor, targets: Targets, spec: RowLoss, reduction: str, ignore_index: int,
+                grad: Tensor | None) -> Tensor:
+        # the gradient is written with the 'mean' divisor applied
+        return _triton_loss(input, x, targets.y, targets.w, spec, reduction, ignore_index, grad)
+
+    def backward(self, grad: Tensor, grad_loss: Tensor, targets: Targets, reduction: str,
+                 ignore_index: int) -> Tensor:
+        if is_batched(grad_loss):
+            return super().backward(grad, grad_loss, targets, reduction, ignore_index)
+        # No host read: the kernel skips the rows whose factor is 1.
+        return scale_rows(grad, targets.y, ignore_index, grad_loss.detach())
+
+
+TRITON = TritonBackend()
+
+
+def _triton_loss(input: Tensor, x: Tensor, t: Tensor, weight: Tensor | None, spec: RowLoss, reduction: str,
+                 ignore_index: int, grad: Tensor | None) -> Tensor:
+    """The loss of `input` (its rows `x`) from the Triton kernels, and its gradient written into `grad` unless
+    None. The check and the loss are queued together; then one host read of the check's counters (the loss's one
+    synchronization) raises `check_ids`' errors for bad ids or weights before anything is returned."""
+    # The kernels index the ids and weights with unit stride: a column of a 2-D target, or a strided or expanded
+    # weight, would be read wrong (and past its end) without a contiguous copy, made once here for both kernels.
+    t = t.contiguous()
+    w = weight_in(weight, torch.float32, input.device)
+    w = None if w is None else w.contiguous()
+    # Triton launches on the current device, not the tensors' one: logits on cuda:1 while cuda:0 is current would be
+    # refused (or read through the wrong context). Backward needs no guard: autograd runs it on the device's thread.
+    # (-1, a no-op, for the CPU tensors that Triton's interpreter runs in the tests.)
+    with torch.cuda.device(x.device.index if x.is_cuda else -1):
+        counters, divisor = check(t, w, input.shape[1], ignore_index)
+        divisor = divisor if reduction == "mean" else None
+        if spec.kind == "label_smoothing":
+            loss = loss_and_grad(x, t, w, spec.eps, ignore_index, grad, divisor, spec.z_loss)
+        else:
+            loss = family_loss_and_grad(x, t, w, spec, ignore_index, grad, divisor)
+    if reduction == "none":
+        loss = per_position(loss, input.shape)
+    elif reduction == "mean" and x.shape[0] == 0:  # no row to carry the kernel's NaN for a zero divisor
+        loss = torch.full((), math.nan, device=x.device)
+    else:
+        loss = loss.sum()
+    _raise_if_flagged(counters, t, input.shape[1], ignore_index, weight)
+    return loss
+
+
+def _raise_if_flagged(counters: Tensor, t: Tensor, n_classes: int, ignore_index: int,
+                      weight: Tensor | None) -> None:
+    flags = int(counters[0])  # the host read
+    if flags:
+        check_ids(t, n_classes, ignore_index, weight)  # the message names the bad ids (or weights)
+        raise RuntimeError(f"the GPU check found bad ids or weights (flags {flags}) that check_ids did not")
 
 
 def check(t: Tensor, w: Tensor | None, n_classes: int, ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -54,11 +136,12 @@ def check(t: Tensor, w: Tensor | None, n_classes: int, ignore_index: int) -> tup
 
 
 def loss_and_grad(x: Tensor, t: Tensor, w: Tensor | None, eps: float, ignore_index: int, grad: Tensor | None,
-                  divisor: Tensor | None = None) -> Tensor:
+                  divisor: Tensor | None = None, z_loss: float = 0.0) -> Tensor:
     """Per-row float32 losses of `x` (M, C) against contiguous int64 ids `t` (contiguous float32 weights `w`),
     ignored rows 0, a row's +-inf loss NaN; with a
     `divisor` (0-d, on the device: 'mean') each divided by it, so that their sum is the mean (NaN where the divisor
     is not positive, as PyTorch's). With `grad` (contiguous, M x C) writes the gradient of their sum into it.
+    `z_loss` adds z_loss w_y lse^2 to each row.
 
     The ids need not have been checked yet: an id that is no class is never used as an index (its row's loss is
     meaningless, and the caller raises), so the kernel can run before the check's result reaches the host."""
@@ -70,8 +153,9 @@ def loss_and_grad(x: Tensor, t: Tensor, w: Tensor | None, eps: float, ignore_ind
     block, num_warps = _launch_shape(n_classes)
     _loss_kernel[(n_rows,)](
         x, t, loss if w is None else w, loss, x if grad is None else grad, loss if divisor is None else divisor,
-        x.stride(0), 0 if grad is None else grad.stride(0), n_classes, ignore_index, float(eps),
-        HAS_WEIGHT=w is not None, SMOOTH=eps != 0, WRITE_GRAD=grad is not None, HAS_DIVISOR=divisor is not None,
+        x.stride(0), 0 if grad is None else grad.stride(0), n_classes, ignore_index, float(eps), float(z_loss),
+        HAS_WEIGHT=w is not None, SMOOTH=eps != 0, Z_LOSS=z_loss != 0, WRITE_GRAD=grad is not None,
+        HAS_DIVISOR=divisor is not None,
         SINGLE_BLOCK=n_classes <= block, BLOCK=block, num_warps=num_warps)
     return loss
 
@@ -126,9 +210,9 @@ if AVAILABLE:
 
     @triton.jit
     def _loss_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, grad_ptr, divisor_ptr, x_row_stride, grad_row_stride, n_classes,
-                     ignore_index, eps, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
-                     WRITE_GRAD: tl.constexpr, HAS_DIVISOR: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     ignore_index, eps, z_loss, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+                     Z_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+                     SINGLE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * x_row_stride
         t = tl.load(t_ptr + row)
@@ -185,6 +269,10 @@ if AVAILABLE:
             dot = w_t * z_t
         log_sum = tl.log(sum_exp)
         loss = mass * log_sum - dot
+        lse = row_max + log_sum
+        if Z_LOSS:  # + z_loss w_t lse^2, whose gradient 2 z_loss w_t lse softmax joins the mass's
+            loss += z_loss * w_t * lse * lse
+            mass += 2 * z_loss * w_t * lse
         # +-inf (a -inf logit where the target has mass) is reported as NaN, as on the other paths.
         loss = tl.where((loss == float("inf")) | (loss == -float("inf")), float("nan"), loss)
         loss = tl.where(keep, loss, 0.0)
@@ -196,7 +284,6 @@ if AVAILABLE:
         tl.store(loss_ptr + row, loss)
         if WRITE_GRAD:
             # d/dx_c of loss * scale = scale * (mass * softmax_c - (1 - eps) w_t [c == t] - eps/C w_c)
-            lse = row_max + log_sum
             row_coef = scale * mass
             true_coef = scale * (1 - eps) * w_t
             smooth = scale * (eps / n_classes)

@@ -7,9 +7,14 @@
  *     loss = mass * log(s) - sum_c w_c q_c z_c,           mass = sum_c w_c q_c
  *     grad_c = scale * (mass * exp(z_c) / s - w_c q_c),   w_c q_c = (1 - eps) w_y [c == y] + (eps / C) w_c
  *
+ * plus, with z_loss = lambda > 0, the z-loss lambda w_y lse^2 (lse = max(x) + log(s)), whose gradient adds
+ * scale * 2 lambda w_y lse exp(z_c) / s. The other losses of the family (focal, FLSD-53, MbLS, MaxSup, LogitNorm,
+ * the confidence penalty) are computed by family_row, from the same row statistics; see fused_cpu_family.
+ *
  * with w = 1 without class weights. A row is read from memory once: the max pass brings it into cache, the exp pass
  * writes exp(z) into the gradient row, and the last pass turns that into the gradient while it is still in cache
- * (without a gradient, the exp pass only sums). Plain C with no Python or torch headers: fused.py calls it through ctypes with the tensors' data pointers. The
+ * (without a gradient, the exp pass only sums). Plain C with no Python or torch headers: c_kernel.py calls it
+ * through ctypes with the tensors' data pointers. The
  * logits, ids and weights are only read; the gradient and loss buffers are the only memory written.
  */
 
@@ -18,7 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The SHA-256 of this file as it was when the library was built (setup.py defines it). cpu_kernel.py compares it
+/* The SHA-256 of this file as it was when the library was built (setup.py defines it). c_kernel.py compares it
  * with the file beside the library, where there is one (a source checkout, an editable install), and refuses a
  * library built from other sources, whose arguments may mean something else: after a pull without a rebuild, a
  * library built from the previous version of this file would otherwise be called with the current signature. */
@@ -75,8 +80,8 @@ static inline float exp_nonpositive(float z)
  * they are several times more precise, for ~7% of the kernel's time with AVX-512. */
 enum { CHUNK = 256 };
 
-/* Return codes of fused_cpu_loss_and_grad besides a bad row (>= 0). */
-enum { DONE = -1, BAD_WEIGHT = -2, NO_MEMORY = -3 };
+/* Return codes of fused_cpu_loss_and_grad and fused_cpu_family besides a bad row (>= 0). */
+enum { DONE = -1, BAD_WEIGHT = -2, NO_MEMORY = -3, BAD_KIND = -4 };
 
 /* sum_c exp(x_c - row_max) and sum_c w_c (x_c - row_max) of one row; with `store`, exp(x_c - row_max) is also
  * written into out[c]. Inlined into its callers with `store` and `w` known, so each loop is a plain vector loop. */
@@ -159,7 +164,7 @@ static inline void block_sums(const float *restrict x, const float *restrict w, 
 /* One row's loss against class y; with grad non-NULL, also its gradient (times `scale`) written into grad. */
 VECTOR_CLONES
 static float row_loss(const float *restrict x, float *restrict grad, int64_t n_classes, int64_t y,
-                      const float *restrict w, double w_sum, double eps, double scale)
+                      const float *restrict w, double w_sum, double eps, double z_loss, double scale)
 {
     /* Without a gradient, classes [0, n_main) in the vector loops and the rest as the row's last block. */
     const int64_t n_main = grad || n_classes < LANES ? n_classes : n_classes - n_classes % LANES;
@@ -187,11 +192,12 @@ static float row_loss(const float *restrict x, float *restrict grad, int64_t n_c
     /* eps = 0 is plain cross-entropy: the smoothing term is left out, not multiplied by 0 (a -inf logit, or finite
      * logits so far apart that their sum overflows, would make it NaN where the loss is finite). */
     const double dot = (1.0 - eps) * w_y * z_y + (eps > 0.0 ? eps / n_classes * wz : 0.0);
-    const double loss = mass * log(s) - dot;
+    const double lse = (double)row_max + log(s);
+    const double loss = mass * log(s) - dot + (z_loss > 0.0 ? z_loss * w_y * lse * lse : 0.0);
 
     if (grad) {
         /* grad_c = a exp(z_c) - b w_c, and the true class's share of the target once more on y. */
-        const float a = (float)(scale * mass / s);
+        const float a = (float)(scale * (mass + (z_loss > 0.0 ? 2.0 * z_loss * w_y * lse : 0.0)) / s);
         const float b = (float)(scale * eps / n_classes);
         if (w) {
 #pragma omp simd
@@ -208,22 +214,211 @@ static float row_loss(const float *restrict x, float *restrict grad, int64_t n_c
     return isinf(loss) ? NAN : (float)loss;
 }
 
+/* The family's row losses besides label smoothing (kind), with their parameters p[]:
+ *   FOCAL               f CE_eps,  f = (1 - p_y)^gamma                            p = {gamma, eps}
+ *   ADAPTIVE_FOCAL      the same with gamma = 5 where p_y < 0.2, else 3 (not differentiated)   p = {eps}
+ *   MARGIN (MbLS)       w_y (CE + alpha / C sum_k relu(max - x_k - margin))      p = {margin, alpha}
+ *   MAXSUP              w_y (CE + alpha (max - mean_k x_k))                       p = {alpha}
+ *   LOGITNORM           w_y CE(x / (tau (||x||_2 + 1e-7)))                        p = {tau}
+ *   CONFIDENCE_PENALTY  w_y (CE - beta H(softmax(x)))                             p = {beta}
+ * with CE_eps = sum_c w_c q_c (lse - x_c) the label-smoothed cross-entropy (as row_loss computes it), CE its eps = 0
+ * form, and max the row's largest logit (the first one for the gradient, as torch.max). */
+enum { LABEL_SMOOTHING = 0, FOCAL = 1, ADAPTIVE_FOCAL = 2, MARGIN = 3, MAXSUP = 4, LOGITNORM = 5,
+       CONFIDENCE_PENALTY = 6 };
+
+/* family_row's second sweep: sum_c exp(z_c), z = kf (x - row_max) (written into out with `store`), and the kind's
+ * own row sum into *extra (and MbLS's count of active classes into *n_active). Always inlined with `kind` and
+ * `store` constants, so that each copy is a plain vector loop. */
+static inline __attribute__((always_inline)) void family_sums(const float *restrict x, float *restrict out,
+                                                               int64_t n_classes, const float *restrict w,
+                                                               float row_max, float kf, float below, int kind,
+                                                               int store, double *s, double *extra, double *n_active)
+{
+    for (int64_t start = 0; start < n_classes; start += CHUNK) {
+        const int64_t stop = start + CHUNK < n_classes ? start + CHUNK : n_classes;
+        float s_part = 0.0f, e_part = 0.0f, n_part = 0.0f;
+#pragma omp simd reduction(+ : s_part, e_part, n_part)
+        for (int64_t c = start; c < stop; c++) {
+            const float z = kf * (x[c] - row_max);
+            const float e = exp_nonpositive(z);
+            if (store)
+                out[c] = e;
+            s_part += e;
+            if (kind == FOCAL) /* with weights: sum_c w_c z_c, for the smoothing term (without, MAXSUP's sum) */
+                e_part += w[c] * z;
+            else if (kind == MARGIN) {
+                const float gap = below - x[c];
+                e_part += gap > 0.0f ? gap : 0.0f;
+                n_part += gap > 0.0f ? 1.0f : 0.0f;
+            } else if (kind == MAXSUP)
+                e_part += x[c] - row_max;
+            else if (kind == LOGITNORM)
+                e_part += e * x[c];
+            else if (kind == CONFIDENCE_PENALTY)
+                e_part += e > 0.0f ? e * z : 0.0f; /* p log p -> 0 as p -> 0, also for a -inf logit */
+        }
+        *s += s_part;
+        *extra += e_part;
+        *n_active += n_part;
+    }
+}
+
+VECTOR_CLONES
+static float family_row(const float *restrict x, float *restrict grad, int64_t n_classes, int64_t y,
+                        const float *restrict w, double w_sum, int kind, const double *p, double scale)
+{
+    float row_max = -INFINITY;
+    double sum_sq = 0.0;
+#pragma omp simd reduction(max : row_max)
+    for (int64_t c = 0; c < n_classes; c++)
+        row_max = x[c] > row_max ? x[c] : row_max;
+    if (kind == LOGITNORM) {
+#pragma omp simd reduction(+ : sum_sq)
+        for (int64_t c = 0; c < n_classes; c++)
+            sum_sq += (double)x[c] * x[c];
+    }
+    const double norm = sqrt(sum_sq);
+    /* LogitNorm's logits are x k: k > 0, so their largest is row_max k, and z_c = k (x_c - row_max) <= 0. */
+    const double k = kind == LOGITNORM ? 1.0 / (p[0] * (norm + 1e-7)) : 1.0;
+    const float kf = (float)k;
+    const double margin = kind == MARGIN ? p[0] : 0.0;
+    const float below = (float)(row_max - margin); /* MbLS: x_c < below is a class whose relu is positive */
+
+    /* Sweep 2: s = sum_c exp(z_c) (written into grad when there is one), and the kind's own row sum. Each kind, with
+     * and without a gradient, gets its own copy of the loop (kind and store are constants there), so that each
+     * vectorizes. */
+    double s = 0.0, extra = 0.0, n_active = 0.0;
+#define FAMILY_SUMS(KIND)                                                                                              \
+    (grad ? family_sums(x, grad, n_classes, w, row_max, kf, below, KIND, 1, &s, &extra, &n_active)                     \
+          : family_sums(x, grad, n_classes, w, row_max, kf, below, KIND, 0, &s, &extra, &n_active))
+    switch (kind) {
+    case FOCAL:
+    case ADAPTIVE_FOCAL:
+        if (w)
+            FAMILY_SUMS(FOCAL);
+        else /* sum_c z_c: with kf = 1, MaxSup's sum */
+            FAMILY_SUMS(MAXSUP);
+        break;
+    case MARGIN: FAMILY_SUMS(MARGIN); break;
+    case MAXSUP: FAMILY_SUMS(MAXSUP); break;
+    case LOGITNORM: FAMILY_SUMS(LOGITNORM); break;
+    default: FAMILY_SUMS(CONFIDENCE_PENALTY); break;
+    }
+#undef FAMILY_SUMS
+    const double log_s = log(s);
+    const double z_y = k * ((double)x[y] - row_max);
+    const double w_y = w ? w[y] : 1.0;
+    double loss, a, b = 0.0, t;           /* grad_c = a e_c - b (w_c, or [active], or x_c...) - t [c == y] */
+    double arg_add = 0.0;                 /* added on the first largest logit (MbLS, MaxSup) */
+    switch (kind) {
+    case FOCAL:
+    case ADAPTIVE_FOCAL: {
+        const double eps = kind == FOCAL ? p[1] : p[0];
+        const double mass = (1.0 - eps) * w_y + eps / n_classes * w_sum;
+        const double ce = mass * log_s - (1.0 - eps) * w_y * z_y - (eps > 0.0 ? eps / n_classes * extra : 0.0);
+        const double log_p = z_y - log_s, p_y = exp(log_p), q = -expm1(log_p); /* q = 1 - p_y, exact near 1 */
+        const double gamma = kind == FOCAL ? p[0] : p_y < 0.2 ? 5.0 : 3.0;
+        const double f = gamma > 0.0 ? pow(q, gamma) : 1.0;
+        /* d f / d z_c = -gamma q^(gamma - 1) p_y ([c == y] - p_c): with K = ce gamma q^(gamma - 1) p_y,
+         * grad_c = (f mass + K) p_c - f w_c q_c - K [c == y]. */
+        const double K = gamma > 0.0 ? ce * gamma * pow(q, gamma - 1.0) * p_y : 0.0;
+        loss = f * ce;
+        a = (f * mass + K) / s;
+        b = f * eps / n_classes;
+        t = f * (1.0 - eps) * w_y + K;
+        break;
+    }
+    case MARGIN:
+        loss = w_y * (log_s - z_y + p[1] / n_classes * extra);
+        a = w_y / s;
+        b = w_y * p[1] / n_classes;
+        t = w_y;
+        arg_add = b * n_active;
+        break;
+    case MAXSUP:
+        loss = w_y * (log_s - z_y - p[0] * extra / n_classes);
+        a = w_y / s;
+        b = w_y * p[0] / n_classes;
+        t = w_y;
+        arg_add = w_y * p[0];
+        break;
+    case LOGITNORM:
+        /* d/dx_j = k g_j - x_j (sum_i g_i x_i) / (norm tau (norm + 1e-7)^2), g = w_y (softmax - onehot) */
+        loss = w_y * (log_s - z_y);
+        a = w_y * k / s;
+        b = norm > 0.0 ? w_y * (extra / s - x[y]) / (norm * p[0] * (norm + 1e-7) * (norm + 1e-7)) : 0.0;
+        t = w_y * k;
+        break;
+    default: {
+        /* CONFIDENCE_PENALTY: H = log s - sum_c p_c z_c; grad_c = w_y (p_c (1 + beta (z_c - sum p z)) - [c == y]) */
+        const double pz = extra / s;
+        loss = w_y * (log_s - z_y - p[0] * (log_s - pz));
+        a = w_y / s;
+        b = pz;
+        t = w_y;
+        break;
+    }
+    }
+    if (grad) {
+        const float af = (float)(scale * a), bf = (float)(scale * b);
+        if (kind == FOCAL || kind == ADAPTIVE_FOCAL) {
+            if (w) {
+#pragma omp simd
+                for (int64_t c = 0; c < n_classes; c++)
+                    grad[c] = af * grad[c] - bf * w[c];
+            } else {
+#pragma omp simd
+                for (int64_t c = 0; c < n_classes; c++)
+                    grad[c] = af * grad[c] - bf;
+            }
+        } else if (kind == MARGIN) {
+#pragma omp simd
+            for (int64_t c = 0; c < n_classes; c++)
+                grad[c] = af * grad[c] - (x[c] < below ? bf : 0.0f);
+        } else if (kind == MAXSUP) {
+#pragma omp simd
+            for (int64_t c = 0; c < n_classes; c++)
+                grad[c] = af * grad[c] - bf;
+        } else if (kind == LOGITNORM) {
+#pragma omp simd
+            for (int64_t c = 0; c < n_classes; c++)
+                grad[c] = af * grad[c] - bf * x[c];
+        } else {
+            const float beta = (float)p[0], pzf = (float)b;
+#pragma omp simd
+            for (int64_t c = 0; c < n_classes; c++) {
+                const float e = grad[c];
+                grad[c] = e > 0.0f ? af * e * (1.0f + beta * (kf * (x[c] - row_max) - pzf)) : 0.0f;
+            }
+        }
+        grad[y] -= (float)(scale * t);
+        if (arg_add != 0.0) {
+            int64_t arg = 0;
+            while (arg < n_classes - 1 && !(x[arg] == row_max))
+                arg++;
+            grad[arg] += (float)(scale * arg_add);
+        }
+    }
+    return isinf(loss) ? NAN : (float)loss;
+}
+
 /* Per-row losses of x (n_rows x n_classes, rows x_row_stride floats apart, classes contiguous) against class ids y,
  * and, when grad is not NULL, the gradient of the reduced loss written into grad (contiguous). The reduced loss,
  * written to *reduced, is the sum of the row losses, or with `mean` PyTorch's 'mean': that sum over the sum of w_y
  * (the count without weights) of the rows not ignored, NaN when that is 0 (as in PyTorch, whose gradient is then
  * NaN on every kept row). Rows whose id is ignore_index get loss 0 and a zero gradient, whatever their logits
  * hold. `w` (one float per class) may be NULL; `loss` may be NULL when only the reduced loss is wanted, `reduced`
- * when only the per-row losses are.
+ * when only the per-row losses are. kind LABEL_SMOOTHING is row_loss with p = {eps, z_loss}; the other kinds are
+ * family_row's.
  *
  * Everything is checked before anything is written: returns BAD_WEIGHT for a negative or non-finite weight, else
  * the first row whose id is neither a class nor ignore_index, else NO_MEMORY or DONE. Each id is read from the
  * caller's memory exactly once, and checked and used from a private copy: the caller (Python, through ctypes)
  * releases the GIL, so another thread may write the ids meanwhile, and an id read twice could pass the check and
  * then index out of bounds. */
-int64_t fused_cpu_loss_and_grad(const float *x, int64_t n_rows, int64_t n_classes, int64_t x_row_stride,
-                                const int64_t *y, int64_t ignore_index, const float *w, double eps, int mean,
-                                float *grad, float *loss, float *reduced, int n_threads)
+static int64_t run_rows(const float *x, int64_t n_rows, int64_t n_classes, int64_t x_row_stride, const int64_t *y,
+                        int64_t ignore_index, const float *w, int kind, const double *p, int mean, float *grad,
+                        float *loss, float *reduced, int n_threads)
 {
     double w_sum = (double)n_classes;
     if (w) {
@@ -264,7 +459,10 @@ int64_t fused_cpu_loss_and_grad(const float *x, int64_t n_rows, int64_t n_classe
             row_losses[row] = 0.0f;
             continue;
         }
-        row_losses[row] = row_loss(x + row * x_row_stride, grad_row, n_classes, ids[row], w, w_sum, eps, scale);
+        const float *x_row = x + row * x_row_stride;
+        row_losses[row] = kind == LABEL_SMOOTHING
+                              ? row_loss(x_row, grad_row, n_classes, ids[row], w, w_sum, p[0], p[1], scale)
+                              : family_row(x_row, grad_row, n_classes, ids[row], w, w_sum, kind, p, scale);
     }
     /* Added up after the parallel loop, in row order: the same bits whatever the number of threads. */
     double total = 0.0;
@@ -274,4 +472,25 @@ int64_t fused_cpu_loss_and_grad(const float *x, int64_t n_rows, int64_t n_classe
     if (reduced)
         *reduced = (float)(!mean ? total : divisor > 0.0 ? total / divisor : NAN);
     return DONE;
+}
+
+/* The label-smoothing cross-entropy (with the z-loss z_loss lambda w_y lse^2): see run_rows. */
+int64_t fused_cpu_loss_and_grad(const float *x, int64_t n_rows, int64_t n_classes, int64_t x_row_stride,
+                                const int64_t *y, int64_t ignore_index, const float *w, double eps, int mean,
+                                float *grad, float *loss, float *reduced, int n_threads, double z_loss)
+{
+    const double p[2] = {eps, z_loss};
+    return run_rows(x, n_rows, n_classes, x_row_stride, y, ignore_index, w, LABEL_SMOOTHING, p, mean, grad, loss,
+                    reduced, n_threads);
+}
+
+/* A loss of the family (kind, with its parameters p: see family_row): see run_rows. */
+int64_t fused_cpu_family(const float *x, int64_t n_rows, int64_t n_classes, int64_t x_row_stride, const int64_t *y,
+                         int64_t ignore_index, const float *w, int kind, const double *p, int mean, float *grad,
+                         float *loss, float *reduced, int n_threads)
+{
+    if (kind < FOCAL || kind > CONFIDENCE_PENALTY)
+        return BAD_KIND;
+    return run_rows(x, n_rows, n_classes, x_row_stride, y, ignore_index, w, kind, p, mean, grad, loss, reduced,
+                    n_threads);
 }

@@ -1,10 +1,12 @@
-"""The compiled CPU kernel of the fused loss (`fused_cpu.c`), called through ctypes: float32 logits on the CPU.
+"""The C kernel backend: the compiled CPU kernel of the fused loss (`fused_cpu.c`), called through ctypes, for
+float32 logits on the CPU. It reads each row once and finishes its gradient while the row is in cache, and checks
+the ids and weights itself as it reads them (so the loss makes no separate pass for the checks).
 
 The kernel is built at install time as an optional extension (setup.py), which writes the SHA-256 of the library's
-bytes beside it (`<library>.sha256`). Where it could not be built (no C compiler) `AVAILABLE` is False and `fused.py`
-runs the same arithmetic as torch operations instead; where something is there but cannot be loaded (truncated,
-damaged or changed since it was built, built for another machine or from other sources, a missing OpenMP runtime, a
-folder or a broken link in its place) the same happens, with one warning.
+bytes beside it (`<library>.sha256`). Where it could not be built (no C compiler) `AVAILABLE` is False and the
+blockwise backend runs the same arithmetic as torch operations instead; where something is there but cannot be
+loaded (truncated, damaged or changed since it was built, built for another machine or from other sources, a missing
+OpenMP runtime, a folder or a broken link in its place) the same happens, with one warning.
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ import warnings
 import torch
 from torch import Tensor
 
-from fastai_ls.loss.checks import check_ids, check_weight_values
+from fastai_ls.loss.backends.autograd import FusedBackend
+from fastai_ls.loss.backends.base import RowLoss, Targets, per_position
+from fastai_ls.loss.backends.family import KIND_CODES, KINDS
+from fastai_ls.loss.checks import check_ids, check_weight_values, weight_in
 
-__all__ = ["AVAILABLE", "accepts", "loss_and_grad"]
+__all__ = ["AVAILABLE", "accepts", "loss_and_grad", "CKernelBackend", "C_KERNEL"]
 
 # Below this many logits one thread is quicker than waking a second (torch's own grain size for elementwise work).
 PARALLEL_NUMEL = 32768
 # The kernel's return codes besides a bad row (>= 0); see fused_cpu.c.
-DONE, BAD_WEIGHT, NO_MEMORY = -1, -2, -3
+DONE, BAD_WEIGHT, NO_MEMORY, BAD_KIND = -1, -2, -3, -4
+
 # The file beside the library, `<library><RECORD_SUFFIX>`, holding the SHA-256 of its bytes: setup.py writes it.
 RECORD_SUFFIX = ".sha256"
 
@@ -111,18 +117,24 @@ def _check_not_truncated(path: str) -> None:
 
 
 def bind(library: ctypes.CDLL) -> ctypes._CFuncPtr:
-    """The kernel's function in a loaded build of `fused_cpu.c`, with its C signature declared."""
+    """The kernel's function in a loaded build of `fused_cpu.c`, with its C signature declared; the family's
+    function (`fused_cpu_family`) is its attribute `family`."""
     func = library.fused_cpu_loss_and_grad
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     func.argtypes = [pointer, size, size, size, pointer, size, pointer, ctypes.c_double, ctypes.c_int,
-                     pointer, pointer, pointer, ctypes.c_int]
+                     pointer, pointer, pointer, ctypes.c_int, ctypes.c_double]
     func.restype = ctypes.c_int64
+    family = library.fused_cpu_family
+    family.argtypes = [pointer, size, size, size, pointer, size, pointer, ctypes.c_int, pointer, ctypes.c_int,
+                       pointer, pointer, pointer, ctypes.c_int]
+    family.restype = ctypes.c_int64
+    func.family = family
     return func
 
 
 def _built_library() -> str | None:
     """The path of the built kernel, or None where there is none."""
-    spec = importlib.util.find_spec("fastai_ls.loss._fused_cpu")
+    spec = importlib.util.find_spec("fastai_ls.loss.backends._fused_cpu")
     if spec is not None and spec.origin:
         return spec.origin
     # The import system passes over an entry it cannot read as a file (a folder, a symlink loop, a dangling link):
@@ -144,12 +156,13 @@ def accepts(input: Tensor) -> bool:
 
 
 def loss_and_grad(x: Tensor, t: Tensor, ignore_index: int, w: Tensor | None, eps: float, mean: bool,
-                  grad: Tensor | None, per_row: bool) -> Tensor:
+                  grad: Tensor | None, per_row: bool, spec: RowLoss | None = None) -> Tensor:
     """The per-row losses of `x` (M, C) against int64 ids `t` if `per_row`, else their sum (PyTorch's 'mean' if
     `mean`) as a 0-d tensor. With `grad` (contiguous, M x C) the gradient of that sum or mean is written into it.
 
     The kernel checks the float32 weights `w` and the ids, reading each id once: a negative or non-finite weight, or
-    an id that is neither a class nor `ignore_index`, raises ValueError before anything is written."""
+    an id that is neither a class nor `ignore_index`, raises ValueError before anything is written. `spec` (default:
+    label smoothing with `eps`) picks the loss of the family and holds its parameters."""
     n_rows, n_classes = x.shape
     # The kernel indexes the ids and weights with unit stride: a strided or expanded (stride 0) view is copied, or
     # it would be read wrong, and past its end.
@@ -158,9 +171,16 @@ def loss_and_grad(x: Tensor, t: Tensor, ignore_index: int, w: Tensor | None, eps
     w = w if w is None or w.is_contiguous() else w.contiguous()
     out = x.new_empty(n_rows if per_row else ())
     n_threads = torch.get_num_threads() if x.numel() >= PARALLEL_NUMEL else 1
-    code = _kernel(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,
-                   None if w is None else w.data_ptr(), eps, mean, None if grad is None else grad.data_ptr(),
-                   out.data_ptr() if per_row else None, None if per_row else out.data_ptr(), n_threads)
+    pointers = (None if grad is None else grad.data_ptr(), out.data_ptr() if per_row else None,
+                None if per_row else out.data_ptr(), n_threads)
+    if spec is None or spec.kind == "label_smoothing":
+        z_loss = 0.0 if spec is None else spec.z_loss
+        code = _kernel(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,
+                       None if w is None else w.data_ptr(), eps, mean, *pointers, z_loss)
+    else:
+        params = (ctypes.c_double * 2)(*(spec.params[name] for name in KINDS[spec.kind]))
+        code = _kernel.family(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,
+                              None if w is None else w.data_ptr(), KIND_CODES[spec.kind], params, mean, *pointers)
     if code != DONE:
         _raise(code, t, n_classes, ignore_index, w)
     return out
@@ -168,6 +188,8 @@ def loss_and_grad(x: Tensor, t: Tensor, ignore_index: int, w: Tensor | None, eps
 
 def _raise(code: int, t: Tensor, n_classes: int, ignore_index: int, w: Tensor | None) -> None:
     """The error for the kernel's return `code`, naming the problem as the checks of the other paths do."""
+    if code == BAD_KIND:
+        raise ValueError("fastai_ls: the loss kernel does not know this loss")
     if code == NO_MEMORY:
         raise MemoryError(f"fastai_ls: no memory for the loss kernel's {t.numel()} ids")
     if code == BAD_WEIGHT:
@@ -176,3 +198,25 @@ def _raise(code: int, t: Tensor, n_classes: int, ignore_index: int, w: Tensor | 
     check_ids(t, n_classes, ignore_index)  # raises, naming the ids
     raise ValueError(f"target ids must be in [0, {n_classes}) or equal ignore_index={ignore_index}; the id in row "
                      f"{code} was not (the target changed while the loss read it)")
+
+
+class CKernelBackend(FusedBackend):
+    """`loss_and_grad` as a backend: the kernel also finds the ignored rows and the 'mean' divisor itself, reduces the
+    loss (in double precision) and writes the gradient with the 'mean' divisor applied."""
+
+    name = "C kernel"
+
+    def accepts(self, input: Tensor) -> bool:
+        return accepts(input)
+
+    def prepare(self, input: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int) -> Targets:
+        return Targets(t, None, weight_in(weight, torch.float32, input.device))
+
+    def forward(self, input: Tensor, x: Tensor, targets: Targets, spec: RowLoss, reduction: str, ignore_index: int,
+                grad: Tensor | None) -> Tensor:
+        loss = loss_and_grad(x, targets.y, ignore_index, targets.w, spec.eps, reduction == "mean", grad,
+                             reduction == "none", spec)
+        return per_position(loss, input.shape) if reduction == "none" else loss
+
+
+C_KERNEL = CKernelBackend()

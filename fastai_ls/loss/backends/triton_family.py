@@ -1,0 +1,188 @@
+"""The Triton kernel of the calibration-loss family (`family.py`): one program per row sweeps it for the max (and the
+norm, for LogitNorm), again for sum exp z and the loss's own row sum, and, with a gradient buffer, a third time to
+write the gradient: the closed form of `fused_cpu.c`'s family_row, in float32. Launched by `triton._triton_loss`
+after the same check kernel as the label-smoothing loss.
+
+Tested on CPU tensors with Triton's interpreter (TRITON_INTERPRET=1), see tests/loss/test_family_fused.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastai_ls.loss.backends.base import RowLoss
+from fastai_ls.loss.backends.family import KIND_CODES, KINDS
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
+
+__all__ = ["family_loss_and_grad"]
+
+MAX_BLOCK = 4096
+
+
+def family_loss_and_grad(x: Tensor, t: Tensor, w: Tensor | None, spec: RowLoss, ignore_index: int,
+                         grad: Tensor | None, divisor: Tensor | None = None) -> Tensor:
+    """Per-row float32 losses of `x` (M, C) for `spec`'s loss, as `triton.loss_and_grad` computes the
+    label-smoothing ones (ids not yet checked, ignored rows 0, each divided by `divisor` if given, the gradient of
+    their sum written into `grad` if given)."""
+    n_rows, n_classes = x.shape
+    loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return loss
+    x = x if x.stride(1) == 1 else x.contiguous()
+    params = [spec.params[name] for name in KINDS[spec.kind]] + [0.0]
+    block = min(MAX_BLOCK, triton.next_power_of_2(n_classes))
+    _family_kernel[(n_rows,)](
+        x, t, loss if w is None else w, loss, x if grad is None else grad, loss if divisor is None else divisor,
+        x.stride(0), 0 if grad is None else grad.stride(0), n_classes, ignore_index, float(params[0]),
+        float(params[1]), KIND=KIND_CODES[spec.kind], HAS_WEIGHT=w is not None, WRITE_GRAD=grad is not None,
+        HAS_DIVISOR=divisor is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return loss
+
+
+if triton is not None:
+
+    @triton.jit
+    def _power(q, g):
+        """q ** g for q >= 0, with 0 ** 0 = 1 (and no NaN from 0 * log 0)."""
+        return tl.where(q > 0, tl.exp(g * tl.log(tl.maximum(q, 1e-38))), tl.where(g == 0, 1.0, 0.0))
+
+    @triton.jit
+    def _family_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, grad_ptr, divisor_ptr, x_row_stride, grad_row_stride,
+                       n_classes, ignore_index, p0, p1, KIND: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                       WRITE_GRAD: tl.constexpr, HAS_DIVISOR: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * x_row_stride
+        t = tl.load(t_ptr + row)
+        keep = t != ignore_index  # an ignored row is never read
+        valid = keep & (t >= 0) & (t < n_classes)  # an id that is no class is never used as an index
+        target = tl.where(valid, t, 0)
+        cols = tl.arange(0, BLOCK)
+        # Sweep 1: the max (and the sum of squares).
+        row_max = -float("inf")
+        sum_sq = 0.0
+        for start in range(0, n_classes, BLOCK):
+            inside = (start + cols < n_classes) & keep
+            xs = tl.load(x_row + start + cols, mask=inside, other=-float("inf")).to(tl.float32)
+            row_max = tl.maximum(row_max, tl.max(xs, 0))
+            if KIND == 5:
+                sum_sq += tl.sum(tl.where(inside, xs * xs, 0.0), 0)
+        norm = tl.sqrt(sum_sq)
+        k = 1.0
+        if KIND == 5:
+            k = 1.0 / (p0 * (norm + 1e-7))
+        shift = tl.where(row_max == -float("inf"), 0.0, row_max)
+        below = row_max - p0  # MbLS: x_c < below is a class whose relu is positive
+        # Sweep 2: s = sum exp z, the loss's own row sum, the first largest logit.
+        s = 0.0
+        extra = 0.0
+        n_active = 0.0
+        w_sum = 0.0
+        arg = n_classes
+        for start in range(0, n_classes, BLOCK):
+            inside = (start + cols < n_classes) & keep
+            xs = tl.load(x_row + start + cols, mask=inside, other=-float("inf")).to(tl.float32)
+            z = k * (xs - shift)
+            e = tl.where(inside, tl.exp(z), 0.0)
+            s += tl.sum(e, 0)
+            if KIND <= 2:
+                wz = z
+                if HAS_WEIGHT:
+                    ws = tl.load(w_ptr + start + cols, mask=start + cols < n_classes, other=0.0)
+                    wz = ws * z
+                    w_sum += tl.sum(ws, 0)
+                extra += tl.sum(tl.where(inside, wz, 0.0), 0)
+            if KIND == 3:
+                active = inside & (xs < below)
+                extra += tl.sum(tl.where(active, below - xs, 0.0), 0)
+                n_active += tl.sum(tl.where(active, 1.0, 0.0), 0)
+            if KIND == 4:
+                extra += tl.sum(tl.where(inside, xs - shift, 0.0), 0)
+            if KIND == 5:
+                extra += tl.sum(tl.where(inside, e * xs, 0.0), 0)
+            if KIND == 6:
+                extra += tl.sum(tl.where(e > 0, e * z, 0.0), 0)
+            if (KIND == 3) | (KIND == 4):
+                arg = tl.minimum(arg, tl.min(tl.where(inside & (xs == row_max), start + cols, n_classes), 0))
+        if not HAS_WEIGHT:
+            w_sum = n_classes * 1.0
+        log_s = tl.log(s)
+        x_y = tl.load(x_row + target, mask=valid, other=0.0).to(tl.float32)
+        z_y = k * (x_y - shift)
+        w_y = tl.load(w_ptr + target, mask=valid, other=0.0) if HAS_WEIGHT else 1.0
+        b = 0.0
+        arg_add = 0.0
+        if KIND <= 2:  # focal (gamma p0, eps p1) and FLSD-53 (eps p0)
+            eps = p1 if KIND == 1 else p0
+            mass = (1 - eps) * w_y + eps / n_classes * w_sum
+            ce = mass * log_s - (1 - eps) * w_y * z_y - tl.where(eps > 0, eps / n_classes * extra, 0.0)
+            p_y = tl.exp(z_y - log_s)
+            q = tl.maximum(1 - p_y, 0.0)
+            gamma = p0 if KIND == 1 else tl.where(p_y < 0.2, 5.0, 3.0)
+            f = _power(q, gamma)
+            big_k = tl.where(gamma > 0, ce * gamma * _power(q, gamma - 1) * p_y, 0.0)
+            loss = f * ce
+            a = (f * mass + big_k) / s
+            b = f * eps / n_classes
+            true_coef = f * (1 - eps) * w_y + big_k
+        elif KIND == 3:  # MbLS: margin p0, alpha p1
+            loss = w_y * (log_s - z_y + p1 / n_classes * extra)
+            a = w_y / s
+            b = w_y * p1 / n_classes
+            true_coef = w_y
+            arg_add = b * n_active
+        elif KIND == 4:  # MaxSup: alpha p0
+            loss = w_y * (log_s - z_y - p0 * extra / n_classes)
+            a = w_y / s
+            b = w_y * p0 / n_classes
+            true_coef = w_y
+            arg_add = w_y * p0
+        elif KIND == 5:  # LogitNorm: tau p0
+            loss = w_y * (log_s - z_y)
+            a = w_y * k / s
+            b = tl.where(norm > 0, w_y * (extra / s - x_y) / (norm * p0 * (norm + 1e-7)
+                                                              * (norm + 1e-7)), 0.0)
+            true_coef = w_y * k
+        else:  # confidence penalty: beta p0
+            b = extra / s
+            loss = w_y * (log_s - z_y - p0 * (log_s - b))
+            a = w_y / s
+            true_coef = w_y
+        loss = tl.where((loss == float("inf")) | (loss == -float("inf")), float("nan"), loss)
+        loss = tl.where(keep, loss, 0.0)
+        scale = 1.0
+        if HAS_DIVISOR:
+            divisor = tl.load(divisor_ptr).to(tl.float32)
+            scale = tl.where(divisor > 0, 1 / divisor, float("nan"))
+            loss = loss * scale
+        tl.store(loss_ptr + row, loss)
+        if WRITE_GRAD:
+            grad_row = grad_ptr + row * grad_row_stride
+            for start in range(0, n_classes, BLOCK):
+                inside = start + cols < n_classes
+                xs = tl.load(x_row + start + cols, mask=inside & keep, other=0.0).to(tl.float32)
+                z = k * (xs - shift)
+                e = tl.exp(z)
+                if KIND <= 2:
+                    if HAS_WEIGHT:
+                        g = a * e - b * tl.load(w_ptr + start + cols, mask=inside, other=0.0)
+                    else:
+                        g = a * e - b
+                elif KIND == 3:
+                    g = a * e - tl.where(xs < below, b, 0.0)
+                elif KIND == 4:
+                    g = a * e - b
+                elif KIND == 5:
+                    g = a * e - b * xs
+                else:
+                    g = tl.where(e > 0, a * e * (1 + p0 * (z - b)), 0.0)
+                g -= tl.where(start + cols == target, true_coef, 0.0)
+                if (KIND == 3) | (KIND == 4):
+                    g += tl.where(start + cols == arg, arg_add, 0.0)
+                g = tl.where(keep, g * scale, 0.0)
+                tl.store(grad_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=inside)
