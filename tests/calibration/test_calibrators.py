@@ -8,6 +8,7 @@ import math
 import pickle
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -763,7 +764,7 @@ def test_temperature_newton_steps_reach_the_bisection_optimum(known):
 
 
 def test_a_large_problem_solved_in_float32_first_reaches_the_float64_optimum(monkeypatch):
-    import fastai_ls.calibration.calibrators.scaling as scaling
+    import fastai_ls.calibration.calibrators.solver as scaling
 
     logits, target = over_confident(3000, n_classes=10, seed=31)
     double = {name: make(name).fit(logits, target) for name in ("vector", "matrix", "dirichlet")}
@@ -858,3 +859,15 @@ def test_matrix_and_dirichlet_are_never_worse_than_uncalibrated_out_of_fold_at_1
     for name in ("matrix", "dirichlet"):
         assert table.loc[name, "nll"] < table.loc["uncalibrated", "nll"] - 0.5
         assert table.loc[name, "nll"] < table.loc["temperature", "nll"] + 0.05
+
+
+def test_calibrators_pickled_before_the_split_of_scaling_py_still_load_and_give_the_same_probabilities():
+    # Made at commit b7d7912, when the scaling calibrators lived in calibrators/scaling.py: one fitted calibrator of
+    # every method (3 classes), 20 rows of logits and each calibrator's probabilities for them.
+    path = Path(__file__).parent / "data" / "pre_split_b7d7912.pkl"
+    with pytest.warns(FutureWarning, match=r"calibrators\.scaling\.TemperatureScaling is deprecated"):
+        saved = pickle.loads(path.read_bytes())
+    assert set(saved["calibrators"]) == set(CALIBRATORS)
+    for name, calibrator in saved["calibrators"].items():
+        assert type(calibrator) is CALIBRATORS[name]
+        torch.testing.assert_close(calibrator(saved["logits"]), saved["probs"][name], rtol=0, atol=0)
