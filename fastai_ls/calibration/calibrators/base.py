@@ -39,8 +39,8 @@ NEG_INF_GAP = 104.0
 BLOCK_ELEMENTS = 2**20
 
 
-def row_blocks(n: int, n_classes: int) -> list[slice]:
-    """Consecutive row slices covering `n` rows, each of at most `BLOCK_ELEMENTS` logits (one row at least).
+def row_blocks(n: int, n_classes: int, elements: int | None = None) -> list[slice]:
+    """Consecutive row slices covering `n` rows, each of at most `elements` logits (one row at least).
 
     Parameters
     ----------
@@ -48,11 +48,14 @@ def row_blocks(n: int, n_classes: int) -> list[slice]:
         Rows.
     n_classes : int
         Columns per row.
+    elements : int, optional
+        Logits per block; None for `BLOCK_ELEMENTS` (memory-bound passes). Passes that go over each block many
+        times take smaller blocks, so that its float64 temporaries stay in the cache.
 
     >>> row_blocks(5, 2**19)
     [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
     """
-    step = max(1, BLOCK_ELEMENTS // max(n_classes, 1))
+    step = max(1, (BLOCK_ELEMENTS if elements is None else elements) // max(n_classes, 1))
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
