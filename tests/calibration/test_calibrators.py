@@ -871,3 +871,49 @@ def test_calibrators_pickled_before_the_split_of_scaling_py_still_load_and_give_
     for name, calibrator in saved["calibrators"].items():
         assert type(calibrator) is CALIBRATORS[name]
         torch.testing.assert_close(calibrator(saved["logits"]), saved["probs"][name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fitting_on_rows_is_fitting_on_those_rows_copied(monkeypatch, method):
+    from fastai_ls.calibration.calibrators import base
+
+    logits, target = over_confident(600, n_classes=4, seed=8)
+    logits[5, 1] = -math.inf  # one row to clean: the rows' copy is cleaned as the whole input would be
+    rows = torch.randperm(600, generator=torch.Generator().manual_seed(0))[:450]
+    monkeypatch.setattr(base, "BLOCK_ELEMENTS", 4 * 64)  # several blocks
+    for clean in (False, True):
+        z = logits.clone() if not clean else torch.where(logits.isfinite(), logits, -9.0)
+        before = z.clone()
+        copied = make(method).fit(z[rows], target[rows])
+        indexed = make(method).fit(z, target, rows=rows)
+        torch.testing.assert_close(indexed(z), copied(z), rtol=0, atol=0)
+        assert torch.equal(z, before)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.tensor([0, 1, 600]), r"rows must index the 600 rows of logits, got indices from 0 to 600"),
+    (torch.tensor([-1, 2]), r"rows must index the 600 rows of logits"),
+    (torch.ones(600, dtype=torch.bool), r"rows must be a 1-D tensor of integer row indices, got torch.bool"),
+    (torch.tensor([0.0, 1.0]), r"rows must be a 1-D tensor of integer row indices, got torch.float32"),
+    (torch.tensor([[0, 1]]), r"rows must be a 1-D tensor of integer row indices, got torch.int64 \(1, 2\)"),
+    (torch.arange(3), r"need at least as many held-out rows as classes to fit a calibrator, got 3 rows for 4"),
+])
+def test_rows_that_are_not_indices_of_enough_rows_are_refused(bad, message):
+    logits, target = over_confident(600, n_classes=4, seed=8)
+    for method in ("temperature", "vector"):
+        with pytest.raises(ValueError, match=message):
+            make(method).fit(logits, target, rows=bad)
+
+
+def test_a_bad_row_among_the_fitted_rows_is_named_by_its_position_in_the_logits():
+    logits, target = over_confident(600, n_classes=4, seed=8)
+    logits[100, 2] = math.nan
+    target[200] = 7
+    rows = torch.arange(50, 600)
+    for method in ("temperature", "histogram", "vector"):
+        with pytest.raises(ValueError, match=r"first: 7 in row 200\)"):
+            make(method).fit(logits, target, rows=rows)
+        target[200] = 1
+        with pytest.raises(ValueError, match=r"NaN or \+inf .* in 1 of 550 rows \(first: row 100\)"):
+            make(method).fit(logits, target, rows=rows)
+        target[200] = 7

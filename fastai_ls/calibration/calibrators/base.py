@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from fastai_ls.calibration.calibrators.row_subset import RowSubset, checked_rows
 from fastai_ls.calibration.intervals import _one_thread
 
 __all__ = ["Calibrator", "CalibrationWarning", "NEG_INF_GAP", "BLOCK_ELEMENTS", "row_blocks", "check_fit_input",
@@ -170,11 +171,12 @@ def _call_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def check_fit_input(logits: Tensor, target: Tensor, upcast: bool = True) -> tuple[Tensor, Tensor]:
+def check_fit_input(logits: Tensor, target: Tensor, upcast: bool = True,
+                    rows: Tensor | None = None) -> tuple[Tensor | RowSubset, Tensor]:
     """Clean logits (-inf replaced) and int64 targets on the logits' device, or a ValueError naming the problem
     (the checks of `Calibrator.fit`, listed in the module docstring). The logits come in float64 with `upcast`,
     else in the dtype that calling a calibrator uses (float32, or float64 for float64 logits): the logits
-    themselves (detached, never to be written) when they need no cleaning.
+    themselves (detached, never to be written) when they need no cleaning, or with `rows` a `RowSubset` of them.
 
     Parameters
     ----------
@@ -184,6 +186,9 @@ def check_fit_input(logits: Tensor, target: Tensor, upcast: bool = True) -> tupl
         (N,) class ids.
     upcast : bool
         Return the logits in float64 (a copy of float32 logits; False: checks without a float64 copy).
+    rows : Tensor, optional
+        (M,) indices of the rows to check and return (the targets of those rows; the logits as a `RowSubset`
+        unless `upcast` or cleaning copies them).
     """
     _check_logits(logits)
     if not isinstance(target, Tensor):
@@ -192,35 +197,47 @@ def check_fit_input(logits: Tensor, target: Tensor, upcast: bool = True) -> tupl
     if target.shape != (n,) or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise ValueError(f"target must hold {n} integer class ids (one per row of logits), got {target.dtype} "
                          f"{tuple(target.shape)}")
+    if rows is not None:
+        rows = checked_rows(rows, n, logits.device)
+        target = target.detach().to(logits.device)[rows]
+        n = len(target)
+    positions = rows  # errors name rows by their position in `logits`, also when fitting on `rows`
+    if rows is not None and upcast:  # the float64 copy of the rows is made anyway
+        logits, rows = logits.detach()[rows], None
     if n < n_classes:
         raise ValueError(f"need at least as many held-out rows as classes to fit a calibrator, got {n} rows for "
                          f"{n_classes} classes")
     target = target.detach().to(logits.device, torch.long)
+
+    def row_name(i: int) -> int:
+        return i if positions is None else int(positions[i])
+
     out_of_range = (target < 0) | (target >= n_classes)
     if bool(out_of_range.any()):
         i = int(out_of_range.nonzero()[0, 0])
         raise ValueError(f"target holds {int(out_of_range.sum())} class ids outside [0, {n_classes}) (first: "
-                         f"{int(target[i])} in row {i}); drop ignored rows before fitting")
+                         f"{int(target[i])} in row {row_name(i)}); drop ignored rows before fitting")
     # -inf is replaced in the dtype that calling the calibrator uses (float64 or float32), then the fit runs in
     # float64: the calibrator then sees the same substitute logits when it is fitted and when it is called.
-    z, bad = _clean_in_blocks(logits, _call_dtype(logits))
+    z, bad = _clean_in_blocks(logits if rows is None else RowSubset(logits.detach(), rows), _call_dtype(logits))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"logits hold NaN or +inf (or no finite value) in {int(bad.sum())} of {n} rows (first: "
-                         f"row {i}); a calibrator cannot be fitted on them: drop those rows (the loss reports them "
-                         "as NaN)")
+                         f"row {row_name(i)}); a calibrator cannot be fitted on them: drop those rows (the loss "
+                         "reports them as NaN)")
     return (z.double() if upcast else z), target
 
 
-def _clean_in_blocks(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _clean_in_blocks(logits: Tensor | RowSubset, dtype: torch.dtype) -> tuple[Tensor | RowSubset, Tensor]:
     """`clean_logits` row block by row block (it works row by row: the same values), with temporaries of one
-    block only; the logits themselves, detached, when they are in `dtype` and all finite (nothing to clean)."""
-    logits = logits.detach()
+    block only; the logits themselves (detached, or the `RowSubset`) when they are in `dtype` and all finite
+    (nothing to clean)."""
+    logits = logits.detach() if isinstance(logits, Tensor) else logits
     blocks = row_blocks(*logits.shape)
     if logits.dtype == dtype and all(bool(logits[rows].isfinite().all()) for rows in blocks):
         return logits, torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
     if len(blocks) == 1:
-        return clean_logits(logits, dtype)
+        return clean_logits(logits[blocks[0]], dtype)
     z = torch.empty(logits.shape, dtype=dtype, device=logits.device)
     bad = torch.empty(len(logits), dtype=torch.bool, device=logits.device)
     for rows in blocks:
@@ -244,7 +261,8 @@ class Calibrator:
     """A post-hoc calibrator: `fit(logits, target)` on held-out data, then `calibrator(logits)` gives probabilities.
 
     Subclasses set the class attributes below and implement `_fit(z, y)` (float64 logits, or with
-    `upcasts_in_blocks` the clean logits in their call dtype; int64 ids; both checked and never to be written) and
+    `upcasts_in_blocks` the clean logits in their call dtype, or a `RowSubset` of them, read a block of rows at a
+    time; int64 ids; both checked and never to be written) and
     `_probs(z)` (clean logits in float32 or float64 on the caller's device, a block of rows at a time).
 
     >>> from fastai_ls.calibration.calibrators import TemperatureScaling
@@ -273,7 +291,7 @@ class Calibrator:
         """Whether the calibrator can be called."""
         return self.n_classes is not None
 
-    def fit(self, logits: Tensor, target: Tensor) -> Calibrator:
+    def fit(self, logits: Tensor, target: Tensor, rows: Tensor | None = None) -> Calibrator:
         """Fit on held-out (N, C) `logits` and their (N,) class ids `target`; returns the calibrator itself.
 
         Parameters
@@ -282,8 +300,11 @@ class Calibrator:
             (N, C) logits of held-out data (any float dtype and device; fitted in float64).
         target : Tensor
             (N,) integer class ids in [0, C).
+        rows : Tensor, optional
+            (M,) indices of the rows to fit on: the same fit as on `logits[rows]`, `target[rows]`, without copying
+            those rows where the calibrator reads them a block at a time (`upcasts_in_blocks`).
         """
-        z, y = check_fit_input(logits, target, upcast=not self.upcasts_in_blocks)
+        z, y = check_fit_input(logits, target, upcast=not self.upcasts_in_blocks, rows=rows)
         reason = self.skip_reason(*z.shape)
         if reason is not None:
             raise ValueError(f"{self.name}: {reason}")

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators.base import CalibrationWarning, Calibrator, check_int, check_number, row_blocks
+from fastai_ls.calibration.calibrators.row_subset import RowSubset
 from fastai_ls.calibration.calibrators.solver import scaled_softmax
 
 __all__ = ["TemperatureScaling", "quiet_temperature", "TEMPERATURE_SAMPLE"]
@@ -17,11 +18,11 @@ __all__ = ["TemperatureScaling", "quiet_temperature", "TEMPERATURE_SAMPLE"]
 TEMPERATURE_SAMPLE = 4096
 
 
-def _temperature_moments(z: Tensor, z_target: Tensor, beta: float) -> tuple[float, float]:
+def _temperature_moments(z: Tensor | RowSubset, z_target: Tensor, beta: float) -> tuple[float, float]:
     """The first and second derivatives of the mean NLL of softmax(beta z) in beta: mean(E_p[z] - z_y) and
     mean(Var_p[z]), computed in float64 block by block (bounded memory: `z` may be float32)."""
-    slope = z.new_zeros((), dtype=torch.float64)
-    curvature = z.new_zeros((), dtype=torch.float64)
+    slope = torch.zeros((), dtype=torch.float64, device=z.device)
+    curvature = torch.zeros((), dtype=torch.float64, device=z.device)
     for rows in row_blocks(*z.shape):
         block = z[rows].double()
         p = (block * beta).softmax(1)
@@ -95,7 +96,7 @@ class TemperatureScaling(Calibrator):
     def fitted(self) -> bool:
         return self.temperature is not None
 
-    def fit(self, logits: Tensor, target: Tensor) -> TemperatureScaling:
+    def fit(self, logits: Tensor, target: Tensor, rows: Tensor | None = None) -> TemperatureScaling:
         """Fit T on held-out (N, C) `logits` and their (N,) class ids `target` (a given temperature is kept: only
         the input is checked); returns the calibrator itself.
 
@@ -105,17 +106,20 @@ class TemperatureScaling(Calibrator):
             (N, C) logits of held-out data (any float dtype and device; fitted in float64).
         target : Tensor
             (N,) integer class ids in [0, C).
+        rows : Tensor, optional
+            (M,) indices of the rows to fit on: the same fit as on `logits[rows]`, `target[rows]`, without a copy
+            of those rows.
         """
-        super().fit(logits, target)
+        super().fit(logits, target, rows)
         if self.fixed:
             self.n_classes = None  # a given temperature stays usable with any number of classes
         return self
 
-    def _fit(self, z: Tensor, y: Tensor) -> None:
+    def _fit(self, z: Tensor | RowSubset, y: Tensor) -> None:
         if self.fixed:
             return
         low, high = self.bounds
-        z_target = z.gather(1, y[:, None]).squeeze(1).double()
+        z_target = torch.cat([z[rows].gather(1, y[rows, None]).squeeze(1) for rows in row_blocks(*z.shape)]).double()
         beta = min(max(1.0, 1 / high), 1 / low)
         if len(z) > TEMPERATURE_SAMPLE:
             # A start from a seeded sample of the rows: Newton's steps on all rows then start next to the minimum.
@@ -137,7 +141,7 @@ class TemperatureScaling(Calibrator):
                 "so these rows cannot say how confident it should be (too few, too easy, or seen in training)",
                 CalibrationWarning, stacklevel=3)
 
-    def _solve(self, z: Tensor, z_target: Tensor, beta: float) -> tuple[float, str | None]:
+    def _solve(self, z: Tensor | RowSubset, z_target: Tensor, beta: float) -> tuple[float, str | None]:
         """(beta, bound): the minimum of the NLL in beta = 1 / T from `beta`, and 'low' or 'high' when it lies at
         or beyond that bound of T (only the bound on the side of the minimum is checked: one pass, not two; Newton's
         steps towards a minimum beyond a bound would creep there until the slope rounds to 0)."""
