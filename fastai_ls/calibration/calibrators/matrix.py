@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators.base import check_int, check_number
-from fastai_ls.calibration.calibrators.solver import RegularisationPath, fit_parameters, scaled_softmax
+from fastai_ls.calibration.calibrators.solver import FLOAT32_FIRST, RegularisationPath, fit_parameters, scaled_softmax
 from fastai_ls.calibration.calibrators.temperature import quiet_temperature
 
 __all__ = ["MatrixScaling", "DirichletCalibration", "LOG_FLOOR"]
@@ -51,11 +51,12 @@ class MatrixScaling(RegularisationPath):
     Unregularised, its C^2 + C parameters overfit at tens of classes; ODIR pulls the off-diagonal weights and the
     biases towards 0 but leaves the diagonal (a per-class temperature) free. Its limit reg = inf, a diagonal W
     alone (b = 0), is fitted first, from the fitted temperature (W = I / T). With `reg=None`, reg is chosen among
-    `reg_grid` and inf by the NLL of a seeded third of the fitting rows held out (Kull et al. choose theirs by
-    cross-validation), along a path from the strongest strength to the weakest, each fit starting where the
+    `reg_grid` and inf by the NLL of a seeded third of the fitting rows held out (by the mean over the three thirds
+    in turn for problems of at most 2^18 logits, where one third's NLL is too noisy a guide; Kull et al. choose
+    theirs by cross-validation), along a path from the strongest strength to the weakest, each fit starting where the
     previous one ended and the path stopping once the held-out NLL rises; then the model is refitted on
     all rows from there (`reg_` holds the choice). Since the diagonal is a candidate, the chosen fit is never worse
-    on the held-out third than that diagonal fit, which starts from temperature scaling. Each fit is LBFGS with a
+    on the held-out rows than that diagonal fit, which starts from temperature scaling. Each fit is LBFGS with a
     short history (memory: a few copies of the C^2 weights), in float32 then float64 for large problems.
 
     Its cost grows as N C^2 per pass: above `max_classes` classes `fit` raises a ValueError that says so and
@@ -90,6 +91,7 @@ class MatrixScaling(RegularisationPath):
     may_change_prediction = True
     per_class = True
     quadratic_work = True
+    cross_validate_below = FLOAT32_FIRST
 
     def __init__(self, reg: float | None = None,
                  reg_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4),
