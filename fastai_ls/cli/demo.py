@@ -22,7 +22,7 @@ from fastai.torch_core import rank_distrib, set_seed
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, TemperatureScaling, stratified_folds
-from fastai_ls.calibration.compare import compare_calibrators, cross_fit
+from fastai_ls.calibration.compare import compare_on_logits, cross_fit
 from fastai_ls.calibration.intervals import normal_interval
 from fastai_ls.calibration.plots import plot_reliability, plot_smooth_reliability
 from fastai_ls.calibration.report import format_interval, report_frame
@@ -280,7 +280,7 @@ def calibrate_learner(logits: Tensor, target: Tensor, methods: list[str], folds:
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CalibrationWarning)
-        table = compare_calibrators(logits, target, methods=methods, folds=folds, seed=seed, ci=CI)
+        table = compare_on_logits(logits, target, methods=methods, folds=folds, seed=seed, ci=CI)
         temperature = TemperatureScaling().fit(logits, target).temperature
     best = best_method(table)
     before = TemperatureScaling(1.0)(logits)  # the model's own probabilities, as compare_calibrators scores them

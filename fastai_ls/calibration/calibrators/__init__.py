@@ -3,7 +3,8 @@ to probabilities. `base.py` holds the interface and its input checks; the softma
 one module per calibrator (`temperature.py`, `vector.py`, `matrix.py` with Dirichlet calibration, `ets.py`) and a
 shared solver and regularisation path (`solver.py`); `isotonic.py` and `binning.py` hold the non-parametric ones,
 `toplabel.py` the top-label scheme they share, and `folds.py` the stratified folds of cross-fitting. `CALIBRATORS`
-maps each method's name to its class."""
+maps each method's name to its class, in the order of `fastai_ls.calibrator_names.CALIBRATOR_NAMES` (which the
+command reads without importing torch)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,17 @@ from fastai_ls.calibration.calibrators.isotonic import IsotonicCalibration, Isot
 from fastai_ls.calibration.calibrators.matrix import DirichletCalibration, MatrixScaling
 from fastai_ls.calibration.calibrators.temperature import TemperatureScaling
 from fastai_ls.calibration.calibrators.vector import VectorScaling
+from fastai_ls.calibrator_names import CALIBRATOR_NAMES
 
 __all__ = ["Calibrator", "CalibrationWarning", "CALIBRATORS", "get_calibrator", "TemperatureScaling",
            "VectorScaling", "MatrixScaling", "DirichletCalibration", "EnsembleTemperatureScaling",
            "IsotonicCalibration", "TopLabelIsotonic", "TopLabelHistogramBinning", "IsotonicCurve", "HistogramCurve",
            "stratified_folds"]
 
-CALIBRATORS: dict[str, type[Calibrator]] = {cls.name: cls for cls in (
+_BY_NAME = {cls.name: cls for cls in (
     TemperatureScaling, VectorScaling, MatrixScaling, DirichletCalibration, IsotonicCalibration, TopLabelIsotonic,
     TopLabelHistogramBinning, EnsembleTemperatureScaling)}
+CALIBRATORS: dict[str, type[Calibrator]] = {name: _BY_NAME[name] for name in CALIBRATOR_NAMES}
 
 
 def get_calibrator(method: str | Calibrator, **options) -> Calibrator:

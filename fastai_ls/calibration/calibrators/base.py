@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import warnings
 from typing import ClassVar
 
@@ -26,7 +25,9 @@ from torch import Tensor
 
 from fastai_ls.calibration.calibrators.row_subset import RowSubset, checked_rows
 from fastai_ls.calibration.intervals import _one_thread
+from fastai_ls.validation import check_class_ids, check_int, check_logits, check_number
 
+# check_int, check_number: `fastai_ls.validation`'s checks of the calibrators' options, also imported from here.
 __all__ = ["Calibrator", "CalibrationWarning", "NEG_INF_GAP", "BLOCK_ELEMENTS", "row_blocks", "check_fit_input",
            "clean_logits", "check_int", "check_number"]
 
@@ -53,6 +54,8 @@ def row_blocks(n: int, n_classes: int, elements: int | None = None) -> list[slic
         Logits per block; None for `BLOCK_ELEMENTS` (memory-bound passes). Passes that go over each block many
         times take smaller blocks, so that its float64 temporaries stay in the cache.
 
+    Examples
+    --------
     >>> row_blocks(5, 2**19)
     [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
     """
@@ -81,64 +84,9 @@ def one_thread_for_small_cpu_fits(logits: Tensor, quadratic: bool = True):
         yield
 
 
-def check_int(value: int, name: str, low: int = 1) -> int:
-    """`value` as a Python int if it is an integer >= `low` (numpy's integers included, booleans not), else a
-    ValueError naming `name`.
-
-    Parameters
-    ----------
-    value : int
-        The option's value.
-    name : str
-        The option's name, for the message.
-    low : int
-        The smallest value allowed.
-
-    >>> check_int(3.0, "n_bins")
-    Traceback (most recent call last):
-    ValueError: n_bins must be an int >= 1, got 3.0
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
-def check_number(value: float, name: str, low: float = 0.0, strict: bool = False) -> float:
-    """`value` as a Python float if it is a finite real number >= `low` (> `low` with `strict`; numpy's scalars
-    included, booleans not), else a ValueError naming `name`.
-
-    Parameters
-    ----------
-    value : float
-        The option's value.
-    name : str
-        The option's name, for the message.
-    low : float
-        The bound.
-    strict : bool
-        Whether `low` itself is refused.
-
-    >>> check_number(2, "temperature", strict=True)
-    2.0
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or (value <= low if strict else value < low):
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
-    return float(value)
-
-
 class CalibrationWarning(UserWarning):
     """A fit that ran but whose result needs attention: a temperature at its bound, classes missing from the
     held-out targets, classes too small for the folds of a comparison."""
-
-
-def _check_logits(logits: Tensor) -> None:
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"logits must be (N, C) with C >= 2 classes, got shape {tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
 
 
 def clean_logits(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -152,6 +100,8 @@ def clean_logits(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     dtype : torch.dtype
         The dtype of `z`.
 
+    Examples
+    --------
     >>> z, bad = clean_logits(torch.tensor([[0.0, -math.inf], [math.nan, 1.0]]), torch.float64)
     >>> z.tolist(), bad.tolist()
     ([[0.0, -104.0], [0.0, 0.0]], [False, True])
@@ -190,41 +140,33 @@ def check_fit_input(logits: Tensor, target: Tensor, upcast: bool = True,
         (M,) indices of the rows to check and return (the targets of those rows; the logits as a `RowSubset`
         unless `upcast` or cleaning copies them).
     """
-    _check_logits(logits)
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    check_logits(logits)
     n, n_classes = logits.shape
-    if target.shape != (n,) or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise ValueError(f"target must hold {n} integer class ids (one per row of logits), got {target.dtype} "
-                         f"{tuple(target.shape)}")
-    if rows is not None:
-        rows = checked_rows(rows, n, logits.device)
-        target = target.detach().to(logits.device)[rows]
-        n = len(target)
-    positions = rows  # errors name rows by their position in `logits`, also when fitting on `rows`
-    if rows is not None and upcast:  # the float64 copy of the rows is made anyway
-        logits, rows = logits.detach()[rows], None
+    check_class_ids(target, n, rows="logits", column=False)  # shape and dtype: the values once on the logits' device
     if n < n_classes:
         raise ValueError(f"need at least as many held-out rows as classes to fit a calibrator, got {n} rows for "
                          f"{n_classes} classes")
-    target = target.detach().to(logits.device, torch.long)
-
-    def row_name(i: int) -> int:
-        return i if positions is None else int(positions[i])
-
-    out_of_range = (target < 0) | (target >= n_classes)
-    if bool(out_of_range.any()):
-        i = int(out_of_range.nonzero()[0, 0])
-        raise ValueError(f"target holds {int(out_of_range.sum())} class ids outside [0, {n_classes}) (first: "
-                         f"{int(target[i])} in row {row_name(i)}); drop ignored rows before fitting")
+    # The ids of every row, so that a bad one is named by its position in `logits` also when fitting on `rows`.
+    target = check_class_ids(target.to(logits.device), n, n_classes, rows="logits", column=False,
+                             fix="drop ignored rows before fitting")
+    positions = None
+    if rows is not None:
+        positions = rows = checked_rows(rows, n, logits.device)
+        target, n = target[rows], len(rows)
+        if n < n_classes:
+            raise ValueError(f"need at least as many held-out rows as classes to fit a calibrator, got {n} rows "
+                             f"for {n_classes} classes")
+        if upcast:  # the float64 copy of the rows is made anyway
+            logits, rows = logits.detach()[rows], None
     # -inf is replaced in the dtype that calling the calibrator uses (float64 or float32), then the fit runs in
     # float64: the calibrator then sees the same substitute logits when it is fitted and when it is called.
     z, bad = _clean_in_blocks(logits if rows is None else RowSubset(logits.detach(), rows), _call_dtype(logits))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
+        first = i if positions is None else int(positions[i])
         raise ValueError(f"logits hold NaN or +inf (or no finite value) in {int(bad.sum())} of {n} rows (first: "
-                         f"row {row_name(i)}); a calibrator cannot be fitted on them: drop those rows (the loss "
-                         "reports them as NaN)")
+                         f"row {first}); a calibrator cannot be fitted on them: drop those rows (the loss reports them "
+                         "as NaN)")
     return (z.double() if upcast else z), target
 
 
@@ -265,6 +207,8 @@ class Calibrator:
     time; int64 ids; both checked and never to be written) and
     `_probs(z)` (clean logits in float32 or float64 on the caller's device, a block of rows at a time).
 
+    Examples
+    --------
     >>> from fastai_ls.calibration.calibrators import TemperatureScaling
     >>> _ = torch.manual_seed(0); z = torch.randn(500, 4); y = torch.distributions.Categorical(logits=z).sample()
     >>> probs = TemperatureScaling().fit(3 * z, y)(3 * z)
@@ -330,7 +274,7 @@ class Calibrator:
         """
         if not self.fitted:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(logits, target) first")
-        _check_logits(logits)
+        check_logits(logits)
         if self.n_classes is not None and logits.shape[1] != self.n_classes:
             raise ValueError(f"{type(self).__name__} was fitted on {self.n_classes} classes, got logits with "
                              f"{logits.shape[1]}")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastai_ls.calibration.calibrators.base import Calibrator, check_int
+from fastai_ls.calibration.calibrators.base import Calibrator
 from fastai_ls.calibration.calibrators.solver import minimise, scaled_softmax
 from fastai_ls.calibration.calibrators.temperature import TemperatureScaling
+from fastai_ls.validation import check_int
 
 __all__ = ["EnsembleTemperatureScaling"]
 
@@ -28,6 +29,8 @@ class EnsembleTemperatureScaling(Calibrator):
     max_iter : int
         Bisection steps of the temperature, LBFGS iterations of the weights.
 
+    Examples
+    --------
     >>> _ = torch.manual_seed(0); z = torch.randn(2000, 4); y = torch.distributions.Categorical(logits=z).sample()
     >>> cal = EnsembleTemperatureScaling().fit(3 * z, y)
     >>> bool(abs(float(cal.weights.sum()) - 1) < 1e-9)

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastai_ls.calibration.calibrators.base import check_int, check_number
 from fastai_ls.calibration.calibrators.solver import FLOAT32_FIRST, RegularisationPath, fit_parameters, scaled_softmax
 from fastai_ls.calibration.calibrators.temperature import quiet_temperature
+from fastai_ls.validation import check_int, check_number
 
 __all__ = ["MatrixScaling", "DirichletCalibration", "LOG_FLOOR"]
 
@@ -77,6 +77,8 @@ class MatrixScaling(RegularisationPath):
     max_classes : int
         The most classes fitted (see above).
 
+    Examples
+    --------
     >>> _ = torch.manual_seed(0); z = torch.randn(3000, 3); y = torch.distributions.Categorical(logits=z).sample()
     >>> distorted = z @ torch.tensor([[2., 0, 0], [0, 1, 0], [0, 0, 1]])  # class 0's logit doubled
     >>> cal = MatrixScaling(reg=0.0).fit(distorted, y)
@@ -172,6 +174,8 @@ class DirichletCalibration(MatrixScaling):
     max_classes : int
         The most classes fitted (see `MatrixScaling`).
 
+    Examples
+    --------
     >>> _ = torch.manual_seed(0); z = torch.randn(1000, 3); y = torch.distributions.Categorical(logits=z).sample()
     >>> DirichletCalibration(reg=0.01).fit(z, y)(z).shape
     torch.Size([1000, 3])

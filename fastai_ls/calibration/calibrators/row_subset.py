@@ -21,6 +21,8 @@ class RowSubset:
     rows : Tensor
         (M,) int64 indices of the rows, on the logits' device.
 
+    Examples
+    --------
     >>> subset = RowSubset(torch.arange(8.0).view(4, 2), torch.tensor([3, 1]))
     >>> subset.shape, subset[0:1].tolist()
     ((2, 2), [[6.0, 7.0]])

@@ -8,9 +8,10 @@ import warnings
 import torch
 from torch import Tensor
 
-from fastai_ls.calibration.calibrators.base import CalibrationWarning, Calibrator, check_int, check_number, row_blocks
+from fastai_ls.calibration.calibrators.base import CalibrationWarning, Calibrator, row_blocks
 from fastai_ls.calibration.calibrators.row_subset import RowSubset
 from fastai_ls.calibration.calibrators.solver import scaled_softmax
+from fastai_ls.validation import check_int, check_number
 
 __all__ = ["TemperatureScaling", "quiet_temperature", "TEMPERATURE_SAMPLE"]
 
@@ -66,6 +67,8 @@ class TemperatureScaling(Calibrator):
     max_iter : int
         Newton or bisection steps at most.
 
+    Examples
+    --------
     >>> _ = torch.manual_seed(0); z = torch.randn(2000, 5); y = torch.distributions.Categorical(logits=z).sample()
     >>> 2.5 < TemperatureScaling().fit(3 * z, y).temperature < 3.5
     True

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastai_ls.calibration.calibrators.base import Calibrator, check_int, row_blocks
+from fastai_ls.calibration.calibrators.base import Calibrator, row_blocks
 from fastai_ls.calibration.calibrators.row_subset import RowSubset
+from fastai_ls.validation import check_int
 
 __all__ = ["TopLabelCalibrator", "spread_rest", "MARGIN"]
 
@@ -25,6 +26,8 @@ def lowest_confidence(n_classes: int) -> float:
     n_classes : int
         C.
 
+    Examples
+    --------
     >>> round(lowest_confidence(10), 6)
     0.100009
     """
@@ -45,6 +48,8 @@ def spread_rest(probs: Tensor, top: Tensor, confidence: Tensor) -> Tensor:
     confidence : Tensor
         (N,) its calibrated probability, at least `lowest_confidence(C)`.
 
+    Examples
+    --------
     >>> probs = torch.tensor([[.5, .45, .05]], dtype=torch.float64)
     >>> spread_rest(probs, torch.tensor([0]), torch.tensor([.4], dtype=torch.float64)).round(decimals=5).tolist()
     [[0.4, 0.39996, 0.20004]]

@@ -8,9 +8,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastai_ls.calibration.calibrators.base import check_int, check_number, row_blocks
+from fastai_ls.calibration.calibrators.base import row_blocks
 from fastai_ls.calibration.calibrators.solver import FLOAT32_FIRST, RegularisationPath, fit_parameters, scaled_softmax
 from fastai_ls.calibration.calibrators.temperature import quiet_temperature
+from fastai_ls.validation import check_int, check_number
 
 __all__ = ["VectorScaling"]
 
@@ -94,6 +95,8 @@ class VectorScaling(RegularisationPath):
     max_iter : int
         LBFGS iterations of the final fit (a fifth of them per strength of the path).
 
+    Examples
+    --------
     >>> _ = torch.manual_seed(0); z = torch.randn(2000, 3); y = torch.distributions.Categorical(logits=z).sample()
     >>> cal = VectorScaling(reg=0.0).fit(z - torch.tensor([2.0, 0.0, 0.0]), y)  # class 0's logit too low by 2
     >>> round(float(cal.bias[0] - cal.bias[1:].mean()), 1)

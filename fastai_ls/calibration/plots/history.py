@@ -26,6 +26,8 @@ def plot_history(source) -> Figure:
         drawn as a band, or as an error bar where only one epoch has one). A `CalibrationState`, one pass, is a
         TypeError: `plot_reliability` draws it.
 
+    Examples
+    --------
     >>> fig = plot_history(cb)  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt

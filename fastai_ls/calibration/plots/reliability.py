@@ -70,6 +70,8 @@ def plot_reliability(
     ci : float
         Level of the per-bin accuracy intervals.
 
+    Examples
+    --------
     >>> fig = plot_reliability(cb, title='LS 0.1')  # or plot_reliability(cb.state, ax=axes[0]) # doctest: +SKIP
     """
     from matplotlib.lines import Line2D

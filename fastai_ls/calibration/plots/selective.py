@@ -44,6 +44,8 @@ def plot_risk_coverage(
     epoch : int
         The callback's epoch (default the last).
 
+    Examples
+    --------
     >>> fig = plot_risk_coverage(cb)  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
@@ -112,6 +114,8 @@ def plot_selective(
     -------
     matplotlib.figure.Figure
 
+    Examples
+    --------
     >>> fig = plot_selective(logits, targets, scores=["msp", "pnorm"])  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt

@@ -57,6 +57,8 @@ def plot_smooth_reliability(
     seed : int, optional
         Seed of the bootstrap.
 
+    Examples
+    --------
     >>> fig = plot_smooth_reliability(cb, title='LS 0.1')  # doctest: +SKIP
     """
     from matplotlib.collections import LineCollection, PolyCollection
