@@ -1,8 +1,11 @@
 """Compare the post-hoc calibrators on real CNN outputs: CIFAR-10 test-set softmax outputs of LeNet-5 and
 WideResNet-16-4 (netcal's example records; see the data folder's README). Prints one table per model.
 
-    python benchmarks/compare_calibrators.py                     # data in ../shared/data next to the repository
-    python benchmarks/compare_calibrators.py --data PATH --folds 5 --seed 0 --methods temperature,dirichlet
+    python benchmarks/compare_calibrators.py --data FOLDER
+    python benchmarks/compare_calibrators.py --data FOLDER --folds 5 --seed 0 --methods temperature,dirichlet
+
+FOLDER holds the two records (`lenet-5-cifar-10.npz`, `wideresnet-16-4-cifar-10.npz`), each with `predictions`
+(10000 x 10 probabilities) and `ground_truth` (10000 class ids).
 
 The logits are the logs of the stored probabilities. `compare_calibrators` splits the 10,000 images into stratified
 folds; each method is fitted on all folds but one and predicts the remaining one, in turn, so every row is scored by
@@ -29,7 +32,6 @@ from fastai_ls.calibration.compare import COLUMNS, compare_on_logits
 from fastai_ls.calibration.report import interval_text
 
 MODELS = {"lenet-5-cifar-10.npz": "LeNet-5", "wideresnet-16-4-cifar-10.npz": "WideResNet-16-4"}
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def load(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +44,7 @@ def load(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding the two .npz records")
+    parser.add_argument("--data", type=Path, required=True, help="folder holding the two .npz records")
     parser.add_argument("--folds", type=int, default=5, help="cross-fitting folds")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
     parser.add_argument("--methods", default=",".join(CALIBRATORS), help="comma-separated method names")

@@ -73,11 +73,12 @@ def _methods(methods) -> dict[str, Calibrator]:
 
 
 def _fitted(template: Calibrator, logits: Tensor, target: Tensor, held: Tensor, fold: int) -> tuple[Calibrator, float]:
-    """A copy of `template` fitted on the rows outside `held`, and the fit's seconds."""
+    """A copy of `template` fitted on the rows outside `held` (by their indices: a calibrator that reads its rows a
+    block at a time holds no copy of them), and the fit's seconds."""
     calibrator = copy.deepcopy(template)
     start = time.perf_counter()
     try:
-        calibrator.fit(logits[~held], target[~held])
+        calibrator.fit(logits, target, rows=(~held).nonzero().squeeze(1))
     except ValueError as e:
         raise ValueError(f"{template.name} on the rows outside fold {fold}: {e}") from None
     return calibrator, time.perf_counter() - start

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from fastai_ls.calibration.calibrators.base import clean_logits
+from fastai_ls.calibration.calibrators.base import clean_logits, row_blocks
 from fastai_ls.calibration.intervals import _one_thread
 from fastai_ls.validation import check_logits
 
@@ -23,6 +23,9 @@ SCORE_NAMES = ("msp", "max_logit", "margin", "energy", "entropy", "doctor", "pno
 NORMALISED = ("pnorm", "pnorm_softmax")
 # The largest finite |logit| scored: differences and sums of C such values stay finite in float64.
 _LARGEST_LOGIT = 1e300
+# Row blocks of this many logits: the float64 temporaries of the scores (2 MB each) stay in the cache through the ~70
+# passes over them, and memory stays bounded whatever N.
+CACHE_BLOCK = 2**18
 
 
 def _check_p(p: float, name: str = "p") -> float:
@@ -53,14 +56,6 @@ def _checked_logits(logits: Tensor) -> Tensor:
         raise ValueError(f"logits hold finite values beyond +-{_LARGEST_LOGIT:g} in {int(huge.sum())} of "
                          f"{len(logits)} rows (first: row {i}), which overflow float64 in the scores")
     return logits
-
-
-def _row_blocks(n: int, n_classes: int) -> Iterator[slice]:
-    """Row ranges of about 2**18 logits: the float64 temporaries of the scores (2 MB each) stay in the cache through
-    the ~70 passes over them, and memory stays bounded whatever N."""
-    step = max(1, 2**18 // n_classes)
-    for start in range(0, n, step):
-        yield slice(start, min(start + step, n))
 
 
 def _block_scores(logits: Tensor, names: Sequence[str], grid: Sequence[float],
@@ -133,7 +128,8 @@ def _block_scores(logits: Tensor, names: Sequence[str], grid: Sequence[float],
 def _scores(logits: Tensor, names: Sequence[str], grid: Sequence[float],
             temperature: float = 1.0) -> dict[tuple[str, float | None], Tensor]:
     """`_block_scores` of checked logits, block by block."""
-    parts = [_block_scores(logits[rows], names, grid, temperature) for rows in _row_blocks(*logits.shape)]
+    blocks = row_blocks(*logits.shape, elements=CACHE_BLOCK)
+    parts = [_block_scores(logits[rows], names, grid, temperature) for rows in blocks]
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
 

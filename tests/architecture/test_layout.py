@@ -1,5 +1,6 @@
 """The package's layers: the math (`fastai_ls/loss/`, `fastai_ls/calibration/`) is torch in, torch out and never
-imports fastai or the layers above it; imports between the package's modules point one way (no cycles)."""
+imports fastai or the layers above it (it shares `validation.py` and `_deprecation.py`, which import neither);
+imports between the package's modules point one way (no cycles)."""
 
 from __future__ import annotations
 

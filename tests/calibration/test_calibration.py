@@ -7,6 +7,8 @@ import copy
 import itertools
 import math
 import pickle
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -350,12 +352,12 @@ def test_a_state_pickled_before_squared_weights_were_counted_loads_with_its_coun
     # Reviewed: a state saved with the layout of nine running sums (a learner exported with the callback before
     # `weight_sq` was added) failed after loading: metrics() with "data must be a float64 vector of length 3190",
     # update() with a RuntimeError.
-    from fastai_ls.calibration.state import _SCALARS
+    from fastai_ls.calibration.counting import SCALAR_NAMES
 
     state = state_of(*random_probs(60, 3, seed=0))
     saved = state.__getstate__()
-    i = _SCALARS.index("weight_sq")
-    assert i == len(_SCALARS) - 1
+    i = SCALAR_NAMES.index("weight_sq")
+    assert i == len(SCALAR_NAMES) - 1
     saved["data"] = torch.cat([saved["data"][:i], saved["data"][i + 1:]])
     saved["_slices"] = {name: slice(part.start - (part.start > i), part.stop - 1) for name, part in
                         saved["_slices"].items()}
@@ -379,3 +381,17 @@ def test_unchecked_half_precision_rows_count_as_the_checked_renormalised_ones(dt
         checked.update(probs, target)
     unchecked.update(probs, target, check=False)
     assert unchecked.metrics() == pytest.approx(checked.metrics(), rel=1e-6, abs=1e-9)
+
+
+def test_a_state_pickled_before_state_py_was_split_loads_with_its_counters_and_metrics():
+    # Made at commit b7d7912, before the state's storage, per-batch sums and estimates moved to counters.py,
+    # counting.py and estimates.py: a 3-class state of 300 rows (5 bins, 20 fine cells) and its metrics().
+    path = Path(__file__).parent / "data" / "pre_split_b7d7912.pkl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the calibrators in the same file name scaling.py
+        saved = pickle.loads(path.read_bytes())
+    state = saved["state"]
+    assert type(state) is CalibrationState
+    assert state.metrics() == saved["metrics"]
+    state.update(torch.tensor([[0.2, 0.3, 0.5]]), torch.tensor([2]))  # and it still counts
+    assert state.metrics()["n"] == saved["metrics"]["n"] + 1

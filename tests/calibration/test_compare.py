@@ -353,16 +353,19 @@ def test_a_method_too_costly_for_the_class_count_is_skipped_with_its_reason():
 
 
 class _Float64Sizes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the element counts of the float64 tensors that each operation returns."""
+    """Records the element counts of the float64 tensors (or, with `dtypes`, of those dtypes) that each operation
+    returns, views of its inputs (`detach`, slices) left out with `new_only`."""
 
-    def __init__(self):
+    def __init__(self, dtypes: tuple[torch.dtype, ...] = (torch.float64,), new_only: bool = False):
         super().__init__()
-        self.sizes = [0]
+        self.sizes, self.dtypes, self.new_only = [0], dtypes, new_only
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)} if self.new_only else ()
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+            if isinstance(t, torch.Tensor) and t.dtype in self.dtypes and t.untyped_storage().data_ptr() not in seen:
                 self.sizes.append(t.numel())
         return out
 
@@ -391,3 +394,17 @@ def test_temperature_and_histogram_comparisons_hold_no_float64_copy_of_the_logit
     assert table["n_unscored"].tolist() == [0, 0, 0]
     # a block's softmax and counters (the state's fine cells: 3 x 1000), never a fold's or all rows' (30,000)
     assert max(sizes.sizes) <= 3 * 1000 + 10 * 100 < logits.numel() // 5
+
+
+def test_temperature_and_histogram_comparisons_copy_no_fold_of_the_logits(monkeypatch):
+    # Reviewed (issue 17): each fit took `logits[~held]`, a copy of 4/5 of the logits (0.64 GB of an 800 MB file),
+    # which put `fastai-ls calibrate --methods temperature,histogram` at 3.05x the file's size. The fits now read
+    # the rows outside the fold by their indices, a block at a time.
+    from fastai_ls.calibration.calibrators import base
+
+    logits, target = over_confident(3000, n_classes=10, seed=2)
+    monkeypatch.setattr(base, "BLOCK_ELEMENTS", 10 * 100)
+    with _Float64Sizes((torch.float32, torch.float64), new_only=True) as sizes:
+        compare_on_logits(logits, target, methods=["temperature", "histogram"], folds=5, ci=None, progress=False)
+    # blocks of rows and the state's counters, never the rows outside a fold (24,000 logits)
+    assert max(sizes.sizes) <= 3 * 1000 + 10 * 100 < logits.numel() * 4 // 5

@@ -1,8 +1,10 @@
 """Post-hoc calibrators (tensors in, tensors out): each is fitted on held-out logits and class ids and maps logits
-to probabilities. `base.py` holds the interface and its input checks, `scaling.py` the softmax-of-rescaled-logits
-family, `isotonic.py` and `binning.py` the non-parametric ones, `toplabel.py` the top-label scheme they share, and
-`folds.py` the stratified folds of cross-fitting. `CALIBRATORS` maps each method's name to its class, in the order
-of `fastai_ls.calibrator_names.CALIBRATOR_NAMES` (which the command reads without importing torch)."""
+to probabilities. `base.py` holds the interface and its input checks; the softmax-of-rescaled-logits family has
+one module per calibrator (`temperature.py`, `vector.py`, `matrix.py` with Dirichlet calibration, `ets.py`) and a
+shared solver and regularisation path (`solver.py`); `isotonic.py` and `binning.py` hold the non-parametric ones,
+`toplabel.py` the top-label scheme they share, and `folds.py` the stratified folds of cross-fitting. `CALIBRATORS`
+maps each method's name to its class, in the order of `fastai_ls.calibrator_names.CALIBRATOR_NAMES` (which the
+command reads without importing torch)."""
 
 from __future__ import annotations
 
@@ -10,15 +12,12 @@ import difflib
 
 from fastai_ls.calibration.calibrators.base import CalibrationWarning, Calibrator
 from fastai_ls.calibration.calibrators.binning import HistogramCurve, TopLabelHistogramBinning
+from fastai_ls.calibration.calibrators.ets import EnsembleTemperatureScaling
 from fastai_ls.calibration.calibrators.folds import stratified_folds
 from fastai_ls.calibration.calibrators.isotonic import IsotonicCalibration, IsotonicCurve, TopLabelIsotonic
-from fastai_ls.calibration.calibrators.scaling import (
-    DirichletCalibration,
-    EnsembleTemperatureScaling,
-    MatrixScaling,
-    TemperatureScaling,
-    VectorScaling,
-)
+from fastai_ls.calibration.calibrators.matrix import DirichletCalibration, MatrixScaling
+from fastai_ls.calibration.calibrators.temperature import TemperatureScaling
+from fastai_ls.calibration.calibrators.vector import VectorScaling
 from fastai_ls.calibrator_names import CALIBRATOR_NAMES
 
 __all__ = ["Calibrator", "CalibrationWarning", "CALIBRATORS", "get_calibrator", "TemperatureScaling",

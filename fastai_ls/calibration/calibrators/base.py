@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from fastai_ls.calibration.calibrators.row_subset import RowSubset, checked_rows
 from fastai_ls.calibration.intervals import _one_thread
 from fastai_ls.validation import check_class_ids, check_int, check_logits, check_number
 
@@ -40,8 +41,8 @@ NEG_INF_GAP = 104.0
 BLOCK_ELEMENTS = 2**20
 
 
-def row_blocks(n: int, n_classes: int) -> list[slice]:
-    """Consecutive row slices covering `n` rows, each of at most `BLOCK_ELEMENTS` logits (one row at least).
+def row_blocks(n: int, n_classes: int, elements: int | None = None) -> list[slice]:
+    """Consecutive row slices covering `n` rows, each of at most `elements` logits (one row at least).
 
     Parameters
     ----------
@@ -49,13 +50,16 @@ def row_blocks(n: int, n_classes: int) -> list[slice]:
         Rows.
     n_classes : int
         Columns per row.
+    elements : int, optional
+        Logits per block; None for `BLOCK_ELEMENTS` (memory-bound passes). Passes that go over each block many
+        times take smaller blocks, so that its float64 temporaries stay in the cache.
 
     Examples
     --------
     >>> row_blocks(5, 2**19)
     [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
     """
-    step = max(1, BLOCK_ELEMENTS // max(n_classes, 1))
+    step = max(1, (BLOCK_ELEMENTS if elements is None else elements) // max(n_classes, 1))
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
@@ -117,11 +121,12 @@ def _call_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def check_fit_input(logits: Tensor, target: Tensor, upcast: bool = True) -> tuple[Tensor, Tensor]:
+def check_fit_input(logits: Tensor, target: Tensor, upcast: bool = True,
+                    rows: Tensor | None = None) -> tuple[Tensor | RowSubset, Tensor]:
     """Clean logits (-inf replaced) and int64 targets on the logits' device, or a ValueError naming the problem
     (the checks of `Calibrator.fit`, listed in the module docstring). The logits come in float64 with `upcast`,
     else in the dtype that calling a calibrator uses (float32, or float64 for float64 logits): the logits
-    themselves (detached, never to be written) when they need no cleaning.
+    themselves (detached, never to be written) when they need no cleaning, or with `rows` a `RowSubset` of them.
 
     Parameters
     ----------
@@ -131,6 +136,9 @@ def check_fit_input(logits: Tensor, target: Tensor, upcast: bool = True) -> tupl
         (N,) class ids.
     upcast : bool
         Return the logits in float64 (a copy of float32 logits; False: checks without a float64 copy).
+    rows : Tensor, optional
+        (M,) indices of the rows to check and return (the targets of those rows; the logits as a `RowSubset`
+        unless `upcast` or cleaning copies them).
     """
     check_logits(logits)
     n, n_classes = logits.shape
@@ -138,28 +146,40 @@ def check_fit_input(logits: Tensor, target: Tensor, upcast: bool = True) -> tupl
     if n < n_classes:
         raise ValueError(f"need at least as many held-out rows as classes to fit a calibrator, got {n} rows for "
                          f"{n_classes} classes")
+    # The ids of every row, so that a bad one is named by its position in `logits` also when fitting on `rows`.
     target = check_class_ids(target.to(logits.device), n, n_classes, rows="logits", column=False,
                              fix="drop ignored rows before fitting")
+    positions = None
+    if rows is not None:
+        positions = rows = checked_rows(rows, n, logits.device)
+        target, n = target[rows], len(rows)
+        if n < n_classes:
+            raise ValueError(f"need at least as many held-out rows as classes to fit a calibrator, got {n} rows "
+                             f"for {n_classes} classes")
+        if upcast:  # the float64 copy of the rows is made anyway
+            logits, rows = logits.detach()[rows], None
     # -inf is replaced in the dtype that calling the calibrator uses (float64 or float32), then the fit runs in
     # float64: the calibrator then sees the same substitute logits when it is fitted and when it is called.
-    z, bad = _clean_in_blocks(logits, _call_dtype(logits))
+    z, bad = _clean_in_blocks(logits if rows is None else RowSubset(logits.detach(), rows), _call_dtype(logits))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
+        first = i if positions is None else int(positions[i])
         raise ValueError(f"logits hold NaN or +inf (or no finite value) in {int(bad.sum())} of {n} rows (first: "
-                         f"row {i}); a calibrator cannot be fitted on them: drop those rows (the loss reports them "
+                         f"row {first}); a calibrator cannot be fitted on them: drop those rows (the loss reports them "
                          "as NaN)")
     return (z.double() if upcast else z), target
 
 
-def _clean_in_blocks(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _clean_in_blocks(logits: Tensor | RowSubset, dtype: torch.dtype) -> tuple[Tensor | RowSubset, Tensor]:
     """`clean_logits` row block by row block (it works row by row: the same values), with temporaries of one
-    block only; the logits themselves, detached, when they are in `dtype` and all finite (nothing to clean)."""
-    logits = logits.detach()
+    block only; the logits themselves (detached, or the `RowSubset`) when they are in `dtype` and all finite
+    (nothing to clean)."""
+    logits = logits.detach() if isinstance(logits, Tensor) else logits
     blocks = row_blocks(*logits.shape)
     if logits.dtype == dtype and all(bool(logits[rows].isfinite().all()) for rows in blocks):
         return logits, torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
     if len(blocks) == 1:
-        return clean_logits(logits, dtype)
+        return clean_logits(logits[blocks[0]], dtype)
     z = torch.empty(logits.shape, dtype=dtype, device=logits.device)
     bad = torch.empty(len(logits), dtype=torch.bool, device=logits.device)
     for rows in blocks:
@@ -183,9 +203,12 @@ class Calibrator:
     """A post-hoc calibrator: `fit(logits, target)` on held-out data, then `calibrator(logits)` gives probabilities.
 
     Subclasses set the class attributes below and implement `_fit(z, y)` (float64 logits, or with
-    `upcasts_in_blocks` the clean logits in their call dtype; int64 ids; both checked and never to be written) and
+    `upcasts_in_blocks` the clean logits in their call dtype, or a `RowSubset` of them, read a block of rows at a
+    time; int64 ids; both checked and never to be written) and
     `_probs(z)` (clean logits in float32 or float64 on the caller's device, a block of rows at a time).
 
+    Examples
+    --------
     >>> from fastai_ls.calibration.calibrators import TemperatureScaling
     >>> _ = torch.manual_seed(0); z = torch.randn(500, 4); y = torch.distributions.Categorical(logits=z).sample()
     >>> probs = TemperatureScaling().fit(3 * z, y)(3 * z)
@@ -212,7 +235,7 @@ class Calibrator:
         """Whether the calibrator can be called."""
         return self.n_classes is not None
 
-    def fit(self, logits: Tensor, target: Tensor) -> Calibrator:
+    def fit(self, logits: Tensor, target: Tensor, rows: Tensor | None = None) -> Calibrator:
         """Fit on held-out (N, C) `logits` and their (N,) class ids `target`; returns the calibrator itself.
 
         Parameters
@@ -221,8 +244,11 @@ class Calibrator:
             (N, C) logits of held-out data (any float dtype and device; fitted in float64).
         target : Tensor
             (N,) integer class ids in [0, C).
+        rows : Tensor, optional
+            (M,) indices of the rows to fit on: the same fit as on `logits[rows]`, `target[rows]`, without copying
+            those rows where the calibrator reads them a block at a time (`upcasts_in_blocks`).
         """
-        z, y = check_fit_input(logits, target, upcast=not self.upcasts_in_blocks)
+        z, y = check_fit_input(logits, target, upcast=not self.upcasts_in_blocks, rows=rows)
         reason = self.skip_reason(*z.shape)
         if reason is not None:
             raise ValueError(f"{self.name}: {reason}")

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators.base import Calibrator, row_blocks
+from fastai_ls.calibration.calibrators.row_subset import RowSubset
 from fastai_ls.validation import check_int
 
 __all__ = ["TopLabelCalibrator", "spread_rest", "MARGIN"]
@@ -108,7 +109,7 @@ class TopLabelCalibrator(Calibrator):
     def _new_curve(self):
         raise NotImplementedError
 
-    def _fit(self, z: Tensor, y: Tensor) -> None:
+    def _fit(self, z: Tensor | RowSubset, y: Tensor) -> None:
         # The curves see (N,) confidences only: the float64 softmax is taken block by block, never of all rows.
         confidence = torch.empty(len(z), dtype=torch.float64, device=z.device)
         predicted = torch.empty(len(z), dtype=torch.long, device=z.device)
