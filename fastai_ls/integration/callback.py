@@ -315,6 +315,8 @@ class CalibrationCallback(DeprecatedViews, AttachAwareCallback):
         epoch : int, default -1
             Index into `states`, the epochs of the last fit (-1: the last).
 
+        Examples
+        --------
         >>> plot_reliability(cb.state_of(0))  # the first epoch's diagram  # doctest: +SKIP
         """
         if not self.states:

@@ -60,6 +60,8 @@ def check_trackers(learn: Learner, ours: set[str], validating: bool) -> None:
         Whether this is the fit fastai runs around `validate()`/`get_preds()`: there, such trackers also sit the
         pass out (fastai's own assert in their `before_fit` would keep `learn.lock` held for good).
 
+    Examples
+    --------
     >>> check_trackers(learn, {"ece"}, validating=False)  # doctest: +SKIP
     """
     problems = _problems(learn, ours)
@@ -81,6 +83,8 @@ def align_trackers(learn: Learner, columns: Iterable[CalibrationMetric]) -> None
     columns : iterable of CalibrationMetric
         The columns of one callback.
 
+    Examples
+    --------
     >>> align_trackers(learn, cb._metrics)  # SaveModelCallback(monitor='ece') keeps the lowest ECE  # doctest: +SKIP
     """
     comps = {column.name: column.comp for column in columns}

@@ -22,6 +22,8 @@ def check_int(value: int, name: str, low: int = 1) -> int:
     low : int
         The smallest value allowed.
 
+    Examples
+    --------
     >>> check_int(3.0, "n_bins")
     Traceback (most recent call last):
     ValueError: n_bins must be an int >= 1, got 3.0
@@ -46,6 +48,8 @@ def check_number(value: float, name: str, low: float = 0.0, strict: bool = False
     strict : bool
         Whether `low` itself is refused.
 
+    Examples
+    --------
     >>> check_number(2, "temperature", strict=True)
     2.0
     """
@@ -65,6 +69,8 @@ def check_ci(ci: float, n_boot: int | None = None) -> None:
     n_boot : int, optional
         A number of bootstrap replicates.
 
+    Examples
+    --------
     >>> check_ci(95)
     Traceback (most recent call last):
     ValueError: ci must be a confidence level strictly between 0 and 1 (e.g. 0.95), got 95
@@ -86,6 +92,8 @@ def check_seed(seed: int | None, allow_none: bool = True) -> int | None:
     allow_none : bool
         Whether None (draw a fresh seed) is allowed.
 
+    Examples
+    --------
     >>> check_seed(-1)
     Traceback (most recent call last):
     ValueError: seed must be an int from 0 to 2**64 - 1 or None, got -1
@@ -109,6 +117,8 @@ def check_interval_grid(n_bins: int, n_fine: int) -> None:
     n_fine : int
         The cells of its fine grid.
 
+    Examples
+    --------
     >>> check_interval_grid(n_bins=2000, n_fine=1000)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ValueError: intervals need at least as many fine cells as bins, got n_fine=1000 < n_bins=2000: pass n_fine >= ...

@@ -22,6 +22,8 @@ def plain(t: Tensor) -> Tensor:
     t : Tensor
         A tensor, of any subclass.
 
+    Examples
+    --------
     >>> type(plain(torch.nn.Parameter(torch.zeros(1)))).__name__
     'Tensor'
     """
@@ -36,6 +38,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     dtype : torch.dtype
         The dtype of the logits.
 
+    Examples
+    --------
     >>> compute_dtype(torch.bfloat16), compute_dtype(torch.float64)
     (torch.float32, torch.float64)
     """
@@ -50,6 +54,8 @@ def upcast(x: Tensor) -> Tensor:
     x : Tensor
         A floating point tensor.
 
+    Examples
+    --------
     >>> upcast(torch.ones(2, dtype=torch.float16)).dtype
     torch.float32
     """
@@ -69,6 +75,8 @@ def check_logits(logits: Tensor, name: str = "logits", min_rows: int = 0) -> Non
     min_rows : int
         The fewest rows allowed.
 
+    Examples
+    --------
     >>> check_logits(torch.zeros(4, 1))
     Traceback (most recent call last):
     ValueError: logits must be (N, C) with C >= 2 classes, got shape (4, 1)
@@ -91,6 +99,8 @@ def is_class_id_dtype(dtype: torch.dtype) -> bool:
     dtype : torch.dtype
         A tensor's dtype.
 
+    Examples
+    --------
     >>> is_class_id_dtype(torch.uint8), is_class_id_dtype(torch.bool), is_class_id_dtype(torch.complex64)
     (True, False, False)
     """
@@ -107,6 +117,8 @@ def checked_ignore_index(ignore_index: int | None) -> int | None:
     ignore_index : int, optional
         A target value that marks rows to skip; a 0-dimensional integer tensor is taken as its value.
 
+    Examples
+    --------
     >>> checked_ignore_index(-100)
     -100
     >>> checked_ignore_index(1.5)

@@ -43,6 +43,8 @@ def get_calibrator(method: str | Calibrator, **options) -> Calibrator:
     **options
         Passed to the calibrator's constructor (e.g. `reg=0.01` for 'matrix').
 
+    Examples
+    --------
     >>> get_calibrator('temperature')
     TemperatureScaling(unfitted)
     """
