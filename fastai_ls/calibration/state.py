@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from fastai_ls._deprecation import warn_renamed
 from fastai_ls.calibration.counters import N_FINE, CounterVector, check_n_bins
 from fastai_ls.calibration.counting import NLL_FLOOR, batch_sums, bin_of, checked_batch
 from fastai_ls.calibration.estimates import (
@@ -220,5 +221,13 @@ class CalibrationState(CounterVector):
         return risk_coverage_curve(fine)
 
     def ece(self, norm: str = "l1") -> float:
-        """Top-label calibration error over the equal-width bins: 'l1' (ECE), 'l2' (RMSCE) or 'max' (MCE)."""
+        """Top-label calibration error over the equal-width bins: 'l1' (ECE) or 'l2' (RMSCE). ('max' still gives
+        the MCE for one release, with a FutureWarning: use `mce()`.)"""
+        if norm == "max":
+            warn_renamed("CalibrationState.ece(norm='max')", "CalibrationState.mce()")
         return state_ece(self, norm)
+
+    def mce(self) -> float:
+        """Top-label maximum calibration error: the largest |accuracy - confidence| of a non-empty equal-width bin
+        (Naeini et al. 2015); NaN with no rows counted."""
+        return state_ece(self, "max")

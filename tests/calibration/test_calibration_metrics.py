@@ -251,3 +251,18 @@ def test_joint_cells_are_exactly_the_rows_counted_per_fine_cell_and_bin(n_bins, 
         assert cells[j, 2] == correct[rows_here].sum()
         assert float(cells[j, 1]) == pytest.approx(conf[rows_here].sum(), abs=1e-9)
     assert len(set(zip(fine_of.tolist(), bin_of.tolist()))) == len(cells)
+
+
+def test_the_mce_has_its_own_name_and_ece_norm_max_still_gives_it_with_a_future_warning():
+    probs, target = torch.tensor([[.25, .20, .55], [.55, .05, .40], [.10, .30, .60], [.90, .05, .05]]), \
+        torch.tensor([0, 1, 2, 0])
+    state = CalibrationState(3, n_bins=3)
+    state.update(probs, target)
+    assert state.mce() == pytest.approx(0.2333, abs=1e-4) == state.metrics()["mce"]
+    with pytest.warns(FutureWarning, match=r"ece\(norm='max'\) is deprecated.*use CalibrationState.mce\(\)"):
+        assert state.ece("max") == state.mce()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # calibration_error keeps torchmetrics' norm='max' without a warning
+        from fastai_ls import calibration_error
+        assert calibration_error(probs, target, n_bins=3, norm="max") == state.mce()
