@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from fastai_ls.loss.backends import fused_family_loss
+from fastai_ls.loss.backends.reference import class_rows_last
 from fastai_ls.loss.checks import (
     check_ids,
     check_input,
@@ -32,7 +34,7 @@ from fastai_ls.loss.checks import (
     check_weight_values,
     weight_in,
 )
-from fastai_ls.loss.formula import class_rows_last, kept_targets, reduce_loss
+from fastai_ls.loss.formula import kept_targets, reduce_loss
 from fastai_ls.loss.modules import LabelSmoothingCrossEntropyFlat
 from fastai_ls.validation import compute_dtype, plain, upcast
 
@@ -137,11 +139,19 @@ def rows_of(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: 
 
 
 def family_loss(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
-                z_loss: float, row_loss: Callable[[Rows], Tensor]) -> Tensor:
+                z_loss: float, row_loss: Callable[[Rows], Tensor], fused: tuple[str, Mapping[str, float]] | None = None
+                ) -> Tensor:
     """Check the common arguments, lay the batch out as `Rows` and reduce `row_loss(rows)`, the (M,) row losses,
-    plus the z-loss z_loss * logsumexp(x)^2 times the row's target mass when `z_loss` is not 0."""
+    plus the z-loss z_loss * logsumexp(x)^2 times the row's target mass when `z_loss` is not 0.
+
+    `fused`, (kind, params), names the same loss in `fused_family_loss`, which computes it with its gradient in one
+    read of each row (the C kernel, Triton or blockwise; the formula with torch operations where those do not
+    apply): it runs instead for integer class-id targets without a z-loss."""
     check_common(reduction, ignore_index)
     z_loss = check_parameter("z_loss", z_loss)
+    if fused is not None and not z_loss and isinstance(target, Tensor) and not target.is_floating_point() \
+            and target.dtype != torch.bool:
+        return fused_family_loss(fused[0], input, target, fused[1], weight, ignore_index, reduction)
     rows = rows_of(input, target, weight, ignore_index)
     loss = row_loss(rows)
     if z_loss:

@@ -66,7 +66,7 @@ def confidence_penalty_loss(
         return beta * (log_p.exp() * log_p.masked_fill(log_p == -math.inf, 0.0)).sum(1)
 
     return family_loss(input, target, weight, reduction, ignore_index, z_loss,
-                       lambda rows: cross_entropy_plus(rows, penalty))
+                       lambda rows: cross_entropy_plus(rows, penalty), ("confidence_penalty", {"beta": beta}))
 
 
 class ConfidencePenaltyLoss(FamilyLoss):

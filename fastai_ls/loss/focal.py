@@ -18,6 +18,8 @@ from fastai_ls.loss.checks import check_eps
 __all__ = ["focal_loss", "FocalLoss", "FocalLossFlat", "adaptive_focal_loss", "AdaptiveFocalLoss",
            "AdaptiveFocalLossFlat", "complement_pow", "modulated_cross_entropy"]
 
+FLSD_53 = (0.2, 5.0, 3.0)  # (threshold, gamma_below, gamma_above) of the fused kernels' adaptive focal loss
+
 
 def complement_pow(log_p: Tensor, gamma: float | Tensor) -> Tensor:
     """(1 - p)^gamma from log p. Where p rounds to 1 the factor is its value 0^gamma with a zero gradient: the
@@ -95,7 +97,8 @@ def focal_loss(
     check_eps(eps)
     factor = (lambda log_p: complement_pow(log_p, gamma)) if gamma else (lambda log_p: None)
     return family_loss(input, target, weight, reduction, ignore_index, z_loss,
-                       lambda rows: modulated_cross_entropy(rows, eps, factor))
+                       lambda rows: modulated_cross_entropy(rows, eps, factor),
+                       None if eps else ("focal", {"gamma": gamma}))
 
 
 def adaptive_focal_loss(
@@ -158,8 +161,10 @@ def adaptive_focal_loss(
         gamma = (log_p.detach() < log_threshold).to(log_p.dtype) * (below - above) + above
         return complement_pow(log_p, gamma)
 
+    flsd_53 = (threshold, below, above) == FLSD_53 and not eps
     return family_loss(input, target, weight, reduction, ignore_index, z_loss,
-                       lambda rows: modulated_cross_entropy(rows, eps, factor))
+                       lambda rows: modulated_cross_entropy(rows, eps, factor),
+                       ("adaptive_focal", {}) if flsd_53 else None)
 
 
 class FocalLoss(FamilyLoss):

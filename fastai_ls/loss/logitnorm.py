@@ -64,7 +64,7 @@ def logitnorm_loss(
         x = rows.x / (tau * (rows.x.norm(dim=1, keepdim=True) + NORM_EPS))
         return rows.cross_entropy(log_softmax_rows(x))
 
-    return family_loss(input, target, weight, reduction, ignore_index, z_loss, row_loss)
+    return family_loss(input, target, weight, reduction, ignore_index, z_loss, row_loss, ("logitnorm", {"tau": tau}))
 
 
 class LogitNormLoss(FamilyLoss):

@@ -66,7 +66,7 @@ def margin_label_smoothing(
         return alpha * (x.amax(1, keepdim=True) - x - margin).relu().mean(1)
 
     return family_loss(input, target, weight, reduction, ignore_index, z_loss,
-                       lambda rows: cross_entropy_plus(rows, penalty))
+                       lambda rows: cross_entropy_plus(rows, penalty), ("margin", {"margin": margin, "alpha": alpha}))
 
 
 class MarginLabelSmoothing(FamilyLoss):

@@ -63,7 +63,7 @@ def maxsup_loss(
         return alpha * (x.amax(1) - x.mean(1))
 
     return family_loss(input, target, weight, reduction, ignore_index, z_loss,
-                       lambda rows: cross_entropy_plus(rows, penalty))
+                       lambda rows: cross_entropy_plus(rows, penalty), ("maxsup", {"alpha": alpha}))
 
 
 class MaxSupLoss(FamilyLoss):

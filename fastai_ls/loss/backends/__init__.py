@@ -54,7 +54,8 @@ def fused_family_loss(kind: str, input: Tensor, target: Tensor, params: Mapping[
     Parameters
     ----------
     kind : str
-        'focal' (-(1 - p_y)^gamma log p_y, without label smoothing), 'adaptive_focal' (FLSD-53: gamma 5 where p_y < 0.2, else 3, not differentiated),
+        'focal' (-(1 - p_y)^gamma log p_y, without label smoothing: `fastai_ls.focal_loss` computes the smoothed
+        form), 'adaptive_focal' (FLSD-53: gamma 5 where p_y < 0.2, else 3, not differentiated),
         'margin' (MbLS: CE + alpha / C sum_k relu(z_max - z_k - margin)), 'maxsup' (CE + alpha (z_max - mean_k z_k)),
         'logitnorm' (CE of z / (tau (||z||_2 + 1e-7))) or 'confidence_penalty' (CE - beta H(p)).
     input : Tensor
@@ -65,7 +66,8 @@ def fused_family_loss(kind: str, input: Tensor, target: Tensor, params: Mapping[
         The loss's parameters, exactly: focal {'gamma'}, adaptive_focal {}, margin {'margin', 'alpha'},
         maxsup {'alpha'}, logitnorm {'tau'}, confidence_penalty {'beta'}.
     weight : Tensor or None, default None
-        Per-class weights (C,): the row's loss is multiplied by w_y, and 'mean' divides by the sum of w_y over the kept rows. Not differentiated.
+        Per-class weights (C,): the row's loss is multiplied by w_y, and 'mean' divides by the sum of w_y over the
+        kept rows. Not differentiated.
     ignore_index : int, default -100
         Rows whose id equals this contribute nothing (loss, divisor, gradient).
     reduction : str, default 'mean'

@@ -81,13 +81,16 @@ def family_rows(x: Tensor, y: Tensor, spec: RowLoss, w: Tensor | None, scale: Te
     w_y = x.new_ones(()) if w is None else w[y]
     true_class = w_y  # subtracted on the true class
     arg_add = None  # added on the first largest logit
+    uniform = None  # subtracted from every class last (MaxSup), so that a one-class row's gradient is exactly 0
     if kind in ("focal", "adaptive_focal"):
         ce = w_y * (log_s - z_y)
         log_p = z_y - log_s
         p_y, q = log_p.exp(), -torch.expm1(log_p)
         gamma = p["gamma"] if kind == "focal" else torch.where(p_y < 0.2, 5.0, 3.0).to(x.dtype)
         f = q ** gamma
-        big_k = ce * gamma * q ** (gamma - 1) * p_y if kind != "focal" or gamma else torch.zeros_like(ce)
+        # K = 0 where p_y rounds to 1 (q = 0, ce = 0): q^(gamma - 1) is infinite there for gamma < 1, the limit 0.
+        big_k = torch.where(q > 0, ce * gamma * q ** (gamma - 1) * p_y, 0.0) if kind != "focal" or gamma \
+            else torch.zeros_like(ce)
         loss = f * ce
         true_class = f * w_y + big_k
         g = true_class[:, None] * prob if grad is not None else None
@@ -100,8 +103,9 @@ def family_rows(x: Tensor, y: Tensor, spec: RowLoss, w: Tensor | None, scale: Te
         arg_add = w_y * (p["alpha"] / n_classes) * active.sum(1)
     elif kind == "maxsup":
         loss = w_y * (log_s - z_y + p["alpha"] * (m - x.mean(1)))
-        g = (w_y * (prob - p["alpha"] / n_classes).T).T if grad is not None else None
+        g = (w_y * prob.T).T if grad is not None else None
         arg_add = w_y * p["alpha"] * x.new_ones(x.shape[0])
+        uniform = arg_add / n_classes
     elif kind == "logitnorm":
         loss = w_y * (log_s - z_y)
         if grad is not None:
@@ -119,6 +123,8 @@ def family_rows(x: Tensor, y: Tensor, spec: RowLoss, w: Tensor | None, scale: Te
         g.scatter_add_(1, yc, -(true_class * x.new_ones(x.shape[0]))[:, None])
         if arg_add is not None:
             g.scatter_add_(1, arg[:, None], arg_add[:, None].to(g.dtype))
+        if uniform is not None:
+            g = g - uniform[:, None].to(g.dtype)
         grad.copy_(g * (scale[:, None] if isinstance(scale, Tensor) and scale.dim() else scale))
     return loss
 

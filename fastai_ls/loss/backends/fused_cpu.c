@@ -313,7 +313,7 @@ static float family_row(const float *restrict x, float *restrict grad, int64_t n
         const double f = gamma > 0.0 ? pow(q, gamma) : 1.0;
         /* d f / d z_c = -gamma q^(gamma - 1) p_y ([c == y] - p_c): with K = ce gamma q^(gamma - 1) p_y,
          * grad_c = (f w_y + K) p_c - (f w_y + K) [c == y]. */
-        const double K = gamma > 0.0 ? ce * gamma * pow(q, gamma - 1.0) * p_y : 0.0;
+        const double K = gamma > 0.0 && q > 0.0 ? ce * gamma * pow(q, gamma - 1.0) * p_y : 0.0; /* q = 0: ce = 0 */
         loss = f * ce;
         a = (f * w_y + K) / s;
         t = f * w_y + K;

@@ -113,7 +113,7 @@ if triton is not None:
             q = tl.maximum(1 - p_y, 0.0)
             gamma = p0 if KIND == 1 else tl.where(p_y < 0.2, 5.0, 3.0)
             f = _power(q, gamma)
-            big_k = tl.where(gamma > 0, ce * gamma * _power(q, gamma - 1) * p_y, 0.0)
+            big_k = tl.where((gamma > 0) & (q > 0), ce * gamma * _power(q, gamma - 1) * p_y, 0.0)
             loss = f * ce
             true_coef = f * w_y + big_k
             a = true_coef / s
