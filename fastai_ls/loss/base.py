@@ -38,7 +38,7 @@ from fastai_ls.loss.formula import kept_targets, reduce_loss
 from fastai_ls.loss.modules import LabelSmoothingCrossEntropyFlat
 from fastai_ls.validation import compute_dtype, plain, upcast
 
-__all__ = ["check_parameter", "check_common", "Rows", "rows_of", "family_loss", "log_softmax_rows",
+__all__ = ["check_parameter", "check_common", "Rows", "rows_of", "family_loss", "runs_fused", "log_softmax_rows",
            "cross_entropy_plus", "FamilyLoss", "FlatFamilyLoss"]
 
 
@@ -149,14 +149,20 @@ def family_loss(input: Tensor, target: Tensor, weight: Tensor | None, reduction:
     apply): it runs instead for integer class-id targets without a z-loss."""
     check_common(reduction, ignore_index)
     z_loss = check_parameter("z_loss", z_loss)
-    if fused is not None and not z_loss and isinstance(target, Tensor) and not target.is_floating_point() \
-            and target.dtype != torch.bool:
+    if runs_fused(fused, target, z_loss):
         return fused_family_loss(fused[0], input, target, fused[1], weight, ignore_index, reduction)
     rows = rows_of(input, target, weight, ignore_index)
     loss = row_loss(rows)
     if z_loss:
         loss = loss + rows.mass * z_loss * rows.x.logsumexp(1).square()
     return rows.reduce(loss, reduction)
+
+
+def runs_fused(fused: tuple[str, Mapping[str, float]] | None, target: Tensor, z_loss: float) -> bool:
+    """Whether `family_loss` runs `fused_family_loss`: the loss has a fused kind, the target is class ids (the
+    fused family takes no probability targets) and there is no z-loss (its kernels have none)."""
+    return fused is not None and not z_loss and isinstance(target, Tensor) and not target.is_floating_point() \
+        and target.dtype != torch.bool
 
 
 def log_softmax_rows(x: Tensor) -> Tensor:
