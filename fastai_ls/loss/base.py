@@ -10,6 +10,10 @@ for cross-entropy) and R a per-row penalty (plus the optional z-loss, lambda log
 w_y (f_y + R), and 'mean' divides by the sum of w_y over the kept rows, as PyTorch's cross-entropy does; for
 probability targets 'mean' divides by the number of rows. A row whose target equals `ignore_index` contributes
 nothing to the loss, the divisor or the gradient.
+
+On class ids without a z-loss, every loss but AdaFocal and the label-smoothed focal losses runs
+`fastai_ls.loss.backends.fused_family_loss` (`family_loss`'s `fused`), which computes the same formula with its
+gradient in one read of each row; the row functions here compute the rest with torch operations.
 """
 
 from __future__ import annotations
