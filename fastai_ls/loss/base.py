@@ -21,12 +21,12 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from fastai_ls.loss.backends import fused_family_loss
+from fastai_ls.loss.backends.family_formulas import Rows
 from fastai_ls.loss.backends.reference import class_rows_last
 from fastai_ls.loss.checks import (
     check_ids,
@@ -38,12 +38,11 @@ from fastai_ls.loss.checks import (
     check_weight_values,
     weight_in,
 )
-from fastai_ls.loss.formula import kept_targets, reduce_loss
+from fastai_ls.loss.formula import kept_targets
 from fastai_ls.loss.modules import LabelSmoothingCrossEntropyFlat
 from fastai_ls.validation import compute_dtype, plain, upcast
 
-__all__ = ["check_parameter", "check_common", "Rows", "rows_of", "family_loss", "runs_fused", "log_softmax_rows",
-           "cross_entropy_plus", "FamilyLoss", "FlatFamilyLoss"]
+__all__ = ["check_parameter", "check_common", "rows_of", "family_loss", "runs_fused", "FamilyLoss", "FlatFamilyLoss"]
 
 
 def check_parameter(name: str, value: float, low: float = 0.0, *, inclusive: bool = True,
@@ -64,57 +63,6 @@ def check_parameter(name: str, value: float, low: float = 0.0, *, inclusive: boo
 def check_common(reduction: str, ignore_index: int) -> None:
     """Raise if `reduction` or `ignore_index` is invalid (the label-smoothing loss's own checks, at eps = 0)."""
     check_options(0.0, reduction, "uniform", ignore_index)
-
-
-@dataclass
-class Rows:
-    """A batch as (M, C) rows, class axis last, ready for a row formula.
-
-    `x`: the logits in their compute dtype (ignored rows zeroed, so that their gradient is exactly 0); `y`: class ids
-    (ignored rows read as 0) or None; `q`: probability targets or None; `w`: class weights in the compute dtype or
-    None; `mass`: sum_c w_c q_c per row (w_y for ids, 1.0 without weights), the factor of the row penalty;
-    `ignored`: the ignored-row mask or None; `divisor`: the 'mean' divisor; `shape`: the shape of a 'none' loss."""
-
-    x: Tensor
-    y: Tensor | None
-    q: Tensor | None
-    w: Tensor | None
-    mass: Tensor | float
-    ignored: Tensor | None
-    divisor: Tensor | float
-    shape: torch.Size
-
-    def target_sum(self, f: Tensor) -> Tensor:
-        """sum_c w_c q_c f_c per row, for a per-class term `f` (M, C)."""
-        if self.q is None:
-            return self.weighted(self.true_class(f))
-        wq = self.q if self.w is None else self.q * self.w
-        return (wq * f).sum(1)
-
-    def smoothed_sum(self, f: Tensor, eps: float) -> Tensor:
-        """sum_c w_c q'_c f_c per row for the smoothed target q' = (1 - eps) q + eps / C."""
-        if not eps:
-            return self.target_sum(f)
-        wf = f.sum(1) if self.w is None else (f * self.w).sum(1)
-        return (1 - eps) * self.target_sum(f) + (eps / f.shape[1]) * wf
-
-    def true_class(self, f: Tensor) -> Tensor:
-        """f_y (M,) of a per-class term (M, C), for class-id targets."""
-        return f.gather(1, self.y[:, None]).squeeze(1)
-
-    def weighted(self, f_y: Tensor) -> Tensor:
-        """w_y f_y per row, for class-id targets."""
-        return f_y if self.w is None else self.w[self.y] * f_y
-
-    def cross_entropy(self, log_p: Tensor) -> Tensor:
-        """-sum_c w_c q_c log p_c per row, from log-probabilities (M, C)."""
-        return -self.target_sum(log_p)
-
-    def reduce(self, loss: Tensor, reduction: str) -> Tensor:
-        """Per-row `loss` with ignored rows zeroed, reduced PyTorch's way."""
-        if self.ignored is not None:
-            loss = loss.masked_fill(self.ignored, 0.0)
-        return reduce_loss(loss, self.divisor, reduction, self.shape)
 
 
 def rows_of(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Rows:
@@ -167,18 +115,6 @@ def runs_fused(fused: tuple[str, Mapping[str, float]] | None, target: Tensor, z_
     fused family takes no probability targets) and there is no z-loss (its kernels have none)."""
     return fused is not None and not z_loss and isinstance(target, Tensor) and not target.is_floating_point() \
         and target.dtype != torch.bool
-
-
-def log_softmax_rows(x: Tensor) -> Tensor:
-    """log p (M, C) of rows of logits: torch's log-softmax, one fused pass each way."""
-    return x.log_softmax(1)
-
-
-def cross_entropy_plus(rows: Rows, penalty: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """Per-row cross-entropy plus the target mass times `penalty(x, log_p)` (M,): the row loss of every
-    "cross-entropy plus a penalty on the logits" member of the family."""
-    log_p = log_softmax_rows(rows.x)
-    return rows.cross_entropy(log_p) + rows.mass * penalty(rows.x, log_p)
 
 
 class FamilyLoss(nn.Module):

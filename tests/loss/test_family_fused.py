@@ -122,6 +122,18 @@ def test_gradcheck_and_second_derivatives(kind, params):
     torch.autograd.gradgradcheck(lambda x: fused_family_loss(kind, x, y, params, w), (x,))
 
 
+@pytest.mark.parametrize("kind, params", CASES, ids=[f"{k}-{p.get('gamma', '')}" for k, p in CASES])
+def test_under_torch_func_and_forward_mode_the_reference_backend_gives_the_papers_derivatives(kind, params):
+    x, y, w = make_case((6, 5), weighted=True, ignored=True, seed=3)
+    x = x.nan_to_num(0.0)
+    fused = lambda x: fused_family_loss(kind, x, y, params, w)  # noqa: E731
+    paper = lambda x: paper_loss(kind, x, y, params, w, "mean")  # noqa: E731
+    torch.testing.assert_close(torch.func.grad(fused)(x), torch.func.grad(paper)(x), rtol=1e-10, atol=1e-10)
+    tangent = torch.randn_like(x)
+    torch.testing.assert_close(torch.func.jvp(fused, (x,), (tangent,)), torch.func.jvp(paper, (x,), (tangent,)),
+                               rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("kind, params", CASES, ids=[f"{k}-{p.get('gamma', '')}" for k, p in CASES])

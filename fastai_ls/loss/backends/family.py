@@ -4,8 +4,8 @@ the entropy), so one read of each logit row gives its loss and gradient.
 
 `fastai_ls.loss.backends.fused_family_loss` is the entry point: it checks the arguments once, chooses a backend
 (the C kernel for float32 CPU logits, Triton for CUDA, else the blockwise backend, which computes the same
-closed-form gradient with torch operations, `family_rows`; the reference one, `family_reference_rows`, under
-`torch.func` transforms and forward-mode AD, and for second derivatives) and runs it.
+closed-form gradient with torch operations, `family_rows`; the reference one, the papers' formulas of
+`family_formulas.py`, under `torch.func` transforms and forward-mode AD, and for second derivatives) and runs it.
 
 Every loss is PyTorch's weighted mean: the row's loss is multiplied by its target's class weight w_y, and 'mean'
 divides by the sum of w_y over the rows not ignored.
@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from fastai_ls.loss.backends.base import RowLoss
+from fastai_ls.loss.backends.family_formulas import LOGITNORM_DELTA
 
-__all__ = ["KINDS", "KIND_CODES", "check_family_params", "family_rows", "family_reference_rows"]
+__all__ = ["KINDS", "KIND_CODES", "check_family_params", "family_rows"]
 
 # The losses and the names of their parameters (`params`), in the order the C kernel takes them (at most 2). The
 # focal losses here have no label smoothing: smoothed, each class has its own focal factor (1 - p_c)^gamma
@@ -30,7 +31,6 @@ KINDS = {"focal": ("gamma",), "adaptive_focal": (), "margin": ("margin", "alpha"
          "logitnorm": ("tau",), "confidence_penalty": ("beta",)}
 # The kernels' codes of the losses (fused_cpu.c's enum, triton_family.py's KIND).
 KIND_CODES = {"focal": 1, "adaptive_focal": 2, "margin": 3, "maxsup": 4, "logitnorm": 5, "confidence_penalty": 6}
-LOGITNORM_DELTA = 1e-7  # Wei et al.'s z / (tau (||z|| + 1e-7))
 
 
 def check_family_params(kind: str, params: Mapping[str, float]) -> dict[str, float]:
@@ -127,28 +127,3 @@ def family_rows(x: Tensor, y: Tensor, spec: RowLoss, w: Tensor | None, scale: Te
             g = g - uniform[:, None].to(g.dtype)
         grad.copy_(g * (scale[:, None] if isinstance(scale, Tensor) and scale.dim() else scale))
     return loss
-
-
-def family_reference_rows(x: Tensor, y: Tensor, spec: RowLoss, w: Tensor | None) -> Tensor:
-    """Per-row losses (weighted by w_y) as the papers write them, with torch operations that autograd differentiates
-    to any order: the reference backend's, for `torch.func` transforms, forward-mode AD and second derivatives."""
-    kind, p = spec.kind, spec.params
-    n_classes = x.shape[1]
-    w_y = x.new_ones(()) if w is None else w[y]
-    if kind == "logitnorm":
-        x = x / (p["tau"] * (torch.linalg.vector_norm(x, dim=1, keepdim=True) + LOGITNORM_DELTA))
-    log_p = x.log_softmax(1)
-    nll = -log_p.gather(1, y[:, None]).squeeze(1)
-    if kind in ("focal", "adaptive_focal"):
-        p_y = (-nll).exp()
-        gamma = p["gamma"] if kind == "focal" else torch.where(p_y.detach() < 0.2, 5.0, 3.0).to(x.dtype)
-        return (1 - p_y) ** gamma * w_y * nll
-    if kind == "margin":
-        m = x.max(1).values
-        return w_y * (nll + p["alpha"] / n_classes * (m[:, None] - x - p["margin"]).relu().sum(1))
-    if kind == "maxsup":
-        return w_y * (nll + p["alpha"] * (x.max(1).values - x.mean(1)))
-    if kind == "logitnorm":
-        return w_y * nll
-    entropy = -torch.where(log_p > float("-inf"), log_p.exp() * log_p, 0.0).sum(1)
-    return w_y * (nll - p["beta"] * entropy)
