@@ -13,7 +13,8 @@ nothing to the loss, the divisor or the gradient.
 
 On class ids without a z-loss, every loss but AdaFocal and the label-smoothed focal losses runs
 `fastai_ls.loss.backends.fused_family_loss` (`family_loss`'s `fused`), which computes the same formula with its
-gradient in one read of each row; the row functions here compute the rest with torch operations.
+gradient in one read of each row; the rest runs the papers' formulas of `backends/family_formulas.py` with torch
+operations (as the reference backend does).
 """
 
 from __future__ import annotations
@@ -93,8 +94,9 @@ def rows_of(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: 
 def family_loss(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
                 z_loss: float, row_loss: Callable[[Rows], Tensor], fused: tuple[str, Mapping[str, float]] | None = None
                 ) -> Tensor:
-    """Check the common arguments, lay the batch out as `Rows` and reduce `row_loss(rows)`, the (M,) row losses,
-    plus the z-loss z_loss * logsumexp(x)^2 times the row's target mass when `z_loss` is not 0.
+    """Check the common arguments, lay the batch out as `Rows` and reduce `row_loss(rows)`, the (M,) row losses
+    (a formula of `family_formulas`), plus the z-loss z_loss * logsumexp(x)^2 times the row's target mass when
+    `z_loss` is not 0.
 
     `fused`, (kind, params), names the same loss in `fused_family_loss`, which computes it with its gradient in one
     read of each row (the C kernel, Triton or blockwise; the formula with torch operations where those do not
