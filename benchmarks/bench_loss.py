@@ -6,7 +6,8 @@
 
 `--family` times the calibration-loss family instead (focal, FLSD-53, MbLS, MaxSup, LogitNorm, the confidence
 penalty, label smoothing with z-loss; default shapes 4096x1000 and 2048x32000): each fused loss against the same
-formula written with torch operations and against `F.cross_entropy`, training and no-grad, interleaved as above.
+formula written with torch operations and against `F.cross_entropy`, training and no-grad, interleaved as above (the
+loss classes, as a fastai Learner calls them: on class ids they run the fused kernels).
 
 Every repetition runs every method in turn, the order rotated each time (so load on a shared machine hits all alike),
 and the median is reported. On the CPU, "fastai_ls, no C kernel" is this package as installed without a C compiler
@@ -58,8 +59,16 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.losses import LabelSmoothingCrossEntropy as FastaiLabelSmoothingCrossEntropy
 from torch import Tensor
 
-from fastai_ls import label_smoothing_cross_entropy
-from fastai_ls.loss.backends import c_kernel, fused_family_loss
+from fastai_ls import (
+    AdaptiveFocalLoss,
+    ConfidencePenaltyLoss,
+    FocalLoss,
+    LogitNormLoss,
+    MarginLabelSmoothing,
+    MaxSupLoss,
+    label_smoothing_cross_entropy,
+)
+from fastai_ls.loss.backends import c_kernel
 
 EPS = 0.1
 SHAPES = [(64, 37), (256, 1000), (4096, 1000), (16384, 1000), (2048, 32000), (512, 128000)]
@@ -384,21 +393,22 @@ def breakdown(n_rows: int, n_classes: int, quick: bool) -> None:
 
 
 FAMILY_SHAPES = [(4096, 1000), (2048, 32000)]
-# name: (fused loss, the same formula with torch operations), each of (logits, ids), mean over the rows
+# name: (the loss class, which runs fused_family_loss on class ids; the same formula with torch operations), each of
+# (logits, ids), mean over the rows
 FAMILY = {
-    "focal gamma=3": (lambda x, y: fused_family_loss("focal", x, y, {"gamma": 3.0, "eps": 0.0}),
+    "focal gamma=3": (FocalLoss(gamma=3.0),
                       lambda x, y: ((1 - (-F.cross_entropy(x, y, reduction="none")).exp()) ** 3
                                     * F.cross_entropy(x, y, reduction="none")).mean()),
-    "FLSD-53": (lambda x, y: fused_family_loss("adaptive_focal", x, y, {"eps": 0.0}),
+    "FLSD-53": (AdaptiveFocalLoss(),
                 lambda x, y: _flsd53(F.cross_entropy(x, y, reduction="none"))),
-    "MbLS m=10 a=0.1": (lambda x, y: fused_family_loss("margin", x, y, {"margin": 10.0, "alpha": 0.1}),
+    "MbLS m=10 a=0.1": (MarginLabelSmoothing(margin=10.0, alpha=0.1),
                         lambda x, y: F.cross_entropy(x, y) + 0.1 * (x.max(1, keepdim=True).values - x - 10.0)
                         .relu().mean(1).mean()),
-    "MaxSup a=0.1": (lambda x, y: fused_family_loss("maxsup", x, y, {"alpha": 0.1}),
+    "MaxSup a=0.1": (MaxSupLoss(alpha=0.1),
                      lambda x, y: F.cross_entropy(x, y) + 0.1 * (x.max(1).values - x.mean(1)).mean()),
-    "LogitNorm tau=0.04": (lambda x, y: fused_family_loss("logitnorm", x, y, {"tau": 0.04}),
+    "LogitNorm tau=0.04": (LogitNormLoss(tau=0.04),
                            lambda x, y: F.cross_entropy(x / (0.04 * (x.norm(dim=1, keepdim=True) + 1e-7)), y)),
-    "conf. penalty b=0.1": (lambda x, y: fused_family_loss("confidence_penalty", x, y, {"beta": 0.1}),
+    "conf. penalty b=0.1": (ConfidencePenaltyLoss(beta=0.1),
                             lambda x, y: F.cross_entropy(x, y) + 0.1 * (x.softmax(1) * x.log_softmax(1)).sum(1)
                             .mean()),
     "LS 0.1 + z-loss 1e-4": (lambda x, y: label_smoothing_cross_entropy(x, y, EPS, z_loss=1e-4),

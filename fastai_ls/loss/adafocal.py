@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastai_ls.loss.backends.family_formulas import complement_pow, modulated_cross_entropy
 from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, check_parameter, family_loss
-from fastai_ls.loss.focal import complement_pow, modulated_cross_entropy
 
 __all__ = ["ada_focal_loss", "ada_focal_update", "equal_mass_bins", "AdaFocalLoss", "AdaFocalLossFlat"]
 

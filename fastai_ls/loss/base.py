@@ -10,18 +10,25 @@ for cross-entropy) and R a per-row penalty (plus the optional z-loss, lambda log
 w_y (f_y + R), and 'mean' divides by the sum of w_y over the kept rows, as PyTorch's cross-entropy does; for
 probability targets 'mean' divides by the number of rows. A row whose target equals `ignore_index` contributes
 nothing to the loss, the divisor or the gradient.
+
+On class ids without a z-loss, every loss but AdaFocal and the label-smoothed focal losses runs
+`fastai_ls.loss.backends.fused_family_loss` (`family_loss`'s `fused`), which computes the same formula with its
+gradient in one read of each row; the rest runs the papers' formulas of `backends/family_formulas.py` with torch
+operations (as the reference backend does).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from fastai_ls.loss.backends import fused_family_loss
+from fastai_ls.loss.backends.family_formulas import Rows
+from fastai_ls.loss.backends.reference import class_rows_last
 from fastai_ls.loss.checks import (
     check_ids,
     check_input,
@@ -32,12 +39,11 @@ from fastai_ls.loss.checks import (
     check_weight_values,
     weight_in,
 )
-from fastai_ls.loss.formula import class_rows_last, kept_targets, reduce_loss
+from fastai_ls.loss.formula import kept_targets
 from fastai_ls.loss.modules import LabelSmoothingCrossEntropyFlat
 from fastai_ls.validation import compute_dtype, plain, upcast
 
-__all__ = ["check_parameter", "check_common", "Rows", "rows_of", "family_loss", "log_softmax_rows",
-           "cross_entropy_plus", "FamilyLoss", "FlatFamilyLoss"]
+__all__ = ["check_parameter", "check_common", "rows_of", "family_loss", "runs_fused", "FamilyLoss", "FlatFamilyLoss"]
 
 
 def check_parameter(name: str, value: float, low: float = 0.0, *, inclusive: bool = True,
@@ -58,57 +64,6 @@ def check_parameter(name: str, value: float, low: float = 0.0, *, inclusive: boo
 def check_common(reduction: str, ignore_index: int) -> None:
     """Raise if `reduction` or `ignore_index` is invalid (the label-smoothing loss's own checks, at eps = 0)."""
     check_options(0.0, reduction, "uniform", ignore_index)
-
-
-@dataclass
-class Rows:
-    """A batch as (M, C) rows, class axis last, ready for a row formula.
-
-    `x`: the logits in their compute dtype (ignored rows zeroed, so that their gradient is exactly 0); `y`: class ids
-    (ignored rows read as 0) or None; `q`: probability targets or None; `w`: class weights in the compute dtype or
-    None; `mass`: sum_c w_c q_c per row (w_y for ids, 1.0 without weights), the factor of the row penalty;
-    `ignored`: the ignored-row mask or None; `divisor`: the 'mean' divisor; `shape`: the shape of a 'none' loss."""
-
-    x: Tensor
-    y: Tensor | None
-    q: Tensor | None
-    w: Tensor | None
-    mass: Tensor | float
-    ignored: Tensor | None
-    divisor: Tensor | float
-    shape: torch.Size
-
-    def target_sum(self, f: Tensor) -> Tensor:
-        """sum_c w_c q_c f_c per row, for a per-class term `f` (M, C)."""
-        if self.q is None:
-            return self.weighted(self.true_class(f))
-        wq = self.q if self.w is None else self.q * self.w
-        return (wq * f).sum(1)
-
-    def smoothed_sum(self, f: Tensor, eps: float) -> Tensor:
-        """sum_c w_c q'_c f_c per row for the smoothed target q' = (1 - eps) q + eps / C."""
-        if not eps:
-            return self.target_sum(f)
-        wf = f.sum(1) if self.w is None else (f * self.w).sum(1)
-        return (1 - eps) * self.target_sum(f) + (eps / f.shape[1]) * wf
-
-    def true_class(self, f: Tensor) -> Tensor:
-        """f_y (M,) of a per-class term (M, C), for class-id targets."""
-        return f.gather(1, self.y[:, None]).squeeze(1)
-
-    def weighted(self, f_y: Tensor) -> Tensor:
-        """w_y f_y per row, for class-id targets."""
-        return f_y if self.w is None else self.w[self.y] * f_y
-
-    def cross_entropy(self, log_p: Tensor) -> Tensor:
-        """-sum_c w_c q_c log p_c per row, from log-probabilities (M, C)."""
-        return -self.target_sum(log_p)
-
-    def reduce(self, loss: Tensor, reduction: str) -> Tensor:
-        """Per-row `loss` with ignored rows zeroed, reduced PyTorch's way."""
-        if self.ignored is not None:
-            loss = loss.masked_fill(self.ignored, 0.0)
-        return reduce_loss(loss, self.divisor, reduction, self.shape)
 
 
 def rows_of(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Rows:
@@ -137,11 +92,19 @@ def rows_of(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: 
 
 
 def family_loss(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
-                z_loss: float, row_loss: Callable[[Rows], Tensor]) -> Tensor:
-    """Check the common arguments, lay the batch out as `Rows` and reduce `row_loss(rows)`, the (M,) row losses,
-    plus the z-loss z_loss * logsumexp(x)^2 times the row's target mass when `z_loss` is not 0."""
+                z_loss: float, row_loss: Callable[[Rows], Tensor], fused: tuple[str, Mapping[str, float]] | None = None
+                ) -> Tensor:
+    """Check the common arguments, lay the batch out as `Rows` and reduce `row_loss(rows)`, the (M,) row losses
+    (a formula of `family_formulas`), plus the z-loss z_loss * logsumexp(x)^2 times the row's target mass when
+    `z_loss` is not 0.
+
+    `fused`, (kind, params), names the same loss in `fused_family_loss`, which computes it with its gradient in one
+    read of each row (the C kernel, Triton or blockwise; the formula with torch operations where those do not
+    apply): it runs instead for integer class-id targets without a z-loss."""
     check_common(reduction, ignore_index)
     z_loss = check_parameter("z_loss", z_loss)
+    if runs_fused(fused, target, z_loss):
+        return fused_family_loss(fused[0], input, target, fused[1], weight, ignore_index, reduction)
     rows = rows_of(input, target, weight, ignore_index)
     loss = row_loss(rows)
     if z_loss:
@@ -149,16 +112,11 @@ def family_loss(input: Tensor, target: Tensor, weight: Tensor | None, reduction:
     return rows.reduce(loss, reduction)
 
 
-def log_softmax_rows(x: Tensor) -> Tensor:
-    """log p (M, C) of rows of logits: torch's log-softmax, one fused pass each way."""
-    return x.log_softmax(1)
-
-
-def cross_entropy_plus(rows: Rows, penalty: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """Per-row cross-entropy plus the target mass times `penalty(x, log_p)` (M,): the row loss of every
-    "cross-entropy plus a penalty on the logits" member of the family."""
-    log_p = log_softmax_rows(rows.x)
-    return rows.cross_entropy(log_p) + rows.mass * penalty(rows.x, log_p)
+def runs_fused(fused: tuple[str, Mapping[str, float]] | None, target: Tensor, z_loss: float) -> bool:
+    """Whether `family_loss` runs `fused_family_loss`: the loss has a fused kind, the target is class ids (the
+    fused family takes no probability targets) and there is no z-loss (its kernels have none)."""
+    return fused is not None and not z_loss and isinstance(target, Tensor) and not target.is_floating_point() \
+        and target.dtype != torch.bool
 
 
 class FamilyLoss(nn.Module):

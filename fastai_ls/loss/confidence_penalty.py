@@ -4,11 +4,10 @@ minus beta times the entropy of the prediction: confident (low-entropy) outputs 
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
-from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, check_parameter, cross_entropy_plus, family_loss
+from fastai_ls.loss.backends.family_formulas import confidence_penalty_rows
+from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, check_parameter, family_loss
 
 __all__ = ["confidence_penalty_loss", "ConfidencePenaltyLoss", "ConfidencePenaltyLossFlat"]
 
@@ -60,13 +59,8 @@ def confidence_penalty_loss(
     1.1452
     """
     beta = check_parameter("beta", beta)
-
-    def penalty(x: Tensor, log_p: Tensor) -> Tensor:
-        # -beta * H(p), with 0 log 0 = 0 for a -inf logit (a masked class): its p is 0, and so is its term.
-        return beta * (log_p.exp() * log_p.masked_fill(log_p == -math.inf, 0.0)).sum(1)
-
     return family_loss(input, target, weight, reduction, ignore_index, z_loss,
-                       lambda rows: cross_entropy_plus(rows, penalty))
+                       lambda rows: confidence_penalty_rows(rows, beta), ("confidence_penalty", {"beta": beta}))
 
 
 class ConfidencePenaltyLoss(FamilyLoss):

@@ -6,38 +6,16 @@ ids -w_y (1 - p_y)^gamma log p_y. 1 - p is computed as -expm1(log p), exact for 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
-import torch
 from torch import Tensor
 
-from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, Rows, check_parameter, family_loss, log_softmax_rows
+from fastai_ls.loss.backends.family_formulas import adaptive_focal_rows, focal_rows
+from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, check_parameter, family_loss
 from fastai_ls.loss.checks import check_eps
 
 __all__ = ["focal_loss", "FocalLoss", "FocalLossFlat", "adaptive_focal_loss", "AdaptiveFocalLoss",
-           "AdaptiveFocalLossFlat", "complement_pow", "modulated_cross_entropy"]
+           "AdaptiveFocalLossFlat"]
 
-
-def complement_pow(log_p: Tensor, gamma: float | Tensor) -> Tensor:
-    """(1 - p)^gamma from log p. Where p rounds to 1 the factor is its value 0^gamma with a zero gradient: the
-    derivative of (1 - p)^gamma is infinite there for gamma < 1, while the focal term's own limit is 0."""
-    base = -log_p.expm1()
-    certain = base <= 0
-    at_certainty = torch.zeros((), dtype=base.dtype, device=base.device).pow(gamma)  # 1 for gamma = 0, else 0
-    return torch.where(certain, at_certainty, base.masked_fill(certain, 1.0).pow(gamma))
-
-
-def modulated_cross_entropy(rows: Rows, eps: float, factor: Callable[[Tensor], Tensor | None]) -> Tensor:
-    """-sum_c w_c q'_c m_c log p_c per row, with q' the target smoothed by `eps` and m = `factor(log_p)` (None: 1).
-    For class ids without smoothing only the true class's term is computed."""
-    log_p = log_softmax_rows(rows.x)
-    if rows.q is None and not eps:
-        log_p = rows.true_class(log_p)
-        m = factor(log_p)
-        return rows.weighted(-log_p if m is None else -m * log_p)
-    m = factor(log_p)
-    return rows.smoothed_sum(-log_p if m is None else -m * log_p, eps)
+FLSD_53 = (0.2, 5.0, 3.0)  # (threshold, gamma_below, gamma_above) of the fused kernels' adaptive focal loss
 
 
 def focal_loss(
@@ -93,9 +71,8 @@ def focal_loss(
     """
     gamma = check_parameter("gamma", gamma)
     check_eps(eps)
-    factor = (lambda log_p: complement_pow(log_p, gamma)) if gamma else (lambda log_p: None)
     return family_loss(input, target, weight, reduction, ignore_index, z_loss,
-                       lambda rows: modulated_cross_entropy(rows, eps, factor))
+                       lambda rows: focal_rows(rows, gamma, eps), None if eps else ("focal", {"gamma": gamma}))
 
 
 def adaptive_focal_loss(
@@ -152,14 +129,10 @@ def adaptive_focal_loss(
     threshold = check_parameter("threshold", threshold, high=1.0)
     below, above = check_parameter("gamma_below", gamma_below), check_parameter("gamma_above", gamma_above)
     check_eps(eps)
-    log_threshold = math.log(threshold) if threshold else -math.inf
-
-    def factor(log_p: Tensor) -> Tensor:
-        gamma = (log_p.detach() < log_threshold).to(log_p.dtype) * (below - above) + above
-        return complement_pow(log_p, gamma)
-
+    flsd_53 = (threshold, below, above) == FLSD_53 and not eps
     return family_loss(input, target, weight, reduction, ignore_index, z_loss,
-                       lambda rows: modulated_cross_entropy(rows, eps, factor))
+                       lambda rows: adaptive_focal_rows(rows, threshold, below, above, eps),
+                       ("adaptive_focal", {}) if flsd_53 else None)
 
 
 class FocalLoss(FamilyLoss):

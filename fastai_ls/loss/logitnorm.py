@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, Rows, check_parameter, family_loss, log_softmax_rows
+from fastai_ls.loss.backends.family_formulas import logitnorm_rows
+from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, check_parameter, family_loss
 
 __all__ = ["logitnorm_loss", "LogitNormLoss", "LogitNormLossFlat"]
-
-NORM_EPS = 1e-7  # the paper's constant, added to the norm so that all-zero logits divide by it, not by 0
 
 
 def logitnorm_loss(
@@ -59,12 +58,8 @@ def logitnorm_loss(
     1.2994
     """
     tau = check_parameter("tau", tau, inclusive=False)
-
-    def row_loss(rows: Rows) -> Tensor:
-        x = rows.x / (tau * (rows.x.norm(dim=1, keepdim=True) + NORM_EPS))
-        return rows.cross_entropy(log_softmax_rows(x))
-
-    return family_loss(input, target, weight, reduction, ignore_index, z_loss, row_loss)
+    return family_loss(input, target, weight, reduction, ignore_index, z_loss, lambda rows: logitnorm_rows(rows, tau),
+                       ("logitnorm", {"tau": tau}))
 
 
 class LogitNormLoss(FamilyLoss):

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, check_parameter, cross_entropy_plus, family_loss
+from fastai_ls.loss.backends.family_formulas import margin_rows
+from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, check_parameter, family_loss
 
 __all__ = ["margin_label_smoothing", "MarginLabelSmoothing", "MarginLabelSmoothingFlat"]
 
@@ -61,12 +62,8 @@ def margin_label_smoothing(
     1.2364
     """
     margin, alpha = check_parameter("margin", margin), check_parameter("alpha", alpha)
-
-    def penalty(x: Tensor, log_p: Tensor) -> Tensor:
-        return alpha * (x.amax(1, keepdim=True) - x - margin).relu().mean(1)
-
     return family_loss(input, target, weight, reduction, ignore_index, z_loss,
-                       lambda rows: cross_entropy_plus(rows, penalty))
+                       lambda rows: margin_rows(rows, margin, alpha), ("margin", {"margin": margin, "alpha": alpha}))
 
 
 class MarginLabelSmoothing(FamilyLoss):

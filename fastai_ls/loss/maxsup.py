@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, check_parameter, cross_entropy_plus, family_loss
+from fastai_ls.loss.backends.family_formulas import maxsup_rows
+from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, check_parameter, family_loss
 
 __all__ = ["maxsup_loss", "MaxSupLoss", "MaxSupLossFlat"]
 
@@ -58,12 +59,8 @@ def maxsup_loss(
     1.3547
     """
     alpha = check_parameter("alpha", alpha)
-
-    def penalty(x: Tensor, log_p: Tensor) -> Tensor:
-        return alpha * (x.amax(1) - x.mean(1))
-
-    return family_loss(input, target, weight, reduction, ignore_index, z_loss,
-                       lambda rows: cross_entropy_plus(rows, penalty))
+    return family_loss(input, target, weight, reduction, ignore_index, z_loss, lambda rows: maxsup_rows(rows, alpha),
+                       ("maxsup", {"alpha": alpha}))
 
 
 class MaxSupLoss(FamilyLoss):

@@ -36,6 +36,7 @@ from fastai_ls import (
     margin_label_smoothing,
     maxsup_loss,
 )
+from fastai_ls.loss import base
 from fastai_ls.loss.adafocal import ada_focal_update, equal_mass_bins
 
 # --- the papers' formulas, one row at a time ------------------------------------------------------------------------
@@ -173,6 +174,67 @@ def test_each_loss_equals_its_formula_and_gradient(name, reduction, weighted, sh
     loss = func(x, y, weight=weight, reduction=reduction)
     expected = reference(terms, x, y, weight, reduction)
     assert_same_value_and_gradient(loss, expected, x)
+
+
+FUSED = [(FocalLoss, dict(gamma=2.0)), (AdaptiveFocalLoss, {}), (MarginLabelSmoothing, dict(margin=1.0, alpha=0.2)),
+         (MaxSupLoss, dict(alpha=0.3)), (LogitNormLoss, dict(tau=0.5)), (ConfidencePenaltyLoss, dict(beta=0.4))]
+
+
+def count_fused_calls(monkeypatch):
+    """A list that grows by one at every call of `fused_family_loss` from the family's functional forms."""
+    calls = []
+    fused = base.fused_family_loss
+    monkeypatch.setattr(base, "fused_family_loss", lambda *args, **kw: calls.append(args[0]) or fused(*args, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("cls, params", FUSED, ids=[cls.__name__ for cls, _ in FUSED])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(6, 5), (3, 4, 2, 3)])
+def test_class_id_targets_run_the_fused_loss_with_the_torch_paths_value_and_gradient(cls, params, reduction, shape,
+                                                                                      monkeypatch):
+    x, y = batch(shape)
+    module = cls(**params, weight=torch.rand(shape[1], dtype=torch.float64) + 0.2)
+    calls = count_fused_calls(monkeypatch)
+    fused = module(x, y, reduction=reduction)
+    assert len(calls) == 1
+    if reduction != "none":
+        assert fused.grad_fn.name() == "FusedLossBackward"
+    monkeypatch.setattr(base, "runs_fused", lambda *args: False)
+    expected = module(x, y, reduction=reduction)
+    assert len(calls) == 1
+    assert_same_value_and_gradient(fused, expected, x)
+
+
+@pytest.mark.parametrize("cls, params", FUSED, ids=[cls.__name__ for cls, _ in FUSED])
+def test_float32_class_id_targets_give_the_torch_paths_value_and_gradient_on_the_fused_path(cls, params,
+                                                                                              monkeypatch):
+    x, y = batch((16, 7))
+    x = x.detach().float().requires_grad_()
+    module = cls(**params)
+    fused = module(x, y)
+    assert fused.grad_fn.name() == "FusedLossBackward"
+    monkeypatch.setattr(base, "runs_fused", lambda *args: False)
+    expected = module(x, y)
+    torch.testing.assert_close(fused, expected)
+    torch.testing.assert_close(*(torch.autograd.grad(loss, x)[0] for loss in (fused, expected)))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: FocalLoss(eps=0.1), lambda: AdaptiveFocalLoss(eps=0.1), lambda: AdaptiveFocalLoss(threshold=0.3),
+    lambda: MaxSupLoss(z_loss=1e-2), lambda: AdaFocalLoss()], ids=["focal-eps", "flsd-eps", "adaptive-threshold",
+                                                                   "z_loss", "adafocal"])
+def test_smoothed_focal_losses_z_losses_and_per_bin_gammas_run_the_torch_path(make, monkeypatch):
+    x, y = batch((6, 5))
+    calls = count_fused_calls(monkeypatch)
+    assert make()(x, y).grad_fn.name() != "FusedLossBackward" and calls == []
+
+
+def test_probability_targets_run_the_torch_path(monkeypatch):
+    x, _ = batch((6, 5))
+    calls = count_fused_calls(monkeypatch)
+    MaxSupLoss()(x, torch.softmax(torch.randn(6, 5, dtype=torch.float64), 1))
+    assert calls == []
 
 
 @pytest.mark.parametrize("name", LOSSES)

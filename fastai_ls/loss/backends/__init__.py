@@ -54,8 +54,8 @@ def fused_family_loss(kind: str, input: Tensor, target: Tensor, params: Mapping[
     Parameters
     ----------
     kind : str
-        'focal' (-(1 - p_y)^gamma log p_y, label-smoothed with eps: (1 - p_y)^gamma times the smoothed
-        cross-entropy), 'adaptive_focal' (FLSD-53: gamma 5 where p_y < 0.2, else 3, not differentiated),
+        'focal' (-(1 - p_y)^gamma log p_y, without label smoothing: `fastai_ls.focal_loss` computes the smoothed
+        form), 'adaptive_focal' (FLSD-53: gamma 5 where p_y < 0.2, else 3, not differentiated),
         'margin' (MbLS: CE + alpha / C sum_k relu(z_max - z_k - margin)), 'maxsup' (CE + alpha (z_max - mean_k z_k)),
         'logitnorm' (CE of z / (tau (||z||_2 + 1e-7))) or 'confidence_penalty' (CE - beta H(p)).
     input : Tensor
@@ -63,11 +63,11 @@ def fused_family_loss(kind: str, input: Tensor, target: Tensor, params: Mapping[
     target : Tensor
         Integer class ids with the input's shape minus the class axis.
     params : Mapping[str, float]
-        The loss's parameters, exactly: focal {'gamma', 'eps'}, adaptive_focal {'eps'}, margin {'margin', 'alpha'},
+        The loss's parameters, exactly: focal {'gamma'}, adaptive_focal {}, margin {'margin', 'alpha'},
         maxsup {'alpha'}, logitnorm {'tau'}, confidence_penalty {'beta'}.
     weight : Tensor or None, default None
-        Per-class weights (C,): the row's loss is multiplied by w_y (the focal losses' smoothing term weighs class
-        c by w_c), and 'mean' divides by the sum of w_y over the kept rows. Not differentiated.
+        Per-class weights (C,): the row's loss is multiplied by w_y, and 'mean' divides by the sum of w_y over the
+        kept rows. Not differentiated.
     ignore_index : int, default -100
         Rows whose id equals this contribute nothing (loss, divisor, gradient).
     reduction : str, default 'mean'

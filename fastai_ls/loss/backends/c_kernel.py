@@ -178,7 +178,7 @@ def loss_and_grad(x: Tensor, t: Tensor, ignore_index: int, w: Tensor | None, eps
         code = _kernel(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,
                        None if w is None else w.data_ptr(), eps, mean, *pointers, z_loss)
     else:
-        params = (ctypes.c_double * 2)(*(spec.params[name] for name in KINDS[spec.kind]))
+        params = (ctypes.c_double * 2)(*(spec.params[name] for name in KINDS[spec.kind]))  # unset slots read 0
         code = _kernel.family(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,
                               None if w is None else w.data_ptr(), KIND_CODES[spec.kind], params, mean, *pointers)
     if code != DONE:

@@ -4,12 +4,11 @@ the entropy), so one read of each logit row gives its loss and gradient.
 
 `fastai_ls.loss.backends.fused_family_loss` is the entry point: it checks the arguments once, chooses a backend
 (the C kernel for float32 CPU logits, Triton for CUDA, else the blockwise backend, which computes the same
-closed-form gradient with torch operations, `family_rows`; the reference one, `family_reference_rows`, under
-`torch.func` transforms and forward-mode AD, and for second derivatives) and runs it.
+closed-form gradient with torch operations, `family_rows`; the reference one, the papers' formulas of
+`family_formulas.py`, under `torch.func` transforms and forward-mode AD, and for second derivatives) and runs it.
 
-Every loss is PyTorch's weighted mean: the row's loss is multiplied by its target's class weight w_y (for the focal
-losses with label smoothing, the smoothed cross-entropy weighs class c by w_c as `label_smoothing_cross_entropy`
-does, and the focal factor multiplies it), and 'mean' divides by the sum of w_y over the rows not ignored.
+Every loss is PyTorch's weighted mean: the row's loss is multiplied by its target's class weight w_y, and 'mean'
+divides by the sum of w_y over the rows not ignored.
 """
 
 from __future__ import annotations
@@ -21,20 +20,22 @@ import torch
 from torch import Tensor
 
 from fastai_ls.loss.backends.base import RowLoss
+from fastai_ls.loss.backends.family_formulas import LOGITNORM_DELTA
 
-__all__ = ["KINDS", "KIND_CODES", "check_family_params", "family_rows", "family_reference_rows"]
+__all__ = ["KINDS", "KIND_CODES", "check_family_params", "family_rows"]
 
-# The losses and the names of their parameters (`params`), in the order the C kernel takes them.
-KINDS = {"focal": ("gamma", "eps"), "adaptive_focal": ("eps",), "margin": ("margin", "alpha"), "maxsup": ("alpha",),
+# The losses and the names of their parameters (`params`), in the order the C kernel takes them (at most 2). The
+# focal losses here have no label smoothing: smoothed, each class has its own focal factor (1 - p_c)^gamma
+# (`fastai_ls.loss.focal`), which the loss classes compute with torch operations.
+KINDS = {"focal": ("gamma",), "adaptive_focal": (), "margin": ("margin", "alpha"), "maxsup": ("alpha",),
          "logitnorm": ("tau",), "confidence_penalty": ("beta",)}
 # The kernels' codes of the losses (fused_cpu.c's enum, triton_family.py's KIND).
 KIND_CODES = {"focal": 1, "adaptive_focal": 2, "margin": 3, "maxsup": 4, "logitnorm": 5, "confidence_penalty": 6}
-LOGITNORM_DELTA = 1e-7  # Wei et al.'s z / (tau (||z|| + 1e-7))
 
 
 def check_family_params(kind: str, params: Mapping[str, float]) -> dict[str, float]:
     """The parameters of loss `kind` as Python floats, after checking them: exactly `KINDS[kind]`, real and finite,
-    gamma, margin, alpha and beta non-negative, tau positive, eps in [0, 1)."""
+    gamma, margin, alpha and beta non-negative, tau positive."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
     if not isinstance(params, Mapping):
@@ -52,8 +53,6 @@ def check_family_params(kind: str, params: Mapping[str, float]) -> dict[str, flo
             raise ValueError(f"{name} must be finite, got {value}")
         if name == "tau" and not value > 0:
             raise ValueError(f"tau must be positive, got {value}")
-        if name == "eps" and not 0 <= value < 1:
-            raise ValueError(f"eps must be in [0, 1), got {value}")
         if name in ("gamma", "margin", "alpha", "beta") and value < 0:
             raise ValueError(f"{name} must be non-negative, got {value}")
         checked[name] = value
@@ -80,26 +79,21 @@ def family_rows(x: Tensor, y: Tensor, spec: RowLoss, w: Tensor | None, scale: Te
     yc = y[:, None]
     z_y = z.gather(1, yc).squeeze(1)
     w_y = x.new_ones(()) if w is None else w[y]
-    smooth = 0.0  # subtracted from every class (times w_c for the focal losses)
     true_class = w_y  # subtracted on the true class
     arg_add = None  # added on the first largest logit
+    uniform = None  # subtracted from every class last (MaxSup), so that a one-class row's gradient is exactly 0
     if kind in ("focal", "adaptive_focal"):
-        eps = p["eps"]
-        w_sum = n_classes if w is None else w.sum()
-        mass = (1 - eps) * w_y + eps / n_classes * w_sum
-        ce = mass * log_s - (1 - eps) * w_y * z_y
-        if eps:
-            ce = ce - eps / n_classes * (z.sum(1) if w is None else (z * w).sum(1))
+        ce = w_y * (log_s - z_y)
         log_p = z_y - log_s
         p_y, q = log_p.exp(), -torch.expm1(log_p)
         gamma = p["gamma"] if kind == "focal" else torch.where(p_y < 0.2, 5.0, 3.0).to(x.dtype)
         f = q ** gamma
-        big_k = ce * gamma * q ** (gamma - 1) * p_y if kind != "focal" or gamma else torch.zeros_like(ce)
+        # K = 0 where p_y rounds to 1 (q = 0, ce = 0): q^(gamma - 1) is infinite there for gamma < 1, the limit 0.
+        big_k = torch.where(q > 0, ce * gamma * q ** (gamma - 1) * p_y, 0.0) if kind != "focal" or gamma \
+            else torch.zeros_like(ce)
         loss = f * ce
-        coef = f * mass + big_k
-        smooth = (f * (eps / n_classes))[:, None] * (1.0 if w is None else w)
-        true_class = f * (1 - eps) * w_y + big_k
-        g = coef[:, None] * prob if grad is not None else None
+        true_class = f * w_y + big_k
+        g = true_class[:, None] * prob if grad is not None else None
     elif kind == "margin":
         below = (m - p["margin"])[:, None]
         active = x < below
@@ -109,8 +103,9 @@ def family_rows(x: Tensor, y: Tensor, spec: RowLoss, w: Tensor | None, scale: Te
         arg_add = w_y * (p["alpha"] / n_classes) * active.sum(1)
     elif kind == "maxsup":
         loss = w_y * (log_s - z_y + p["alpha"] * (m - x.mean(1)))
-        g = (w_y * (prob - p["alpha"] / n_classes).T).T if grad is not None else None
+        g = (w_y * prob.T).T if grad is not None else None
         arg_add = w_y * p["alpha"] * x.new_ones(x.shape[0])
+        uniform = arg_add / n_classes
     elif kind == "logitnorm":
         loss = w_y * (log_s - z_y)
         if grad is not None:
@@ -125,37 +120,10 @@ def family_rows(x: Tensor, y: Tensor, spec: RowLoss, w: Tensor | None, scale: Te
             g = torch.where(prob > 0, prob * (1 + p["beta"] * (z - pz[:, None])), 0.0)
             g = (w_y * g.T).T
     if grad is not None:
-        g = g - smooth
         g.scatter_add_(1, yc, -(true_class * x.new_ones(x.shape[0]))[:, None])
         if arg_add is not None:
             g.scatter_add_(1, arg[:, None], arg_add[:, None].to(g.dtype))
+        if uniform is not None:
+            g = g - uniform[:, None].to(g.dtype)
         grad.copy_(g * (scale[:, None] if isinstance(scale, Tensor) and scale.dim() else scale))
     return loss
-
-
-def family_reference_rows(x: Tensor, y: Tensor, spec: RowLoss, w: Tensor | None) -> Tensor:
-    """Per-row losses (weighted by w_y) as the papers write them, with torch operations that autograd differentiates
-    to any order: the reference backend's, for `torch.func` transforms, forward-mode AD and second derivatives."""
-    kind, p = spec.kind, spec.params
-    n_classes = x.shape[1]
-    w_y = x.new_ones(()) if w is None else w[y]
-    if kind == "logitnorm":
-        x = x / (p["tau"] * (torch.linalg.vector_norm(x, dim=1, keepdim=True) + LOGITNORM_DELTA))
-    log_p = x.log_softmax(1)
-    nll = -log_p.gather(1, y[:, None]).squeeze(1)
-    if kind in ("focal", "adaptive_focal"):
-        eps = p["eps"]
-        q = torch.nn.functional.one_hot(y, n_classes).to(x.dtype) * (1 - eps) + eps / n_classes
-        ce = -((q if w is None else q * w) * torch.where(q > 0, log_p, 0.0)).sum(1)
-        p_y = (-nll).exp()
-        gamma = p["gamma"] if kind == "focal" else torch.where(p_y.detach() < 0.2, 5.0, 3.0).to(x.dtype)
-        return (1 - p_y) ** gamma * ce
-    if kind == "margin":
-        m = x.max(1).values
-        return w_y * (nll + p["alpha"] / n_classes * (m[:, None] - x - p["margin"]).relu().sum(1))
-    if kind == "maxsup":
-        return w_y * (nll + p["alpha"] * (x.max(1).values - x.mean(1)))
-    if kind == "logitnorm":
-        return w_y * nll
-    entropy = -torch.where(log_p > float("-inf"), log_p.exp() * log_p, 0.0).sum(1)
-    return w_y * (nll - p["beta"] * entropy)

@@ -215,14 +215,15 @@ static float row_loss(const float *restrict x, float *restrict grad, int64_t n_c
 }
 
 /* The family's row losses besides label smoothing (kind), with their parameters p[]:
- *   FOCAL               f CE_eps,  f = (1 - p_y)^gamma                            p = {gamma, eps}
- *   ADAPTIVE_FOCAL      the same with gamma = 5 where p_y < 0.2, else 3 (not differentiated)   p = {eps}
+ *   FOCAL               f CE,  f = (1 - p_y)^gamma                                p = {gamma}
+ *   ADAPTIVE_FOCAL      the same with gamma = 5 where p_y < 0.2, else 3 (not differentiated)   p = {}
  *   MARGIN (MbLS)       w_y (CE + alpha / C sum_k relu(max - x_k - margin))      p = {margin, alpha}
  *   MAXSUP              w_y (CE + alpha (max - mean_k x_k))                       p = {alpha}
  *   LOGITNORM           w_y CE(x / (tau (||x||_2 + 1e-7)))                        p = {tau}
  *   CONFIDENCE_PENALTY  w_y (CE - beta H(softmax(x)))                             p = {beta}
- * with CE_eps = sum_c w_c q_c (lse - x_c) the label-smoothed cross-entropy (as row_loss computes it), CE its eps = 0
- * form, and max the row's largest logit (the first one for the gradient, as torch.max). */
+ * with CE = w_y (lse - x_y) the cross-entropy and max the row's largest logit (the first one for the gradient, as
+ * torch.max). The focal losses with label smoothing weigh each class by its own (1 - p_c)^gamma, a form these kernels
+ * do not compute (the loss classes run it with torch operations). */
 enum { LABEL_SMOOTHING = 0, FOCAL = 1, ADAPTIVE_FOCAL = 2, MARGIN = 3, MAXSUP = 4, LOGITNORM = 5,
        CONFIDENCE_PENALTY = 6 };
 
@@ -244,9 +245,7 @@ static inline __attribute__((always_inline)) void family_sums(const float *restr
             if (store)
                 out[c] = e;
             s_part += e;
-            if (kind == FOCAL) /* with weights: sum_c w_c z_c, for the smoothing term (without, MAXSUP's sum) */
-                e_part += w[c] * z;
-            else if (kind == MARGIN) {
+            if (kind == MARGIN) {
                 const float gap = below - x[c];
                 e_part += gap > 0.0f ? gap : 0.0f;
                 n_part += gap > 0.0f ? 1.0f : 0.0f;
@@ -265,7 +264,7 @@ static inline __attribute__((always_inline)) void family_sums(const float *restr
 
 VECTOR_CLONES
 static float family_row(const float *restrict x, float *restrict grad, int64_t n_classes, int64_t y,
-                        const float *restrict w, double w_sum, int kind, const double *p, double scale)
+                        const float *restrict w, int kind, const double *p, double scale)
 {
     float row_max = -INFINITY;
     double sum_sq = 0.0;
@@ -293,12 +292,7 @@ static float family_row(const float *restrict x, float *restrict grad, int64_t n
           : family_sums(x, grad, n_classes, w, row_max, kf, below, KIND, 0, &s, &extra, &n_active))
     switch (kind) {
     case FOCAL:
-    case ADAPTIVE_FOCAL:
-        if (w)
-            FAMILY_SUMS(FOCAL);
-        else /* sum_c z_c: with kf = 1, MaxSup's sum */
-            FAMILY_SUMS(MAXSUP);
-        break;
+    case ADAPTIVE_FOCAL: FAMILY_SUMS(FOCAL); break;
     case MARGIN: FAMILY_SUMS(MARGIN); break;
     case MAXSUP: FAMILY_SUMS(MAXSUP); break;
     case LOGITNORM: FAMILY_SUMS(LOGITNORM); break;
@@ -313,19 +307,16 @@ static float family_row(const float *restrict x, float *restrict grad, int64_t n
     switch (kind) {
     case FOCAL:
     case ADAPTIVE_FOCAL: {
-        const double eps = kind == FOCAL ? p[1] : p[0];
-        const double mass = (1.0 - eps) * w_y + eps / n_classes * w_sum;
-        const double ce = mass * log_s - (1.0 - eps) * w_y * z_y - (eps > 0.0 ? eps / n_classes * extra : 0.0);
+        const double ce = w_y * (log_s - z_y);
         const double log_p = z_y - log_s, p_y = exp(log_p), q = -expm1(log_p); /* q = 1 - p_y, exact near 1 */
         const double gamma = kind == FOCAL ? p[0] : p_y < 0.2 ? 5.0 : 3.0;
         const double f = gamma > 0.0 ? pow(q, gamma) : 1.0;
         /* d f / d z_c = -gamma q^(gamma - 1) p_y ([c == y] - p_c): with K = ce gamma q^(gamma - 1) p_y,
-         * grad_c = (f mass + K) p_c - f w_c q_c - K [c == y]. */
-        const double K = gamma > 0.0 ? ce * gamma * pow(q, gamma - 1.0) * p_y : 0.0;
+         * grad_c = (f w_y + K) p_c - (f w_y + K) [c == y]. */
+        const double K = gamma > 0.0 && q > 0.0 ? ce * gamma * pow(q, gamma - 1.0) * p_y : 0.0; /* q = 0: ce = 0 */
         loss = f * ce;
-        a = (f * mass + K) / s;
-        b = f * eps / n_classes;
-        t = f * (1.0 - eps) * w_y + K;
+        a = (f * w_y + K) / s;
+        t = f * w_y + K;
         break;
     }
     case MARGIN:
@@ -362,15 +353,9 @@ static float family_row(const float *restrict x, float *restrict grad, int64_t n
     if (grad) {
         const float af = (float)(scale * a), bf = (float)(scale * b);
         if (kind == FOCAL || kind == ADAPTIVE_FOCAL) {
-            if (w) {
 #pragma omp simd
-                for (int64_t c = 0; c < n_classes; c++)
-                    grad[c] = af * grad[c] - bf * w[c];
-            } else {
-#pragma omp simd
-                for (int64_t c = 0; c < n_classes; c++)
-                    grad[c] = af * grad[c] - bf;
-            }
+            for (int64_t c = 0; c < n_classes; c++)
+                grad[c] = af * grad[c];
         } else if (kind == MARGIN) {
 #pragma omp simd
             for (int64_t c = 0; c < n_classes; c++)
@@ -462,7 +447,7 @@ static int64_t run_rows(const float *x, int64_t n_rows, int64_t n_classes, int64
         const float *x_row = x + row * x_row_stride;
         row_losses[row] = kind == LABEL_SMOOTHING
                               ? row_loss(x_row, grad_row, n_classes, ids[row], w, w_sum, p[0], p[1], scale)
-                              : family_row(x_row, grad_row, n_classes, ids[row], w, w_sum, kind, p, scale);
+                              : family_row(x_row, grad_row, n_classes, ids[row], w, kind, p, scale);
     }
     /* Added up after the parallel loop, in row order: the same bits whatever the number of threads. */
     double total = 0.0;

@@ -35,7 +35,7 @@ def family_loss_and_grad(x: Tensor, t: Tensor, w: Tensor | None, spec: RowLoss, 
     if n_rows == 0:
         return loss
     x = x if x.stride(1) == 1 else x.contiguous()
-    params = [spec.params[name] for name in KINDS[spec.kind]] + [0.0]
+    params = [spec.params[name] for name in KINDS[spec.kind]] + [0.0, 0.0]
     block = min(MAX_BLOCK, triton.next_power_of_2(n_classes))
     _family_kernel[(n_rows,)](
         x, t, loss if w is None else w, loss, x if grad is None else grad, loss if divisor is None else divisor,
@@ -82,7 +82,6 @@ if triton is not None:
         s = 0.0
         extra = 0.0
         n_active = 0.0
-        w_sum = 0.0
         arg = n_classes
         for start in range(0, n_classes, BLOCK):
             inside = (start + cols < n_classes) & keep
@@ -90,13 +89,6 @@ if triton is not None:
             z = k * (xs - shift)
             e = tl.where(inside, tl.exp(z), 0.0)
             s += tl.sum(e, 0)
-            if KIND <= 2:
-                wz = z
-                if HAS_WEIGHT:
-                    ws = tl.load(w_ptr + start + cols, mask=start + cols < n_classes, other=0.0)
-                    wz = ws * z
-                    w_sum += tl.sum(ws, 0)
-                extra += tl.sum(tl.where(inside, wz, 0.0), 0)
             if KIND == 3:
                 active = inside & (xs < below)
                 extra += tl.sum(tl.where(active, below - xs, 0.0), 0)
@@ -109,27 +101,22 @@ if triton is not None:
                 extra += tl.sum(tl.where(e > 0, e * z, 0.0), 0)
             if (KIND == 3) | (KIND == 4):
                 arg = tl.minimum(arg, tl.min(tl.where(inside & (xs == row_max), start + cols, n_classes), 0))
-        if not HAS_WEIGHT:
-            w_sum = n_classes * 1.0
         log_s = tl.log(s)
         x_y = tl.load(x_row + target, mask=valid, other=0.0).to(tl.float32)
         z_y = k * (x_y - shift)
         w_y = tl.load(w_ptr + target, mask=valid, other=0.0) if HAS_WEIGHT else 1.0
         b = 0.0
         arg_add = 0.0
-        if KIND <= 2:  # focal (gamma p0, eps p1) and FLSD-53 (eps p0)
-            eps = p1 if KIND == 1 else p0
-            mass = (1 - eps) * w_y + eps / n_classes * w_sum
-            ce = mass * log_s - (1 - eps) * w_y * z_y - tl.where(eps > 0, eps / n_classes * extra, 0.0)
+        if KIND <= 2:  # focal (gamma p0) and FLSD-53
+            ce = w_y * (log_s - z_y)
             p_y = tl.exp(z_y - log_s)
             q = tl.maximum(1 - p_y, 0.0)
             gamma = p0 if KIND == 1 else tl.where(p_y < 0.2, 5.0, 3.0)
             f = _power(q, gamma)
-            big_k = tl.where(gamma > 0, ce * gamma * _power(q, gamma - 1) * p_y, 0.0)
+            big_k = tl.where((gamma > 0) & (q > 0), ce * gamma * _power(q, gamma - 1) * p_y, 0.0)
             loss = f * ce
-            a = (f * mass + big_k) / s
-            b = f * eps / n_classes
-            true_coef = f * (1 - eps) * w_y + big_k
+            true_coef = f * w_y + big_k
+            a = true_coef / s
         elif KIND == 3:  # MbLS: margin p0, alpha p1
             loss = w_y * (log_s - z_y + p1 / n_classes * extra)
             a = w_y / s
@@ -169,10 +156,7 @@ if triton is not None:
                 z = k * (xs - shift)
                 e = tl.exp(z)
                 if KIND <= 2:
-                    if HAS_WEIGHT:
-                        g = a * e - b * tl.load(w_ptr + start + cols, mask=inside, other=0.0)
-                    else:
-                        g = a * e - b
+                    g = a * e
                 elif KIND == 3:
                     g = a * e - tl.where(xs < below, b, 0.0)
                 elif KIND == 4:
