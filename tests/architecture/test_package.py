@@ -82,6 +82,7 @@ def test_an_unknown_name_is_an_attribute_error():
         exec("from fastai_ls import pets_lerner", {})
 
 
+@pytest.mark.slow
 def test_a_public_name_imports_fastai_without_its_torch_jit_warning():
     # (`from fastai_ls.integration.callback import CalibrationCallback`, straight from the module, records it four
     # times.)

@@ -70,6 +70,7 @@ def test_the_histogram_bootstrap_has_the_distribution_of_the_row_bootstrap(one_t
         assert ours[name].std() == pytest.approx(rows[name].std(), rel=0.2), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["uniform, over-confident", "skewed, under-confident"])
 def test_95_percent_intervals_cover_the_large_sample_value_in_90_to_99_percent_of_repetitions(case, one_thread):
     truth = state_from(*sample(case, 2_000_000, seed=10**6), classwise=False).metrics()

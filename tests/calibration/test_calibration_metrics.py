@@ -49,6 +49,7 @@ def relplot_smece(conf: np.ndarray, correct: np.ndarray) -> float:
     return float(relplot.smECE(np.r_[conf, conf[edge]], np.r_[correct, correct[edge]].astype(float)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("n", [1_000, 10_000, 100_000])
 def test_smooth_ece_agrees_with_relplot(case, n):

@@ -82,6 +82,7 @@ def draw(plot, states, layout):
     return [fig]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plot, layout", [
     (plot, layout) for plot in (plot_reliability, plot_smooth_reliability, plot_risk_coverage)
     for layout in ("own figure", "side by side", "demo") if not (layout == "demo" and plot is plot_risk_coverage)
@@ -185,6 +186,7 @@ def panel_layout(fig) -> list[tuple[str, str]]:
     return [(ax.get_ylabel(), "bars" if ax.patches else "fill" if ax.collections else "lines") for ax in axes]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("smooth", [False, True])
 def test_the_demo_figure_draws_counts_in_a_panel_below_as_plot_reliability_does(states, smooth):
     # Issue 20: the demo drew counts as an outline on a right-hand axis, cb.plot_reliability() as bars in a panel.

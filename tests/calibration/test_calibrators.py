@@ -180,6 +180,7 @@ def test_nan_or_pos_inf_logits_cannot_be_fitted_on_and_come_out_as_nan_rows(meth
         torch.testing.assert_close(probs[keep], fitted[method](held[:10][keep]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_a_neg_inf_logit_stands_for_the_rows_lowest_logit_minus_104(method, split):
     (logits, target), _ = split
@@ -295,6 +296,7 @@ def grid_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
     return float(grid[nll.argmin()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("known", [3.0, 0.5])
 def test_temperature_scaling_finds_the_nll_minimum_and_recovers_a_known_temperature(known):
     true_logits, target = known_probabilities(2000, 5, seed=5)
@@ -755,6 +757,7 @@ def bisection_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
     return math.exp(-(left + right) / 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("known", [3.0, 0.4])
 def test_temperature_newton_steps_reach_the_bisection_optimum(known):
     true_logits, target = known_probabilities(3000, 20, seed=30)
@@ -846,6 +849,7 @@ def many_class_outputs(n: int, n_classes: int, seed: int) -> tuple[torch.Tensor,
     return logits, target
 
 
+@pytest.mark.slow
 def test_matrix_and_dirichlet_are_never_worse_than_uncalibrated_out_of_fold_at_100_classes():
     """Issue 17: cross-fitted on CIFAR-100 outputs, matrix scaling came out worse than no calibration."""
     from fastai_ls.calibration.compare import compare_on_logits

@@ -107,6 +107,7 @@ def test_the_table_has_the_uncalibrated_model_first_then_one_row_per_method():
     assert table["may_change_prediction"].tolist() == [False, False, False]
 
 
+@pytest.mark.slow
 def test_the_rows_are_the_pooled_out_of_fold_probabilities_of_each_method():
     logits, target = over_confident(500, seed=3)
     table = compare_on_logits(logits, target, methods=["temperature", "vector"], folds=5, seed=7)
@@ -127,6 +128,7 @@ def test_the_rows_are_the_pooled_out_of_fold_probabilities_of_each_method():
         assert len(seconds) == 5
 
 
+@pytest.mark.slow
 def test_the_comparison_is_deterministic_for_a_seed():
     logits, target = over_confident(400, seed=4)
     methods = {"temperature": "temperature", "isotonic": "isotonic", "dirichlet": DirichletCalibration(reg=0.01)}
@@ -179,6 +181,7 @@ def test_bad_input_is_a_clear_error_before_any_fit():
         compare_on_logits(logits.tolist(), target)
 
 
+@pytest.mark.slow
 def test_classes_smaller_than_the_folds_are_warned_about():
     logits, target = over_confident(300, seed=8)
     target[target == 4] = 0
@@ -273,6 +276,7 @@ def test_every_row_is_scored_or_the_table_says_how_many_were_not():
     assert table.loc["nan on odd rows", "n_unscored"] == 150 and table.loc["uncalibrated", "n_unscored"] == 0
 
 
+@pytest.mark.slow
 def test_finite_logits_near_the_float32_limit_give_every_row_a_score():
     """Issue 20.18: temperature with T < 1 and Dirichlet gave NaN rows on finite logits near +-3e38."""
     logits, target = over_confident(400, seed=23, n_classes=4)
@@ -370,6 +374,7 @@ class _Float64Sizes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("methods", [["temperature", "histogram", "isotonic"], ["vector"]])
 def test_the_comparison_in_row_blocks_gives_the_table_of_all_rows_at_once(monkeypatch, methods):
     from fastai_ls.calibration.calibrators import base
@@ -381,6 +386,7 @@ def test_the_comparison_in_row_blocks_gives_the_table_of_all_rows_at_once(monkey
     pd.testing.assert_frame_equal(blocked.drop(columns="fit_s"), whole.drop(columns="fit_s"), rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_temperature_and_histogram_comparisons_hold_no_float64_copy_of_the_logits(monkeypatch):
     # The memory path of `fastai-ls calibrate --methods temperature,histogram` on big files: float64 only a block
     # of rows at a time (the fits upcast block by block, the out-of-fold probabilities are scored block by block).

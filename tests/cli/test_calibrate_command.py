@@ -262,6 +262,7 @@ def test_bad_options_exit_with_status_2(tmp_path, capsys, args, message):
     assert err.startswith(f"fastai-ls calibrate: error: {message}") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_a_bad_file_prints_no_traceback_from_the_installed_command(tmp_path):
     np.savez(tmp_path / "bad.npz", probabilities=np.array([[0.3, 0.3]]), targets=np.array([0]))
     result = subprocess.run([sys.executable, "-m", "fastai_ls", "calibrate", "bad.npz"], capture_output=True,

@@ -36,6 +36,7 @@ def run_cli(args, tmp_path, env=None, launcher=None, stderr=subprocess.PIPE):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_article_prints_the_seed_numbers(tmp_path):
     result = run_cli(["article"], tmp_path)
     assert result.returncode == 0
@@ -43,6 +44,7 @@ def test_article_prints_the_seed_numbers(tmp_path):
         assert value in result.stdout
 
 
+@pytest.mark.slow
 def test_demo_says_what_it_does_then_prints_the_table_and_writes_csv_and_diagrams(tmp_path):
     result = run_cli([*QUICK_DEMO, "--out", "report"], tmp_path)
     assert result.returncode == 0, result.stderr
@@ -104,6 +106,7 @@ def test_demo_says_what_it_does_then_prints_the_table_and_writes_csv_and_diagram
     assert str(tmp_path / "fastai" / "data" / "sklearn_digits") in out[written:first]
 
 
+@pytest.mark.slow
 def test_pets_command_runs_on_an_extracted_tree(tmp_path):
     root = make_pets_like_tree(tmp_path / "pets")
     result = run_cli(["pets", "--path", str(root), "--no-pretrained", "--arch", "resnet18", "--size", "32",
@@ -140,6 +143,7 @@ def non_pets_photos(folder):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, line", [
     (["pets", "--path", "pets", "--no-pretrained"],  # 26 training images, no batch of 64
      "fastai-ls: error: no training batch: the training set has 26 images, fewer than one batch (bs=64), and "
@@ -161,6 +165,7 @@ def test_data_errors_are_one_line_before_any_training(tmp_path, args, line):
     assert not (tmp_path / "fastai" / "data" / "sklearn_digits").exists()  # --out is checked before the data
 
 
+@pytest.mark.slow
 def test_missing_pets_offline_is_one_line_with_no_progress_bar_before_it(tmp_path):
     """fastdownload starts a progress bar (fastprogress prints '\u2588\\r' on stdout) before it opens the URL: an
     offline run printed it in front of the error. The proxy variables make any download fail at once, here and
@@ -202,6 +207,7 @@ def test_bad_option_values_name_the_option_and_what_it_expects(args, message, ca
     assert err.startswith(message) and err.count("\n") == 1 and err.rstrip().endswith("--help)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, status, fragment", [
     (["pets", "--path", "no/such/folder"], 1, "no Pets images"),
     (["pets", "--path", "pets", "--arch", "resnet_typo", "--no-pretrained", "--bs", "8"], 1, "unknown architecture"),
@@ -227,6 +233,7 @@ def test_version(capsys):
     assert capsys.readouterr().out.startswith(f"fastai-ls {fastai_ls.__version__} (fastai ")
 
 
+@pytest.mark.slow
 def test_demo_on_two_cpu_processes_reports_once(tmp_path, torchrun):
     result = run_cli([*QUICK_DEMO, "--out", "report"], tmp_path, launcher=[*torchrun(), "-m"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -371,6 +378,7 @@ def test_the_demo_replaces_an_earlier_report_only_with_force(fake_runs, tmp_path
     assert (tmp_path / "notes.txt").read_text() == "mine\n"  # not a file of the report: never touched
 
 
+@pytest.mark.slow
 def test_quiet_turns_the_training_bars_off(fake_runs, tmp_path, monkeypatch):
     import fastprogress.fastprogress as fastprogress
 

@@ -59,6 +59,7 @@ def training_and_validation_labels(learn):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_items, fraction", [(None, 0.2), (300, 0.4)])
 def test_a_digits_learner_with_label_noise_trains_on_wrong_labels_and_validates_on_clean_ones(
         digits_folder, max_items, fraction):

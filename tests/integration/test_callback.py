@@ -325,6 +325,7 @@ def validating_callback(event: str, order: int) -> Callback:
     return ValidateIn()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", [0, 100])
 @pytest.mark.parametrize("event", ["before_epoch", "before_validate", "after_validate", "after_epoch"])
 def test_history_rows_keep_their_epoch_when_another_callback_validates_inside_the_fit(event, order):
@@ -914,6 +915,7 @@ def overshooting_learner(cb, path) -> Learner:
     return learn
 
 
+@pytest.mark.slow
 def test_save_model_callback_on_ece_reloads_the_best_calibrated_epoch(tmp_path):
     """Issue 12: `SaveModelCallback(monitor='ece')` kept the highest ECE, and so reloaded the worst-calibrated epoch."""
     cb = CalibrationCallback()

@@ -19,7 +19,7 @@ from fastai_ls.calibration import CalibrationState
 
 HERE = Path(__file__).resolve().parents[1]  # tests/, where the worker scripts live
 pytest.importorskip("accelerate")
-pytestmark = [pytest.mark.distributed,
+pytestmark = [pytest.mark.distributed, pytest.mark.slow,
               pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                  reason="torch.distributed with gloo is not available")]
 

@@ -52,6 +52,7 @@ def test_defaults_reproduce_the_classic_example():
                             num_workers=None)
 
 
+@pytest.mark.slow
 def test_untar_data_finds_the_extracted_tree_and_one_epoch_trains(pets_home):
     learn = pets_learner(arch="resnet18", **SMALL)
     # breed names keep their case and their underscores; the .mat decoy is skipped
@@ -79,6 +80,7 @@ def test_grey_palette_and_rgba_files_load_as_rgb(pets_home):
     assert xb.shape[1:] == (3, 32, 32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sub", ["", "images"])
 def test_path_may_name_the_extracted_folder_or_its_images(homes, sub):
     root = make_pets_like_tree(homes / "my_pets")

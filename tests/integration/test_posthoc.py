@@ -218,6 +218,7 @@ def test_fit_temperature_survives_a_neg_inf_logit():
 # --- any calibrator -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dirichlet", "top_label_isotonic"])
 def test_an_applied_calibrator_reaches_get_preds_predict_tta_interpretation_and_the_callback(method):
     bias = torch.tensor([1.0, 0.0, 0.0, -1.0])

@@ -50,6 +50,7 @@ def test_the_kernel_was_built_by_the_install():
         "fastai_ls/loss/backends/fused_cpu.c was not compiled: install a C compiler and reinstall"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(12, 7), (64, 1000), (3, 5000), (4, 5, 3, 2)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weighted", [False, True])
@@ -202,6 +203,7 @@ def cpu_flags() -> set[str]:
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":")[1].split()}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("cc") is None, reason="needs x86-64 and cc")
 @pytest.mark.parametrize("flags", [[], ["-march=x86-64-v3"]], ids=["baseline x86-64", "AVX2"])
 def test_every_instruction_set_build_is_as_precise_as_torch_float32(tmp_path, monkeypatch, kernel_calls, flags):

@@ -50,6 +50,7 @@ def grads(loss: torch.Tensor, x: torch.Tensor, seed: int = 1) -> tuple[torch.Ten
     return torch.autograd.grad(loss, x, g)[0], g
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(12, 7), (4, 5, 3, 2)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weighted", [False, True])
@@ -100,6 +101,7 @@ def test_many_blocks_and_a_ragged_last_block_give_the_same_gradient(monkeypatch,
     torch.testing.assert_close(grads(loss, x)[0], expected_grad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_gradcheck_float64(reduction, weighted):
@@ -152,6 +154,7 @@ def test_backward_accumulates_into_grad_like_torch(dtype):
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
+@pytest.mark.slow
 @ROUTES
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", [(6, 5), (2, 5, 3)])
@@ -386,6 +389,7 @@ print(f"triton kernels match in {n_cases} cases")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not triton_backend.AVAILABLE, reason="triton is not installed")
 def test_triton_kernels_equal_the_cpu_paths_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}

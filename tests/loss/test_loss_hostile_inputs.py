@@ -98,6 +98,7 @@ assert outcomes["raised"], "the ids never changed during a call: the race was no
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not c_kernel.AVAILABLE, reason="the C kernel is not built")
 def test_target_ids_rewritten_by_another_thread_never_crash_the_kernel():
     # Issue 11: the kernel checked every id, then read it again to index x, w and grad: another thread writing
@@ -130,6 +131,7 @@ print(mine[0].message)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not c_kernel.AVAILABLE, reason="the C kernel is not built")
 def test_a_truncated_kernel_file_falls_back_to_torch_with_one_warning(tmp_path):
     # Issue 11: a kernel file that exists but cannot be loaded (truncated, wrong architecture, missing libgomp)
@@ -168,6 +170,7 @@ def run_with_kernel(tmp_path, damage) -> subprocess.CompletedProcess:
                           timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not c_kernel.AVAILABLE, reason="the C kernel is not built")
 def test_a_kernel_whose_code_was_damaged_falls_back_to_torch_with_one_warning(tmp_path):
     # Issue 20: a library whose code (not its headers) was corrupted passed every check, and its first call killed
@@ -184,6 +187,7 @@ def test_a_kernel_whose_code_was_damaged_falls_back_to_torch_with_one_warning(tm
     assert "do not have the SHA-256 recorded" in result.stdout and "torch path" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not c_kernel.AVAILABLE, reason="the C kernel is not built")
 @pytest.mark.parametrize("case, reason", [
     ("folder", "Is a directory"),
@@ -563,6 +567,7 @@ def inf_as_nan(t: torch.Tensor) -> torch.Tensor:
     return t.masked_fill(t.isinf(), NAN)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", list(PATHS))
 @given(problem=problems())
 @settings(max_examples=30, deadline=None)
