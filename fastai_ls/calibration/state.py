@@ -37,10 +37,11 @@ from fastai_ls.calibration.intervals import (
 )
 from fastai_ls.calibration.metrics import binned_errors, max_error, rms_error, top_label_metrics
 from fastai_ls.calibration.risk_coverage import risk_coverage_curve
+from fastai_ls.calibration.scores import NLL_FLOOR, row_scores
 from fastai_ls.validation import upcast
 
 __all__ = ["CalibrationState", "check_n_bins", "METRIC_NAMES", "INTERVAL_NAMES", "INTERVAL_COLUMNS", "NORMS",
-           "CLASSWISE_MAX_CLASSES", "N_FINE", "NLL_FLOOR"]
+           "CLASSWISE_MAX_CLASSES", "N_FINE"]
 
 NORMS = ("l1", "l2", "max")
 # The metrics a state reports, in the order of `CalibrationCallback.history`'s columns (after `epoch`).
@@ -61,12 +62,6 @@ CLASSWISE_MAX_CLASSES = 1000
 _LOGITS_HINT = "for logits pass `activation=lambda z: z.softmax(1)` (or `logits.softmax(1)`)"
 # The fine grid's cells by default: a resolution of 0.001 in confidence.
 N_FINE = 1000
-# A true-class probability below this (float32's smallest normal number, 1.2e-38) counts as this in the NLL: at most
-# -log(NLL_FLOOR) = 87.3 nats per row, also for float64 probabilities. Capped at float64's own floor (708 nats) the
-# same predictions scored in float64 got another NLL than in float32, and a calibrator that gives some rows a 0
-# ranked differently: on the CIFAR-10 WideResNet records, isotonic regression's cross-fitted NLL was 0.347 from
-# float32 logits and 1.092 from the same logits in float64.
-NLL_FLOOR = float(torch.finfo(torch.float32).tiny)
 
 
 def check_n_bins(n_bins: int, name: str = "n_bins") -> int:
@@ -353,15 +348,13 @@ class CalibrationState:
             invalid, bad_target, counted = listed & ~finite, listed & ~in_range, listed & finite & in_range
         keep = counted.to(f64) if weight is None else weight.to(dev, f64) * counted  # each row's weight below
         p = torch.where(finite[:, None], probs, 0.0)  # 0 * NaN would still be NaN
-        y = torch.where(in_range, target, 0)[:, None]
+        y = torch.where(in_range, target, 0)
 
-        conf, hit = p.amax(1), p.argmax(1) == y[:, 0]  # not `max(1)`: its CPU kernel goes multi-threaded on tiny input
-        p_y = p.gather(1, y).squeeze(1)
         # Probabilities do not carry the logits' range: the NLL of a true-class probability that underflowed to 0 is
         # capped (NLL_FLOOR), at the same 87.3 nats in every dtype.
-        nll = -p_y.clamp_min(NLL_FLOOR).log()
-        brier = (p * p).sum(1) - 2 * p_y + 1
-        per_row = torch.stack([torch.ones_like(conf), conf, hit.to(conf.dtype), nll, brier], 1).to(f64)
+        scores = row_scores(p, y)
+        conf = scores["confidence"]
+        per_row = torch.stack([torch.ones_like(conf), *scores.values()], 1).to(f64)
         flags = torch.stack([invalid, bad_target], 1).to(f64)
         if weight is not None:
             flags = flags * weight.to(dev, f64)[:, None]
@@ -384,7 +377,7 @@ class CalibrationState:
             self.scalars.add_(scalars)
             top.index_add_(0, cells.reshape(-1), counters.repeat_interleave(2, 0))
             if self.classwise:
-                self._add_class_bins(p64, class_cells, y, keep)
+                self._add_class_bins(p64, class_cells, y[:, None], keep)
 
     def _class_cells(self, p: Tensor) -> tuple[Tensor, Tensor]:
         """Each p_ik in float64 and the index of its class bin in the flattened (C * M) class bins, (rows, C) both."""

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["Predictions", "read_predictions", "check_csv_path", "check_folds", "quiet_bars", "comparison_text",
-           "best_method", "calibrate"]
+           "calibrate"]
 
 WIDTH = 110  # explanatory lines are wrapped to this many characters
 # The columns of a comparison table shown on the console, with their headers.
@@ -438,35 +438,6 @@ def _say(text: str, width: int = WIDTH, file=None) -> None:
     print(textwrap.fill(text, width, subsequent_indent="  " if text.startswith("warning:") else ""), file=file)
 
 
-def best_method(table: pd.DataFrame, tolerance: float = 1e-4) -> str:
-    """The row of a `compare_calibrators` table with the lowest cross-fitted NLL, 'uncalibrated' included; of rows
-    within `tolerance` of it, the first (the simpler method, in `CALIBRATORS` order: ensemble temperature scaling
-    that puts all its weight on one temperature is temperature scaling).
-
-    NLL is a proper scoring rule: it cannot be lowered by predicting anything but the probabilities one believes,
-    whereas ECE alone can (predicting every row's confidence as the overall accuracy gives ECE 0).
-
-    Parameters
-    ----------
-    table : pandas.DataFrame
-        A `compare_calibrators` table.
-    tolerance : float
-        NLL differences (nats per row) smaller than this count as ties.
-
-    Returns
-    -------
-    str
-
-    Examples
-    --------
-    >>> nll = pd.DataFrame({"nll": [0.3, 0.20004, 0.2]}, index=["uncalibrated", "temperature", "ets"])
-    >>> best_method(nll), best_method(nll, tolerance=0)
-    ('temperature', 'ets')
-    """
-    nll = table["nll"]
-    return str(nll.index[nll <= nll.min() + tolerance][0])
-
-
 def comparison_text(table: pd.DataFrame, digits: int = 4, shown: tuple[str, ...] = tuple(SHOWN)) -> str:
     """A `compare_calibrators` table as console text: one row per method, `estimate [lower, upper]` per metric,
     whether the method may change the predicted class, and the mean seconds of one fit.
@@ -553,14 +524,16 @@ def calibrate(
     sys.stdout.flush()
     import torch
 
+    from fastai_ls.calibration.best_calibrator import best_method
     from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, TemperatureScaling
+    from fastai_ls.calibration.calibrators.base import calibration_messages
     from fastai_ls.calibration.compare import compare_calibrators
-    from fastai_ls.calibration.state import NLL_FLOOR
+    from fastai_ls.calibration.scores import target_nll
 
     logits, targets = torch.from_numpy(predictions.logits), torch.from_numpy(predictions.targets)
     if predictions.target_zeros:
         p_y = TemperatureScaling(1.0)(logits)[torch.arange(n), targets]
-        counted = float((-p_y.clamp_min(NLL_FLOOR).log()).max())  # as CalibrationState does
+        counted = float(target_nll(p_y).max())  # as CalibrationState does
         k = predictions.target_zeros
         rows = f"{k} rows give their" if k > 1 else "1 row gives its"
         _say(f"{rows} target probability 0, an infinite NLL: the 'uncalibrated' row counts {counted:.1f} nats for "
@@ -579,11 +552,19 @@ def calibrate(
     best = best_method(table)
     _say(f"lowest NLL: {best}" + (" (no method beats the model's own probabilities)" if best == "uncalibrated"
                                   else ""))
-    for w in caught:
-        if issubclass(w.category, CalibrationWarning):
-            _say(f"warning: {w.message}", WIDTH, file=sys.stderr)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    for message in calibration_messages(caught):
+        _say(f"warning: {message}", WIDTH, file=sys.stderr)
     if out is not None:
         print(f"wrote {out}")
     return table
+
+
+def __getattr__(name: str):
+    """`best_method`, which moved to `fastai_ls.calibration.best_calibrator`, with a FutureWarning (one release)."""
+    if name == "best_method":
+        from fastai_ls._deprecation import warn_renamed
+        from fastai_ls.calibration.best_calibrator import best_method
+
+        warn_renamed("fastai_ls.cli.calibrate.best_method", "fastai_ls.calibration.best_calibrator.best_method")
+        return best_method
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,10 +26,11 @@ from torch import nn
 
 import fastai_ls.calibration.compare
 from fastai_ls import LabelSmoothingCrossEntropy, save_predictions
+from fastai_ls.calibration.best_calibrator import best_method
 from fastai_ls.calibration.calibrators import CALIBRATORS
 from fastai_ls.calibration.compare import compare_calibrators
 from fastai_ls.cli import main
-from fastai_ls.cli.calibrate import best_method, read_predictions
+from fastai_ls.cli.calibrate import read_predictions
 from fastai_ls.cli.main import METHODS
 from fastai_ls.integration.posthoc import holdout_logits
 
