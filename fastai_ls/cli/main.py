@@ -92,12 +92,24 @@ def _article(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from fastai_ls.cli.demo import compare
+    if args.losses is None and args.seeds is not None:
+        raise ValueError("--seeds is for --losses (the two-model demo trains from --seed alone): add --losses ce,ls")
+    if args.losses is not None and args.eps is not None:
+        raise ValueError("--eps sets the second model of the two-model demo; with --losses, 'ls' is label smoothing "
+                         "0.1: leave --eps out")
     from fastai_ls.digits import digits_learner
 
     make = partial(digits_learner, bs=args.bs, max_items=args.max_items, seed=args.seed, label_noise=args.label_noise)
-    compare(make, runs(args.eps, baseline=True), epochs=args.epochs, out=args.out, seed=args.seed,
-            methods=args.methods, folds=args.folds, force=args.force, quiet=args.quiet)
+    if args.losses is not None:
+        from fastai_ls.cli.losses import demo_losses
+
+        demo_losses(make, args.losses, args.seeds or 1, epochs=args.epochs, out=args.out, seed=args.seed,
+                    methods=args.methods, folds=args.folds, force=args.force, quiet=args.quiet)
+        return
+    from fastai_ls.cli.demo import compare
+
+    compare(make, runs(0.1 if args.eps is None else args.eps, baseline=True), epochs=args.epochs, out=args.out,
+            seed=args.seed, methods=args.methods, folds=args.folds, force=args.force, quiet=args.quiet)
 
 
 def _pets(args: argparse.Namespace) -> None:
@@ -186,6 +198,15 @@ def _methods(text: str) -> list[str]:
     if not names or len(set(names)) < len(names):
         raise argparse.ArgumentTypeError(f"expected distinct comma-separated method names, got {text!r}")
     return names
+
+
+def _losses(text: str) -> list[str]:
+    from fastai_ls.integration.loss_registry import check_loss_names
+
+    try:
+        return check_loss_names([name.strip() for name in text.split(",") if name.strip()])
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _calibration_options(parser: argparse.ArgumentParser) -> None:
@@ -279,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "post-hoc calibrators for each by cross-fitting on the validation set, and write the tables "
                     "(calibration.csv, calibrators.csv) and reliability diagrams (PNG) into --out.")
     demo.add_argument("--epochs", type=_positive_int, default=10, help="fit_one_cycle epochs per model (default 10)")
-    demo.add_argument("--eps", type=_eps, default=0.1, help="label smoothing of the second model (default 0.1)")
+    demo.add_argument("--eps", type=_eps, default=None, help="label smoothing of the second model (default 0.1)")
     demo.add_argument("--bs", type=_positive_int, default=64, help="batch size (default 64)")
     demo.add_argument("--seed", type=_seed, default=42,
                       help="seed of the split, the label noise, both trainings and the folds (default 42)")
@@ -289,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--label-noise", type=_eps, default=0.0, metavar="FRACTION",
                       help="replace this share of the training labels by a random wrong digit (seeded); the "
                            "validation labels stay clean (default 0)")
+    demo.add_argument("--losses", type=_losses, default=None, metavar="L1,L2",
+                      help="compare these training losses instead (ce, ls, focal, flsd53, mbls, maxsup, logitnorm), "
+                           "each trained from every seed of --seeds on the same splits, as trained and after its best "
+                           "calibrator, with paired differences from ce; writes losses.csv and losses_per_seed.csv")
+    demo.add_argument("--seeds", type=_positive_int, default=None,
+                      help="with --losses: train each loss from this many seeds, --seed, --seed + 1, ... (default 1)")
     _calibration_options(demo)
     demo.add_argument("--out", type=_path, default="fastai_ls_out", help="output folder (default ./fastai_ls_out)")
     _output_options(demo, "replace the files of an earlier report in --out (default: refused, before any training)")

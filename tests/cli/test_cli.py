@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 import fastai_ls
+from fastai_ls.calibration.best_calibrator import best_method
 from fastai_ls.cli import main
-from fastai_ls.cli.calibrate import best_method
 from fastai_ls.cli.demo import METRICS
 from fastai_ls.cli.main import METHODS
 from fastai_ls.pets import make_pets_like_tree, pets_learner
@@ -296,7 +296,7 @@ def test_help_never_breaks_a_method_name_or_an_option_across_lines(command, monk
             assert option.rstrip("-") in {"--help", "--methods", "--folds", "--force", "--quiet", "--out", "--seed",
                                           "--epochs", "--eps", "--bs", "--max-items", "--label-noise", "--path",
                                           "--arch", "--no-pretrained", "--presize", "--size", "--num-workers",
-                                          "--baseline"}, (columns, option)
+                                          "--baseline", "--losses", "--seeds"}, (columns, option)
 
 
 @pytest.fixture
