@@ -111,8 +111,10 @@ def paired_difference(first: Tensor, second: Tensor, ci: float = 0.95) -> tuple[
 
     Parameters
     ----------
-    first, second : Tensor
-        (N,) per-row scores of two models on the same rows, in the same order.
+    first : Tensor
+        (N,) per-row scores of one model (the one subtracted).
+    second : Tensor
+        (N,) per-row scores of the other model on the same rows, in the same order.
     ci : float, default 0.95
         Confidence level.
 
@@ -125,7 +127,7 @@ def paired_difference(first: Tensor, second: Tensor, ci: float = 0.95) -> tuple[
     --------
     >>> a, b = torch.tensor([0.2, 0.4, 0.3, 0.5]), torch.tensor([0.3, 0.5, 0.3, 0.7])
     >>> [round(v, 4) for v in paired_difference(a, b)]
-    [0.1, 0.0202, 0.1798]
+    [0.1, 0.02, 0.18]
     """
     if first.shape != second.shape or first.dim() != 1:
         raise ValueError(f"paired scores must be two (N,) tensors of the same rows, got {tuple(first.shape)} and "
