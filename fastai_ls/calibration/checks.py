@@ -184,6 +184,8 @@ def check_class_ids(target: Tensor, n_classes: int, ignore_index: int | None = N
     ignore_index : int, optional
         A target value that marks rows to skip; it need not be a class id.
 
+    Examples
+    --------
     >>> check_class_ids(torch.tensor([0, 3]), 3)
     Traceback (most recent call last):
     ValueError: 1 targets are not class ids in [0, 3) (e.g. 3)

@@ -108,6 +108,8 @@ def cross_fit(method: str | Calibrator, logits: Tensor, target: Tensor, fold_of:
     fold_of : Tensor
         (N,) fold id of each row, e.g. from `stratified_folds`.
 
+    Examples
+    --------
     >>> _ = torch.manual_seed(0); z = torch.randn(300, 3); y = torch.distributions.Categorical(logits=z).sample()
     >>> probs, seconds = cross_fit("temperature", 2 * z, y, stratified_folds(y, 3))
     >>> probs.shape, len(seconds)
@@ -245,6 +247,8 @@ def compare_calibrators(
         Show a progress bar (fastprogress, as fastai's) over the fits, methods x folds, in a notebook or a
         terminal (not into a pipe or a file).
 
+    Examples
+    --------
     >>> _ = torch.manual_seed(0); z = torch.randn(600, 3); y = torch.distributions.Categorical(logits=z).sample()
     >>> table = compare_calibrators(3 * z, y, methods=["temperature"], folds=3, progress=False)
     >>> list(table.index), bool(table.loc["temperature", "ece"] < table.loc["uncalibrated", "ece"])

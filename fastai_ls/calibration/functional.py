@@ -72,6 +72,8 @@ def calibration_metrics(
     ignore_index : int, optional
         Rows whose target equals this are skipped.
 
+    Examples
+    --------
     >>> calibration_metrics(torch.tensor([[.9, .1], [.2, .8]]), torch.tensor([0, 0]))['accuracy']
     0.5
     """
@@ -110,6 +112,8 @@ def calibration_error(
     ignore_index : int, optional
         Rows whose target equals this are skipped.
 
+    Examples
+    --------
     >>> probs = torch.tensor([[.25, .20, .55], [.55, .05, .40], [.10, .30, .60], [.90, .05, .05]])
     >>> round(calibration_error(probs, torch.tensor([0, 1, 2, 0]), n_bins=3, norm='max'), 4)
     0.2333

@@ -63,6 +63,8 @@ def check_seed(seed: int | None, allow_none: bool = True) -> int | None:
     allow_none : bool
         Whether None (draw a fresh seed) is allowed.
 
+    Examples
+    --------
     >>> check_seed(-1)
     Traceback (most recent call last):
     ValueError: seed must be an int from 0 to 2**64 - 1 or None, got -1
@@ -83,6 +85,8 @@ def check_interval_grid(n_bins: int, n_fine: int) -> None:
     n_bins, n_fine : int
         The equal-width bins and the fine cells of a `CalibrationState`.
 
+    Examples
+    --------
     >>> check_interval_grid(n_bins=2000, n_fine=1000)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ValueError: intervals need at least as many fine cells as bins, got n_fine=1000 < n_bins=2000: pass n_fine >= ...
@@ -110,6 +114,8 @@ def joint_cells(bins: Tensor, fine: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     fine : Tensor
         `(K, 3)` the same counters on the fine grid.
 
+    Examples
+    --------
     >>> bins = torch.tensor([[1., .2, 0.], [2., 1.5, 2.]])  # bins (0, 1/2] and (1/2, 1]
     >>> fine = torch.tensor([[1., .2, 0.], [1., .6, 1.], [1., .9, 1.]])  # cells of 1/3: the middle one is split
     >>> cells, fine_of, bin_of = joint_cells(bins, fine)
@@ -282,6 +288,8 @@ def bootstrap_metrics(bins: Tensor, fine: Tensor, n_boot: int = 1000, seed: int 
     bins, fine, n_boot, seed
         As for `bootstrap_histograms`.
 
+    Examples
+    --------
     >>> bins, fine = torch.tensor([[10., 8., 7.]]), torch.tensor([[10., 8., 7.]])
     >>> bootstrap_metrics(bins, fine, n_boot=500)['accuracy'].shape
     torch.Size([500])
@@ -327,6 +335,8 @@ def normal_interval(mean: float, standard_error: float, ci: float, low: float = 
     low, high : float
         The range of the metric (default: unbounded).
 
+    Examples
+    --------
     >>> [round(v, 3) for v in normal_interval(1.0, 0.1, 0.95)]
     [0.804, 1.196]
     >>> [round(v, 3) for v in normal_interval(0.1, 0.1, 0.95, low=0.0)]
@@ -348,6 +358,8 @@ def wilson_interval(correct: Tensor, count: Tensor, ci: float) -> tuple[Tensor, 
     ci : float
         The confidence level.
 
+    Examples
+    --------
     >>> [round(float(v), 3) for v in wilson_interval(torch.tensor([0.]), torch.tensor([5.]), 0.95)]
     [0.0, 0.434]
     """

@@ -43,6 +43,8 @@ def top_label_metrics(bins: Tensor, fine: Tensor, cells: Tensor | None = None,
     n_cells : int, optional
         K, the size of the fine grid, when `fine` holds only some cells.
 
+    Examples
+    --------
     >>> bins, fine = torch.tensor([[2., 1.5, 1.]]), torch.tensor([[0., 0., 0.], [2., 1.5, 1.]])
     >>> {k: round(float(v), 3) for k, v in top_label_metrics(bins, fine).items() if k in ('accuracy', 'ece')}
     {'accuracy': 0.5, 'ece': 0.25}
@@ -116,6 +118,8 @@ def debiased_rms_error(bins: Tensor) -> Tensor:
     bins : Tensor
         `(..., M, 3)` float64 counters per bin: count, sum of confidence, number correct.
 
+    Examples
+    --------
     >>> float(debiased_rms_error(torch.tensor([[100., 70., 70.], [100., 90., 90.]])))  # calibrated bins
     0.0
     """
@@ -159,6 +163,8 @@ def ks_error(fine: Tensor) -> Tensor:
     fine : Tensor
         `(..., K, 3)` float64 counters per cell: count, sum of confidence, number correct.
 
+    Examples
+    --------
     >>> round(float(ks_error(torch.tensor([[1., .9, 0.], [1., .6, 1.]]))), 4)  # partial sums -0.9, then -0.5
     0.45
     """

@@ -118,6 +118,8 @@ def plot_reliability(
     ci : float
         Level of the per-bin accuracy intervals.
 
+    Examples
+    --------
     >>> fig = plot_reliability(cb, title='LS 0.1')  # or plot_reliability(cb.state, ax=axes[0]) # doctest: +SKIP
     """
     from matplotlib.lines import Line2D
@@ -202,6 +204,8 @@ def plot_smooth_reliability(
     seed : int, optional
         Seed of the bootstrap.
 
+    Examples
+    --------
     >>> fig = plot_smooth_reliability(cb, title='LS 0.1')  # doctest: +SKIP
     """
     from matplotlib.collections import LineCollection, PolyCollection
@@ -292,6 +296,8 @@ def plot_risk_coverage(
     epoch : int
         The callback's epoch (default the last).
 
+    Examples
+    --------
     >>> fig = plot_risk_coverage(cb)  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
@@ -333,6 +339,8 @@ def plot_history(source) -> Figure:
         drawn as a band, or as an error bar where only one epoch has one). A `CalibrationState`, one pass, is a
         TypeError: `plot_reliability` draws it.
 
+    Examples
+    --------
     >>> fig = plot_history(cb)  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
@@ -405,6 +413,8 @@ def plot_selective(
     -------
     matplotlib.figure.Figure
 
+    Examples
+    --------
     >>> fig = plot_selective(logits, targets, scores=["msp", "pnorm"])  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt

@@ -34,6 +34,8 @@ def report_frame(metrics: dict[str, float], ci: float | None = None) -> pd.DataF
     ci : float, optional
         The level those intervals were made at (only to label them).
 
+    Examples
+    --------
     >>> float(report_frame({'ece': 0.05, 'ece_lo': 0.03, 'ece_hi': 0.07}, ci=0.95).loc['ece', 'upper'])
     0.07
     """
@@ -58,6 +60,8 @@ def format_interval(estimate: float, lower: float = math.nan, upper: float = mat
     digits : int
         Digits after the decimal point.
 
+    Examples
+    --------
     >>> format_interval(0.02613, 0.0121, 0.0412)
     '0.0261 [0.0121, 0.0412]'
     """
@@ -81,6 +85,8 @@ def interval_text(table: pd.DataFrame, names: Sequence[str] | None = None, digit
     digits : int
         Digits after the decimal point.
 
+    Examples
+    --------
     >>> frame = pd.DataFrame({'ece': [0.05], 'ece_lo': [0.03], 'ece_hi': [0.07], 'nll': [0.2]})
     >>> interval_text(frame).iloc[0].tolist()
     ['0.0500 [0.0300, 0.0700]', '0.2000']

@@ -41,6 +41,8 @@ def aurc(fine: Tensor) -> Tensor:
     fine : Tensor
         `(..., K, 3)` float64 counters per cell: count, sum of confidence, number correct.
 
+    Examples
+    --------
     >>> float(aurc(torch.tensor([[1., .2, 0.], [1., .9, 1.]])))  # the confident row right, the other wrong
     0.25
     """
@@ -62,6 +64,8 @@ def augrc(fine: Tensor) -> Tensor:
     fine : Tensor
         `(..., K, 3)` float64 counters per cell: count, sum of confidence, number correct.
 
+    Examples
+    --------
     >>> float(augrc(torch.tensor([[1., .2, 0.], [1., .9, 1.]])))  # (0 + 1) / 2^2
     0.25
     """

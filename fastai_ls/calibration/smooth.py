@@ -115,6 +115,8 @@ def smooth_ece(fine: Tensor, cells: Tensor | None = None, n_cells: int | None = 
     n_cells : int, optional
         The size of the grid, when `fine` holds only some of its cells.
 
+    Examples
+    --------
     >>> fine = torch.zeros(1000, 3, dtype=torch.float64)
     >>> fine[949] = torch.tensor([100., 95., 80.])  # 100 rows at confidence 0.95, 80 right
     >>> [round(float(v), 3) for v in smooth_ece(fine)]  # smECE, bandwidth

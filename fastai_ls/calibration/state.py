@@ -122,6 +122,8 @@ class CalibrationState:
     classwise : bool
         Keep per-class bins for classwise ECE.
 
+    Examples
+    --------
     >>> state = CalibrationState(n_classes=3, n_bins=3)
     >>> state.update(torch.tensor([[.25, .20, .55], [.55, .05, .40], [.10, .30, .60], [.90, .05, .05]]),
     ...              torch.tensor([0, 1, 2, 0]))
@@ -290,7 +292,7 @@ class CalibrationState:
             (N,) or (N, 1) class ids, any integer dtype.
         weight : Tensor, optional
             (N,) finite, non-negative row weights of any real dtype (e.g. 0/1 to drop padding duplicates); a row counts
-        as its weight.
+            as its weight.
         activation : callable, optional
             Maps `preds` to probabilities over axis 1 (e.g. ``lambda z: z.softmax(1)``).
         ignore_index : int, optional
@@ -301,6 +303,8 @@ class CalibrationState:
             `CalibrationCallback` turns them off in its per-batch path, for the softmax outputs and the 0/1
             weights it makes itself. Unchecked bfloat16 rows are divided by their sums.
 
+        Examples
+        --------
         >>> state = CalibrationState(n_classes=2)
         >>> state.update(torch.tensor([[.8, .2], [.3, .7]]), torch.tensor([0, 0]), weight=torch.tensor([1., 2.]))
         >>> float(state.scalar('n')), float(state.scalar('correct'))
@@ -433,6 +437,8 @@ class CalibrationState:
         seed : int, optional
             Seed of the bootstrap's generator: the same seed gives the same intervals. None draws a fresh one.
 
+        Examples
+        --------
         >>> state = CalibrationState(n_classes=2)
         >>> state.update(torch.tensor([[.9, .1], [.6, .4], [.2, .8]]), torch.tensor([0, 1, 1]))
         >>> m = state.metrics(ci=0.95, n_boot=200)

@@ -49,6 +49,8 @@ def holdout_logits(learn: Learner, dl: DataLoader | None = None) -> tuple[Tensor
     dl : DataLoader | None
         The held-out data; None for `learn.dls.valid`.
 
+    Examples
+    --------
     >>> logits, target = holdout_logits(learn, dl=learn.dls.test_dl(items, with_labels=True))  # doctest: +SKIP
     """
     check_softmax_loss(learn.loss_func)
@@ -93,6 +95,8 @@ def save_predictions(learn: Learner, path: str | Path, dl: DataLoader | None = N
     Path
         The file written.
 
+    Examples
+    --------
     >>> save_predictions(learn, "valid.npz")  # then, in a shell: fastai-ls calibrate valid.npz  # doctest: +SKIP
     PosixPath('valid.npz')
     """
@@ -121,6 +125,8 @@ def check_softmax_loss(loss_func) -> None:
     loss_func : object
         A learner's loss; its class's `activation` is tried on a small probe with the classes on its class axis.
 
+    Examples
+    --------
     >>> from fastai.losses import BCEWithLogitsLossFlat
     >>> check_softmax_loss(BCEWithLogitsLossFlat())  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -200,6 +206,8 @@ def apply_calibrator(learn: Learner, calibrator: Calibrator) -> Learner:
     calibrator : Calibrator
         A fitted calibrator, e.g. from `fit_calibrator`; the learner gets a copy on its device.
 
+    Examples
+    --------
     >>> apply_calibrator(learn, fit_calibrator(learn, "dirichlet", dl=holdout_dl))  # doctest: +SKIP
     """
     if not isinstance(calibrator, Calibrator):
@@ -241,6 +249,8 @@ def applied_calibrator(learn: Learner) -> Calibrator | None:
     learn : Learner
         Any learner.
 
+    Examples
+    --------
     >>> applied_calibrator(learn).temperature  # doctest: +SKIP
     """
     activation = vars(learn.loss_func).get("activation")
@@ -255,6 +265,8 @@ def remove_calibrator(learn: Learner) -> Learner:
     learn : Learner
         A learner, with or without an applied calibrator.
 
+    Examples
+    --------
     >>> remove_calibrator(learn).get_preds()  # doctest: +SKIP
     """
     if isinstance(vars(learn.loss_func).get("activation"), CalibratedActivation):
@@ -284,6 +296,8 @@ def fit_calibrator(learn: Learner, method: str | Calibrator = "temperature", dl:
     **options
         Passed to the calibrator's constructor when `method` is a name.
 
+    Examples
+    --------
     >>> cal = fit_calibrator(learn, "isotonic", dl=learn.dls.test_dl(holdout, with_labels=True))  # doctest: +SKIP
     """
     calibrator = copy.deepcopy(get_calibrator(method, **options))
@@ -330,6 +344,8 @@ def compare_calibrators(
         Show a progress bar over the fits (methods x folds); with a learner, only where the learner shows its own
         (none under `learn.no_bar()`).
 
+    Examples
+    --------
     >>> compare_calibrators(learn, methods=["temperature", "dirichlet", "isotonic"])  # doctest: +SKIP
     """
     if isinstance(learn_or_logits, Learner):
@@ -387,6 +403,8 @@ def temperature_from_logits(logits: Tensor, target: Tensor, max_iter: int = 100)
     max_iter : int
         Bisection steps at most.
 
+    Examples
+    --------
     >>> _ = torch.manual_seed(0); z = torch.randn(2000, 5); y = torch.distributions.Categorical(logits=z).sample()
     >>> 2.5 < temperature_from_logits(3 * z, y) < 3.5
     True
@@ -422,6 +440,8 @@ def fit_temperature(learn: Learner, dl: DataLoader | None = None, n_bins: int = 
     max_iter : int
         Bisection steps at most.
 
+    Examples
+    --------
     >>> fit = fit_temperature(learn, dl=learn.dls.test_dl(holdout_items, with_labels=True))  # doctest: +SKIP
     >>> apply_temperature(learn, fit.temperature)  # doctest: +SKIP
     """
@@ -443,6 +463,8 @@ def apply_temperature(learn: Learner, temperature: float) -> Learner:
     temperature : float
         T > 0, e.g. `fit_temperature(learn, dl=holdout_dl).temperature`.
 
+    Examples
+    --------
     >>> apply_temperature(learn, fit_temperature(learn, dl=holdout_dl).temperature)  # doctest: +SKIP
     """
     return apply_calibrator(learn, TemperatureScaling(check_number(temperature, "temperature", strict=True)))
@@ -456,6 +478,8 @@ def remove_temperature(learn: Learner) -> Learner:
     learn : Learner
         A learner, with or without an applied temperature.
 
+    Examples
+    --------
     >>> remove_temperature(learn)  # doctest: +SKIP
     """
     return remove_calibrator(learn)

@@ -9,10 +9,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
+nbformat = pytest.importorskip("nbformat")  # the test extra's notebook runner: skipped, not a collection error
+NotebookClient = pytest.importorskip("nbclient").NotebookClient
+pytestmark = pytest.mark.notebook
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "nbs").glob("*.ipynb"))
 # Run before a notebook's first cell by this harness, not shown to users: warnings print their category and message
 # alone, so that saved outputs name no file of the machine that ran them, and fastai 2.8's torch.jit.script call at

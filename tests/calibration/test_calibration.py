@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torchmetrics.functional.classification import multiclass_calibration_error
+from oracles import multiclass_calibration_error
 
 from fastai_ls import CalibrationState, calibration_error
 from fastai_ls.calibration.state import METRIC_NAMES

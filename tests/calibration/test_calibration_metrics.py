@@ -9,12 +9,11 @@ import importlib.util
 import itertools
 from pathlib import Path
 
-import calibration as uncertainty_calibration
 import numpy as np
 import pytest
-import relplot
 import torch
 from calibration_data import CASES, rows, sample, state_from
+from oracles import relplot, uncertainty_calibration
 
 from fastai_ls import CalibrationState
 from fastai_ls.calibration.intervals import joint_cells

@@ -554,7 +554,7 @@ def test_one_vs_rest_isotonic_matches_scikit_learns_calibrated_classifier(n_clas
 
 
 def test_one_vs_rest_isotonic_matches_netcal():
-    from netcal.binning import IsotonicRegression as NetcalIsotonic
+    NetcalIsotonic = pytest.importorskip("netcal.binning").IsotonicRegression
 
     logits, target = over_confident(3000, seed=15)
     probs = logits.double().softmax(1)
@@ -650,7 +650,7 @@ def test_rare_predicted_classes_share_one_curve_fitted_on_all_rows(split):
 
 
 def test_equal_width_top_label_binning_matches_netcals_histogram_binning_per_predicted_class(split):
-    from netcal.binning import HistogramBinning
+    HistogramBinning = pytest.importorskip("netcal.binning").HistogramBinning
 
     (logits, target), (held, _) = split
     probs, held_probs = logits.double().softmax(1), held.double().softmax(1)

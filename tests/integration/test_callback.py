@@ -29,9 +29,9 @@ from fastai.metrics import accuracy, error_rate
 from fastai.optimizer import SGD
 from fastai.torch_core import TensorMultiCategory, set_seed
 from fastai.vision.core import PILImage, PILMask
+from oracles import multiclass_calibration_error
 from PIL import Image
 from torch import nn
-from torchmetrics.functional.classification import multiclass_calibration_error
 
 from fastai_ls import (
     CalibrationCallback,

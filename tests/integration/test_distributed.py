@@ -19,8 +19,9 @@ from fastai_ls.calibration import CalibrationState
 
 HERE = Path(__file__).resolve().parents[1]  # tests/, where the worker scripts live
 pytest.importorskip("accelerate")
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.distributed,
+              pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available")]
 
 
 

@@ -17,7 +17,7 @@ import fastai_ls.loss.fused as fused_module
 from fastai_ls import label_smoothing_cross_entropy
 from fastai_ls.loss import triton_kernel
 
-pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
               pytest.mark.skipif(not triton_kernel.AVAILABLE, reason="needs triton")]
 INF, NAN = float("inf"), float("nan")
 

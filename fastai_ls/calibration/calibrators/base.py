@@ -49,6 +49,8 @@ def row_blocks(n: int, n_classes: int) -> list[slice]:
     n_classes : int
         Columns per row.
 
+    Examples
+    --------
     >>> row_blocks(5, 2**19)
     [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
     """
@@ -90,6 +92,8 @@ def check_int(value: int, name: str, low: int = 1) -> int:
     low : int
         The smallest value allowed.
 
+    Examples
+    --------
     >>> check_int(3.0, "n_bins")
     Traceback (most recent call last):
     ValueError: n_bins must be an int >= 1, got 3.0
@@ -114,6 +118,8 @@ def check_number(value: float, name: str, low: float = 0.0, strict: bool = False
     strict : bool
         Whether `low` itself is refused.
 
+    Examples
+    --------
     >>> check_number(2, "temperature", strict=True)
     2.0
     """
@@ -176,6 +182,8 @@ def clean_logits(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     dtype : torch.dtype
         The dtype of `z`.
 
+    Examples
+    --------
     >>> z, bad = clean_logits(torch.tensor([[0.0, -math.inf], [math.nan, 1.0]]), torch.float64)
     >>> z.tolist(), bad.tolist()
     ([[0.0, -104.0], [0.0, 0.0]], [False, True])

@@ -29,6 +29,8 @@ class HistogramCurve:
     equal_mass : bool
         Equal-mass (True) or equal-width (False) bins.
 
+    Examples
+    --------
     >>> curve = HistogramCurve(n_bins=2).fit(torch.tensor([.1, .2, .3, .4]), torch.tensor([0., 1., 1., 1.]))
     >>> curve(torch.tensor([.15, .35])).tolist()
     [0.5, 1.0]
@@ -107,6 +109,8 @@ class TopLabelHistogramBinning(TopLabelCalibrator):
     min_rows : int
         Held-out rows a predicted class needs for bins of its own.
 
+    Examples
+    --------
     >>> _ = torch.manual_seed(0); z = torch.randn(2000, 3); y = torch.distributions.Categorical(logits=z).sample()
     >>> bool((TopLabelHistogramBinning().fit(4 * z, y)(4 * z).argmax(1) == z.argmax(1)).all())
     True

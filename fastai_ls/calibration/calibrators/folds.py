@@ -28,6 +28,8 @@ def stratified_folds(target: Tensor, folds: int, seed: int = 0) -> Tensor:
         Seed of the shuffle, in [0, 2**64) (a private generator: the global random state is neither read nor
         changed).
 
+    Examples
+    --------
     >>> stratified_folds(torch.tensor([0, 0, 1, 1, 1, 0]), 2).bincount().tolist()
     [3, 3]
     """

@@ -173,6 +173,8 @@ class TopLabelIsotonic(TopLabelCalibrator):
     min_rows : int
         Held-out rows a predicted class needs for a curve of its own.
 
+    Examples
+    --------
     >>> _ = torch.manual_seed(0); z = torch.randn(2000, 3); y = torch.distributions.Categorical(logits=z).sample()
     >>> bool((TopLabelIsotonic().fit(4 * z, y)(4 * z).argmax(1) == z.argmax(1)).all())
     True

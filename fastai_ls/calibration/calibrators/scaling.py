@@ -134,6 +134,8 @@ class TemperatureScaling(Calibrator):
     max_iter : int
         Newton or bisection steps at most.
 
+    Examples
+    --------
     >>> _ = torch.manual_seed(0); z = torch.randn(2000, 5); y = torch.distributions.Categorical(logits=z).sample()
     >>> 2.5 < TemperatureScaling().fit(3 * z, y).temperature < 3.5
     True
@@ -384,6 +386,8 @@ class VectorScaling(_RegularisationPath):
     max_iter : int
         LBFGS iterations of the final fit (a fifth of them per strength of the path).
 
+    Examples
+    --------
     >>> _ = torch.manual_seed(0); z = torch.randn(2000, 3); y = torch.distributions.Categorical(logits=z).sample()
     >>> cal = VectorScaling(reg=0.0).fit(z - torch.tensor([2.0, 0.0, 0.0]), y)  # class 0's logit too low by 2
     >>> round(float(cal.bias[0] - cal.bias[1:].mean()), 1)
@@ -493,6 +497,8 @@ class MatrixScaling(_RegularisationPath):
     max_classes : int
         The most classes fitted (see above).
 
+    Examples
+    --------
     >>> _ = torch.manual_seed(0); z = torch.randn(3000, 3); y = torch.distributions.Categorical(logits=z).sample()
     >>> distorted = z @ torch.tensor([[2., 0, 0], [0, 1, 0], [0, 0, 1]])  # class 0's logit doubled
     >>> cal = MatrixScaling(reg=0.0).fit(distorted, y)
@@ -587,6 +593,8 @@ class DirichletCalibration(MatrixScaling):
     max_classes : int
         The most classes fitted (see `MatrixScaling`).
 
+    Examples
+    --------
     >>> _ = torch.manual_seed(0); z = torch.randn(1000, 3); y = torch.distributions.Categorical(logits=z).sample()
     >>> DirichletCalibration(reg=0.01).fit(z, y)(z).shape
     torch.Size([1000, 3])
@@ -615,6 +623,8 @@ class EnsembleTemperatureScaling(Calibrator):
     max_iter : int
         Bisection steps of the temperature, LBFGS iterations of the weights.
 
+    Examples
+    --------
     >>> _ = torch.manual_seed(0); z = torch.randn(2000, 4); y = torch.distributions.Categorical(logits=z).sample()
     >>> cal = EnsembleTemperatureScaling().fit(3 * z, y)
     >>> bool(abs(float(cal.weights.sum()) - 1) < 1e-9)

@@ -24,6 +24,8 @@ def lowest_confidence(n_classes: int) -> float:
     n_classes : int
         C.
 
+    Examples
+    --------
     >>> round(lowest_confidence(10), 6)
     0.100009
     """
@@ -44,6 +46,8 @@ def spread_rest(probs: Tensor, top: Tensor, confidence: Tensor) -> Tensor:
     confidence : Tensor
         (N,) its calibrated probability, at least `lowest_confidence(C)`.
 
+    Examples
+    --------
     >>> probs = torch.tensor([[.5, .45, .05]], dtype=torch.float64)
     >>> spread_rest(probs, torch.tensor([0]), torch.tensor([.4], dtype=torch.float64)).round(decimals=5).tolist()
     [[0.4, 0.39996, 0.20004]]
