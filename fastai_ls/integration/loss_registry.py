@@ -16,7 +16,7 @@ __all__ = ["LossSpec", "LOSSES", "check_loss_names", "get_loss"]
 class LossSpec(NamedTuple):
     """Where a named loss lives and how it is built.
 
-    Parameters
+    Attributes
     ----------
     module : str
         The module that defines the class.
