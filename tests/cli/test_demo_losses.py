@@ -47,7 +47,7 @@ def test_the_options_reach_the_comparison(monkeypatch):
     assert (losses, seeds, epochs, seed, methods, folds) == (["ls", "ce"], 3, 2, 5, ["temperature"], 4)
 
 
-@pytest.mark.slow  # four small trainings: about 20 s on 2 cores
+@pytest.mark.slow  # four small trainings and their calibrators
 def test_a_real_comparison_prints_both_stages_and_writes_its_tables(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FASTAI_HOME", str(tmp_path / "fastai"))
     out = tmp_path / "losses"
