@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from fastai_ls.calibration import calibration_metrics
 from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, stratified_folds
-from fastai_ls.calibration.compare import compare_calibrators
+from fastai_ls.calibration.compare import compare_on_logits
 
 
 def outputs(n: int, n_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +220,7 @@ def bench_size(n: int, n_classes: int, methods: list[str], args, device: torch.d
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CalibrationWarning)
-            table = compare_calibrators(logits, target, methods=methods, folds=args.folds, ci=ci, progress=False)
+            table = compare_on_logits(logits, target, methods=methods, folds=args.folds, ci=ci, progress=False)
         total = time.perf_counter() - start
         print(f"\ncompare_calibrators on all {n:,} rows, {args.folds} folds, ci={ci}: {total:.1f} s in all")
         print(table[["nll", "ece", "n_unscored", "fit_s"]].to_string(float_format=lambda v: f"{v:.4f}"))

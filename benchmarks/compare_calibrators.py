@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from fastai_ls.calibration.calibrators import CALIBRATORS
-from fastai_ls.calibration.compare import COLUMNS, compare_calibrators
+from fastai_ls.calibration.compare import COLUMNS, compare_on_logits
 from fastai_ls.calibration.report import interval_text
 
 MODELS = {"lenet-5-cifar-10.npz": "LeNet-5", "wideresnet-16-4-cifar-10.npz": "WideResNet-16-4"}
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            table = compare_calibrators(logits, target, methods=methods, folds=args.folds, seed=args.seed,
+            table = compare_on_logits(logits, target, methods=methods, folds=args.folds, seed=args.seed,
                                         n_bins=args.bins)
         seconds = time.perf_counter() - start
         # each metric as `estimate [lower, upper]` (95%: bootstrap over the rows, normal for NLL and Brier)

@@ -2,7 +2,7 @@
 
 Run as `python distributed_worker.py OUT_DIR` with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT). It trains twice, each time from the same start: once through fastai's own
-`learn.distrib_ctx()` (after `patch_fastai_for_gloo`) and once through
+`learn.distrib_ctx()` (inside `gloo_broadcast()`) and once through
 `fastai_ls.integration.distributed.distrib_ctx`; each rank saves, per run, the calibration state of every epoch
 and the trained weights to OUT_DIR.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import fastai.distributed
 import torch
 from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
@@ -20,7 +21,7 @@ from fastai.metrics import error_rate
 from torch import nn
 
 from fastai_ls import CalibrationCallback, LabelSmoothingCrossEntropy
-from fastai_ls.integration.distributed import distrib_ctx, patch_fastai_for_gloo, teardown_distrib
+from fastai_ls.integration.distributed import distrib_ctx, gloo_broadcast, teardown_distrib
 
 N_CLASSES, N_VALID = 5, 53  # an odd validation set: DistributedDL pads the last shard with a repeated item
 VALID_BS = 8
@@ -75,10 +76,11 @@ def table(learn: Learner) -> list[list[float]]:
 def main(out: Path) -> None:
     # fastai's own path: it leaves the process group to the caller (or to accelerate) when one is up already.
     torch.distributed.init_process_group("gloo", init_method="env://")
-    patch_fastai_for_gloo()
+    fastai_broadcast = fastai.distributed.DistributedDL.__dict__["_broadcast"]
     fastai_learn, fastai_cb = make_learner()
     fastai_wrappers = RecordWrappers()
-    with fastai_learn.distrib_ctx(sync_bn=False, cpu=True), fastai_learn.no_logging(), fastai_learn.no_bar():
+    with gloo_broadcast(), fastai_learn.distrib_ctx(sync_bn=False, cpu=True), fastai_learn.no_logging(), \
+            fastai_learn.no_bar():
         fastai_learn.fit(2, lr=1e-2, cbs=fastai_wrappers)
     fastai_values = table(fastai_learn)
 
@@ -92,7 +94,8 @@ def main(out: Path) -> None:
     rank = torch.distributed.get_rank()
     torch.save({**results(learn, cb, wrappers, values),
                 "fastai": results(fastai_learn, fastai_cb, fastai_wrappers, fastai_values),
-                "n_after": float(cb.state.scalar("n")), "world_size": torch.distributed.get_world_size()},
+                "n_after": float(cb.state.scalar("n")), "world_size": torch.distributed.get_world_size(),
+                "fastai_restored": fastai.distributed.DistributedDL.__dict__["_broadcast"] is fastai_broadcast},
                out / f"rank{rank}.pt")
     teardown_distrib()  # this script joined the group itself, so it leaves it too
 

@@ -7,11 +7,21 @@ classification: confidence scores (`confidence_scores.py`), their exact risk-cov
 bootstrap intervals (`selective_bootstrap.py`), and the cross-fitted choice of a score (`compare_scores.py`)."""
 
 from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, Calibrator, get_calibrator
-from fastai_ls.calibration.compare import compare_calibrators
+from fastai_ls.calibration.compare import compare_on_logits
 from fastai_ls.calibration.functional import calibration_error, calibration_metrics
 from fastai_ls.calibration.plots import plot_history, plot_reliability, plot_risk_coverage, plot_smooth_reliability
 from fastai_ls.calibration.state import CalibrationState
 
 __all__ = ["CalibrationState", "calibration_error", "calibration_metrics", "plot_reliability",
            "plot_smooth_reliability", "plot_risk_coverage", "plot_history", "CALIBRATORS", "Calibrator",
-           "CalibrationWarning", "get_calibrator", "compare_calibrators"]
+           "CalibrationWarning", "get_calibrator", "compare_on_logits"]
+
+
+def __getattr__(name: str):
+    if name == "compare_calibrators":  # renamed (issue 16): the top-level name is the fastai layer's
+        from fastai_ls._deprecation import warn_renamed
+
+        warn_renamed("fastai_ls.calibration.compare_calibrators",
+                     "fastai_ls.compare_calibrators (or fastai_ls.calibration.compare_on_logits)")
+        return compare_on_logits
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

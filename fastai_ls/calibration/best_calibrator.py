@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fastai_ls.calibration.calibrators import CalibrationWarning, TemperatureScaling, stratified_folds
 from fastai_ls.calibration.calibrators.base import calibration_messages
-from fastai_ls.calibration.compare import compare_calibrators, cross_fit
+from fastai_ls.calibration.compare import compare_on_logits, cross_fit
 from fastai_ls.calibration.scores import paired_difference, row_scores
 from fastai_ls.calibration.state import CalibrationState
 
@@ -116,7 +116,7 @@ def calibrate_learner(logits: Tensor, target: Tensor, methods: list[str], folds:
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CalibrationWarning)
-        table = compare_calibrators(logits, target, methods=methods, folds=folds, seed=seed, ci=ci)
+        table = compare_on_logits(logits, target, methods=methods, folds=folds, seed=seed, ci=ci)
         temperature = TemperatureScaling().fit(logits, target).temperature
     best = best_method(table)
     before = TemperatureScaling(1.0)(logits)  # the model's own probabilities, as compare_calibrators scores them

@@ -17,22 +17,21 @@ import torch
 from fastprogress.fastprogress import progress_bar
 from torch import Tensor
 
+from fastai_ls._deprecation import warn_renamed
 from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, Calibrator, get_calibrator
 from fastai_ls.calibration.calibrators.base import calibration_messages, check_fit_input, row_blocks
 from fastai_ls.calibration.calibrators.folds import stratified_folds
-from fastai_ls.calibration.intervals import check_ci, check_seed
+from fastai_ls.calibration.checks import SUM_TOLERANCE
 from fastai_ls.calibration.scores import with_error_rate
 from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, N_FINE, CalibrationState
+from fastai_ls.validation import check_ci, check_folds, check_seed
 
-__all__ = ["compare_calibrators", "cross_fit", "DEFAULT_METHODS", "COLUMNS"]
+__all__ = ["compare_on_logits", "cross_fit", "DEFAULT_METHODS", "COLUMNS"]
 
 DEFAULT_METHODS = tuple(CALIBRATORS)
 # The metrics of `CalibrationState.metrics()` in the table, in order; `error_rate` is 1 - accuracy. With `ci`, the
 # interval columns `<name>_lo`, `<name>_hi` follow their metric (classwise ECE has none).
 COLUMNS = ("error_rate", "ece", "smece", "classwise_ece", "nll", "brier", "aurc", "augrc")
-# Rows within this distance of summing to 1, all non-negative, are probabilities rather than logits: softmax of
-# probabilities squeezes every row towards uniform, so a table on them would be silently wrong.
-PROBABILITY_SUM_TOLERANCE = 0.02
 
 
 class _Softmax(Calibrator):
@@ -172,26 +171,16 @@ def _bar_visible() -> bool:
 
 
 def _check_not_probabilities(logits: Tensor) -> None:
-    """A ValueError naming probabilities when every row of `logits` is non-negative and sums to 1."""
-    if bool((logits >= 0).all()) and bool(((logits.double().sum(1) - 1).abs() <= PROBABILITY_SUM_TOLERANCE).all()):
+    """A ValueError naming probabilities when every row of `logits` is non-negative and sums to 1 (within the
+    tolerance of probabilities everywhere, `SUM_TOLERANCE`): softmax of probabilities squeezes every row towards
+    uniform, so a table on them would be silently wrong."""
+    if bool((logits >= 0).all()) and bool(((logits.double().sum(1) - 1).abs() <= SUM_TOLERANCE).all()):
         raise ValueError("logits look like probabilities (every row is non-negative and sums to 1): pass logits, "
                          "or the log of the probabilities (probabilities.log(); a softmax of those is the "
                          "probabilities again)")
 
 
-def _check_folds(n: int, n_classes: int, folds: int) -> None:
-    """A ValueError naming `folds` when a fit would see fewer rows than classes (each fit leaves out one fold, the
-    largest holding ceil(n / folds) rows)."""
-    fewest = n - math.ceil(n / folds)
-    if fewest < n_classes:
-        # More folds leave more rows to each fit.
-        enough = next((f for f in range(folds + 1, n + 1) if n - math.ceil(n / f) >= n_classes), None)
-        advice = f"use folds={enough} or more" if enough else "no number of folds works: add held-out rows"
-        raise ValueError(f"folds={folds} leaves {fewest} rows to fit each calibrator on ({n} rows, "
-                         f"{n_classes} classes), fewer than the classes: {advice}")
-
-
-def compare_calibrators(
+def compare_on_logits(
     logits: Tensor | np.ndarray,
     target: Tensor | np.ndarray,
     methods: Sequence[str | Calibrator] | Mapping[str, str | Calibrator] = DEFAULT_METHODS,
@@ -250,7 +239,7 @@ def compare_calibrators(
     Examples
     --------
     >>> _ = torch.manual_seed(0); z = torch.randn(600, 3); y = torch.distributions.Categorical(logits=z).sample()
-    >>> table = compare_calibrators(3 * z, y, methods=["temperature"], folds=3, progress=False)
+    >>> table = compare_on_logits(3 * z, y, methods=["temperature"], folds=3, progress=False)
     >>> list(table.index), bool(table.loc["temperature", "ece"] < table.loc["uncalibrated", "ece"])
     (['uncalibrated', 'temperature'], True)
     """
@@ -266,7 +255,7 @@ def compare_calibrators(
     _check_not_probabilities(logits)
     n, n_classes = logits.shape
     fold_of = stratified_folds(target, folds, seed)  # checks folds
-    _check_folds(n, n_classes, folds)
+    check_folds(n, n_classes, folds)
     target = target.to(logits.device, torch.long)
     counts = torch.bincount(target.cpu(), minlength=n_classes)
     small = [k for k, c in enumerate(counts.tolist()) if 0 < c < folds]
@@ -332,3 +321,12 @@ def _row(calibrators: list[Calibrator], logits: Tensor, target: Tensor, fold_of:
     state, unscored = _out_of_fold_state(calibrators, logits, target, fold_of, n_bins)
     return {**_score(state, **score), "n_unscored": unscored, "fit_s": sum(seconds) / len(seconds),
             "may_change_prediction": may_change}
+
+
+def __getattr__(name: str):
+    # The math layer's comparison had the top-level name too, with another first argument (issue 16).
+    if name == "compare_calibrators":
+        warn_renamed("fastai_ls.calibration.compare.compare_calibrators",
+                     "fastai_ls.compare_calibrators (or fastai_ls.calibration.compare.compare_on_logits)")
+        return compare_on_logits
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

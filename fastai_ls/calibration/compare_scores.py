@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators.folds import stratified_folds
-from fastai_ls.calibration.confidence_scores import NORMALISED, SCORE_NAMES, _check_logits, _check_p, _scores
-from fastai_ls.calibration.intervals import _one_thread, check_ci, check_seed, percentile_intervals
+from fastai_ls.calibration.confidence_scores import NORMALISED, SCORE_NAMES, _check_p, _checked_logits, _scores
+from fastai_ls.calibration.intervals import _one_thread, percentile_intervals
 from fastai_ls.calibration.selective import _aurc_sum, _expected_errors, _Ranking
 from fastai_ls.calibration.selective_bootstrap import bootstrap_selective, selective_table
+from fastai_ls.validation import check_ci, check_class_ids, check_seed
 
 __all__ = ["P_GRID", "check_held_out", "compare_confidence_scores", "softmax_response_note"]
 
@@ -89,20 +90,13 @@ def check_held_out(logits: Tensor | np.ndarray, targets: Tensor | np.ndarray) ->
         logits = torch.from_numpy(logits)
     if isinstance(targets, np.ndarray):
         targets = torch.from_numpy(targets)
-    z = _check_logits(logits)
+    z = _checked_logits(logits)
     n, n_classes = z.shape
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a torch.Tensor or a numpy array, got {type(targets).__name__}")
-    if targets.shape != (n,) or targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise ValueError(f"targets must hold {n} integer class ids (one per row of logits), got {targets.dtype} "
-                         f"{tuple(targets.shape)}")
-    targets = targets.detach().cpu().long()
-    outside = (targets < 0) | (targets >= n_classes)
-    if bool(outside.any()):
-        i = int(outside.nonzero()[0, 0])
-        raise ValueError(f"targets hold {int(outside.sum())} class ids outside [0, {n_classes}) (first: "
-                         f"{int(targets[i])} in row {i}); drop ignored rows")
-    return z, targets
+    targets = check_class_ids(targets, n, n_classes, name="targets", rows="logits", column=False,
+                              fix="drop ignored rows")
+    return z, targets.cpu()
 
 
 def compare_confidence_scores(

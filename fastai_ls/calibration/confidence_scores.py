@@ -13,6 +13,7 @@ from torch import Tensor
 
 from fastai_ls.calibration.calibrators.base import clean_logits
 from fastai_ls.calibration.intervals import _one_thread
+from fastai_ls.validation import check_logits
 
 __all__ = ["SCORE_NAMES", "NORMALISED", "confidence_scores"]
 
@@ -36,15 +37,9 @@ def _check_p(p: float, name: str = "p") -> float:
         raise error from None
 
 
-def _check_logits(logits: Tensor) -> Tensor:
+def _checked_logits(logits: Tensor) -> Tensor:
     """`logits` detached on the CPU, or a ValueError naming the problem (shape, dtype, NaN or +inf rows)."""
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2 or logits.shape[1] < 2 or logits.shape[0] < 1:
-        raise ValueError(f"logits must be (N, C) with N >= 1 rows and C >= 2 classes, got shape "
-                         f"{tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    check_logits(logits, min_rows=1)
     logits = logits.detach().cpu()
     bad = (logits.isnan() | (logits == math.inf)).any(1) | (logits == -math.inf).all(1)
     if bool(bad.any()):
@@ -197,7 +192,7 @@ def confidence_scores(
     p = _check_p(p)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    logits = _check_logits(logits)
+    logits = _checked_logits(logits)
     with _one_thread():  # ~70 passes over small blocks: a second thread saves little and waits on busy cores
         computed = _scores(logits, names, [p], float(temperature))
     return {name: computed[(name, p if name in NORMALISED else None)] for name in names}

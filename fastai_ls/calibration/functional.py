@@ -14,9 +14,9 @@ import warnings
 import torch  # noqa: F401  (the examples in the docstrings use it)
 from torch import Tensor
 
-from fastai_ls.calibration.checks import check_class_ids, checked_probabilities, class_ids
-from fastai_ls.calibration.intervals import check_ci, check_interval_grid, check_seed
+from fastai_ls.calibration.checks import checked_probabilities
 from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, N_FINE, CalibrationState, check_n_bins
+from fastai_ls.validation import check_ci, check_class_ids, check_interval_grid, check_seed
 
 __all__ = ["calibration_error", "calibration_metrics"]
 
@@ -25,8 +25,7 @@ def _state_of(probs: Tensor, target: Tensor, n_bins: int, ignore_index: int | No
               **kwargs) -> CalibrationState:
     check_n_bins(n_bins)
     probs = checked_probabilities(probs, stacklevel=4)  # the warning points at the caller's line
-    target = class_ids(target, probs.shape[0])
-    check_class_ids(target, probs.shape[1], ignore_index)
+    target = check_class_ids(target, probs.shape[0], probs.shape[1], ignore_index)
     if classwise is None:
         classwise = probs.shape[1] <= CLASSWISE_MAX_CLASSES
     state = CalibrationState(probs.shape[1], n_bins, device=probs.device, classwise=classwise, **kwargs)

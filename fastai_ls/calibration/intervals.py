@@ -15,7 +15,6 @@ per-row values whose squares the state also sums, get the normal interval mean +
 from __future__ import annotations
 
 import math
-import numbers
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +25,10 @@ import torch
 from torch import Tensor
 
 from fastai_ls.calibration.metrics import TOP_LABEL_NAMES, top_label_metrics
+from fastai_ls.validation import check_ci, check_interval_grid, check_seed
 
+# check_ci, check_seed, check_interval_grid: `fastai_ls.validation`'s checks of the intervals' options, which callers
+# also import from here.
 __all__ = ["BOOTSTRAP_NAMES", "MAX_ROWS", "check_ci", "check_seed", "check_interval_grid",
            "joint_cells", "bootstrap_histograms", "bootstrap_metrics",
            "percentile_intervals",
@@ -34,66 +36,6 @@ __all__ = ["BOOTSTRAP_NAMES", "MAX_ROWS", "check_ci", "check_seed", "check_inter
 
 # The metrics that get a percentile bootstrap interval: every metric the two histograms determine.
 BOOTSTRAP_NAMES = TOP_LABEL_NAMES
-
-
-def check_ci(ci: float, n_boot: int | None = None) -> None:
-    """A ValueError unless 0 < ci < 1 and (if given) `n_boot` is an int >= 2.
-
-    Parameters
-    ----------
-    ci : float
-        A confidence level.
-    n_boot : int, optional
-        A number of bootstrap replicates.
-    """
-    if isinstance(ci, bool) or not isinstance(ci, numbers.Real) or not 0 < ci < 1:
-        raise ValueError(f"ci must be a confidence level strictly between 0 and 1 (e.g. 0.95), got {ci!r}")
-    if n_boot is not None and (isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 2):
-        raise ValueError(f"n_boot must be an int >= 2, got {n_boot!r}")
-
-
-def check_seed(seed: int | None, allow_none: bool = True) -> int | None:
-    """`seed` if it can seed both numpy's and torch's generators: an int in [0, 2**64), or None where `allow_none`
-    (a fresh seed); else a ValueError naming it (numpy's own message, "expected non-negative integer", does not).
-
-    Parameters
-    ----------
-    seed : int, optional
-        The seed to check.
-    allow_none : bool
-        Whether None (draw a fresh seed) is allowed.
-
-    Examples
-    --------
-    >>> check_seed(-1)
-    Traceback (most recent call last):
-    ValueError: seed must be an int from 0 to 2**64 - 1 or None, got -1
-    """
-    if seed is None and allow_none:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int from 0 to 2**64 - 1{' or None' if allow_none else ''}, got {seed!r}")
-    return int(seed)
-
-
-def check_interval_grid(n_bins: int, n_fine: int) -> None:
-    """A ValueError unless the fine grid has at least as many cells as there are bins: the bootstrap resamples the
-    fine cells, split at the bin edges (`joint_cells`), so that its ECE uses the bins of the point estimate.
-
-    Parameters
-    ----------
-    n_bins, n_fine : int
-        The equal-width bins and the fine cells of a `CalibrationState`.
-
-    Examples
-    --------
-    >>> check_interval_grid(n_bins=2000, n_fine=1000)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ValueError: intervals need at least as many fine cells as bins, got n_fine=1000 < n_bins=2000: pass n_fine >= ...
-    """
-    if n_fine < n_bins:
-        raise ValueError(f"intervals need at least as many fine cells as bins, got n_fine={n_fine} < n_bins={n_bins}: "
-                         f"pass n_fine >= {n_bins}, or no intervals (ci=None)")
 
 
 def _z(ci: float) -> float:

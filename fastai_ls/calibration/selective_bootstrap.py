@@ -14,8 +14,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from fastai_ls.calibration.intervals import _one_thread, check_ci, check_seed, percentile_intervals
+from fastai_ls.calibration.intervals import _one_thread, percentile_intervals
 from fastai_ls.calibration.selective import _aurc_sum, _expected_errors, _positions, _Ranking, check_selective_input
+from fastai_ls.validation import check_ci, check_seed
 
 __all__ = ["bootstrap_selective", "selective_table"]
 

@@ -10,7 +10,7 @@ import pandas as pd
 
 from fastai_ls.calibration.best_calibrator import PAIRED, Calibrated
 from fastai_ls.calibration.report import format_interval
-from fastai_ls.cli.calibrate import comparison_text
+from fastai_ls.cli.tables import comparison_text
 
 __all__ = ["CI", "METRICS", "SUMMARY", "COMPARED", "WIDTH", "say", "print_models", "print_calibrated",
            "print_summary", "print_differences"]

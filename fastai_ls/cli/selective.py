@@ -79,7 +79,7 @@ def selective(
     Parameters
     ----------
     path : str or Path
-        The predictions (`fastai_ls.cli.calibrate`'s module docstring: logits or probabilities, and targets).
+        The predictions (`fastai_ls.cli.archive`'s module docstring: logits or probabilities, and targets).
     folds : int, default 5
         Folds of the cross-fitted choice.
     seed : int, default 0
@@ -100,7 +100,8 @@ def selective(
     --------
     >>> selective("valid.npz", out="selective.csv")  # doctest: +SKIP
     """
-    from fastai_ls.cli.calibrate import check_csv_path, read_predictions
+    from fastai_ls.cli.archive import read_predictions
+    from fastai_ls.cli.calibrate import check_csv_path
 
     out = check_csv_path(out, force, source=path) if out is not None else None
     plot = check_csv_path(plot, force, source=path) if plot is not None else None

@@ -1,30 +1,24 @@
-"""Compatibility shim: fastai's `DistributedTrainer` on CPU processes (gloo) as well as GPUs (nccl).
+"""Distributed training with fastai on CPU processes (gloo) as well as GPUs (nccl).
 
-fastai 2.8 assumes CUDA for distributed training in two places:
-
-- `fastai.distributed.DistributedDL._broadcast` sends rank 0's index list as `LongTensor(t).cuda()` ("nccl only
-  works with cuda tensors"), which fails without a GPU and is wrong for gloo.
-- `fastai.distributed.setup_distrib` hard-codes nccl and `torch.cuda.set_device`.
-
-`patch_fastai_for_gloo()` replaces `fastai.distributed.DistributedDL._broadcast`, and nothing else, with a version
-that broadcasts a CPU tensor when the process group's backend is gloo (or mpi) and a tensor on the current CUDA device
-for nccl, exactly as before. It is idempotent, and `distrib_ctx` below calls it. fastai's own `learn.distrib_ctx()`
-never calls `setup_distrib` unless `in_notebook=True`, and accelerate joins a process group that is already up, so
-after the patch this works on CPUs too:
-
-    torch.distributed.init_process_group("gloo")  # from torchrun's environment
-    fastai_ls.integration.distributed.patch_fastai_for_gloo()
-    with learn.distrib_ctx(sync_bn=False, cpu=True):  # SyncBatchNorm is GPU-only; cpu=True: accelerate wraps in DDP
-        learn.fit(3)
-    fastai_ls.integration.distributed.teardown_distrib()  # leave the group before Python exits
-
-Or, doing all of that itself (gloo without a GPU, nccl with one), launched one process per worker with
-`torchrun --nproc_per_node 2 train.py` or `accelerate launch`:
+fastai 2.8 assumes CUDA for distributed training: its `DistributedDL` broadcasts the index list as a CUDA tensor,
+and its `setup_distrib` hard-codes nccl. `distrib_ctx` below does what `learn.distrib_ctx()` does with a
+`DistributedTrainer` whose `DistributedDL` broadcasts on the device the process group's backend needs (both in
+`fastai_compat.py`, with everything else this package reads of fastai's internals), launched one process per worker
+with `torchrun --nproc_per_node 2 train.py` or `accelerate launch`:
 
     with fastai_ls.integration.distributed.distrib_ctx(learn):
         learn.fit(3)
 
 With a single process (no WORLD_SIZE > 1) `distrib_ctx` does nothing, so the same script runs unchanged.
+
+fastai's own `learn.distrib_ctx()` runs with gloo inside `gloo_broadcast()`, which replaces fastai's
+`DistributedDL._broadcast` for the block only and restores it after (fastai's `distrib_ctx` never calls
+`setup_distrib` unless `in_notebook=True`, and accelerate joins a process group that is already up):
+
+    torch.distributed.init_process_group("gloo")  # from torchrun's environment
+    with fastai_ls.integration.distributed.gloo_broadcast(), learn.distrib_ctx(sync_bn=False, cpu=True):
+        learn.fit(3)  # SyncBatchNorm is GPU-only; cpu=True: accelerate wraps in DDP
+    fastai_ls.integration.distributed.teardown_distrib()  # leave the group before Python exits
 
 `timeout=` bounds how long a collective waits for the other ranks (torch's default is 30 minutes). fastai gathers
 every batch's predictions across ranks, so when one rank fails and its process stays alive (a notebook, a retry
@@ -45,49 +39,28 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from fastai.callback.progress import ProgressCallback
-from fastai.distributed import DistributedDL as FastaiDistributedDL
-from fastai.distributed import DistributedTrainer as FastaiDistributedTrainer
 from fastai.distributed import teardown_distrib  # leaves the process group, if one is up
 from fastai.learner import Learner
 from fastai.torch_core import num_distrib, rank_distrib
 
+from fastai_ls._deprecation import warn_renamed
+from fastai_ls.integration.fastai_compat import (
+    DistributedDL,
+    DistributedTrainer,
+    gloo_broadcast,
+    gloo_broadcast_for_good,
+    shows_progress,
+)
+
 __all__ = ["DistributedDL", "DistributedTrainer", "setup_distrib", "teardown_distrib", "distrib_ctx",
-           "patch_fastai_for_gloo"]
-
-
-def _collective_device() -> torch.device:
-    """Where tensors for collectives must live: CUDA for nccl, the CPU for gloo (and mpi)."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _broadcast(self: FastaiDistributedDL, t: list[int], rank: int) -> list[int]:
-    """Broadcast the index list `t` from `rank`, on the device the process group's backend needs."""
-    t = torch.tensor(t, dtype=torch.long, device=_collective_device())
-    dist.broadcast(t, rank)
-    return t.cpu().tolist()
+           "gloo_broadcast", "patch_fastai_for_gloo"]
 
 
 def patch_fastai_for_gloo() -> None:
-    """Make fastai's own `DistributedDL` (and so `learn.distrib_ctx()`) work with gloo; calling it again is a no-op.
-
-    >>> patch_fastai_for_gloo(); patch_fastai_for_gloo()
-    """
-    FastaiDistributedDL._broadcast = _broadcast
-
-
-class DistributedDL(FastaiDistributedDL):
-    """fastai's `DistributedDL` whose index broadcast works with every backend, even without the patch."""
-
-    _broadcast = _broadcast
-
-
-class DistributedTrainer(FastaiDistributedTrainer):
-    """fastai's `DistributedTrainer` wrapping the data loaders in the backend-agnostic `DistributedDL`."""
-
-    def _wrap_dl(self, dl):
-        return dl if isinstance(dl, FastaiDistributedDL) else DistributedDL(dl, device=self.learn.model.device)
+    """Deprecated: replaced fastai's `DistributedDL._broadcast` for the whole process; use `with gloo_broadcast():`,
+    which restores it after the block (and `distrib_ctx`, which needs neither)."""
+    warn_renamed("patch_fastai_for_gloo()", "with gloo_broadcast(): ... (fastai's method is restored after the block)")
+    gloo_broadcast_for_good()
 
 
 def setup_distrib(backend: str | None = None, timeout: timedelta | float | None = None) -> bool:
@@ -161,8 +134,8 @@ def distrib_ctx(
 ) -> Iterator[Learner]:
     """Like fastai's `learn.distrib_ctx()`, but on CPU processes (gloo) too: DDP model, sharded data, and
     logging on rank 0 only. The process group is left running (accelerate keeps a handle to it) until exit, when
-    `teardown_distrib` leaves it. Also applies `patch_fastai_for_gloo`, so `get_preds` on fastai's own
-    `DistributedDL` works afterwards.
+    `teardown_distrib` leaves it. Inside the block fastai's own `DistributedDL` works with gloo too
+    (`gloo_broadcast`); after it, fastai's classes are as they were.
 
     Parameters
     ----------
@@ -183,21 +156,21 @@ def distrib_ctx(
     --------
     >>> with distrib_ctx(learn, timeout=300): learn.fit(1)  # doctest: +SKIP
     """
-    patch_fastai_for_gloo()
     if not setup_distrib(backend, timeout):
         yield learn
         return
-    cuda = _collective_device().type == "cuda"
+    cuda = dist.get_backend() == "nccl"
     # Without this, accelerate sees no GPU, no CPU flag, and leaves the model unwrapped (no gradient averaging).
     kwargs.setdefault("cpu", not cuda)
     trainer = DistributedTrainer(sync_bn=cuda if sync_bn is None else sync_bn, **kwargs)
     removed_progress = False
     learn.add_cb(trainer)
-    if rank_distrib() and hasattr(learn, "progress"):
+    if rank_distrib() and shows_progress(learn):
         learn.remove_cb(ProgressCallback)
         removed_progress = True
     try:
-        yield learn
+        with gloo_broadcast():
+            yield learn
     finally:
         learn.remove_cb(trainer)
         if removed_progress:

@@ -1,7 +1,8 @@
 """Post-hoc calibration of a fastai `Learner`: fit a calibrator on held-out predictions (`fit_calibrator`), make
 `get_preds`, `predict`, `tta`, `Interpretation` and `CalibrationCallback` use it (`apply_calibrator`; it is kept by
-`learn.export()` and `load_learner`), and compare calibrators honestly (`compare_calibrators`). Temperature scaling
-keeps its own names: `fit_temperature`, `apply_temperature`, `remove_temperature`.
+`learn.export()` and `load_learner`), undo it (`remove_calibrator`), read it (`applied_calibrator`), and compare
+calibrators honestly (`compare_calibrators`). The temperature-only names of earlier releases are deprecated
+(`fastai_ls.integration.temperature`).
 
 The calibrators themselves (tensors in, tensors out) live in `fastai_ls.calibration.calibrators`.
 """
@@ -9,10 +10,11 @@ The calibrators themselves (tensors in, tensors out) live in `fastai_ls.calibrat
 from __future__ import annotations
 
 import copy
+import importlib
 import types
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,17 +24,17 @@ from fastai.learner import Learner
 from fastcore.basics import noop
 from torch import Tensor
 
-from fastai_ls.calibration.calibrators import Calibrator, TemperatureScaling, get_calibrator
-from fastai_ls.calibration.calibrators.base import check_number
-from fastai_ls.calibration.compare import DEFAULT_METHODS
-from fastai_ls.calibration.compare import compare_calibrators as compare_on_logits
-from fastai_ls.calibration.state import CalibrationState
+from fastai_ls.calibration.calibrators import Calibrator, get_calibrator
+from fastai_ls.calibration.compare import DEFAULT_METHODS, compare_on_logits
 from fastai_ls.integration.class_axis import class_axis_of, class_rows
-from fastai_ls.validation import plain
+from fastai_ls.integration.fastai_compat import shows_progress
+from fastai_ls.validation import is_class_id_dtype, plain
 
 __all__ = ["fit_calibrator", "apply_calibrator", "remove_calibrator", "applied_calibrator", "compare_calibrators",
-           "holdout_logits", "save_predictions", "CalibratedActivation", "TemperatureFit", "fit_temperature",
-           "temperature_from_logits", "apply_temperature", "remove_temperature"]
+           "holdout_logits", "save_predictions", "CalibratedActivation"]
+# Deprecated names (issue 16), read from `fastai_ls.integration.temperature` on first use; each warns when used.
+_TEMPERATURE_NAMES = ("TemperatureFit", "fit_temperature", "temperature_from_logits", "apply_temperature",
+                      "remove_temperature")
 
 
 # --- held-out predictions ----------------------------------------------------------------------------------------
@@ -64,7 +66,7 @@ def holdout_logits(learn: Learner, dl: DataLoader | None = None) -> tuple[Tensor
     if not isinstance(target, Tensor):
         raise ValueError("post-hoc calibration needs one target tensor of class ids per item")
     logits, target = class_rows(logits, target, learn.loss_func)
-    if target.is_floating_point() or target.dtype == torch.bool:
+    if not is_class_id_dtype(target.dtype):
         raise ValueError(f"post-hoc calibration needs integer class-id targets, got {target.dtype} (multi-label or "
                          "soft targets have no softmax calibration)")
     ignore_index = getattr(learn.loss_func, "ignore_index", None)
@@ -258,7 +260,7 @@ def applied_calibrator(learn: Learner) -> Calibrator | None:
 
 
 def remove_calibrator(learn: Learner) -> Learner:
-    """Undo `apply_calibrator` (or `apply_temperature`): the loss's own activation again; returns `learn`.
+    """Undo `apply_calibrator`: the loss's own activation again; returns `learn`.
 
     Parameters
     ----------
@@ -317,23 +319,29 @@ def compare_calibrators(
     n_boot: int = 1000,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Cross-fitted comparison of calibrators on a learner's held-out predictions (or on logits): one row per
-    method, the uncalibrated model first; see `fastai_ls.calibration.compare.compare_calibrators`.
+    """Cross-fitted comparison of calibrators: one row per method, the uncalibrated model first; on a learner's
+    held-out predictions, `compare_calibrators(learn, dl=...)`, or on held-out logits, `compare_calibrators(logits,
+    target)`.
+
+    Each method is fitted on all stratified folds but one and predicts the remaining fold, in turn; the pooled
+    out-of-fold probabilities are scored at once, so no row is scored by a calibrator that saw it. The table, its
+    columns and its warnings are those of `fastai_ls.calibration.compare.compare_on_logits`, which this runs on
+    the logits (for a learner: `holdout_logits(learn, dl)`, raw logits even where a calibrator is applied).
 
     Parameters
     ----------
     learn_or_logits : Learner | Tensor | np.ndarray
-        A learner (its raw logits on `dl` are used), or (N, C) logits.
+        A learner (its raw logits on `dl` are compared), or (N, C) held-out logits.
     target : Tensor | np.ndarray | None
-        (N,) class ids with logits; None with a learner.
+        (N,) class ids with logits; None with a learner (its data has the labels).
     methods : sequence or mapping
         Method names, unfitted calibrators, or a mapping of row labels to either.
     folds : int
         Number of stratified folds (seeded by `seed`).
     seed : int
-        Seed of the fold assignment.
+        Seed of the fold assignment and of the bootstrap.
     dl : DataLoader | None
-        With a learner: the held-out data (default: the validation set).
+        With a learner: the held-out data (default: the validation set); with logits, an error.
     n_bins : int
         Equal-width bins of the ECE columns.
     ci : float | None
@@ -344,15 +352,21 @@ def compare_calibrators(
         Show a progress bar over the fits (methods x folds); with a learner, only where the learner shows its own
         (none under `learn.no_bar()`).
 
+    Returns
+    -------
+    pandas.DataFrame
+        One row per method, indexed by `method`.
+
     Examples
     --------
     >>> compare_calibrators(learn, methods=["temperature", "dirichlet", "isotonic"])  # doctest: +SKIP
+    >>> compare_calibrators(logits, target, methods=["temperature"], folds=3)  # doctest: +SKIP
     """
     if isinstance(learn_or_logits, Learner):
         if target is not None:
             raise ValueError("pass either a learner or logits with their targets, not a learner and targets")
         # fastai's no_bar() removes the ProgressCallback (`learn.progress`) while it lasts.
-        progress = progress and hasattr(learn_or_logits, "progress")
+        progress = progress and shows_progress(learn_or_logits)
         logits, target = holdout_logits(learn_or_logits, dl)
     else:
         if target is None:
@@ -364,122 +378,7 @@ def compare_calibrators(
                              n_boot=n_boot, progress=progress)
 
 
-# --- temperature scaling, by its own names -----------------------------------------------------------------------
-
-
-@dataclass
-class TemperatureFit:
-    """What `fit_temperature` found, on the rows it was fitted on.
-
-    Parameters
-    ----------
-    temperature : float
-        The fitted T.
-    nll_before, nll_after : float
-        Mean NLL at T = 1 and at the fitted T.
-    ece_before, ece_after : float
-        Top-label ECE at T = 1 and at the fitted T.
-    at_bound : bool
-        Whether the fit was degenerate and T was kept at a bound (see `TemperatureScaling`).
-    """
-
-    temperature: float
-    nll_before: float
-    nll_after: float
-    ece_before: float
-    ece_after: float
-    at_bound: bool = False
-
-
-def temperature_from_logits(logits: Tensor, target: Tensor, max_iter: int = 100) -> float:
-    """The temperature minimising the mean NLL of softmax(logits / T) (`TemperatureScaling`, bounds and all).
-
-    Parameters
-    ----------
-    logits : Tensor
-        (N, C) logits (any float dtype; fitted in float64).
-    target : Tensor
-        (N,) class ids.
-    max_iter : int
-        Bisection steps at most.
-
-    Examples
-    --------
-    >>> _ = torch.manual_seed(0); z = torch.randn(2000, 5); y = torch.distributions.Categorical(logits=z).sample()
-    >>> 2.5 < temperature_from_logits(3 * z, y) < 3.5
-    True
-    """
-    return TemperatureScaling(max_iter=max_iter).fit(logits, target).temperature
-
-
-def _nll_and_ece(probs: Tensor, target: Tensor, n_bins: int) -> tuple[float, float]:
-    state = CalibrationState(probs.shape[1], n_bins, n_fine=1, device=probs.device, classwise=False)
-    state.update(probs, target)
-    metrics = state.metrics()
-    return metrics["nll"], metrics["ece"]
-
-
-def fit_temperature(learn: Learner, dl: DataLoader | None = None, n_bins: int = 15,
-                    max_iter: int = 100) -> TemperatureFit:
-    """Fit T on `dl` (default: the validation set) and report NLL and ECE there before and after scaling.
-
-    Fitting and scoring on the same split flatters the "after" numbers (an oracle T): pass a held-out `dl` to fit
-    on, and score the result on data it has not seen (or use `compare_calibrators`). The learner is not changed;
-    see `apply_temperature`. A T at its bound (100 or 0.01) comes with a `CalibrationWarning` saying what it means:
-    near 100, the logits say almost nothing about these targets; near 0.01, the model is right with a margin on
-    every held-out row, which therefore cannot tell how confident it should be.
-
-    Parameters
-    ----------
-    learn : Learner
-        A learner whose model outputs logits (classes on its loss's class axis).
-    dl : DataLoader | None
-        The data to fit on; None for the validation set.
-    n_bins : int
-        Bins of the reported ECE.
-    max_iter : int
-        Bisection steps at most.
-
-    Examples
-    --------
-    >>> fit = fit_temperature(learn, dl=learn.dls.test_dl(holdout_items, with_labels=True))  # doctest: +SKIP
-    >>> apply_temperature(learn, fit.temperature)  # doctest: +SKIP
-    """
-    logits, target = holdout_logits(learn, dl)
-    scaling = TemperatureScaling(max_iter=max_iter).fit(logits, target)
-    nll_before, ece_before = _nll_and_ece(TemperatureScaling(1.0)(logits), target, n_bins)
-    nll_after, ece_after = _nll_and_ece(scaling(logits), target, n_bins)
-    return TemperatureFit(scaling.temperature, nll_before, nll_after, ece_before, ece_after, scaling.at_bound)
-
-
-def apply_temperature(learn: Learner, temperature: float) -> Learner:
-    """Make `learn.get_preds()`, `predict()`, `tta()` and `CalibrationCallback` use softmax(logits / T); returns
-    `learn`. The same as `apply_calibrator(learn, TemperatureScaling(temperature))`.
-
-    Parameters
-    ----------
-    learn : Learner
-        A learner with a cross-entropy-style loss.
-    temperature : float
-        T > 0, e.g. `fit_temperature(learn, dl=holdout_dl).temperature`.
-
-    Examples
-    --------
-    >>> apply_temperature(learn, fit_temperature(learn, dl=holdout_dl).temperature)  # doctest: +SKIP
-    """
-    return apply_calibrator(learn, TemperatureScaling(check_number(temperature, "temperature", strict=True)))
-
-
-def remove_temperature(learn: Learner) -> Learner:
-    """Undo `apply_temperature` (the same as `remove_calibrator`); returns `learn`.
-
-    Parameters
-    ----------
-    learn : Learner
-        A learner, with or without an applied temperature.
-
-    Examples
-    --------
-    >>> remove_temperature(learn)  # doctest: +SKIP
-    """
-    return remove_calibrator(learn)
+def __getattr__(name: str) -> Any:
+    if name in _TEMPERATURE_NAMES:  # no warning here: each warns when it is called (or, a TemperatureFit, made)
+        return getattr(importlib.import_module("fastai_ls.integration.temperature"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,8 @@ from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "fastai_ls"
-MATH = ("fastai_ls.loss", "fastai_ls.calibration", "fastai_ls.validation")
+MATH = ("fastai_ls.loss", "fastai_ls.calibration", "fastai_ls.validation", "fastai_ls.calibrator_names",
+        "fastai_ls._deprecation")
 
 
 def module_name(path: Path) -> str:

@@ -97,7 +97,9 @@ def test_a_public_name_imports_fastai_without_its_torch_jit_warning():
 
 # The modules of the command and the learner factories: every public function documents each parameter in a
 # numpy-style `Parameters` section (`name : type`) and shows an example, which `help()` and IDEs display.
-DOCUMENTED = ["fastai_ls.cli.main", "fastai_ls.cli.demo", "fastai_ls.cli.calibrate", "fastai_ls.cli.selective",
+DOCUMENTED = ["fastai_ls.cli.main", "fastai_ls.cli.parser", "fastai_ls.cli.demo", "fastai_ls.cli.calibrate",
+              "fastai_ls.cli.archive", "fastai_ls.cli.tables", "fastai_ls.cli.selective",
+              "fastai_ls.validation.scalars", "fastai_ls.validation.tensors",
               "fastai_ls.pets",
               "fastai_ls.digits", "fastai_ls.integration.splits"]
 

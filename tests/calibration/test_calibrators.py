@@ -847,12 +847,12 @@ def many_class_outputs(n: int, n_classes: int, seed: int) -> tuple[torch.Tensor,
 
 def test_matrix_and_dirichlet_are_never_worse_than_uncalibrated_out_of_fold_at_100_classes():
     """Issue 17: cross-fitted on CIFAR-100 outputs, matrix scaling came out worse than no calibration."""
-    from fastai_ls.calibration.compare import compare_calibrators
+    from fastai_ls.calibration.compare import compare_on_logits
 
     logits, target = many_class_outputs(3000, 100, seed=34)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)
-        table = compare_calibrators(logits, target, methods=["temperature", "matrix", "dirichlet"], folds=2,
+        table = compare_on_logits(logits, target, methods=["temperature", "matrix", "dirichlet"], folds=2,
                                     ci=None, progress=False)
     # 15 rows per class for each fit: the fits can only just match temperature scaling's one parameter
     for name in ("matrix", "dirichlet"):

@@ -20,7 +20,7 @@ from fastai_ls.calibration.calibrators import (
     stratified_folds,
 )
 from fastai_ls.calibration.calibrators.base import Calibrator
-from fastai_ls.calibration.compare import COLUMNS, compare_calibrators, cross_fit
+from fastai_ls.calibration.compare import COLUMNS, compare_on_logits, cross_fit
 
 
 def over_confident(n: int, n_classes: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +73,7 @@ def test_no_row_is_scored_by_a_calibrator_that_was_fitted_on_it():
     RowSpy.called_on.clear()
     logits, target = over_confident(200, seed=1)
     logits[:, 0] = torch.arange(200).float()  # the row id, carried through to the spy
-    compare_calibrators(logits, target, methods=[RowSpy()], folds=4)
+    compare_on_logits(logits, target, methods=[RowSpy()], folds=4)
     assert len(RowSpy.fitted_on) == len(RowSpy.called_on) == 4
     for fitted, called in zip(RowSpy.fitted_on, RowSpy.called_on):
         assert not fitted & called and fitted | called == set(range(200))
@@ -82,7 +82,7 @@ def test_no_row_is_scored_by_a_calibrator_that_was_fitted_on_it():
 
 def test_the_table_has_the_uncalibrated_model_first_then_one_row_per_method():
     logits, target = over_confident(600, seed=2)
-    table = compare_calibrators(logits, target, methods=["temperature", "histogram"], folds=3)
+    table = compare_on_logits(logits, target, methods=["temperature", "histogram"], folds=3)
     assert list(table.index) == ["uncalibrated", "temperature", "histogram"] and table.index.name == "method"
     with_intervals = [key for name in COLUMNS
                       for key in ((name,) if name == "classwise_ece" else (name, f"{name}_lo", f"{name}_hi"))]
@@ -100,7 +100,7 @@ def test_the_table_has_the_uncalibrated_model_first_then_one_row_per_method():
     for name in ("ece", "smece", "nll", "brier", "aurc", "augrc"):
         for end in ("lo", "hi"):
             assert table.loc["uncalibrated", f"{name}_{end}"] == pytest.approx(uncalibrated[f"{name}_{end}"])
-    without = compare_calibrators(logits, target, methods=["temperature", "histogram"], folds=3, ci=None)
+    without = compare_on_logits(logits, target, methods=["temperature", "histogram"], folds=3, ci=None)
     assert list(without.columns) == [*COLUMNS, "n_unscored", "fit_s", "may_change_prediction"]
     pd.testing.assert_frame_equal(without.drop(columns="fit_s"), table[without.columns].drop(columns="fit_s"))
     assert table.loc["uncalibrated", "fit_s"] == 0 and (table["fit_s"].iloc[1:] > 0).all()
@@ -109,7 +109,7 @@ def test_the_table_has_the_uncalibrated_model_first_then_one_row_per_method():
 
 def test_the_rows_are_the_pooled_out_of_fold_probabilities_of_each_method():
     logits, target = over_confident(500, seed=3)
-    table = compare_calibrators(logits, target, methods=["temperature", "vector"], folds=5, seed=7)
+    table = compare_on_logits(logits, target, methods=["temperature", "vector"], folds=5, seed=7)
     fold_of = stratified_folds(target, 5, seed=7)
     for name, cls in (("temperature", TemperatureScaling), ("vector", VectorScaling)):
         pooled = torch.empty(500, 5)
@@ -130,16 +130,16 @@ def test_the_rows_are_the_pooled_out_of_fold_probabilities_of_each_method():
 def test_the_comparison_is_deterministic_for_a_seed():
     logits, target = over_confident(400, seed=4)
     methods = {"temperature": "temperature", "isotonic": "isotonic", "dirichlet": DirichletCalibration(reg=0.01)}
-    first = compare_calibrators(logits, target, methods=methods, folds=3, seed=1).drop(columns="fit_s")
-    again = compare_calibrators(logits, target, methods=methods, folds=3, seed=1).drop(columns="fit_s")
-    other = compare_calibrators(logits, target, methods=methods, folds=3, seed=2).drop(columns="fit_s")
+    first = compare_on_logits(logits, target, methods=methods, folds=3, seed=1).drop(columns="fit_s")
+    again = compare_on_logits(logits, target, methods=methods, folds=3, seed=1).drop(columns="fit_s")
+    other = compare_on_logits(logits, target, methods=methods, folds=3, seed=2).drop(columns="fit_s")
     pd.testing.assert_frame_equal(first, again)
     assert not np.allclose(first.loc["isotonic", "nll"], other.loc["isotonic", "nll"])
 
 
 def test_temperature_scaling_cuts_the_ece_of_over_confident_outputs_several_fold():
     logits, target = over_confident(3000, seed=5)
-    table = compare_calibrators(logits, target, methods=["temperature"])
+    table = compare_on_logits(logits, target, methods=["temperature"])
     assert table.loc["temperature", "ece"] < table.loc["uncalibrated", "ece"] / 3
     assert table.loc["temperature", "error_rate"] == table.loc["uncalibrated", "error_rate"]
 
@@ -147,7 +147,7 @@ def test_temperature_scaling_cuts_the_ece_of_over_confident_outputs_several_fold
 def test_labels_calibrator_instances_and_numpy_input():
     logits, target = over_confident(300, seed=6)
     given = TemperatureScaling(2.0)
-    table = compare_calibrators(logits.numpy(), target.numpy(), folds=3, methods={
+    table = compare_on_logits(logits.numpy(), target.numpy(), folds=3, methods={
         "T": "temperature", "T from 2": given, "vector scaling": VectorScaling()})
     assert list(table.index) == ["uncalibrated", "T", "T from 2", "vector scaling"]
     # A calibrator passed in is a template: copied for each fold, never fitted or changed itself.
@@ -162,21 +162,21 @@ def test_labels_calibrator_instances_and_numpy_input():
 def test_bad_input_is_a_clear_error_before_any_fit():
     logits, target = over_confident(100, seed=7)
     with pytest.raises(ValueError, match="unknown calibration method 'tempreature'"):
-        compare_calibrators(logits, target, methods=["temperature", "tempreature"])
+        compare_on_logits(logits, target, methods=["temperature", "tempreature"])
     with pytest.raises(ValueError, match="two rows would be labelled 'temperature'"):
-        compare_calibrators(logits, target, methods=["temperature", TemperatureScaling()])
+        compare_on_logits(logits, target, methods=["temperature", TemperatureScaling()])
     with pytest.raises(ValueError, match="methods is empty"):
-        compare_calibrators(logits, target, methods=[])
+        compare_on_logits(logits, target, methods=[])
     with pytest.raises(ValueError, match="folds must be an int >= 2"):
-        compare_calibrators(logits, target, folds=1)
+        compare_on_logits(logits, target, folds=1)
     with pytest.raises(ValueError, match="ci"):
-        compare_calibrators(logits, target, methods=[RowSpy()], ci=1.5)
+        compare_on_logits(logits, target, methods=[RowSpy()], ci=1.5)
     poisoned = logits.clone()
     poisoned[5, 0] = float("nan")
     with pytest.raises(ValueError, match=r"NaN or \+inf .* \(first: row 5\)"):
-        compare_calibrators(poisoned, target, methods=["temperature"])
+        compare_on_logits(poisoned, target, methods=["temperature"])
     with pytest.raises(TypeError, match="logits must be a torch.Tensor or a numpy array"):
-        compare_calibrators(logits.tolist(), target)
+        compare_on_logits(logits.tolist(), target)
 
 
 def test_classes_smaller_than_the_folds_are_warned_about():
@@ -185,7 +185,7 @@ def test_classes_smaller_than_the_folds_are_warned_about():
     target[:1] = 4  # class 4 has one row for five folds
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        compare_calibrators(logits, target, methods=["temperature", "vector"], folds=5)
+        compare_on_logits(logits, target, methods=["temperature", "vector"], folds=5)
     messages = [str(w.message) for w in caught if issubclass(w.category, CalibrationWarning)]
     assert any("1 classes have fewer rows than folds=5 (first: class 4 with 1)" in m for m in messages)
     # Vector scaling's fit without class 4 warns, and the comparison says so once, by method.
@@ -200,7 +200,7 @@ def test_a_seed_that_cannot_seed_the_folds_and_the_bootstrap_is_named_before_any
     logits, target = over_confident(100, seed=7)
     RowSpy.fitted_on.clear()
     with pytest.raises(ValueError, match=r"seed must be an int from 0 to 2\*\*64 - 1, got"):
-        compare_calibrators(logits, target, methods=[RowSpy()], seed=seed, ci=None)
+        compare_on_logits(logits, target, methods=[RowSpy()], seed=seed, ci=None)
     assert RowSpy.fitted_on == []
     with pytest.raises(ValueError, match="seed must be an int"):
         stratified_folds(target, 3, seed=seed)
@@ -213,8 +213,8 @@ def test_the_scores_do_not_depend_on_the_dtype_of_the_logits():
     # dtype (on the CIFAR-10 WideResNet records: NLL 0.347 from float32 logits, 1.092 from float64).
     logits, target = over_confident(400, seed=11)
     methods = ["isotonic", "top_label_isotonic"]
-    single = compare_calibrators(logits, target, methods=methods, folds=4, ci=None)
-    double = compare_calibrators(logits.double(), target, methods=methods, folds=4, ci=None)
+    single = compare_on_logits(logits, target, methods=methods, folds=4, ci=None)
+    double = compare_on_logits(logits.double(), target, methods=methods, folds=4, ci=None)
     assert single.loc["isotonic", "nll"] > 1  # some rows at the cap: the case
     # (Not the binned ECE: top-label isotonic gives confidences such as 2/3 that lie on a bin edge m/15, where
     # float32's rounding of the value itself decides the bin.)
@@ -230,13 +230,13 @@ def test_probabilities_passed_as_logits_are_refused_naming_probabilities():
     logits, target = over_confident(300, seed=20)
     RowSpy.fitted_on.clear()
     with pytest.raises(ValueError, match=r"look like probabilities.*log"):
-        compare_calibrators(logits.softmax(1), target, methods=[RowSpy()], folds=3)
+        compare_on_logits(logits.softmax(1), target, methods=[RowSpy()], folds=3)
     assert RowSpy.fitted_on == []  # before any fit
     # rows rounded as a CSV export rounds them are probabilities too
     with pytest.raises(ValueError, match="probabilities"):
-        compare_calibrators(logits.softmax(1).round(decimals=3), target, methods=["temperature"], folds=3)
+        compare_on_logits(logits.softmax(1).round(decimals=3), target, methods=["temperature"], folds=3)
     # their logs are what to pass: the uncalibrated row then scores the probabilities themselves
-    table = compare_calibrators(logits.softmax(1).log(), target, methods=["temperature"], folds=3, ci=None)
+    table = compare_on_logits(logits.softmax(1).log(), target, methods=["temperature"], folds=3, ci=None)
     assert table.loc["uncalibrated", "nll"] == pytest.approx(float(F.cross_entropy(logits, target)), rel=1e-5)
 
 
@@ -244,7 +244,7 @@ def test_a_fixed_temperature_is_scored_as_given_and_never_changed():
     """Issue 20.11: TemperatureScaling(2.0) was refitted inside the comparison."""
     logits, target = over_confident(400, seed=21)
     given = TemperatureScaling(2.0)
-    table = compare_calibrators(logits, target, methods={"T = 2": given}, folds=4, ci=None)
+    table = compare_on_logits(logits, target, methods={"T = 2": given}, folds=4, ci=None)
     assert table.loc["T = 2", "nll"] == pytest.approx(float(F.cross_entropy(logits / 2, target)), rel=1e-5)
     assert given.temperature == 2.0 and given.fixed and given.n_classes is None
     # fitting a fixed temperature keeps it and it still takes any number of classes
@@ -269,7 +269,7 @@ def test_every_row_is_scored_or_the_table_says_how_many_were_not():
     """Issue 20.18: rows whose probabilities were not finite were dropped from the metrics without a word."""
     logits, target = over_confident(300, seed=22)
     logits[:, 0] = torch.arange(300).float()
-    table = compare_calibrators(logits, target, methods=[NaNOnOddRows()], folds=3, ci=None)
+    table = compare_on_logits(logits, target, methods=[NaNOnOddRows()], folds=3, ci=None)
     assert table.loc["nan on odd rows", "n_unscored"] == 150 and table.loc["uncalibrated", "n_unscored"] == 0
 
 
@@ -280,7 +280,7 @@ def test_finite_logits_near_the_float32_limit_give_every_row_a_score():
     logits[:40, 0], logits[40:80, 1] = 3e38, -3e38
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)
-        table = compare_calibrators(logits, target, methods=["temperature", "vector", "matrix", "dirichlet", "ets"],
+        table = compare_on_logits(logits, target, methods=["temperature", "vector", "matrix", "dirichlet", "ets"],
                                     folds=4, ci=None)
     assert (table["n_unscored"] == 0).all()
     assert table.drop(columns=["classwise_ece"]).notna().all().all()
@@ -291,11 +291,11 @@ def test_too_few_rows_per_fold_fail_before_any_fit_naming_folds():
     logits, target = torch.randn(110, 100), torch.arange(110) % 100
     RowSpy.fitted_on.clear()
     with pytest.raises(ValueError, match=r"folds=5 leaves 88 rows .* fewer than the classes: use folds=11 or more"):
-        compare_calibrators(logits, target, methods=[RowSpy()], folds=5)
+        compare_on_logits(logits, target, methods=[RowSpy()], folds=5)
     with pytest.raises(ValueError, match=r"folds=2 leaves 50 rows .* no number of folds works: add held-out rows"):
-        compare_calibrators(logits[:100], target[:100], methods=[RowSpy()], folds=2)
+        compare_on_logits(logits[:100], target[:100], methods=[RowSpy()], folds=2)
     assert RowSpy.fitted_on == []
-    table = compare_calibrators(logits, target, methods=[RowSpy()], folds=11, ci=None)  # the advice works
+    table = compare_on_logits(logits, target, methods=[RowSpy()], folds=11, ci=None)  # the advice works
     assert len(RowSpy.fitted_on) == 11 and table.loc["spy", "n_unscored"] == 0
 
 
@@ -303,8 +303,8 @@ def test_more_bins_than_the_intervals_resample_advise_what_compare_calibrators_t
     """Issue 20.19: n_bins=2000 advised raising n_fine, which compare_calibrators does not take."""
     logits, target = over_confident(300, seed=24)
     with pytest.raises(ValueError, match=r"n_bins=2000 .* pass n_bins <= 1000, or ci=None"):
-        compare_calibrators(logits, target, methods=["temperature"], n_bins=2000)
-    table = compare_calibrators(logits, target, methods=["temperature"], n_bins=2000, ci=None, folds=3)
+        compare_on_logits(logits, target, methods=["temperature"], n_bins=2000)
+    table = compare_on_logits(logits, target, methods=["temperature"], n_bins=2000, ci=None, folds=3)
     assert np.isfinite(table.loc["temperature", "ece"])
 
 
@@ -328,11 +328,11 @@ def test_a_progress_bar_runs_over_methods_times_folds_unless_asked_not_to(monkey
     monkeypatch.setattr(compare, "progress_bar", Bar)
     monkeypatch.setattr(compare, "_bar_visible", lambda: True)
     logits, target = over_confident(300, seed=25)
-    table = compare_calibrators(logits, target, methods=["temperature", "histogram"], folds=3, ci=None)
+    table = compare_on_logits(logits, target, methods=["temperature", "histogram"], folds=3, ci=None)
     assert len(bars) == 1 and list(bars[0]) == [(m, f) for m in ("temperature", "histogram") for f in range(3)]
     assert bars[0].comments[-1] == "histogram, fold 3/3"
     assert (table.loc[["temperature", "histogram"], "fit_s"] > 0).all()
-    compare_calibrators(logits, target, methods=["temperature"], folds=3, ci=None, progress=False)
+    compare_on_logits(logits, target, methods=["temperature"], folds=3, ci=None, progress=False)
     assert len(bars) == 1
 
 
@@ -342,7 +342,7 @@ def test_a_method_too_costly_for_the_class_count_is_skipped_with_its_reason():
 
     logits, target = over_confident(300, seed=26)
     with pytest.warns(CalibrationWarning, match=r"matrix: skipped, 5 classes are more than max_classes=4.*'vector'"):
-        table = compare_calibrators(logits, target, methods={"temperature": "temperature",
+        table = compare_on_logits(logits, target, methods={"temperature": "temperature",
                                                              "matrix": MatrixScaling(max_classes=4)}, folds=3)
     assert list(table.index) == ["uncalibrated", "temperature", "matrix"]
     assert table.loc["matrix", "n_unscored"] == 300 and np.isnan(table.loc["matrix", "nll"])
@@ -372,9 +372,9 @@ def test_the_comparison_in_row_blocks_gives_the_table_of_all_rows_at_once(monkey
     from fastai_ls.calibration.calibrators import base
 
     logits, target = over_confident(900, n_classes=8, seed=5)
-    whole = compare_calibrators(logits, target, methods=methods, folds=3, seed=1, n_boot=200, progress=False)
+    whole = compare_on_logits(logits, target, methods=methods, folds=3, seed=1, n_boot=200, progress=False)
     monkeypatch.setattr(base, "BLOCK_ELEMENTS", 8 * 50)  # 50 rows a block: 18 blocks, folds mixed in each
-    blocked = compare_calibrators(logits, target, methods=methods, folds=3, seed=1, n_boot=200, progress=False)
+    blocked = compare_on_logits(logits, target, methods=methods, folds=3, seed=1, n_boot=200, progress=False)
     pd.testing.assert_frame_equal(blocked.drop(columns="fit_s"), whole.drop(columns="fit_s"), rtol=1e-9)
 
 
@@ -386,7 +386,7 @@ def test_temperature_and_histogram_comparisons_hold_no_float64_copy_of_the_logit
     logits, target = over_confident(3000, n_classes=10, seed=2)
     monkeypatch.setattr(base, "BLOCK_ELEMENTS", 10 * 100)
     with _Float64Sizes() as sizes:
-        table = compare_calibrators(logits, target, methods=["temperature", "histogram"], folds=5, ci=None,
+        table = compare_on_logits(logits, target, methods=["temperature", "histogram"], folds=5, ci=None,
                                     progress=False)
     assert table["n_unscored"].tolist() == [0, 0, 0]
     # a block's softmax and counters (the state's fine cells: 3 x 1000), never a fold's or all rows' (30,000)

@@ -15,7 +15,7 @@ from scipy import stats
 from fastai_ls.calibration import CalibrationState
 from fastai_ls.calibration.calibrators import CalibrationWarning
 from fastai_ls.calibration.calibrators.base import calibration_messages
-from fastai_ls.calibration.compare import compare_calibrators
+from fastai_ls.calibration.compare import compare_on_logits
 from fastai_ls.calibration.scores import (
     NLL_FLOOR,
     ROW_SCORES,
@@ -77,7 +77,7 @@ def test_the_error_rate_interval_is_the_accuracy_interval_turned_round_and_the_i
 def test_the_comparison_tables_error_rate_interval_is_still_the_accuracys_turned_round():
     probs, target = outputs(n=400)
     logits = probs.log()
-    table = compare_calibrators(logits, target, methods=["temperature"], folds=4, seed=3)
+    table = compare_on_logits(logits, target, methods=["temperature"], folds=4, seed=3)
     state = CalibrationState(5)
     state.update(logits.softmax(1), target)
     m = state.metrics(ci=0.95, seed=3)

@@ -26,12 +26,12 @@ from torch import nn
 
 import fastai_ls.calibration.compare
 from fastai_ls import LabelSmoothingCrossEntropy, save_predictions
-from fastai_ls.calibration.best_calibrator import best_method
-from fastai_ls.calibration.calibrators import CALIBRATORS
-from fastai_ls.calibration.compare import compare_calibrators
+from fastai_ls.calibration.calibrators import CALIBRATORS, Calibrator
+from fastai_ls.calibration.compare import compare_on_logits
+from fastai_ls.calibrator_names import CALIBRATOR_NAMES
 from fastai_ls.cli import main
-from fastai_ls.cli.calibrate import read_predictions
-from fastai_ls.cli.main import METHODS
+from fastai_ls.cli.archive import read_predictions
+from fastai_ls.cli.tables import best_method
 from fastai_ls.integration.posthoc import holdout_logits
 
 N_CLASSES = 4
@@ -57,9 +57,16 @@ def run(args: list[str], capsys) -> tuple[int, str, str]:
     return status, captured.out, captured.err
 
 
-def test_the_command_knows_every_calibrator():
-    # The parser lists them without importing torch; the list must stay the registry's.
-    assert METHODS == tuple(CALIBRATORS)
+def test_the_registry_is_built_from_the_names_the_command_lists_without_torch():
+    assert tuple(CALIBRATORS) == CALIBRATOR_NAMES
+    assert all(cls.name == name for name, cls in CALIBRATORS.items())
+    subclasses, found = [Calibrator], set()  # every concrete calibrator with a name is in the registry
+    while subclasses:
+        cls = subclasses.pop()
+        subclasses += cls.__subclasses__()
+        if vars(cls).get("name") and not cls.__name__.startswith("_") and cls.__module__.startswith("fastai_ls."):
+            found.add(cls.name)
+    assert found <= set(CALIBRATOR_NAMES), found - set(CALIBRATOR_NAMES)
 
 
 def test_the_table_is_the_comparison_of_the_saved_arrays_with_intervals(tmp_path, capsys):
@@ -69,7 +76,7 @@ def test_the_table_is_the_comparison_of_the_saved_arrays_with_intervals(tmp_path
                             "--folds", "4", "--seed", "3", "--out", str(tmp_path / "t.csv")], capsys)
     assert status == 0, err
     written = pd.read_csv(tmp_path / "t.csv", index_col="method")
-    expected = compare_calibrators(torch.from_numpy(logits), torch.from_numpy(targets),
+    expected = compare_on_logits(torch.from_numpy(logits), torch.from_numpy(targets),
                                    methods=["temperature", "histogram"], folds=4, seed=3)
     pd.testing.assert_frame_equal(written.drop(columns="fit_s"), expected.drop(columns="fit_s"), check_dtype=False)
     # every shown metric as `estimate [lower, upper]`, the table's own numbers
@@ -101,7 +108,7 @@ def test_probabilities_are_read_as_their_logs_and_zeros_are_said(tmp_path, capsy
     assert "2 rows give their target probability 0, an infinite NLL: the 'uncalibrated' row counts 87.3 nats" in out
     # the calibrators give those targets a positive probability (a -inf logit stands for the row's lowest finite
     # logit minus 104): the calibrated NLL is finite and lower
-    table = compare_calibrators(torch.from_numpy(read.logits), torch.from_numpy(targets), methods=["temperature"])
+    table = compare_on_logits(torch.from_numpy(read.logits), torch.from_numpy(targets), methods=["temperature"])
     assert table.loc["uncalibrated", "nll"] > 2 * 87.3 / 200
     assert np.isfinite(table.loc["temperature", "nll"]) and table.loc["temperature", "nll"] < table.loc[
         "uncalibrated", "nll"]
@@ -340,12 +347,12 @@ def test_declared_shapes_are_checked_before_any_data_is_decompressed(tmp_path, c
 
 
 def test_arrays_larger_than_the_memory_are_refused_from_their_headers(tmp_path, capsys, monkeypatch):
-    import fastai_ls.cli.calibrate
+    import fastai_ls.cli.archive
 
     logits, targets = over_confident(100)
     np.savez(tmp_path / "p.npz", logits=logits, targets=targets)
     spy = ReadSpy(monkeypatch)
-    monkeypatch.setattr(fastai_ls.cli.calibrate, "_physical_memory", lambda: 1024)
+    monkeypatch.setattr(fastai_ls.cli.archive, "_physical_memory", lambda: 1024)
     err = one_error_line(["calibrate", str(tmp_path / "p.npz")], capsys)
     assert err == f"fastai-ls: error: {tmp_path / 'p.npz'} declares 2,400 bytes of arrays ('logits' (100, 4) " \
         "float32), more than this machine's 1,024 bytes of memory\n"
@@ -408,7 +415,7 @@ def test_running_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: not enough memory: you "
                            "tried to allocate 4000000000 bytes.\nmore detail")
 
-    monkeypatch.setattr(fastai_ls.calibration.compare, "compare_calibrators", torch_no_memory)
+    monkeypatch.setattr(fastai_ls.calibration.compare, "compare_on_logits", torch_no_memory)
     status, out, err = run(["calibrate", str(tmp_path / "p.npz")], capsys)
     assert status == 1 and err.count("\n") == 1
     assert err.startswith(f"fastai-ls: error: {tmp_path / 'p.npz'} is too big for this machine's memory ([enforce")
@@ -455,7 +462,7 @@ def test_too_few_rows_for_the_folds_is_said_with_the_option_before_any_fit(tmp_p
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "p.npz", logits=rng.standard_normal((n, n_classes)).astype(np.float32),
              targets=np.arange(n) % n_classes)
-    monkeypatch.setattr(fastai_ls.calibration.compare, "compare_calibrators",
+    monkeypatch.setattr(fastai_ls.calibration.compare, "compare_on_logits",
                         lambda *a, **k: pytest.fail("compared before checking the folds"))
     err = one_error_line(["calibrate", str(tmp_path / "p.npz"), "--methods", "temperature", *args], capsys)
     assert message in err and "folds=" not in err
@@ -480,13 +487,13 @@ def test_what_is_known_before_the_comparison_is_printed_before_it(tmp_path, monk
     stdout = Flushed()
     monkeypatch.setattr(sys, "stdout", stdout)
     seen = []
-    real = fastai_ls.calibration.compare.compare_calibrators
+    real = fastai_ls.calibration.compare.compare_on_logits
 
     def compare(*args, **kwargs):
         seen.append(stdout.flushed)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fastai_ls.calibration.compare, "compare_calibrators", compare)
+    monkeypatch.setattr(fastai_ls.calibration.compare, "compare_on_logits", compare)
     assert main(["calibrate", str(tmp_path / "p.npz"), "--methods", "temperature"]) == 0
     printed, = seen
     assert "400 rows, 4 classes, logits" in printed and "cross-fitted: each method is fitted on 4 of 5" in printed
@@ -499,8 +506,8 @@ def test_quiet_turns_the_progress_bars_off_for_the_comparison(tmp_path, capsys, 
     logits, targets = over_confident(100)
     np.savez(tmp_path / "p.npz", logits=logits, targets=targets)
     seen = []
-    real = fastai_ls.calibration.compare.compare_calibrators
-    monkeypatch.setattr(fastai_ls.calibration.compare, "compare_calibrators",
+    real = fastai_ls.calibration.compare.compare_on_logits
+    monkeypatch.setattr(fastai_ls.calibration.compare, "compare_on_logits",
                         lambda *a, **k: seen.append(fastprogress.NO_BAR) or real(*a, **k))
     for args in ([], ["--quiet"]):
         assert main(["calibrate", str(tmp_path / "p.npz"), "--methods", "temperature", *args]) == 0

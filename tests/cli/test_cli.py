@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 import fastai_ls
-from fastai_ls.calibration.best_calibrator import best_method
+from fastai_ls.calibrator_names import CALIBRATOR_NAMES
 from fastai_ls.cli import main
 from fastai_ls.cli.demo import METRICS
-from fastai_ls.cli.main import METHODS
+from fastai_ls.cli.tables import best_method
 from fastai_ls.pets import make_pets_like_tree, pets_learner
 
 QUICK_DEMO = ["demo", "--epochs", "1", "--max-items", "240", "--bs", "32", "--methods", "temperature,histogram",
@@ -129,7 +129,7 @@ def test_pets_options_reach_pets_learner(monkeypatch):
                                  num_workers=0, seed=7)
     assert runs == {"label smoothing 0.2": 0.2}
     # its own default folder: a pets run must not replace the demo's files (found in review)
-    assert kwargs == dict(epochs=2, out="fastai_ls_pets", seed=7, methods=list(METHODS), folds=5, force=False,
+    assert kwargs == dict(epochs=2, out="fastai_ls_pets", seed=7, methods=list(CALIBRATOR_NAMES), folds=5, force=False,
                           quiet=False)
 
 
@@ -290,7 +290,7 @@ def test_help_never_breaks_a_method_name_or_an_option_across_lines(command, monk
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())  # the lines joined: a name cut in two stays cut
         default = text[text.index("(default: all"):]
-        for name in METHODS:
+        for name in CALIBRATOR_NAMES:
             assert re.search(rf"(?<!\w){name}(?!\w)", default), (columns, name, default[:200])
         for option in re.findall(r"--[a-z-]+", text):
             assert option.rstrip("-") in {"--help", "--methods", "--folds", "--force", "--quiet", "--out", "--seed",

@@ -11,7 +11,7 @@ import torch
 from scipy import stats
 
 from fastai_ls.calibration import CalibrationState, calibration_metrics
-from fastai_ls.calibration.best_calibrator import Calibrated, best_method, paired_differences, paired_scores
+from fastai_ls.calibration.best_calibrator import Calibrated, paired_differences, paired_scores
 from fastai_ls.cli.demo import METRICS, model_report
 
 
@@ -92,13 +92,10 @@ def test_paired_scores_give_the_demos_per_row_scores_bit_for_bit():
     assert list(new) == list(old) and all(torch.equal(new[k], old[k]) for k in old)
 
 
-def test_the_old_spellings_still_work_with_a_future_warning_naming_the_new_ones():
-    import fastai_ls.cli.calibrate
+def test_the_old_spelling_still_works_with_a_future_warning_naming_the_new_one():
     import fastai_ls.cli.demo
 
     with pytest.warns(FutureWarning, match="cli.demo.per_row_scores is deprecated.*best_calibrator.paired_scores"):
         assert fastai_ls.cli.demo.per_row_scores is paired_scores
-    with pytest.warns(FutureWarning, match="cli.calibrate.best_method is deprecated.*best_calibrator.best_method"):
-        assert fastai_ls.cli.calibrate.best_method is best_method
     with pytest.raises(AttributeError):
         fastai_ls.cli.demo.no_such_name  # noqa: B018

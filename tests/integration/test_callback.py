@@ -38,10 +38,12 @@ from fastai_ls import (
     LabelSmoothingCrossEntropy,
     plot_history,
     plot_reliability,
+    plot_smooth_reliability,
 )
-from fastai_ls.calibration.plots import BIN_COLUMNS
+from fastai_ls.calibration.plots import BIN_COLUMNS, bin_frame
 from fastai_ls.calibration.state import INTERVAL_COLUMNS, METRIC_NAMES
-from fastai_ls.integration.callback import HISTORY_COLUMNS, METRIC_COMPARISONS, check_class_id_targets
+from fastai_ls.integration.columns import HISTORY_COLUMNS, METRIC_COMPARISONS
+from fastai_ls.integration.targets import check_class_id_targets
 
 matplotlib.use("Agg")
 N_CLASSES, N_VALID = 4, 70
@@ -363,7 +365,7 @@ def test_bins_table_counts_every_validation_row():
     learn = make_learner(cb)
     with quiet(learn):
         learn.fit(1, 1e-2)
-    table = cb.bins()
+    table = bin_frame(cb.state_of())
     assert tuple(table.columns) == BIN_COLUMNS and len(table) == 8
     assert table["count"].sum() == N_VALID
     filled = table[table["count"] > 0]
@@ -378,9 +380,9 @@ def test_plots_return_figures_headless_also_for_a_bare_state_on_given_axes():
     learn = make_learner(cb)
     with quiet(learn):
         learn.fit(2, 1e-2)
-    figures = [cb.plot_reliability(), cb.plot_reliability(epoch=0), cb.plot_history(), plot_history(cb.history)]
+    figures = [plot_reliability(cb.state_of()), plot_reliability(cb.state_of(0)), plot_history(cb.history)]
     fig, axes = plt.subplots(1, 2)
-    assert plot_reliability(cb, ax=axes[0], title="with LS") is fig
+    assert plot_reliability(cb.state_of(), ax=axes[0], title="with LS") is fig
     assert plot_reliability(cb.state, ax=axes[1]) is fig
     ece = f"ECE {100 * cb.state.ece('l1'):.2f}%"  # the title always shows the ECE, after the caller's title
     assert axes[0].get_title() == f"with LS: {ece}" and axes[1].get_title() == ece
@@ -396,7 +398,7 @@ def test_plot_smooth_reliability_of_a_callback_without_intervals_draws_without_a
     cb = CalibrationCallback(ci=None, n_bins=15, n_fine=10)
     with quiet(learn := make_learner(cb)):
         learn.fit(1, 1e-2)
-    fig = cb.plot_smooth_reliability()
+    fig = plot_smooth_reliability(cb.state_of(), ci=cb.ci)
     assert fig.axes[0].get_title().startswith("smECE") and "[" not in fig.axes[0].get_title()
     matplotlib.pyplot.close(fig)
 
@@ -610,9 +612,9 @@ def test_an_epoch_the_last_fit_did_not_record_is_a_clear_error():
     assert cb.state_of(-2) is cb.states[0]
     for epoch in (2, -3, 1.0):
         with pytest.raises(ValueError, match=r"epoch must be an int from -2 to 1: the last fit recorded 2 epochs"):
-            cb.report(epoch=epoch)
+            cb.state_of(epoch)
     with pytest.raises(ValueError, match="epoch must be"):
-        cb.bins(epoch=5)
+        cb.state_of(5)
 
 
 class NaNForLargeFirstFeature(nn.Module):

@@ -1,6 +1,6 @@
 """CalibrationCallback's metrics with their uncertainty: interval columns in the history (computed when read, not in
-the training loop), interval and new metrics as progress-table columns, `report()`, `risk_coverage()` and the
-new plots."""
+the training loop), interval and new metrics as progress-table columns, the report, the risk-coverage curve and the
+new plots of the recorded states."""
 
 from __future__ import annotations
 
@@ -15,11 +15,17 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from torch import nn
 
-from fastai_ls import CalibrationCallback, LabelSmoothingCrossEntropy
+from fastai_ls import (
+    CalibrationCallback,
+    LabelSmoothingCrossEntropy,
+    plot_history,
+    plot_risk_coverage,
+    plot_smooth_reliability,
+)
 from fastai_ls.calibration import intervals as intervals_module
-from fastai_ls.calibration.report import REPORT_COLUMNS, format_interval
+from fastai_ls.calibration.report import REPORT_COLUMNS, format_interval, report_frame
 from fastai_ls.calibration.state import INTERVAL_COLUMNS, INTERVAL_NAMES, METRIC_NAMES
-from fastai_ls.integration.callback import HISTORY_COLUMNS
+from fastai_ls.integration.columns import HISTORY_COLUMNS
 
 matplotlib.use("Agg")
 N_CLASSES, N_VALID = 4, 90
@@ -103,7 +109,7 @@ def test_bad_interval_settings_are_refused_at_construction(kwargs, match):
 def test_report_is_one_tidy_row_per_metric_with_estimate_lower_and_upper():
     cb = CalibrationCallback(n_boot=200)
     fitted(cb)
-    report = cb.report()
+    report = report_frame(cb.state_of().metrics(ci=0.95, n_boot=200, seed=cb.seed), 0.95)
     assert tuple(report.columns) == REPORT_COLUMNS and report.index.name == "metric"
     assert list(report.index) == [m for m in METRIC_NAMES if not m.endswith("_se")]
     last = cb.history.iloc[-1]
@@ -114,7 +120,8 @@ def test_report_is_one_tidy_row_per_metric_with_estimate_lower_and_upper():
     assert report.loc["ece", "interval"] == "95% percentile bootstrap" and report.loc["nll", "interval"] == \
         "95% normal"
     assert math.isnan(report.loc["classwise_ece", "lower"]) and report.loc["classwise_ece", "interval"] == ""
-    assert cb.report(epoch=0, ci=0.5).loc["ece", "interval"] == "50% percentile bootstrap"
+    assert report_frame(cb.state_of(0).metrics(ci=0.5, n_boot=200), 0.5).loc["ece", "interval"] == \
+        "50% percentile bootstrap"
     text = format_interval(*report.loc["ece", ["estimate", "lower", "upper"]])
     assert text == f"{last['ece']:.4f} [{last['ece_lo']:.4f}, {last['ece_hi']:.4f}]"
 
@@ -122,7 +129,7 @@ def test_report_is_one_tidy_row_per_metric_with_estimate_lower_and_upper():
 def test_risk_coverage_is_a_frame_of_the_rows_above_each_threshold():
     cb = CalibrationCallback(ci=None)
     learn = fitted(cb)
-    curve = cb.risk_coverage()
+    curve = pd.DataFrame({k: v.numpy() for k, v in cb.state_of().risk_coverage().items()})
     assert list(curve.columns) == ["threshold", "coverage", "risk", "generalized_risk"]
     probs, target = learn.get_preds()
     conf, error = probs.max(1).values.double(), (probs.argmax(1) != target).double()
@@ -131,7 +138,7 @@ def test_risk_coverage_is_a_frame_of_the_rows_above_each_threshold():
         assert row.coverage == pytest.approx(float(accepted.double().mean()))
         assert row.risk == pytest.approx(float(error[accepted].mean()))
         assert row.generalized_risk == pytest.approx(float(error[accepted].sum() / len(error)))
-    assert curve["coverage"].iloc[-1] == pytest.approx(1.0) and len(cb.risk_coverage(epoch=0)) >= 1
+    assert curve["coverage"].iloc[-1] == pytest.approx(1.0) and len(cb.state_of(0).risk_coverage()["coverage"]) >= 1
 
 
 def test_the_new_plots_draw_from_the_callback():
@@ -139,7 +146,8 @@ def test_the_new_plots_draw_from_the_callback():
 
     cb = CalibrationCallback(n_boot=100)
     fitted(cb)
-    figures = [cb.plot_smooth_reliability(), cb.plot_risk_coverage(epoch=0), cb.plot_history()]
+    figures = [plot_smooth_reliability(cb.state_of(), n_boot=cb.n_boot), plot_risk_coverage(cb.state_of(0)),
+               plot_history(cb.history)]
     assert all(isinstance(f, matplotlib.figure.Figure) for f in figures)
     # The history plot shades the intervals of the history.
     band = figures[2].axes[0].collections[0].get_paths()[0].vertices[:, 1]

@@ -1,5 +1,5 @@
 """Two CPU processes (gloo) under fastai's DistributedTrainer give the calibration state of one process, both through
-fastai's own `learn.distrib_ctx()` (after `patch_fastai_for_gloo`) and through
+fastai's own `learn.distrib_ctx()` (inside `gloo_broadcast()`) and through
 `fastai_ls.integration.distributed.distrib_ctx`."""
 
 from __future__ import annotations
@@ -85,6 +85,11 @@ def test_fastai_distrib_ctx_runs_fastai_own_distributed_dl_and_ddp_on_gloo(two_p
     run = run_of(two_process_run / "rank1.pt", "fastai")
     assert run["wrappers"] == ["fastai.distributed.DistributedDL",
                                "torch.nn.parallel.distributed.DistributedDataParallel"]
+
+
+def test_fastai_own_distributed_dl_is_changed_only_inside_the_blocks(two_process_run):
+    # Issue 16: patch_fastai_for_gloo replaced fastai's DistributedDL._broadcast for the whole process, for good.
+    assert all(torch.load(two_process_run / f"rank{r}.pt")["fastai_restored"] for r in range(2))
 
 
 @ENTRIES

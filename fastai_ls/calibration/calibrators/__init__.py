@@ -1,7 +1,8 @@
 """Post-hoc calibrators (tensors in, tensors out): each is fitted on held-out logits and class ids and maps logits
 to probabilities. `base.py` holds the interface and its input checks, `scaling.py` the softmax-of-rescaled-logits
 family, `isotonic.py` and `binning.py` the non-parametric ones, `toplabel.py` the top-label scheme they share, and
-`folds.py` the stratified folds of cross-fitting. `CALIBRATORS` maps each method's name to its class."""
+`folds.py` the stratified folds of cross-fitting. `CALIBRATORS` maps each method's name to its class, in the order
+of `fastai_ls.calibrator_names.CALIBRATOR_NAMES` (which the command reads without importing torch)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,17 @@ from fastai_ls.calibration.calibrators.scaling import (
     TemperatureScaling,
     VectorScaling,
 )
+from fastai_ls.calibrator_names import CALIBRATOR_NAMES
 
 __all__ = ["Calibrator", "CalibrationWarning", "CALIBRATORS", "get_calibrator", "TemperatureScaling",
            "VectorScaling", "MatrixScaling", "DirichletCalibration", "EnsembleTemperatureScaling",
            "IsotonicCalibration", "TopLabelIsotonic", "TopLabelHistogramBinning", "IsotonicCurve", "HistogramCurve",
            "stratified_folds"]
 
-CALIBRATORS: dict[str, type[Calibrator]] = {cls.name: cls for cls in (
+_BY_NAME = {cls.name: cls for cls in (
     TemperatureScaling, VectorScaling, MatrixScaling, DirichletCalibration, IsotonicCalibration, TopLabelIsotonic,
     TopLabelHistogramBinning, EnsembleTemperatureScaling)}
+CALIBRATORS: dict[str, type[Calibrator]] = {name: _BY_NAME[name] for name in CALIBRATOR_NAMES}
 
 
 def get_calibrator(method: str | Calibrator, **options) -> Calibrator:

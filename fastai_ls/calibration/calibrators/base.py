@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import warnings
 from typing import ClassVar
 
@@ -25,9 +24,11 @@ import torch
 from torch import Tensor
 
 from fastai_ls.calibration.intervals import _one_thread
+from fastai_ls.validation import check_class_ids, check_int, check_logits, check_number
 
-__all__ = ["Calibrator", "CalibrationWarning", "calibration_messages", "NEG_INF_GAP", "BLOCK_ELEMENTS", "row_blocks",
-           "check_fit_input", "clean_logits", "check_int", "check_number"]
+# check_int, check_number: `fastai_ls.validation`'s checks of the calibrators' options, also imported from here.
+__all__ = ["Calibrator", "CalibrationWarning", "calibration_messages", "NEG_INF_GAP", "BLOCK_ELEMENTS",
+           "row_blocks", "check_fit_input", "clean_logits", "check_int", "check_number"]
 
 # exp(-104) is below float32's smallest positive number (about 1.4e-45): a logit this far below the others of its
 # row has probability 0 after softmax, as a -inf logit has.
@@ -79,56 +80,6 @@ def one_thread_for_small_cpu_fits(logits: Tensor, quadratic: bool = True):
         yield
 
 
-def check_int(value: int, name: str, low: int = 1) -> int:
-    """`value` as a Python int if it is an integer >= `low` (numpy's integers included, booleans not), else a
-    ValueError naming `name`.
-
-    Parameters
-    ----------
-    value : int
-        The option's value.
-    name : str
-        The option's name, for the message.
-    low : int
-        The smallest value allowed.
-
-    Examples
-    --------
-    >>> check_int(3.0, "n_bins")
-    Traceback (most recent call last):
-    ValueError: n_bins must be an int >= 1, got 3.0
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
-def check_number(value: float, name: str, low: float = 0.0, strict: bool = False) -> float:
-    """`value` as a Python float if it is a finite real number >= `low` (> `low` with `strict`; numpy's scalars
-    included, booleans not), else a ValueError naming `name`.
-
-    Parameters
-    ----------
-    value : float
-        The option's value.
-    name : str
-        The option's name, for the message.
-    low : float
-        The bound.
-    strict : bool
-        Whether `low` itself is refused.
-
-    Examples
-    --------
-    >>> check_number(2, "temperature", strict=True)
-    2.0
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or (value <= low if strict else value < low):
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
-    return float(value)
-
-
 class CalibrationWarning(UserWarning):
     """A fit that ran but whose result needs attention: a temperature at its bound, classes missing from the
     held-out targets, classes too small for the folds of a comparison."""
@@ -160,15 +111,6 @@ def calibration_messages(caught: list[warnings.WarningMessage]) -> list[str]:
         if not issubclass(w.category, CalibrationWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return [str(w.message) for w in caught if issubclass(w.category, CalibrationWarning)]
-
-
-def _check_logits(logits: Tensor) -> None:
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"logits must be (N, C) with C >= 2 classes, got shape {tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
 
 
 def clean_logits(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -218,22 +160,14 @@ def check_fit_input(logits: Tensor, target: Tensor, upcast: bool = True) -> tupl
     upcast : bool
         Return the logits in float64 (a copy of float32 logits; False: checks without a float64 copy).
     """
-    _check_logits(logits)
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    check_logits(logits)
     n, n_classes = logits.shape
-    if target.shape != (n,) or target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise ValueError(f"target must hold {n} integer class ids (one per row of logits), got {target.dtype} "
-                         f"{tuple(target.shape)}")
+    check_class_ids(target, n, rows="logits", column=False)  # shape and dtype: the values once on the logits' device
     if n < n_classes:
         raise ValueError(f"need at least as many held-out rows as classes to fit a calibrator, got {n} rows for "
                          f"{n_classes} classes")
-    target = target.detach().to(logits.device, torch.long)
-    out_of_range = (target < 0) | (target >= n_classes)
-    if bool(out_of_range.any()):
-        i = int(out_of_range.nonzero()[0, 0])
-        raise ValueError(f"target holds {int(out_of_range.sum())} class ids outside [0, {n_classes}) (first: "
-                         f"{int(target[i])} in row {i}); drop ignored rows before fitting")
+    target = check_class_ids(target.to(logits.device), n, n_classes, rows="logits", column=False,
+                             fix="drop ignored rows before fitting")
     # -inf is replaced in the dtype that calling the calibrator uses (float64 or float32), then the fit runs in
     # float64: the calibrator then sees the same substitute logits when it is fitted and when it is called.
     z, bad = _clean_in_blocks(logits, _call_dtype(logits))
@@ -342,7 +276,7 @@ class Calibrator:
         """
         if not self.fitted:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(logits, target) first")
-        _check_logits(logits)
+        check_logits(logits)
         if self.n_classes is not None and logits.shape[1] != self.n_classes:
             raise ValueError(f"{type(self).__name__} was fitted on {self.n_classes} classes, got logits with "
                              f"{logits.shape[1]}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastai_ls.calibration.calibrators.base import check_int
 from fastai_ls.calibration.calibrators.toplabel import TopLabelCalibrator
+from fastai_ls.validation import check_int
 
 __all__ = ["HistogramCurve", "TopLabelHistogramBinning"]
 

@@ -7,7 +7,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from fastai_ls.calibration.intervals import check_seed
+from fastai_ls.validation import check_seed
 
 __all__ = ["stratified_folds"]
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastai_ls.calibration.calibrators.base import Calibrator, check_int, row_blocks
+from fastai_ls.calibration.calibrators.base import Calibrator, row_blocks
+from fastai_ls.validation import check_int
 
 __all__ = ["TopLabelCalibrator", "spread_rest", "MARGIN"]
 

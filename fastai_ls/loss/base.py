@@ -1,0 +1,247 @@
+"""What the calibration-loss family (`focal.py`, `margin.py`, `maxsup.py`, `logitnorm.py`, `confidence_penalty.py`)
+shares: the argument checks, PyTorch's layout, `weight`, `ignore_index` and reductions, and the fastai hooks.
+
+Every loss of the family is computed row by row on (M, C) logits with the class axis last, as
+
+    loss_row = sum_c w_c q_c f_c(x) + (sum_c w_c q_c) * R(x)
+
+with q the target (one-hot for class ids), w the class weights (1 without `weight`), f_c a per-class term (-log p_c
+for cross-entropy) and R a per-row penalty (plus the optional z-loss, lambda logsumexp(x)^2). For class ids this is
+w_y (f_y + R), and 'mean' divides by the sum of w_y over the kept rows, as PyTorch's cross-entropy does; for
+probability targets 'mean' divides by the number of rows. A row whose target equals `ignore_index` contributes
+nothing to the loss, the divisor or the gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fastai_ls.loss.checks import (
+    check_ids,
+    check_input,
+    check_options,
+    check_target,
+    check_weight,
+    check_weight_needs_no_grad,
+    check_weight_values,
+    weight_in,
+)
+from fastai_ls.loss.formula import class_rows_last, kept_targets, reduce_loss
+from fastai_ls.loss.modules import LabelSmoothingCrossEntropyFlat
+from fastai_ls.validation import compute_dtype, plain, upcast
+
+__all__ = ["check_parameter", "check_common", "Rows", "rows_of", "family_loss", "log_softmax_rows",
+           "cross_entropy_plus", "FamilyLoss", "FlatFamilyLoss"]
+
+
+def check_parameter(name: str, value: float, low: float = 0.0, *, inclusive: bool = True,
+                    high: float = math.inf) -> float:
+    """`value` as a float after checking that it is a finite real number >= `low` (> `low` if not `inclusive`) and
+    <= `high`; a TypeError or ValueError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if value < low or (not inclusive and value == low) or value > high:
+        bound = f"{'>=' if inclusive else '>'} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+        raise ValueError(f"{name} must be {bound}, got {value:g}")
+    return value
+
+
+def check_common(reduction: str, ignore_index: int) -> None:
+    """Raise if `reduction` or `ignore_index` is invalid (the label-smoothing loss's own checks, at eps = 0)."""
+    check_options(0.0, reduction, "uniform", ignore_index)
+
+
+@dataclass
+class Rows:
+    """A batch as (M, C) rows, class axis last, ready for a row formula.
+
+    `x`: the logits in their compute dtype (ignored rows zeroed, so that their gradient is exactly 0); `y`: class ids
+    (ignored rows read as 0) or None; `q`: probability targets or None; `w`: class weights in the compute dtype or
+    None; `mass`: sum_c w_c q_c per row (w_y for ids, 1.0 without weights), the factor of the row penalty;
+    `ignored`: the ignored-row mask or None; `divisor`: the 'mean' divisor; `shape`: the shape of a 'none' loss."""
+
+    x: Tensor
+    y: Tensor | None
+    q: Tensor | None
+    w: Tensor | None
+    mass: Tensor | float
+    ignored: Tensor | None
+    divisor: Tensor | float
+    shape: torch.Size
+
+    def target_sum(self, f: Tensor) -> Tensor:
+        """sum_c w_c q_c f_c per row, for a per-class term `f` (M, C)."""
+        if self.q is None:
+            return self.weighted(self.true_class(f))
+        wq = self.q if self.w is None else self.q * self.w
+        return (wq * f).sum(1)
+
+    def smoothed_sum(self, f: Tensor, eps: float) -> Tensor:
+        """sum_c w_c q'_c f_c per row for the smoothed target q' = (1 - eps) q + eps / C."""
+        if not eps:
+            return self.target_sum(f)
+        wf = f.sum(1) if self.w is None else (f * self.w).sum(1)
+        return (1 - eps) * self.target_sum(f) + (eps / f.shape[1]) * wf
+
+    def true_class(self, f: Tensor) -> Tensor:
+        """f_y (M,) of a per-class term (M, C), for class-id targets."""
+        return f.gather(1, self.y[:, None]).squeeze(1)
+
+    def weighted(self, f_y: Tensor) -> Tensor:
+        """w_y f_y per row, for class-id targets."""
+        return f_y if self.w is None else self.w[self.y] * f_y
+
+    def cross_entropy(self, log_p: Tensor) -> Tensor:
+        """-sum_c w_c q_c log p_c per row, from log-probabilities (M, C)."""
+        return -self.target_sum(log_p)
+
+    def reduce(self, loss: Tensor, reduction: str) -> Tensor:
+        """Per-row `loss` with ignored rows zeroed, reduced PyTorch's way."""
+        if self.ignored is not None:
+            loss = loss.masked_fill(self.ignored, 0.0)
+        return reduce_loss(loss, self.divisor, reduction, self.shape)
+
+
+def rows_of(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Rows:
+    """Check `input`, `target` and `weight` (types, shapes, devices, then the ids' and weights' values, one host read
+    for all: never one per row) and lay them out as `Rows`. Half-precision logits are computed in float32."""
+    check_input(input)
+    input = plain(input)
+    target = plain(target) if isinstance(target, Tensor) else target
+    n_classes = input.shape[1]
+    check_weight(weight, n_classes)
+    check_weight_needs_no_grad(weight)
+    check_target(input, target, ignore_index)
+    shape = input.shape[:1] + input.shape[2:]
+    x, t = class_rows_last(input, target)
+    if t.is_floating_point():
+        check_weight_values(weight)
+    else:
+        check_ids(t, n_classes, ignore_index, weight)
+    w = weight_in(weight, compute_dtype(input.dtype), input.device)
+    if t.is_floating_point():
+        mass = t.sum(1) if w is None else (t * w).sum(1)
+        return Rows(x, None, t, w, mass, None, t.shape[0], shape)
+    y, ignored, divisor = kept_targets(t, int(ignore_index), w, x.dtype)
+    return Rows(x.masked_fill(ignored[:, None], 0.0), y, None, w, 1.0 if w is None else w[y], ignored, divisor,
+                shape)
+
+
+def family_loss(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
+                z_loss: float, row_loss: Callable[[Rows], Tensor]) -> Tensor:
+    """Check the common arguments, lay the batch out as `Rows` and reduce `row_loss(rows)`, the (M,) row losses,
+    plus the z-loss z_loss * logsumexp(x)^2 times the row's target mass when `z_loss` is not 0."""
+    check_common(reduction, ignore_index)
+    z_loss = check_parameter("z_loss", z_loss)
+    rows = rows_of(input, target, weight, ignore_index)
+    loss = row_loss(rows)
+    if z_loss:
+        loss = loss + rows.mass * z_loss * rows.x.logsumexp(1).square()
+    return rows.reduce(loss, reduction)
+
+
+def log_softmax_rows(x: Tensor) -> Tensor:
+    """log p (M, C) of rows of logits: torch's log-softmax, one fused pass each way."""
+    return x.log_softmax(1)
+
+
+def cross_entropy_plus(rows: Rows, penalty: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Per-row cross-entropy plus the target mass times `penalty(x, log_p)` (M,): the row loss of every
+    "cross-entropy plus a penalty on the logits" member of the family."""
+    log_p = log_softmax_rows(rows.x)
+    return rows.cross_entropy(log_p) + rows.mass * penalty(rows.x, log_p)
+
+
+class FamilyLoss(nn.Module):
+    """The shared part of the family's fastai loss classes (PyTorch's layout, class axis 1): `weight` kept as a copy
+    in a buffer, `reduction` a plain attribute read at call time (fastai's `NoneReduce` sets it), `ignore_index`,
+    and the `activation` (softmax) and `decodes` (argmax) hooks on the class axis. A subclass names its functional
+    form, `function(input, target, *parameters, weight, reduction, ignore_index, z_loss=...)`, and the attributes
+    that hold its own `parameters`, read at every call."""
+
+    y_int = True  # MixUp/CutMix mix the losses of integer targets instead of mixing the targets
+    class_axis = 1
+    function: Callable[..., Tensor]
+    parameters: tuple[str, ...] = ()
+
+    def __init__(self, weight: Tensor | None = None, reduction: str = "mean", ignore_index: int = -100, *,
+                 z_loss: float = 0.0):
+        """Check and store the common options."""
+        super().__init__()
+        check_common(reduction, ignore_index)
+        self.z_loss = check_parameter("z_loss", z_loss)
+        check_weight(weight)
+        check_weight_values(weight)
+        self.reduction, self.ignore_index = reduction, ignore_index
+        # A copy, so that moving or loading the module never writes into the caller's tensor.
+        self.register_buffer("weight", None if weight is None else weight.detach().clone())
+
+    def forward(self, input: Tensor, target: Tensor, reduction: str | None = None) -> Tensor:
+        """The loss of logits `input` against `target`."""
+        return self.loss(input, target, reduction or self.reduction)
+
+    def loss(self, input: Tensor, target: Tensor, reduction: str) -> Tensor:
+        """The functional form with this module's parameters and options."""
+        return self.function(input, target, *(getattr(self, name) for name in self.parameters), self.weight,
+                             reduction, self.ignore_index, z_loss=self.z_loss)
+
+    def activation(self, out: Tensor) -> Tensor:
+        """The probabilities the loss scores: softmax over the class axis (fastai's `get_preds` calls this)."""
+        return upcast(out).softmax(self.class_axis)
+
+    def decodes(self, out: Tensor) -> Tensor:
+        """Class ids from (activated) predictions: argmax over the class axis."""
+        return out.argmax(self.class_axis)
+
+    def extra_repr(self) -> str:
+        own = "".join(f"{name}={getattr(self, name)}, " for name in self.parameters)
+        return own + self.options_repr()
+
+    def options_repr(self) -> str:
+        """The common options, as `extra_repr` shows them."""
+        z_loss = f", z_loss={self.z_loss}" if self.z_loss else ""
+        return f"reduction={self.reduction!r}, ignore_index={self.ignore_index}{z_loss}"
+
+
+class FlatFamilyLoss:
+    """Mixed in before a `FamilyLoss` class, gives its `Flat` twin fastai's `BaseLoss` conventions, as
+    `LabelSmoothingCrossEntropyFlat` has them: the class axis is `axis` (default last), integer targets may come
+    flattened or with trailing size-1 axes, and 'none' losses are flattened to one per position."""
+
+    def _flat_options(self, axis: int, flatten: bool, floatify: bool) -> None:
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        for name, value in (("flatten", flatten), ("floatify", floatify)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        self.axis, self.flatten, self.floatify = int(axis), flatten, floatify
+
+    @property
+    def class_axis(self) -> int:
+        return self.axis
+
+    def forward(self, input: Tensor, target: Tensor, reduction: str | None = None) -> Tensor:
+        """The loss of logits `input` (classes on `axis`) against `target`."""
+        for name, value in (("input", input), ("target", target)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        input, target = plain(input), plain(target)
+        if self.floatify and target.dtype != torch.float16:
+            target = target.float()
+        loss = self.loss(*self._class_axis_first(input, target), reduction or self.reduction)
+        return loss.reshape(-1) if self.flatten and loss.dim() else loss
+
+    # One implementation of the layout rules for every Flat loss: the label-smoothing loss's.
+    _class_axis_first = LabelSmoothingCrossEntropyFlat._class_axis_first
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, axis={self.axis}"
