@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # for IDEs and type checkers; at run time `__getattr__` below
     from fastai_ls.integration import distributed
     from fastai_ls.integration.adafocal import AdaFocalCallback
     from fastai_ls.integration.callback import CalibrationCallback
+    from fastai_ls.integration.compare_losses import compare_losses
     from fastai_ls.integration.maxsup_schedule import MaxSupSchedule
     from fastai_ls.integration.posthoc import (
         applied_calibrator,
@@ -114,6 +115,7 @@ _SOURCES = {
     "applied_calibrator": "fastai_ls.integration.posthoc",
     "compare_calibrators": "fastai_ls.integration.posthoc",
     "save_predictions": "fastai_ls.integration.posthoc",
+    "compare_losses": "fastai_ls.integration.compare_losses",
     "pets_learner": "fastai_ls.pets",
     "make_pets_like_tree": "fastai_ls.pets",
     "digits_learner": "fastai_ls.digits",
@@ -132,7 +134,7 @@ __all__ = [
     "plot_selective", "confidence_scores", "aurc", "augrc", "compare_confidence_scores",
     "TemperatureFit", "apply_temperature", "fit_temperature", "remove_temperature",
     "fit_calibrator", "apply_calibrator", "remove_calibrator", "applied_calibrator", "compare_calibrators",
-    "save_predictions",
+    "save_predictions", "compare_losses",
     "pets_learner", "make_pets_like_tree", "digits_learner", "distributed",
 ]  # the same names as `_SOURCES` and the imports above (tests/test_package.py checks it)
 

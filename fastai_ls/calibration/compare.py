@@ -19,9 +19,10 @@ from torch import Tensor
 
 from fastai_ls._deprecation import warn_renamed
 from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, Calibrator, get_calibrator
-from fastai_ls.calibration.calibrators.base import check_fit_input, row_blocks
+from fastai_ls.calibration.calibrators.base import calibration_messages, check_fit_input, row_blocks
 from fastai_ls.calibration.calibrators.folds import stratified_folds
 from fastai_ls.calibration.checks import SUM_TOLERANCE
+from fastai_ls.calibration.scores import with_error_rate
 from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, N_FINE, CalibrationState
 from fastai_ls.validation import check_ci, check_folds, check_seed
 
@@ -160,11 +161,7 @@ def _out_of_fold_state(calibrators: list[Calibrator], logits: Tensor, target: Te
 
 def _score(state: CalibrationState, ci: float | None, n_boot: int, seed: int) -> dict[str, float]:
     """One table row: each of `COLUMNS`, with its interval columns when `ci` is given."""
-    metrics = state.metrics(ci=ci, n_boot=n_boot, seed=seed)
-    metrics["error_rate"] = 1 - metrics["accuracy"]
-    for bound in ("lo", "hi"):  # an interval on accuracy is one on the error rate, reversed
-        if f"accuracy_{bound}" in metrics:
-            metrics[f"error_rate_{'hi' if bound == 'lo' else 'lo'}"] = 1 - metrics[f"accuracy_{bound}"]
+    metrics = with_error_rate(state.metrics(ci=ci, n_boot=n_boot, seed=seed))
     return {key: metrics[key] for name in COLUMNS for key in (name, f"{name}_lo", f"{name}_hi") if key in metrics}
 
 
@@ -312,10 +309,7 @@ def compare_on_logits(
 
 def _rewarn(label: str, caught: list[warnings.WarningMessage], folds: int) -> None:
     """The fits' warnings of one method: other warnings as they were, CalibrationWarnings as one summary."""
-    messages = [str(w.message) for w in caught if issubclass(w.category, CalibrationWarning)]
-    for w in caught:
-        if not issubclass(w.category, CalibrationWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    messages = calibration_messages(caught)
     if messages:
         warnings.warn(f"{label}: {len(messages)} warning(s) over {folds} fits, e.g. {messages[0]}",
                       CalibrationWarning, stacklevel=3)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from fastai_ls.calibration.checks import checked_ignore_index, checked_probabilities, class_ids
+from fastai_ls.calibration.scores import NLL_FLOOR, row_scores
 from fastai_ls.validation import upcast
 
 __all__ = ["SCALAR_NAMES", "NLL_FLOOR", "checked_batch", "batch_sums", "bin_of"]
@@ -17,12 +18,6 @@ __all__ = ["SCALAR_NAMES", "NLL_FLOOR", "checked_batch", "batch_sums", "bin_of"]
 # effective number of rows of weighted data (Kish), which scales the intervals.
 SCALAR_NAMES = ("n", "confidence", "correct", "nll", "brier", "n_invalid", "n_bad_target", "nll_sq", "brier_sq",
                 "weight_sq")
-# A true-class probability below this (float32's smallest normal number, 1.2e-38) counts as this in the NLL: at most
-# -log(NLL_FLOOR) = 87.3 nats per row, also for float64 probabilities. Capped at float64's own floor (708 nats) the
-# same predictions scored in float64 got another NLL than in float32, and a calibrator that gives some rows a 0
-# ranked differently: on the CIFAR-10 WideResNet records, isotonic regression's cross-fitted NLL was 0.347 from
-# float32 logits and 1.092 from the same logits in float64.
-NLL_FLOOR = float(torch.finfo(torch.float32).tiny)
 _LOGITS_HINT = "for logits pass `activation=lambda z: z.softmax(1)` (or `logits.softmax(1)`)"
 
 
@@ -110,15 +105,13 @@ def batch_sums(probs: Tensor, target: Tensor, weight: Tensor | None, ignore_inde
         invalid, bad_target, counted = listed & ~finite, listed & ~in_range, listed & finite & in_range
     keep = counted.to(f64) if weight is None else weight.to(device, f64) * counted  # each row's weight below
     p = torch.where(finite[:, None], probs, 0.0)  # 0 * NaN would still be NaN
-    y = torch.where(in_range, target, 0)[:, None]
+    y = torch.where(in_range, target, 0)
 
-    conf, hit = p.amax(1), p.argmax(1) == y[:, 0]  # not `max(1)`: its CPU kernel goes multi-threaded on tiny input
-    p_y = p.gather(1, y).squeeze(1)
     # Probabilities do not carry the logits' range: the NLL of a true-class probability that underflowed to 0 is
     # capped (NLL_FLOOR), at the same 87.3 nats in every dtype.
-    nll = -p_y.clamp_min(NLL_FLOOR).log()
-    brier = (p * p).sum(1) - 2 * p_y + 1
-    per_row = torch.stack([torch.ones_like(conf), conf, hit.to(conf.dtype), nll, brier], 1).to(f64)
+    scores = row_scores(p, y)
+    conf = scores["confidence"]
+    per_row = torch.stack([torch.ones_like(conf), *scores.values()], 1).to(f64)
     flags = torch.stack([invalid, bad_target], 1).to(f64)
     if weight is not None:
         flags = flags * weight.to(device, f64)[:, None]

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fastai_ls._deprecation import warn_renamed
 from fastai_ls.calibration.counters import N_FINE, CounterVector, check_n_bins
-from fastai_ls.calibration.counting import NLL_FLOOR, batch_sums, bin_of, checked_batch
+from fastai_ls.calibration.counting import batch_sums, bin_of, checked_batch
 from fastai_ls.calibration.estimates import (
     INTERVAL_COLUMNS,
     INTERVAL_NAMES,
@@ -37,7 +37,7 @@ from fastai_ls.calibration.estimates import (
 from fastai_ls.calibration.risk_coverage import risk_coverage_curve
 
 __all__ = ["CalibrationState", "check_n_bins", "METRIC_NAMES", "INTERVAL_NAMES", "INTERVAL_COLUMNS", "NORMS",
-           "CLASSWISE_MAX_CLASSES", "N_FINE", "NLL_FLOOR"]
+           "CLASSWISE_MAX_CLASSES", "N_FINE"]
 
 # Above this many classes `CalibrationCallback` leaves classwise ECE out by default: its counters and per-batch work
 # grow with C, and at large C it mostly measures how well p ~ 0 is calibrated.
@@ -133,7 +133,7 @@ class CalibrationState(CounterVector):
             self.scalars.add_(scalars)
             top.index_add_(0, cells.reshape(-1), counters.repeat_interleave(2, 0))
             if self.classwise:
-                self._add_class_bins(p64, class_cells, y, keep)
+                self._add_class_bins(p64, class_cells, y[:, None], keep)
 
     def _class_cells(self, p: Tensor) -> tuple[Tensor, Tensor]:
         """Each p_ik in float64 and the index of its class bin in the flattened (C * M) class bins, (rows, C) both."""

@@ -186,13 +186,14 @@ def calibrate(
     import torch
 
     from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, TemperatureScaling
+    from fastai_ls.calibration.calibrators.base import calibration_messages
     from fastai_ls.calibration.compare import compare_on_logits
-    from fastai_ls.calibration.state import NLL_FLOOR
+    from fastai_ls.calibration.scores import target_nll
 
     logits, targets = torch.from_numpy(predictions.logits), torch.from_numpy(predictions.targets)
     if predictions.target_zeros:
         p_y = TemperatureScaling(1.0)(logits)[torch.arange(n), targets]
-        counted = float((-p_y.clamp_min(NLL_FLOOR).log()).max())  # as CalibrationState does
+        counted = float(target_nll(p_y).max())  # as CalibrationState does
         k = predictions.target_zeros
         rows = f"{k} rows give their" if k > 1 else "1 row gives its"
         _say(f"{rows} target probability 0, an infinite NLL: the 'uncalibrated' row counts {counted:.1f} nats for "
@@ -211,11 +212,8 @@ def calibrate(
     best = best_method(table)
     _say(f"lowest NLL: {best}" + (" (no method beats the model's own probabilities)" if best == "uncalibrated"
                                   else ""))
-    for w in caught:
-        if issubclass(w.category, CalibrationWarning):
-            _say(f"warning: {w.message}", WIDTH, file=sys.stderr)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    for message in calibration_messages(caught):
+        _say(f"warning: {message}", WIDTH, file=sys.stderr)
     if out is not None:
         print(f"wrote {out}")
     return table

@@ -86,12 +86,24 @@ def _article(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from fastai_ls.cli.demo import compare
+    if args.losses is None and args.seeds is not None:
+        raise ValueError("--seeds is for --losses (the two-model demo trains from --seed alone): add --losses ce,ls")
+    if args.losses is not None and args.eps is not None:
+        raise ValueError("--eps sets the second model of the two-model demo; with --losses, 'ls' is label smoothing "
+                         "0.1: leave --eps out")
     from fastai_ls.digits import digits_learner
 
     make = partial(digits_learner, bs=args.bs, max_items=args.max_items, seed=args.seed, label_noise=args.label_noise)
-    compare(make, runs(args.eps, baseline=True), epochs=args.epochs, out=args.out, seed=args.seed,
-            methods=args.methods, folds=args.folds, force=args.force, quiet=args.quiet)
+    if args.losses is not None:
+        from fastai_ls.cli.losses import demo_losses
+
+        demo_losses(make, args.losses, args.seeds or 1, epochs=args.epochs, out=args.out, seed=args.seed,
+                    methods=args.methods, folds=args.folds, force=args.force, quiet=args.quiet)
+        return
+    from fastai_ls.cli.demo import compare
+
+    compare(make, runs(0.1 if args.eps is None else args.eps, baseline=True), epochs=args.epochs, out=args.out,
+            seed=args.seed, methods=args.methods, folds=args.folds, force=args.force, quiet=args.quiet)
 
 
 def _pets(args: argparse.Namespace) -> None:

@@ -80,6 +80,15 @@ def _methods(text: str) -> list[str]:
     return names
 
 
+def _losses(text: str) -> list[str]:
+    from fastai_ls.integration.loss_registry import check_loss_names
+
+    try:
+        return check_loss_names([name.strip() for name in text.split(",") if name.strip()])
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _calibration_options(parser: argparse.ArgumentParser) -> None:
     # ", " between the names: the help is wrapped at spaces only, so each name stays whole for copy and paste
     parser.add_argument("--methods", type=_methods, default=list(CALIBRATOR_NAMES), metavar="M1,M2",
@@ -171,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "post-hoc calibrators for each by cross-fitting on the validation set, and write the tables "
                     "(calibration.csv, calibrators.csv) and reliability diagrams (PNG) into --out.")
     demo.add_argument("--epochs", type=_positive_int, default=10, help="fit_one_cycle epochs per model (default 10)")
-    demo.add_argument("--eps", type=_eps, default=0.1, help="label smoothing of the second model (default 0.1)")
+    demo.add_argument("--eps", type=_eps, default=None, help="label smoothing of the second model (default 0.1)")
     demo.add_argument("--bs", type=_positive_int, default=64, help="batch size (default 64)")
     demo.add_argument("--seed", type=_seed, default=42,
                       help="seed of the split, the label noise, both trainings and the folds (default 42)")
@@ -181,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--label-noise", type=_eps, default=0.0, metavar="FRACTION",
                       help="replace this share of the training labels by a random wrong digit (seeded); the "
                            "validation labels stay clean (default 0)")
+    demo.add_argument("--losses", type=_losses, default=None, metavar="L1,L2",
+                      help="compare these training losses instead (ce, ls, focal, flsd53, mbls, maxsup, logitnorm), "
+                           "each trained from every seed of --seeds on the same splits, as trained and after its best "
+                           "calibrator, with paired differences from ce; writes losses.csv and losses_per_seed.csv")
+    demo.add_argument("--seeds", type=_positive_int, default=None,
+                      help="with --losses: train each loss from this many seeds, --seed, --seed + 1, ... (default 1)")
     _calibration_options(demo)
     demo.add_argument("--out", type=_path, default="fastai_ls_out", help="output folder (default ./fastai_ls_out)")
     _output_options(demo, "replace the files of an earlier report in --out (default: refused, before any training)")

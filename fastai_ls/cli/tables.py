@@ -4,40 +4,13 @@ from __future__ import annotations
 
 import pandas as pd
 
+from fastai_ls.calibration.best_calibrator import best_method
+
 __all__ = ["SHOWN", "best_method", "comparison_text"]
 
 # The columns of a comparison table shown on the console, with their headers.
 SHOWN = {"error_rate": "error rate", "ece": "ECE", "smece": "smooth ECE", "nll": "NLL", "brier": "Brier",
          "aurc": "AURC"}
-
-
-def best_method(table: pd.DataFrame, tolerance: float = 1e-4) -> str:
-    """The row of a `compare_calibrators` table with the lowest cross-fitted NLL, 'uncalibrated' included; of rows
-    within `tolerance` of it, the first (the simpler method, in `CALIBRATORS` order: ensemble temperature scaling
-    that puts all its weight on one temperature is temperature scaling).
-
-    NLL is a proper scoring rule: it cannot be lowered by predicting anything but the probabilities one believes,
-    whereas ECE alone can (predicting every row's confidence as the overall accuracy gives ECE 0).
-
-    Parameters
-    ----------
-    table : pandas.DataFrame
-        A `compare_calibrators` table.
-    tolerance : float
-        NLL differences (nats per row) smaller than this count as ties.
-
-    Returns
-    -------
-    str
-
-    Examples
-    --------
-    >>> nll = pd.DataFrame({"nll": [0.3, 0.20004, 0.2]}, index=["uncalibrated", "temperature", "ets"])
-    >>> best_method(nll), best_method(nll, tolerance=0)
-    ('temperature', 'ets')
-    """
-    nll = table["nll"]
-    return str(nll.index[nll <= nll.min() + tolerance][0])
 
 
 def comparison_text(table: pd.DataFrame, digits: int = 4, shown: tuple[str, ...] = tuple(SHOWN)) -> str:

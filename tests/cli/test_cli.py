@@ -303,7 +303,7 @@ def test_help_never_breaks_a_method_name_or_an_option_across_lines(command, monk
             assert option.rstrip("-") in {"--help", "--methods", "--folds", "--force", "--quiet", "--out", "--seed",
                                           "--epochs", "--eps", "--bs", "--max-items", "--label-noise", "--path",
                                           "--arch", "--no-pretrained", "--presize", "--size", "--num-workers",
-                                          "--baseline"}, (columns, option)
+                                          "--baseline", "--losses", "--seeds"}, (columns, option)
 
 
 @pytest.fixture

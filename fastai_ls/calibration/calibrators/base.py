@@ -28,8 +28,8 @@ from fastai_ls.calibration.intervals import _one_thread
 from fastai_ls.validation import check_class_ids, check_int, check_logits, check_number
 
 # check_int, check_number: `fastai_ls.validation`'s checks of the calibrators' options, also imported from here.
-__all__ = ["Calibrator", "CalibrationWarning", "NEG_INF_GAP", "BLOCK_ELEMENTS", "row_blocks", "check_fit_input",
-           "clean_logits", "check_int", "check_number"]
+__all__ = ["Calibrator", "CalibrationWarning", "calibration_messages", "NEG_INF_GAP", "BLOCK_ELEMENTS",
+           "row_blocks", "check_fit_input", "clean_logits", "check_int", "check_number"]
 
 # exp(-104) is below float32's smallest positive number (about 1.4e-45): a logit this far below the others of its
 # row has probability 0 after softmax, as a -inf logit has.
@@ -87,6 +87,34 @@ def one_thread_for_small_cpu_fits(logits: Tensor, quadratic: bool = True):
 class CalibrationWarning(UserWarning):
     """A fit that ran but whose result needs attention: a temperature at its bound, classes missing from the
     held-out targets, classes too small for the folds of a comparison."""
+
+
+def calibration_messages(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The messages of the `CalibrationWarning`s among warnings recorded by `warnings.catch_warnings(record=True)`,
+    in order; every other recorded warning is issued again as it was (its category, file and line), so that
+    recording a fit's warnings to report them hides nothing else.
+
+    Parameters
+    ----------
+    caught : list of warnings.WarningMessage
+        The recorded warnings.
+
+    Returns
+    -------
+    list of str
+
+    Examples
+    --------
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warnings.warn("T at its bound", CalibrationWarning)
+    >>> calibration_messages(caught)
+    ['T at its bound']
+    """
+    for w in caught:
+        if not issubclass(w.category, CalibrationWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return [str(w.message) for w in caught if issubclass(w.category, CalibrationWarning)]
 
 
 def clean_logits(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
