@@ -27,6 +27,13 @@ def _check_bins(gammas: Tensor, edges: Tensor | None) -> None:
     if edges is not None and (not isinstance(edges, Tensor) or edges.shape != (gammas.numel() + 1,)):
         raise ValueError(f"edges must be a tensor of {gammas.numel() + 1} bin edges from 0 to 1 for "
                          f"{gammas.numel()} gammas")
+    # A NaN or infinite gamma, or edges out of order, would give every row of its bins a NaN or 0 loss silently.
+    if not bool(gammas.detach().isfinite().all()):
+        raise ValueError(f"gammas must be finite, got {gammas.detach().tolist()[:15]}")
+    if edges is not None:
+        e = edges.detach()
+        if not (e.is_floating_point() and bool((e[1:] >= e[:-1]).all()) and e[0].item() == 0 and e[-1].item() == 1):
+            raise ValueError(f"edges must be non-decreasing from 0 to 1, got {e.tolist()[:16]}")
 
 
 def ada_focal_loss(
@@ -100,11 +107,27 @@ def ada_focal_loss(
                        lambda rows: modulated_cross_entropy(rows, 0.0, factor))
 
 
+def _check_counters(name: str, counts: Tensor) -> None:
+    """Raise unless `counts` (K, 3) holds, per cell, a count, a sum of confidences and a number correct, each finite
+    with 0 <= sum, correct <= count: else a NaN or negative cell would move the edges or gammas silently."""
+    if not isinstance(counts, Tensor) or counts.dim() != 2 or counts.shape[1] != 3 or counts.is_complex() \
+            or counts.dtype == torch.bool:
+        got = tuple(counts.shape) if isinstance(counts, Tensor) else type(counts).__name__
+        raise ValueError(f"{name} must be a real (K, 3) tensor of count, sum of confidence and number correct per "
+                         f"cell, got {got}")
+    c = counts.detach().to(torch.float64)
+    fits = c[:, 1:] <= c[:, :1] * (1 + 1e-9)  # with room for the rounding of weighted sums
+    if not bool(c.isfinite().all() & (c >= 0).all() & fits.all()):
+        raise ValueError(f"{name} must be finite counters with 0 <= sum of confidence, number correct <= count in "
+                         f"every cell")
+
+
 def equal_mass_bins(fine: Tensor, n_bins: int) -> tuple[Tensor, Tensor]:
     """`n_bins` bins of about equal count merged from fine equal-width cells: `fine` (K, 3) holds count, sum of
     confidence and number correct per cell ((k-1)/K, k/K] (a `CalibrationState`'s `fine`). Returns the float64 edges
     (n_bins + 1,) on the cell boundaries and the merged (n_bins, 3) counters; a bin can be empty where one cell holds
     more than a bin's share."""
+    _check_counters("fine", fine)
     fine = fine.detach().to(torch.float64)
     k = fine.shape[0]
     cumulative = torch.cat([fine.new_zeros(1, 3), fine.cumsum(0)])  # (K + 1, 3): totals up to each boundary
@@ -128,6 +151,7 @@ def ada_focal_update(gammas: Tensor, bins: Tensor, lam: float = 1.0, switch: flo
     >>> ada_focal_update(torch.tensor([1.0, 0.1]), torch.tensor([[10., 9., 7.], [10., 3., 5.]]))
     tensor([ 1.2214, -0.1000])
     """
+    _check_counters("bins", bins)
     bins = bins.detach().to(torch.float64)
     count = bins[:, 0]
     error = torch.where(count > 0, (bins[:, 1] - bins[:, 2]) / count.clamp(min=1), 0.0)
@@ -193,6 +217,7 @@ class AdaFocalLoss(FamilyLoss):
         confidence and number correct per equal-width cell (a `CalibrationState`'s `fine`). As in the paper, bin b
         is the b-th equal-mass bin of each pass: its gamma takes one step from the error of this pass's bin b, whose
         edges become the new edges. A pass with no rows changes nothing."""
+        _check_counters("fine", fine)
         if not float(fine[:, 0].sum()):
             return
         edges, bins = equal_mass_bins(fine, self.gammas.numel())

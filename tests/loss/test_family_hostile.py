@@ -20,6 +20,7 @@ from fastai_ls import (
     MarginLabelSmoothing,
     MaxSupLoss,
 )
+from fastai_ls.loss.adafocal import ada_focal_loss, ada_focal_update
 
 CLASSES = [FocalLoss, AdaptiveFocalLoss, AdaFocalLoss, MarginLabelSmoothing, MaxSupLoss, LogitNormLoss,
            ConfidencePenaltyLoss]
@@ -45,3 +46,41 @@ def test_an_infinite_row_loss_is_nan_on_every_path_as_for_label_smoothing(cls, d
             assert math.isnan(loss[0].item()), (module, target.dtype, loss)
             assert loss[1:].isfinite().all()
     assert math.isnan(FocalLoss(eps=0.1)(x, y).item())
+
+
+@pytest.mark.parametrize("gammas, edges", [
+    (torch.full((3,), math.nan), None),
+    (torch.full((3,), math.inf), None),  # (1 - p)^inf: every row's loss was 0
+    (torch.ones(3), torch.tensor([0.0, 0.9, 0.1, 1.0])),  # out of order: bucketize's answer is undefined
+    (torch.ones(3), torch.tensor([0.0, math.nan, 0.5, 1.0])),
+    (torch.ones(3), torch.tensor([0.2, 0.4, 0.6, 0.8])),  # not from 0 to 1
+])
+def test_ada_focal_loss_rejects_non_finite_gammas_and_bad_edges(gammas, edges):
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 1])
+    with pytest.raises(ValueError, match="gammas must be finite|edges must be non-decreasing from 0 to 1"):
+        ada_focal_loss(x, y, gammas, edges)
+
+
+def test_ada_focal_loss_module_rejects_gammas_set_to_nan_after_construction():
+    loss = AdaFocalLoss(n_bins=3)
+    loss.gammas = torch.full((3,), math.nan, dtype=torch.float64)
+    with pytest.raises(ValueError, match="gammas must be finite"):
+        loss(torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 1]))
+
+
+@pytest.mark.parametrize("fine, message", [
+    (torch.tensor([[math.nan, 5.0, 4.0], [10.0, 9.0, 9.0]]), "finite counters"),  # edges became [0, 1, 1, 1]
+    (torch.tensor([[10.0, math.inf, 4.0], [10.0, 9.0, 9.0]]), "finite counters"),  # a NaN gamma
+    (torch.tensor([[-10.0, 5.0, 4.0], [10.0, 9.0, 9.0]]), "finite counters"),
+    (torch.tensor([[10.0, 5.0, 40.0], [10.0, 9.0, 9.0]]), "number correct <= count"),
+    (torch.tensor([[10.0, 5.0], [10.0, 9.0]]), r"\(K, 3\)"),
+    (torch.tensor([10.0, 5.0, 4.0]), r"\(K, 3\)"),
+])
+def test_ada_focal_update_rejects_counters_that_are_not_counts_and_changes_nothing(fine, message):
+    loss = AdaFocalLoss(n_bins=2)
+    before = [loss.gammas.clone(), loss.edges.clone()]
+    with pytest.raises(ValueError, match=message):
+        loss.update(fine)
+    assert torch.equal(loss.gammas, before[0]) and torch.equal(loss.edges, before[1])
+    with pytest.raises(ValueError, match=message):
+        ada_focal_update(torch.ones(fine.shape[0] if fine.dim() == 2 else 1), fine)
