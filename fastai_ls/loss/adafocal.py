@@ -151,7 +151,15 @@ def ada_focal_update(gammas: Tensor, bins: Tensor, lam: float = 1.0, switch: flo
     >>> ada_focal_update(torch.tensor([1.0, 0.1]), torch.tensor([[10., 9., 7.], [10., 3., 5.]]))
     tensor([ 1.2214, -0.1000])
     """
+    _check_bins(gammas, None)
     _check_counters("bins", bins)
+    if bins.shape[0] != gammas.numel():
+        raise ValueError(f"bins has {bins.shape[0]} rows for {gammas.numel()} gammas: one row per bin")
+    # As the loss's constructor checks them: a negative lam would step every gamma the wrong way, silently.
+    lam = check_parameter("lam", lam, inclusive=False)
+    switch = check_parameter("switch", switch)
+    gamma_min = check_parameter("gamma_min", gamma_min, -float("inf"))
+    gamma_max = check_parameter("gamma_max", gamma_max, gamma_min)
     bins = bins.detach().to(torch.float64)
     count = bins[:, 0]
     error = torch.where(count > 0, (bins[:, 1] - bins[:, 2]) / count.clamp(min=1), 0.0)

@@ -84,3 +84,25 @@ def test_ada_focal_update_rejects_counters_that_are_not_counts_and_changes_nothi
     assert torch.equal(loss.gammas, before[0]) and torch.equal(loss.edges, before[1])
     with pytest.raises(ValueError, match=message):
         ada_focal_update(torch.ones(fine.shape[0] if fine.dim() == 2 else 1), fine)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("lam", -1.0, "lam must be > 0"),  # stepped every gamma the wrong way
+    ("lam", math.nan, "lam must be finite"),  # made every gamma NaN
+    ("gamma_max", math.nan, "gamma_max must be finite"),
+    ("gamma_min", math.inf, "gamma_min must be finite"),
+    ("switch", math.nan, "switch must be finite"),
+])
+def test_ada_focal_update_checks_an_option_set_after_construction_and_changes_nothing(name, value, message):
+    loss = AdaFocalLoss(n_bins=2)
+    setattr(loss, name, value)
+    before = loss.gammas.clone()
+    with pytest.raises(ValueError, match=message):
+        loss.update(torch.tensor([[10.0, 5.0, 4.0], [10.0, 9.0, 9.0], [5.0, 4.5, 1.0]]))
+    assert torch.equal(loss.gammas, before)
+
+
+def test_ada_focal_update_needs_one_row_of_counters_per_gamma():
+    # One gamma broadcast against four bins gave four gammas.
+    with pytest.raises(ValueError, match="bins has 4 rows for 1 gammas"):
+        ada_focal_update(torch.ones(1), torch.tensor([[10.0, 5.0, 4.0]] * 4))
