@@ -106,3 +106,21 @@ def test_ada_focal_update_needs_one_row_of_counters_per_gamma():
     # One gamma broadcast against four bins gave four gammas.
     with pytest.raises(ValueError, match="bins has 4 rows for 1 gammas"):
         ada_focal_update(torch.ones(1), torch.tensor([[10.0, 5.0, 4.0]] * 4))
+
+
+@pytest.mark.parametrize("cls, options", [(MaxSupLoss, {"alpha": 0.3}),
+                                          (MarginLabelSmoothing, {"margin": 1.0, "alpha": 0.5})])
+def test_tied_largest_logits_get_the_same_gradient_on_the_fused_and_the_torch_path(cls, options):
+    # All-equal logits (a zero-initialized head's first step) or a tie for the largest: z_max's gradient goes to the
+    # first largest logit in the kernels (and the papers' max(dim)); the torch path's amax shared it among the tied.
+    x = torch.zeros(4, 10, dtype=torch.float64)
+    x[2:, :3] = 5.0
+    y = torch.tensor([0, 4, 1, 5])
+    grads = []
+    for target in (y, F.one_hot(y, 10).to(x.dtype)):
+        a = x.clone().requires_grad_()
+        cls(**options)(a, target).backward()
+        grads.append(a.grad)
+    grads.append(torch.func.grad(lambda a: cls(**options)(a, y))(x))
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads[2], grads[0], rtol=0, atol=1e-12)
