@@ -20,6 +20,7 @@ from fastai_ls import (
     MarginLabelSmoothing,
     MaxSupLoss,
 )
+from fastai_ls.calibration import CalibrationState
 from fastai_ls.loss.adafocal import ada_focal_loss, ada_focal_update
 
 CLASSES = [FocalLoss, AdaptiveFocalLoss, AdaFocalLoss, MarginLabelSmoothing, MaxSupLoss, LogitNormLoss,
@@ -124,3 +125,12 @@ def test_tied_largest_logits_get_the_same_gradient_on_the_fused_and_the_torch_pa
     grads.append(torch.func.grad(lambda a: cls(**options)(a, y))(x))
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(grads[2], grads[0], rtol=0, atol=1e-12)
+
+
+def test_ada_focal_update_takes_the_counters_of_a_probability_row_that_misses_one_by_a_little():
+    # CalibrationState keeps rows within 1e-3 of summing to 1 as they are: a cell's confidence sum may pass its count.
+    state = CalibrationState(2)
+    state.update(torch.tensor([[1.0005, 0.0], [0.3, 0.7]]), torch.tensor([0, 1]))
+    loss = AdaFocalLoss(n_bins=2)
+    loss.update(state.fine)
+    assert loss.gammas.isfinite().all() and not torch.equal(loss.gammas, torch.ones(2, dtype=torch.float64))
