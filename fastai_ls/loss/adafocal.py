@@ -28,13 +28,18 @@ def _check_bins(gammas: Tensor, edges: Tensor | None) -> None:
         raise ValueError(f"edges must be a tensor of {gammas.numel() + 1} bin edges from 0 to 1 for "
                          f"{gammas.numel()} gammas")
     # A NaN or infinite gamma, or edges out of order, would give every row of its bins a NaN or 0 loss silently.
-    if not bool(gammas.detach().isfinite().all()):
-        raise ValueError(f"gammas must be finite, got {gammas.detach().tolist()[:15]}")
+    # One host read for both checks (a synchronization on a GPU).
+    ok = gammas.detach().isfinite().all()[None]
     if edges is not None:
-        e = edges.detach()
-        if not (e.is_floating_point() and bool((e[1:] >= e[:-1]).all()) and e[0].item() == 0 and e[-1].item() == 1):
-            raise ValueError(f"edges must be non-decreasing from 0 to 1, got {e.tolist()[:16]}")
-
+        if not edges.is_floating_point():
+            raise ValueError(f"edges must be a floating-point tensor, got {edges.dtype}")
+        e = edges.detach().to(ok.device)
+        ok = torch.cat([ok, ((e[1:] >= e[:-1]).all() & (e[0] == 0) & (e[-1] == 1))[None]])
+    ok = ok.tolist()
+    if not ok[0]:
+        raise ValueError(f"gammas must be finite, got {gammas.detach().tolist()[:15]}")
+    if not all(ok):
+        raise ValueError(f"edges must be non-decreasing from 0 to 1, got {edges.detach().tolist()[:16]}")
 
 def ada_focal_loss(
     input: Tensor,
