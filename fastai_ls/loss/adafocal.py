@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fastai_ls.loss.backends.family_formulas import complement_pow, modulated_cross_entropy
 from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, check_parameter, family_loss
+from fastai_ls.loss.checks import _unwrapped
 
 __all__ = ["ada_focal_loss", "ada_focal_update", "equal_mass_bins", "AdaFocalLoss", "AdaFocalLossFlat"]
 
@@ -28,18 +29,28 @@ def _check_bins(gammas: Tensor, edges: Tensor | None) -> None:
         raise ValueError(f"edges must be a tensor of {gammas.numel() + 1} bin edges from 0 to 1 for "
                          f"{gammas.numel()} gammas")
     # A NaN or infinite gamma, or edges out of order, would give every row of its bins a NaN or 0 loss silently.
-    # One host read for both checks (a synchronization on a GPU).
-    ok = gammas.detach().isfinite().all()[None]
+    # One host read for both checks (a synchronization on a GPU). Under torch.func transforms the values are read
+    # from the tensor that holds every sample (`_unwrapped`), whose layout is unknown here: there the edges are
+    # checked to lie in [0, 1], their order only outside transforms.
+    if edges is not None and not edges.is_floating_point():
+        raise ValueError(f"edges must be a floating-point tensor, got {edges.dtype}")
+    values = _unwrapped(gammas.detach())
+    ok = values.isfinite().all()[None]
     if edges is not None:
-        if not edges.is_floating_point():
-            raise ValueError(f"edges must be a floating-point tensor, got {edges.dtype}")
-        e = edges.detach().to(ok.device)
-        ok = torch.cat([ok, ((e[1:] >= e[:-1]).all() & (e[0] == 0) & (e[-1] == 1))[None]])
+        e = edges.detach()
+        if torch._C._functorch.is_functorch_wrapped_tensor(e):
+            e = _unwrapped(e).to(ok.device)
+            fits = ((e >= 0) & (e <= 1)).all()
+        else:
+            e = e.to(ok.device)
+            fits = (e[1:] >= e[:-1]).all() & (e[0] == 0) & (e[-1] == 1)
+        ok = torch.cat([ok, fits[None]])
     ok = ok.tolist()
     if not ok[0]:
-        raise ValueError(f"gammas must be finite, got {gammas.detach().tolist()[:15]}")
+        raise ValueError(f"gammas must be finite, got {values.reshape(-1).tolist()[:15]}")
     if not all(ok):
-        raise ValueError(f"edges must be non-decreasing from 0 to 1, got {edges.detach().tolist()[:16]}")
+        raise ValueError(f"edges must be non-decreasing from 0 to 1, got {e.reshape(-1).tolist()[:16]}")
+
 
 def ada_focal_loss(
     input: Tensor,

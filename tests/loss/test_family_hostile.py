@@ -134,3 +134,13 @@ def test_ada_focal_update_takes_the_counters_of_a_probability_row_that_misses_on
     loss = AdaFocalLoss(n_bins=2)
     loss.update(state.fine)
     assert loss.gammas.isfinite().all() and not torch.equal(loss.gammas, torch.ones(2, dtype=torch.float64))
+
+
+def test_ada_focal_loss_checks_gammas_batched_by_vmap_and_computes_each_sample():
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 1])
+    gammas = torch.tensor([[0.5, 1.0, 3.0], [0.0, 2.0, 5.0]])
+    batched = torch.func.vmap(lambda g: ada_focal_loss(x, y, g))(gammas)
+    torch.testing.assert_close(batched, torch.stack([ada_focal_loss(x, y, g) for g in gammas]))
+    gammas[1, 0] = math.nan
+    with pytest.raises(ValueError, match="gammas must be finite"):
+        torch.func.vmap(lambda g: ada_focal_loss(x, y, g))(gammas)
