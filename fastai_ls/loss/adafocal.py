@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fastai_ls.loss.backends.family_formulas import complement_pow, modulated_cross_entropy
 from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, check_parameter, family_loss
+from fastai_ls.loss.checks import _unwrapped
 
 __all__ = ["ada_focal_loss", "ada_focal_update", "equal_mass_bins", "AdaFocalLoss", "AdaFocalLossFlat"]
 
@@ -27,6 +28,28 @@ def _check_bins(gammas: Tensor, edges: Tensor | None) -> None:
     if edges is not None and (not isinstance(edges, Tensor) or edges.shape != (gammas.numel() + 1,)):
         raise ValueError(f"edges must be a tensor of {gammas.numel() + 1} bin edges from 0 to 1 for "
                          f"{gammas.numel()} gammas")
+    # A NaN or infinite gamma, or edges out of order, would give every row of its bins a NaN or 0 loss silently.
+    # One host read for both checks (a synchronization on a GPU). Under torch.func transforms the values are read
+    # from the tensor that holds every sample (`_unwrapped`), whose layout is unknown here: there the edges are
+    # checked to lie in [0, 1], their order only outside transforms.
+    if edges is not None and not edges.is_floating_point():
+        raise ValueError(f"edges must be a floating-point tensor, got {edges.dtype}")
+    values = _unwrapped(gammas.detach())
+    ok = values.isfinite().all()[None]
+    if edges is not None:
+        e = edges.detach()
+        if torch._C._functorch.is_functorch_wrapped_tensor(e):
+            e = _unwrapped(e).to(ok.device)
+            fits = ((e >= 0) & (e <= 1)).all()
+        else:
+            e = e.to(ok.device)
+            fits = (e[1:] >= e[:-1]).all() & (e[0] == 0) & (e[-1] == 1)
+        ok = torch.cat([ok, fits[None]])
+    ok = ok.tolist()
+    if not ok[0]:
+        raise ValueError(f"gammas must be finite, got {values.reshape(-1).tolist()[:15]}")
+    if not all(ok):
+        raise ValueError(f"edges must be non-decreasing from 0 to 1, got {e.reshape(-1).tolist()[:16]}")
 
 
 def ada_focal_loss(
@@ -100,11 +123,29 @@ def ada_focal_loss(
                        lambda rows: modulated_cross_entropy(rows, 0.0, factor))
 
 
+def _check_counters(name: str, counts: Tensor) -> None:
+    """Raise unless `counts` (K, 3) holds, per cell, a count, a sum of confidences and a number correct, each finite
+    with 0 <= correct <= count and 0 <= sum <= count (within 2%): else a NaN or negative cell would move the edges or
+    gammas silently."""
+    if not isinstance(counts, Tensor) or counts.dim() != 2 or counts.shape[1] != 3 or counts.is_complex() \
+            or counts.dtype == torch.bool:
+        got = tuple(counts.shape) if isinstance(counts, Tensor) else type(counts).__name__
+        raise ValueError(f"{name} must be a real (K, 3) tensor of count, sum of confidence and number correct per "
+                         f"cell, got {got}")
+    c = counts.detach().to(torch.float64)
+    # Room for rounding: weighted sums round, and a probability row may miss 1 by up to 2% (`CalibrationState`).
+    fits = (c[:, 2] <= c[:, 0] * (1 + 1e-9)) & (c[:, 1] <= c[:, 0] * 1.02)
+    if not bool(c.isfinite().all() & (c >= 0).all() & fits.all()):
+        raise ValueError(f"{name} must be finite counters with 0 <= number correct <= count and 0 <= sum of "
+                         f"confidence <= count (within 2%) in every cell")
+
+
 def equal_mass_bins(fine: Tensor, n_bins: int) -> tuple[Tensor, Tensor]:
     """`n_bins` bins of about equal count merged from fine equal-width cells: `fine` (K, 3) holds count, sum of
     confidence and number correct per cell ((k-1)/K, k/K] (a `CalibrationState`'s `fine`). Returns the float64 edges
     (n_bins + 1,) on the cell boundaries and the merged (n_bins, 3) counters; a bin can be empty where one cell holds
     more than a bin's share."""
+    _check_counters("fine", fine)
     fine = fine.detach().to(torch.float64)
     k = fine.shape[0]
     cumulative = torch.cat([fine.new_zeros(1, 3), fine.cumsum(0)])  # (K + 1, 3): totals up to each boundary
@@ -128,6 +169,15 @@ def ada_focal_update(gammas: Tensor, bins: Tensor, lam: float = 1.0, switch: flo
     >>> ada_focal_update(torch.tensor([1.0, 0.1]), torch.tensor([[10., 9., 7.], [10., 3., 5.]]))
     tensor([ 1.2214, -0.1000])
     """
+    _check_bins(gammas, None)
+    _check_counters("bins", bins)
+    if bins.shape[0] != gammas.numel():
+        raise ValueError(f"bins has {bins.shape[0]} rows for {gammas.numel()} gammas: one row per bin")
+    # As the loss's constructor checks them: a negative lam would step every gamma the wrong way, silently.
+    lam = check_parameter("lam", lam, inclusive=False)
+    switch = check_parameter("switch", switch)
+    gamma_min = check_parameter("gamma_min", gamma_min, -float("inf"))
+    gamma_max = check_parameter("gamma_max", gamma_max, gamma_min)
     bins = bins.detach().to(torch.float64)
     count = bins[:, 0]
     error = torch.where(count > 0, (bins[:, 1] - bins[:, 2]) / count.clamp(min=1), 0.0)
@@ -193,6 +243,7 @@ class AdaFocalLoss(FamilyLoss):
         confidence and number correct per equal-width cell (a `CalibrationState`'s `fine`). As in the paper, bin b
         is the b-th equal-mass bin of each pass: its gamma takes one step from the error of this pass's bin b, whose
         edges become the new edges. A pass with no rows changes nothing."""
+        _check_counters("fine", fine)
         if not float(fine[:, 0].sum()):
             return
         edges, bins = equal_mass_bins(fine, self.gammas.numel())

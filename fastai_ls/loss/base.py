@@ -39,7 +39,7 @@ from fastai_ls.loss.checks import (
     check_weight_values,
     weight_in,
 )
-from fastai_ls.loss.formula import kept_targets
+from fastai_ls.loss.formula import kept_targets, nan_for_infinite_logits
 from fastai_ls.loss.modules import LabelSmoothingCrossEntropyFlat
 from fastai_ls.validation import compute_dtype, plain, upcast
 
@@ -109,7 +109,8 @@ def family_loss(input: Tensor, target: Tensor, weight: Tensor | None, reduction:
     loss = row_loss(rows)
     if z_loss:
         loss = loss + rows.mass * z_loss * rows.x.logsumexp(1).square()
-    return rows.reduce(loss, reduction)
+    # An infinite row loss is reported as NaN, as the fused backends and the label-smoothing loss report it.
+    return rows.reduce(nan_for_infinite_logits(loss), reduction)
 
 
 def runs_fused(fused: tuple[str, Mapping[str, float]] | None, target: Tensor, z_loss: float) -> bool:

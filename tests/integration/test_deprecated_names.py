@@ -220,3 +220,22 @@ def test_a_callback_exported_with_the_flags_of_the_release_before_the_phase_load
         other.validate()
     assert len(loaded.history) == 2 and loaded.state is not loaded.states[-1] and other.calibration is loaded
     assert [m.name for m in other.metrics] == ["ece"] and other.recorder.values[-1][-1] == loaded.history["ece"][1]
+
+
+def test_from_a_package_import_of_a_renamed_name_warns_once():
+    # `from package import name` first asks the package's __getattr__ whether `name` is a submodule: that call
+    # warned too, so the statement gave two FutureWarnings.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from fastai_ls.calibration import compare_calibrators
+    renamed = [w for w in caught if "compare_calibrators is deprecated" in str(w.message)]
+    assert len(renamed) == 1 and renamed[0].category is FutureWarning and renamed[0].filename == __file__
+    assert compare_calibrators is compare_on_logits
+
+
+def test_a_name_the_old_module_never_had_raises_without_a_deprecation_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ImportError):
+            from fastai_ls.losses import FocalLoss  # noqa: F401 (new in the family; never in fastai_ls.losses)
+    assert not [w for w in caught if "deprecated and will be removed" in str(w.message)]

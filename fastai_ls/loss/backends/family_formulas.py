@@ -20,7 +20,7 @@ from torch import Tensor
 from fastai_ls.loss.formula import reduce_loss
 
 __all__ = ["Rows", "log_softmax_rows", "cross_entropy_plus", "complement_pow", "modulated_cross_entropy",
-           "focal_rows", "adaptive_focal_rows", "margin_rows", "maxsup_rows", "logitnorm_rows",
+           "focal_rows", "adaptive_focal_rows", "row_max", "margin_rows", "maxsup_rows", "logitnorm_rows",
            "confidence_penalty_rows", "ROW_FORMULAS", "LOGITNORM_DELTA"]
 
 LOGITNORM_DELTA = 1e-7  # Wei et al.'s z / (tau (||z|| + 1e-7)): all-zero logits divide by it, not by 0
@@ -130,14 +130,21 @@ def adaptive_focal_rows(rows: Rows, threshold: float = 0.2, gamma_below: float =
     return modulated_cross_entropy(rows, eps, factor)
 
 
+def row_max(x: Tensor, keepdim: bool = False) -> Tensor:
+    """z_max per row, differentiated on the first largest logit only (`max(dim)`, as the papers' code and the fused
+    kernels take it; `amax` would share the gradient among tied logits: at all-equal logits, a zero-initialized
+    head's, MaxSup's penalty gradient would be 0 here and alpha (1 - 1/C) on class 0 in the kernels)."""
+    return x.max(1, keepdim=keepdim).values
+
+
 def margin_rows(rows: Rows, margin: float, alpha: float) -> Tensor:
     """MbLS per row (Liu et al. 2022): CE + alpha (1/C) sum_k relu(z_max - z_k - margin)."""
-    return cross_entropy_plus(rows, lambda x, log_p: alpha * (x.amax(1, keepdim=True) - x - margin).relu().mean(1))
+    return cross_entropy_plus(rows, lambda x, log_p: alpha * (row_max(x, True) - x - margin).relu().mean(1))
 
 
 def maxsup_rows(rows: Rows, alpha: float) -> Tensor:
     """MaxSup per row (Zhou et al. 2025): CE + alpha (z_max - mean_k z_k)."""
-    return cross_entropy_plus(rows, lambda x, log_p: alpha * (x.amax(1) - x.mean(1)))
+    return cross_entropy_plus(rows, lambda x, log_p: alpha * (row_max(x) - x.mean(1)))
 
 
 def logitnorm_rows(rows: Rows, tau: float) -> Tensor:

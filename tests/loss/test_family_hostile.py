@@ -1,0 +1,146 @@
+"""The calibration-loss family under hostile input: every path of a loss (fused on class ids, torch operations for
+probability targets, z-losses, smoothing and AdaFocal) reports the same thing for the same input, including where
+the input has no finite answer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastai_ls import (
+    AdaFocalLoss,
+    AdaptiveFocalLoss,
+    ConfidencePenaltyLoss,
+    FocalLoss,
+    LabelSmoothingCrossEntropy,
+    LogitNormLoss,
+    MarginLabelSmoothing,
+    MaxSupLoss,
+)
+from fastai_ls.calibration import CalibrationState
+from fastai_ls.loss.adafocal import ada_focal_loss, ada_focal_update
+
+CLASSES = [FocalLoss, AdaptiveFocalLoss, AdaFocalLoss, MarginLabelSmoothing, MaxSupLoss, LogitNormLoss,
+           ConfidencePenaltyLoss]
+
+
+def minus_inf_on_the_true_class(dtype=torch.float64):
+    x = torch.randn(3, 4, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2])
+    x[0, 0] = -math.inf
+    return x, y
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_infinite_row_loss_is_nan_on_every_path_as_for_label_smoothing(cls, dtype):
+    # p_y = 0: the row's loss is +inf, which the label-smoothing loss and the fused kernels report as NaN. The torch
+    # path (probability targets, z-losses, smoothing, AdaFocal) reported +inf for the same row.
+    x, y = minus_inf_on_the_true_class(dtype)
+    assert math.isnan(LabelSmoothingCrossEntropy(eps=0.0, reduction="none")(x, y)[0].item())
+    for target in (y, F.one_hot(y, 4).to(dtype)):
+        for module in (cls(reduction="none"), cls(reduction="none", z_loss=1e-3)):
+            loss = module(x, target)
+            assert math.isnan(loss[0].item()), (module, target.dtype, loss)
+            assert loss[1:].isfinite().all()
+    assert math.isnan(FocalLoss(eps=0.1)(x, y).item())
+
+
+@pytest.mark.parametrize("gammas, edges", [
+    (torch.full((3,), math.nan), None),
+    (torch.full((3,), math.inf), None),  # (1 - p)^inf: every row's loss was 0
+    (torch.ones(3), torch.tensor([0.0, 0.9, 0.1, 1.0])),  # out of order: bucketize's answer is undefined
+    (torch.ones(3), torch.tensor([0.0, math.nan, 0.5, 1.0])),
+    (torch.ones(3), torch.tensor([0.2, 0.4, 0.6, 0.8])),  # not from 0 to 1
+])
+def test_ada_focal_loss_rejects_non_finite_gammas_and_bad_edges(gammas, edges):
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 1])
+    with pytest.raises(ValueError, match="gammas must be finite|edges must be non-decreasing from 0 to 1"):
+        ada_focal_loss(x, y, gammas, edges)
+
+
+def test_ada_focal_loss_module_rejects_gammas_set_to_nan_after_construction():
+    loss = AdaFocalLoss(n_bins=3)
+    loss.gammas = torch.full((3,), math.nan, dtype=torch.float64)
+    with pytest.raises(ValueError, match="gammas must be finite"):
+        loss(torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 1]))
+
+
+@pytest.mark.parametrize("fine, message", [
+    (torch.tensor([[math.nan, 5.0, 4.0], [10.0, 9.0, 9.0]]), "finite counters"),  # edges became [0, 1, 1, 1]
+    (torch.tensor([[10.0, math.inf, 4.0], [10.0, 9.0, 9.0]]), "finite counters"),  # a NaN gamma
+    (torch.tensor([[-10.0, 5.0, 4.0], [10.0, 9.0, 9.0]]), "finite counters"),
+    (torch.tensor([[10.0, 5.0, 40.0], [10.0, 9.0, 9.0]]), "number correct <= count"),
+    (torch.tensor([[10.0, 5.0], [10.0, 9.0]]), r"\(K, 3\)"),
+    (torch.tensor([10.0, 5.0, 4.0]), r"\(K, 3\)"),
+])
+def test_ada_focal_update_rejects_counters_that_are_not_counts_and_changes_nothing(fine, message):
+    loss = AdaFocalLoss(n_bins=2)
+    before = [loss.gammas.clone(), loss.edges.clone()]
+    with pytest.raises(ValueError, match=message):
+        loss.update(fine)
+    assert torch.equal(loss.gammas, before[0]) and torch.equal(loss.edges, before[1])
+    with pytest.raises(ValueError, match=message):
+        ada_focal_update(torch.ones(fine.shape[0] if fine.dim() == 2 else 1), fine)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("lam", -1.0, "lam must be > 0"),  # stepped every gamma the wrong way
+    ("lam", math.nan, "lam must be finite"),  # made every gamma NaN
+    ("gamma_max", math.nan, "gamma_max must be finite"),
+    ("gamma_min", math.inf, "gamma_min must be finite"),
+    ("switch", math.nan, "switch must be finite"),
+])
+def test_ada_focal_update_checks_an_option_set_after_construction_and_changes_nothing(name, value, message):
+    loss = AdaFocalLoss(n_bins=2)
+    setattr(loss, name, value)
+    before = loss.gammas.clone()
+    with pytest.raises(ValueError, match=message):
+        loss.update(torch.tensor([[10.0, 5.0, 4.0], [10.0, 9.0, 9.0], [5.0, 4.5, 1.0]]))
+    assert torch.equal(loss.gammas, before)
+
+
+def test_ada_focal_update_needs_one_row_of_counters_per_gamma():
+    # One gamma broadcast against four bins gave four gammas.
+    with pytest.raises(ValueError, match="bins has 4 rows for 1 gammas"):
+        ada_focal_update(torch.ones(1), torch.tensor([[10.0, 5.0, 4.0]] * 4))
+
+
+@pytest.mark.parametrize("cls, options", [(MaxSupLoss, {"alpha": 0.3}),
+                                          (MarginLabelSmoothing, {"margin": 1.0, "alpha": 0.5})])
+def test_tied_largest_logits_get_the_same_gradient_on_the_fused_and_the_torch_path(cls, options):
+    # All-equal logits (a zero-initialized head's first step) or a tie for the largest: z_max's gradient goes to the
+    # first largest logit in the kernels (and the papers' max(dim)); the torch path's amax shared it among the tied.
+    x = torch.zeros(4, 10, dtype=torch.float64)
+    x[2:, :3] = 5.0
+    y = torch.tensor([0, 4, 1, 5])
+    grads = []
+    for target in (y, F.one_hot(y, 10).to(x.dtype)):
+        a = x.clone().requires_grad_()
+        cls(**options)(a, target).backward()
+        grads.append(a.grad)
+    grads.append(torch.func.grad(lambda a: cls(**options)(a, y))(x))
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads[2], grads[0], rtol=0, atol=1e-12)
+
+
+def test_ada_focal_update_takes_the_counters_of_a_probability_row_that_misses_one_by_a_little():
+    # CalibrationState keeps rows within 1e-3 of summing to 1 as they are: a cell's confidence sum may pass its count.
+    state = CalibrationState(2)
+    state.update(torch.tensor([[1.0005, 0.0], [0.3, 0.7]]), torch.tensor([0, 1]))
+    loss = AdaFocalLoss(n_bins=2)
+    loss.update(state.fine)
+    assert loss.gammas.isfinite().all() and not torch.equal(loss.gammas, torch.ones(2, dtype=torch.float64))
+
+
+def test_ada_focal_loss_checks_gammas_batched_by_vmap_and_computes_each_sample():
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 1])
+    gammas = torch.tensor([[0.5, 1.0, 3.0], [0.0, 2.0, 5.0]])
+    batched = torch.func.vmap(lambda g: ada_focal_loss(x, y, g))(gammas)
+    torch.testing.assert_close(batched, torch.stack([ada_focal_loss(x, y, g) for g in gammas]))
+    gammas[1, 0] = math.nan
+    with pytest.raises(ValueError, match="gammas must be finite"):
+        torch.func.vmap(lambda g: ada_focal_loss(x, y, g))(gammas)
