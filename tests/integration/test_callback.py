@@ -32,6 +32,7 @@ from fastai.vision.core import PILImage, PILMask
 from oracles import multiclass_calibration_error
 from PIL import Image
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from fastai_ls import (
     CalibrationCallback,
@@ -742,30 +743,36 @@ def host_reads_forbidden():
     names = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero",
              "new_tensor")
     saved = {name: getattr(torch.Tensor, name) for name in names}
-    original_getitem, original_nonzero = torch.Tensor.__getitem__, torch.nonzero
+    original_nonzero = torch.nonzero
     # A tensor made from Python data on a GPU is a host-to-device copy, which synchronises.
     factories = ("tensor", "as_tensor", "from_numpy")
     saved_factories = {name: getattr(torch, name) for name in factories}
 
-    def getitem(self, index):
-        parts = index if isinstance(index, tuple) else (index,)
-        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
-            raise AssertionError("host synchronisation: boolean-mask indexing in the per-batch update")
-        return original_getitem(self, index)
+    class NoMaskIndexing(TorchFunctionMode):
+        # A mode, not an assignment to Tensor.__getitem__: assigning to that slot, even once and restored, leaves
+        # 0-d tensors looking like sequences to torch.tensor([...]) for the rest of the process.
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.__getitem__:
+                index = args[1]
+                parts = index if isinstance(index, tuple) else (index,)
+                if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+                    raise AssertionError("host synchronisation: boolean-mask indexing in the per-batch update")
+            return func(*args, **(kwargs or {}))
 
     try:
         for name in names:
             setattr(torch.Tensor, name, forbidden(name))
-        torch.Tensor.__getitem__, torch.nonzero = getitem, forbidden("nonzero")
+        torch.nonzero = forbidden("nonzero")
         for name in factories:
             setattr(torch, name, forbidden(name))
-        yield
+        with NoMaskIndexing():
+            yield
     finally:
         for name, method in saved.items():
             setattr(torch.Tensor, name, method)
         for name, factory in saved_factories.items():
             setattr(torch, name, factory)
-        torch.Tensor.__getitem__, torch.nonzero = original_getitem, original_nonzero
+        torch.nonzero = original_nonzero
 
 
 class GuardedCalibrationCallback(CalibrationCallback):
@@ -789,10 +796,19 @@ def test_the_per_batch_update_never_reads_tensor_values_on_the_host():
 
 
 @pytest.mark.parametrize("host_read", [lambda: torch.ones(2).sum().item(), lambda: torch.tensor([1, 2]),
-                                       lambda: torch.ones(2).new_tensor([3.0])])
+                                       lambda: torch.ones(2).new_tensor([3.0]),
+                                       lambda: torch.ones(3)[torch.tensor([True, False, True])]])
 def test_the_guard_catches_a_host_read_or_copy(host_read):
     with host_reads_forbidden(), pytest.raises(AssertionError, match="host synchronisation"):
         host_read()
+
+
+def test_the_guard_leaves_torch_as_it_found_it():
+    # It once assigned to Tensor.__getitem__, after which torch.tensor([0-d tensors]) failed for the whole process.
+    with host_reads_forbidden():
+        pass
+    assert torch.tensor([torch.tensor(0.5), torch.tensor(1.5)]).tolist() == [0.5, 1.5]
+    assert torch.ones(3)[torch.tensor([True, False, True])].tolist() == [1.0, 1.0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
