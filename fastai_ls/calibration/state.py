@@ -16,9 +16,13 @@ fine grid of K (default 1000) equal-width cells: it determines every top-label m
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from fastai_ls._deprecation import warn_renamed
 from fastai_ls.calibration.counters import N_FINE, CounterVector, check_n_bins
@@ -226,6 +230,30 @@ class CalibrationState(CounterVector):
         if norm == "max":
             warn_renamed("CalibrationState.ece(norm='max')", "CalibrationState.mce()")
         return state_ece(self, norm)
+
+    def report(self, ci: float | None = 0.95, n_boot: int = 1000, seed: int | None = 0) -> pd.DataFrame:
+        """`metrics(ci=...)` as a table: one row per metric (index `metric`), columns estimate, lower, upper (NaN
+        where a metric has no interval) and interval (how it was made).
+
+        Parameters
+        ----------
+        ci : float | None
+            Level of the intervals; None for estimates only.
+        n_boot : int
+            Bootstrap replicates of the bootstrapped metrics.
+        seed : int | None
+            Seed of the bootstrap (None: a fresh one).
+
+        Examples
+        --------
+        >>> state = CalibrationState(n_classes=2)
+        >>> state.update(torch.tensor([[.8, .2], [.3, .7], [.6, .4]]), torch.tensor([0, 0, 1]))
+        >>> float(state.report(ci=None).loc["ece", "estimate"])  # (|0.8 - 1| + |0.7 - 0| + |0.6 - 0|) / 3
+        0.5
+        """
+        from fastai_ls.calibration.report import report_frame  # pandas, only when a table is asked for
+
+        return report_frame(self.metrics(ci=ci, n_boot=n_boot, seed=seed), ci)
 
     def mce(self) -> float:
         """Top-label maximum calibration error: the largest |accuracy - confidence| of a non-empty equal-width bin

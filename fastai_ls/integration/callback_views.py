@@ -36,9 +36,8 @@ class DeprecatedViews:
     `n_boot` and `seed`)."""
 
     def report(self, epoch: int = -1, ci: float | None = None) -> pd.DataFrame:
-        """Deprecated: use `report_frame(cb.state_of(epoch).metrics(ci=ci), ci)`."""
-        warn_renamed("CalibrationCallback.report()", "fastai_ls.calibration.report.report_frame("
-                     "cb.state_of(epoch).metrics(ci=0.95), 0.95)")
+        """Deprecated: use `cb.state_of(epoch).report(ci)`."""
+        warn_renamed("CalibrationCallback.report()", "cb.state_of(epoch).report(ci)")
         level = self.ci if ci is None else ci
         return report_frame(self.state_of(epoch).metrics(ci=level, n_boot=self.n_boot, seed=self.seed), level)
 

@@ -139,6 +139,7 @@ class FamilyLoss(nn.Module):
         check_common(reduction, ignore_index)
         self.z_loss = check_parameter("z_loss", z_loss)
         check_weight(weight)
+        check_weight_needs_no_grad(weight)  # as PyTorch's loss would at its first call: never a silent detach
         check_weight_values(weight)
         self.reduction, self.ignore_index = reduction, ignore_index
         # A copy, so that moving or loading the module never writes into the caller's tensor.

@@ -9,7 +9,13 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from fastai_ls.loss.checks import check_options, check_weight, check_weight_values, target_shape_message
+from fastai_ls.loss.checks import (
+    check_options,
+    check_weight,
+    check_weight_needs_no_grad,
+    check_weight_values,
+    target_shape_message,
+)
 from fastai_ls.loss.functional import label_smoothing_cross_entropy
 from fastai_ls.validation import plain, upcast
 
@@ -71,6 +77,7 @@ class LabelSmoothingCrossEntropy(nn.Module):
         super().__init__()
         check_options(eps, reduction, smoothing, ignore_index, fused, z_loss)
         check_weight(weight)
+        check_weight_needs_no_grad(weight)  # as PyTorch's loss would at its first call: never a silent detach
         check_weight_values(weight)
         self.eps, self.reduction, self.ignore_index, self.smoothing = eps, reduction, ignore_index, smoothing
         self.fused, self.z_loss = fused, z_loss

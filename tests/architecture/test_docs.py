@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +136,10 @@ def test_the_code_blocks_of_each_page_run(path, tmp_path, monkeypatch, fastai_ho
             if block.setup is not None:
                 exec(compile(block.setup, f"{where} (setup)", "exec"), namespace)
             if block.language == "python":
-                exec(compile(block.code, where, "exec"), namespace)
+                with warnings.catch_warnings():  # the docs teach no spelling that is on its way out
+                    warnings.filterwarnings("error", message=".*will be removed in the next release",
+                                            category=FutureWarning)
+                    exec(compile(block.code, where, "exec"), namespace)
             else:
                 result = subprocess.run(["bash", "-c", "set -euo pipefail\n" + block.code], cwd=tmp_path, env=env,
                                         capture_output=True, text=True, timeout=900)

@@ -16,6 +16,7 @@ from fastai.losses import LabelSmoothingCrossEntropy as FastaiLabelSmoothingCros
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fastai_ls
 from fastai_ls import LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat, label_smoothing_cross_entropy
 
 REDUCTIONS = ["mean", "sum", "none"]
@@ -488,3 +489,15 @@ def test_help_explains_every_parameter(documented):
     text = pydoc.render_doc(documented, renderer=pydoc.plaintext)
     assert "Initialize internal Module state" not in text  # torch's generic __init__ docstring
     assert all(f"{name} : " in text for name in names)
+
+
+@pytest.mark.parametrize("make", [lambda w: LabelSmoothingCrossEntropy(0.1, weight=w),
+                                  lambda w: LabelSmoothingCrossEntropyFlat(0.1, weight=w),
+                                  lambda w: fastai_ls.FocalLoss(weight=w),
+                                  lambda w: fastai_ls.MaxSupLossFlat(weight=w)])
+def test_a_loss_class_given_a_weight_that_requires_grad_raises_instead_of_detaching_it(make):
+    # The class kept a detached copy, so a gradient the user asked for through the weights was silently dropped.
+    weight = torch.ones(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="weight requires grad"):
+        make(weight)
+    assert make(weight.detach()).weight.requires_grad is False
