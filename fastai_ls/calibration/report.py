@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from fastai_ls.calibration.estimates import METRIC_NAMES
 from fastai_ls.calibration.intervals import BOOTSTRAP_NAMES
-from fastai_ls.calibration.state import METRIC_NAMES
 
 __all__ = ["REPORT_COLUMNS", "report_frame", "format_interval", "interval_text"]
 
