@@ -30,6 +30,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from report import add_report_argument, report_to  # benchmarks/report.py, beside this script
 
 from fastai_ls.calibration import calibration_metrics
 from fastai_ls.calibration.calibrators import CALIBRATORS, CalibrationWarning, stratified_folds
@@ -240,18 +241,20 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--ci", default="0.95", help="interval level of --compare, or 'none' (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_report_argument(parser)
     args = parser.parse_args()
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in CALIBRATORS]
-    if unknown:
-        parser.error(f"unknown methods {unknown}; known: {', '.join(CALIBRATORS)}")
-    device = torch.device(args.device)
-    # The first optimizer of a process imports torch._dynamo (seconds): paid here, not by the first method timed.
-    torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
-    for size in args.sizes.split(","):
-        n, n_classes = (int(part) for part in size.lower().split("x"))
-        bench_size(n, n_classes, methods, args, device)
+    with report_to(args.report, "The calibrators' cost (`benchmarks/bench_calibrators.py`)"):
+        methods = args.methods.split(",")
+        unknown = [m for m in methods if m not in CALIBRATORS]
+        if unknown:
+            parser.error(f"unknown methods {unknown}; known: {', '.join(CALIBRATORS)}")
+        device = torch.device(args.device)
+        # The first optimizer of a process imports torch._dynamo (seconds): paid here, not by the first method timed.
+        torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+        for size in args.sizes.split(","):
+            n, n_classes = (int(part) for part in size.lower().split("x"))
+            bench_size(n, n_classes, methods, args, device)
 
 
 if __name__ == "__main__":

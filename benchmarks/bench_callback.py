@@ -17,6 +17,7 @@ import warnings
 import torch
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
+from report import add_report_argument, report_to  # benchmarks/report.py, beside this script
 from torch import nn
 
 from fastai_ls import CalibrationCallback, LabelSmoothingCrossEntropy
@@ -71,27 +72,29 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--bs", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_report_argument(parser)
     args = parser.parse_args()
-    args.n_train = args.n_train or (4_000 if args.model == "cnn" else 20_000)
-    args.n_valid = args.n_valid or (1_000 if args.model == "cnn" else 5_000)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    with report_to(args.report, "The callback's overhead (`benchmarks/bench_callback.py`)"):
+        args.n_train = args.n_train or (4_000 if args.model == "cnn" else 20_000)
+        args.n_valid = args.n_valid or (1_000 if args.model == "cnn" else 5_000)
+        warnings.filterwarnings("ignore", category=FutureWarning)
 
-    learners = {True: make_learner(args, True), False: make_learner(args, False)}
-    for learn in learners.values():  # warm-up: allocator, thread pools, first-call overheads
-        epoch_seconds(learn)
-    times: dict[bool, list[float]] = {True: [], False: []}
-    for rep in range(args.reps):
-        order = (True, False) if rep % 2 == 0 else (False, True)
-        for with_callback in order:
-            times[with_callback].append(epoch_seconds(learners[with_callback]))
-    ratios = [a / b for a, b in zip(times[True], times[False])]
-    print(f"model={args.model} device={args.device} threads={torch.get_num_threads()} "
-          f"train={args.n_train} valid={args.n_valid} "
-          f"classes={args.classes} bs={args.bs} reps={args.reps}")
-    print(f"epoch without callback: median {statistics.median(times[False]):.3f} s")
-    print(f"epoch with callback:    median {statistics.median(times[True]):.3f} s")
-    print(f"median ratio with/without: {statistics.median(ratios):.4f} "
-          f"(overhead {100 * (statistics.median(ratios) - 1):+.2f}%; target <= +2%)")
+        learners = {True: make_learner(args, True), False: make_learner(args, False)}
+        for learn in learners.values():  # warm-up: allocator, thread pools, first-call overheads
+            epoch_seconds(learn)
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for rep in range(args.reps):
+            order = (True, False) if rep % 2 == 0 else (False, True)
+            for with_callback in order:
+                times[with_callback].append(epoch_seconds(learners[with_callback]))
+        ratios = [a / b for a, b in zip(times[True], times[False])]
+        print(f"model={args.model} device={args.device} threads={torch.get_num_threads()} "
+              f"train={args.n_train} valid={args.n_valid} "
+              f"classes={args.classes} bs={args.bs} reps={args.reps}")
+        print(f"epoch without callback: median {statistics.median(times[False]):.3f} s")
+        print(f"epoch with callback:    median {statistics.median(times[True]):.3f} s")
+        print(f"median ratio with/without: {statistics.median(ratios):.4f} "
+              f"(overhead {100 * (statistics.median(ratios) - 1):+.2f}%; target <= +2%)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import argparse
 import time
 
 import torch
+from report import add_report_argument, report_to  # benchmarks/report.py, beside this script
 
 import fastai_ls.integration.compare_losses as compare_module
 from fastai_ls.integration.loss_registry import LOSSES, LossSpec
@@ -24,37 +25,41 @@ def main() -> None:
     parser.add_argument("--losses", type=int, default=7, help="how many losses (default 7)")
     parser.add_argument("--seeds", type=int, default=5, help="seeds per loss (default 5)")
     parser.add_argument("--rows", type=int, default=359, help="validation images per seed (default 359)")
+    add_report_argument(parser)
     args = parser.parse_args()
     # Stand-ins for the family's classes, so that the scoring runs whatever this installation has: the loss only
     # names the fake logits' sharpness, nothing is trained.
-    names = [f"loss{k}" for k in range(args.losses)]
-    for k, name in enumerate(names):
-        LOSSES[name] = LossSpec("fastai_ls.loss.modules", "LabelSmoothingCrossEntropyFlat", {"eps": k / 20}, name)
+    with report_to(args.report, "The loss comparison's scoring time (`benchmarks/bench_compare_losses.py`)"):
+        names = [f"loss{k}" for k in range(args.losses)]
+        for k, name in enumerate(names):
+            LOSSES[name] = LossSpec("fastai_ls.loss.modules", "LabelSmoothingCrossEntropyFlat", {"eps": k / 20}, name)
 
-    def held_out(learn):
-        g = torch.Generator().manual_seed(learn["seed"])
-        logits = 2 * torch.randn(args.rows, 10, generator=g)
-        target = torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)
-        return (3.0 - 2 * learn["loss"].eps) * logits, target
+        def held_out(learn):
+            g = torch.Generator().manual_seed(learn["seed"])
+            logits = 2 * torch.randn(args.rows, 10, generator=g)
+            target = torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)
+            return (3.0 - 2 * learn["loss"].eps) * logits, target
 
-    compare_module.train = lambda make, eps, epochs, seed, label="", loss_func=None: {"loss": loss_func, "seed": seed}
-    compare_module.validation_logits = held_out
-    spent = {"bootstrap": 0.0}
-    real = compare_module.seed_bootstrap
+        compare_module.train = lambda make, eps, epochs, seed, label="", loss_func=None: {"loss": loss_func,
+                                                                                          "seed": seed}
+        compare_module.validation_logits = held_out
+        spent = {"bootstrap": 0.0}
+        real = compare_module.seed_bootstrap
 
-    def timed(*a, **k):
+        def timed(*a, **k):
+            start = time.perf_counter()
+            out = real(*a, **k)
+            spent["bootstrap"] += time.perf_counter() - start
+            return out
+
+        compare_module.seed_bootstrap = timed
         start = time.perf_counter()
-        out = real(*a, **k)
-        spent["bootstrap"] += time.perf_counter() - start
-        return out
-
-    compare_module.seed_bootstrap = timed
-    start = time.perf_counter()
-    compare_module.compare_losses(lambda eps=0.0, seed=0: None, names, seeds=args.seeds)
-    total = time.perf_counter() - start
-    print(f"{args.losses} losses x {args.seeds} seeds, {args.rows} x 10 held-out logits each: {total:.1f} s in all, "
-          f"{total - spent['bootstrap']:.1f} s comparing calibrators, {spent['bootstrap']:.1f} s in the two-level "
-          "bootstrap")
+        compare_module.compare_losses(lambda eps=0.0, seed=0: None, names, seeds=args.seeds)
+        total = time.perf_counter() - start
+        print(f"{args.losses} losses x {args.seeds} seeds, {args.rows} x 10 held-out logits each: {total:.1f} s in "
+              "all, "
+              f"{total - spent['bootstrap']:.1f} s comparing calibrators, {spent['bootstrap']:.1f} s in the two-level "
+              "bootstrap")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
+from report import add_report_argument, report_to  # benchmarks/report.py, beside this script
 from torch import nn
 
 from fastai_ls import LabelSmoothingCrossEntropy
@@ -108,20 +109,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch's threads (1 on cores that other jobs share: a thread "
                         "waiting for a busy core stalls every parallel region)")
+    add_report_argument(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, device "
-          f"{args.device}, batch size {args.bs}, {args.reps} repetitions; load average {os.getloadavg()[0]:.1f}")
-    print("epoch = fit(1): training and validation; validate = learn.validate(); get_preds = "
-          "learn.get_preds(with_loss=True). ratio = median of per-repetition (fastai_ls / CrossEntropyLossFlat)\n")
-    header = f"{'model':<7}{'classes':>8}{'task':>11}{'fastai_ls s':>13}{'fastai s':>11}{'ratio':>8}"
-    print(header)
-    print("-" * len(header))
-    for name in args.model or list(MODELS):
-        results = bench_model(name, args.reps, args.bs, args.device)
-        for task, r in results.items():
-            print(f"{name:<7}{MODELS[name][1]:>8}{task:>11}{r['ours']:>13.3f}{r['fastai']:>11.3f}{r['ratio']:>8.3f}")
+    with report_to(args.report, "An epoch's time with each loss (`benchmarks/bench_epoch.py`)"):
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, device "
+              f"{args.device}, batch size {args.bs}, {args.reps} repetitions; load average {os.getloadavg()[0]:.1f}")
+        print("epoch = fit(1): training and validation; validate = learn.validate(); get_preds = "
+              "learn.get_preds(with_loss=True). ratio = median of per-repetition (fastai_ls / CrossEntropyLossFlat)\n")
+        header = f"{'model':<7}{'classes':>8}{'task':>11}{'fastai_ls s':>13}{'fastai s':>11}{'ratio':>8}"
+        print(header)
+        print("-" * len(header))
+        for name in args.model or list(MODELS):
+            results = bench_model(name, args.reps, args.bs, args.device)
+            for task, r in results.items():
+                print(f"{name:<7}{MODELS[name][1]:>8}{task:>11}{r['ours']:>13.3f}{r['fastai']:>11.3f}{r['ratio']:>8.3f}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+from report import add_report_argument, report_to  # benchmarks/report.py, beside this script
 
 from fastai_ls import CalibrationState
 from fastai_ls.calibration.intervals import _resample, joint_cells
@@ -65,25 +66,28 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7, help="timed calls per case")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--n-boot", type=int, default=1000)
+    add_report_argument(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, numpy {np.__version__}, "
-          f"torch threads {torch.get_num_threads()}, n_boot {args.n_boot}, median of {args.reps} warm calls")
-    cases = [("all cells", 100_000), ("all cells", 10_000), ("uniform", 10_000), ("skewed", 10_000), ("uniform", 359)]
-    print(f"{'confidences':>12} {'rows':>8} {'cells used':>10} {'draws':>8} {'rest':>8} {'total':>8} "
-          f"{'total CPU':>10} {'point estimates':>16} {'total / target':>15}")
-    for shape, n in cases:
-        state = state_of(n, shape)
-        bins, fine = state.bins, state.fine
-        state.metrics(ci=0.95, n_boot=args.n_boot)  # warm-up
-        cells = joint_cells(bins, fine)[0]
-        draws, _ = timed(lambda rep, cells=cells: _resample(cells, args.n_boot, rep), args.reps)
-        total, total_cpu = timed(lambda rep, state=state: state.metrics(ci=0.95, n_boot=args.n_boot, seed=rep),
-                                 args.reps)
-        point, _ = timed(lambda rep, bins=bins, fine=fine: top_label_metrics(bins, fine), args.reps)
-        used = int((fine[:, 0] > 0).sum())
-        print(f"{shape:>12} {n:>8} {used:>10} {draws:>7.3f}s {total - draws:>7.3f}s {total:>7.3f}s "
-              f"{total_cpu:>9.3f}s {point * 1000:>14.1f}ms {total / TARGET_S:>15.2f}")
+    with report_to(args.report, "The intervals' cost (`benchmarks/bench_intervals.py`)"):
+        torch.set_num_threads(args.threads)
+        print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, numpy {np.__version__}, "
+              f"torch threads {torch.get_num_threads()}, n_boot {args.n_boot}, median of {args.reps} warm calls")
+        cases = [("all cells", 100_000), ("all cells", 10_000), ("uniform", 10_000), ("skewed", 10_000),
+                 ("uniform", 359)]
+        print(f"{'confidences':>12} {'rows':>8} {'cells used':>10} {'draws':>8} {'rest':>8} {'total':>8} "
+              f"{'total CPU':>10} {'point estimates':>16} {'total / target':>15}")
+        for shape, n in cases:
+            state = state_of(n, shape)
+            bins, fine = state.bins, state.fine
+            state.metrics(ci=0.95, n_boot=args.n_boot)  # warm-up
+            cells = joint_cells(bins, fine)[0]
+            draws, _ = timed(lambda rep, cells=cells: _resample(cells, args.n_boot, rep), args.reps)
+            total, total_cpu = timed(lambda rep, state=state: state.metrics(ci=0.95, n_boot=args.n_boot, seed=rep),
+                                     args.reps)
+            point, _ = timed(lambda rep, bins=bins, fine=fine: top_label_metrics(bins, fine), args.reps)
+            used = int((fine[:, 0] > 0).sum())
+            print(f"{shape:>12} {n:>8} {used:>10} {draws:>7.3f}s {total - draws:>7.3f}s {total:>7.3f}s "
+                  f"{total_cpu:>9.3f}s {point * 1000:>14.1f}ms {total / TARGET_S:>15.2f}")
 
 
 if __name__ == "__main__":

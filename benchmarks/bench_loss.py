@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from fastai.losses import CrossEntropyLossFlat
 from fastai.losses import LabelSmoothingCrossEntropy as FastaiLabelSmoothingCrossEntropy
+from report import add_report_argument, report_to  # benchmarks/report.py, beside this script
 from torch import Tensor
 
 from fastai_ls import (
@@ -266,7 +267,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--family", action="store_true", help="time the calibration-loss family instead")
     parser.add_argument("--threads", type=int, help="torch's (and the kernel's) threads; default: torch's. On cores "
                         "shared with other work, 1 avoids the stalls of threads spin-waiting for a busy core")
+    add_report_argument(parser)
     args = parser.parse_args(argv)
+    title = "The calibration-loss family's speed" if args.family else "The loss's speed and memory"
+    with report_to(args.report, f"{title} (`benchmarks/bench_loss.py`)"):
+        run(args, without_report(argv))
+
+
+def without_report(argv: list[str]) -> list[str]:
+    """`argv` less `--report PATH` (the processes of the regimes print; the parent writes the report)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--report":
+            skip = True
+        elif not arg.startswith("--report="):
+            kept.append(arg)
+    return kept
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -278,7 +299,9 @@ def main(argv: list[str] | None = None) -> None:
         for regime in REGIMES:
             rest = [a for a in argv if not a.startswith("--regime")]
             sys.stdout.flush()
-            subprocess.run([sys.executable, __file__, *rest, "--regime", regime], check=True)
+            child = subprocess.run([sys.executable, __file__, *rest, "--regime", regime], check=True,
+                                   stdout=subprocess.PIPE, text=True)
+            print(child.stdout, end="")
             argv = [*argv, "--no-memory"]  # memory does not depend on the regime: measured once
         return
     print(machine(device))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from report import add_report_argument, report_to  # benchmarks/report.py, beside this script
 
 from fastai_ls import CalibrationState, augrc, aurc, compare_confidence_scores, confidence_scores
 from fastai_ls.calibration.selective import streamed_error_bound
@@ -141,12 +142,14 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--records", type=Path, default=None, help="folder of netcal's CIFAR-10 .npz records")
+    add_report_argument(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads")
-    speed(args.rows, args.classes, args.n_boot)
-    if args.records is not None:
-        records(args.records, args.n_boot)
+    with report_to(args.report, "Selective classification's speed (`benchmarks/bench_selective.py`)"):
+        torch.set_num_threads(args.threads)
+        print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads")
+        speed(args.rows, args.classes, args.n_boot)
+        if args.records is not None:
+            records(args.records, args.n_boot)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from report import add_report_argument, report_to  # benchmarks/report.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {
     "python -m fastai_ls --help  (fastai-ls --help)": [sys.executable, "-m", "fastai_ls", "--help"],
@@ -40,10 +42,12 @@ def median_seconds(command: list[str], reps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7, help="runs per command (default 7)")
+    add_report_argument(parser)
     args = parser.parse_args()
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; median of {args.reps} fresh processes each")
-    for name, command in COMMANDS.items():
-        print(f"{name:<56}{median_seconds(command, args.reps):8.3f} s")
+    with report_to(args.report, "Start-up time (`benchmarks/bench_startup.py`)"):
+        print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; median of {args.reps} fresh processes each")
+        for name, command in COMMANDS.items():
+            print(f"{name:<56}{median_seconds(command, args.reps):8.3f} s")
 
 
 if __name__ == "__main__":
