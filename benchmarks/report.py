@@ -74,8 +74,8 @@ def report_to(path: str | None, title: str) -> Iterator[None]:
         sys.stdout = stdout
     command = shlex.join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     page = (f"# {title}\n\nWritten by `{command}` on {started:%d %b %Y, %H:%M} UTC.\n\n"
-            f"Machine: {machine_description()}. Load average (1/5/15 min) {load_before} at the start, {_load()} at "
-            "the end: below about 0.3 per core the timings are quiet ones, above it they were taken beside other "
-            f"work.\n\n```text\n{captured.getvalue().rstrip()}\n```\n")
+            f"Machine: {machine_description()}. Load average (1/5/15 min) before it ran: {load_before} (below about "
+            "0.3 per core, nothing else was running: quiet timings); at the end, its own threads included: "
+            f"{_load()}.\n\n```text\n{captured.getvalue().rstrip()}\n```\n")
     Path(path).write_text(page)
     print(f"report written to {path}")
