@@ -38,7 +38,7 @@ def state_of(probs, target, **kwargs) -> CalibrationState:
     return state
 
 
-# --- reference implementations, one sample at a time, from the definitions (Guo et al. 2017, §2)---------------------
+# --- reference implementations, one sample at a time, from the definitions (Guo et al. 2017, §2) --------------------
 
 
 def guo_bin(c: float, n_bins: int) -> int:
