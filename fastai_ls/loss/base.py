@@ -39,8 +39,8 @@ from fastai_ls.loss.checks import (
     check_weight_values,
     weight_in,
 )
+from fastai_ls.loss.flat import FlatLayout
 from fastai_ls.loss.formula import kept_targets, nan_for_infinite_logits
-from fastai_ls.loss.modules import LabelSmoothingCrossEntropyFlat
 from fastai_ls.validation import compute_dtype, plain, upcast
 
 __all__ = ["check_parameter", "check_common", "rows_of", "family_loss", "runs_fused", "FamilyLoss", "FlatFamilyLoss"]
@@ -172,36 +172,9 @@ class FamilyLoss(nn.Module):
         return f"reduction={self.reduction!r}, ignore_index={self.ignore_index}{z_loss}"
 
 
-class FlatFamilyLoss:
-    """Mixed in before a `FamilyLoss` class, gives its `Flat` twin fastai's `BaseLoss` conventions, as
-    `LabelSmoothingCrossEntropyFlat` has them: the class axis is `axis` (default last), integer targets may come
-    flattened or with trailing size-1 axes, and 'none' losses are flattened to one per position."""
-
-    def _flat_options(self, axis: int, flatten: bool, floatify: bool) -> None:
-        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
-        for name, value in (("flatten", flatten), ("floatify", floatify)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be True or False, got {value!r}")
-        self.axis, self.flatten, self.floatify = int(axis), flatten, floatify
-
-    @property
-    def class_axis(self) -> int:
-        return self.axis
-
-    def forward(self, input: Tensor, target: Tensor, reduction: str | None = None) -> Tensor:
-        """The loss of logits `input` (classes on `axis`) against `target`."""
-        for name, value in (("input", input), ("target", target)):
-            if not isinstance(value, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        input, target = plain(input), plain(target)
-        if self.floatify and target.dtype != torch.float16:
-            target = target.float()
-        loss = self.loss(*self._class_axis_first(input, target), reduction or self.reduction)
-        return loss.reshape(-1) if self.flatten and loss.dim() else loss
-
-    # One implementation of the layout rules for every Flat loss: the label-smoothing loss's.
-    _class_axis_first = LabelSmoothingCrossEntropyFlat._class_axis_first
+class FlatFamilyLoss(FlatLayout):
+    """Mixed in before a `FamilyLoss` class, gives its `Flat` twin fastai's `BaseLoss` layout (`FlatLayout`, as
+    `LabelSmoothingCrossEntropyFlat` has it), and its `axis` in the repr."""
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, axis={self.axis}"

@@ -4,9 +4,6 @@ The arithmetic is `fastai_ls.loss`'s."""
 
 from __future__ import annotations
 
-import numbers
-
-import torch
 from torch import Tensor, nn
 
 from fastai_ls.loss.checks import (
@@ -14,10 +11,10 @@ from fastai_ls.loss.checks import (
     check_weight,
     check_weight_needs_no_grad,
     check_weight_values,
-    target_shape_message,
 )
+from fastai_ls.loss.flat import FlatLayout
 from fastai_ls.loss.functional import label_smoothing_cross_entropy
-from fastai_ls.validation import plain, upcast
+from fastai_ls.validation import upcast
 
 __all__ = ["label_smoothing_cross_entropy", "LabelSmoothingCrossEntropy", "LabelSmoothingCrossEntropyFlat"]
 
@@ -54,6 +51,7 @@ class LabelSmoothingCrossEntropy(nn.Module):
 
     Examples
     --------
+    >>> import torch
     >>> loss_func = LabelSmoothingCrossEntropy(eps=0.1)
     >>> loss_func(torch.randn(4, 3), torch.tensor([0, 2, 1, 0])).shape
     torch.Size([])
@@ -104,7 +102,7 @@ class LabelSmoothingCrossEntropy(nn.Module):
                f"ignore_index={self.ignore_index}" + (f", z_loss={z_loss}" if z_loss else "")
 
 
-class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
+class LabelSmoothingCrossEntropyFlat(FlatLayout, LabelSmoothingCrossEntropy):
     """`LabelSmoothingCrossEntropy` with fastai's `BaseLoss` conventions: the class axis is `axis` (default
     last, as for fastai's `CrossEntropyLossFlat`), inputs and targets are flattened to rows, so 'none' gives one loss
     per flattened position, in the target's order. Integer targets may come flattened, or with trailing size-1 axes:
@@ -143,6 +141,7 @@ class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
 
     Examples
     --------
+    >>> import torch
     >>> loss_func = LabelSmoothingCrossEntropyFlat()
     >>> loss_func(torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5)), reduction='none').shape
     torch.Size([10])
@@ -164,47 +163,4 @@ class LabelSmoothingCrossEntropyFlat(LabelSmoothingCrossEntropy):
     ):
         """Check and store the options (see the class's Parameters)."""
         super().__init__(eps, weight, reduction, ignore_index, smoothing, fused=fused, z_loss=z_loss)
-        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
-        for name, value in (("flatten", flatten), ("floatify", floatify)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be True or False, got {value!r}")
-        self.axis, self.flatten, self.floatify = int(axis), flatten, floatify
-
-    @property
-    def class_axis(self) -> int:
-        return self.axis
-
-    def forward(self, input: Tensor, target: Tensor, reduction: str | None = None) -> Tensor:
-        """The loss of logits `input` (classes on `axis`) against `target`."""
-        for name, value in (("input", input), ("target", target)):
-            if not isinstance(value, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        input, target = plain(input), plain(target)
-        if self.floatify and target.dtype != torch.float16:
-            target = target.float()
-        loss = super().forward(*self._class_axis_first(input, target), reduction)
-        return loss.reshape(-1) if self.flatten and loss.dim() else loss
-
-    def _class_axis_first(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """`input` with the class axis moved to 1 (a view: no copy for autograd to undo) and the matching
-        `target`, after checking that their layouts agree."""
-        if input.dim() < 2:
-            raise ValueError(f"input must have a batch and a class axis, got shape {tuple(input.shape)}")
-        if not -input.dim() <= self.axis < input.dim():
-            raise ValueError(f"axis={self.axis} is not an axis of the input (shape {tuple(input.shape)})")
-        x = input.movedim(self.axis, 1)
-        if target.is_floating_point():
-            if target.shape != input.shape:
-                raise ValueError(f"a probability target must have the input's shape {tuple(input.shape)}, "
-                                 f"got {tuple(target.shape)}")
-            return x, target.movedim(self.axis, 1)
-        positions = x.shape[:1] + x.shape[2:]
-        if target.shape == positions:
-            return x, target
-        if self.flatten and target.numel() == positions.numel() and (
-                target.dim() == 1  # already flattened
-                or target.shape[:len(positions)] == positions and all(s == 1 for s in target.shape[len(positions):])):
-            # (bs, 1) from fastai's tabular loaders: fastai's `BaseLoss` flattens these as well. A view, never a copy.
-            return x, target.reshape(positions)
-        raise ValueError(target_shape_message(input.shape, positions, target.shape, f" with axis={self.axis}"))
+        self._flat_options(axis, flatten, floatify)
