@@ -18,10 +18,9 @@ import warnings
 import torch
 from torch import Tensor
 
-from fastai_ls.validation import check_class_ids, checked_ignore_index, upcast
+from fastai_ls.validation import upcast
 
-# checked_ignore_index: the shared check, read from here by `CalibrationState.update`.
-__all__ = ["SUM_TOLERANCE", "SUM_ROUNDING", "checked_probabilities", "class_ids", "checked_ignore_index"]
+__all__ = ["SUM_TOLERANCE", "SUM_ROUNDING", "checked_probabilities"]
 
 # How far from 1 a row of probabilities may sum; beyond it the input is refused.
 SUM_TOLERANCE = 0.02
@@ -103,11 +102,3 @@ def checked_probabilities(probs: Tensor, name: str = "probs", hint: str = _LOGIT
     rows = upcast(rows)
     return rows / torch.where(finite, sums, 1.0).to(rows.dtype)[:, None]
 
-
-def class_ids(target: Tensor, n_rows: int, name: str = "probs") -> Tensor:
-    """`check_class_ids(target, n_rows, rows=name)`: (N,) int64 class ids from (N,) or (N, 1) integers, values unread.
-
-    >>> class_ids(torch.tensor([[2], [0]], dtype=torch.int8), 2)
-    tensor([2, 0])
-    """
-    return check_class_ids(target, n_rows, rows=name)

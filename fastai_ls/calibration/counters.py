@@ -5,25 +5,19 @@ versions."""
 
 from __future__ import annotations
 
-import numbers
 import threading
 
 import torch
 from torch import Tensor
 
 from fastai_ls.calibration.counting import SCALAR_NAMES
+from fastai_ls.validation import check_int
 
-__all__ = ["CounterVector", "check_n_bins", "N_FINE"]
+__all__ = ["CounterVector", "N_FINE"]
 
 # The fine grid's cells by default: a resolution of 0.001 in confidence.
 N_FINE = 1000
 
-
-def check_n_bins(n_bins: int, name: str = "n_bins") -> int:
-    """`n_bins` if it is an int >= 1, else a ValueError."""
-    if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral) or n_bins < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {n_bins!r}")
-    return int(n_bins)
 
 
 class CounterVector:
@@ -40,8 +34,8 @@ class CounterVector:
         classwise: bool = True,
     ):
         """Zeroed counters (or `data`) for this layout; see `CalibrationState`."""
-        self.n_classes = check_n_bins(n_classes, "n_classes")
-        self.n_bins, self.n_fine = check_n_bins(n_bins), check_n_bins(n_fine, "n_fine")
+        self.n_classes = check_int(n_classes, "n_classes")
+        self.n_bins, self.n_fine = check_int(n_bins, "n_bins"), check_int(n_fine, "n_fine")
         self.classwise = bool(classwise)
         sizes = {"scalars": len(SCALAR_NAMES), "bins": 3 * self.n_bins, "fine": 3 * self.n_fine,
                  "class_bins": 3 * self.n_classes * self.n_bins if self.classwise else 0}

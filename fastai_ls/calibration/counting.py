@@ -8,9 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastai_ls.calibration.checks import checked_ignore_index, checked_probabilities, class_ids
+from fastai_ls.calibration.checks import checked_probabilities
 from fastai_ls.calibration.scores import NLL_FLOOR, row_scores
-from fastai_ls.validation import upcast
+from fastai_ls.validation import check_class_ids, checked_ignore_index, upcast
 
 __all__ = ["SCALAR_NAMES", "NLL_FLOOR", "checked_batch", "batch_sums", "bin_of"]
 
@@ -60,7 +60,7 @@ def checked_batch(preds: Tensor, target: Tensor, weight: Tensor | None, activati
         raise TypeError(f"preds must be a tensor, got {type(preds).__name__}")
     if preds.dim() != 2 or preds.shape[1] != n_classes:
         raise ValueError(f"preds must be (N, {n_classes}), got {tuple(preds.shape)}")
-    target = class_ids(target, preds.shape[0], "preds")
+    target = check_class_ids(target, preds.shape[0], rows="preds")
     ignore_index = checked_ignore_index(ignore_index)
     if weight is not None:
         weight = checked_weight(weight, preds.shape[0], check)

@@ -15,14 +15,12 @@ from fastai_ls.calibration.intervals import (
     BOOTSTRAP_NAMES,
     MAX_ROWS,
     bootstrap_metrics,
-    check_ci,
-    check_interval_grid,
-    check_seed,
     normal_interval,
     percentile_intervals,
     wilson_interval,
 )
 from fastai_ls.calibration.metrics import binned_errors, max_error, rms_error, top_label_metrics
+from fastai_ls.validation import check_ci, check_interval_grid, check_seed
 
 __all__ = ["METRIC_NAMES", "INTERVAL_NAMES", "INTERVAL_COLUMNS", "NORMS", "read_counters", "state_metrics",
            "state_intervals", "state_bin_table", "state_ece"]

@@ -15,15 +15,15 @@ import torch  # noqa: F401  (the examples in the docstrings use it)
 from torch import Tensor
 
 from fastai_ls.calibration.checks import checked_probabilities
-from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, N_FINE, CalibrationState, check_n_bins
-from fastai_ls.validation import check_ci, check_class_ids, check_interval_grid, check_seed
+from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, N_FINE, CalibrationState
+from fastai_ls.validation import check_ci, check_class_ids, check_int, check_interval_grid, check_seed
 
 __all__ = ["calibration_error", "calibration_metrics"]
 
 
 def _state_of(probs: Tensor, target: Tensor, n_bins: int, ignore_index: int | None, classwise: bool | None,
               **kwargs) -> CalibrationState:
-    check_n_bins(n_bins)
+    check_int(n_bins, "n_bins")
     probs = checked_probabilities(probs, stacklevel=4)  # the warning points at the caller's line
     target = check_class_ids(target, probs.shape[0], probs.shape[1], ignore_index)
     if classwise is None:
@@ -79,7 +79,7 @@ def calibration_metrics(
     if ci is not None:  # the interval options, before anything is counted
         check_ci(ci, n_boot)
         check_seed(seed)
-        check_interval_grid(check_n_bins(n_bins), N_FINE)
+        check_interval_grid(check_int(n_bins, "n_bins"), N_FINE)
     state = _state_of(probs, target, n_bins, ignore_index, classwise)
     return state.metrics(ci=ci, n_boot=n_boot, seed=seed)
 

@@ -25,12 +25,9 @@ import torch
 from torch import Tensor
 
 from fastai_ls.calibration.metrics import TOP_LABEL_NAMES, top_label_metrics
-from fastai_ls.validation import check_ci, check_interval_grid, check_seed
+from fastai_ls.validation import check_interval_grid, check_seed
 
-# check_ci, check_seed, check_interval_grid: `fastai_ls.validation`'s checks of the intervals' options, which callers
-# also import from here.
-__all__ = ["BOOTSTRAP_NAMES", "MAX_ROWS", "check_ci", "check_seed", "check_interval_grid",
-           "joint_cells", "bootstrap_histograms", "bootstrap_metrics",
+__all__ = ["BOOTSTRAP_NAMES", "MAX_ROWS", "joint_cells", "bootstrap_histograms", "bootstrap_metrics",
            "percentile_intervals",
            "normal_interval", "wilson_interval"]
 

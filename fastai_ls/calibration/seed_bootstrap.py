@@ -17,10 +17,11 @@ from torch import Tensor
 
 from fastai_ls.calibration.counters import N_FINE
 from fastai_ls.calibration.counting import bin_of
-from fastai_ls.calibration.intervals import _one_thread, check_ci, check_seed, percentile_intervals
+from fastai_ls.calibration.intervals import _one_thread, percentile_intervals
 from fastai_ls.calibration.metrics import binned_errors
 from fastai_ls.calibration.risk_coverage import aurc
 from fastai_ls.calibration.smooth import smooth_ece
+from fastai_ls.validation import check_ci, check_seed
 
 __all__ = ["SEED_METRICS", "weighted_metrics", "seed_bootstrap"]
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from fastai_ls._deprecation import warn_renamed
-from fastai_ls.calibration.counters import N_FINE, CounterVector, check_n_bins
+from fastai_ls.calibration.counters import N_FINE, CounterVector
 from fastai_ls.calibration.counting import batch_sums, bin_of, checked_batch
 from fastai_ls.calibration.estimates import (
     INTERVAL_COLUMNS,
@@ -40,7 +40,7 @@ from fastai_ls.calibration.estimates import (
 )
 from fastai_ls.calibration.risk_coverage import risk_coverage_curve
 
-__all__ = ["CalibrationState", "check_n_bins", "METRIC_NAMES", "INTERVAL_NAMES", "INTERVAL_COLUMNS", "NORMS",
+__all__ = ["CalibrationState", "METRIC_NAMES", "INTERVAL_NAMES", "INTERVAL_COLUMNS", "NORMS",
            "CLASSWISE_MAX_CLASSES", "N_FINE"]
 
 # Above this many classes `CalibrationCallback` leaves classwise ECE out by default: its counters and per-batch work

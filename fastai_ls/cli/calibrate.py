@@ -19,7 +19,7 @@ from fastai_ls.cli.archive import read_predictions
 from fastai_ls.cli.tables import best_method, comparison_text
 from fastai_ls.validation import scalars
 
-__all__ = ["check_csv_path", "check_folds", "quiet_bars", "calibrate"]
+__all__ = ["check_csv_path", "quiet_bars", "calibrate"]
 
 WIDTH = 110  # explanatory lines are wrapped to this many characters
 
@@ -75,28 +75,6 @@ def _same_file(a: Path, b: Path) -> bool:
     except OSError:  # one of them does not exist (yet)
         return a.resolve() == b.resolve()
 
-
-def check_folds(n: int, n_classes: int, folds: int) -> None:
-    """A ValueError naming `--folds` unless `folds` cross-fitting folds of `n` rows leave every calibrator at least
-    `n_classes` rows to fit on (`fastai_ls.validation.check_folds`, in the command's words), checked before torch
-    is imported and any fit runs.
-
-    Parameters
-    ----------
-    n : int
-        Rows of the predictions.
-    n_classes : int
-        Classes (columns of the logits).
-    folds : int
-        Cross-fitting folds (`--folds`).
-
-    Examples
-    --------
-    >>> check_folds(12, 10, 5)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ValueError: --folds 5 fits each calibrator on 4 of the 5 folds, 9 of the 12 rows, ...: use --folds 6 or more
-    """
-    scalars.check_folds(n, n_classes, folds, option="--folds")
 
 
 @contextmanager
@@ -175,7 +153,7 @@ def calibrate(
     out = check_csv_path(out, force, source=path) if out is not None else None
     predictions = read_predictions(path)
     n, n_classes = predictions.logits.shape
-    check_folds(n, n_classes, folds)
+    scalars.check_folds(n, n_classes, folds, option="--folds")
     # Printed (and flushed, for a log or a pipe) as soon as known: the comparison takes seconds to minutes.
     _say(f"{path}: {n} rows, {n_classes} classes, {predictions.source}"
          + (" (their logs taken as logits)" if predictions.source == "probabilities" else ""))

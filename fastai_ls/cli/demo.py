@@ -19,11 +19,12 @@ from fastai_ls.calibration.calibrators import CALIBRATORS
 from fastai_ls.calibration.report import report_frame
 from fastai_ls.calibration.scores import with_error_rate
 from fastai_ls.calibration.state import CalibrationState
-from fastai_ls.cli.calibrate import check_folds, quiet_bars
+from fastai_ls.cli.calibrate import quiet_bars
 from fastai_ls.cli.demo_render import CI, METRICS, print_calibrated, print_differences, print_models, print_summary, say
 from fastai_ls.cli.demo_write import reliability_figure, writable_folder, write_figures, write_tables
 from fastai_ls.cli.selective import selective_section
 from fastai_ls.integration.training import calibration_callback, train, validation_logits
+from fastai_ls.validation import check_folds
 
 __all__ = ["compare", "model_report"]
 
@@ -68,7 +69,7 @@ def _calibrate_runs(held_out: dict[str, tuple], methods: list[str], folds: int, 
     calibrated = {}
     try:
         for title, (logits, target) in held_out.items():
-            check_folds(*logits.shape, folds)
+            check_folds(*logits.shape, folds, option="--folds")
             with quiet_bars(quiet):
                 result = calibrate_learner(logits, target, methods, folds, seed)
             calibrated[title] = result

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import pandas as pd
 from fastai.learner import Learner
 
-from fastai_ls.calibration.intervals import check_ci, check_interval_grid, check_seed
-from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, INTERVAL_COLUMNS, CalibrationState, check_n_bins
+from fastai_ls.calibration.state import CLASSWISE_MAX_CLASSES, INTERVAL_COLUMNS, CalibrationState
 from fastai_ls.integration.callback_views import DeprecatedViews
 from fastai_ls.integration.class_axis import probability_rows
 from fastai_ls.integration.columns import (
@@ -39,6 +38,7 @@ from fastai_ls.integration.fastai_compat import (
 from fastai_ls.integration.one_per_learner import put_back, replace_others
 from fastai_ls.integration.targets import check_class_id_targets
 from fastai_ls.integration.trackers import align_trackers, check_trackers
+from fastai_ls.validation import check_ci, check_int, check_interval_grid, check_seed
 
 __all__ = ["CalibrationCallback", "CalibrationMetric", "Phase", "HISTORY_COLUMNS", "METRIC_COMPARISONS",
            "check_class_id_targets"]
@@ -143,7 +143,7 @@ class CalibrationCallback(DeprecatedViews, AttachAwareCallback):
     def __init__(self, n_bins: int = 15, metrics: Sequence[str] | str = ("ece",), n_fine: int = 1000,
                  classwise: bool | None = None, ci: float | None = 0.95, n_boot: int = 1000, seed: int | None = 0):
         """Check the arguments; the counters are made at the first validation batch, once C is known."""
-        self.n_bins, self.n_fine = check_n_bins(n_bins), check_n_bins(n_fine, "n_fine")
+        self.n_bins, self.n_fine = check_int(n_bins, "n_bins"), check_int(n_fine, "n_fine")
         self.classwise = classwise
         if ci is not None:
             check_ci(ci, n_boot)

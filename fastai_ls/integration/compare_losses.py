@@ -15,12 +15,12 @@ from fastai.torch_core import rank_distrib
 
 from fastai_ls.calibration.best_calibrator import calibrate_learner
 from fastai_ls.calibration.calibrators import CALIBRATORS
-from fastai_ls.calibration.intervals import check_ci, check_seed
 from fastai_ls.calibration.report import format_interval
 from fastai_ls.calibration.scores import row_scores
 from fastai_ls.calibration.seed_bootstrap import SEED_METRICS, seed_bootstrap, weighted_metrics
 from fastai_ls.integration.loss_registry import LOSSES, check_loss_names, get_loss
 from fastai_ls.integration.training import train, validation_logits
+from fastai_ls.validation import check_ci, check_seed
 
 __all__ = ["STAGES", "LossComparison", "compare_losses"]
 

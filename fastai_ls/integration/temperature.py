@@ -23,9 +23,9 @@ from torch import Tensor
 
 from fastai_ls._deprecation import warn_renamed
 from fastai_ls.calibration.calibrators import TemperatureScaling
-from fastai_ls.calibration.calibrators.base import check_number
 from fastai_ls.calibration.state import CalibrationState
 from fastai_ls.integration.posthoc import apply_calibrator, holdout_logits, remove_calibrator
+from fastai_ls.validation import check_number
 
 __all__ = ["TemperatureFit", "fit_temperature", "temperature_from_logits", "apply_temperature", "remove_temperature"]
 

@@ -25,11 +25,10 @@ from torch import Tensor
 
 from fastai_ls.calibration.calibrators.row_subset import RowSubset, checked_rows
 from fastai_ls.calibration.intervals import _one_thread
-from fastai_ls.validation import check_class_ids, check_int, check_logits, check_number
+from fastai_ls.validation import check_class_ids, check_logits
 
-# check_int, check_number: `fastai_ls.validation`'s checks of the calibrators' options, also imported from here.
 __all__ = ["Calibrator", "CalibrationWarning", "calibration_messages", "NEG_INF_GAP", "BLOCK_ELEMENTS",
-           "row_blocks", "check_fit_input", "clean_logits", "check_int", "check_number"]
+           "row_blocks", "check_fit_input", "clean_logits"]
 
 # exp(-104) is below float32's smallest positive number (about 1.4e-45): a logit this far below the others of its
 # row has probability 0 after softmax, as a -inf logit has.

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from fastai_ls.calibration.intervals import check_ci
 from fastai_ls.calibration.plots.layout import (
     ACCURACY,
     COUNT,
@@ -19,6 +18,7 @@ from fastai_ls.calibration.plots.layout import (
     overlay_scale,
 )
 from fastai_ls.calibration.state import CalibrationState
+from fastai_ls.validation import check_ci
 
 if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
     from matplotlib.axes import Axes

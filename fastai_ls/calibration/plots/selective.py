@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fastai_ls.calibration.intervals import check_ci, check_seed
 from fastai_ls.calibration.plots.layout import (
     ACCURACY,
     UNDER,
     as_state,
 )
+from fastai_ls.validation import check_ci, check_seed
 
 if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
     from matplotlib.axes import Axes

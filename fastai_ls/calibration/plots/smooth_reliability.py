@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fastai_ls.calibration.intervals import bootstrap_histograms, check_ci, percentile_intervals
+from fastai_ls.calibration.intervals import bootstrap_histograms, percentile_intervals
 from fastai_ls.calibration.plots.layout import (
     COUNT,
     OVER,
@@ -17,6 +17,7 @@ from fastai_ls.calibration.plots.layout import (
     overlay_scale,
 )
 from fastai_ls.calibration.smooth import smooth_curve, smooth_ece
+from fastai_ls.validation import check_ci
 
 if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
     from matplotlib.axes import Axes
