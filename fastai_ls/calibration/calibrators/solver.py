@@ -13,6 +13,7 @@ from torch import Tensor
 
 from fastai_ls.calibration.calibrators.base import CalibrationWarning, Calibrator
 from fastai_ls.calibration.calibrators.folds import stratified_folds
+from fastai_ls.validation import check_int, check_number
 
 __all__ = ["FLOAT32_FIRST", "FLOAT64_REFINE", "scaled_softmax", "minimise", "fit_parameters", "RegularisationPath"]
 
@@ -85,6 +86,16 @@ class RegularisationPath(Calibrator):
     # Problems of at most this many logits choose reg by the mean over all three held-out thirds (a single third's
     # NLL is too noisy a guide on small problems); larger ones by the first third alone.
     cross_validate_below = 0
+
+    def __init__(self, reg: float | None, reg_grid: tuple[float, ...], max_iter: int):
+        """Check and store the options every regularised calibrator has (see `MatrixScaling`)."""
+        super().__init__()
+        if reg is not None and not (isinstance(reg, float) and reg == math.inf):
+            reg = check_number(reg, "reg")
+        if not reg_grid:
+            raise ValueError(f"reg_grid must hold finite numbers >= 0, got {reg_grid!r}")
+        self.reg, self.reg_grid = reg, tuple(check_number(r, "each of reg_grid") for r in reg_grid)
+        self.max_iter = check_int(max_iter, "max_iter")
 
     def _loss(self, reg: float) -> Callable[[list[Tensor], Tensor, Tensor], Tensor]:
         """The objective at strength `reg` as a function of (params, x, y) (reg = 0: the mean NLL)."""

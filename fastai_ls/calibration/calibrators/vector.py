@@ -11,7 +11,6 @@ from torch import Tensor
 from fastai_ls.calibration.calibrators.base import row_blocks
 from fastai_ls.calibration.calibrators.solver import FLOAT32_FIRST, RegularisationPath, fit_parameters, scaled_softmax
 from fastai_ls.calibration.calibrators.temperature import quiet_temperature
-from fastai_ls.validation import check_int, check_number
 
 __all__ = ["VectorScaling"]
 
@@ -115,13 +114,7 @@ class VectorScaling(RegularisationPath):
                  reg_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4),
                  max_iter: int = 200):
         """A vector scaling to fit."""
-        super().__init__()
-        if reg is not None and not (isinstance(reg, float) and reg == math.inf):
-            reg = check_number(reg, "reg")
-        if not reg_grid:
-            raise ValueError(f"reg_grid must hold finite numbers >= 0, got {reg_grid!r}")
-        self.reg, self.reg_grid = reg, tuple(check_number(r, "each of reg_grid") for r in reg_grid)
-        self.max_iter = check_int(max_iter, "max_iter")
+        super().__init__(reg, reg_grid, max_iter)
         self.reg_: float | None = None
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
