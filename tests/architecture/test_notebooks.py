@@ -26,12 +26,12 @@ warnings.filterwarnings("ignore", message=r".*torch\\.jit\\.script.*", category=
 """
 
 
-def execute(notebook: nbformat.NotebookNode, workdir: Path) -> nbformat.NotebookNode:
+def execute(notebook: nbformat.NotebookNode, workdir: Path, timeout: int | None = 1200) -> nbformat.NotebookNode:
     """`notebook` run top to bottom in `workdir` after `PRELUDE`, which is then taken out again (the execution
-    counts start at 1, as if the notebook had run alone)."""
+    counts start at 1, as if the notebook had run alone); `timeout`: seconds per cell (None: no limit)."""
     notebook.cells.insert(0, nbformat.v4.new_code_cell(PRELUDE))
     try:
-        NotebookClient(notebook, timeout=1200, kernel_name="python3",
+        NotebookClient(notebook, timeout=timeout, kernel_name="python3",
                        resources={"metadata": {"path": str(workdir)}}).execute()
     finally:
         notebook.cells.pop(0)
@@ -116,8 +116,9 @@ NOTEBOOKS_BY_NAME = {path.name: path for path in NOTEBOOKS}
 
 
 if __name__ == "__main__":  # re-run the given notebooks in full (no FASTAI_LS_SMALL) and save their outputs
+    # No time limit per cell: a full run trains many models in one cell (nbs/03_losses.ipynb: 35).
     for name in sys.argv[1:]:
         path = Path(name).resolve()
         with tempfile.TemporaryDirectory() as workdir:
-            nbformat.write(execute(nbformat.read(path, as_version=4), Path(workdir)), path)
+            nbformat.write(execute(nbformat.read(path, as_version=4), Path(workdir), timeout=None), path)
         print(f"ran {path.name}")
