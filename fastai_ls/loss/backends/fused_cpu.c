@@ -290,14 +290,14 @@ static double ada_focal_gamma(const double *p, double p_y)
 }
 
 /* One class's focal term -(1 - p)^gamma log p into *term, and h = (1 - p)^gamma - gamma (1 - p)^(gamma - 1) p log p
- * into *h: the term's gradient is h ([c == j] - p_j) times -1. Where p rounds to 1 the factor and its derivative
- * term are their limits (0, or 1 and 0 for gamma = 0), not 0 * inf. */
-static inline void focal_term(double log_p, double gamma, double *term, double *h)
+ * into *h, from log p and q = 1 - p: the term's gradient is h ([c == j] - p_j) times -1. Where p rounds to 1 the
+ * factor and its derivative term are their limits (0, or 1 and 0 for gamma = 0), not 0 * inf. One pow per class:
+ * (1 - p)^(gamma - 1) is f / q. */
+static inline void focal_term(double log_p, double q, double gamma, double *term, double *h)
 {
-    const double q = -expm1(log_p); /* 1 - p, exact near 1 */
     const double f = gamma > 0.0 ? (q > 0.0 ? pow(q, gamma) : 0.0) : 1.0;
     *term = -f * log_p;
-    *h = f - (gamma > 0.0 && q > 0.0 ? gamma * pow(q, gamma - 1.0) * exp(log_p) * log_p : 0.0);
+    *h = f - (gamma > 0.0 && q > 0.0 ? gamma * (f / q) * (1.0 - q) * log_p : 0.0);
 }
 
 /* The label-smoothed focal losses (FOCAL, ADAPTIVE_FOCAL with eps = p[EPS] > 0), from the row's max:
@@ -315,10 +315,10 @@ static inline float smoothed_focal_row(const float *restrict x, float *restrict 
     const double log_s = log(s);
     double w_terms = 0.0, w_hs = 0.0, term_y = 0.0, h_y = 0.0;
     for (int64_t c = 0; c < n_classes; c++) {
-        const double log_p = ((double)x[c] - row_max) - log_s;
-        const double gamma = kind == FOCAL ? p[0] : exp(log_p) < p[0] ? p[1] : p[2];
+        const double log_p = ((double)x[c] - row_max) - log_s, q = -expm1(log_p); /* q = 1 - p_c, exact near 1 */
+        const double gamma = kind == FOCAL ? p[0] : 1.0 - q < p[0] ? p[1] : p[2];
         double term, h;
-        focal_term(log_p, gamma, &term, &h);
+        focal_term(log_p, q, gamma, &term, &h);
         const double w_c = w ? w[c] : 1.0;
         w_terms += w_c * term;
         w_hs += w_c * h;
