@@ -188,7 +188,7 @@ def test_without_a_gradient_the_loss_is_the_same(kind, params, reduction, dtype)
     torch.testing.assert_close(alone, trained.detach())
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("shape", [(9, 1), (9, 7), (3, 5, 2)])
 @pytest.mark.parametrize("kind, params, eps, z_loss", EXTRA, ids=EXTRA_IDS)
