@@ -86,8 +86,9 @@ def adaptive_focal_loss(
     *,
     z_loss: float = 0.0,
 ) -> Tensor:
-    """FLSD-53 (sample-dependent focal loss): -(1 - p_y)^gamma log p_y with gamma = 5 where p_y < 0.2 and 3
-    elsewhere. gamma is chosen from p without a gradient (it is a step function of p).
+    """Adaptive focal loss, FLSD-53 by default (sample-dependent focal loss): -(1 - p_y)^gamma log p_y with
+    gamma = `gamma_below` (5) where p_y < `threshold` (0.2) and `gamma_above` (3) elsewhere. gamma is chosen from p
+    without a gradient (it is a step function of p).
 
     Parameters
     ----------
