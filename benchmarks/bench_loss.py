@@ -61,6 +61,7 @@ from report import add_report_argument, report_to  # benchmarks/report.py, besid
 from torch import Tensor
 
 from fastai_ls import (
+    AdaFocalLoss,
     AdaptiveFocalLoss,
     ConfidencePenaltyLoss,
     FocalLoss,
@@ -416,6 +417,8 @@ def breakdown(n_rows: int, n_classes: int, quick: bool) -> None:
 
 
 FAMILY_SHAPES = [(4096, 1000), (2048, 32000)]
+ADA_FOCAL = AdaFocalLoss()  # 15 equal-width bins
+ADA_FOCAL.gammas.copy_(torch.linspace(-1.0, 4.0, 15))  # inverse focal in the lowest bins, focal above
 # name: (the loss class, which runs fused_family_loss on class ids; the same formula with torch operations), each of
 # (logits, ids), mean over the rows
 FAMILY = {
@@ -434,10 +437,31 @@ FAMILY = {
     "conf. penalty b=0.1": (ConfidencePenaltyLoss(beta=0.1),
                             lambda x, y: F.cross_entropy(x, y) + 0.1 * (x.softmax(1) * x.log_softmax(1)).sum(1)
                             .mean()),
+    "focal g=3 eps=0.1": (FocalLoss(gamma=3.0, eps=0.1), lambda x, y: _smoothed_focal(x, y, 3.0, 0.1)),
+    "FLSD-53 + z-loss 1e-4": (AdaptiveFocalLoss(z_loss=1e-4),
+                              lambda x, y: _flsd53(F.cross_entropy(x, y, reduction="none"))
+                              + 1e-4 * (torch.logsumexp(x, 1) ** 2).mean()),
+    "AdaFocal 15 bins": (ADA_FOCAL, lambda x, y: _ada_focal(F.cross_entropy(x, y, reduction="none"),
+                                                            ADA_FOCAL.gammas)),
     "LS 0.1 + z-loss 1e-4": (lambda x, y: label_smoothing_cross_entropy(x, y, EPS, z_loss=1e-4),
                              lambda x, y: F.cross_entropy(x, y, label_smoothing=EPS)
                              + 1e-4 * (torch.logsumexp(x, 1) ** 2).mean()),
 }
+
+
+def _smoothed_focal(x: Tensor, y: Tensor, gamma: float, eps: float) -> Tensor:
+    """-sum_c q_c (1 - p_c)^gamma log p_c, q = (1 - eps) onehot(y) + eps / C, mean over the rows."""
+    log_p = x.log_softmax(1)
+    q = F.one_hot(y, x.shape[1]).to(x.dtype) * (1 - eps) + eps / x.shape[1]
+    return -(q * (1 - log_p.exp()) ** gamma * log_p).sum(1).mean()
+
+
+def _ada_focal(ce: Tensor, gammas: Tensor) -> Tensor:
+    """AdaFocal's mean row loss from the cross-entropies: gamma of p_y's equal-width bin, focal from 0.2 on, else
+    inverse focal."""
+    p_y = (-ce).exp()
+    g = gammas.to(ce)[(p_y.detach() * len(gammas)).ceil().long().sub(1).clamp(0, len(gammas) - 1)]
+    return (torch.where(g >= 0.2, (1 - p_y) ** g.clamp_min(0), (1 + p_y) ** g.abs()) * ce).mean()
 
 
 def _flsd53(ce: Tensor) -> Tensor:

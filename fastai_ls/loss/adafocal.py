@@ -8,48 +8,19 @@ equal-mass bins of the top-label confidence, gamma_b <- gamma_b exp(lam (conf_b 
 (the paper's update); below `switch`, where a product cannot change gamma's sign, gamma_b <- gamma_b + lam (conf_b
 - acc_b), so that a bin moves between the focal and the inverse-focal loss in the same direction (up when
 over-confident). gamma is clipped to [gamma_min, gamma_max]. `fastai_ls.integration.adafocal.AdaFocalCallback`
-runs the update from the `CalibrationCallback`'s counters."""
+runs the update from the `CalibrationCallback`'s counters. On class ids the loss runs the fused kernels
+(`fastai_ls.loss.backends.fused_family_loss`), z-loss included."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from fastai_ls.loss.backends.family_formulas import complement_pow, modulated_cross_entropy
+from fastai_ls.loss.backends.family import check_bins
+from fastai_ls.loss.backends.family_formulas import ada_focal_rows
 from fastai_ls.loss.base import FamilyLoss, FlatFamilyLoss, check_parameter, family_loss
-from fastai_ls.loss.checks import _unwrapped
 
 __all__ = ["ada_focal_loss", "ada_focal_update", "equal_mass_bins", "AdaFocalLoss", "AdaFocalLossFlat"]
-
-
-def _check_bins(gammas: Tensor, edges: Tensor | None) -> None:
-    if not isinstance(gammas, Tensor) or gammas.dim() != 1 or not gammas.is_floating_point() or not gammas.numel():
-        raise ValueError("gammas must be a non-empty 1-D floating-point tensor, one gamma per bin")
-    if edges is not None and (not isinstance(edges, Tensor) or edges.shape != (gammas.numel() + 1,)):
-        raise ValueError(f"edges must be a tensor of {gammas.numel() + 1} bin edges from 0 to 1 for "
-                         f"{gammas.numel()} gammas")
-    # A NaN or infinite gamma, or edges out of order, would give every row of its bins a NaN or 0 loss silently.
-    # One host read for both checks (a synchronization on a GPU). Under torch.func transforms the values are read
-    # from the tensor that holds every sample (`_unwrapped`), whose layout is unknown here: there the edges are
-    # checked to lie in [0, 1], their order only outside transforms.
-    if edges is not None and not edges.is_floating_point():
-        raise ValueError(f"edges must be a floating-point tensor, got {edges.dtype}")
-    values = _unwrapped(gammas.detach())
-    ok = values.isfinite().all()[None]
-    if edges is not None:
-        e = edges.detach()
-        if torch._C._functorch.is_functorch_wrapped_tensor(e):
-            e = _unwrapped(e).to(ok.device)
-            fits = ((e >= 0) & (e <= 1)).all()
-        else:
-            e = e.to(ok.device)
-            fits = (e[1:] >= e[:-1]).all() & (e[0] == 0) & (e[-1] == 1)
-        ok = torch.cat([ok, fits[None]])
-    ok = ok.tolist()
-    if not ok[0]:
-        raise ValueError(f"gammas must be finite, got {values.reshape(-1).tolist()[:15]}")
-    if not all(ok):
-        raise ValueError(f"edges must be non-decreasing from 0 to 1, got {e.reshape(-1).tolist()[:16]}")
 
 
 def ada_focal_loss(
@@ -103,24 +74,12 @@ def ada_focal_loss(
     >>> round(ada_focal_loss(x, y, torch.tensor([0.0, 1.0, 3.0])).item(), 4)
     1.1201
     """
-    _check_bins(gammas, edges)
     switch = check_parameter("switch", switch)
-
-    def factor(log_p: Tensor) -> Tensor:
-        g = gammas.detach().to(device=log_p.device, dtype=log_p.dtype)
-        p = log_p.detach().exp()
-        if edges is None:
-            b = (p * g.numel()).ceil().long().sub(1).clamp(0, g.numel() - 1)
-        else:
-            b = torch.bucketize(p, edges.detach().to(device=p.device, dtype=p.dtype)[1:-1])
-        gamma = g[b]
-        focal = gamma >= switch
-        # Each branch's exponent is 0 where the other applies: pow(., 0) is 1 with a zero gradient, so the unused
-        # branch never adds a 0 * inf gradient.
-        return complement_pow(log_p, gamma.where(focal, 0.0)) * (1 + log_p.exp()).pow(gamma.abs().where(~focal, 0.0))
-
+    # `fused_family_loss` checks the bins itself: checked here too, they would cost a second host read on a GPU.
     return family_loss(input, target, weight, reduction, ignore_index, z_loss,
-                       lambda rows: modulated_cross_entropy(rows, 0.0, factor))
+                       lambda rows: ada_focal_rows(rows, switch, gammas, edges),
+                       ("ada_focal", {"switch": switch, "gammas": gammas, "edges": edges}),
+                       check=lambda: check_bins(gammas, edges))
 
 
 def _check_counters(name: str, counts: Tensor) -> None:
@@ -169,7 +128,7 @@ def ada_focal_update(gammas: Tensor, bins: Tensor, lam: float = 1.0, switch: flo
     >>> ada_focal_update(torch.tensor([1.0, 0.1]), torch.tensor([[10., 9., 7.], [10., 3., 5.]]))
     tensor([ 1.2214, -0.1000])
     """
-    _check_bins(gammas, None)
+    check_bins(gammas, None)
     _check_counters("bins", bins)
     if bins.shape[0] != gammas.numel():
         raise ValueError(f"bins has {bins.shape[0]} rows for {gammas.numel()} gammas: one row per bin")

@@ -11,10 +11,9 @@ w_y (f_y + R), and 'mean' divides by the sum of w_y over the kept rows, as PyTor
 probability targets 'mean' divides by the number of rows. A row whose target equals `ignore_index` contributes
 nothing to the loss, the divisor or the gradient.
 
-On class ids without a z-loss, every loss but AdaFocal and the label-smoothed focal losses runs
-`fastai_ls.loss.backends.fused_family_loss` (`family_loss`'s `fused`), which computes the same formula with its
-gradient in one read of each row; the rest runs the papers' formulas of `backends/family_formulas.py` with torch
-operations (as the reference backend does).
+On class ids every loss runs `fastai_ls.loss.backends.fused_family_loss` (`family_loss`'s `fused`), z-loss and label
+smoothing included, which computes the same formula with its gradient in one read of each row; probability targets
+run the papers' formulas of `backends/family_formulas.py` with torch operations (as the reference backend does).
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from fastai_ls.loss.backends import fused_family_loss
-from fastai_ls.loss.backends.family_formulas import Rows
+from fastai_ls.loss.backends.family_formulas import Rows, z_loss_rows
 from fastai_ls.loss.backends.reference import class_rows_last
 from fastai_ls.loss.checks import (
     check_ids,
@@ -92,31 +91,35 @@ def rows_of(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: 
 
 
 def family_loss(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
-                z_loss: float, row_loss: Callable[[Rows], Tensor], fused: tuple[str, Mapping[str, float]] | None = None
-                ) -> Tensor:
+                z_loss: float, row_loss: Callable[[Rows], Tensor], fused: tuple[str, Mapping[str, float]] | None = None,
+                eps: float = 0.0, check: Callable[[], None] | None = None) -> Tensor:
     """Check the common arguments, lay the batch out as `Rows` and reduce `row_loss(rows)`, the (M,) row losses
     (a formula of `family_formulas`), plus the z-loss z_loss * logsumexp(x)^2 times the row's target mass when
     `z_loss` is not 0.
 
-    `fused`, (kind, params), names the same loss in `fused_family_loss`, which computes it with its gradient in one
-    read of each row (the C kernel, Triton or blockwise; the formula with torch operations where those do not
-    apply): it runs instead for integer class-id targets without a z-loss."""
+    `fused`, (kind, params), names the same loss in `fused_family_loss` (with label smoothing `eps`, which
+    `row_loss` includes), which computes it with its gradient in one read of each row (the C kernel, Triton or
+    blockwise; the formula with torch operations where those do not apply): it runs instead for integer class-id
+    targets. `check` (raising on a bad parameter) runs before the formula: `fused_family_loss` checks them itself."""
     check_common(reduction, ignore_index)
     z_loss = check_parameter("z_loss", z_loss)
-    if runs_fused(fused, target, z_loss):
-        return fused_family_loss(fused[0], input, target, fused[1], weight, ignore_index, reduction)
+    if runs_fused(fused, target):
+        return fused_family_loss(fused[0], input, target, fused[1], weight, ignore_index, reduction, eps=eps,
+                                 z_loss=z_loss)
+    if check is not None:
+        check()
     rows = rows_of(input, target, weight, ignore_index)
     loss = row_loss(rows)
     if z_loss:
-        loss = loss + rows.mass * z_loss * rows.x.logsumexp(1).square()
+        loss = loss + z_loss_rows(rows, z_loss)
     # An infinite row loss is reported as NaN, as the fused backends and the label-smoothing loss report it.
     return rows.reduce(nan_for_infinite_logits(loss), reduction)
 
 
-def runs_fused(fused: tuple[str, Mapping[str, float]] | None, target: Tensor, z_loss: float) -> bool:
-    """Whether `family_loss` runs `fused_family_loss`: the loss has a fused kind, the target is class ids (the
-    fused family takes no probability targets) and there is no z-loss (its kernels have none)."""
-    return fused is not None and not z_loss and isinstance(target, Tensor) and not target.is_floating_point() \
+def runs_fused(fused: tuple[str, Mapping[str, float]] | None, target: Tensor) -> bool:
+    """Whether `family_loss` runs `fused_family_loss`: the loss has a fused kind and the target is class ids (the
+    fused family takes no probability targets)."""
+    return fused is not None and isinstance(target, Tensor) and not target.is_floating_point() \
         and target.dtype != torch.bool
 
 

@@ -2,7 +2,8 @@
 and `adaptive_focal_loss` / `AdaptiveFocalLoss` (FLSD-53, Mukhoti et al. 2020), each with a `Flat` twin.
 
 Both compute -sum_c w_c q_c (1 - p_c)^gamma_c log p_c against the (optionally label-smoothed) target q: for class
-ids -w_y (1 - p_y)^gamma log p_y. 1 - p is computed as -expm1(log p), exact for p near 1."""
+ids -w_y (1 - p_y)^gamma log p_y. 1 - p is computed as -expm1(log p), exact for p near 1. On class ids both run the
+fused kernels (`fastai_ls.loss.backends.fused_family_loss`), label smoothing and z-loss included."""
 
 from __future__ import annotations
 
@@ -14,9 +15,6 @@ from fastai_ls.loss.checks import check_eps
 
 __all__ = ["focal_loss", "FocalLoss", "FocalLossFlat", "adaptive_focal_loss", "AdaptiveFocalLoss",
            "AdaptiveFocalLossFlat"]
-
-FLSD_53 = (0.2, 5.0, 3.0)  # (threshold, gamma_below, gamma_above) of the fused kernels' adaptive focal loss
-
 
 def focal_loss(
     input: Tensor,
@@ -72,7 +70,7 @@ def focal_loss(
     gamma = check_parameter("gamma", gamma)
     check_eps(eps)
     return family_loss(input, target, weight, reduction, ignore_index, z_loss,
-                       lambda rows: focal_rows(rows, gamma, eps), None if eps else ("focal", {"gamma": gamma}))
+                       lambda rows: focal_rows(rows, gamma, eps), ("focal", {"gamma": gamma}), eps)
 
 
 def adaptive_focal_loss(
@@ -88,8 +86,9 @@ def adaptive_focal_loss(
     *,
     z_loss: float = 0.0,
 ) -> Tensor:
-    """FLSD-53 (sample-dependent focal loss): -(1 - p_y)^gamma log p_y with gamma = 5 where p_y < 0.2 and 3
-    elsewhere. gamma is chosen from p without a gradient (it is a step function of p).
+    """Adaptive focal loss, FLSD-53 by default (sample-dependent focal loss): -(1 - p_y)^gamma log p_y with
+    gamma = `gamma_below` (5) where p_y < `threshold` (0.2) and `gamma_above` (3) elsewhere. gamma is chosen from p
+    without a gradient (it is a step function of p).
 
     Parameters
     ----------
@@ -129,10 +128,9 @@ def adaptive_focal_loss(
     threshold = check_parameter("threshold", threshold, high=1.0)
     below, above = check_parameter("gamma_below", gamma_below), check_parameter("gamma_above", gamma_above)
     check_eps(eps)
-    flsd_53 = (threshold, below, above) == FLSD_53 and not eps
+    params = {"threshold": threshold, "gamma_below": below, "gamma_above": above}
     return family_loss(input, target, weight, reduction, ignore_index, z_loss,
-                       lambda rows: adaptive_focal_rows(rows, threshold, below, above, eps),
-                       ("adaptive_focal", {}) if flsd_53 else None)
+                       lambda rows: adaptive_focal_rows(rows, **params, eps=eps), ("adaptive_focal", params), eps)
 
 
 class FocalLoss(FamilyLoss):

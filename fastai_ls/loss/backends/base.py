@@ -36,12 +36,14 @@ class RowLoss(NamedTuple):
     """The per-row loss that a backend computes, with its parameters: `kind` 'label_smoothing' (the label-smoothing
     cross-entropy, `eps` the uniform smoothing of `formula.uniform_eps`, `z_loss` the weight of the z-loss
     lambda w_y lse^2), or a loss of the calibration family (`family.KINDS`), whose parameters are `params` (name ->
-    value; see `fused_family_loss`). A named tuple: one is made per call, and a tuple is the cheapest to make."""
+    value; see `fused_family_loss`; AdaFocal's bins are tensors), with `eps` the focal losses' label smoothing and
+    `z_loss` the z-loss's weight there too. A named tuple: one is made per call, and a tuple is the cheapest to
+    make."""
 
     eps: float = 0.0
     z_loss: float = 0.0
     kind: str = "label_smoothing"
-    params: Mapping[str, float] = MappingProxyType({})
+    params: Mapping[str, float | Tensor | None] = MappingProxyType({})
 
 
 @dataclass

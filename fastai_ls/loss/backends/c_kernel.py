@@ -24,7 +24,7 @@ from torch import Tensor
 
 from fastai_ls.loss.backends.autograd import FusedBackend
 from fastai_ls.loss.backends.base import RowLoss, Targets, per_position
-from fastai_ls.loss.backends.family import KIND_CODES, KINDS
+from fastai_ls.loss.backends.family import BINS, KIND_CODES, kernel_params
 from fastai_ls.loss.checks import check_ids, check_weight_values, weight_in
 
 __all__ = ["AVAILABLE", "accepts", "loss_and_grad", "CKernelBackend", "C_KERNEL"]
@@ -178,7 +178,10 @@ def loss_and_grad(x: Tensor, t: Tensor, ignore_index: int, w: Tensor | None, eps
         code = _kernel(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,
                        None if w is None else w.data_ptr(), eps, mean, *pointers, z_loss)
     else:
-        params = (ctypes.c_double * 2)(*(spec.params[name] for name in KINDS[spec.kind]))  # unset slots read 0
+        values = kernel_params(spec)
+        if spec.kind == "ada_focal":  # the bins follow: gammas, then the edges if there are any
+            values += [v for name in BINS if spec.params[name] is not None for v in spec.params[name].tolist()]
+        params = (ctypes.c_double * len(values))(*values)
         code = _kernel.family(x.data_ptr(), n_rows, n_classes, x.stride(0), t.data_ptr(), ignore_index,
                               None if w is None else w.data_ptr(), KIND_CODES[spec.kind], params, mean, *pointers)
     if code != DONE:

@@ -1,8 +1,7 @@
 """The calibration-loss family's formulas as their papers write them, with torch operations that autograd
-differentiates to any order, on a batch laid out as `Rows`: the loss classes' path for probability targets, label-
-smoothed focal losses, z-losses and AdaFocal, and the reference backend's (`torch.func` transforms, forward-mode AD,
-second derivatives). The fused backends compute the same losses in closed form (`family.family_rows`, the kernels)
-and are tested against these.
+differentiates to any order, on a batch laid out as `Rows`: the loss classes' path for probability targets, and the
+reference backend's (`torch.func` transforms, forward-mode AD, second derivatives). The fused backends compute the
+same losses in closed form (`family.family_rows`, the kernels) and are tested against these.
 
 Every row loss is sum_c w_c q_c f_c(x) + (sum_c w_c q_c) * R(x), with q the target (one-hot for class ids), w the
 class weights, f_c a per-class term (-log p_c for cross-entropy) and R a per-row penalty.
@@ -20,8 +19,9 @@ from torch import Tensor
 from fastai_ls.loss.formula import reduce_loss
 
 __all__ = ["Rows", "log_softmax_rows", "cross_entropy_plus", "complement_pow", "modulated_cross_entropy",
-           "focal_rows", "adaptive_focal_rows", "row_max", "margin_rows", "maxsup_rows", "logitnorm_rows",
-           "confidence_penalty_rows", "ROW_FORMULAS", "LOGITNORM_DELTA"]
+           "focal_rows", "adaptive_focal_rows", "ada_focal_gamma", "ada_focal_rows", "row_max", "margin_rows",
+           "maxsup_rows", "logitnorm_rows", "confidence_penalty_rows", "z_loss_rows", "formula_rows", "ROW_FORMULAS",
+           "LOGITNORM_DELTA"]
 
 LOGITNORM_DELTA = 1e-7  # Wei et al.'s z / (tau (||z|| + 1e-7)): all-zero logits divide by it, not by 0
 
@@ -130,6 +130,32 @@ def adaptive_focal_rows(rows: Rows, threshold: float = 0.2, gamma_below: float =
     return modulated_cross_entropy(rows, eps, factor)
 
 
+def ada_focal_gamma(p: Tensor, gammas: Tensor, edges: Tensor | None) -> Tensor:
+    """AdaFocal's gamma for probabilities `p`, without a gradient: that of p's bin (e_b, e_b+1] of `edges`, or with
+    `edges` None of the equal-width bin that ceil(p B) - 1 names."""
+    g = gammas.detach().to(device=p.device, dtype=p.dtype)
+    p = p.detach()
+    if edges is None:
+        b = (p * g.numel()).ceil().long().sub(1).clamp(0, g.numel() - 1)
+    else:
+        b = torch.bucketize(p, edges.detach().to(device=p.device, dtype=p.dtype)[1:-1])
+    return g[b]
+
+
+def ada_focal_rows(rows: Rows, switch: float, gammas: Tensor, edges: Tensor | None = None) -> Tensor:
+    """AdaFocal per row (Ghosh et al. 2022): -sum_c w_c q_c f_c log p_c with f_c = (1 - p_c)^g_c where
+    g_c = `ada_focal_gamma`(p_c) >= `switch`, else the inverse focal factor (1 + p_c)^|g_c|."""
+
+    def factor(log_p: Tensor) -> Tensor:
+        gamma = ada_focal_gamma(log_p.exp(), gammas, edges)
+        focal = gamma >= switch
+        # Each branch's exponent is 0 where the other applies: pow(., 0) is 1 with a zero gradient, so the unused
+        # branch never adds a 0 * inf gradient.
+        return complement_pow(log_p, gamma.where(focal, 0.0)) * (1 + log_p.exp()).pow(gamma.abs().where(~focal, 0.0))
+
+    return modulated_cross_entropy(rows, 0.0, factor)
+
+
 def row_max(x: Tensor, keepdim: bool = False) -> Tensor:
     """z_max per row, differentiated on the first largest logit only (`max(dim)`, as the papers' code and the fused
     kernels take it; `amax` would share the gradient among tied logits: at all-equal logits, a zero-initialized
@@ -163,4 +189,17 @@ def confidence_penalty_rows(rows: Rows, beta: float) -> Tensor:
 # The fused family's kinds (`family.KINDS`) and their formulas, which take the kinds' `params` as keywords.
 ROW_FORMULAS: dict[str, Callable[..., Tensor]] = {
     "focal": focal_rows, "adaptive_focal": adaptive_focal_rows, "margin": margin_rows, "maxsup": maxsup_rows,
-    "logitnorm": logitnorm_rows, "confidence_penalty": confidence_penalty_rows}
+    "logitnorm": logitnorm_rows, "confidence_penalty": confidence_penalty_rows, "ada_focal": ada_focal_rows}
+
+
+def z_loss_rows(rows: Rows, z_loss: float) -> Tensor:
+    """The z-loss z_loss * logsumexp(x)^2 of the raw logits per row, times the row's target mass (w_y for class
+    ids), which every member of the family may add (Chowdhery et al. 2022, PaLM)."""
+    return rows.mass * z_loss * rows.x.logsumexp(1).square()
+
+
+def formula_rows(rows: Rows, kind: str, params: dict, eps: float = 0.0, z_loss: float = 0.0) -> Tensor:
+    """The row losses of the fused family's loss `kind` (`ROW_FORMULAS`) with its `params`, label smoothing `eps`
+    (the focal losses) and the z-loss."""
+    loss = ROW_FORMULAS[kind](rows, **params, **({"eps": eps} if eps else {}))
+    return loss + z_loss_rows(rows, z_loss) if z_loss else loss

@@ -8,8 +8,9 @@
  *     grad_c = scale * (mass * exp(z_c) / s - w_c q_c),   w_c q_c = (1 - eps) w_y [c == y] + (eps / C) w_c
  *
  * plus, with z_loss = lambda > 0, the z-loss lambda w_y lse^2 (lse = max(x) + log(s)), whose gradient adds
- * scale * 2 lambda w_y lse exp(z_c) / s. The other losses of the family (focal, FLSD-53, MbLS, MaxSup, LogitNorm,
- * the confidence penalty) are computed by family_row, from the same row statistics; see fused_cpu_family.
+ * scale * 2 lambda w_y lse exp(z_c) / s. The other losses of the family (focal and adaptive focal, label-smoothed
+ * or not, AdaFocal, MbLS, MaxSup, LogitNorm, the confidence penalty, each with the same z-loss) are computed by
+ * family_row, from the same row statistics; see fused_cpu_family.
  *
  * with w = 1 without class weights. A row is read from memory once: the max pass brings it into cache, the exp pass
  * writes exp(z) into the gradient row, and the last pass turns that into the gradient while it is still in cache
@@ -214,18 +215,26 @@ static float row_loss(const float *restrict x, float *restrict grad, int64_t n_c
     return isinf(loss) ? NAN : (float)loss;
 }
 
-/* The family's row losses besides label smoothing (kind), with their parameters p[]:
+/* The family's row losses besides label smoothing (kind), with their parameters p[0..2]:
  *   FOCAL               f CE,  f = (1 - p_y)^gamma                                p = {gamma}
- *   ADAPTIVE_FOCAL      the same with gamma = 5 where p_y < 0.2, else 3 (not differentiated)   p = {}
+ *   ADAPTIVE_FOCAL      the same with gamma = gamma_below where p_y < threshold, else gamma_above (not
+ *                       differentiated; FLSD-53 is {0.2, 5, 3})                  p = {threshold, gamma_below, gamma_above}
  *   MARGIN (MbLS)       w_y (CE + alpha / C sum_k relu(max - x_k - margin))      p = {margin, alpha}
  *   MAXSUP              w_y (CE + alpha (max - mean_k x_k))                       p = {alpha}
  *   LOGITNORM           w_y CE(x / (tau (||x||_2 + 1e-7)))                        p = {tau}
  *   CONFIDENCE_PENALTY  w_y (CE - beta H(softmax(x)))                             p = {beta}
+ *   ADA_FOCAL           f CE with gamma = gammas[bin of p_y] (not differentiated): f = (1 - p_y)^gamma where
+ *                       gamma >= switch, else (1 + p_y)^|gamma| (AdaFocal's inverse focal loss)
+ *                                                                                 p = {switch, n_bins, has_edges}
  * with CE = w_y (lse - x_y) the cross-entropy and max the row's largest logit (the first one for the gradient, as
- * torch.max). The focal losses with label smoothing weigh each class by its own (1 - p_c)^gamma, a form these kernels
- * do not compute (the loss classes run it with torch operations). */
+ * torch.max). Every kind adds, with z_loss = p[3] > 0, the z-loss z_loss w_y lse(x)^2 of the raw logits (for
+ * LogitNorm too), whose gradient adds 2 z_loss w_y lse softmax(x). The focal losses (FOCAL, ADAPTIVE_FOCAL) take
+ * label smoothing eps = p[4] > 0: each class then has its own focal factor (smoothed_focal_row). AdaFocal's bins
+ * follow at p[5]: n_bins gammas, then, with has_edges, the n_bins + 1 edges (bins (e_b, e_b+1]; without, equal
+ * width). */
 enum { LABEL_SMOOTHING = 0, FOCAL = 1, ADAPTIVE_FOCAL = 2, MARGIN = 3, MAXSUP = 4, LOGITNORM = 5,
-       CONFIDENCE_PENALTY = 6 };
+       CONFIDENCE_PENALTY = 6, ADA_FOCAL = 7 };
+enum { Z_LOSS = 3, EPS = 4, BINS = 5 }; /* where p[] holds them */
 
 /* family_row's second sweep: sum_c exp(z_c), z = kf (x - row_max) (written into out with `store`), and the kind's
  * own row sum into *extra (and MbLS's count of active classes into *n_active). Always inlined with `kind` and
@@ -262,6 +271,80 @@ static inline __attribute__((always_inline)) void family_sums(const float *restr
     }
 }
 
+/* AdaFocal's gamma for true-class probability p_y: that of its bin, (e_b, e_b+1] (torch.bucketize's), or with
+ * equal-width bins the one that ceil(p_y n_bins) - 1 names. */
+static double ada_focal_gamma(const double *p, double p_y)
+{
+    const int64_t n_bins = (int64_t)p[1];
+    const double *gammas = p + BINS, *edges = gammas + n_bins;
+    int64_t bin = 0;
+    if (p[2] != 0.0) {
+        for (int64_t i = 1; i < n_bins; i++)
+            bin += edges[i] < p_y;
+    } else { /* p_y clamped to [0, 1] first (a NaN to 0): a double out of int64's range would be undefined */
+        const double clamped = p_y > 0.0 ? (p_y < 1.0 ? p_y : 1.0) : 0.0;
+        bin = (int64_t)ceil(clamped * n_bins) - 1;
+        bin = bin < 0 ? 0 : bin > n_bins - 1 ? n_bins - 1 : bin;
+    }
+    return gammas[bin];
+}
+
+/* One class's focal term -(1 - p)^gamma log p into *term, and h = (1 - p)^gamma - gamma (1 - p)^(gamma - 1) p log p
+ * into *h, from log p and q = 1 - p: the term's gradient is h ([c == j] - p_j) times -1. Where p rounds to 1 the
+ * factor and its derivative term are their limits (0, or 1 and 0 for gamma = 0), not 0 * inf. One pow per class:
+ * (1 - p)^(gamma - 1) is f / q. */
+static inline void focal_term(double log_p, double q, double gamma, double *term, double *h)
+{
+    const double f = gamma > 0.0 ? (q > 0.0 ? pow(q, gamma) : 0.0) : 1.0;
+    *term = -f * log_p;
+    *h = f - (gamma > 0.0 && q > 0.0 ? gamma * (f / q) * (1.0 - q) * log_p : 0.0);
+}
+
+/* The label-smoothed focal losses (FOCAL, ADAPTIVE_FOCAL with eps = p[EPS] > 0), from the row's max:
+ *     loss = sum_c a_c term_c,  a_c = (1 - eps) w_y [c == y] + (eps / C) w_c,  term_c = -(1 - p_c)^gamma_c log p_c
+ *     grad_j = p_j sum_c a_c h_c - a_j h_j  (focal_term's h; gamma_c not differentiated)
+ * plus the z-loss. Sweep 2 sums exp(z), sweep 3 forms each class's term in double (writing w_c h_c into grad), and
+ * sweep 4 turns that into the gradient, recomputing exp(z_c) while the row is in cache. */
+static inline float smoothed_focal_row(const float *restrict x, float *restrict grad, int64_t n_classes, int64_t y,
+                                       const float *restrict w, int kind, const double *p, double scale,
+                                       float row_max)
+{
+    const double eps = p[EPS], z_loss = p[Z_LOSS];
+    double s, unused;
+    row_sums(x, NULL, n_classes, NULL, row_max, 0, &s, &unused);
+    const double log_s = log(s);
+    double w_terms = 0.0, w_hs = 0.0, term_y = 0.0, h_y = 0.0;
+    for (int64_t c = 0; c < n_classes; c++) {
+        const double log_p = ((double)x[c] - row_max) - log_s, q = -expm1(log_p); /* q = 1 - p_c, exact near 1 */
+        const double gamma = kind == FOCAL ? p[0] : 1.0 - q < p[0] ? p[1] : p[2];
+        double term, h;
+        focal_term(log_p, q, gamma, &term, &h);
+        const double w_c = w ? w[c] : 1.0;
+        w_terms += w_c * term;
+        w_hs += w_c * h;
+        if (grad)
+            grad[c] = (float)(w_c * h);
+        if (c == y)
+            term_y = term, h_y = h;
+    }
+    const double w_y = w ? w[y] : 1.0, smooth = eps / n_classes;
+    double loss = (1.0 - eps) * w_y * term_y + smooth * w_terms;
+    double a = ((1.0 - eps) * w_y * h_y + smooth * w_hs) / s; /* times exp(z_j): p_j sum_c a_c h_c */
+    if (z_loss > 0.0) {
+        const double lse = (double)row_max + log_s;
+        loss += z_loss * w_y * lse * lse;
+        a += 2.0 * z_loss * w_y * lse / s;
+    }
+    if (grad) {
+        const float af = (float)(scale * a), bf = (float)(scale * smooth);
+#pragma omp simd
+        for (int64_t c = 0; c < n_classes; c++)
+            grad[c] = af * exp_nonpositive(x[c] - row_max) - bf * grad[c];
+        grad[y] -= (float)(scale * (1.0 - eps) * w_y * h_y);
+    }
+    return isinf(loss) ? NAN : (float)loss;
+}
+
 VECTOR_CLONES
 static float family_row(const float *restrict x, float *restrict grad, int64_t n_classes, int64_t y,
                         const float *restrict w, int kind, const double *p, double scale)
@@ -271,6 +354,8 @@ static float family_row(const float *restrict x, float *restrict grad, int64_t n
 #pragma omp simd reduction(max : row_max)
     for (int64_t c = 0; c < n_classes; c++)
         row_max = x[c] > row_max ? x[c] : row_max;
+    if ((kind == FOCAL || kind == ADAPTIVE_FOCAL) && p[EPS] > 0.0)
+        return smoothed_focal_row(x, grad, n_classes, y, w, kind, p, scale, row_max);
     if (kind == LOGITNORM) {
 #pragma omp simd reduction(+ : sum_sq)
         for (int64_t c = 0; c < n_classes; c++)
@@ -292,7 +377,8 @@ static float family_row(const float *restrict x, float *restrict grad, int64_t n
           : family_sums(x, grad, n_classes, w, row_max, kf, below, KIND, 0, &s, &extra, &n_active))
     switch (kind) {
     case FOCAL:
-    case ADAPTIVE_FOCAL: FAMILY_SUMS(FOCAL); break;
+    case ADAPTIVE_FOCAL:
+    case ADA_FOCAL: FAMILY_SUMS(FOCAL); break;
     case MARGIN: FAMILY_SUMS(MARGIN); break;
     case MAXSUP: FAMILY_SUMS(MAXSUP); break;
     case LOGITNORM: FAMILY_SUMS(LOGITNORM); break;
@@ -306,14 +392,25 @@ static float family_row(const float *restrict x, float *restrict grad, int64_t n
     double arg_add = 0.0;                 /* added on the first largest logit (MbLS, MaxSup) */
     switch (kind) {
     case FOCAL:
-    case ADAPTIVE_FOCAL: {
+    case ADAPTIVE_FOCAL:
+    case ADA_FOCAL: {
         const double ce = w_y * (log_s - z_y);
         const double log_p = z_y - log_s, p_y = exp(log_p), q = -expm1(log_p); /* q = 1 - p_y, exact near 1 */
-        const double gamma = kind == FOCAL ? p[0] : p_y < 0.2 ? 5.0 : 3.0;
-        const double f = gamma > 0.0 ? pow(q, gamma) : 1.0;
-        /* d f / d z_c = -gamma q^(gamma - 1) p_y ([c == y] - p_c): with K = ce gamma q^(gamma - 1) p_y,
-         * grad_c = (f w_y + K) p_c - (f w_y + K) [c == y]. */
-        const double K = gamma > 0.0 && q > 0.0 ? ce * gamma * pow(q, gamma - 1.0) * p_y : 0.0; /* q = 0: ce = 0 */
+        double gamma = kind == FOCAL ? p[0] : kind == ADAPTIVE_FOCAL ? (p_y < p[0] ? p[1] : p[2])
+                                                                     : ada_focal_gamma(p, p_y);
+        double f, K;
+        if (kind == ADA_FOCAL && gamma < p[0]) {
+            /* AdaFocal's inverse focal loss, f = (1 + p_y)^g, g = |gamma|: d f / d z_c = g (1 + p_y)^(g - 1) p_y
+             * ([c == y] - p_c), so K below is ce g (1 + p_y)^(g - 1) p_y with the opposite sign. */
+            gamma = fabs(gamma);
+            f = gamma > 0.0 ? pow(1.0 + p_y, gamma) : 1.0;
+            K = gamma > 0.0 ? -ce * gamma * pow(1.0 + p_y, gamma - 1.0) * p_y : 0.0;
+        } else {
+            f = gamma > 0.0 ? pow(q, gamma) : 1.0;
+            /* d f / d z_c = -gamma q^(gamma - 1) p_y ([c == y] - p_c): with K = ce gamma q^(gamma - 1) p_y,
+             * grad_c = (f w_y + K) p_c - (f w_y + K) [c == y]. */
+            K = gamma > 0.0 && q > 0.0 ? ce * gamma * pow(q, gamma - 1.0) * p_y : 0.0; /* q = 0: ce = 0 */
+        }
         loss = f * ce;
         a = (f * w_y + K) / s;
         t = f * w_y + K;
@@ -350,9 +447,23 @@ static float family_row(const float *restrict x, float *restrict grad, int64_t n
         break;
     }
     }
+    double zc = 0.0; /* the z-loss's gradient zc exp(x_c - row_max), on LogitNorm's and the penalty's own loops */
+    if (p[Z_LOSS] > 0.0) {
+        /* lse of the raw logits: LogitNorm's s is that of the normalized ones, so it sweeps the row once more. */
+        double s_raw = s, unused;
+        if (kind == LOGITNORM)
+            row_sums(x, NULL, n_classes, NULL, row_max, 0, &s_raw, &unused);
+        const double lse = (double)row_max + log(s_raw);
+        loss += p[Z_LOSS] * w_y * lse * lse;
+        zc = 2.0 * p[Z_LOSS] * w_y * lse / s_raw;
+        if (kind != LOGITNORM && kind != CONFIDENCE_PENALTY) { /* their exp(z_c) is exp(x_c - row_max) */
+            a += zc;
+            zc = 0.0;
+        }
+    }
     if (grad) {
-        const float af = (float)(scale * a), bf = (float)(scale * b);
-        if (kind == FOCAL || kind == ADAPTIVE_FOCAL) {
+        const float af = (float)(scale * a), bf = (float)(scale * b), zf = (float)(scale * zc);
+        if (kind == FOCAL || kind == ADAPTIVE_FOCAL || kind == ADA_FOCAL) {
 #pragma omp simd
             for (int64_t c = 0; c < n_classes; c++)
                 grad[c] = af * grad[c];
@@ -364,10 +475,21 @@ static float family_row(const float *restrict x, float *restrict grad, int64_t n
 #pragma omp simd
             for (int64_t c = 0; c < n_classes; c++)
                 grad[c] = af * grad[c] - bf;
+        } else if (kind == LOGITNORM && zc != 0.0) {
+#pragma omp simd
+            for (int64_t c = 0; c < n_classes; c++)
+                grad[c] = af * grad[c] - bf * x[c] + zf * exp_nonpositive(x[c] - row_max);
         } else if (kind == LOGITNORM) {
 #pragma omp simd
             for (int64_t c = 0; c < n_classes; c++)
                 grad[c] = af * grad[c] - bf * x[c];
+        } else if (zc != 0.0) {
+            const float beta = (float)p[0], pzf = (float)b;
+#pragma omp simd
+            for (int64_t c = 0; c < n_classes; c++) {
+                const float e = grad[c];
+                grad[c] = e > 0.0f ? af * e * (1.0f + beta * (kf * (x[c] - row_max) - pzf)) + zf * e : 0.0f;
+            }
         } else {
             const float beta = (float)p[0], pzf = (float)b;
 #pragma omp simd
@@ -474,7 +596,7 @@ int64_t fused_cpu_family(const float *x, int64_t n_rows, int64_t n_classes, int6
                          int64_t ignore_index, const float *w, int kind, const double *p, int mean, float *grad,
                          float *loss, float *reduced, int n_threads)
 {
-    if (kind < FOCAL || kind > CONFIDENCE_PENALTY)
+    if (kind < FOCAL || kind > ADA_FOCAL)
         return BAD_KIND;
     return run_rows(x, n_rows, n_classes, x_row_stride, y, ignore_index, w, kind, p, mean, grad, loss, reduced,
                     n_threads);

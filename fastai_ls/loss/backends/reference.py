@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fastai_ls.loss.backends.base import Backend, RowLoss
-from fastai_ls.loss.backends.family_formulas import ROW_FORMULAS, Rows
+from fastai_ls.loss.backends.family_formulas import Rows, formula_rows
 from fastai_ls.loss.checks import check_ids, check_weight_values, class_ids, weight_in
 from fastai_ls.loss.formula import (
     cross_entropy,
@@ -51,7 +51,7 @@ def class_rows_last(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 
 def _family_reference(input: Tensor, target: Tensor, spec: RowLoss, weight: Tensor | None, reduction: str,
                       ignore_index: int) -> Tensor:
-    """A loss of the family from its formula in `family_formulas.ROW_FORMULAS`, for integer targets."""
+    """A loss of the family from its formula in `family_formulas` (`formula_rows`), for integer targets."""
     n_classes = input.shape[1]
     x, t = class_rows_last(input, target)
     check_ids(t, n_classes, ignore_index, weight)
@@ -59,7 +59,8 @@ def _family_reference(input: Tensor, target: Tensor, spec: RowLoss, weight: Tens
     y, ignored, divisor = kept_targets(t, ignore_index, w, x.dtype)
     x = x.masked_fill(ignored[:, None], 0.0)
     rows = Rows(x, y, None, w, 1.0 if w is None else w[y], ignored, divisor, input.shape[:1] + input.shape[2:])
-    loss = nan_for_infinite_logits(ROW_FORMULAS[spec.kind](rows, **spec.params).masked_fill(ignored, 0.0))
+    loss = formula_rows(rows, spec.kind, spec.params, spec.eps, spec.z_loss).masked_fill(ignored, 0.0)
+    loss = nan_for_infinite_logits(loss)
     return reduce_loss(loss, divisor, reduction, input.shape[:1] + input.shape[2:])
 
 
