@@ -288,6 +288,19 @@ def test_the_sigint_handler_is_ours_while_a_command_runs_and_restored_after(monk
     assert seen == [cli_main._interrupt] and signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.parametrize("command", ["demo", "pets"])
+def test_help_names_every_file_the_command_writes(command, capsys):
+    # demo --help named calibration.csv and calibrators.csv: not differences.csv, selective.csv or the PNG files.
+    from fastai_ls.cli.demo_write import OUTPUT_FILES
+    from fastai_ls.cli.losses import LOSS_FILES
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in OUTPUT_FILES + (LOSS_FILES if command == "demo" else ()):
+        assert re.search(rf"(?<![\w.]){re.escape(name)}", text), name
+
+
 @pytest.mark.parametrize("command", ["demo", "pets", "calibrate"])
 def test_help_never_breaks_a_method_name_or_an_option_across_lines(command, monkeypatch, capsys):
     # argparse wrapped the --methods list mid-word ("iso tonic", "top_lab el_isotonic"): copied, a wrong name.
