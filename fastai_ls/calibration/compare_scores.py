@@ -15,9 +15,10 @@ from torch import Tensor
 
 from fastai_ls.calibration.calibrators.folds import stratified_folds
 from fastai_ls.calibration.confidence_scores import NORMALISED, SCORE_NAMES, _check_p, _checked_logits, _scores
-from fastai_ls.calibration.intervals import _one_thread, percentile_intervals
+from fastai_ls.calibration.intervals import percentile_intervals
 from fastai_ls.calibration.selective import _aurc_sum, _expected_errors, _Ranking
 from fastai_ls.calibration.selective_bootstrap import bootstrap_selective, selective_table
+from fastai_ls.calibration.threads import one_thread
 from fastai_ls.validation import check_ci, check_class_ids, check_seed
 
 __all__ = ["P_GRID", "check_held_out", "compare_confidence_scores", "softmax_response_note"]
@@ -165,7 +166,7 @@ def compare_confidence_scores(
     fold_of = stratified_folds(targets, folds, seed)
     # One thread: these are many passes over arrays of a few MB, which a second thread hardly speeds up and, on cores
     # other work keeps busy, slows down (2.5x on 2 busy cores).
-    with _one_thread():
+    with one_thread():
         return _compare(z, targets, fold_of, folds, seed, ci, n_boot, grid)
 
 

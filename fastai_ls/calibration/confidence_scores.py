@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators.base import clean_logits, row_blocks
-from fastai_ls.calibration.intervals import _one_thread
+from fastai_ls.calibration.threads import one_thread
 from fastai_ls.validation import check_logits
 
 __all__ = ["SCORE_NAMES", "NORMALISED", "confidence_scores"]
@@ -189,6 +189,6 @@ def confidence_scores(
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     logits = _checked_logits(logits)
-    with _one_thread():  # ~70 passes over small blocks: a second thread saves little and waits on busy cores
+    with one_thread():  # ~70 passes over small blocks: a second thread saves little and waits on busy cores
         computed = _scores(logits, names, [p], float(temperature))
     return {name: computed[(name, p if name in NORMALISED else None)] for name in names}

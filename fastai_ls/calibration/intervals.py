@@ -15,9 +15,7 @@ per-row values whose squares the state also sums, get the normal interval mean +
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from statistics import NormalDist
 
 import numpy as np
@@ -25,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fastai_ls.calibration.metrics import TOP_LABEL_NAMES, top_label_metrics
+from fastai_ls.calibration.threads import one_thread
 from fastai_ls.validation import check_interval_grid, check_seed
 
 __all__ = ["BOOTSTRAP_NAMES", "MAX_ROWS", "joint_cells", "bootstrap_histograms", "bootstrap_metrics",
@@ -97,32 +96,6 @@ def joint_cells(bins: Tensor, fine: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return refined, refined_fine_of, bin_of
 
 
-_threads_lock = threading.Lock()
-_bootstraps_running, _threads_saved = 0, 1
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread, then restore the caller's setting. A bootstrap is ~100 operations on
-    arrays of a few MB each: a second thread saves little on them, and on cores that other work keeps busy it waits
-    for them (1000 replicates at 900 cells: 0.27 s on one thread, 0.44 s on two, measured on 2 busy cores)."""
-    global _bootstraps_running, _threads_saved
-    # torch's setting is the process's: with bootstraps in several threads, the first to start saves it and the
-    # last to end restores it. Each saving and restoring its own, two overlapping ones left torch on one thread.
-    with _threads_lock:
-        if _bootstraps_running == 0:
-            _threads_saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _bootstraps_running += 1
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _bootstraps_running -= 1
-            if _bootstraps_running == 0:
-                torch.set_num_threads(_threads_saved)
-
-
 # Replicates are drawn and summarised at most this many at a time, so that a bootstrap's memory stays bounded (about
 # 130 MB at 1000 fine cells) whatever `n_boot`: all at once, 10,000 replicates took 0.7 GB and 100,000 would take
 # 7 GB. Draws made in chunks from one generator are the draws made at once, so the chunk size changes no interval.
@@ -181,14 +154,14 @@ def bootstrap_histograms(bins: Tensor, fine: Tensor, n_boot: int = 1000,
         Seed of the generator; None draws a fresh one.
     """
     check_seed(seed)
-    with _one_thread():
+    with one_thread():
         chunks = list(_replicate_chunks(bins, fine, n_boot, seed))
     return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]), chunks[0][2]
 
 
 def _replicate_chunks(bins: Tensor, fine: Tensor, n_boot: int,
                       seed: int | None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """The replicates of `bootstrap_histograms`, `_chunk_size` at a time (run it under `_one_thread`)."""
+    """The replicates of `bootstrap_histograms`, `_chunk_size` at a time (run it under `one_thread`)."""
     n_rows = float(bins[:, 0].sum())
     if not 0 <= n_rows <= MAX_ROWS:
         raise ValueError(f"a bootstrap replicate draws as many rows as the histograms count, at most 2**53, but they "
@@ -238,7 +211,7 @@ def bootstrap_metrics(bins: Tensor, fine: Tensor, n_boot: int = 1000, seed: int 
     # each chunk's freed temporaries (glibc's heap), and the process would grow with n_boot after all.
     out = {name: torch.empty(n_boot, dtype=torch.float64) for name in BOOTSTRAP_NAMES}
     start = 0
-    with _one_thread():
+    with one_thread():
         for rep_bins, rep_fine, fine_index in _replicate_chunks(bins, fine, n_boot, seed):
             for name, values in top_label_metrics(rep_bins, rep_fine, fine_index, fine.shape[0]).items():
                 out[name][start:start + len(values)] = values

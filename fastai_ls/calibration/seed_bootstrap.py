@@ -17,10 +17,11 @@ from torch import Tensor
 
 from fastai_ls.calibration.counters import N_FINE
 from fastai_ls.calibration.counting import bin_of
-from fastai_ls.calibration.intervals import _one_thread, percentile_intervals
+from fastai_ls.calibration.intervals import percentile_intervals
 from fastai_ls.calibration.metrics import binned_errors
 from fastai_ls.calibration.risk_coverage import aurc
 from fastai_ls.calibration.smooth import smooth_ece
+from fastai_ls.calibration.threads import one_thread
 from fastai_ls.validation import check_ci, check_seed
 
 __all__ = ["SEED_METRICS", "weighted_metrics", "seed_bootstrap"]
@@ -70,7 +71,7 @@ def weighted_metrics(scores: Mapping[str, Tensor], weights: Tensor, n_bins: int 
     # Only the fine cells that hold rows: no replicate fills another, and empty cells change none of the metrics.
     cells, fine_cell = bin_of(conf, n_fine).unique(sorted=True, return_inverse=True)
     ece, smece, area = [], [], []
-    with _one_thread():  # small kernels: threads waiting for each other cost more than they share
+    with one_thread():  # small kernels: threads waiting for each other cost more than they share
         for part in w.split(_CHUNK):
             rows = part[:, :, None] * features  # (r, N, 3)
             bins = rows.new_zeros(len(part), n_bins, 3).index_add_(1, coarse, rows)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fastai_ls.calibration.intervals import _one_thread
+from fastai_ls.calibration.threads import one_thread
 
 __all__ = ["check_selective_input", "expected_errors", "aurc", "augrc", "risk_at_coverage", "coverage_at_risk",
            "selective_accuracy", "streamed_error_bound"]
@@ -108,7 +108,7 @@ def expected_errors(scores: Tensor, correct: Tensor) -> Tensor:
     [0.0, 0.5, 1.0]
     """
     scores, errors = check_selective_input(scores, correct)
-    with _one_thread():
+    with one_thread():
         return _expected_errors(_Ranking(scores), errors)
 
 

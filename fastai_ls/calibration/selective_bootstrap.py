@@ -14,8 +14,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from fastai_ls.calibration.intervals import _one_thread, percentile_intervals
+from fastai_ls.calibration.intervals import percentile_intervals
 from fastai_ls.calibration.selective import _aurc_sum, _expected_errors, _positions, _Ranking, check_selective_input
+from fastai_ls.calibration.threads import one_thread
 from fastai_ls.validation import check_ci, check_seed
 
 __all__ = ["bootstrap_selective", "selective_table"]
@@ -221,7 +222,7 @@ def bootstrap_selective(
         for name in checked:
             if name not in folds:
                 out[name]["risk"] = torch.empty(n_boot, len(positions), dtype=torch.float64)
-    with _one_thread():
+    with one_thread():
         _fill(out, plans, n, n_boot, seed, tables, positions)
     for name, twin in same_as.items():
         out[name] = {metric: values.clone() for metric, values in out[twin].items()}
@@ -342,7 +343,7 @@ def selective_table(
                 paired_baseline[key] = fold_of
     replicates = bootstrap_selective(compared, correct, n_boot, seed, folds=folds)
     errors = check_selective_input(next(iter(scores.values())), correct)[1]
-    with _one_thread():
+    with one_thread():
         return _table(scores, errors, replicates, ci, baseline, folds, paired_baseline)
 
 

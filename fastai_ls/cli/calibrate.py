@@ -5,12 +5,14 @@ table: `tables.py`).
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import sys
 import textwrap
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import pandas as pd
@@ -80,7 +82,7 @@ def _same_file(a: Path, b: Path) -> bool:
 @contextmanager
 def quiet_bars(quiet: bool) -> Iterator[None]:
     """fastprogress's bars off inside the block when `quiet` (fastai's training and long comparisons use them);
-    the tables it prints still are.
+    the tables it prints still are, and nothing else: no bar's fill character and carriage return before a row.
 
     Parameters
     ----------
@@ -101,11 +103,26 @@ def quiet_bars(quiet: bool) -> Iterator[None]:
         return
     import fastprogress.fastprogress as fastprogress
 
-    previous, fastprogress.NO_BAR = fastprogress.NO_BAR, True
+    bar = fastprogress.ConsoleProgressBar
+    previous, probing = fastprogress.NO_BAR, bar.__dict__["__init__"]
+    fastprogress.NO_BAR, bar.__init__ = True, _without_encoding_probe(probing)
     try:
         yield
     finally:
-        fastprogress.NO_BAR = previous
+        fastprogress.NO_BAR, bar.__init__ = previous, probing
+
+
+def _without_encoding_probe(init):
+    """A console bar's `__init__` that writes nothing: fastprogress's prints the bar's fill character and '\\r' to
+    test the terminal's encoding, even with NO_BAR, and so put '█\\r' before each row of a table sent to a file.
+    Its `__init__` writes nothing else, so the probe is all that goes to the sink."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        with redirect_stdout(io.StringIO()):
+            init(self, *args, **kwargs)
+
+    return __init__
 
 
 def _say(text: str, width: int = WIDTH, file=None) -> None:

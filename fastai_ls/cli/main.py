@@ -32,7 +32,7 @@ def article_table() -> str:
     Returns
     -------
     str
-        A table with one row per logits, eps and smoothing convention.
+        A table with one row per logits, eps and smoothing convention, then two lines saying what 'others' is.
 
     Examples
     --------
@@ -54,6 +54,8 @@ def article_table() -> str:
             # PyTorch has no other-classes option: the same target comes from its uniform smoothing with eps*C/(C-1).
             ref = F.cross_entropy(x, y, label_smoothing=uniform_eps(eps, smoothing, x.shape[1])).item()
             rows.append(f"{name:<28}{eps:>6.2f}  {smoothing:<9}{ours:>11.4f}{ref:>17.4f}")
+    rows += ["others: smoothing='others', 1-eps on the true class, eps/(C-1) on each other class",
+             "(F.cross_entropy: its uniform label_smoothing at eps*C/(C-1), the same target)"]
     return "\n".join(rows)
 
 

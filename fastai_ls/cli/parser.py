@@ -177,8 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a cross-entropy baseline and a label-smoothing model (a small CNN, same seed) on "
                     "scikit-learn's 1,797 handwritten digits, which it writes as PNG files into fastai's data "
                     "folder on first use; print their calibration side by side with 95% intervals, compare "
-                    "post-hoc calibrators for each by cross-fitting on the validation set, and write the tables "
-                    "(calibration.csv, calibrators.csv) and reliability diagrams (PNG) into --out.")
+                    "post-hoc calibrators for each by cross-fitting on the validation set, and compare confidence "
+                    "scores for abstaining (selective classification). Writes into --out the tables "
+                    "calibration.csv, calibrators.csv, differences.csv (label smoothing minus cross-entropy) and "
+                    "selective.csv, and the reliability diagrams reliability.png, smooth_reliability.png and "
+                    "calibrated_reliability.png (each model after its best calibrator). With --losses it writes "
+                    "losses.csv and losses_per_seed.csv instead.")
     demo.add_argument("--epochs", type=_positive_int, default=10, help="fit_one_cycle epochs per model (default 10)")
     demo.add_argument("--eps", type=_eps, default=None, help="label smoothing of the second model (default 0.1)")
     demo.add_argument("--bs", type=_positive_int, default=64, help="batch size (default 64)")
@@ -203,9 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     pets = commands.add_parser(
         "pets", help="the Oxford-IIIT Pets example (resnet34) with label smoothing",
         description="Train fastai's Oxford-IIIT Pets example with label smoothing (and a cross-entropy baseline "
-                    "with --baseline), print the calibration report, compare post-hoc calibrators, and write the "
-                    "tables (calibration.csv, calibrators.csv, differences.csv) and reliability diagrams (PNG) into "
-                    "--out. Images are named <breed>_<n>.jpg. Offline, pass --path an extracted copy.")
+                    "with --baseline), print the calibration report, compare post-hoc calibrators and confidence "
+                    "scores, and write the tables (calibration.csv, calibrators.csv, differences.csv with "
+                    "--baseline, selective.csv) and reliability diagrams (reliability.png, smooth_reliability.png, "
+                    "calibrated_reliability.png) into --out. Images are named <breed>_<n>.jpg. Offline, pass --path "
+                    "an extracted copy.")
     pets.add_argument("--path", type=_path, default=None, help="extracted Pets folder or its images/ (default: "
                       "untar_data(URLs.PETS), ~/.fastai/data/oxford-iiit-pet)")
     pets.add_argument("--epochs", type=_positive_int, default=4, help="fit_one_cycle epochs (default 4)")

@@ -197,21 +197,3 @@ def test_weighted_split_cells_whose_rows_are_all_correct_draw_no_category_of_rou
     want, got = unit.metrics(ci=0.95, n_boot=100), scaled.metrics(ci=0.95, n_boot=100)
     want.pop("n"), got.pop("n")
     assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
-
-
-def test_bootstraps_overlapping_in_two_threads_restore_torchs_thread_setting():
-    # Reviewed: each bootstrap saved torch's (process-wide) thread count, set 1 and restored its saved value; when
-    # two overlapped (thread A starts, B starts, A ends, B ends), B restored A's 1 and torch stayed on one thread.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        first, second = intervals_module._one_thread(), intervals_module._one_thread()
-        first.__enter__()
-        second.__enter__()
-        assert torch.get_num_threads() == 1
-        first.__exit__(None, None, None)
-        assert torch.get_num_threads() == 1  # the second still runs
-        second.__exit__(None, None, None)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(saved)

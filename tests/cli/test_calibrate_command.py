@@ -31,6 +31,7 @@ from fastai_ls.calibration.compare import compare_on_logits
 from fastai_ls.calibrator_names import CALIBRATOR_NAMES
 from fastai_ls.cli import main
 from fastai_ls.cli.archive import read_predictions
+from fastai_ls.cli.calibrate import quiet_bars
 from fastai_ls.cli.tables import best_method
 from fastai_ls.integration.posthoc import holdout_logits
 
@@ -513,6 +514,24 @@ def test_quiet_turns_the_progress_bars_off_for_the_comparison(tmp_path, capsys, 
     for args in ([], ["--quiet"]):
         assert main(["calibrate", str(tmp_path / "p.npz"), "--methods", "temperature", *args]) == 0
     assert seen == [False, True] and fastprogress.NO_BAR is False
+
+
+def test_quiet_training_prints_the_table_without_the_bars_probe_characters(capsys):
+    # `fastai-ls demo --quiet > log` had "█\r" before each row of the training table: fastprogress's console bar
+    # prints its fill character and a carriage return when it is made (an encoding probe), even with NO_BAR.
+    import fastprogress.fastprogress as fastprogress
+    from fastai.test_utils import synth_learner
+
+    learn = synth_learner(n_trn=2, n_val=2)
+    probing = fastprogress.ConsoleProgressBar.__init__
+    with quiet_bars(True):
+        learn.fit(2)
+    printed = capsys.readouterr().out
+    assert "\u2588" not in printed and "\r" not in printed, repr(printed)
+    lines = printed.splitlines()
+    assert [line.split()[0] for line in lines] == ["epoch", "0", "1"], printed
+    assert lines[0].split()[1:] == ["train_loss", "valid_loss", "time"]
+    assert fastprogress.ConsoleProgressBar.__init__ is probing and fastprogress.NO_BAR is False
 
 
 def test_ctrl_c_while_torch_loads_or_the_comparison_runs_is_one_line(tmp_path):

@@ -3,6 +3,7 @@ on 2 CPU processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ import fastai_ls
 from fastai_ls.calibrator_names import CALIBRATOR_NAMES
 from fastai_ls.cli import main
 from fastai_ls.cli.demo import METRICS
+from fastai_ls.cli.main import ARTICLE_TARGET, article_table
 from fastai_ls.cli.tables import best_method
 from fastai_ls.pets import make_pets_like_tree, pets_learner
 
@@ -42,6 +44,21 @@ def test_article_prints_the_seed_numbers(tmp_path):
     assert result.returncode == 0
     for value in ["0.0018", "0.2352", "0.3518", "0.0007", "0.2641", "0.3957"]:
         assert value in result.stdout
+
+
+def test_article_says_what_others_is_and_its_rows_are_that_target():
+    # The table's smoothing column said "others" and nothing said what it is.
+    lines = article_table().splitlines()
+    said = [line for line in lines if line.startswith("others:")]
+    assert len(said) == 1 and "smoothing='others'" in said[0], lines
+    assert "1-eps on the true class" in said[0] and "eps/(C-1) on each other class" in said[0]
+    rows = [line.rsplit(maxsplit=4) for line in lines if line.split()[-3:-2] == ["others"]]
+    assert len(rows) == 2
+    for logits, eps, _, ours, _ in rows:
+        x, eps = torch.tensor(json.loads(logits), dtype=torch.float64), float(eps)
+        y = torch.tensor(ARTICLE_TARGET)
+        target = torch.full_like(x, eps / (x.shape[1] - 1)).scatter(1, y[:, None], 1 - eps)
+        assert float(ours) == pytest.approx(-(target * x.log_softmax(1)).sum(1).mean().item(), abs=5e-5)
 
 
 @pytest.mark.slow
@@ -286,6 +303,19 @@ def test_the_sigint_handler_is_ours_while_a_command_runs_and_restored_after(monk
     before = signal.getsignal(signal.SIGINT)
     assert main(["article"]) == 0
     assert seen == [cli_main._interrupt] and signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("command", ["demo", "pets"])
+def test_help_names_every_file_the_command_writes(command, capsys):
+    # demo --help named calibration.csv and calibrators.csv: not differences.csv, selective.csv or the PNG files.
+    from fastai_ls.cli.demo_write import OUTPUT_FILES
+    from fastai_ls.cli.losses import LOSS_FILES
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in OUTPUT_FILES + (LOSS_FILES if command == "demo" else ()):
+        assert re.search(rf"(?<![\w.]){re.escape(name)}", text), name
 
 
 @pytest.mark.parametrize("command", ["demo", "pets", "calibrate"])

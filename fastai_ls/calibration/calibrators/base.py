@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fastai_ls.calibration.calibrators.row_subset import RowSubset, checked_rows
-from fastai_ls.calibration.intervals import _one_thread
+from fastai_ls.calibration.threads import one_thread
 from fastai_ls.validation import check_class_ids, check_logits
 
 __all__ = ["Calibrator", "CalibrationWarning", "calibration_messages", "NEG_INF_GAP", "BLOCK_ELEMENTS",
@@ -79,7 +79,7 @@ def one_thread_for_small_cpu_fits(logits: Tensor, quadratic: bool = True):
     if logits.device.type != "cpu" or torch.get_num_threads() == 1 or work > ONE_THREAD_WORK:
         yield
         return
-    with _one_thread():  # the process's thread count, saved and restored once however many threads fit at a time
+    with one_thread():  # the process's thread count, saved and restored once however many threads fit at a time
         yield
 
 
