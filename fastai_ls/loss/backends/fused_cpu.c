@@ -376,12 +376,16 @@ static inline __attribute__((always_inline)) void smoothed_focal_sums(const floa
         float t_part = 0.0f, h_part = 0.0f;
 #pragma omp simd reduction(+ : t_part, h_part)
         for (int64_t c = start; c < stop; c++) {
+            /* Every value is computed in every lane and then selected: a call inside a condition (its bit casts)
+             * would keep the loop from being if-converted, and so from vectorizing. */
             const float log_p = ((x[c] - row_max) - log_s_hi) - log_s_lo;
-            const float p = exp_nonpositive(log_p);
-            const float q = p > 0.5f ? minus_expm1_small(log_p) : 1.0f - p;
+            const float p = exp_nonpositive(log_p), q_near_1 = minus_expm1_small(log_p);
+            const float q = p > 0.5f ? q_near_1 : 1.0f - p;
             const float gamma = kind == FOCAL ? gamma_below : p < threshold ? gamma_below : gamma_above;
-            const float f = gamma > 0.0f ? exp_nonpositive(gamma * log_positive(q)) : 1.0f;
-            const float h = f - (gamma > 0.0f && q > 0.0f ? gamma * (f / q) * p * log_p : 0.0f);
+            const float power = exp_nonpositive(gamma * log_positive(q));
+            const float f = gamma > 0.0f ? power : 1.0f;
+            const float slope = gamma * (f / q) * p * log_p;
+            const float h = f - ((gamma > 0.0f) & (q > 0.0f) ? slope : 0.0f);
             const float w_c = weighted ? w[c] : 1.0f;
             if (store)
                 out[c] = w_c * h;
@@ -396,19 +400,32 @@ static inline __attribute__((always_inline)) void smoothed_focal_sums(const floa
 /* The label-smoothed focal losses (FOCAL, ADAPTIVE_FOCAL with eps = p[EPS] > 0), from the row's max:
  *     loss = sum_c a_c term_c,  a_c = (1 - eps) w_y [c == y] + (eps / C) w_c,  term_c = -(1 - p_c)^gamma_c log p_c
  *     grad_j = p_j sum_c a_c h_c - a_j h_j  (focal_term's h; gamma_c not differentiated)
- * plus the z-loss. Sweep 2 sums exp(z), sweep 3 (smoothed_focal_sums) the classes' terms in float vector lanes
- * (writing w_c h_c into grad), and sweep 4 turns that into the gradient, recomputing exp(z_c) while the row is in
- * cache. The true class's own term, (1 - eps) of the row's loss, is focal_term's in double. Inlined into
- * family_row, so that its loops are compiled for each of VECTOR_CLONES' targets. */
-static inline __attribute__((always_inline)) float smoothed_focal_row(const float *restrict x, float *restrict grad,
-                                                                       int64_t n_classes, int64_t y,
-                                                                       const float *restrict w, int kind,
-                                                                       const double *p, double scale, float row_max)
+ * plus the z-loss. Sweep 2 sums exp(z) (as 1 + the rest), sweep 3 (smoothed_focal_sums) the classes' terms in float
+ * vector lanes (writing w_c h_c into grad), and sweep 4 turns that into the gradient, recomputing exp(z_c) while the
+ * row is in cache. The true class's own term, (1 - eps) of the row's loss, is focal_term's in double. Compiled for
+ * each of VECTOR_CLONES' targets itself: family_row's copies of its loops did not vectorize. */
+VECTOR_CLONES __attribute__((noinline))
+static float smoothed_focal_row(const float *restrict x, float *restrict grad, int64_t n_classes, int64_t y,
+                                const float *restrict w, int kind, const double *p, double scale, float row_max)
 {
     const double eps = p[EPS], z_loss = p[Z_LOSS];
-    double s, unused;
-    row_sums(x, NULL, n_classes, NULL, row_max, 0, &s, &unused);
-    const double log_s = log(s);
+    /* s = 1 + rest: rest sums exp(z_c) over the classes below the max, and adds the ties with it, so that
+     * log s = log1p(rest) keeps its digits where p_max -> 1 (a float sum s would round 1 + 6e-6 to 6e-8, 1%, and
+     * 1 - p_max with it). A NaN logit makes rest NaN. */
+    double rest = -1.0; /* the first class at the max is the 1 */
+    for (int64_t start = 0; start < n_classes; start += CHUNK) {
+        const int64_t stop = start + CHUNK < n_classes ? start + CHUNK : n_classes;
+        float r_part = 0.0f, ties = 0.0f;
+#pragma omp simd reduction(+ : r_part, ties)
+        for (int64_t c = start; c < stop; c++) {
+            const float z = x[c] - row_max, e = exp_nonpositive(z);
+            r_part += z == 0.0f ? 0.0f : e;
+            ties += z == 0.0f ? 1.0f : 0.0f;
+        }
+        rest += r_part;
+        rest += ties;
+    }
+    const double s = 1.0 + rest, log_s = log1p(rest);
     const float log_s_hi = (float)log_s, log_s_lo = (float)(log_s - log_s_hi);
     /* {threshold, gamma below it, gamma above it}; the focal loss's one gamma is the second */
     const float gammas[3] = {kind == FOCAL ? 0.0f : (float)p[0], (float)(kind == FOCAL ? p[0] : p[1]),
