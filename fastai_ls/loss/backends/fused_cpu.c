@@ -362,13 +362,16 @@ static inline void focal_term(double log_p, double q, double gamma, double *term
  *     f = q^gamma = exp(gamma log q), 1 for gamma = 0 (not exp(0 * -inf)) and 0 for q = 0
  *     h = f - gamma (f / q) p log p, whose second part's limit at q = 0 is 0 (there f / q would be 0 / 0)
  * f's relative error is about |gamma log q| float ulps (exp's argument's rounding, as in any float pow): where that
- * is large, f is below 1e-7 times the classes' other terms. A -inf logit (p = 0, log p = -inf) gives term = +inf and
+ * is large, f is below 1e-7 times the classes' other terms. With `integer` (every gamma a whole number up to 7, as
+ * the focal losses' usual 1, 2, 3 and FLSD-53's 3 and 5), f is q's powers multiplied instead, faster and exact to
+ * an ulp or two. A -inf logit (p = 0, log p = -inf) gives term = +inf and
  * h = NaN for gamma > 0, as focal_term does: the row's loss is reported as NaN. */
 static inline __attribute__((always_inline)) void smoothed_focal_sums(const float *restrict x, float *restrict out,
                                                                        int64_t n_classes, const float *restrict w,
                                                                        float row_max, float log_s_hi, float log_s_lo,
-                                                                       const float *gammas, int kind, int store,
-                                                                       int weighted, double *terms, double *hs)
+                                                                       const float *gammas, int kind, int integer,
+                                                                       int store, int weighted, double *terms,
+                                                                       double *hs)
 {
     const float threshold = gammas[0], gamma_below = gammas[1], gamma_above = gammas[2];
     for (int64_t start = 0; start < n_classes; start += CHUNK) {
@@ -382,8 +385,16 @@ static inline __attribute__((always_inline)) void smoothed_focal_sums(const floa
             const float p = exp_nonpositive(log_p), q_near_1 = minus_expm1_small(log_p);
             const float q = p > 0.5f ? q_near_1 : 1.0f - p;
             const float gamma = kind == FOCAL ? gamma_below : p < threshold ? gamma_below : gamma_above;
-            const float power = exp_nonpositive(gamma * log_positive(q));
-            const float f = gamma > 0.0f ? power : 1.0f;
+            float f;
+            if (integer) { /* q^gamma for gamma in 0..7 as q^4^b2 q^2^b1 q^b0, gamma's bits */
+                const float q2 = q * q, q4 = q2 * q2;
+                const float b2 = gamma >= 4.0f ? 1.0f : 0.0f, low = gamma - 4.0f * b2;
+                const float b1 = low >= 2.0f ? 1.0f : 0.0f, b0 = low - 2.0f * b1;
+                f = (b2 > 0.0f ? q4 : 1.0f) * (b1 > 0.0f ? q2 : 1.0f) * (b0 > 0.0f ? q : 1.0f);
+            } else {
+                const float power = exp_nonpositive(gamma * log_positive(q));
+                f = gamma > 0.0f ? power : 1.0f;
+            }
             const float slope = gamma * (f / q) * p * log_p;
             const float h = f - ((gamma > 0.0f) & (q > 0.0f) ? slope : 0.0f);
             const float w_c = weighted ? w[c] : 1.0f;
@@ -395,6 +406,12 @@ static inline __attribute__((always_inline)) void smoothed_focal_sums(const floa
         *terms += t_part;
         *hs += h_part;
     }
+}
+
+/* Whether gamma is one of 0, 1, ..., 7: smoothed_focal_sums then multiplies powers of q. */
+static inline int small_whole(double gamma)
+{
+    return gamma >= 0.0 && gamma <= 7.0 && gamma == floor(gamma);
 }
 
 /* The label-smoothed focal losses (FOCAL, ADAPTIVE_FOCAL with eps = p[EPS] > 0), from the row's max:
@@ -431,20 +448,18 @@ static float smoothed_focal_row(const float *restrict x, float *restrict grad, i
     const float gammas[3] = {kind == FOCAL ? 0.0f : (float)p[0], (float)(kind == FOCAL ? p[0] : p[1]),
                              (float)(kind == FOCAL ? p[0] : p[2])};
     double w_terms = 0.0, w_hs = 0.0;
-#define SMOOTHED_FOCAL_SUMS(KIND, STORE, WEIGHTED)                                                                     \
-    smoothed_focal_sums(x, grad, n_classes, w, row_max, log_s_hi, log_s_lo, gammas, KIND, STORE, WEIGHTED, &w_terms, \
-                        &w_hs)
-    if (kind == FOCAL) {
-        if (grad)
-            w ? SMOOTHED_FOCAL_SUMS(FOCAL, 1, 1) : SMOOTHED_FOCAL_SUMS(FOCAL, 1, 0);
-        else
-            w ? SMOOTHED_FOCAL_SUMS(FOCAL, 0, 1) : SMOOTHED_FOCAL_SUMS(FOCAL, 0, 0);
-    } else {
-        if (grad)
-            w ? SMOOTHED_FOCAL_SUMS(ADAPTIVE_FOCAL, 1, 1) : SMOOTHED_FOCAL_SUMS(ADAPTIVE_FOCAL, 1, 0);
-        else
-            w ? SMOOTHED_FOCAL_SUMS(ADAPTIVE_FOCAL, 0, 1) : SMOOTHED_FOCAL_SUMS(ADAPTIVE_FOCAL, 0, 0);
-    }
+    const int integer = kind == FOCAL ? small_whole(p[0]) : small_whole(p[1]) && small_whole(p[2]);
+#define SMOOTHED_FOCAL_SUMS(KIND, INTEGER, STORE, WEIGHTED)                                                            \
+    smoothed_focal_sums(x, grad, n_classes, w, row_max, log_s_hi, log_s_lo, gammas, KIND, INTEGER, STORE, WEIGHTED,    \
+                        &w_terms, &w_hs)
+#define SMOOTHED_FOCAL_KIND(KIND, INTEGER)                                                                             \
+    (grad ? (w ? SMOOTHED_FOCAL_SUMS(KIND, INTEGER, 1, 1) : SMOOTHED_FOCAL_SUMS(KIND, INTEGER, 1, 0))                  \
+          : (w ? SMOOTHED_FOCAL_SUMS(KIND, INTEGER, 0, 1) : SMOOTHED_FOCAL_SUMS(KIND, INTEGER, 0, 0)))
+    if (kind == FOCAL)
+        integer ? SMOOTHED_FOCAL_KIND(FOCAL, 1) : SMOOTHED_FOCAL_KIND(FOCAL, 0);
+    else
+        integer ? SMOOTHED_FOCAL_KIND(ADAPTIVE_FOCAL, 1) : SMOOTHED_FOCAL_KIND(ADAPTIVE_FOCAL, 0);
+#undef SMOOTHED_FOCAL_KIND
 #undef SMOOTHED_FOCAL_SUMS
     const double log_p_y = ((double)x[y] - row_max) - log_s, q_y = -expm1(log_p_y); /* q_y = 1 - p_y, exact near 1 */
     const double gamma_y = kind == FOCAL ? p[0] : 1.0 - q_y < p[0] ? p[1] : p[2];
