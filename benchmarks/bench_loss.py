@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", action="append", type=_shape, help="NxC instead of the default shapes; repeatable")
     parser.add_argument("--breakdown", action="store_true", help="time the C kernel's parts instead")
     parser.add_argument("--family", action="store_true", help="time the calibration-loss family instead")
+    parser.add_argument("--losses", help="with --family, only the losses whose name contains this text")
     parser.add_argument("--threads", type=int, help="torch's (and the kernel's) threads; default: torch's. On cores "
                         "shared with other work, 1 avoids the stalls of threads spin-waiting for a busy core")
     add_report_argument(parser)
@@ -314,7 +315,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
             breakdown(n_rows, n_classes, args.quick)
         return
     if args.family:
-        family_table(device, shapes, args.quick)
+        family_table(device, shapes, args.quick, args.losses)
         return
     training_table(device, shapes, args)
     no_grad_table(device, shapes, args)
@@ -469,8 +470,12 @@ def _flsd53(ce: Tensor) -> Tensor:
     return ((1 - p_y) ** torch.where(p_y.detach() < 0.2, 5.0, 3.0) * ce).mean()
 
 
-def family_table(device: torch.device, shapes: list, quick: bool) -> None:
-    """Each fused loss of the family against its torch-operations formula and F.cross_entropy (no smoothing)."""
+def family_table(device: torch.device, shapes: list, quick: bool, losses: str | None = None) -> None:
+    """Each fused loss of the family (those whose name contains `losses`, if given) against its torch-operations
+    formula and F.cross_entropy (no smoothing)."""
+    family = {name: pair for name, pair in FAMILY.items() if losses is None or losses in name}
+    if not family:
+        raise SystemExit(f"no loss of the family is named like {losses!r}: {', '.join(FAMILY)}")
     print("\ncalibration-loss family, integer targets, 'mean'; medians; 'xCE' = ratio to F.cross_entropy, 'xOps' "
           "= ratio to the same formula written with torch operations (training: forward+backward)\n")
     header = f"{'shape':<14}{'loss':<24}{'train ms':>10}{'xCE':>7}{'xOps':>7}{'no-grad ms':>12}{'xCE':>7}{'xOps':>7}"
@@ -479,14 +484,14 @@ def family_table(device: torch.device, shapes: list, quick: bool) -> None:
     for n_rows, n_classes, dtype in shapes:
         x, y = make_inputs(n_rows, n_classes, dtype, device)
         funcs = {NATIVE: lambda x, y: F.cross_entropy(x, y)}
-        for name, (fused, ops) in FAMILY.items():
+        for name, (fused, ops) in family.items():
             funcs[name], funcs[name + " (ops)"] = fused, ops
         reps = reps_for(n_rows * n_classes, quick)
         train, _ = time_shape(funcs, x, y, reps)
         x.requires_grad_(False)
         no_grad, _ = time_shape(funcs, x, y, reps, no_grad_step)
         label = f"{n_rows}x{n_classes}"
-        for name in FAMILY:
+        for name in family:
             cells = [f"{1e3 * train[name]:>10.2f}{train[name] / train[NATIVE]:>7.2f}"
                      f"{train[name] / train[name + ' (ops)']:>7.2f}",
                      f"{1e3 * no_grad[name]:>12.2f}{no_grad[name] / no_grad[NATIVE]:>7.2f}"

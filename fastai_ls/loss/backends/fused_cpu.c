@@ -74,6 +74,57 @@ static inline float exp_nonpositive(float z)
     return p * two_n;
 }
 
+/* log(q) for q in [0, 1] (1 - p of the smoothed focal losses), without branches or calls, like exp_nonpositive:
+ * Cephes' logf, about 1 ulp. q = m 2^e with m in [sqrt(1/2), sqrt(2)) read from the float's bits, then
+ * log(q) = e ln2 + log1p(m - 1), m - 1 exact and log1p by a degree-9 polynomial; ln2 in two parts, so that e ln2 adds
+ * no rounding of its own. A subnormal q (1 - p_y below 2^-126, for a true class far ahead of the others) is scaled by
+ * 2^23 first: its bits have no implicit leading 1. q = 0 gives -inf, and a NaN q stays NaN (the final selects). */
+static inline float log_positive(float q)
+{
+    const int subnormal = q < 0x1p-126f;
+    const float scaled = subnormal ? q * 0x1p23f : q;
+    uint32_t bits;
+    memcpy(&bits, &scaled, sizeof bits);
+    const int32_t e = (int32_t)((bits >> 23) & 0xffu) - 126 - (subnormal ? 23 : 0); /* scaled = m 2^e, m in [1/2, 1) */
+    bits = (bits & 0x007fffffu) | 0x3f000000u;
+    float m;
+    memcpy(&m, &bits, sizeof m);
+    const int low = m < 0.707106781186547524f; /* then m 2^e = (2 m) 2^(e - 1), 2 m in [sqrt(1/2) 2, 2) */
+    const float n = (float)e - (low ? 1.0f : 0.0f);
+    const float r = low ? m + m - 1.0f : m - 1.0f;
+    const float r2 = r * r;
+    float y = 7.0376836292e-2f;
+    y = y * r - 1.1514610310e-1f;
+    y = y * r + 1.1676998740e-1f;
+    y = y * r - 1.2420140846e-1f;
+    y = y * r + 1.4249322787e-1f;
+    y = y * r - 1.6668057665e-1f;
+    y = y * r + 2.0000714765e-1f;
+    y = y * r - 2.4999993993e-1f;
+    y = y * r + 3.3333331174e-1f;
+    y = y * r * r2 + n * -2.12194440e-4f - 0.5f * r2;
+    const float log_q = r + y + n * 0.693359375f;
+    return q > 0.0f ? log_q : q == 0.0f ? -INFINITY : NAN;
+}
+
+/* -expm1(l) = 1 - exp(l) for l in [-ln2, 0], where 1 - exp(l) would lose the digits of a p close to 1: Taylor's
+ * series to l^9 / 9!, whose remainder is below 0.2 float ulp on that interval. Horner's sum 1 + l / 2 + ... stays
+ * above 0.72 there, so its alternating terms cancel little (each rounding counts at most twice). A subnormal l gives
+ * -l. */
+static inline float minus_expm1_small(float l)
+{
+    float y = 1.0f / 362880.0f;
+    y = y * l + 1.0f / 40320.0f;
+    y = y * l + 1.0f / 5040.0f;
+    y = y * l + 1.0f / 720.0f;
+    y = y * l + 1.0f / 120.0f;
+    y = y * l + 1.0f / 24.0f;
+    y = y * l + 1.0f / 6.0f;
+    y = y * l + 0.5f;
+    y = y * l + 1.0f;
+    return -l * y;
+}
+
 /* Partial sums over at most CHUNK classes run in float vector lanes, and are added up in double: row sums over
  * 128,000 classes keep float32's precision without giving up the vector width. 256 keeps each lane's share short
  * even with SSE2's 4 lanes: with 1024, the baseline build's gradients at 64 x 1000 were no more precise than
@@ -300,33 +351,120 @@ static inline void focal_term(double log_p, double q, double gamma, double *term
     *h = f - (gamma > 0.0 && q > 0.0 ? gamma * (f / q) * (1.0 - q) * log_p : 0.0);
 }
 
+/* smoothed_focal_row's third sweep: sum_c w_c term_c and sum_c w_c h_c (focal_term's, in float; with `store`,
+ * w_c h_c written into out[c]), given log s as log_s_hi + log_s_lo. Always inlined with kind, store and weighted
+ * constants, so that each copy is a plain vector loop, whose partial sums over CHUNK classes are added in double, as
+ * family_sums'. Per class:
+ *     log p = (z - log_s_hi) - log_s_lo, to a float ulp of log p (log s in two floats: one float would shift every
+ *             log p by its rounding, up to 5e-7 at 32,000 classes)
+ *     q = 1 - p, or -expm1(log p) where p > 1/2: q keeps its digits as p -> 1 (for the true class of a confident row,
+ *             q is the whole of its focal factor)
+ *     f = q^gamma = exp(gamma log q), 1 for gamma = 0 (not exp(0 * -inf)) and 0 for q = 0
+ *     h = f - gamma (f / q) p log p, whose second part's limit at q = 0 is 0 (there f / q would be 0 / 0)
+ * f's relative error is about |gamma log q| float ulps (exp's argument's rounding, as in any float pow): where that
+ * is large, f is below 1e-7 times the classes' other terms. With `integer` (every gamma a whole number up to 7, as
+ * the focal losses' usual 1, 2, 3 and FLSD-53's 3 and 5), f is q's powers multiplied instead, faster and exact to
+ * an ulp or two. A -inf logit (p = 0, log p = -inf) gives term = +inf and
+ * h = NaN for gamma > 0, as focal_term does: the row's loss is reported as NaN. */
+static inline __attribute__((always_inline)) void smoothed_focal_sums(const float *restrict x, float *restrict out,
+                                                                       int64_t n_classes, const float *restrict w,
+                                                                       float row_max, float log_s_hi, float log_s_lo,
+                                                                       const float *gammas, int kind, int integer,
+                                                                       int store, int weighted, double *terms,
+                                                                       double *hs)
+{
+    const float threshold = gammas[0], gamma_below = gammas[1], gamma_above = gammas[2];
+    for (int64_t start = 0; start < n_classes; start += CHUNK) {
+        const int64_t stop = start + CHUNK < n_classes ? start + CHUNK : n_classes;
+        float t_part = 0.0f, h_part = 0.0f;
+#pragma omp simd reduction(+ : t_part, h_part)
+        for (int64_t c = start; c < stop; c++) {
+            /* Every value is computed in every lane and then selected: a call inside a condition (its bit casts)
+             * would keep the loop from being if-converted, and so from vectorizing. */
+            const float log_p = ((x[c] - row_max) - log_s_hi) - log_s_lo;
+            const float p = exp_nonpositive(log_p), q_near_1 = minus_expm1_small(log_p);
+            const float q = p > 0.5f ? q_near_1 : 1.0f - p;
+            const float gamma = kind == FOCAL ? gamma_below : p < threshold ? gamma_below : gamma_above;
+            float f;
+            if (integer) { /* q^gamma for gamma in 0..7 as q^4^b2 q^2^b1 q^b0, gamma's bits */
+                const float q2 = q * q, q4 = q2 * q2;
+                const float b2 = gamma >= 4.0f ? 1.0f : 0.0f, low = gamma - 4.0f * b2;
+                const float b1 = low >= 2.0f ? 1.0f : 0.0f, b0 = low - 2.0f * b1;
+                f = (b2 > 0.0f ? q4 : 1.0f) * (b1 > 0.0f ? q2 : 1.0f) * (b0 > 0.0f ? q : 1.0f);
+            } else {
+                const float power = exp_nonpositive(gamma * log_positive(q));
+                f = gamma > 0.0f ? power : 1.0f;
+            }
+            const float slope = gamma * (f / q) * p * log_p;
+            const float h = f - ((gamma > 0.0f) & (q > 0.0f) ? slope : 0.0f);
+            const float w_c = weighted ? w[c] : 1.0f;
+            if (store)
+                out[c] = w_c * h;
+            t_part += w_c * (-f * log_p);
+            h_part += w_c * h;
+        }
+        *terms += t_part;
+        *hs += h_part;
+    }
+}
+
+/* Whether gamma is one of 0, 1, ..., 7: smoothed_focal_sums then multiplies powers of q. */
+static inline int small_whole(double gamma)
+{
+    return gamma >= 0.0 && gamma <= 7.0 && gamma == floor(gamma);
+}
+
 /* The label-smoothed focal losses (FOCAL, ADAPTIVE_FOCAL with eps = p[EPS] > 0), from the row's max:
  *     loss = sum_c a_c term_c,  a_c = (1 - eps) w_y [c == y] + (eps / C) w_c,  term_c = -(1 - p_c)^gamma_c log p_c
  *     grad_j = p_j sum_c a_c h_c - a_j h_j  (focal_term's h; gamma_c not differentiated)
- * plus the z-loss. Sweep 2 sums exp(z), sweep 3 forms each class's term in double (writing w_c h_c into grad), and
- * sweep 4 turns that into the gradient, recomputing exp(z_c) while the row is in cache. */
-static inline float smoothed_focal_row(const float *restrict x, float *restrict grad, int64_t n_classes, int64_t y,
-                                       const float *restrict w, int kind, const double *p, double scale,
-                                       float row_max)
+ * plus the z-loss. Sweep 2 sums exp(z) (as 1 + the rest), sweep 3 (smoothed_focal_sums) the classes' terms in float
+ * vector lanes (writing w_c h_c into grad), and sweep 4 turns that into the gradient, recomputing exp(z_c) while the
+ * row is in cache. The true class's own term, (1 - eps) of the row's loss, is focal_term's in double. Compiled for
+ * each of VECTOR_CLONES' targets itself: family_row's copies of its loops did not vectorize. */
+VECTOR_CLONES __attribute__((noinline))
+static float smoothed_focal_row(const float *restrict x, float *restrict grad, int64_t n_classes, int64_t y,
+                                const float *restrict w, int kind, const double *p, double scale, float row_max)
 {
     const double eps = p[EPS], z_loss = p[Z_LOSS];
-    double s, unused;
-    row_sums(x, NULL, n_classes, NULL, row_max, 0, &s, &unused);
-    const double log_s = log(s);
-    double w_terms = 0.0, w_hs = 0.0, term_y = 0.0, h_y = 0.0;
-    for (int64_t c = 0; c < n_classes; c++) {
-        const double log_p = ((double)x[c] - row_max) - log_s, q = -expm1(log_p); /* q = 1 - p_c, exact near 1 */
-        const double gamma = kind == FOCAL ? p[0] : 1.0 - q < p[0] ? p[1] : p[2];
-        double term, h;
-        focal_term(log_p, q, gamma, &term, &h);
-        const double w_c = w ? w[c] : 1.0;
-        w_terms += w_c * term;
-        w_hs += w_c * h;
-        if (grad)
-            grad[c] = (float)(w_c * h);
-        if (c == y)
-            term_y = term, h_y = h;
+    /* s = 1 + rest: rest sums exp(z_c) over the classes below the max, and adds the ties with it, so that
+     * log s = log1p(rest) keeps its digits where p_max -> 1 (a float sum s would round 1 + 6e-6 to 6e-8, 1%, and
+     * 1 - p_max with it). A NaN logit makes rest NaN. */
+    double rest = -1.0; /* the first class at the max is the 1 */
+    for (int64_t start = 0; start < n_classes; start += CHUNK) {
+        const int64_t stop = start + CHUNK < n_classes ? start + CHUNK : n_classes;
+        float r_part = 0.0f, ties = 0.0f;
+#pragma omp simd reduction(+ : r_part, ties)
+        for (int64_t c = start; c < stop; c++) {
+            const float z = x[c] - row_max, e = exp_nonpositive(z);
+            r_part += z == 0.0f ? 0.0f : e;
+            ties += z == 0.0f ? 1.0f : 0.0f;
+        }
+        rest += r_part;
+        rest += ties;
     }
+    const double s = 1.0 + rest, log_s = log1p(rest);
+    const float log_s_hi = (float)log_s, log_s_lo = (float)(log_s - log_s_hi);
+    /* {threshold, gamma below it, gamma above it}; the focal loss's one gamma is the second */
+    const float gammas[3] = {kind == FOCAL ? 0.0f : (float)p[0], (float)(kind == FOCAL ? p[0] : p[1]),
+                             (float)(kind == FOCAL ? p[0] : p[2])};
+    double w_terms = 0.0, w_hs = 0.0;
+    const int integer = kind == FOCAL ? small_whole(p[0]) : small_whole(p[1]) && small_whole(p[2]);
+#define SMOOTHED_FOCAL_SUMS(KIND, INTEGER, STORE, WEIGHTED)                                                            \
+    smoothed_focal_sums(x, grad, n_classes, w, row_max, log_s_hi, log_s_lo, gammas, KIND, INTEGER, STORE, WEIGHTED,    \
+                        &w_terms, &w_hs)
+#define SMOOTHED_FOCAL_KIND(KIND, INTEGER)                                                                             \
+    (grad ? (w ? SMOOTHED_FOCAL_SUMS(KIND, INTEGER, 1, 1) : SMOOTHED_FOCAL_SUMS(KIND, INTEGER, 1, 0))                  \
+          : (w ? SMOOTHED_FOCAL_SUMS(KIND, INTEGER, 0, 1) : SMOOTHED_FOCAL_SUMS(KIND, INTEGER, 0, 0)))
+    if (kind == FOCAL)
+        integer ? SMOOTHED_FOCAL_KIND(FOCAL, 1) : SMOOTHED_FOCAL_KIND(FOCAL, 0);
+    else
+        integer ? SMOOTHED_FOCAL_KIND(ADAPTIVE_FOCAL, 1) : SMOOTHED_FOCAL_KIND(ADAPTIVE_FOCAL, 0);
+#undef SMOOTHED_FOCAL_KIND
+#undef SMOOTHED_FOCAL_SUMS
+    const double log_p_y = ((double)x[y] - row_max) - log_s, q_y = -expm1(log_p_y); /* q_y = 1 - p_y, exact near 1 */
+    const double gamma_y = kind == FOCAL ? p[0] : 1.0 - q_y < p[0] ? p[1] : p[2];
+    double term_y, h_y;
+    focal_term(log_p_y, q_y, gamma_y, &term_y, &h_y);
     const double w_y = w ? w[y] : 1.0, smooth = eps / n_classes;
     double loss = (1.0 - eps) * w_y * term_y + smooth * w_terms;
     double a = ((1.0 - eps) * w_y * h_y + smooth * w_hs) / s; /* times exp(z_j): p_j sum_c a_c h_c */
