@@ -59,13 +59,24 @@ def _load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
 
 
+def _load_verdict() -> str:
+    """Whether the last minute's load average per core says the machine was quiet (a benchmark alone on it reads
+    up to about 0.75 per core in the minute after another run of its own) or loaded."""
+    if not hasattr(os, "getloadavg"):
+        return "load unknown"
+    per_core = os.getloadavg()[0] / (os.cpu_count() or 1)
+    if per_core < 0.75:
+        return f"{per_core:.2f} per core: nothing else was running, quiet timings"
+    return f"{per_core:.2f} per core: **loaded**, other work shared the cores and the timings are not quiet ones"
+
+
 @contextmanager
 def report_to(path: str | None, title: str) -> Iterator[None]:
     """Print as usual; with a `path`, also write the printed text to it as a markdown page titled `title`."""
     if path is None:
         yield
         return
-    started, load_before = datetime.now(timezone.utc), _load()
+    started, load_before, verdict = datetime.now(timezone.utc), _load(), _load_verdict()
     captured, stdout = io.StringIO(), sys.stdout
     sys.stdout = _Tee(stdout, captured)
     try:
@@ -74,8 +85,7 @@ def report_to(path: str | None, title: str) -> Iterator[None]:
         sys.stdout = stdout
     command = shlex.join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     page = (f"# {title}\n\nWritten by `{command}` on {started:%d %b %Y, %H:%M} UTC.\n\n"
-            f"Machine: {machine_description()}. Load average (1/5/15 min) before it ran: {load_before} (below about "
-            "0.3 per core, nothing else was running: quiet timings); at the end, its own threads included: "
-            f"{_load()}.\n\n```text\n{captured.getvalue().rstrip()}\n```\n")
+            f"Machine: {machine_description()}. Load average (1/5/15 min) before it ran: {load_before} ({verdict}); "
+            f"at the end, its own threads included: {_load()}.\n\n```text\n{captured.getvalue().rstrip()}\n```\n")
     Path(path).write_text(page)
     print(f"report written to {path}")

@@ -212,7 +212,7 @@ class AdaFocalLoss(FamilyLoss):
 
     def extra_repr(self) -> str:
         return f"n_bins={self.gammas.numel()}, lam={self.lam}, switch={self.switch}, " \
-               f"gamma_range=({self.gamma_min}, {self.gamma_max}), {self.options_repr()}"
+               f"gamma_min={self.gamma_min}, gamma_max={self.gamma_max}, {self.options_repr()}"
 
 
 class AdaFocalLossFlat(FlatFamilyLoss, AdaFocalLoss):

@@ -36,3 +36,17 @@ def test_every_benchmark_script_takes_report():
         source = script.read_text()
         assert "add_report_argument(parser)" in source and "report_to(args.report" in source, script.name
         ast.parse(source)
+
+
+def test_a_report_says_loaded_when_other_work_shared_the_cores(tmp_path, monkeypatch):
+    # A report once called a load of 0.7 per core "below about 0.3 per core, quiet" whatever the load was.
+    monkeypatch.setattr(sys, "argv", ["benchmarks/bench_x.py"])
+    monkeypatch.setattr("os.getloadavg", lambda: (4.0, 4.0, 4.0))
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    with report_to(str(tmp_path / "busy.md"), "X"):
+        print("64x37  0.62")
+    assert "2.00 per core: **loaded**" in (tmp_path / "busy.md").read_text()
+    monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.2, 0.2))
+    with report_to(str(tmp_path / "quiet.md"), "X"):
+        print("64x37  0.62")
+    assert "0.10 per core: nothing else was running, quiet timings" in (tmp_path / "quiet.md").read_text()
