@@ -13,6 +13,7 @@ from scipy.stats import binomtest
 
 from fastai_ls import CalibrationState, calibration_metrics
 from fastai_ls.calibration import intervals as intervals_module
+from fastai_ls.calibration import threads
 from fastai_ls.calibration.intervals import bootstrap_metrics, wilson_interval
 from fastai_ls.calibration.state import INTERVAL_NAMES
 
@@ -20,10 +21,8 @@ from fastai_ls.calibration.state import INTERVAL_NAMES
 @pytest.fixture
 def one_thread():
     """Small tensors run faster on one thread, and much faster on busy cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+    with threads.one_thread():
+        yield
 
 
 def test_metrics_with_ci_give_an_interval_for_every_interval_metric_and_without_ci_run_no_bootstrap(monkeypatch):
