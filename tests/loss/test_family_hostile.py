@@ -144,3 +144,18 @@ def test_ada_focal_loss_checks_gammas_batched_by_vmap_and_computes_each_sample()
     gammas[1, 0] = math.nan
     with pytest.raises(ValueError, match="gammas must be finite"):
         torch.func.vmap(lambda g: ada_focal_loss(x, y, g))(gammas)
+
+
+@pytest.mark.parametrize("kind", [FocalLoss, AdaptiveFocalLoss])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_smoothed_focal_gradient_at_huge_logits_is_the_formulas_on_the_blockwise_backend(kind, dtype):
+    # log p was x - (max + log s): at |x| ~ 1e30, max + log s rounds to max, so log p of the two largest classes
+    # read 0 (p = 1) and their focal factors 0; the gradient of the true class lost its focal part.
+    x = torch.tensor([[1e30, -1e30, 0.0, 1e30], [3e8, 0.0, -3e8, 3e8]], dtype=dtype)
+    y = torch.tensor([0, 3])
+    module = kind(eps=0.1, reduction="sum")
+    fused, formula = x.clone().requires_grad_(), x.clone().requires_grad_()
+    module(fused, y).backward()
+    module(formula, F.one_hot(y, 4).to(dtype)).backward()  # probability targets: the papers' formula, autograd
+    torch.testing.assert_close(fused.grad, formula.grad)
+    assert fused.grad[0, 0] < -0.1  # -0.148 at gamma = 3: (0.5 sum_c a_c h_c - a_0 h_0)

@@ -252,7 +252,8 @@ def _smoothed_focal_rows(x: Tensor, y: Tensor, spec: RowLoss, w: Tensor | None, 
     p, eps, n_classes = spec.params, spec.eps, x.shape[1]
     m = x.amax(1)
     log_s, prob = _log_sum_and_softmax(x - m[:, None])
-    log_p = x - (m + log_s)[:, None]
+    # (x - m) - log s, not x - (m + log s): at |x| ~ 1e30, m + log s rounds to m and log p of the largest reads 0.
+    log_p = (x - m[:, None]) - log_s[:, None]
     q = -torch.expm1(log_p)
     gamma = p["gamma"] if spec.kind == "focal" else _adaptive_gamma(log_p.exp(), p, x.dtype)
     f = q ** gamma  # 0^gamma where p_c rounds to 1: 0, or 1 for gamma = 0
