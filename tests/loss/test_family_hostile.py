@@ -159,3 +159,16 @@ def test_the_smoothed_focal_gradient_at_huge_logits_is_the_formulas_on_the_block
     module(formula, F.one_hot(y, 4).to(dtype)).backward()  # probability targets: the papers' formula, autograd
     torch.testing.assert_close(fused.grad, formula.grad)
     assert fused.grad[0, 0] < -0.1  # -0.148 at gamma = 3: (0.5 sum_c a_c h_c - a_0 h_0)
+
+
+@pytest.mark.parametrize("cls, eps", [(cls, 0.0) for cls in CLASSES + [LabelSmoothingCrossEntropy]]
+                         + [(cls, 0.1) for cls in (FocalLoss, AdaptiveFocalLoss, LabelSmoothingCrossEntropy)])
+def test_a_z_loss_past_float32s_range_is_nan_on_the_c_kernel_as_on_the_torch_path(cls, eps):
+    # lse^2 = 1e60 is finite in the kernel's double but +inf in float32: the kernel returned +inf, the torch path
+    # (probability targets) NaN for the same row.
+    x = torch.tensor([[1e30, -1e30, 0.0, 1e30], [1.0, 2.0, 0.0, -1.0]])
+    y = torch.tensor([0, 1])
+    module = cls(eps=eps, reduction="none", z_loss=1e-3) if eps else cls(reduction="none", z_loss=1e-3)
+    fused, formula = module(x, y), module(x, F.one_hot(y, 4).float())
+    assert math.isnan(fused[0].item()) and math.isnan(formula[0].item()), (fused, formula)
+    torch.testing.assert_close(fused[1:], formula[1:])

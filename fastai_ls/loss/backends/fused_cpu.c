@@ -213,6 +213,14 @@ static inline void block_sums(const float *restrict x, const float *restrict w, 
     *wz += wz_part;
 }
 
+/* A row's loss as the kernel returns it: NaN where it is infinite in float, also where the double is finite but past
+ * float's range (a z-loss on logits ~ 1e20 and up), as the float torch path reports the same row. */
+static inline float reported(double loss)
+{
+    const float out = (float)loss;
+    return isinf(out) ? NAN : out;
+}
+
 /* One row's loss against class y; with grad non-NULL, also its gradient (times `scale`) written into grad. */
 VECTOR_CLONES
 static float row_loss(const float *restrict x, float *restrict grad, int64_t n_classes, int64_t y,
@@ -263,7 +271,7 @@ static float row_loss(const float *restrict x, float *restrict grad, int64_t n_c
         grad[y] -= (float)(scale * (1.0 - eps) * w_y);
     }
     /* A -inf logit that the smoothed target covers makes the loss +inf: reported as NaN, as on the other paths. */
-    return isinf(loss) ? NAN : (float)loss;
+    return reported(loss);
 }
 
 /* The family's row losses besides label smoothing (kind), with their parameters p[0..2]:
@@ -480,7 +488,7 @@ static float smoothed_focal_row(const float *restrict x, float *restrict grad, i
             grad[c] = af * exp_nonpositive(x[c] - row_max) - bf * grad[c];
         grad[y] -= (float)(scale * (1.0 - eps) * w_y * h_y);
     }
-    return isinf(loss) ? NAN : (float)loss;
+    return reported(loss);
 }
 
 VECTOR_CLONES
@@ -644,7 +652,7 @@ static float family_row(const float *restrict x, float *restrict grad, int64_t n
             grad[arg] += (float)(scale * arg_add);
         }
     }
-    return isinf(loss) ? NAN : (float)loss;
+    return reported(loss);
 }
 
 /* Per-row losses of x (n_rows x n_classes, rows x_row_stride floats apart, classes contiguous) against class ids y,
