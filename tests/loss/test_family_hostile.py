@@ -172,3 +172,17 @@ def test_a_z_loss_past_float32s_range_is_nan_on_the_c_kernel_as_on_the_torch_pat
     fused, formula = module(x, y), module(x, F.one_hot(y, 4).float())
     assert math.isnan(fused[0].item()) and math.isnan(formula[0].item()), (fused, formula)
     torch.testing.assert_close(fused[1:], formula[1:])
+
+
+@pytest.mark.parametrize("module", [FocalLoss(gamma=0.0, eps=0.1, reduction="sum"),
+                                    AdaptiveFocalLoss(0.2, 0.0, 0.0, eps=0.1, reduction="sum")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_smoothed_focal_gradient_at_gamma_zero_is_pytorchs_with_a_minus_inf_logit_on_another_class(module, dtype):
+    # gamma = 0 is label smoothing: a masked class (p = 0, log p = -inf) has h = 1, and PyTorch's gradient is finite.
+    # The blockwise backend (float64) computed 0 * (1 - p)^-1 * 0 * -inf = NaN for it; the C kernel did not.
+    x = torch.tensor([[1.0, -math.inf, 0.0, 2.0], [0.5, 1.0, -1.0, 0.0]], dtype=dtype)
+    y = torch.tensor([0, 2])
+    ours, torchs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    module(ours, y).backward()
+    F.cross_entropy(torchs, y, label_smoothing=0.1, reduction="sum").backward()
+    torch.testing.assert_close(ours.grad, torchs.grad)

@@ -258,8 +258,9 @@ def _smoothed_focal_rows(x: Tensor, y: Tensor, spec: RowLoss, w: Tensor | None, 
     gamma = p["gamma"] if spec.kind == "focal" else _adaptive_gamma(log_p.exp(), p, x.dtype)
     f = q ** gamma  # 0^gamma where p_c rounds to 1: 0, or 1 for gamma = 0
     term = -f * log_p
-    # The derivative's second part is 0 where p_c rounds to 1 (its limit), not 0 * inf.
-    h = f - torch.where(q > 0, gamma * q ** (gamma - 1) * prob * log_p, 0.0)
+    # The derivative's second part is 0 where p_c rounds to 1 (its limit), not 0 * inf, and at gamma = 0 (label
+    # smoothing), not 0 * 0 * -inf for a -inf logit: as the C kernel's focal_term.
+    h = f - torch.where((q > 0) & (torch.as_tensor(gamma) > 0), gamma * q ** (gamma - 1) * prob * log_p, 0.0)
     yc = y[:, None]
     w_y = x.new_ones(()) if w is None else w[y]
     true_class = (1 - eps) * w_y
