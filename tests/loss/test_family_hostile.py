@@ -186,3 +186,15 @@ def test_the_smoothed_focal_gradient_at_gamma_zero_is_pytorchs_with_a_minus_inf_
     module(ours, y).backward()
     F.cross_entropy(torchs, y, label_smoothing=0.1, reduction="sum").backward()
     torch.testing.assert_close(ours.grad, torchs.grad)
+
+
+@pytest.mark.parametrize("n_classes", [5, 10, 100])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adaptive_focal_picks_the_same_gamma_on_every_path_where_p_equals_the_threshold(n_classes, eps, dtype):
+    # All-equal logits (a zero-initialized head) put every p_c at 1/C: with threshold 1/C (FLSD-53's 0.2 on five
+    # classes), the C kernel compared p with the threshold in float lanes or in double, the blockwise backend exp(log p)
+    # with it, the formula log p with log(threshold): each path rounded differently and picked its own gamma.
+    module = AdaptiveFocalLoss(threshold=1 / n_classes, gamma_below=5.0, gamma_above=0.0, eps=eps)
+    x, y = torch.zeros(3, n_classes, dtype=dtype), torch.tensor([0, 1, n_classes - 1])
+    torch.testing.assert_close(module(x, y), module(x, F.one_hot(y, n_classes).to(dtype)))

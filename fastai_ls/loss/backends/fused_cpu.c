@@ -381,7 +381,7 @@ static inline __attribute__((always_inline)) void smoothed_focal_sums(const floa
                                                                        int store, int weighted, double *terms,
                                                                        double *hs)
 {
-    const float threshold = gammas[0], gamma_below = gammas[1], gamma_above = gammas[2];
+    const float log_threshold = gammas[0], gamma_below = gammas[1], gamma_above = gammas[2];
     for (int64_t start = 0; start < n_classes; start += CHUNK) {
         const int64_t stop = start + CHUNK < n_classes ? start + CHUNK : n_classes;
         float t_part = 0.0f, h_part = 0.0f;
@@ -392,7 +392,7 @@ static inline __attribute__((always_inline)) void smoothed_focal_sums(const floa
             const float log_p = ((x[c] - row_max) - log_s_hi) - log_s_lo;
             const float p = exp_nonpositive(log_p), q_near_1 = minus_expm1_small(log_p);
             const float q = p > 0.5f ? q_near_1 : 1.0f - p;
-            const float gamma = kind == FOCAL ? gamma_below : p < threshold ? gamma_below : gamma_above;
+            const float gamma = kind == FOCAL ? gamma_below : log_p < log_threshold ? gamma_below : gamma_above;
             float f;
             if (integer) { /* q^gamma for gamma in 0..7 as q^4^b2 q^2^b1 q^b0, gamma's bits */
                 const float q2 = q * q, q4 = q2 * q2;
@@ -414,6 +414,14 @@ static inline __attribute__((always_inline)) void smoothed_focal_sums(const floa
         *terms += t_part;
         *hs += h_part;
     }
+}
+
+/* The adaptive focal loss picks gamma_below where log p < log(threshold), both rounded to float, as the formula
+ * compares float32 log-probabilities (family_formulas.adaptive_focal_rows): comparing p itself rounds differently
+ * where p is the threshold (all-equal logits with threshold 1/C) and picked the other gamma there. */
+static inline float adaptive_log_threshold(double threshold)
+{
+    return threshold > 0.0 ? (float)log(threshold) : -INFINITY;
 }
 
 /* Whether gamma is one of 0, 1, ..., 7: smoothed_focal_sums then multiplies powers of q. */
@@ -452,8 +460,8 @@ static float smoothed_focal_row(const float *restrict x, float *restrict grad, i
     }
     const double s = 1.0 + rest, log_s = log1p(rest);
     const float log_s_hi = (float)log_s, log_s_lo = (float)(log_s - log_s_hi);
-    /* {threshold, gamma below it, gamma above it}; the focal loss's one gamma is the second */
-    const float gammas[3] = {kind == FOCAL ? 0.0f : (float)p[0], (float)(kind == FOCAL ? p[0] : p[1]),
+    /* {log threshold, gamma below it, gamma above it}; the focal loss's one gamma is the second */
+    const float gammas[3] = {kind == FOCAL ? 0.0f : adaptive_log_threshold(p[0]), (float)(kind == FOCAL ? p[0] : p[1]),
                              (float)(kind == FOCAL ? p[0] : p[2])};
     double w_terms = 0.0, w_hs = 0.0;
     const int integer = kind == FOCAL ? small_whole(p[0]) : small_whole(p[1]) && small_whole(p[2]);
@@ -470,7 +478,7 @@ static float smoothed_focal_row(const float *restrict x, float *restrict grad, i
 #undef SMOOTHED_FOCAL_KIND
 #undef SMOOTHED_FOCAL_SUMS
     const double log_p_y = ((double)x[y] - row_max) - log_s, q_y = -expm1(log_p_y); /* q_y = 1 - p_y, exact near 1 */
-    const double gamma_y = kind == FOCAL ? p[0] : 1.0 - q_y < p[0] ? p[1] : p[2];
+    const double gamma_y = kind == FOCAL ? p[0] : (float)log_p_y < gammas[0] ? p[1] : p[2];
     double term_y, h_y;
     focal_term(log_p_y, q_y, gamma_y, &term_y, &h_y);
     const double w_y = w ? w[y] : 1.0, smooth = eps / n_classes;
@@ -542,7 +550,8 @@ static float family_row(const float *restrict x, float *restrict grad, int64_t n
     case ADA_FOCAL: {
         const double ce = w_y * (log_s - z_y);
         const double log_p = z_y - log_s, p_y = exp(log_p), q = -expm1(log_p); /* q = 1 - p_y, exact near 1 */
-        double gamma = kind == FOCAL ? p[0] : kind == ADAPTIVE_FOCAL ? (p_y < p[0] ? p[1] : p[2])
+        double gamma = kind == FOCAL ? p[0] : kind == ADAPTIVE_FOCAL ? ((float)log_p < adaptive_log_threshold(p[0])
+                                                                        ? p[1] : p[2])
                                                                      : ada_focal_gamma(p, p_y);
         double f, K;
         if (kind == ADA_FOCAL && gamma < p[0]) {
