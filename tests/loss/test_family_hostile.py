@@ -198,3 +198,15 @@ def test_adaptive_focal_picks_the_same_gamma_on_every_path_where_p_equals_the_th
     module = AdaptiveFocalLoss(threshold=1 / n_classes, gamma_below=5.0, gamma_above=0.0, eps=eps)
     x, y = torch.zeros(3, n_classes, dtype=dtype), torch.tensor([0, 1, n_classes - 1])
     torch.testing.assert_close(module(x, y), module(x, F.one_hot(y, n_classes).to(dtype)))
+
+
+@pytest.mark.parametrize("n_classes, n_bins, equal_width", [(7, 7, True), (20, 20, True), (20, 100, True),
+                                                            (5, 100, False), (10, 100, False), (100, 100, False)])
+def test_ada_focal_picks_the_same_bin_on_every_path_where_p_is_on_an_edge(n_classes, n_bins, equal_width):
+    # All-equal logits put p_y at 1/C, on a bin edge: the C kernel placed p_y in double, the formula in float32,
+    # and they took neighbouring bins' gammas.
+    gammas = torch.arange(n_bins, dtype=torch.float32) * 0.7 - 1.0
+    edges = None if equal_width else torch.linspace(0, 1, n_bins + 1)
+    x, y = torch.zeros(2, n_classes), torch.tensor([0, n_classes - 1])
+    torch.testing.assert_close(ada_focal_loss(x, y, gammas, edges),
+                               ada_focal_loss(x, F.one_hot(y, n_classes).float(), gammas, edges))

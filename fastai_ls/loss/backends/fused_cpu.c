@@ -331,18 +331,20 @@ static inline __attribute__((always_inline)) void family_sums(const float *restr
 }
 
 /* AdaFocal's gamma for true-class probability p_y: that of its bin, (e_b, e_b+1] (torch.bucketize's), or with
- * equal-width bins the one that ceil(p_y n_bins) - 1 names. */
-static double ada_focal_gamma(const double *p, double p_y)
+ * equal-width bins the one that ceil(p_y n_bins) - 1 names. p_y, the edges and p_y n_bins are taken in float, as the
+ * formula takes them for float32 logits: in double, a p_y on an edge (all-equal logits, p_y = 1/C) fell in the
+ * neighbouring bin. */
+static double ada_focal_gamma(const double *p, float p_y)
 {
     const int64_t n_bins = (int64_t)p[1];
     const double *gammas = p + BINS, *edges = gammas + n_bins;
     int64_t bin = 0;
     if (p[2] != 0.0) {
         for (int64_t i = 1; i < n_bins; i++)
-            bin += edges[i] < p_y;
-    } else { /* p_y clamped to [0, 1] first (a NaN to 0): a double out of int64's range would be undefined */
-        const double clamped = p_y > 0.0 ? (p_y < 1.0 ? p_y : 1.0) : 0.0;
-        bin = (int64_t)ceil(clamped * n_bins) - 1;
+            bin += (float)edges[i] < p_y;
+    } else { /* p_y clamped to [0, 1] first (a NaN to 0): a float out of int64's range would be undefined */
+        const float clamped = p_y > 0.0f ? (p_y < 1.0f ? p_y : 1.0f) : 0.0f;
+        bin = (int64_t)ceilf(clamped * (float)n_bins) - 1;
         bin = bin < 0 ? 0 : bin > n_bins - 1 ? n_bins - 1 : bin;
     }
     return gammas[bin];
@@ -552,7 +554,7 @@ static float family_row(const float *restrict x, float *restrict grad, int64_t n
         const double log_p = z_y - log_s, p_y = exp(log_p), q = -expm1(log_p); /* q = 1 - p_y, exact near 1 */
         double gamma = kind == FOCAL ? p[0] : kind == ADAPTIVE_FOCAL ? ((float)log_p < adaptive_log_threshold(p[0])
                                                                         ? p[1] : p[2])
-                                                                     : ada_focal_gamma(p, p_y);
+                                                                     : ada_focal_gamma(p, expf((float)log_p));
         double f, K;
         if (kind == ADA_FOCAL && gamma < p[0]) {
             /* AdaFocal's inverse focal loss, f = (1 + p_y)^g, g = |gamma|: d f / d z_c = g (1 + p_y)^(g - 1) p_y
