@@ -144,3 +144,69 @@ def test_ada_focal_loss_checks_gammas_batched_by_vmap_and_computes_each_sample()
     gammas[1, 0] = math.nan
     with pytest.raises(ValueError, match="gammas must be finite"):
         torch.func.vmap(lambda g: ada_focal_loss(x, y, g))(gammas)
+
+
+@pytest.mark.parametrize("kind", [FocalLoss, AdaptiveFocalLoss])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_smoothed_focal_gradient_at_huge_logits_is_the_formulas_on_the_blockwise_backend(kind, dtype):
+    # log p was x - (max + log s): at |x| ~ 1e30, max + log s rounds to max, so log p of the two largest classes
+    # read 0 (p = 1) and their focal factors 0; the gradient of the true class lost its focal part.
+    x = torch.tensor([[1e30, -1e30, 0.0, 1e30], [3e8, 0.0, -3e8, 3e8]], dtype=dtype)
+    y = torch.tensor([0, 3])
+    module = kind(eps=0.1, reduction="sum")
+    fused, formula = x.clone().requires_grad_(), x.clone().requires_grad_()
+    module(fused, y).backward()
+    module(formula, F.one_hot(y, 4).to(dtype)).backward()  # probability targets: the papers' formula, autograd
+    torch.testing.assert_close(fused.grad, formula.grad)
+    assert fused.grad[0, 0] < -0.1  # -0.148 at gamma = 3: (0.5 sum_c a_c h_c - a_0 h_0)
+
+
+@pytest.mark.parametrize("cls, eps", [(cls, 0.0) for cls in CLASSES + [LabelSmoothingCrossEntropy]]
+                         + [(cls, 0.1) for cls in (FocalLoss, AdaptiveFocalLoss, LabelSmoothingCrossEntropy)])
+def test_a_z_loss_past_float32s_range_is_nan_on_the_c_kernel_as_on_the_torch_path(cls, eps):
+    # lse^2 = 1e60 is finite in the kernel's double but +inf in float32: the kernel returned +inf, the torch path
+    # (probability targets) NaN for the same row.
+    x = torch.tensor([[1e30, -1e30, 0.0, 1e30], [1.0, 2.0, 0.0, -1.0]])
+    y = torch.tensor([0, 1])
+    module = cls(eps=eps, reduction="none", z_loss=1e-3) if eps else cls(reduction="none", z_loss=1e-3)
+    fused, formula = module(x, y), module(x, F.one_hot(y, 4).float())
+    assert math.isnan(fused[0].item()) and math.isnan(formula[0].item()), (fused, formula)
+    torch.testing.assert_close(fused[1:], formula[1:])
+
+
+@pytest.mark.parametrize("module", [FocalLoss(gamma=0.0, eps=0.1, reduction="sum"),
+                                    AdaptiveFocalLoss(0.2, 0.0, 0.0, eps=0.1, reduction="sum")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_smoothed_focal_gradient_at_gamma_zero_is_pytorchs_with_a_minus_inf_logit_on_another_class(module, dtype):
+    # gamma = 0 is label smoothing: a masked class (p = 0, log p = -inf) has h = 1, and PyTorch's gradient is finite.
+    # The blockwise backend (float64) computed 0 * (1 - p)^-1 * 0 * -inf = NaN for it; the C kernel did not.
+    x = torch.tensor([[1.0, -math.inf, 0.0, 2.0], [0.5, 1.0, -1.0, 0.0]], dtype=dtype)
+    y = torch.tensor([0, 2])
+    ours, torchs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    module(ours, y).backward()
+    F.cross_entropy(torchs, y, label_smoothing=0.1, reduction="sum").backward()
+    torch.testing.assert_close(ours.grad, torchs.grad)
+
+
+@pytest.mark.parametrize("n_classes", [5, 10, 100])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adaptive_focal_picks_the_same_gamma_on_every_path_where_p_equals_the_threshold(n_classes, eps, dtype):
+    # All-equal logits (a zero-initialized head) put every p_c at 1/C: with threshold 1/C (FLSD-53's 0.2 on five
+    # classes), the C kernel compared p with the threshold in float lanes or in double, the blockwise backend exp(log p)
+    # with it, the formula log p with log(threshold): each path rounded differently and picked its own gamma.
+    module = AdaptiveFocalLoss(threshold=1 / n_classes, gamma_below=5.0, gamma_above=0.0, eps=eps)
+    x, y = torch.zeros(3, n_classes, dtype=dtype), torch.tensor([0, 1, n_classes - 1])
+    torch.testing.assert_close(module(x, y), module(x, F.one_hot(y, n_classes).to(dtype)))
+
+
+@pytest.mark.parametrize("n_classes, n_bins, equal_width", [(7, 7, True), (20, 20, True), (20, 100, True),
+                                                            (5, 100, False), (10, 100, False), (100, 100, False)])
+def test_ada_focal_picks_the_same_bin_on_every_path_where_p_is_on_an_edge(n_classes, n_bins, equal_width):
+    # All-equal logits put p_y at 1/C, on a bin edge: the C kernel placed p_y in double, the formula in float32,
+    # and they took neighbouring bins' gammas.
+    gammas = torch.arange(n_bins, dtype=torch.float32) * 0.7 - 1.0
+    edges = None if equal_width else torch.linspace(0, 1, n_bins + 1)
+    x, y = torch.zeros(2, n_classes), torch.tensor([0, n_classes - 1])
+    torch.testing.assert_close(ada_focal_loss(x, y, gammas, edges),
+                               ada_focal_loss(x, F.one_hot(y, n_classes).float(), gammas, edges))

@@ -15,6 +15,7 @@ divides by the sum of w_y over the rows not ignored.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 
@@ -159,7 +160,7 @@ def family_rows(x: Tensor, y: Tensor, spec: RowLoss, w: Tensor | None, scale: Te
         if kind == "ada_focal":
             f, big_k = _ada_focal_factor(ce, p_y, q, p)
         else:
-            gamma = p["gamma"] if kind == "focal" else _adaptive_gamma(p_y, p, x.dtype)
+            gamma = p["gamma"] if kind == "focal" else _adaptive_gamma(log_p, p, x.dtype)
             f = q ** gamma
             # K = 0 where p_y rounds to 1 (q = 0, ce = 0): q^(gamma - 1) is infinite there for gamma < 1, the limit 0.
             big_k = torch.where(q > 0, ce * gamma * q ** (gamma - 1) * p_y, 0.0) if kind != "focal" or gamma \
@@ -206,9 +207,12 @@ def family_rows(x: Tensor, y: Tensor, spec: RowLoss, w: Tensor | None, scale: Te
     return loss
 
 
-def _adaptive_gamma(prob: Tensor, p: Mapping[str, float], dtype: torch.dtype) -> Tensor:
-    """The adaptive focal loss's gamma for probabilities `prob`: gamma_below under the threshold, else gamma_above."""
-    return torch.where(prob < p["threshold"], p["gamma_below"], p["gamma_above"]).to(dtype)
+def _adaptive_gamma(log_p: Tensor, p: Mapping[str, float], dtype: torch.dtype) -> Tensor:
+    """The adaptive focal loss's gamma for log-probabilities `log_p`: gamma_below under the threshold, else
+    gamma_above. log p is compared with log(threshold) in log p's dtype, as `adaptive_focal_rows` does: where p is
+    the threshold (all-equal logits, threshold 1/C), comparing p would round differently and pick the other gamma."""
+    log_threshold = math.log(p["threshold"]) if p["threshold"] else -math.inf
+    return torch.where(log_p < log_threshold, p["gamma_below"], p["gamma_above"]).to(dtype)
 
 
 def _ada_focal_factor(ce: Tensor, p_y: Tensor, q: Tensor, p: Mapping) -> tuple[Tensor, Tensor]:
@@ -252,13 +256,15 @@ def _smoothed_focal_rows(x: Tensor, y: Tensor, spec: RowLoss, w: Tensor | None, 
     p, eps, n_classes = spec.params, spec.eps, x.shape[1]
     m = x.amax(1)
     log_s, prob = _log_sum_and_softmax(x - m[:, None])
-    log_p = x - (m + log_s)[:, None]
+    # (x - m) - log s, not x - (m + log s): at |x| ~ 1e30, m + log s rounds to m and log p of the largest reads 0.
+    log_p = (x - m[:, None]) - log_s[:, None]
     q = -torch.expm1(log_p)
-    gamma = p["gamma"] if spec.kind == "focal" else _adaptive_gamma(log_p.exp(), p, x.dtype)
+    gamma = p["gamma"] if spec.kind == "focal" else _adaptive_gamma(log_p, p, x.dtype)
     f = q ** gamma  # 0^gamma where p_c rounds to 1: 0, or 1 for gamma = 0
     term = -f * log_p
-    # The derivative's second part is 0 where p_c rounds to 1 (its limit), not 0 * inf.
-    h = f - torch.where(q > 0, gamma * q ** (gamma - 1) * prob * log_p, 0.0)
+    # The derivative's second part is 0 where p_c rounds to 1 (its limit), not 0 * inf, and at gamma = 0 (label
+    # smoothing), not 0 * 0 * -inf for a -inf logit: as the C kernel's focal_term.
+    h = f - torch.where((q > 0) & (torch.as_tensor(gamma) > 0), gamma * q ** (gamma - 1) * prob * log_p, 0.0)
     yc = y[:, None]
     w_y = x.new_ones(()) if w is None else w[y]
     true_class = (1 - eps) * w_y

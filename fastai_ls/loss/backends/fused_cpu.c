@@ -213,6 +213,14 @@ static inline void block_sums(const float *restrict x, const float *restrict w, 
     *wz += wz_part;
 }
 
+/* A row's loss as the kernel returns it: NaN where it is infinite in float, also where the double is finite but past
+ * float's range (a z-loss on logits ~ 1e20 and up), as the float torch path reports the same row. */
+static inline float reported(double loss)
+{
+    const float out = (float)loss;
+    return isinf(out) ? NAN : out;
+}
+
 /* One row's loss against class y; with grad non-NULL, also its gradient (times `scale`) written into grad. */
 VECTOR_CLONES
 static float row_loss(const float *restrict x, float *restrict grad, int64_t n_classes, int64_t y,
@@ -263,7 +271,7 @@ static float row_loss(const float *restrict x, float *restrict grad, int64_t n_c
         grad[y] -= (float)(scale * (1.0 - eps) * w_y);
     }
     /* A -inf logit that the smoothed target covers makes the loss +inf: reported as NaN, as on the other paths. */
-    return isinf(loss) ? NAN : (float)loss;
+    return reported(loss);
 }
 
 /* The family's row losses besides label smoothing (kind), with their parameters p[0..2]:
@@ -323,18 +331,20 @@ static inline __attribute__((always_inline)) void family_sums(const float *restr
 }
 
 /* AdaFocal's gamma for true-class probability p_y: that of its bin, (e_b, e_b+1] (torch.bucketize's), or with
- * equal-width bins the one that ceil(p_y n_bins) - 1 names. */
-static double ada_focal_gamma(const double *p, double p_y)
+ * equal-width bins the one that ceil(p_y n_bins) - 1 names. p_y, the edges and p_y n_bins are taken in float, as the
+ * formula takes them for float32 logits: in double, a p_y on an edge (all-equal logits, p_y = 1/C) fell in the
+ * neighbouring bin. */
+static double ada_focal_gamma(const double *p, float p_y)
 {
     const int64_t n_bins = (int64_t)p[1];
     const double *gammas = p + BINS, *edges = gammas + n_bins;
     int64_t bin = 0;
     if (p[2] != 0.0) {
         for (int64_t i = 1; i < n_bins; i++)
-            bin += edges[i] < p_y;
-    } else { /* p_y clamped to [0, 1] first (a NaN to 0): a double out of int64's range would be undefined */
-        const double clamped = p_y > 0.0 ? (p_y < 1.0 ? p_y : 1.0) : 0.0;
-        bin = (int64_t)ceil(clamped * n_bins) - 1;
+            bin += (float)edges[i] < p_y;
+    } else { /* p_y clamped to [0, 1] first (a NaN to 0): a float out of int64's range would be undefined */
+        const float clamped = p_y > 0.0f ? (p_y < 1.0f ? p_y : 1.0f) : 0.0f;
+        bin = (int64_t)ceilf(clamped * (float)n_bins) - 1;
         bin = bin < 0 ? 0 : bin > n_bins - 1 ? n_bins - 1 : bin;
     }
     return gammas[bin];
@@ -373,7 +383,7 @@ static inline __attribute__((always_inline)) void smoothed_focal_sums(const floa
                                                                        int store, int weighted, double *terms,
                                                                        double *hs)
 {
-    const float threshold = gammas[0], gamma_below = gammas[1], gamma_above = gammas[2];
+    const float log_threshold = gammas[0], gamma_below = gammas[1], gamma_above = gammas[2];
     for (int64_t start = 0; start < n_classes; start += CHUNK) {
         const int64_t stop = start + CHUNK < n_classes ? start + CHUNK : n_classes;
         float t_part = 0.0f, h_part = 0.0f;
@@ -384,7 +394,7 @@ static inline __attribute__((always_inline)) void smoothed_focal_sums(const floa
             const float log_p = ((x[c] - row_max) - log_s_hi) - log_s_lo;
             const float p = exp_nonpositive(log_p), q_near_1 = minus_expm1_small(log_p);
             const float q = p > 0.5f ? q_near_1 : 1.0f - p;
-            const float gamma = kind == FOCAL ? gamma_below : p < threshold ? gamma_below : gamma_above;
+            const float gamma = kind == FOCAL ? gamma_below : log_p < log_threshold ? gamma_below : gamma_above;
             float f;
             if (integer) { /* q^gamma for gamma in 0..7 as q^4^b2 q^2^b1 q^b0, gamma's bits */
                 const float q2 = q * q, q4 = q2 * q2;
@@ -406,6 +416,14 @@ static inline __attribute__((always_inline)) void smoothed_focal_sums(const floa
         *terms += t_part;
         *hs += h_part;
     }
+}
+
+/* The adaptive focal loss picks gamma_below where log p < log(threshold), both rounded to float, as the formula
+ * compares float32 log-probabilities (family_formulas.adaptive_focal_rows): comparing p itself rounds differently
+ * where p is the threshold (all-equal logits with threshold 1/C) and picked the other gamma there. */
+static inline float adaptive_log_threshold(double threshold)
+{
+    return threshold > 0.0 ? (float)log(threshold) : -INFINITY;
 }
 
 /* Whether gamma is one of 0, 1, ..., 7: smoothed_focal_sums then multiplies powers of q. */
@@ -444,8 +462,8 @@ static float smoothed_focal_row(const float *restrict x, float *restrict grad, i
     }
     const double s = 1.0 + rest, log_s = log1p(rest);
     const float log_s_hi = (float)log_s, log_s_lo = (float)(log_s - log_s_hi);
-    /* {threshold, gamma below it, gamma above it}; the focal loss's one gamma is the second */
-    const float gammas[3] = {kind == FOCAL ? 0.0f : (float)p[0], (float)(kind == FOCAL ? p[0] : p[1]),
+    /* {log threshold, gamma below it, gamma above it}; the focal loss's one gamma is the second */
+    const float gammas[3] = {kind == FOCAL ? 0.0f : adaptive_log_threshold(p[0]), (float)(kind == FOCAL ? p[0] : p[1]),
                              (float)(kind == FOCAL ? p[0] : p[2])};
     double w_terms = 0.0, w_hs = 0.0;
     const int integer = kind == FOCAL ? small_whole(p[0]) : small_whole(p[1]) && small_whole(p[2]);
@@ -462,7 +480,7 @@ static float smoothed_focal_row(const float *restrict x, float *restrict grad, i
 #undef SMOOTHED_FOCAL_KIND
 #undef SMOOTHED_FOCAL_SUMS
     const double log_p_y = ((double)x[y] - row_max) - log_s, q_y = -expm1(log_p_y); /* q_y = 1 - p_y, exact near 1 */
-    const double gamma_y = kind == FOCAL ? p[0] : 1.0 - q_y < p[0] ? p[1] : p[2];
+    const double gamma_y = kind == FOCAL ? p[0] : (float)log_p_y < gammas[0] ? p[1] : p[2];
     double term_y, h_y;
     focal_term(log_p_y, q_y, gamma_y, &term_y, &h_y);
     const double w_y = w ? w[y] : 1.0, smooth = eps / n_classes;
@@ -480,7 +498,7 @@ static float smoothed_focal_row(const float *restrict x, float *restrict grad, i
             grad[c] = af * exp_nonpositive(x[c] - row_max) - bf * grad[c];
         grad[y] -= (float)(scale * (1.0 - eps) * w_y * h_y);
     }
-    return isinf(loss) ? NAN : (float)loss;
+    return reported(loss);
 }
 
 VECTOR_CLONES
@@ -534,8 +552,9 @@ static float family_row(const float *restrict x, float *restrict grad, int64_t n
     case ADA_FOCAL: {
         const double ce = w_y * (log_s - z_y);
         const double log_p = z_y - log_s, p_y = exp(log_p), q = -expm1(log_p); /* q = 1 - p_y, exact near 1 */
-        double gamma = kind == FOCAL ? p[0] : kind == ADAPTIVE_FOCAL ? (p_y < p[0] ? p[1] : p[2])
-                                                                     : ada_focal_gamma(p, p_y);
+        double gamma = kind == FOCAL ? p[0] : kind == ADAPTIVE_FOCAL ? ((float)log_p < adaptive_log_threshold(p[0])
+                                                                        ? p[1] : p[2])
+                                                                     : ada_focal_gamma(p, expf((float)log_p));
         double f, K;
         if (kind == ADA_FOCAL && gamma < p[0]) {
             /* AdaFocal's inverse focal loss, f = (1 + p_y)^g, g = |gamma|: d f / d z_c = g (1 + p_y)^(g - 1) p_y
@@ -644,7 +663,7 @@ static float family_row(const float *restrict x, float *restrict grad, int64_t n
             grad[arg] += (float)(scale * arg_add);
         }
     }
-    return isinf(loss) ? NAN : (float)loss;
+    return reported(loss);
 }
 
 /* Per-row losses of x (n_rows x n_classes, rows x_row_stride floats apart, classes contiguous) against class ids y,

@@ -9,6 +9,8 @@ Tested on CPU tensors with Triton's interpreter (TRITON_INTERPRET=1), see tests/
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -37,6 +39,8 @@ def family_loss_and_grad(x: Tensor, t: Tensor, w: Tensor | None, spec: RowLoss, 
         return loss
     x = x if x.stride(1) == 1 else x.contiguous()
     p0, p1, p2, z_loss, eps = (float(value) for value in kernel_params(spec))
+    if spec.kind == "adaptive_focal":  # log p is compared with log(threshold), as in the C kernel and the formula
+        p0 = math.log(p0) if p0 else -math.inf
     # AdaFocal's gammas, then its edges if there are any, as one float32 tensor on the device (no host read)
     bins = [spec.params[name] for name in BINS if spec.params.get(name) is not None]
     bins = torch.cat([b.reshape(-1).to(x.device, torch.float32) for b in bins]) if bins else loss
@@ -157,7 +161,7 @@ if triton is not None:
                 inside = (start + cols < n_classes) & keep
                 xs = tl.load(x_row + start + cols, mask=inside, other=0.0).to(tl.float32)
                 log_p = (xs - shift) - log_s
-                gamma = p0 if KIND == 1 else tl.where(tl.exp(log_p) < p0, p1, p2)
+                gamma = p0 if KIND == 1 else tl.where(log_p < p0, p1, p2)
                 term, h = _focal_term(log_p, gamma)
                 w_c = tl.load(w_ptr + start + cols, mask=inside, other=0.0) if HAS_WEIGHT else 1.0
                 w_terms += tl.sum(tl.where(inside, w_c * term, 0.0), 0)
@@ -168,7 +172,7 @@ if triton is not None:
             loss = (1 - eps) * w_y * term_y + eps / n_classes * w_terms
             true_coef = (1 - eps) * w_y * h_y
             a = (true_coef + eps / n_classes * w_hs) / s
-        elif (KIND <= 2) | (KIND == 7):  # focal (gamma p0), adaptive focal (threshold p0, gamma_below p1,
+        elif (KIND <= 2) | (KIND == 7):  # focal (gamma p0), adaptive focal (log threshold p0, gamma_below p1,
             # gamma_above p2), AdaFocal (switch p0, n_bins bins)
             ce = w_y * (log_s - z_y)
             p_y = tl.exp(z_y - log_s)
@@ -176,7 +180,7 @@ if triton is not None:
             if KIND == 7:
                 f, big_k = _ada_focal_factor(ce, p_y, q, bins_ptr, n_bins, p0, HAS_EDGES)
             else:
-                gamma = p0 if KIND == 1 else tl.where(p_y < p0, p1, p2)
+                gamma = p0 if KIND == 1 else tl.where(z_y - log_s < p0, p1, p2)
                 f = _power(q, gamma)
                 big_k = tl.where((gamma > 0) & (q > 0), ce * gamma * _power(q, gamma - 1) * p_y, 0.0)
             loss = f * ce
@@ -229,7 +233,7 @@ if triton is not None:
                 e = tl.exp(z)
                 if SMOOTH:
                     log_p = z - log_s
-                    gamma = p0 if KIND == 1 else tl.where(tl.exp(log_p) < p0, p1, p2)
+                    gamma = p0 if KIND == 1 else tl.where(log_p < p0, p1, p2)
                     _, h = _focal_term(log_p, gamma)
                     w_c = tl.load(w_ptr + start + cols, mask=inside, other=0.0) if HAS_WEIGHT else 1.0
                     g = a * e - eps / n_classes * w_c * h
