@@ -534,6 +534,7 @@ def test_quiet_training_prints_the_table_without_the_bars_probe_characters(capsy
     assert fastprogress.ConsoleProgressBar.__init__ is probing and fastprogress.NO_BAR is False
 
 
+@pytest.mark.slow  # starts the command in subprocesses
 def test_ctrl_c_while_torch_loads_or_the_comparison_runs_is_one_line(tmp_path):
     # Ctrl-C early in a run printed a traceback. The header is printed (and flushed) before torch is imported: the
     # interrupt comes while torch loads or the fits run.

@@ -75,6 +75,7 @@ def fit(learn, epochs=1, **kwargs):
         learn.fit(epochs, 3e-2, **kwargs)
 
 
+@pytest.mark.slow  # a fit per loss (the quick lane fits each under MixUp below)
 @pytest.mark.parametrize("name", LOSSES)
 def test_each_loss_trains_and_get_preds_gives_probabilities_ids_and_item_losses(name):
     learn = learner(LOSSES[name]())

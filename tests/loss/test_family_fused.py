@@ -411,6 +411,7 @@ print(f"triton kernels match in {n_cases} cases")
 """
 
 
+@pytest.mark.slow  # Triton's interpreter runs each program instance in Python: 25 s on 2 cores
 @pytest.mark.skipif(not triton_backend.AVAILABLE, reason="triton is not installed")
 def test_triton_kernels_equal_the_c_kernel_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
