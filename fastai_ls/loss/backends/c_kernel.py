@@ -194,7 +194,7 @@ def _raise(code: int, t: Tensor, n_classes: int, ignore_index: int, w: Tensor | 
     if code == BAD_KIND:
         raise ValueError("fastai_ls: the loss kernel does not know this loss")
     if code == NO_MEMORY:
-        raise MemoryError(f"fastai_ls: no memory for the loss kernel's {t.numel()} ids")
+        raise MemoryError(f"fastai_ls: no memory for the loss kernel's buffers ({t.numel()} ids)")
     if code == BAD_WEIGHT:
         check_weight_values(w)  # raises, naming the problem
         raise ValueError("weight must be finite and non-negative (it changed while the loss read it)")

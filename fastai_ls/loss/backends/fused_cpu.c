@@ -16,13 +16,17 @@
  * writes exp(z) into the gradient row, and the last pass turns that into the gradient while it is still in cache
  * (without a gradient, the exp pass only sums). Plain C with no Python or torch headers: c_kernel.py calls it
  * through ctypes with the tensors' data pointers. The
- * logits, ids and weights are only read; the gradient and loss buffers are the only memory written.
+ * logits, ids and weights are only read; the gradient and loss buffers are the only memory of the caller's
+ * written.
  */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* The SHA-256 of this file as it was when the library was built (setup.py defines it). c_kernel.py compares it
  * with the file beside the library, where there is one (a source checkout, an editable install), and refuses a
@@ -361,8 +365,19 @@ static inline void focal_term(double log_p, double q, double gamma, double *term
     *h = f - (gamma > 0.0 && q > 0.0 ? gamma * (f / q) * (1.0 - q) * log_p : 0.0);
 }
 
-/* smoothed_focal_row's third sweep: sum_c w_c term_c and sum_c w_c h_c (focal_term's, in float; with `store`,
- * w_c h_c written into out[c]), given log s as log_s_hi + log_s_lo. Always inlined with kind, store and weighted
+/* q^gamma for gamma in 0..7 (smoothed_focal_sums' `integer`) as q^4^b2 q^2^b1 q^b0, gamma's bits, each factor
+ * q^k b + (1 - b), exactly q^k or 1 (also fused into one rounding): as arithmetic, not a select, it vectorizes also
+ * where gamma is the same for every class (a select on it made gcc branch in a scalar loop). */
+static inline __attribute__((always_inline)) float integer_power(float q, float gamma)
+{
+    const float q2 = q * q, q4 = q2 * q2;
+    const float b2 = gamma >= 4.0f ? 1.0f : 0.0f, low = gamma - 4.0f * b2;
+    const float b1 = low >= 2.0f ? 1.0f : 0.0f, b0 = low - 2.0f * b1;
+    return (q4 * b2 + (1.0f - b2)) * (q2 * b1 + (1.0f - b1)) * (q * b0 + (1.0f - b0));
+}
+
+/* smoothed_focal_row's third sweep with a gradient: sum_c w_c term_c and sum_c w_c h_c (focal_term's, in float;
+ * w_c h_c written into out[c]), given log s as log_s_hi + log_s_lo. Always inlined with kind, integer and weighted
  * constants, so that each copy is a plain vector loop, whose partial sums over CHUNK classes are added in double, as
  * family_sums'. Per class:
  *     log p = (z - log_s_hi) - log_s_lo, to a float ulp of log p (log s in two floats: one float would shift every
@@ -380,8 +395,7 @@ static inline __attribute__((always_inline)) void smoothed_focal_sums(const floa
                                                                        int64_t n_classes, const float *restrict w,
                                                                        float row_max, float log_s_hi, float log_s_lo,
                                                                        const float *gammas, int kind, int integer,
-                                                                       int store, int weighted, double *terms,
-                                                                       double *hs)
+                                                                       int weighted, double *terms, double *hs)
 {
     const float log_threshold = gammas[0], gamma_below = gammas[1], gamma_above = gammas[2];
     for (int64_t start = 0; start < n_classes; start += CHUNK) {
@@ -396,11 +410,8 @@ static inline __attribute__((always_inline)) void smoothed_focal_sums(const floa
             const float q = p > 0.5f ? q_near_1 : 1.0f - p;
             const float gamma = kind == FOCAL ? gamma_below : log_p < log_threshold ? gamma_below : gamma_above;
             float f;
-            if (integer) { /* q^gamma for gamma in 0..7 as q^4^b2 q^2^b1 q^b0, gamma's bits */
-                const float q2 = q * q, q4 = q2 * q2;
-                const float b2 = gamma >= 4.0f ? 1.0f : 0.0f, low = gamma - 4.0f * b2;
-                const float b1 = low >= 2.0f ? 1.0f : 0.0f, b0 = low - 2.0f * b1;
-                f = (b2 > 0.0f ? q4 : 1.0f) * (b1 > 0.0f ? q2 : 1.0f) * (b0 > 0.0f ? q : 1.0f);
+            if (integer) {
+                f = integer_power(q, gamma);
             } else {
                 const float power = exp_nonpositive(gamma * log_positive(q));
                 f = gamma > 0.0f ? power : 1.0f;
@@ -408,13 +419,47 @@ static inline __attribute__((always_inline)) void smoothed_focal_sums(const floa
             const float slope = gamma * (f / q) * p * log_p;
             const float h = f - ((gamma > 0.0f) & (q > 0.0f) ? slope : 0.0f);
             const float w_c = weighted ? w[c] : 1.0f;
-            if (store)
-                out[c] = w_c * h;
+            out[c] = w_c * h;
             t_part += w_c * (-f * log_p);
             h_part += w_c * h;
         }
         *terms += t_part;
         *hs += h_part;
+    }
+}
+
+/* smoothed_focal_row's third sweep without a gradient: sum_c w_c term_c alone, from e_c = exp(z_c) as sweep 2 kept
+ * them, so that no class needs an exp or an expm1 of its own: p = e_c / s, and q = 1 - p except at the max, where
+ * q = rest / s (sweep 2's rest, exact as p_max -> 1). Only a class at the max can have p > 1/2, and a tied class
+ * there has q = 1 - 1 / s = rest / s too. log p and f are smoothed_focal_sums'; h is not needed. */
+static inline __attribute__((always_inline)) void smoothed_focal_terms(const float *restrict x,
+                                                                        const float *restrict e, int64_t n_classes,
+                                                                        const float *restrict w, float row_max,
+                                                                        float log_s_hi, float log_s_lo, float inv_s,
+                                                                        float q_max, const float *gammas, int kind,
+                                                                        int integer, int weighted, double *terms)
+{
+    const float log_threshold = gammas[0], gamma_below = gammas[1], gamma_above = gammas[2];
+    for (int64_t start = 0; start < n_classes; start += CHUNK) {
+        const int64_t stop = start + CHUNK < n_classes ? start + CHUNK : n_classes;
+        float t_part = 0.0f;
+#pragma omp simd reduction(+ : t_part)
+        for (int64_t c = start; c < stop; c++) {
+            const float z = x[c] - row_max;
+            const float log_p = (z - log_s_hi) - log_s_lo;
+            const float p = e[c] * inv_s; /* read in every lane: a load under the select would not vectorize */
+            const float q = z == 0.0f ? q_max : 1.0f - p;
+            const float gamma = kind == FOCAL ? gamma_below : log_p < log_threshold ? gamma_below : gamma_above;
+            float f;
+            if (integer) {
+                f = integer_power(q, gamma);
+            } else {
+                const float power = exp_nonpositive(gamma * log_positive(q));
+                f = gamma > 0.0f ? power : 1.0f;
+            }
+            t_part += (weighted ? w[c] : 1.0f) * (-f * log_p);
+        }
+        *terms += t_part;
     }
 }
 
@@ -432,34 +477,51 @@ static inline int small_whole(double gamma)
     return gamma >= 0.0 && gamma <= 7.0 && gamma == floor(gamma);
 }
 
+/* smoothed_focal_row's second sweep: rest = sum_c exp(z_c) - 1 (see there), with `store` each exp(z_c) written into
+ * e[c]. Always inlined with `store` constant. */
+static inline __attribute__((always_inline)) void smoothed_focal_rest(const float *restrict x, float *restrict e,
+                                                                       int64_t n_classes, float row_max, int store,
+                                                                       double *rest)
+{
+    for (int64_t start = 0; start < n_classes; start += CHUNK) {
+        const int64_t stop = start + CHUNK < n_classes ? start + CHUNK : n_classes;
+        float r_part = 0.0f, ties = 0.0f;
+#pragma omp simd reduction(+ : r_part, ties)
+        for (int64_t c = start; c < stop; c++) {
+            const float z = x[c] - row_max, e_c = exp_nonpositive(z);
+            if (store)
+                e[c] = e_c;
+            r_part += z == 0.0f ? 0.0f : e_c;
+            ties += z == 0.0f ? 1.0f : 0.0f;
+        }
+        *rest += r_part;
+        *rest += ties;
+    }
+}
+
 /* The label-smoothed focal losses (FOCAL, ADAPTIVE_FOCAL with eps = p[EPS] > 0), from the row's max:
  *     loss = sum_c a_c term_c,  a_c = (1 - eps) w_y [c == y] + (eps / C) w_c,  term_c = -(1 - p_c)^gamma_c log p_c
  *     grad_j = p_j sum_c a_c h_c - a_j h_j  (focal_term's h; gamma_c not differentiated)
  * plus the z-loss. Sweep 2 sums exp(z) (as 1 + the rest), sweep 3 (smoothed_focal_sums) the classes' terms in float
  * vector lanes (writing w_c h_c into grad), and sweep 4 turns that into the gradient, recomputing exp(z_c) while the
- * row is in cache. The true class's own term, (1 - eps) of the row's loss, is focal_term's in double. Compiled for
- * each of VECTOR_CLONES' targets itself: family_row's copies of its loops did not vectorize. */
+ * row is in cache. Without a gradient, sweep 2 keeps exp(z) in `scratch` (n_classes floats of the calling thread's
+ * own) and sweep 3 is smoothed_focal_terms, which then needs no exp per class. The true class's own term, (1 - eps)
+ * of the row's loss, is focal_term's in double. Compiled for each of VECTOR_CLONES' targets itself: family_row's
+ * copies of its loops did not vectorize. */
 VECTOR_CLONES __attribute__((noinline))
 static float smoothed_focal_row(const float *restrict x, float *restrict grad, int64_t n_classes, int64_t y,
-                                const float *restrict w, int kind, const double *p, double scale, float row_max)
+                                const float *restrict w, int kind, const double *p, double scale, float row_max,
+                                float *restrict scratch)
 {
     const double eps = p[EPS], z_loss = p[Z_LOSS];
     /* s = 1 + rest: rest sums exp(z_c) over the classes below the max, and adds the ties with it, so that
      * log s = log1p(rest) keeps its digits where p_max -> 1 (a float sum s would round 1 + 6e-6 to 6e-8, 1%, and
      * 1 - p_max with it). A NaN logit makes rest NaN. */
     double rest = -1.0; /* the first class at the max is the 1 */
-    for (int64_t start = 0; start < n_classes; start += CHUNK) {
-        const int64_t stop = start + CHUNK < n_classes ? start + CHUNK : n_classes;
-        float r_part = 0.0f, ties = 0.0f;
-#pragma omp simd reduction(+ : r_part, ties)
-        for (int64_t c = start; c < stop; c++) {
-            const float z = x[c] - row_max, e = exp_nonpositive(z);
-            r_part += z == 0.0f ? 0.0f : e;
-            ties += z == 0.0f ? 1.0f : 0.0f;
-        }
-        rest += r_part;
-        rest += ties;
-    }
+    if (grad)
+        smoothed_focal_rest(x, NULL, n_classes, row_max, 0, &rest);
+    else /* kept in scratch for sweep 3 */
+        smoothed_focal_rest(x, scratch, n_classes, row_max, 1, &rest);
     const double s = 1.0 + rest, log_s = log1p(rest);
     const float log_s_hi = (float)log_s, log_s_lo = (float)(log_s - log_s_hi);
     /* {log threshold, gamma below it, gamma above it}; the focal loss's one gamma is the second */
@@ -467,17 +529,22 @@ static float smoothed_focal_row(const float *restrict x, float *restrict grad, i
                              (float)(kind == FOCAL ? p[0] : p[2])};
     double w_terms = 0.0, w_hs = 0.0;
     const int integer = kind == FOCAL ? small_whole(p[0]) : small_whole(p[1]) && small_whole(p[2]);
-#define SMOOTHED_FOCAL_SUMS(KIND, INTEGER, STORE, WEIGHTED)                                                            \
-    smoothed_focal_sums(x, grad, n_classes, w, row_max, log_s_hi, log_s_lo, gammas, KIND, INTEGER, STORE, WEIGHTED,    \
-                        &w_terms, &w_hs)
+    const float inv_s = (float)(1.0 / s), q_max = (float)(rest / s);
+#define SMOOTHED_FOCAL_SUMS(KIND, INTEGER, WEIGHTED)                                                                   \
+    smoothed_focal_sums(x, grad, n_classes, w, row_max, log_s_hi, log_s_lo, gammas, KIND, INTEGER, WEIGHTED, &w_terms, \
+                        &w_hs)
+#define SMOOTHED_FOCAL_TERMS(KIND, INTEGER, WEIGHTED)                                                                  \
+    smoothed_focal_terms(x, scratch, n_classes, w, row_max, log_s_hi, log_s_lo, inv_s, q_max, gammas, KIND, INTEGER,   \
+                         WEIGHTED, &w_terms)
 #define SMOOTHED_FOCAL_KIND(KIND, INTEGER)                                                                             \
-    (grad ? (w ? SMOOTHED_FOCAL_SUMS(KIND, INTEGER, 1, 1) : SMOOTHED_FOCAL_SUMS(KIND, INTEGER, 1, 0))                  \
-          : (w ? SMOOTHED_FOCAL_SUMS(KIND, INTEGER, 0, 1) : SMOOTHED_FOCAL_SUMS(KIND, INTEGER, 0, 0)))
+    (grad ? (w ? SMOOTHED_FOCAL_SUMS(KIND, INTEGER, 1) : SMOOTHED_FOCAL_SUMS(KIND, INTEGER, 0))                        \
+          : (w ? SMOOTHED_FOCAL_TERMS(KIND, INTEGER, 1) : SMOOTHED_FOCAL_TERMS(KIND, INTEGER, 0)))
     if (kind == FOCAL)
         integer ? SMOOTHED_FOCAL_KIND(FOCAL, 1) : SMOOTHED_FOCAL_KIND(FOCAL, 0);
     else
         integer ? SMOOTHED_FOCAL_KIND(ADAPTIVE_FOCAL, 1) : SMOOTHED_FOCAL_KIND(ADAPTIVE_FOCAL, 0);
 #undef SMOOTHED_FOCAL_KIND
+#undef SMOOTHED_FOCAL_TERMS
 #undef SMOOTHED_FOCAL_SUMS
     const double log_p_y = ((double)x[y] - row_max) - log_s, q_y = -expm1(log_p_y); /* q_y = 1 - p_y, exact near 1 */
     const double gamma_y = kind == FOCAL ? p[0] : (float)log_p_y < gammas[0] ? p[1] : p[2];
@@ -503,7 +570,7 @@ static float smoothed_focal_row(const float *restrict x, float *restrict grad, i
 
 VECTOR_CLONES
 static float family_row(const float *restrict x, float *restrict grad, int64_t n_classes, int64_t y,
-                        const float *restrict w, int kind, const double *p, double scale)
+                        const float *restrict w, int kind, const double *p, double scale, float *restrict scratch)
 {
     float row_max = -INFINITY;
     double sum_sq = 0.0;
@@ -511,7 +578,7 @@ static float family_row(const float *restrict x, float *restrict grad, int64_t n
     for (int64_t c = 0; c < n_classes; c++)
         row_max = x[c] > row_max ? x[c] : row_max;
     if ((kind == FOCAL || kind == ADAPTIVE_FOCAL) && p[EPS] > 0.0)
-        return smoothed_focal_row(x, grad, n_classes, y, w, kind, p, scale, row_max);
+        return smoothed_focal_row(x, grad, n_classes, y, w, kind, p, scale, row_max, scratch);
     if (kind == LOGITNORM) {
 #pragma omp simd reduction(+ : sum_sq)
         for (int64_t c = 0; c < n_classes; c++)
@@ -714,6 +781,15 @@ static int64_t run_rows(const float *x, int64_t n_rows, int64_t n_classes, int64
         divisor += w ? w[id] : 1.0;
     }
     const double scale = !mean ? 1.0 : divisor > 0.0 ? 1.0 / divisor : NAN;
+    /* The label-smoothed focal losses without a gradient keep each row's exp(z) in a scratch row, one per thread. */
+    float *scratch = NULL;
+    if (!grad && (kind == FOCAL || kind == ADAPTIVE_FOCAL) && p[EPS] > 0.0) {
+        scratch = malloc((size_t)(n_threads > 1 ? n_threads : 1) * (size_t)n_classes * sizeof *scratch);
+        if (!scratch) {
+            free(ids);
+            return NO_MEMORY;
+        }
+    }
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
     for (int64_t row = 0; row < n_rows; row++) {
         float *grad_row = grad ? grad + row * n_classes : NULL;
@@ -724,10 +800,16 @@ static int64_t run_rows(const float *x, int64_t n_rows, int64_t n_classes, int64
             continue;
         }
         const float *x_row = x + row * x_row_stride;
+#ifdef _OPENMP
+        float *scratch_row = scratch ? scratch + (size_t)omp_get_thread_num() * (size_t)n_classes : NULL;
+#else
+        float *scratch_row = scratch;
+#endif
         row_losses[row] = kind == LABEL_SMOOTHING
                               ? row_loss(x_row, grad_row, n_classes, ids[row], w, w_sum, p[0], p[1], scale)
-                              : family_row(x_row, grad_row, n_classes, ids[row], w, kind, p, scale);
+                              : family_row(x_row, grad_row, n_classes, ids[row], w, kind, p, scale, scratch_row);
     }
+    free(scratch);
     /* Added up after the parallel loop, in row order: the same bits whatever the number of threads. */
     double total = 0.0;
     for (int64_t row = 0; row < n_rows; row++)
