@@ -376,6 +376,16 @@ static inline __attribute__((always_inline)) float integer_power(float q, float 
     return (q4 * b2 + (1.0f - b2)) * (q2 * b1 + (1.0f - b1)) * (q * b0 + (1.0f - b0));
 }
 
+/* The focal factor (1 - p)^gamma from q = 1 - p: by integer_power for whole gammas (`integer`), else
+ * exp(gamma log q), and 1 at gamma = 0 (never 0^0 = exp(0 * -inf)). */
+static inline __attribute__((always_inline)) float focal_factor(float q, float gamma, int integer)
+{
+    if (integer)
+        return integer_power(q, gamma);
+    const float power = exp_nonpositive(gamma * log_positive(q));
+    return gamma > 0.0f ? power : 1.0f;
+}
+
 /* smoothed_focal_row's third sweep with a gradient: sum_c w_c term_c and sum_c w_c h_c (focal_term's, in float;
  * w_c h_c written into out[c]), given log s as log_s_hi + log_s_lo. Always inlined with kind, integer and weighted
  * constants, so that each copy is a plain vector loop, whose partial sums over CHUNK classes are added in double, as
@@ -409,13 +419,7 @@ static inline __attribute__((always_inline)) void smoothed_focal_sums(const floa
             const float p = exp_nonpositive(log_p), q_near_1 = minus_expm1_small(log_p);
             const float q = p > 0.5f ? q_near_1 : 1.0f - p;
             const float gamma = kind == FOCAL ? gamma_below : log_p < log_threshold ? gamma_below : gamma_above;
-            float f;
-            if (integer) {
-                f = integer_power(q, gamma);
-            } else {
-                const float power = exp_nonpositive(gamma * log_positive(q));
-                f = gamma > 0.0f ? power : 1.0f;
-            }
+            const float f = focal_factor(q, gamma, integer);
             const float slope = gamma * (f / q) * p * log_p;
             const float h = f - ((gamma > 0.0f) & (q > 0.0f) ? slope : 0.0f);
             const float w_c = weighted ? w[c] : 1.0f;
@@ -450,13 +454,7 @@ static inline __attribute__((always_inline)) void smoothed_focal_terms(const flo
             const float p = e[c] * inv_s; /* read in every lane: a load under the select would not vectorize */
             const float q = z == 0.0f ? q_max : 1.0f - p;
             const float gamma = kind == FOCAL ? gamma_below : log_p < log_threshold ? gamma_below : gamma_above;
-            float f;
-            if (integer) {
-                f = integer_power(q, gamma);
-            } else {
-                const float power = exp_nonpositive(gamma * log_positive(q));
-                f = gamma > 0.0f ? power : 1.0f;
-            }
+            const float f = focal_factor(q, gamma, integer);
             t_part += (weighted ? w[c] : 1.0f) * (-f * log_p);
         }
         *terms += t_part;
