@@ -27,20 +27,17 @@ from torch import Tensor, nn
 
 from fastai_ls.loss.backends import fused_family_loss
 from fastai_ls.loss.backends.family_formulas import Rows, z_loss_rows
-from fastai_ls.loss.backends.reference import class_rows_last
+from fastai_ls.loss.backends.reference import layout_rows
 from fastai_ls.loss.checks import (
-    check_ids,
-    check_input,
     check_options,
-    check_target,
+    check_tensors,
     check_weight,
     check_weight_needs_no_grad,
     check_weight_values,
-    weight_in,
 )
 from fastai_ls.loss.flat import FlatLayout
-from fastai_ls.loss.formula import kept_targets, nan_for_infinite_logits
-from fastai_ls.validation import compute_dtype, plain, upcast
+from fastai_ls.loss.formula import nan_for_infinite_logits
+from fastai_ls.validation import upcast
 
 __all__ = ["check_parameter", "check_common", "rows_of", "family_loss", "runs_fused", "FamilyLoss", "FlatFamilyLoss"]
 
@@ -68,26 +65,8 @@ def check_common(reduction: str, ignore_index: int) -> None:
 def rows_of(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Rows:
     """Check `input`, `target` and `weight` (types, shapes, devices, then the ids' and weights' values, one host read
     for all: never one per row) and lay them out as `Rows`. Half-precision logits are computed in float32."""
-    check_input(input)
-    input = plain(input)
-    target = plain(target) if isinstance(target, Tensor) else target
-    n_classes = input.shape[1]
-    check_weight(weight, n_classes)
-    check_weight_needs_no_grad(weight)
-    check_target(input, target, ignore_index)
-    shape = input.shape[:1] + input.shape[2:]
-    x, t = class_rows_last(input, target)
-    if t.is_floating_point():
-        check_weight_values(weight)
-    else:
-        check_ids(t, n_classes, ignore_index, weight)
-    w = weight_in(weight, compute_dtype(input.dtype), input.device)
-    if t.is_floating_point():
-        mass = t.sum(1) if w is None else (t * w).sum(1)
-        return Rows(x, None, t, w, mass, None, t.shape[0], shape)
-    y, ignored, divisor = kept_targets(t, int(ignore_index), w, x.dtype)
-    return Rows(x.masked_fill(ignored[:, None], 0.0), y, None, w, 1.0 if w is None else w[y], ignored, divisor,
-                shape)
+    input, target = check_tensors(input, target, weight, ignore_index)
+    return layout_rows(input, target, weight, ignore_index)
 
 
 def family_loss(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,

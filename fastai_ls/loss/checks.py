@@ -17,9 +17,10 @@ from torch.autograd import forward_ad
 from fastai_ls.loss.formula import uniform_eps
 from fastai_ls.validation import plain
 
-__all__ = ["REDUCTIONS", "SMOOTHINGS", "check_arguments", "check_eps", "check_options", "check_input", "check_weight",
-           "check_weight_needs_no_grad", "check_weight_values", "weight_in", "check_target", "target_shape_message",
-           "class_ids", "check_ids", "under_functorch_transform", "is_batched", "has_forward_tangent"]
+__all__ = ["REDUCTIONS", "SMOOTHINGS", "check_arguments", "check_tensors", "check_eps", "check_options", "check_input",
+           "check_weight", "check_weight_needs_no_grad", "check_weight_values", "weight_in", "check_target",
+           "target_shape_message", "class_ids", "check_ids", "under_functorch_transform", "is_batched",
+           "has_forward_tangent"]
 
 REDUCTIONS = ("mean", "sum", "none")
 SMOOTHINGS = ("uniform", "others")
@@ -34,17 +35,24 @@ def check_arguments(input: Tensor, target: Tensor, eps: float, weight: Tensor | 
     a Python int. The values of the ids and weights are checked by the backend that reads them."""
     check_options(eps, reduction, smoothing, ignore_index, fused, z_loss)
     ignore_index = int(ignore_index)  # a numpy integer passes the check, but Triton's kernels take only Python ints
-    check_input(input)
-    input = plain(input)
-    target = plain(target) if isinstance(target, Tensor) else target
-    n_classes = input.shape[1]
-    check_weight(weight, n_classes)
-    check_weight_needs_no_grad(weight)
-    check_target(input, target, ignore_index)
-    eps = uniform_eps(eps, smoothing, n_classes)
+    input, target = check_tensors(input, target, weight, ignore_index)
+    eps = uniform_eps(eps, smoothing, input.shape[1])
     if fused and target.is_floating_point():
         raise ValueError("fused=True needs integer class-id targets; probability targets use fused=False")
     return input, target, eps, ignore_index
+
+
+def check_tensors(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """The checks of the logits, target and weights that read no tensor values (types, shapes, dtypes, devices, a
+    weight that requires grad), in the order every loss makes them; returns the logits and target as plain
+    tensors."""
+    check_input(input)
+    input = plain(input)
+    target = plain(target) if isinstance(target, Tensor) else target
+    check_weight(weight, input.shape[1])
+    check_weight_needs_no_grad(weight)
+    check_target(input, target, ignore_index)
+    return input, target
 
 
 def check_eps(eps: float) -> None:

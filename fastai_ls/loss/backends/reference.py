@@ -19,7 +19,8 @@ from fastai_ls.loss.formula import (
 )
 from fastai_ls.validation import compute_dtype, upcast
 
-__all__ = ["ReferenceBackend", "REFERENCE", "reference_cross_entropy", "z_loss_term"]
+__all__ = ["ReferenceBackend", "REFERENCE", "reference_cross_entropy", "z_loss_term", "class_rows_last",
+           "checked_rows_last", "layout_rows"]
 
 
 class ReferenceBackend(Backend):
@@ -47,21 +48,37 @@ def class_rows_last(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return x, class_ids(target)
 
 
+def checked_rows_last(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int
+                      ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """`class_rows_last`'s (x, t) after checking the values the formulas read (the ids against the class count, or
+    the weights for probability targets), and the weights in the compute dtype on the logits' device."""
+    x, t = class_rows_last(input, target)
+    if t.is_floating_point():
+        check_weight_values(weight)
+    else:
+        check_ids(t, input.shape[1], ignore_index, weight)
+    return x, t, weight_in(weight, compute_dtype(input.dtype), input.device)
+
+
+def layout_rows(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Rows:
+    """The batch as `Rows` for a formula of `family_formulas`, after `checked_rows_last`'s value checks (one host
+    read for all, never one per row): ignored rows zeroed, their mask and PyTorch's 'mean' divisor."""
+    x, t, w = checked_rows_last(input, target, weight, ignore_index)
+    shape = input.shape[:1] + input.shape[2:]
+    if t.is_floating_point():
+        mass = t.sum(1) if w is None else (t * w).sum(1)
+        return Rows(x, None, t, w, mass, None, t.shape[0], shape)
+    y, ignored, divisor = kept_targets(t, int(ignore_index), w, x.dtype)
+    return Rows(x.masked_fill(ignored[:, None], 0.0), y, None, w, 1.0 if w is None else w[y], ignored, divisor,
+                shape)
 
 
 def _family_reference(input: Tensor, target: Tensor, spec: RowLoss, weight: Tensor | None, reduction: str,
                       ignore_index: int) -> Tensor:
     """A loss of the family from its formula in `family_formulas` (`formula_rows`), for integer targets."""
-    n_classes = input.shape[1]
-    x, t = class_rows_last(input, target)
-    check_ids(t, n_classes, ignore_index, weight)
-    w = weight_in(weight, compute_dtype(input.dtype), input.device)
-    y, ignored, divisor = kept_targets(t, ignore_index, w, x.dtype)
-    x = x.masked_fill(ignored[:, None], 0.0)
-    rows = Rows(x, y, None, w, 1.0 if w is None else w[y], ignored, divisor, input.shape[:1] + input.shape[2:])
-    loss = formula_rows(rows, spec.kind, spec.params, spec.eps, spec.z_loss).masked_fill(ignored, 0.0)
-    loss = nan_for_infinite_logits(loss)
-    return reduce_loss(loss, divisor, reduction, input.shape[:1] + input.shape[2:])
+    rows = layout_rows(input, target, weight, ignore_index)
+    loss = formula_rows(rows, spec.kind, spec.params, spec.eps, spec.z_loss).masked_fill(rows.ignored, 0.0)
+    return reduce_loss(nan_for_infinite_logits(loss), rows.divisor, reduction, rows.shape)
 
 
 def z_loss_term(z_loss: float, x_max: Tensor, log_sum_exp_z: Tensor, row_weight: Tensor | float) -> Tensor | float:
@@ -74,14 +91,8 @@ def reference_cross_entropy(input: Tensor, target: Tensor, eps: float, weight: T
                             ignore_index: int, z_loss: float = 0.0) -> Tensor:
     """The loss from torch operations, differentiable to any order (and under `torch.func` transforms), for
     arguments that passed `functional`'s checks and uniform `eps`; checks the weights' and ids' values itself."""
-    n_classes = input.shape[1]
     out_shape = input.shape[:1] + input.shape[2:]
-    x, t = class_rows_last(input, target)
-    if t.is_floating_point():
-        check_weight_values(weight)
-    else:
-        check_ids(t, n_classes, ignore_index, weight)
-    w = weight_in(weight, compute_dtype(input.dtype), input.device)
+    x, t, w = checked_rows_last(input, target, weight, ignore_index)
 
     if t.is_floating_point():
         shift = x.detach().amax(1, keepdim=True)  # the loss does not depend on the shift: no gradient flows into it
