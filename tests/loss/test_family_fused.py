@@ -5,15 +5,11 @@ the z-loss on every loss and label smoothing on the focal losses."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from triton_interpreter import run_in_triton_interpreter
 
 from fastai_ls import label_smoothing_cross_entropy
 from fastai_ls.loss.backends import c_kernel, fused_family_loss
@@ -414,8 +410,4 @@ print(f"triton kernels match in {n_cases} cases")
 @pytest.mark.slow  # Triton's interpreter runs each program instance in Python: 25 s on 2 cores
 @pytest.mark.skipif(not triton_backend.AVAILABLE, reason="triton is not installed")
 def test_triton_kernels_equal_the_c_kernel_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", TRITON_INTERPRETER_CHECK], cwd=Path(__file__).resolve().parents[2],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "triton kernels match" in result.stdout
+    assert "triton kernels match" in run_in_triton_interpreter(TRITON_INTERPRETER_CHECK, timeout=300)

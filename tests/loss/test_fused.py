@@ -3,16 +3,12 @@ apply."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from triton_interpreter import run_in_triton_interpreter
 
 import fastai_ls.loss.backends.blockwise as blockwise_module
 from fastai_ls import (
@@ -392,11 +388,7 @@ print(f"triton kernels match in {n_cases} cases")
 @pytest.mark.slow
 @pytest.mark.skipif(not triton_backend.AVAILABLE, reason="triton is not installed")
 def test_triton_kernels_equal_the_cpu_paths_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", TRITON_INTERPRETER_CHECK], cwd=Path(__file__).resolve().parents[2],
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "triton kernels match" in result.stdout
+    assert "triton kernels match" in run_in_triton_interpreter(TRITON_INTERPRETER_CHECK, timeout=120)
 
 
 @pytest.mark.parametrize("scale", [1.0, 100.0])
